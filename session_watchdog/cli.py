@@ -1,0 +1,341 @@
+"""``session-watchdog`` command line: run, status, doctor (and more as the tool grows).
+
+``main(argv) -> int``: exit codes are returned, not raised deep inside. Bad input is exit code 2
+with one line naming the problem and the fix; no traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from session_watchdog import __version__, channel
+from session_watchdog.config import KEYS, Config, ConfigError, load_config
+from session_watchdog.daemon import DaemonBusyError
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1  # doctor found something to fix
+EXIT_USAGE = 2  # bad input
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and the hint to --help), exit code 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with config keys")
+    group = parser.add_argument_group("config keys (also SESSION_WATCHDOG_<KEY> variables)")
+    for key in KEYS:
+        flag = "--" + key.name.replace("_", "-")
+        if key.is_flag:
+            group.add_argument(flag, dest=key.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=key.help)
+        else:
+            group.add_argument(flag, dest=key.name, metavar=key.metavar,
+                               default=argparse.SUPPRESS, help=key.help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="session-watchdog",
+        description="Watch a GPU training session: checkpoint before the runtime dies, "
+                    "release it when training is done.")
+    parser.add_argument("--version", action="version", version=f"session-watchdog {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the watchdog in the foreground")
+    _add_config_flags(run)
+    run.add_argument("--for", dest="run_for", metavar="DURATION",
+                     help="stop the watchdog after this long (e.g. 2m)")
+
+    status = sub.add_parser("status", help="show the state of a watched run")
+    status.add_argument("--run-dir", metavar="PATH")
+    status.add_argument("--run-name", metavar="NAME", default="default")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    doctor = sub.add_parser("doctor", help="check this machine and say what needs fixing")
+    _add_config_flags(doctor)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    return {k.name: getattr(args, k.name) for k in KEYS if hasattr(args, k.name)}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config_file = Path(args.config) if getattr(args, "config", None) else None
+    return load_config(config_file, os.environ, _overrides(args))
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from session_watchdog import daemon, log, platforms
+    from session_watchdog.config import parse_duration
+
+    config = _load(args)
+    run_for = None
+    if args.run_for:
+        try:
+            run_for = parse_duration(args.run_for)
+        except ValueError as err:
+            raise UserError(f"--for {args.run_for!r} is invalid: {err}") from None
+    platform = platforms.forced(config.platform, platforms.detect())
+    resolved = platforms.resolve(config, platform)
+    log.configure(resolved.log_file, max_bytes=resolved.log_max_bytes,
+                  backups=resolved.log_backups)
+    watchdog = daemon.Watchdog(resolved, platform=platform)
+    stop_when: Optional[Callable[[], bool]] = None
+    if run_for is not None:
+        deadline = time.monotonic() + run_for
+        stop_when = lambda: time.monotonic() >= deadline  # noqa: E731
+    print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
+          f"log {resolved.log_file}", file=sys.stderr)
+    try:
+        return watchdog.run(stop_when=stop_when)
+    finally:
+        log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
+    """Everything the run dir says, as one dict; unreadable files are reported, not raised."""
+    now = time.time() if now is None else now
+    out: Dict[str, Any] = {"run_dir": str(run_dir), "now": now, "errors": []}
+    rd = channel.RunDir(run_dir, create=False)
+
+    def read(name: str) -> Optional[Dict[str, Any]]:
+        try:
+            return channel.read_json(rd.file(name))
+        except channel.ChannelError as err:
+            out["errors"].append(str(err))
+            return None
+
+    daemon = read("daemon.json")
+    out["daemon"] = daemon
+    out["daemon_running"] = channel.lock_held(rd.file(channel.DAEMON_LOCK))
+    out["trainer"] = read(channel.TRAINER_FILE)
+    out["trainer_alive"] = rd.trainer_alive()
+    out["trainer_saving"] = rd.trainer_saving()
+    out["request"] = read(channel.REQUEST_FILE)
+    state = read(channel.STATE_FILE)
+    out["outstanding"] = (state or {}).get("policy", {}).get("outstanding")
+    session = read(channel.SESSION_FILE)
+    start = (daemon or {}).get("session_start") or (session or {}).get("start")
+    budget = (daemon or {}).get("budget_s")
+    out["session_start"] = start
+    out["elapsed_s"] = None if start is None else now - start
+    out["budget_s"] = budget
+    out["remaining_s"] = None if (start is None or not budget) else budget - (now - start)
+    return out
+
+
+def render_status(info: Dict[str, Any]) -> str:
+    trainer = info.get("trainer") or {}
+    ckpt = trainer.get("last_checkpoint") or {}
+    daemon = info.get("daemon") or {}
+    rows: List[Tuple[str, str]] = [
+        ("run dir", info["run_dir"]),
+        ("watchdog", f"running (pid {daemon.get('pid')}, {daemon.get('platform')})"
+         if info["daemon_running"] else "not running"),
+        ("session", f"{_age(info['elapsed_s'])} elapsed"
+         + (f" of {_age(info['budget_s'])}, {_age(info['remaining_s'])} left"
+            if info.get("budget_s") else ", no budget")),
+        ("trainer", ("alive" if info["trainer_alive"] else "not running")
+         + (", saving" if info["trainer_saving"] else "")
+         + (f", {trainer.get('state')} at step {trainer.get('step')} epoch {trainer.get('epoch')}"
+            if trainer else "")),
+        ("last checkpoint", f"step {ckpt.get('step')}, {ckpt.get('bytes')} bytes, "
+         f"{_age(info['now'] - ckpt['at'])} ago: {ckpt.get('path')}" if ckpt.get("at") else "-"),
+        ("pending request", json.dumps(info["outstanding"]) if info.get("outstanding") else "-"),
+        ("log", str(daemon.get("log_file") or "-")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"problem: {e}" for e in info["errors"]]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from session_watchdog.config import parse_abs_path
+
+    if args.run_dir:
+        try:
+            run_dir = parse_abs_path(args.run_dir)
+        except ValueError as err:
+            raise UserError(f"--run-dir {args.run_dir!r} is invalid: {err}") from None
+    else:
+        run_dir = channel.default_run_dir(args.run_name)
+    if not run_dir.is_dir():
+        raise UserError(f"no run directory at {run_dir}; is a watchdog running? "
+                        "(pass --run-dir or --run-name)")
+    info = collect_status(run_dir)
+    print(json.dumps(info, indent=2, default=str) if args.json else render_status(info))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# doctor
+
+
+def doctor_checks(config: Config) -> List[Dict[str, Any]]:
+    """Each check: {name, ok: True|False|None (info), detail, fix}."""
+    from session_watchdog import platforms, probes
+
+    checks: List[Dict[str, Any]] = []
+
+    def add(name: str, ok: Optional[bool], detail: str, fix: str = "") -> None:
+        checks.append({"name": name, "ok": ok, "detail": detail, "fix": fix})
+
+    detected = platforms.detect()
+    platform = platforms.forced(config.platform, detected)
+    resolved = platforms.resolve(config, platform)
+    add("platform", None, f"{platform.name} ({'; '.join(platform.evidence)})")
+    budget = resolved.max_session
+    add("session budget", None, f"{_age(budget)}" if budget else "none (set --max-session)")
+
+    gpu = probes.nvml_driver_summary()
+    if gpu["state"] == "ok":
+        add("nvml", True, f"driver {gpu.get('driver')}, GPUs: {', '.join(gpu['gpus']) or 'none'}")
+    elif platform.name in ("colab", "autodl"):
+        add("nvml", False, gpu["state"], "select a GPU runtime / instance, or ignore on CPU")
+    else:
+        add("nvml", None, gpu["state"] + " (the watchdog runs without GPU readings)")
+
+    host = probes.read_host()
+    add("memory", None, f"{host.ram_available_bytes / 2**30:.1f} GiB available of "
+        f"{host.ram_total_bytes / 2**30:.1f} GiB ({host.ram_source})")
+
+    run_dir = resolved.run_dir or channel.default_run_dir(resolved.run_name)
+    if os.path.lexists(run_dir):
+        st = os.lstat(run_dir)
+        try:
+            channel.ensure_run_dir(Path(run_dir))
+            add("run dir", True, f"{run_dir} (mode {stat.S_IMODE(st.st_mode):o})")
+        except channel.RunDirError as err:
+            add("run dir", False, str(err), "fix the permissions or choose another --run-dir")
+    else:
+        add("run dir", None, f"{run_dir} (created on first run)")
+
+    if platform.persistent_dirs:
+        add("persistent storage", None, ", ".join(str(p) for p in platform.persistent_dirs))
+    elif platform.name == "colab":
+        add("persistent storage", None, "Google Drive not mounted: checkpoints in /content are "
+            "lost with the runtime (drive.mount('/content/drive'))")
+    else:
+        add("persistent storage", None, "none detected")
+    add("log file", None, str(resolved.log_file))
+
+    end = platform.end_action
+    if platform.enterprise:
+        add("end action", None, "none: Colab Enterprise runtimes are never unassigned")
+    elif end == "colab-unassign":
+        add("end action", True, f"POST http://{os.environ.get('TBE_RUNTIME_ADDR')}/unassign")
+    elif end == "autodl-shutdown":
+        ok = os.path.exists("/usr/bin/shutdown")
+        add("end action", ok, "/usr/bin/shutdown" + ("" if ok else " is missing"),
+            "" if ok else "end the instance from the AutoDL console")
+    elif resolved.end_command:
+        exe = resolved.end_command[0]
+        from shutil import which
+
+        ok = which(exe) is not None or os.access(exe, os.X_OK)
+        add("end action", ok, " ".join(resolved.end_command),
+            "" if ok else f"{exe} not found; fix --end-command")
+    else:
+        add("end action", None, "none configured (--end-command) - the watchdog will not end "
+            "this host")
+
+    # Colab preinstalls the filesystem-events package 'watchdog'; ours is 'session_watchdog'.
+    providers = _top_level_providers("session_watchdog")
+    if len(providers) > 1:
+        add("package name", False, f"session_watchdog is provided by {', '.join(providers)}",
+            "pip uninstall the ones that are not session-watchdog")
+    elif importlib.util.find_spec("watchdog") is not None:
+        add("package name", True, "a 'watchdog' package is installed (filesystem events); no "
+            "conflict: this tool imports as session_watchdog")
+    else:
+        add("package name", True, "no conflicting package")
+    return checks
+
+
+def _top_level_providers(name: str) -> List[str]:
+    try:
+        from importlib.metadata import packages_distributions
+    except ImportError:  # pragma: no cover - Python 3.9
+        return []
+    return sorted(set(packages_distributions().get(name, [])))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    config = _load(args)
+    checks = doctor_checks(config)
+    failed = [c for c in checks if c["ok"] is False]
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": checks}, indent=2))
+    else:
+        width = max(len(c["name"]) for c in checks)
+        for c in checks:
+            mark = {True: "ok  ", False: "FIX ", None: "info"}[c["ok"]]
+            line = f"[{mark}] {c['name']:<{width}}  {c['detail']}"
+            if c["fix"]:
+                line += f"  -> {c['fix']}"
+            print(line)
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
+        print(f"session-watchdog: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,271 @@
+"""The watchdog: probes -> policy -> actions -> log, once per tick, on an APScheduler job.
+
+``Watchdog.tick()`` is the whole loop body and can be driven directly by tests with a scripted
+probe and a fake clock. ``run()`` blocks (CLI); ``start()`` runs in a background thread (notebook).
+A tick that raises is logged and the next tick runs as usual (STYLE.md #5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Protocol
+
+from session_watchdog import channel, platforms
+from session_watchdog.actions import Actions
+from session_watchdog.config import Config
+from session_watchdog.log import get_logger, sample_event
+from session_watchdog.policy import Decision, PolicyState, decide, remaining_s
+from session_watchdog.probes import Sample, SystemProbe, Times
+
+log = get_logger()
+DAEMON_FILE = "daemon.json"
+
+
+class Clock(Protocol):
+    def wall(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Probe(Protocol):
+    def sample(self, times: Times) -> Sample: ...
+
+
+class SessionClock:
+    """Session elapsed time on the monotonic clock, anchored once to the wall-clock start.
+
+    Wall time jumps (NTP, a VM resumed); the monotonic clock does not. We read the wall clock
+    once, at construction, to place the session start, then count monotonic seconds.
+    """
+
+    def __init__(self, start_wall: float, clock: Clock) -> None:
+        self.start_wall = start_wall
+        self.clock = clock
+        self._mono0 = clock.monotonic()
+        self._elapsed0 = max(0.0, clock.wall() - start_wall)
+
+    def times(self) -> Times:
+        elapsed = self._elapsed0 + (self.clock.monotonic() - self._mono0)
+        return Times(now=self.start_wall + elapsed, elapsed_s=elapsed)
+
+
+class DaemonBusyError(RuntimeError):
+    """Another watchdog already holds this run directory."""
+
+
+class Watchdog:
+    """One watchdog for one run directory."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        platform: Optional[platforms.Platform] = None,
+        probe: Optional[Probe] = None,
+        actions: Optional[Actions] = None,
+        clock: Optional[Clock] = None,
+        session_start: Optional[float] = None,
+        on_decisions: Optional[Callable[[List[Decision], Sample], None]] = None,
+    ) -> None:
+        detected = platform or platforms.detect()
+        self.platform = platforms.forced(config.platform, detected)
+        run_dir_path = config.run_dir or channel.default_run_dir(config.run_name)
+        self.run_dir = channel.RunDir(run_dir_path)
+        slurm_limit = None
+        slurm_start = None
+        if self.platform.slurm_job_id and config.max_session is None:
+            times = platforms.slurm_job_times(self.platform.slurm_job_id)
+            slurm_limit = times.get("limit_s")
+            slurm_start = times.get("start")
+        self.config = platforms.resolve(
+            dataclasses.replace(config, run_dir=run_dir_path), self.platform, slurm_limit)
+        self.clock = clock or SystemClock()
+        if session_start is None and slurm_start is not None:
+            session_start = slurm_start
+        if session_start is None:
+            started = platforms.session_start(self.run_dir.path, self.platform, self.clock.wall())
+            session_start, self.session_source = started.start, started.source
+        else:
+            self.session_source = "given"
+        self.session = SessionClock(session_start, self.clock)
+        self.probe: Probe = probe or SystemProbe(self.run_dir, self.config.watch_paths)
+        self.actions = actions or Actions(self.run_dir, dry_run=self.config.dry_run)
+        self.on_decisions = on_decisions
+        self.state = self._load_state()
+        self.last_sample: Optional[Sample] = None
+        self.last_decisions: List[Decision] = []
+        self.ticks = 0
+        self._lock = channel.FileLock(self.run_dir.file(channel.DAEMON_LOCK))
+        self._tick_lock = threading.Lock()
+        self._scheduler: Any = None
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _load_state(self) -> PolicyState:
+        path = self.run_dir.file(channel.STATE_FILE)
+        try:
+            obj = channel.read_json(path)
+            if obj is None:
+                return PolicyState()
+            return PolicyState.from_json(obj["policy"])
+        except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
+            moved = channel.quarantine(path)
+            log.warning("state_quarantined", path=str(path), moved_to=str(moved), error=str(err),
+                        message="daemon state was unreadable; starting with a fresh state")
+            return PolicyState()
+
+    def _save_state(self) -> None:
+        channel.write_json(self.run_dir.file(channel.STATE_FILE),
+                           {"v": channel.SCHEMA_VERSION, "policy": self.state.to_json()})
+
+    # ---- the loop body ----------------------------------------------------------------------
+
+    def tick(self) -> List[Decision]:
+        """Probe, decide, act, log. Never overlaps itself."""
+        with self._tick_lock:
+            sample = self.probe.sample(self.session.times())
+            state, decisions = decide(self.config, self.state, sample)
+            log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
+                                              self.config.max_session))
+            self.actions.apply(decisions, sample)
+            if state != self.state:
+                self.state = state
+                self._save_state()
+            self.last_sample = sample
+            self.last_decisions = decisions
+            self.ticks += 1
+            if self.on_decisions is not None:
+                self.on_decisions(decisions, sample)
+            return decisions
+
+    def safe_tick(self) -> None:
+        """The scheduled job: a failing tick is logged, never fatal."""
+        try:
+            self.tick()
+        except Exception as err:  # the one place we catch broadly (STYLE.md #5)
+            log.error("tick_failed", error=f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc(limit=8))
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Become the one daemon of this run directory (flock; released by the kernel on death)."""
+        if not self._lock.acquire(blocking=False):
+            other = None
+            try:
+                other = channel.read_json(self.run_dir.file(DAEMON_FILE))
+            except channel.ChannelError:
+                pass
+            pid = other.get("pid") if other else "unknown"
+            raise DaemonBusyError(
+                f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
+                "stop it first or choose another --run-dir")
+        channel.write_json(self.run_dir.file(DAEMON_FILE), {
+            "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
+            "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
+            "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
+            "interval_s": self.config.interval, "dry_run": self.config.dry_run,
+        })
+        log.info("daemon_started", platform=self.platform.name,
+                 evidence=list(self.platform.evidence), run_dir=str(self.run_dir.path),
+                 session_start=self.session.start_wall, session_source=self.session_source,
+                 budget_s=self.config.max_session or None, interval_s=self.config.interval,
+                 log_file=str(self.config.log_file or ""), dry_run=self.config.dry_run)
+
+    def release(self) -> None:
+        if self._lock.held:
+            # daemon.json stays (status shows the last budget); the released lock says "stopped".
+            self._lock.release()
+            log.info("daemon_stopped", ticks=self.ticks)
+        close = getattr(self.probe, "close", None)
+        if callable(close):
+            close()
+
+    def _make_scheduler(self, blocking: bool) -> Any:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+
+        if blocking:
+            from apscheduler.schedulers.blocking import BlockingScheduler as Scheduler
+        else:
+            from apscheduler.schedulers.background import BackgroundScheduler as Scheduler
+        interval = self.config.interval
+        # APScheduler 3.x drops a run that starts > 1 s late by default; a busy training process
+        # makes ticks late, so the grace is at least one interval (DESIGN.md, Scheduler notes).
+        scheduler = Scheduler(timezone=timezone.utc, job_defaults={
+            "coalesce": True, "max_instances": 1,
+            "misfire_grace_time": max(1, int(interval) + 1)})
+        if not blocking:
+            scheduler._daemon = True  # the kernel must be able to exit with the thread running
+
+        def on_event(event: Any) -> None:
+            if getattr(event, "exception", None) is not None:
+                log.error("tick_failed", error=repr(event.exception),
+                          traceback=getattr(event, "traceback", None))
+            else:
+                log.warning("tick_missed", scheduled=str(event.scheduled_run_time))
+
+        scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        scheduler.add_job(self.safe_tick, "interval", seconds=interval, id="tick",
+                          next_run_time=datetime.now(timezone.utc))
+        return scheduler
+
+    def run(self, stop_when: Optional[Callable[[], bool]] = None) -> int:
+        """Block until SIGTERM/SIGINT (or ``stop_when()`` is true after a tick); return 0."""
+        self.acquire()
+        scheduler = self._make_scheduler(blocking=True)
+        self._scheduler = scheduler
+        previous = {}
+
+        def handle(signum: int, frame: Any) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handle)
+        if stop_when is not None:
+            def check() -> None:
+                if stop_when():
+                    threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
+            scheduler.add_job(check, "interval", seconds=self.config.interval, id="stop_when")
+        try:
+            scheduler.start()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.release()
+        return 0
+
+    def start(self) -> None:
+        """Run in a background daemon thread (notebooks); returns at once."""
+        self.acquire()
+        self._scheduler = self._make_scheduler(blocking=False)
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None and scheduler.running:
+            scheduler.shutdown(wait=True)
+        self.release()
+
+
+def read_daemon_info(run_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        return channel.read_json(Path(run_dir) / DAEMON_FILE)
+    except channel.ChannelError:
+        return None

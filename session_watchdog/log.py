@@ -1,0 +1,258 @@
+"""Structured logs: one JSONL stream (schema-versioned events) plus a short console view.
+
+Events (the ``event`` field): ``sample`` (one per tick), ``decision`` (what the policy decided,
+with a ``reason`` code), ``action`` (what was carried out), and lifecycle events such as
+``daemon_started`` / ``daemon_stopped`` / ``tick_failed``. Configure once, in ``main()`` or
+``start()``; importing this module does no I/O. Values of secret-looking environment variables
+(tokens, keys, passwords) are replaced by ``[redacted]`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Dict, Iterable, List, Mapping, MutableMapping, Optional
+
+import structlog
+
+SCHEMA_VERSION = 1
+CONSOLE_EVENTS_SKIPPED = ("sample",)
+_SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH|_KEY$|^KEY$)",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
+
+
+def get_logger(name: str = "session_watchdog") -> Any:
+    return structlog.get_logger(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Where logs go
+
+
+def default_log_file(run_name: str, persistent_dirs: Iterable[Path] = (),
+                     env: Optional[Mapping[str, str]] = None) -> Path:
+    """Persistent storage when there is some (Drive, /root/autodl-tmp), else the user state dir."""
+    env = os.environ if env is None else env
+    for base in persistent_dirs:
+        drive_home = base / "MyDrive"
+        target = drive_home if drive_home.is_dir() else base
+        if target.is_dir() and os.access(target, os.W_OK):
+            return target / "session-watchdog" / f"{run_name}.jsonl"
+    state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "session-watchdog" / f"{run_name}.jsonl"
+
+
+class RotatingJsonl:
+    """Append JSON lines to a file; rotate to ``.1`` .. ``.N`` past ``max_bytes``. Thread-safe."""
+
+    def __init__(self, path: Path, max_bytes: int = 20 * 2**20, backups: int = 5) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._lock = threading.Lock()
+        self._fh: Optional[IO[str]] = None
+        self._size = 0
+
+    def _open(self) -> IO[str]:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            self._size = self._fh.tell()
+        return self._fh
+
+    def _rotate(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for index in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{index}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def write(self, line: str) -> None:
+        data = line + "\n"
+        with self._lock:
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            fh = self._open()
+            fh.write(data)
+            fh.flush()
+            self._size += len(data.encode("utf-8")) if not data.isascii() else len(data)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+# --------------------------------------------------------------------------------------------
+# Processors
+
+
+def secret_values(env: Optional[Mapping[str, str]] = None) -> List[str]:
+    env = os.environ if env is None else env
+    return sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 6},
+                  key=len, reverse=True)
+
+
+class Redactor:
+    """Replace known secret values anywhere in an event (nested dicts/lists included)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = [s for s in secrets if s]
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._clean(v) for v in value]
+        return value
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        if not self.secrets:
+            return event
+        return {k: self._clean(v) for k, v in event.items()}
+
+
+def _add_schema(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    event.setdefault("ts", round(time.time(), 3))
+    event["schema"] = SCHEMA_VERSION
+    if method not in ("info", "msg"):
+        event.setdefault("level", method)
+    return event
+
+
+def console_line(event: Mapping[str, Any]) -> Optional[str]:
+    """The human view of one event, or None for events the console does not show."""
+    name = event.get("event")
+    if name in CONSOLE_EVENTS_SKIPPED:
+        return None
+    clock = time.strftime("%H:%M:%S", time.localtime(float(event.get("ts", time.time()))))
+    reason = event.get("reason")
+    message = event.get("message") or ""
+    kind = event.get("kind") or event.get("step") or event.get("level") or ""
+    parts = [f"[session-watchdog {clock}]", str(name)]
+    if kind:
+        parts.append(str(kind))
+    if reason:
+        parts.append(f"({reason})")
+    if message:
+        parts.append(f"- {message}")
+    extra = {k: v for k, v in event.items()
+             if k in ("path", "run_dir", "log_file", "platform", "error", "argv", "seq", "action")}
+    if extra:
+        parts.append(" ".join(f"{k}={v}" for k, v in extra.items()))
+    return " ".join(parts)
+
+
+class Sink:
+    """The last processor: write the event as one JSON line, echo a human line, drop the event."""
+
+    def __init__(self, jsonl: Optional[RotatingJsonl], console: Optional[IO[str]]) -> None:
+        self.jsonl = jsonl
+        self.console = console
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(event, default=_json_default, separators=(",", ":")))
+        if self.console is not None:
+            line = console_line(event)
+            if line is not None:
+                try:
+                    print(line, file=self.console, flush=True)
+                except (OSError, ValueError):  # a closed terminal must not stop the watchdog
+                    pass
+        raise structlog.DropEvent
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+_current: Dict[str, Any] = {}
+
+
+def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stderr,
+              max_bytes: int = 20 * 2**20, backups: int = 5,
+              env: Optional[Mapping[str, str]] = None) -> Optional[RotatingJsonl]:
+    """Configure structlog for the process (call once from main() or start())."""
+    close()
+    jsonl = RotatingJsonl(log_file, max_bytes, backups) if log_file is not None else None
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _add_schema,
+            Redactor(secret_values(env)),
+            Sink(jsonl, console),
+        ],
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    _current["jsonl"] = jsonl
+    return jsonl
+
+
+def close() -> None:
+    jsonl = _current.pop("jsonl", None)
+    if jsonl is not None:
+        jsonl.close()
+
+
+def sample_event(sample: Any, remaining_s: Optional[float], budget_s: Optional[float]) -> Dict[str, Any]:
+    """Flatten a probes.Sample into the ``sample`` event's fields (schema 1)."""
+    host = sample.host
+    trainer = sample.trainer
+    status = trainer.status
+    ckpt = status.last_checkpoint if status is not None else None
+    return {
+        "elapsed_s": round(sample.elapsed_s, 3),
+        "remaining_s": None if remaining_s is None else round(remaining_s, 3),
+        "budget_s": budget_s or None,
+        "nvml": sample.nvml,
+        "gpus": [
+            {"index": g.index, "name": g.name, "util_pct": g.utilization_pct,
+             "mem_used_bytes": g.memory_used_bytes, "mem_total_bytes": g.memory_total_bytes,
+             "temp_c": g.temperature_c, "power_w": g.power_w, "error": g.error}
+            for g in sample.gpus
+        ],
+        "ram": None if host is None else {
+            "total_bytes": host.ram_total_bytes, "available_bytes": host.ram_available_bytes,
+            "source": host.ram_source, "swap_used_bytes": host.swap_used_bytes,
+            "cpu_pct": host.cpu_pct, "oom_kills": host.oom_kills,
+        },
+        "disks": [{"path": d.path, "free_bytes": d.free_bytes, "total_bytes": d.total_bytes}
+                  for d in sample.disks],
+        "trainer": {
+            "alive": trainer.alive, "saving": trainer.saving,
+            "state": status.state if status else None,
+            "step": status.step if status else None,
+            "epoch": status.epoch if status else None,
+            "step_time_s": status.step_time_s if status else None,
+            "acked_seq": status.acked_seq if status else None,
+            "checkpoint": None if ckpt is None else {
+                "path": ckpt.path, "step": ckpt.step, "at": ckpt.at,
+                "duration_s": ckpt.duration_s, "bytes": ckpt.bytes},
+            "error": trainer.status_error,
+        },
+        "notebook_idle_s": sample.notebook_idle_s,
+    }

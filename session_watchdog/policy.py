@@ -1,0 +1,325 @@
+"""The only place that decides: ``decide(config, state, sample) -> (state, decisions)``.
+
+PURE: no clock, no file, no process, no GPU. ``now`` and the session clock come in the sample;
+everything remembered between ticks is in the frozen ``PolicyState`` (saved by the daemon, so a
+restart does not re-issue acknowledged requests). Every rule is a table test with literal numbers.
+
+Lead time (DESIGN.md): ``lead = margin + save_factor x checkpoint duration + step time``, with
+measured figures from the trainer's status when there are some, configured defaults otherwise.
+A ``checkpoint`` request goes out at ``deadline - lead``; the final ``stop`` request at
+``deadline - stop_lead`` with ``stop_lead = stop_margin + checkpoint duration + step time``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from session_watchdog.config import Config
+from session_watchdog.probes import Sample, gpus_all_idle
+
+# Reason codes (also used by the log and the report).
+SESSION_LIMIT = "session_limit"
+IDLE_RECLAIM = "idle_reclaim"
+RAM_PRESSURE = "ram_pressure"
+DISK_LOW = "disk_low"
+PERIODIC = "periodic"
+GPU_IDLE = "gpu_idle"
+TRAINER_STALLED = "trainer_stalled"
+REQUEST_ACKED = "request_acked"
+RESEND = "resend"
+TRAINER_FINISHED = "trainer_finished"
+
+ACTIVE_STATES = ("starting", "running", "saving", "stopping")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy wants done. ``kind``: warn | request | resend | ack."""
+
+    kind: str
+    reason: str
+    message: str = ""
+    action: Optional[str] = None  # requests: checkpoint | stop
+    seq: Optional[int] = None
+    deadline: Optional[float] = None  # wall-clock epoch seconds
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outstanding:
+    """The request in ``request.json`` that the trainer has not acknowledged yet."""
+
+    seq: int
+    action: str
+    reason: str
+    sent_elapsed: float
+    deadline: Optional[float] = None
+    resends: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    seq: int = 0
+    outstanding: Optional[Outstanding] = None
+    done: FrozenSet[str] = frozenset()  # one-shot rules already carried out (per trainer)
+    episodes: FrozenSet[str] = frozenset()  # conditions active now (warn once per episode)
+    trainer_pid: Optional[int] = None
+    last_checkpoint_elapsed: Optional[float] = None
+    periodic_base_elapsed: Optional[float] = None
+    gpu_idle_since: Optional[float] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        obj = dataclasses.asdict(self)
+        obj["done"] = sorted(self.done)
+        obj["episodes"] = sorted(self.episodes)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> PolicyState:
+        """Rebuild a saved state; raises ValueError/TypeError/KeyError when it is malformed."""
+        out = obj.get("outstanding")
+        return cls(
+            seq=int(obj["seq"]),
+            outstanding=None if out is None else Outstanding(
+                seq=int(out["seq"]), action=str(out["action"]), reason=str(out["reason"]),
+                sent_elapsed=float(out["sent_elapsed"]),
+                deadline=None if out.get("deadline") is None else float(out["deadline"]),
+                resends=int(out.get("resends", 0)),
+            ),
+            done=frozenset(str(x) for x in obj.get("done", [])),
+            episodes=frozenset(str(x) for x in obj.get("episodes", [])),
+            trainer_pid=None if obj.get("trainer_pid") is None else int(obj["trainer_pid"]),
+            last_checkpoint_elapsed=_opt_float(obj.get("last_checkpoint_elapsed")),
+            periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
+            gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
+        )
+
+
+def _opt_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Lead:
+    checkpoint_s: float  # measured or assumed checkpoint duration
+    step_s: float  # measured or assumed step time
+    lead_s: float  # checkpoint request this long before the deadline
+    stop_lead_s: float  # stop request this long before the deadline
+
+
+def lead_time(config: Config, sample: Sample) -> Lead:
+    status = sample.trainer.status
+    ckpt = config.default_checkpoint_time
+    step = config.default_step_time
+    if status is not None:
+        if status.last_checkpoint is not None and status.last_checkpoint.duration_s > 0:
+            ckpt = status.last_checkpoint.duration_s
+        if status.step_time_s is not None and status.step_time_s > 0:
+            step = status.step_time_s
+    return Lead(ckpt, step, config.margin + config.save_factor * ckpt + step,
+                config.stop_margin + ckpt + step)
+
+
+def remaining_s(config: Config, sample: Sample) -> Optional[float]:
+    """Seconds left in the session budget, or None when there is no budget."""
+    if not config.max_session:
+        return None
+    return config.max_session - sample.elapsed_s
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class _Tick:
+    """Collects the decisions of one tick while the state is rebuilt (a local helper)."""
+
+    def __init__(self, state: PolicyState) -> None:
+        self.state = state
+        self.decisions: List[Decision] = []
+        self.episodes = set()  # type: set[str]
+
+    def update(self, **changes: Any) -> None:
+        self.state = dataclasses.replace(self.state, **changes)
+
+    def warn_once(self, key: str, reason: str, message: str, **data: Any) -> None:
+        """Warn when the condition ``key`` starts; stay quiet while it lasts."""
+        self.episodes.add(key)
+        if key not in self.state.episodes:
+            self.decisions.append(Decision("warn", reason, message, data=data))
+
+    def request(self, action: str, reason: str, elapsed: float, message: str,
+                deadline: Optional[float] = None, **data: Any) -> None:
+        out = self.state.outstanding
+        if out is not None and (out.action == "stop" or out.action == action):
+            return  # an unacknowledged request already covers this one
+        seq = self.state.seq + 1
+        self.update(seq=seq, outstanding=Outstanding(seq, action, reason, elapsed, deadline))
+        self.decisions.append(
+            Decision("request", reason, message, action=action, seq=seq, deadline=deadline,
+                     data=data))
+
+    def mark_done(self, key: str) -> None:
+        self.update(done=self.state.done | {key})
+
+
+def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicyState, List[Decision]]:
+    """Decide what to do for one sample. ``config`` must be resolved (platforms.resolve)."""
+    t = _Tick(state)
+    elapsed = sample.elapsed_s
+    trainer = sample.trainer
+    status = trainer.status
+    lead = lead_time(config, sample)
+
+    # A new trainer process is a new audience: one-shot requests apply to it again.
+    if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
+        t.update(trainer_pid=status.pid, done=frozenset(), outstanding=None,
+                 periodic_base_elapsed=elapsed)
+
+    # Acknowledgements and the last checkpoint's place on the session clock.
+    if status is not None:
+        out = t.state.outstanding
+        if out is not None and status.acked_seq >= out.seq:
+            t.decisions.append(Decision(
+                "ack", REQUEST_ACKED, f"trainer acknowledged request {out.seq} ({out.action})",
+                action=out.action, seq=out.seq,
+                data={"request_reason": out.reason, "latency_s": round(elapsed - out.sent_elapsed, 3)}))
+            t.update(outstanding=None)
+        ckpt = status.last_checkpoint
+        if ckpt is not None:
+            at_elapsed = elapsed - max(0.0, sample.now - ckpt.at)
+            if t.state.last_checkpoint_elapsed is None or at_elapsed > t.state.last_checkpoint_elapsed + 1e-6:
+                t.update(last_checkpoint_elapsed=at_elapsed)
+    if t.state.periodic_base_elapsed is None:
+        t.update(periodic_base_elapsed=elapsed)
+
+    active = trainer.alive and (status is None or status.state in ACTIVE_STATES)
+    if trainer.alive and status is not None and status.state not in ACTIVE_STATES:
+        t.warn_once(f"trainer_{status.state}", TRAINER_FINISHED,
+                    f"training {status.state} at step {status.step}", state=status.state)
+
+    # Session budget: warnings, then checkpoint at deadline - lead, then stop at deadline - stop_lead.
+    left = remaining_s(config, sample)
+    if left is not None:
+        deadline = sample.now + left
+        crossed = [w for w in config.warn_before if left <= w]
+        if crossed:
+            most_urgent = min(crossed)
+            key = f"session_warn_{int(most_urgent)}"
+            if key not in t.state.done:
+                t.decisions.append(Decision(
+                    "warn", SESSION_LIMIT,
+                    f"session ends in about {_fmt(left)} (budget {_fmt(config.max_session or 0)})",
+                    deadline=deadline, data={"remaining_s": round(left, 1)}))
+                t.update(done=t.state.done | {f"session_warn_{int(w)}" for w in crossed})
+        if active and left <= lead.stop_lead_s and "session_stop" not in t.state.done:
+            t.request("stop", SESSION_LIMIT, elapsed,
+                      f"session ends in {_fmt(left)}: checkpoint and stop now",
+                      deadline=deadline, remaining_s=round(left, 1), lead_s=round(lead.stop_lead_s, 1))
+            t.mark_done("session_stop")
+            t.mark_done("session_checkpoint")
+        elif active and left <= lead.lead_s and "session_checkpoint" not in t.state.done:
+            t.request("checkpoint", SESSION_LIMIT, elapsed,
+                      f"session ends in {_fmt(left)}: checkpoint now (lead {_fmt(lead.lead_s)})",
+                      deadline=deadline - lead.stop_lead_s, remaining_s=round(left, 1),
+                      lead_s=round(lead.lead_s, 1))
+            t.mark_done("session_checkpoint")
+
+    # Notebook idle clock (Colab reclaims a kernel that runs no cell).
+    idle = sample.notebook_idle_s
+    if idle is not None and idle > 0:
+        if config.idle_warn and idle >= config.idle_warn:
+            t.warn_once("idle_warn", IDLE_RECLAIM,
+                        f"no cell has run for {_fmt(idle)}; Colab may reclaim an idle runtime "
+                        "- keep a cell running with session_watchdog.wait()", idle_s=round(idle, 1))
+        if config.idle_limit and idle >= config.idle_limit - lead.lead_s:
+            t.episodes.add("idle_checkpoint")
+            if active and "idle_checkpoint" not in t.state.episodes:
+                t.request("checkpoint", IDLE_RECLAIM, elapsed,
+                          f"idle for {_fmt(idle)}: checkpoint before an idle reclaim",
+                          deadline=sample.now + max(0.0, config.idle_limit - idle),
+                          idle_s=round(idle, 1))
+
+    # RAM pressure -> checkpoint now (once per episode).
+    host = sample.host
+    if host is not None and host.ram_total_bytes > 0:
+        avail_pct = 100.0 * host.ram_available_bytes / host.ram_total_bytes
+        if avail_pct < config.ram_min_available_pct:
+            key = "ram_pressure"
+            t.warn_once(key, RAM_PRESSURE,
+                        f"available RAM {avail_pct:.1f}% of {host.ram_total_bytes} bytes "
+                        f"(< {config.ram_min_available_pct:g}%)",
+                        available_bytes=host.ram_available_bytes, total_bytes=host.ram_total_bytes)
+            if active and key not in state.episodes:
+                t.request("checkpoint", RAM_PRESSURE, elapsed,
+                          "RAM nearly exhausted: checkpoint before an OOM kill")
+
+    # Disk headroom against the size of the last checkpoint.
+    ckpt_bytes = status.last_checkpoint.bytes if status and status.last_checkpoint else None
+    for disk in sample.disks:
+        if disk.free_bytes is None:
+            continue
+        level = None
+        if ckpt_bytes:
+            if disk.free_bytes < ckpt_bytes:
+                level = "critical"
+            elif disk.free_bytes < 2 * ckpt_bytes + config.disk_margin:
+                level = "low"
+        elif disk.free_bytes < config.disk_margin:
+            level = "low"
+        if level is not None:
+            t.warn_once(f"disk_{level}:{disk.path}", DISK_LOW,
+                        f"{disk.path}: {disk.free_bytes} bytes free"
+                        + (f", last checkpoint {ckpt_bytes} bytes" if ckpt_bytes else ""),
+                        level=level, path=disk.path, free_bytes=disk.free_bytes,
+                        checkpoint_bytes=ckpt_bytes)
+
+    # GPU idle: every GPU known and below the threshold; an unknown reading resets the timer.
+    all_idle = gpus_all_idle(sample.gpus, config.gpu_idle_pct)
+    if all_idle:
+        since = t.state.gpu_idle_since if t.state.gpu_idle_since is not None else elapsed
+        t.update(gpu_idle_since=since)
+        if elapsed - since >= config.gpu_idle_after:
+            t.warn_once("gpu_idle", GPU_IDLE,
+                        f"every GPU below {config.gpu_idle_pct:g}% for {_fmt(elapsed - since)}",
+                        idle_s=round(elapsed - since, 1))
+    else:
+        t.update(gpu_idle_since=None)
+
+    # A trainer whose heartbeat stopped.
+    if active and status is not None and sample.now - status.heartbeat > config.trainer_stall_after:
+        t.warn_once("trainer_stalled", TRAINER_STALLED,
+                    f"trainer heartbeat is {_fmt(sample.now - status.heartbeat)} old at step "
+                    f"{status.step}", step=status.step)
+
+    # Periodic checkpoints, counted from the last checkpoint or the last periodic request.
+    if config.checkpoint_every and active:
+        base = max(x for x in (t.state.last_checkpoint_elapsed, t.state.periodic_base_elapsed)
+                   if x is not None)
+        if elapsed - base >= config.checkpoint_every and t.state.outstanding is None:
+            t.request("checkpoint", PERIODIC, elapsed,
+                      f"periodic checkpoint (every {_fmt(config.checkpoint_every)})")
+            t.update(periodic_base_elapsed=elapsed)
+
+    # Re-send an unacknowledged request (same seq) after the timeout, while the trainer lives.
+    out = t.state.outstanding
+    if out is not None and active and elapsed - out.sent_elapsed >= config.resend_after * (out.resends + 1):
+        if not any(d.kind == "request" for d in t.decisions):
+            t.update(outstanding=dataclasses.replace(out, resends=out.resends + 1))
+            t.decisions.append(Decision(
+                "resend", out.reason, f"request {out.seq} ({out.action}) unacknowledged for "
+                f"{_fmt(elapsed - out.sent_elapsed)}; sending it again",
+                action=out.action, seq=out.seq, deadline=out.deadline,
+                data={"resends": out.resends + 1}))
+
+    t.update(episodes=frozenset(t.episodes))
+    return t.state, t.decisions

@@ -1,0 +1,1 @@
+"""The trainer side: imported inside the training process (torch is imported lazily here)."""
