@@ -189,8 +189,11 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str,
     Raises ChannelError for a symlink, an oversized file, malformed JSON, a non-object, or a
     schema version we do not know. Never follows a planted symlink (O_NOFOLLOW).
     """
+    # O_NONBLOCK: opening a FIFO planted at this name would otherwise block until a writer
+    # comes; regular files ignore the flag, and the S_ISREG check below refuses the FIFO.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as err:

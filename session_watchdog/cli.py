@@ -47,10 +47,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + key.name.replace("_", "-")
         if key.is_flag:
             group.add_argument(flag, dest=key.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=key.help)
+                               default=argparse.SUPPRESS, help=key.help.replace("%", "%%"))
         else:
             group.add_argument(flag, dest=key.name, metavar=key.metavar,
-                               default=argparse.SUPPRESS, help=key.help)
+                               default=argparse.SUPPRESS, help=key.help.replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +328,10 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors: return, do not raise
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

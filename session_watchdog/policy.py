@@ -32,6 +32,7 @@ RESEND = "resend"
 TRAINER_FINISHED = "trainer_finished"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
+TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop"})
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,11 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     status = trainer.status
     lead = lead_time(config, sample)
 
-    # A new trainer process is a new audience: one-shot requests apply to it again.
+    # A new trainer process is a new audience: one-shot requests apply to it again (the
+    # session warnings were for the user, not the trainer, and stay said).
     if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
-        t.update(trainer_pid=status.pid, done=frozenset(), outstanding=None,
-                 periodic_base_elapsed=elapsed)
+        t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
+                 done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED))
 
     # Acknowledgements and the last checkpoint's place on the session clock.
     if status is not None:

@@ -8,8 +8,10 @@ on one worker thread and is bounded by a timeout; a call still pending is report
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
@@ -94,16 +96,33 @@ class Nvml:
     same few functions.
     """
 
-    def __init__(self, module: Any = None, on_unsupported: Optional[Callable[[str], None]] = None):
+    RETRY_S = 60.0  # a missing driver is not looked for again on every tick
+
+    def __init__(self, module: Any = None, on_unsupported: Optional[Callable[[str], None]] = None,
+                 monotonic: Callable[[], float] = time.monotonic):
         self._module = module
         self._ready = False
+        self._failed_at: Optional[float] = None
+        self._monotonic = monotonic
         self.state = "not started"
         self._unsupported: Set[str] = set()
         self._on_unsupported = on_unsupported
 
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def retry_due(self) -> bool:
+        """Whether start() would call nvmlInit now (never tried, or the last failure is old)."""
+        return not self._ready and (
+            self._failed_at is None or self._monotonic() - self._failed_at >= self.RETRY_S)
+
     def start(self) -> bool:
         if self._ready:
             return True
+        if not self.retry_due():
+            return False
+        self._failed_at = self._monotonic()
         if self._module is None:
             try:
                 import pynvml  # nvidia-ml-py; never the deprecated 'pynvml' shim package
@@ -118,6 +137,7 @@ class Nvml:
             self.state = f"unavailable: {_nvml_error_text(err)}"
             return False
         self._ready = True
+        self._failed_at = None
         self.state = "ok"
         return True
 
@@ -185,23 +205,61 @@ def _nvml_error_text(err: BaseException) -> str:
 # RAM: cgroup v2, then v1, then the host (psutil reports the host's RAM inside containers)
 
 
-def _read_int(path: Path) -> Optional[int]:
+def read_text(path: Path) -> Optional[str]:
+    """Read a small file; None when it cannot be read."""
     try:
-        text = path.read_text().strip()
+        with open(path, "rb") as fh:
+            return fh.read().decode("ascii", "replace")
     except OSError:
         return None
+
+
+class KernelFiles:
+    """Re-reads /proc and cgroup files through descriptors kept open (``pread`` at offset 0).
+
+    Opening a procfs/sysfs file costs more than reading it; these files are regenerated on every
+    read, so one descriptor per file serves every tick. Not for regular files that get replaced.
+    """
+
+    def __init__(self) -> None:
+        self._fds: Dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path) -> Optional[str]:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    return None
+                self._fds[path] = fd
+            try:
+                return os.pread(fd, 1 << 16, 0).decode("ascii", "replace")
+            except OSError:
+                os.close(self._fds.pop(path))
+                return read_text(path)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+Reader = Callable[[Path], Optional[str]]
+
+
+def _read_int(path: Path, read: Reader = read_text) -> Optional[int]:
+    text = (read(path) or "").strip()
     if text == "max" or not text.lstrip("-").isdigit():
         return None
     return int(text)
 
 
-def _read_keyed(path: Path) -> Dict[str, int]:
+def _read_keyed(path: Path, read: Reader = read_text) -> Dict[str, int]:
     out: Dict[str, int] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
+    for line in (read(path) or "").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             out[parts[0]] = int(parts[1])
@@ -219,10 +277,22 @@ class CgroupMemory:
     version: str
 
 
-def read_cgroup_memory(
+@dataclass(frozen=True)
+class CgroupFiles:
+    """Where our cgroup's memory files are (found once; reading them is then 3-4 small reads)."""
+
+    version: str  # "cgroup2" | "cgroup1"
+    limit: Path
+    usage: Path
+    stat: Path
+    events: Path  # v2 memory.events, v1 memory.oom_control (both have an oom_kill line)
+    inactive_keys: Tuple[str, ...]
+
+
+def locate_cgroup(
     cgroup_root: Path = Path("/sys/fs/cgroup"), proc_self_cgroup: Path = Path("/proc/self/cgroup")
-) -> Optional[CgroupMemory]:
-    """The memory limit of our cgroup, or None when there is none (unlimited or no cgroup)."""
+) -> Optional[CgroupFiles]:
+    """Find the memory files of our cgroup (v2 first, then v1); None when there are none."""
     v2_dirs = []
     try:
         for line in proc_self_cgroup.read_text().splitlines():
@@ -234,37 +304,126 @@ def read_cgroup_memory(
         pass
     v2_dirs.append(cgroup_root)
     for directory in v2_dirs:
-        limit = _read_int(directory / "memory.max")
-        current = _read_int(directory / "memory.current")
-        if limit is not None and current is not None:
-            stat = _read_keyed(directory / "memory.stat")
-            events = _read_keyed(directory / "memory.events")
-            used = max(0, current - stat.get("inactive_file", 0))
-            return CgroupMemory(limit, used, events.get("oom_kill"), "cgroup2")
+        if (directory / "memory.max").exists() and (directory / "memory.current").exists():
+            return CgroupFiles("cgroup2", directory / "memory.max", directory / "memory.current",
+                               directory / "memory.stat", directory / "memory.events",
+                               ("inactive_file",))
     v1 = cgroup_root / "memory"
-    limit = _read_int(v1 / "memory.limit_in_bytes")
-    usage = _read_int(v1 / "memory.usage_in_bytes")
-    if limit is not None and usage is not None and limit < _V1_UNLIMITED:
-        stat = _read_keyed(v1 / "memory.stat")
-        used = max(0, usage - stat.get("total_inactive_file", stat.get("inactive_file", 0)))
-        oom = _read_keyed(v1 / "memory.oom_control").get("oom_kill")
-        return CgroupMemory(limit, used, oom, "cgroup1")
+    if (v1 / "memory.limit_in_bytes").exists() and (v1 / "memory.usage_in_bytes").exists():
+        return CgroupFiles("cgroup1", v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes",
+                           v1 / "memory.stat", v1 / "memory.oom_control",
+                           ("total_inactive_file", "inactive_file"))
     return None
 
 
+def read_cgroup_files(files: Optional[CgroupFiles], read: Reader = read_text) -> Optional[CgroupMemory]:
+    """The limit and usage in ``files``; None when unlimited or unreadable."""
+    if files is None:
+        return None
+    limit = _read_int(files.limit, read)
+    usage = _read_int(files.usage, read)
+    if limit is None or usage is None or limit >= _V1_UNLIMITED:
+        return None
+    stat = _read_keyed(files.stat, read)
+    inactive = next((stat[k] for k in files.inactive_keys if k in stat), 0)
+    oom = _read_keyed(files.events, read).get("oom_kill")
+    return CgroupMemory(limit, max(0, usage - inactive), oom, files.version)
+
+
+def read_cgroup_memory(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_self_cgroup: Path = Path("/proc/self/cgroup")
+) -> Optional[CgroupMemory]:
+    """The memory limit of our cgroup, or None when there is none (unlimited or no cgroup)."""
+    return read_cgroup_files(locate_cgroup(cgroup_root, proc_self_cgroup))
+
+
+_MEMINFO_KEYS = {"MemTotal:": "total", "MemAvailable:": "available", "SwapTotal:": "swap_total",
+                 "SwapFree:": "swap_free"}
+
+
+def read_meminfo(path: Path = Path("/proc/meminfo"), read: Reader = read_text) -> Optional[Dict[str, int]]:
+    """``free -b`` from one read of /proc/meminfo (psutil reads it and /proc/vmstat twice over)."""
+    out: Dict[str, int] = {}
+    try:
+        for line in (read(path) or "").splitlines():
+            parts = line.split()
+            key = _MEMINFO_KEYS.get(parts[0]) if parts else None
+            if key is not None:
+                out[key] = int(parts[1]) * 1024
+                if len(out) == len(_MEMINFO_KEYS):
+                    break
+    except (ValueError, IndexError):
+        return None
+    return out if len(out) == len(_MEMINFO_KEYS) else None
+
+
+class CpuPercent:
+    """``top``'s CPU busy % since the previous call, from the first line of /proc/stat."""
+
+    def __init__(self, read: Reader = read_text, path: Path = Path("/proc/stat")) -> None:
+        self._read = read
+        self._path = path
+        self._last: Optional[Tuple[int, int]] = None
+
+    def __call__(self) -> Optional[float]:
+        text = self._read(self._path)
+        if not text or not text.startswith("cpu "):
+            return None
+        fields = [int(x) for x in text.split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        total = sum(fields[:8])  # guest time is already inside user/nice
+        last, self._last = self._last, (total, idle)
+        if last is None or total <= last[0]:
+            return None
+        return round(100.0 * (1.0 - (idle - last[1]) / (total - last[0])), 1)
+
+
 def read_host(cgroup_root: Path = Path("/sys/fs/cgroup"),
-              proc_self_cgroup: Path = Path("/proc/self/cgroup")) -> HostReading:
-    """``free -b`` honouring the container's cgroup limit."""
-    vm = psutil.virtual_memory()
-    swap = psutil.swap_memory()
-    cpu = psutil.cpu_percent(interval=None)
-    cg = read_cgroup_memory(cgroup_root, proc_self_cgroup)
-    if cg is not None and cg.limit_bytes < vm.total:
-        available = max(0, min(cg.limit_bytes - cg.used_bytes, vm.available))
-        return HostReading(cg.limit_bytes, available, cg.version, swap.used, swap.total, cpu,
+              proc_self_cgroup: Path = Path("/proc/self/cgroup"),
+              cgroup_files: Optional[CgroupFiles] = None, locate: bool = True,
+              read: Reader = read_text, cpu: Optional[Callable[[], Optional[float]]] = None) -> HostReading:
+    """``free -b`` honouring the container's cgroup limit.
+
+    ``locate=False`` uses ``cgroup_files`` as found earlier (None: no cgroup) instead of searching.
+    """
+    info = read_meminfo(read=read)
+    if info is None:  # not Linux, or an unusual kernel: psutil knows the other ways
+        vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+        info = {"total": vm.total, "available": vm.available, "swap_total": sw.total,
+                "swap_free": sw.free}
+    swap_used = info["swap_total"] - info["swap_free"]
+    cpu_pct = cpu() if cpu is not None else psutil.cpu_percent(interval=None)
+    files = locate_cgroup(cgroup_root, proc_self_cgroup) if locate else cgroup_files
+    cg = read_cgroup_files(files, read)
+    if cg is not None and cg.limit_bytes < info["total"]:
+        available = max(0, min(cg.limit_bytes - cg.used_bytes, info["available"]))
+        return HostReading(cg.limit_bytes, available, cg.version, swap_used, info["swap_total"], cpu_pct,
                            cg.oom_kills)
     oom = cg.oom_kills if cg is not None else None
-    return HostReading(vm.total, vm.available, "host", swap.used, swap.total, cpu, oom)
+    return HostReading(info["total"], info["available"], "host", swap_used, info["swap_total"], cpu_pct,
+                       oom)
+
+
+# Filesystems whose statvfs can block for a long time (network, FUSE: Colab's Drive is fuse.drive).
+_REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "sshfs",
+              "afs", "davfs")
+
+
+def remote_paths(paths: Sequence[Path]) -> Tuple[Path, ...]:
+    """The paths among ``paths`` that live on a network or FUSE filesystem."""
+    try:
+        parts = psutil.disk_partitions(all=True)
+    except (OSError, psutil.Error):
+        return tuple(paths)  # unknown: treat all as able to hang
+    out = []
+    for path in paths:
+        target = str(Path(path).resolve())
+        best = max((p for p in parts if target == p.mountpoint
+                    or target.startswith(p.mountpoint.rstrip("/") + "/")),
+                   key=lambda p: len(p.mountpoint), default=None)
+        if best is not None and (best.fstype.startswith("fuse") or best.fstype in _REMOTE_FS):
+            out.append(path)
+    return tuple(out)
 
 
 def read_disks(paths: Sequence[Path]) -> Tuple[DiskReading, ...]:
@@ -323,26 +482,30 @@ class SystemProbe:
         self.notebook_idle = notebook_idle
         self.child_exit = child_exit
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._pending: Dict[str, concurrent.futures.Future[Any]] = {}
+        self._pending: Optional[concurrent.futures.Future[Any]] = None
         self._lock = threading.Lock()
+        self._cgroup_files = locate_cgroup(cgroup_root, proc_self_cgroup)  # found once
+        self._kernel_files = KernelFiles()
+        self._cpu = CpuPercent(self._kernel_files)
+        self._remote = bool(remote_paths(self.watch_paths))
 
-    def _bounded(self, name: str, fn: Callable[[], Any]) -> Tuple[bool, Any]:
-        """Run ``fn`` on the worker thread; (False, None) if it does not finish in time."""
+    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Start ``fn`` on the worker thread, unless the previous call is still running."""
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="session-watchdog-probe")
-            future = self._pending.get(name)
-            if future is None or future.done():
-                future = self._pool.submit(fn)
-                self._pending[name] = future
-        try:
-            result = future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            return False, None
-        with self._lock:
-            self._pending.pop(name, None)
-        return True, result
+            if self._pending is None or self._pending.done():
+                self._pending = self._pool.submit(fn)
+            return self._pending
+
+    def _can_hang(self) -> bool:
+        return self._remote or self.nvml.ready or self.nvml.retry_due()
+
+    def _read_slow(self) -> Tuple[str, Tuple[GpuReading, ...], Tuple[DiskReading, ...]]:
+        """The calls that can hang (NVML, statvfs on a network/FUSE mount), run on the worker."""
+        nvml_state, gpus = self._read_gpus()
+        return nvml_state, gpus, read_disks(self.watch_paths)
 
     def _read_gpus(self) -> Tuple[str, Tuple[GpuReading, ...]]:
         if not self.nvml.start():
@@ -353,19 +516,29 @@ class SystemProbe:
             return f"unavailable: {_nvml_error_text(err)}", ()
 
     def sample(self, times: Times) -> Sample:
-        done, gpu_result = self._bounded("gpu", self._read_gpus)
-        nvml_state, gpus = gpu_result if done else ("timeout", ())
-        done, disks = self._bounded("disk", lambda: read_disks(self.watch_paths))
-        if not done:
-            disks = tuple(DiskReading(str(p), None, None, "timeout") for p in self.watch_paths)
+        # Calls that can hang (a live NVML, statvfs on a network/FUSE mount) run on the worker,
+        # started first so they overlap with the fast reads here, and bounded by timeout_s.
+        # With neither (no driver, local disks) the hand-off would cost more than the reads.
+        slow = self._submit(self._read_slow) if self._can_hang() else None
+        host = read_host(cgroup_files=self._cgroup_files, locate=False, read=self._kernel_files,
+                         cpu=self._cpu)
+        trainer = read_trainer(self.run_dir)
+        if slow is None:
+            nvml_state, gpus, disks = self._read_slow()
+        else:
+            try:
+                nvml_state, gpus, disks = slow.result(timeout=self.timeout_s)
+            except concurrent.futures.TimeoutError:
+                nvml_state, gpus = "timeout", ()
+                disks = tuple(DiskReading(str(p), None, None, "timeout") for p in self.watch_paths)
         return Sample(
             now=times.now,
             elapsed_s=times.elapsed_s,
             gpus=gpus,
             nvml=nvml_state,
-            host=read_host(self.cgroup_root, self.proc_self_cgroup),
+            host=host,
             disks=disks,
-            trainer=read_trainer(self.run_dir),
+            trainer=trainer,
             notebook_idle_s=self.notebook_idle() if self.notebook_idle else None,
             child_exit=self.child_exit() if self.child_exit else None,
         )
@@ -376,6 +549,7 @@ class SystemProbe:
         if pool is not None:
             pool.shutdown(wait=False)
         self.nvml.shutdown()
+        self._kernel_files.close()
 
 
 def gpus_all_idle(gpus: Sequence[GpuReading], idle_pct: float) -> Optional[bool]:

@@ -1,0 +1,218 @@
+"""The daemon loop, driven by a scripted probe and a fake clock; real processes for signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+from fakes import FakeClock, ScriptedProbe, sample, status
+
+from session_watchdog import channel, platforms
+from session_watchdog.actions import signal_trainer
+from session_watchdog.config import Config
+from session_watchdog.daemon import DaemonBusyError, SessionClock, Watchdog
+
+GENERIC = platforms.Platform("generic", ("test",))
+START = 1_800_000_000.0
+
+
+def make(tmp_path: Path, script, clock=None, **config) -> Watchdog:
+    config.setdefault("max_session", "1h")
+    cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "log.jsonl"), **config)
+    return Watchdog(cfg, platform=GENERIC, probe=ScriptedProbe(script), clock=clock or FakeClock(START),
+                    session_start=START)
+
+
+def trainer_sample(acked: int = 0, **kw):
+    return sample(trainer_status=status(heartbeat=START + 1e6, acked_seq=acked), **kw)
+
+
+class TestSessionClock:
+    def test_elapsed_follows_the_monotonic_clock_not_wall_jumps(self):
+        """A wall-clock jump (NTP, resumed VM) does not move the session clock."""
+        clock = FakeClock(wall=START + 100.0, mono=50.0)
+        session = SessionClock(START, clock)
+        clock._wall += 10_000.0  # wall jumps forward; monotonic does not
+        clock._mono += 5.0
+        times = session.times()
+        assert (times.elapsed_s, times.now) == (105.0, START + 105.0)
+
+
+class TestTick:
+    def test_a_due_request_is_written_and_logged(self, tmp_path):
+        """At deadline - lead the tick writes request.json and logs sample, decision, action."""
+        clock = FakeClock(START + 3300.0)
+        dog = make(tmp_path, [trainer_sample()], clock)
+        with structlog.testing.capture_logs() as events:
+            dog.tick()
+        request = dog.run_dir.read_request()
+        assert (request.seq, request.action, request.reason) == (1, "checkpoint", "session_limit")
+        assert [e["event"] for e in events] == ["sample", "decision", "decision", "action"]
+        assert events[2]["reason"] == "session_limit" and events[3]["step"] == "request_written"
+        assert events[3]["signal"] == "no-handler"  # no SIGUSR1 handler advertised: not signalled
+
+    def test_a_failing_tick_is_logged_and_the_next_one_runs(self, tmp_path):
+        """A probe that raises once costs one tick, never the daemon."""
+        dog = make(tmp_path, [RuntimeError("probe broke"), trainer_sample()])
+        with structlog.testing.capture_logs() as events:
+            dog.safe_tick()
+            dog.safe_tick()
+        failed = [e for e in events if e["event"] == "tick_failed"]
+        assert len(failed) == 1 and failed[0]["error"] == "RuntimeError: probe broke"
+        assert dog.ticks == 1 and "RuntimeError" in failed[0]["traceback"]
+
+    def test_restart_keeps_the_session_clock_and_does_not_reissue(self, tmp_path):
+        """A restarted daemon resumes the persisted session start and its request state."""
+        clock = FakeClock(START)
+        cfg = Config.build(run_dir=str(tmp_path / "run"), max_session="1h", log_file=str(tmp_path / "l"))
+        first = Watchdog(cfg, platform=GENERIC, probe=ScriptedProbe([trainer_sample()]), clock=clock)
+        clock.advance(3300.0)
+        first.tick()
+        assert first.run_dir.read_request().seq == 1
+        clock.advance(10.0)
+        second = Watchdog(cfg, platform=GENERIC, probe=ScriptedProbe([trainer_sample(acked=1)]), clock=clock)
+        assert second.session.times().elapsed_s == 3310.0
+        with structlog.testing.capture_logs() as events:
+            second.tick()
+        decisions = [(e["kind"], e["reason"]) for e in events if e["event"] == "decision"]
+        assert decisions == [("ack", "request_acked")]
+        assert second.run_dir.read_request().seq == 1
+
+    def test_corrupted_state_is_quarantined(self, tmp_path):
+        """An unreadable state.json is moved aside and the daemon starts fresh."""
+        run = tmp_path / "run"
+        channel.ensure_run_dir(run)
+        (run / "state.json").write_text("{not json")
+        with structlog.testing.capture_logs() as events:
+            dog = make(tmp_path, [trainer_sample()])
+        assert dog.state.seq == 0
+        assert (run / "state.json.bad").read_text() == "{not json"
+        assert events[0]["event"] == "state_quarantined"
+
+    def test_corrupted_trainer_status_does_not_stop_the_daemon(self, tmp_path):
+        """A garbage trainer.json is reported in the sample; the tick completes."""
+        run = tmp_path / "run"
+        channel.ensure_run_dir(run)
+        (run / "trainer.json").write_text('{"v": 1, "state": "dancing"}')
+        cfg = Config.build(run_dir=str(run), max_session="1h", log_file=str(tmp_path / "l"))
+        from session_watchdog.probes import SystemProbe
+
+        dog = Watchdog(cfg, platform=GENERIC, clock=FakeClock(START), session_start=START,
+                       probe=SystemProbe(channel.RunDir(run), ()))
+        dog.tick()
+        assert "not one of" in dog.last_sample.trainer.status_error
+
+
+class TestOneDaemonPerRunDir:
+    def test_second_daemon_is_refused(self, tmp_path):
+        """Two watchdogs on one run dir: the second gets a clear DaemonBusyError."""
+        first = make(tmp_path, [sample()])
+        first.acquire()
+        second = make(tmp_path, [sample()])
+        with pytest.raises(DaemonBusyError, match=f"pid {os.getpid()}.*already watching"):
+            second.acquire()
+        first.release()
+        second.acquire()
+        second.release()
+
+
+class TestScheduler:
+    def test_background_start_ticks_and_stop_leaves_no_thread(self, tmp_path):
+        """start() ticks in a background thread; stop() leaves no scheduler thread behind."""
+        before = set(threading.enumerate())
+        dog = make(tmp_path, [sample()], clock=None, interval="0.2s")
+        dog.start()
+        deadline = time.monotonic() + 10
+        while dog.ticks < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dog.stop()
+        assert dog.ticks >= 3
+        assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+
+    def test_sigterm_stops_the_cli_daemon_cleanly(self, tmp_path):
+        """A real `session-watchdog run` exits 0 on SIGTERM and logs daemon_stopped."""
+        log_file = tmp_path / "log.jsonl"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_watchdog", "run", "--interval", "0.2s",
+             "--run-dir", str(tmp_path / "run"), "--log-file", str(log_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if log_file.exists() and log_file.read_text().count('"event":"sample"') >= 2:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+        assert proc.returncode == 0, err
+        assert events[0] == "daemon_started" and events[-1] == "daemon_stopped"
+        assert "signal_received" in events
+        assert not channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK)
+
+    def test_run_for_stops_by_itself(self, tmp_path):
+        """`run --for 1s` ends on its own with exit code 0."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "session_watchdog", "run", "--interval", "0.2s", "--for", "1s",
+             "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl")],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+SIGUSR1_CHILD = textwrap.dedent("""
+    import signal, sys, time
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    print("ready", flush=True)
+    deadline = time.time() + 20
+    while not got and time.time() < deadline:
+        time.sleep(0.01)
+    print("got" if got else "none", flush=True)
+""")
+
+
+class TestSignalTrainer:
+    def _child(self):
+        proc = subprocess.Popen([sys.executable, "-c", SIGUSR1_CHILD], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        import psutil
+
+        return proc, psutil.Process(proc.pid).create_time()
+
+    def test_signal_reaches_the_trainer_that_wrote_the_status(self):
+        """pid + create time match and a handler is advertised: SIGUSR1 is sent."""
+        proc, created = self._child()
+        st = status(pid=proc.pid, start_time=created, extra={"sigusr1": True})
+        assert signal_trainer(st) == "sent"
+        assert proc.stdout.readline().strip() == "got"
+        proc.wait(timeout=10)
+
+    def test_reused_pid_is_not_signalled(self):
+        """A pid whose create time differs from the status is another process: no signal."""
+        proc, created = self._child()
+        st = status(pid=proc.pid, start_time=created - 100.0, extra={"sigusr1": True})
+        assert signal_trainer(st) == "reused"
+        proc.kill()
+        proc.wait()
+
+    def test_no_handler_no_signal(self):
+        """A trainer that did not advertise a SIGUSR1 handler is never signalled (it would die)."""
+        proc, created = self._child()
+        assert signal_trainer(status(pid=proc.pid, start_time=created)) == "no-handler"
+        proc.kill()
+        proc.wait()
+
+    def test_gone_process(self):
+        """A trainer that exited is reported gone."""
+        proc, created = self._child()
+        proc.kill()
+        proc.wait()
+        assert signal_trainer(status(pid=proc.pid, start_time=created, extra={"sigusr1": True})) == "gone"

@@ -1,0 +1,51 @@
+"""The daemon never imports torch (DESIGN.md); only session_watchdog/trainer/ may."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "session_watchdog"
+DAEMON_MODULES = ["session_watchdog", "session_watchdog.cli", "session_watchdog.daemon",
+                  "session_watchdog.policy", "session_watchdog.probes", "session_watchdog.channel",
+                  "session_watchdog.platforms", "session_watchdog.config", "session_watchdog.log",
+                  "session_watchdog.actions"]
+
+
+def imported_names(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+class TestNoTorchInTheDaemon:
+    def test_no_daemon_source_file_imports_torch(self):
+        """No module outside session_watchdog/trainer/ has an import of torch, even a lazy one."""
+        offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if "trainer" not in p.relative_to(PACKAGE).parts and "torch" in imported_names(p)]
+        assert offenders == []
+
+    def test_importing_the_daemon_loads_no_torch(self):
+        """Importing every daemon module in a fresh interpreter leaves torch out of sys.modules."""
+        code = ("import sys, importlib\n"
+                f"for m in {DAEMON_MODULES!r}: importlib.import_module(m)\n"
+                "import session_watchdog.trainer\n"
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "False"
+
+    @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
+    def test_ruff_banned_api_rule_holds(self):
+        """ruff's banned-api table (pyproject.toml) passes: torch, pynvml, subprocess stay in their modules."""
+        out = subprocess.run(["ruff", "check", "--select", "TID251", str(PACKAGE)],
+                             capture_output=True, text=True, cwd=PACKAGE.parent)
+        assert out.returncode == 0, out.stdout

@@ -1,0 +1,280 @@
+"""policy.decide: tables of literal numbers (STYLE.md #1)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import pytest
+from fakes import GiB, gpu, host, sample, status
+
+from session_watchdog.config import OFF, Config
+from session_watchdog.policy import Decision, PolicyState, decide, lead_time
+from session_watchdog.probes import DiskReading
+
+NOW = 1_800_000_000.0
+
+
+def cfg(**overrides) -> Config:
+    """A resolved config with round numbers: 1 h budget, margin 5 m, stop margin 1 m, k = 2."""
+    base = dict(platform="generic", max_session=3600.0, margin=300.0, stop_margin=60.0,
+                save_factor=2.0, default_checkpoint_time=60.0, default_step_time=10.0,
+                warn_before=(3600.0, 900.0), resend_after=120.0, checkpoint_every=OFF,
+                idle_limit=OFF, idle_warn=OFF, gpu_idle_after=600.0, trainer_stall_after=600.0,
+                ram_min_available_pct=5.0, disk_margin=GiB)
+    base.update(overrides)
+    return Config(**base)
+
+
+def at(elapsed: float, **kw) -> object:
+    """A sample ``elapsed`` seconds into the session; the trainer's heartbeat is fresh."""
+    kw.setdefault("trainer_status", status(heartbeat=NOW + elapsed))
+    return sample(now=NOW + elapsed, elapsed=elapsed, **kw)
+
+
+def run(config: Config, samples, state: Optional[PolicyState] = None
+        ) -> Tuple[PolicyState, List[List[Decision]]]:
+    state = state or PolicyState()
+    out = []
+    for s in samples:
+        state, decisions = decide(config, state, s)
+        out.append(decisions)
+    return state, out
+
+
+def kinds(decisions: List[Decision]) -> List[Tuple[str, str, Optional[str]]]:
+    return [(d.kind, d.reason, d.action) for d in decisions]
+
+
+class TestLeadTime:
+    @pytest.mark.parametrize("ckpt_s, step_s, lead, stop_lead", [
+        (None, None, 300 + 2 * 60 + 10, 60 + 60 + 10),   # nothing measured: configured defaults
+        (20.0, 0.5, 300 + 2 * 20 + 0.5, 60 + 20 + 0.5),  # measured save and step time
+        (100.0, 0.5, 300 + 2 * 100 + 0.5, 60 + 100 + 0.5),  # a slower save: more lead
+    ])
+    def test_lead_uses_measured_checkpoint_and_step_time(self, ckpt_s, step_s, lead, stop_lead):
+        """lead = margin + k x checkpoint duration + step time, measured when the trainer says so."""
+        st = status(heartbeat=NOW, step_time_s=step_s,
+                    ckpt_at=None if ckpt_s is None else NOW, ckpt_duration_s=ckpt_s or 0.0)
+        got = lead_time(cfg(), sample(now=NOW, trainer_status=st))
+        assert (got.lead_s, got.stop_lead_s) == (lead, stop_lead)
+
+
+class TestSessionBudget:
+    def _status(self, elapsed: float, **kw):
+        return status(heartbeat=NOW + elapsed, step_time_s=0.5, ckpt_at=NOW - 5000,
+                      ckpt_duration_s=kw.pop("ckpt_duration_s", 20.0), **kw)
+
+    @pytest.mark.parametrize("elapsed, expected", [
+        (3259.4, []),                                          # remaining 340.6 > lead 340.5
+        (3259.5, [("request", "session_limit", "checkpoint")]),  # remaining == lead
+        (3519.5, [("request", "session_limit", "stop")]),      # remaining == stop lead 80.5
+    ])
+    def test_requests_go_out_at_deadline_minus_lead(self, elapsed, expected):
+        """The checkpoint request fires at deadline - lead and the stop at deadline - stop lead."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        _, (decisions,) = run(cfg(), [at(elapsed, trainer_status=self._status(elapsed))], state)
+        assert kinds(decisions) == expected
+
+    def test_slower_checkpoint_moves_the_request_earlier(self):
+        """With a 100 s save the checkpoint request fires at 3600 - 500.5 = 3099.5 s."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        st = self._status(3099.5, ckpt_duration_s=100.0)
+        _, (early,) = run(cfg(), [at(3099.4, trainer_status=st)], state)
+        _, (due,) = run(cfg(), [at(3099.5, trainer_status=st)], state)
+        assert kinds(early) == [] and kinds(due) == [("request", "session_limit", "checkpoint")]
+
+    def test_request_carries_seq_and_wall_deadline(self):
+        """The checkpoint request is seq 1 and must be done by deadline - stop lead (wall clock)."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        new_state, (decisions,) = run(cfg(), [at(3300.0, trainer_status=self._status(3300.0))], state)
+        (req,) = decisions
+        assert (req.seq, req.deadline) == (1, NOW + 3600.0 - 80.5)
+        assert new_state.outstanding is not None and new_state.outstanding.seq == 1
+
+    def test_warnings_at_sixty_and_fifteen_minutes_once_each(self):
+        """One warning as 60 min remain, one as 15 min remain, none repeated."""
+        _, per_tick = run(cfg(), [at(e) for e in (0.0, 5.0, 2699.0, 2700.0, 2705.0)])
+        assert [kinds(d) for d in per_tick] == [
+            [("warn", "session_limit", None)], [], [], [("warn", "session_limit", None)], []]
+
+    def test_starting_late_warns_once_for_the_most_urgent_threshold(self):
+        """A watchdog started with 400 s left warns once and asks for a checkpoint (lead 420.5 s)."""
+        _, per_tick = run(cfg(), [at(3200.0), at(3205.0)])
+        assert [kinds(d) for d in per_tick] == [
+            [("warn", "session_limit", None), ("request", "session_limit", "checkpoint")], []]
+
+    def test_request_is_not_repeated_every_tick(self):
+        """Once sent, the session checkpoint request is not sent again on the next ticks."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        _, per_tick = run(cfg(), [at(e, trainer_status=self._status(e)) for e in (3260, 3265, 3270)], state)
+        assert [len(d) for d in per_tick] == [1, 0, 0]
+
+    def test_no_budget_no_session_requests(self):
+        """With no session budget (generic host) nothing about the session is decided."""
+        _, per_tick = run(cfg(max_session=OFF), [at(e) for e in (0.0, 100000.0)])
+        assert per_tick == [[], []]
+
+    def test_no_live_trainer_no_requests(self):
+        """Requests need a live trainer (run.lock held); warnings still go out."""
+        _, (decisions,) = run(cfg(), [at(3300.0, alive=False)])
+        assert kinds(decisions) == [("warn", "session_limit", None)]
+
+
+class TestAcknowledgements:
+    def test_ack_clears_the_outstanding_request(self):
+        """acked_seq >= seq in trainer.json acknowledges the request; no re-send follows."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        state, (first,) = run(cfg(), [at(3260.0)], state)
+        assert kinds(first) == [("request", "session_limit", "checkpoint")]
+        acked = status(heartbeat=NOW + 3270, acked_seq=1)
+        state, per_tick = run(cfg(), [at(3270.0, trainer_status=acked), at(3400.0, trainer_status=acked)],
+                              state)
+        assert kinds(per_tick[0]) == [("ack", "request_acked", "checkpoint")]
+        assert per_tick[0][0].data["latency_s"] == 10.0
+        assert state.outstanding is None and per_tick[1] == []
+
+    @pytest.mark.parametrize("elapsed, resends", [(3379.0, 0), (3380.0, 1)])
+    def test_unacknowledged_request_is_resent_after_the_timeout(self, elapsed, resends):
+        """An unacknowledged request is re-sent with the same seq after resend_after (120 s)."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        state, _ = run(cfg(), [at(3260.0)], state)
+        state, (decisions,) = run(cfg(), [at(elapsed)], state)
+        assert [(d.kind, d.seq) for d in decisions] == ([("resend", 1)] if resends else [])
+        assert state.outstanding is not None and state.outstanding.resends == resends
+
+    def test_state_round_trips_through_json(self):
+        """A restarted daemon rebuilds the same state, so it does not re-issue an acked request."""
+        state, _ = run(cfg(), [at(0.0), at(3260.0)])
+        again = PolicyState.from_json(state.to_json())
+        assert again == state
+        _, (decisions,) = run(cfg(), [at(3265.0)], again)
+        assert decisions == []
+
+    def test_a_new_trainer_process_is_asked_again(self):
+        """After a restart of the trainer (new pid), the session rules apply to it again."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        state, _ = run(cfg(), [at(3260.0)], state)
+        new = status(pid=5000, heartbeat=NOW + 3300)
+        _, (decisions,) = run(cfg(), [at(3300.0, trainer_status=new)], state)
+        assert kinds(decisions) == [("request", "session_limit", "checkpoint")]
+        assert decisions[0].seq == 2
+
+
+class TestRamPressure:
+    def test_low_available_ram_requests_a_checkpoint_once_per_episode(self):
+        """Available 0.5 of 16 GiB (3.1 % < 5 %) -> warn + checkpoint; not again until it recovers."""
+        low, ok = host(available=GiB // 2), host(available=8 * GiB)
+        acked = status(heartbeat=NOW + 20, acked_seq=1)
+        _, per_tick = run(cfg(max_session=OFF), [
+            at(10.0, host_reading=low), at(15.0, host_reading=low),
+            at(20.0, host_reading=ok, trainer_status=acked), at(25.0, host_reading=low, trainer_status=acked)])
+        assert [kinds(d) for d in per_tick] == [
+            [("warn", "ram_pressure", None), ("request", "ram_pressure", "checkpoint")],
+            [], [("ack", "request_acked", "checkpoint")],
+            [("warn", "ram_pressure", None), ("request", "ram_pressure", "checkpoint")]]
+
+    def test_an_unacknowledged_checkpoint_request_covers_a_new_one(self):
+        """A second pressure episode while request 1 is unanswered sends no second request."""
+        low, ok = host(available=GiB // 2), host(available=8 * GiB)
+        _, per_tick = run(cfg(max_session=OFF), [
+            at(10.0, host_reading=low), at(20.0, host_reading=ok), at(25.0, host_reading=low)])
+        assert [kinds(d) for d in per_tick][2] == [("warn", "ram_pressure", None)]
+
+    def test_threshold_is_strictly_below(self):
+        """Exactly 5 % available is not pressure."""
+        _, (decisions,) = run(cfg(max_session=OFF), [at(1.0, host_reading=host(total=100 * GiB,
+                                                                                   available=5 * GiB))])
+        assert decisions == []
+
+
+class TestDiskLow:
+    @pytest.mark.parametrize("free, level", [
+        (int(5.5 * GiB), None),        # >= 2 x 2 GiB + 1 GiB margin
+        (int(4.5 * GiB), "low"),       # < 2 x checkpoint + margin
+        (int(1.5 * GiB), "critical"),  # < 1 x checkpoint
+    ])
+    def test_free_space_against_last_checkpoint_size(self, free, level):
+        """free < 2 x last checkpoint + margin warns; < 1 x is critical."""
+        st = status(heartbeat=NOW + 1, ckpt_at=NOW, ckpt_bytes=2 * GiB)
+        disk = DiskReading("/content", free, 100 * GiB)
+        _, (decisions,) = run(cfg(max_session=OFF), [at(1.0, trainer_status=st, disks=[disk])])
+        assert [d.data.get("level") for d in decisions] == ([level] if level else [])
+
+    def test_without_a_checkpoint_only_the_margin_counts(self):
+        """Before any checkpoint, free space under the 1 GiB margin warns."""
+        disks = [DiskReading("/a", GiB - 1, 10 * GiB), DiskReading("/b", GiB, 10 * GiB)]
+        _, (decisions,) = run(cfg(max_session=OFF), [at(1.0, disks=disks)])
+        assert [(d.reason, d.data["path"]) for d in decisions] == [("disk_low", "/a")]
+
+
+class TestGpuIdle:
+    def test_all_gpus_idle_for_the_threshold_warns(self):
+        """Every GPU below 5 % for 600 s warns once."""
+        idle = [gpu(0, util=2.0), gpu(1, util=4.9)]
+        _, per_tick = run(cfg(max_session=OFF), [at(e, gpus=idle) for e in (0.0, 599.0, 600.0, 700.0)])
+        assert [kinds(d) for d in per_tick] == [[], [], [("warn", "gpu_idle", None)], []]
+
+    def test_an_unknown_reading_is_not_idle_and_resets_the_timer(self):
+        """A None utilisation resets the idle clock: the warning comes 600 s after it, not before."""
+        idle, unknown = [gpu(0, util=1.0)], [gpu(0, util=None)]
+        _, per_tick = run(cfg(max_session=OFF), [
+            at(0.0, gpus=idle), at(300.0, gpus=unknown), at(600.0, gpus=idle),
+            at(1199.0, gpus=idle), at(1200.0, gpus=idle)])
+        assert [kinds(d) for d in per_tick] == [[], [], [], [], [("warn", "gpu_idle", None)]]
+
+    def test_one_busy_gpu_means_not_idle(self):
+        """One GPU at 50 % keeps the machine out of the idle state."""
+        state, _ = run(cfg(max_session=OFF), [at(0.0, gpus=[gpu(0, util=0.0), gpu(1, util=50.0)])])
+        assert state.gpu_idle_since is None
+
+    def test_no_gpus_is_unknown_not_idle(self):
+        """No NVML (no GPUs listed) never counts as idle."""
+        state, _ = run(cfg(max_session=OFF), [at(0.0, gpus=[]), at(10_000.0, gpus=[])])
+        assert state.gpu_idle_since is None
+
+
+class TestPeriodicAndStall:
+    def test_periodic_checkpoint_every_interval(self):
+        """checkpoint_every 1800 s: a request at 1800 s, then 1800 s after that request."""
+        c = cfg(max_session=OFF, checkpoint_every=1800.0)
+
+        def acked(e):
+            return at(e, trainer_status=status(heartbeat=NOW + e, acked_seq=1))
+        _, per_tick = run(c, [at(0.0), at(1799.0), at(1800.0), acked(1810.0), acked(3599.0), acked(3600.0)])
+        assert [kinds(d) for d in per_tick] == [
+            [], [], [("request", "periodic", "checkpoint")], [("ack", "request_acked", "checkpoint")],
+            [], [("request", "periodic", "checkpoint")]]
+
+    def test_a_checkpoint_the_trainer_made_itself_resets_the_period(self):
+        """A checkpoint at 1000 s (trainer's own) moves the next periodic request to 2800 s."""
+        c = cfg(max_session=OFF, checkpoint_every=1800.0)
+
+        def saved(e):
+            return at(e, trainer_status=status(heartbeat=NOW + e, ckpt_at=NOW + 1000))
+        _, per_tick = run(c, [at(0.0), saved(1000.0), saved(2799.0), saved(2800.0)])
+        assert [kinds(d) for d in per_tick][-2:] == [[], [("request", "periodic", "checkpoint")]]
+
+    def test_stalled_heartbeat_warns(self):
+        """A heartbeat 601 s old warns trainer_stalled once."""
+        old = status(heartbeat=NOW)
+        _, per_tick = run(cfg(max_session=OFF), [at(600.0, trainer_status=old),
+                                                 at(601.0, trainer_status=old), at(700.0, trainer_status=old)])
+        assert [kinds(d) for d in per_tick] == [[], [("warn", "trainer_stalled", None)], []]
+
+
+class TestNotebookIdle:
+    def test_idle_warning_then_checkpoint_before_reclaim(self):
+        """idle_warn 30 m warns; at idle_limit 90 m - lead 420.5 s a checkpoint is requested."""
+        c = cfg(max_session=OFF, idle_warn=1800.0, idle_limit=5400.0)
+        _, per_tick = run(c, [at(1.0, notebook_idle_s=1799.0), at(2.0, notebook_idle_s=1800.0),
+                              at(3.0, notebook_idle_s=4979.4), at(4.0, notebook_idle_s=4979.5),
+                              at(5.0, notebook_idle_s=4985.0)])
+        assert [kinds(d) for d in per_tick] == [
+            [], [("warn", "idle_reclaim", None)], [], [("request", "idle_reclaim", "checkpoint")], []]
+
+    def test_a_running_cell_resets_the_idle_episode(self):
+        """After a cell ran (idle 0), a new idle stretch warns again."""
+        c = cfg(max_session=OFF, idle_warn=1800.0, idle_limit=5400.0)
+        _, per_tick = run(c, [at(1.0, notebook_idle_s=1800.0), at(2.0, notebook_idle_s=0.0),
+                              at(3.0, notebook_idle_s=1800.0)])
+        assert [len(d) for d in per_tick] == [1, 0, 1]
