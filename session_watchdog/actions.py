@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, List, Optional
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import psutil
 
@@ -80,3 +83,286 @@ class Actions:
             woke = signal_trainer(status)
         log.info("action", step="request_written", reason=d.reason, action=d.action, seq=d.seq,
                  deadline=d.deadline, signal=woke)
+
+
+# --------------------------------------------------------------------------------------------
+# Ending the runtime (DESIGN.md "Ending the runtime (only when it is safe)")
+
+
+class EndAborted(Exception):
+    """The end transaction stopped before the end action; the message says why."""
+
+
+def verify_checkpoint(path: str, sha256: str, size: int) -> Optional[str]:
+    """None when the file at ``path`` has ``size`` bytes and ``sha256``; else what is wrong.
+
+    The checkpoint's commit marker (``<path>.sha256``), when present, must agree as well.
+    """
+    import hashlib
+
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return f"checkpoint {path} cannot be read: {err.strerror}"
+    if st.st_size != size:
+        return f"checkpoint {path} has {st.st_size} bytes, the trainer reported {size}"
+    try:
+        marker = channel.read_json(Path(path + ".sha256"))
+    except channel.ChannelError as err:
+        return f"checkpoint marker is unreadable: {err}"
+    if marker is not None and (marker.get("sha256") != sha256 or marker.get("bytes") != size):
+        return f"checkpoint marker {path}.sha256 does not match the trainer's report"
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        return f"checkpoint {path} does not match its sha256 (torn or changed)"
+    return None
+
+
+DRIVE_ROOT = "/content/drive"
+
+
+def flush_drive(paths: List[str], *, import_drive: Optional[Callable[[], Any]] = None,
+                sleep: Callable[[float], None] = time.sleep, stable_checks: int = 3,
+                poll_s: float = 2.0, max_wait_s: float = 300.0) -> str:
+    """Make files under a Google Drive mount durable before the runtime goes away.
+
+    Drive uploads asynchronously; a runtime ended early loses the copy. With google.colab
+    importable: ``drive.flush_and_unmount()``. Otherwise wait until the files' sizes are stable.
+    Returns what was done: "not-on-drive" | "flushed" | "stable" | "unstable".
+    """
+    on_drive = [p for p in paths if p and (p == DRIVE_ROOT or p.startswith(DRIVE_ROOT + "/"))]
+    if not on_drive:
+        return "not-on-drive"
+    try:
+        drive = import_drive() if import_drive else __import__("google.colab.drive", fromlist=["drive"])
+        drive.flush_and_unmount()
+        return "flushed"
+    except Exception:  # not importable, or no kernel to talk to: fall back to watching sizes
+        pass
+    last: Optional[List[int]] = None
+    same = 0
+    waited = 0.0
+    while waited <= max_wait_s:
+        sizes = []
+        for p in on_drive:
+            try:
+                sizes.append(os.stat(p).st_size)
+            except OSError:
+                sizes.append(-1)
+        same = same + 1 if sizes == last else 0
+        if same >= stable_checks:
+            return "stable"
+        last = sizes
+        sleep(poll_s)
+        waited += poll_s
+    return "unstable"
+
+
+def colab_unassign(addr: str, *, timeout_s: float = 10.0, retries: int = 3,
+                   sleep: Callable[[float], None] = time.sleep) -> str:
+    """POST http://$TBE_RUNTIME_ADDR/unassign (what Colab's runtime.unassign() asks for)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{addr}/unassign"
+    last = ""
+    for attempt in range(1, retries + 1):
+        try:
+            req = urllib.request.Request(url, data=b"", method="POST")
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - fixed host
+                return f"HTTP {resp.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        log.warning("action", step="end_action_retry", attempt=attempt, error=last, url=url)
+        if attempt < retries:
+            sleep(2.0 * attempt)
+    raise EndAborted(f"POST {url} failed {retries} times ({last})")
+
+
+def run_argv(argv: Sequence[str], *, timeout_s: float = 60.0) -> str:
+    """Run an end command as an argv list: never through a shell."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise EndAborted(f"end command {list(argv)} could not run: {err}") from err
+    if proc.returncode != 0:
+        raise EndAborted(f"end command {list(argv)} exited {proc.returncode}: "
+                         f"{(proc.stderr or proc.stdout).strip()[:200]}")
+    return "exit 0"
+
+
+AUTODL_SHUTDOWN = ("/usr/bin/shutdown",)
+
+
+def end_action_for(platform: Any, config: Any, env: Optional[Mapping[str, str]] = None
+                   ) -> Tuple[str, Optional[Callable[[], str]]]:
+    """(description, callable) of this platform's end action; callable None when there is none."""
+    env = os.environ if env is None else env
+    if platform.name == "colab":
+        if platform.enterprise or env.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
+            return "none (Colab Enterprise runtimes are never unassigned)", None
+        addr = env.get("TBE_RUNTIME_ADDR")
+        if not addr:
+            return "none (TBE_RUNTIME_ADDR is not set)", None
+        return f"POST http://{addr}/unassign", lambda: colab_unassign(addr)
+    argv: Sequence[str] = config.end_command
+    if not argv and platform.name == "autodl":
+        argv = AUTODL_SHUTDOWN
+    if not argv:
+        return "none (set end_command, e.g. [\"sudo\", \"shutdown\", \"-h\", \"now\"])", None
+    return " ".join(argv), lambda: run_argv(argv)
+
+
+class EndTransaction:
+    """verify -> persist (Drive) -> locks -> grace (cancellable) -> end action -> confirm.
+
+    Each step is logged as an ``action`` event (``step=end_*``). Runs on its own thread in the
+    daemon; tests run it directly with a fake sleep and a recording end action.
+    """
+
+    def __init__(self, *, run_dir: channel.RunDir, reason: str, status: Optional[channel.TrainerStatus],
+                 grace_s: float, dry_run: bool, end_action: Tuple[str, Optional[Callable[[], str]]],
+                 check_checkpoint: bool = True, extra_paths: Sequence[str] = (),
+                 safe_now: Optional[Callable[[], Optional[str]]] = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 flush: Callable[[List[str]], str] = flush_drive,
+                 confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
+        self.run_dir = run_dir
+        self.reason = reason
+        self.status = status
+        self.grace_s = grace_s
+        self.dry_run = dry_run
+        self.description, self.action = end_action
+        self.check_checkpoint = check_checkpoint
+        self.extra_paths = list(extra_paths)
+        self.safe_now = safe_now
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.flush = flush
+        self.confirm_after_s = confirm_after_s
+        self.alive = alive
+        self.cancelled = threading.Event()
+        self.outcome: Optional[str] = None
+        self._locks = [channel.FileLock(run_dir.file(channel.RUN_LOCK)),
+                       channel.FileLock(run_dir.file(channel.SAVE_LOCK))]
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _step(self, step: str, **fields: Any) -> None:
+        log.info("action", step=step, reason=self.reason, **fields)
+
+    def _cancel_requested(self, since: float) -> bool:
+        if self.cancelled.is_set():
+            return True
+        try:
+            obj = channel.read_json(self.run_dir.file(channel.CANCEL_FILE))
+        except channel.ChannelError:
+            return False
+        if obj is not None and float(obj.get("at", 0)) >= since:
+            self.cancelled.set()
+        return self.cancelled.is_set()
+
+    def run(self) -> str:
+        """Carry the transaction out; return the outcome (also in ``self.outcome``)."""
+        try:
+            self.outcome = self._run()
+        except EndAborted as err:
+            self._step("end_aborted", message=str(err))
+            self.outcome = "aborted"
+        finally:
+            for lock in self._locks:
+                lock.release()
+        return self.outcome
+
+    def _run(self) -> str:
+        started_wall = time.time()
+        # 1-2. the last checkpoint verifies (size + sha256, marker agrees)
+        ckpt = self.status.last_checkpoint if self.status is not None else None
+        verified: Optional[Tuple[int, int, int]] = None
+        if self.check_checkpoint:
+            if ckpt is None:
+                self._step("end_verify", ok=None, message="no checkpoint was reported (plain command)")
+            else:
+                problem = verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes)
+                if problem is not None:
+                    raise EndAborted(problem)
+                verified = _identity(ckpt.path)
+                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes)
+        # 3. the persistent copy is safe (Drive uploads asynchronously)
+        paths = ([ckpt.path, ckpt.path + ".sha256"] if ckpt is not None else []) + self.extra_paths
+        flushed = self.flush(paths)
+        if flushed == "unstable":
+            raise EndAborted("files on Google Drive kept changing; not ending the runtime")
+        self._step("end_persist", result=flushed)
+        # 4. nobody trains or saves; we keep both locks through the end action
+        names = ("run.lock (a trainer is alive)", "save.lock (a checkpoint is being written)")
+        for lock, name in zip(self._locks, names):
+            if not lock.acquire(blocking=False):
+                raise EndAborted(f"{name}; not ending the runtime")
+        self._step("end_locks", message="run.lock and save.lock held by the watchdog")
+        # 5. grace period, announced and cancellable
+        self._step("end_grace", grace_s=self.grace_s,
+                   message=f"ending the runtime in {self.grace_s:g}s ({self.description}); cancel "
+                           "with `session-watchdog cancel` or session_watchdog.cancel()")
+        deadline = self.monotonic() + self.grace_s
+        while True:
+            if self._cancel_requested(started_wall):
+                self._step("end_cancelled", message="cancelled by the user; the runtime stays")
+                return "cancelled"
+            left = deadline - self.monotonic()
+            if left <= 0:
+                break
+            self.sleep(min(1.0, left))
+        if self.safe_now is not None:
+            problem = self.safe_now()
+            if problem is not None:
+                raise EndAborted(problem)
+        if ckpt is not None and verified is not None and _identity(ckpt.path) != verified:
+            # The file changed since it was verified (we hold save.lock, so not by our trainer):
+            # verify it again right before the point of no return.
+            problem = verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes)
+            if problem is not None:
+                raise EndAborted(f"{problem} (changed during the grace period)")
+        # 6. the end action
+        if self.action is None:
+            self._step("end_unavailable", message=f"no end action on this platform: {self.description}")
+            return "unavailable"
+        if self.dry_run:
+            self._step("end_dry_run", message=f"dry run: would now run {self.description}")
+            return "dry-run"
+        result = self.action()
+        self._step("end_action", message=self.description, result=result)
+        # 7. confirm: still alive well after the action -> say so and try once more
+        self.sleep(self.confirm_after_s)
+        if self.alive():
+            self._step("end_action_unconfirmed", message=f"still running {self.confirm_after_s:g}s "
+                       "after the end action; trying once more")
+            try:
+                result = self.action()
+            except EndAborted as err:
+                raise EndAborted(f"retry failed: {err}") from err
+            self._step("end_action", message=self.description, result=result, retry=True)
+        return "ended"
+
+
+def _identity(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def request_cancel(run_dir: channel.RunDir) -> None:
+    """Ask a running end transaction (any process) to stand down."""
+    channel.write_json(run_dir.file(channel.CANCEL_FILE), {"v": channel.SCHEMA_VERSION, "at": time.time()})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import secrets
 import stat
@@ -219,7 +220,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str,
     if not isinstance(obj, dict):
         raise ChannelError(f"{path} holds {type(obj).__name__}, expected a JSON object")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise ChannelError(f"{path} has schema version {version!r}, expected {SCHEMA_VERSION}")
     return obj
 
@@ -242,8 +243,8 @@ def _num(obj: Mapping[str, Any], key: str, *, optional: bool = False) -> Optiona
     value = obj.get(key)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ChannelError(f"field {key!r} is {value!r}, expected a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ChannelError(f"field {key!r} is {value!r}, expected a finite number")
     return float(value)
 
 

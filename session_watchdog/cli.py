@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-name", metavar="NAME", default="default")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    cancel = sub.add_parser("cancel", help="cancel a pending end of the runtime (grace period)")
+    cancel.add_argument("--run-dir", metavar="PATH")
+    cancel.add_argument("--run-name", metavar="NAME", default="default")
+
     doctor = sub.add_parser("doctor", help="check this machine and say what needs fixing")
     _add_config_flags(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -189,7 +193,7 @@ def render_status(info: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _existing_run_dir(args: argparse.Namespace) -> Path:
     from session_watchdog.config import parse_abs_path
 
     if args.run_dir:
@@ -202,8 +206,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise UserError(f"no run directory at {run_dir}; is a watchdog running? "
                         "(pass --run-dir or --run-name)")
-    info = collect_status(run_dir)
+    return run_dir
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info = collect_status(_existing_run_dir(args))
     print(json.dumps(info, indent=2, default=str) if args.json else render_status(info))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from session_watchdog.actions import request_cancel
+
+    run_dir = channel.RunDir(_existing_run_dir(args))
+    request_cancel(run_dir)
+    print(f"session-watchdog: asked the watchdog of {run_dir.path} not to end the runtime")
     return EXIT_OK
 
 
@@ -322,6 +339,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "status": cmd_status,
+    "cancel": cmd_cancel,
     "doctor": cmd_doctor,
 }
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Protocol
 
 from session_watchdog import channel, platforms
-from session_watchdog.actions import Actions
+from session_watchdog.actions import Actions, EndTransaction, end_action_for
 from session_watchdog.config import Config
 from session_watchdog.log import get_logger, sample_event
-from session_watchdog.policy import Decision, PolicyState, decide, remaining_s
-from session_watchdog.probes import Sample, SystemProbe, Times
+from session_watchdog.policy import IDLE_END, Decision, PolicyState, decide, remaining_s
+from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle
 
 log = get_logger()
 DAEMON_FILE = "daemon.json"
@@ -81,6 +81,9 @@ class Watchdog:
         clock: Optional[Clock] = None,
         session_start: Optional[float] = None,
         on_decisions: Optional[Callable[[List[Decision], Sample], None]] = None,
+        end_action: Optional[Any] = None,
+        confirm_after_s: float = 60.0,
+        on_end: Optional[Callable[[str], None]] = None,
     ) -> None:
         detected = platform or platforms.detect()
         self.platform = platforms.forced(config.platform, detected)
@@ -106,6 +109,11 @@ class Watchdog:
         self.probe: Probe = probe or SystemProbe(self.run_dir, self.config.watch_paths)
         self.actions = actions or Actions(self.run_dir, dry_run=self.config.dry_run)
         self.on_decisions = on_decisions
+        self.end_action = end_action or end_action_for(self.platform, self.config)
+        self.confirm_after_s = confirm_after_s
+        self.on_end = on_end
+        self.end: Optional[EndTransaction] = None
+        self._end_thread: Optional[threading.Thread] = None
         self.state = self._load_state()
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
@@ -143,6 +151,9 @@ class Watchdog:
             log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
                                               self.config.max_session))
             self.actions.apply(decisions, sample)
+            for decision in decisions:
+                if decision.kind == "end":
+                    self._start_end(decision, sample)
             if state != self.state:
                 self.state = state
                 self._save_state()
@@ -152,6 +163,48 @@ class Watchdog:
             if self.on_decisions is not None:
                 self.on_decisions(decisions, sample)
             return decisions
+
+    # ---- ending the runtime ---------------------------------------------------------------
+
+    def _start_end(self, decision: Decision, sample: Sample) -> None:
+        """Run the end transaction on its own thread (its grace period must not block ticks)."""
+        if self._end_thread is not None and self._end_thread.is_alive():
+            return
+        idle_path = decision.reason == IDLE_END
+
+        def safe_now() -> Optional[str]:
+            last = self.last_sample
+            if idle_path and (last is None or not gpus_all_idle(last.gpus, self.config.gpu_idle_pct)):
+                return "a GPU is busy or its reading is unknown; not ending an idle runtime"
+            return None
+
+        self.end = EndTransaction(
+            run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
+            grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
+            check_checkpoint=not idle_path, extra_paths=[str(self.config.log_file or "")],
+            safe_now=safe_now, confirm_after_s=self.confirm_after_s)
+        transaction = self.end
+
+        def run() -> None:
+            outcome = transaction.run()
+            if self.on_end is not None:
+                self.on_end(outcome)
+
+        self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
+        self._end_thread.start()
+
+    def cancel_end(self) -> bool:
+        """Cancel a running end transaction in this process; True when one was running."""
+        if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
+            self.end.cancel()
+            return True
+        return False
+
+    def wait_end(self, timeout: Optional[float] = None) -> Optional[str]:
+        """Wait for a running end transaction; its outcome (None when none ran)."""
+        if self._end_thread is not None:
+            self._end_thread.join(timeout)
+        return None if self.end is None else self.end.outcome
 
     def safe_tick(self) -> None:
         """The scheduled job: a failing tick is logged, never fatal."""
@@ -258,6 +311,9 @@ class Watchdog:
         self._scheduler.start()
 
     def stop(self) -> None:
+        self.cancel_end()
+        if self._end_thread is not None:
+            self._end_thread.join(10)
         scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None and scheduler.running:
             scheduler.shutdown(wait=True)

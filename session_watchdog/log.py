@@ -42,8 +42,9 @@ def default_log_file(run_name: str, persistent_dirs: Iterable[Path] = (),
     """Persistent storage when there is some (Drive, /root/autodl-tmp), else the user state dir."""
     env = os.environ if env is None else env
     for base in persistent_dirs:
-        drive_home = base / "MyDrive"
-        target = drive_home if drive_home.is_dir() else base
+        # On Drive only inside MyDrive: /content/drive itself is the bare mountpoint (after an
+        # unmount, files there are local and would make the next drive.mount() fail).
+        target = base / "MyDrive" if base.name == "drive" else base
         if target.is_dir() and os.access(target, os.W_OK):
             return target / "session-watchdog" / f"{run_name}.jsonl"
     state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -119,10 +120,15 @@ class Redactor:
                     value = value.replace(secret, REDACTED)
             return value
         if isinstance(value, dict):
-            return {k: self._clean(v) for k, v in value.items()}
+            return {self._clean(k) if isinstance(k, str) else k: self._clean(v)
+                    for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._clean(v) for v in value]
-        return value
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        # Anything else is written as the text _json_default gives it (a Path's str, an
+        # exception's repr): redact that text, or a secret inside it would reach the file.
+        return self._clean(_json_default(value))
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if not self.secrets:

@@ -191,6 +191,17 @@ def observed_session_start(platform: Platform, now: float) -> Tuple[float, str]:
     return now, "first start of the watchdog"
 
 
+def _same_session(stored: Dict[str, object], fence: Dict[str, object]) -> bool:
+    """Same boot, same platform, and PID 1 started at the same time (within 2 s: the kernel
+    derives create times from the wall clock, which NTP may step)."""
+    if stored.get("boot_id") != fence["boot_id"] or stored.get("platform") != fence["platform"]:
+        return False
+    old, new = stored.get("pid1"), fence["pid1"]
+    if old is None or new is None:
+        return old is new
+    return isinstance(old, (int, float)) and isinstance(new, float) and abs(old - new) <= 2.0
+
+
 def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None) -> SessionStart:
     """The session start, persisted on first sight so restarts keep it.
 
@@ -205,7 +216,7 @@ def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None
     except channel.ChannelError:
         channel.quarantine(path)
         stored = None
-    if stored and all(stored.get(k) == v for k, v in fence.items()):
+    if stored and _same_session(stored, fence):
         start = stored.get("start")
         if isinstance(start, (int, float)) and start <= now:
             return SessionStart(float(start), str(stored.get("source", "stored")), True)

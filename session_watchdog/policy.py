@@ -30,9 +30,12 @@ TRAINER_STALLED = "trainer_stalled"
 REQUEST_ACKED = "request_acked"
 RESEND = "resend"
 TRAINER_FINISHED = "trainer_finished"
+TRAINING_COMPLETE = "training_complete"
+TRAINING_FAILED = "training_failed"
+IDLE_END = "idle_end"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
-TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop"})
+TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class PolicyState:
     last_checkpoint_elapsed: Optional[float] = None
     periodic_base_elapsed: Optional[float] = None
     gpu_idle_since: Optional[float] = None
+    failed: bool = False  # a training run failed in this session: no end action unless asked
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -95,6 +99,7 @@ class PolicyState:
             last_checkpoint_elapsed=_opt_float(obj.get("last_checkpoint_elapsed")),
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
+            failed=bool(obj.get("failed", False)),
         )
 
 
@@ -184,7 +189,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # A new trainer process is a new audience: one-shot requests apply to it again (the
     # session warnings were for the user, not the trainer, and stay said).
     if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
-        t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
+        t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed, failed=False,
                  done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED))
 
     # Acknowledgements and the last checkpoint's place on the session clock.
@@ -312,6 +317,8 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                       f"periodic checkpoint (every {_fmt(config.checkpoint_every)})")
             t.update(periodic_base_elapsed=elapsed)
 
+    _end_rules(config, t, sample, all_idle)
+
     # Re-send an unacknowledged request (same seq) after the timeout, while the trainer lives.
     out = t.state.outstanding
     if out is not None and active and elapsed - out.sent_elapsed >= config.resend_after * (out.resends + 1):
@@ -325,3 +332,66 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
 
     t.update(episodes=frozenset(t.episodes))
     return t.state, t.decisions
+
+
+def training_outcome(sample: Sample) -> Optional[str]:
+    """"completed", "failed" or None (still running / unknown) from the trainer and the child.
+
+    A wrapped command's exit code 0 counts as completed unless the trainer reported otherwise.
+    """
+    status = sample.trainer.status
+    state = status.state if status is not None else None
+    if state == "failed" or (sample.child_exit is not None and sample.child_exit != 0):
+        return "failed"
+    if state == "completed":
+        return "completed"
+    if sample.child_exit == 0 and state not in ACTIVE_STATES + ("stopped",):
+        return "completed"
+    return None
+
+
+def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool]) -> None:
+    """When to end the runtime (issue: release the runtime only when it is safe).
+
+    The decision only starts the end transaction; the transaction itself re-checks everything
+    (checkpoint, locks, GPUs) right before the end action and can be cancelled.
+    """
+    trainer = sample.trainer
+    status = trainer.status
+    outcome = training_outcome(sample)
+    if outcome == "failed" and not t.state.failed:
+        t.update(failed=True)
+    if "end" in t.state.done:
+        return
+    if outcome == "failed":
+        if config.end_when_done and config.end_on_failure and not trainer.alive:
+            t.decisions.append(Decision(
+                "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
+                data={"child_exit": sample.child_exit}))
+            t.mark_done("end")
+        else:
+            t.warn_once("training_failed", TRAINING_FAILED,
+                        "training failed: the runtime is left running"
+                        + ("" if not config.end_when_done else " (set end_on_failure to end it anyway)"),
+                        child_exit=sample.child_exit)
+        return
+    if t.state.failed and not config.end_on_failure:
+        return
+    if outcome == "completed" and config.end_when_done and not trainer.alive and not trainer.saving:
+        ckpt = status.last_checkpoint if status is not None else None
+        t.decisions.append(Decision(
+            "end", TRAINING_COMPLETE,
+            "training completed" + (f" at step {status.step}" if status is not None else ""),
+            data={} if ckpt is None else {"checkpoint": ckpt.path, "sha256": ckpt.sha256,
+                                          "bytes": ckpt.bytes}))
+        t.mark_done("end")
+        return
+    # A forgotten runtime: no live trainer, every GPU known and idle for idle_end_after.
+    if (config.idle_end_after and not trainer.alive and all_idle
+            and t.state.gpu_idle_since is not None
+            and sample.elapsed_s - t.state.gpu_idle_since >= config.idle_end_after):
+        t.decisions.append(Decision(
+            "end", IDLE_END,
+            f"no trainer and every GPU idle for {_fmt(sample.elapsed_s - t.state.gpu_idle_since)}",
+            data={"idle_s": round(sample.elapsed_s - t.state.gpu_idle_since, 1)}))
+        t.mark_done("end")

@@ -441,8 +441,13 @@ def read_trainer(run_dir: Optional[channel.RunDir]) -> TrainerReading:
     """Liveness from the kernel's locks; status from trainer.json. No process scan."""
     if run_dir is None:
         return TrainerReading(False, False)
-    alive = run_dir.trainer_alive()
-    saving = run_dir.trainer_saving()
+    try:
+        alive = run_dir.trainer_alive()
+        saving = run_dir.trainer_saving()
+    except (channel.ChannelError, OSError) as err:
+        # A planted symlink at a lock name: liveness unknown, so assume the worst (alive and
+        # saving) - that blocks ending the runtime, which is the safe side.
+        return TrainerReading(True, True, None, str(err))
     try:
         return TrainerReading(alive, saving, run_dir.read_status())
     except (channel.ChannelError, OSError) as err:
@@ -481,31 +486,40 @@ class SystemProbe:
         self.timeout_s = timeout_s
         self.notebook_idle = notebook_idle
         self.child_exit = child_exit
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._pending: Optional[concurrent.futures.Future[Any]] = None
+        self._pools: Dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._pending: Dict[str, concurrent.futures.Future[Any]] = {}
         self._lock = threading.Lock()
         self._cgroup_files = locate_cgroup(cgroup_root, proc_self_cgroup)  # found once
         self._kernel_files = KernelFiles()
         self._cpu = CpuPercent(self._kernel_files)
         self._remote = bool(remote_paths(self.watch_paths))
 
-    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        """Start ``fn`` on the worker thread, unless the previous call is still running."""
+    def _submit(self, name: str, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Start ``fn`` on worker ``name``, unless that worker's previous call still runs.
+
+        One worker per kind (gpu, disk): a hung NVML call must not blind the disk readings.
+        """
         with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="session-watchdog-probe")
-            if self._pending is None or self._pending.done():
-                self._pending = self._pool.submit(fn)
-            return self._pending
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = self._pools[name] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"session-watchdog-{name}")
+            pending = self._pending.get(name)
+            if pending is None or pending.done():
+                pending = self._pending[name] = pool.submit(fn)
+            return pending
 
-    def _can_hang(self) -> bool:
-        return self._remote or self.nvml.ready or self.nvml.retry_due()
+    def _result(self, future: Optional[concurrent.futures.Future[Any]], inline: Callable[[], Any],
+                timed_out: Callable[[], Any]) -> Any:
+        if future is None:
+            return inline()
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            return timed_out()
 
-    def _read_slow(self) -> Tuple[str, Tuple[GpuReading, ...], Tuple[DiskReading, ...]]:
-        """The calls that can hang (NVML, statvfs on a network/FUSE mount), run on the worker."""
-        nvml_state, gpus = self._read_gpus()
-        return nvml_state, gpus, read_disks(self.watch_paths)
+    def _read_disks(self) -> Tuple[DiskReading, ...]:
+        return read_disks(self.watch_paths)
 
     def _read_gpus(self) -> Tuple[str, Tuple[GpuReading, ...]]:
         if not self.nvml.start():
@@ -516,21 +530,18 @@ class SystemProbe:
             return f"unavailable: {_nvml_error_text(err)}", ()
 
     def sample(self, times: Times) -> Sample:
-        # Calls that can hang (a live NVML, statvfs on a network/FUSE mount) run on the worker,
+        # Calls that can hang (a live NVML, statvfs on a network/FUSE mount) run on workers,
         # started first so they overlap with the fast reads here, and bounded by timeout_s.
-        # With neither (no driver, local disks) the hand-off would cost more than the reads.
-        slow = self._submit(self._read_slow) if self._can_hang() else None
+        # Without them (no driver, local disks) a hand-off would cost more than the reads.
+        nvml_live = self.nvml.ready or self.nvml.retry_due()
+        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
+        disk_job = self._submit("disk", self._read_disks) if self._remote else None
         host = read_host(cgroup_files=self._cgroup_files, locate=False, read=self._kernel_files,
                          cpu=self._cpu)
         trainer = read_trainer(self.run_dir)
-        if slow is None:
-            nvml_state, gpus, disks = self._read_slow()
-        else:
-            try:
-                nvml_state, gpus, disks = slow.result(timeout=self.timeout_s)
-            except concurrent.futures.TimeoutError:
-                nvml_state, gpus = "timeout", ()
-                disks = tuple(DiskReading(str(p), None, None, "timeout") for p in self.watch_paths)
+        nvml_state, gpus = self._result(gpu_job, self._read_gpus, lambda: ("timeout", ()))
+        disks = self._result(disk_job, self._read_disks, lambda: tuple(
+            DiskReading(str(p), None, None, "timeout") for p in self.watch_paths))
         return Sample(
             now=times.now,
             elapsed_s=times.elapsed_s,
@@ -545,8 +556,8 @@ class SystemProbe:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
             pool.shutdown(wait=False)
         self.nvml.shutdown()
         self._kernel_files.close()

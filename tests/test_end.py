@@ -1,0 +1,506 @@
+"""Ending the runtime: only when it is safe, in order, cancellable, never through a shell."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import structlog
+from fakes import FakeClock, ScriptedProbe, gpu, sample
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from session_watchdog import channel, platforms
+from session_watchdog.actions import (
+    EndTransaction,
+    colab_unassign,
+    end_action_for,
+    flush_drive,
+    request_cancel,
+    verify_checkpoint,
+)
+from session_watchdog.config import OFF, Config
+from session_watchdog.daemon import Watchdog
+from session_watchdog.policy import PolicyState, decide
+
+NOW = 1_800_000_000.0
+
+
+def cfg(**kw) -> Config:
+    base = dict(platform="colab", max_session=OFF, end_when_done=True, end_on_failure=False,
+                grace=120.0, idle_end_after=1800.0, gpu_idle_after=600.0, idle_limit=OFF, idle_warn=OFF,
+                checkpoint_every=OFF)
+    base.update(kw)
+    return Config(**base)
+
+
+def write_checkpoint(directory: Path, payload: bytes = b"weights" * 1000, step: int = 500) -> channel.CheckpointInfo:
+    """A checkpoint file and its commit marker, as the trainer side writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt-{step:010d}.pt"
+    path.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
+                                                     "bytes": len(payload), "step": step})
+    return channel.CheckpointInfo(str(path), None, step, NOW, 1.0, len(payload), digest)
+
+
+def done_status(ckpt: Optional[channel.CheckpointInfo], state: str = "completed") -> channel.TrainerStatus:
+    return channel.TrainerStatus(pid=4242, start_time=1.0, state=state, step=500, epoch=3, step_time_s=0.1,
+                                 acked_seq=0, last_checkpoint=ckpt, heartbeat=NOW)
+
+
+class Recorder:
+    """An end action that records its calls (stands in for unassign/shutdown)."""
+
+    def __init__(self) -> None:
+        self.calls: List[float] = []
+
+    def __call__(self) -> str:
+        self.calls.append(time.monotonic())
+        return "recorded"
+
+
+def transaction(tmp_path: Path, *, ckpt=None, action=None, **kw) -> EndTransaction:
+    run_dir = channel.RunDir(tmp_path / "run")
+    kw.setdefault("grace_s", 0.0)
+    kw.setdefault("dry_run", False)
+    kw.setdefault("sleep", lambda s: None)
+    kw.setdefault("confirm_after_s", 0.0)
+    kw.setdefault("alive", lambda: False)
+    return EndTransaction(run_dir=run_dir, reason="training_complete",
+                          status=done_status(ckpt), end_action=("recorder", action), **kw)
+
+
+class TestEndDecisions:
+    @pytest.mark.parametrize("alive, saving, state, child_exit, kw, expected", [
+        (False, False, "completed", None, {}, [("end", "training_complete")]),
+        (True, False, "completed", None, {}, []),                        # trainer still holds run.lock
+        (False, True, "completed", None, {}, []),                        # a save runs
+        (False, False, "running", None, {}, []),                         # not finished
+        (False, False, "completed", None, {"end_when_done": False}, []),  # switched off
+        (False, False, "failed", None, {}, [("warn", "training_failed")]),
+        (False, False, "failed", None, {"end_on_failure": True}, [("end", "training_failed")]),
+        (False, False, None, 0, {}, [("end", "training_complete")]),     # wrapped command exited 0
+        (False, False, None, 1, {}, [("warn", "training_failed")]),      # exited 1: no end, a log line
+        (False, False, "stopped", 0, {}, []),                            # stopped for the session: not done
+    ])
+    def test_when_the_end_is_decided(self, alive, saving, state, child_exit, kw, expected):
+        """The end needs completed training, no live trainer, no save, and end_when_done."""
+        st_ = None if state is None else done_status(None, state)
+        s = sample(now=NOW, elapsed=10.0, alive=alive, saving=saving, trainer_status=st_, child_exit=child_exit)
+        _, decisions = decide(cfg(**kw), PolicyState(), s)
+        assert [(d.kind, d.reason) for d in decisions if d.reason.startswith("training_")] == expected
+
+    def test_the_end_is_decided_once(self):
+        """A completed run yields one end decision, not one per tick."""
+        s = sample(now=NOW, elapsed=10.0, alive=False, trainer_status=done_status(None))
+        state, first = decide(cfg(), PolicyState(), s)
+        _, second = decide(cfg(), state, s)
+        assert [d.kind for d in first] == ["end"] and second == []
+
+    def test_failure_blocks_later_idle_end(self):
+        """After a failed run, the idle rule does not end the runtime either (unless asked)."""
+        failed = sample(now=NOW, elapsed=0.0, alive=False, trainer_status=done_status(None, "failed"),
+                        gpus=[gpu(util=0.0)])
+        state, _ = decide(cfg(), PolicyState(), failed)
+        idle = sample(now=NOW + 4000, elapsed=4000.0, alive=False, gpus=[gpu(util=0.0)])
+        state, decisions = decide(cfg(), state, idle)
+        _, decisions = decide(cfg(), state, sample(now=NOW + 5000, elapsed=5000.0, alive=False,
+                                                   gpus=[gpu(util=0.0)]))
+        assert [d.kind for d in decisions] == []
+
+    def test_idle_runtime_with_no_trainer_is_ended_after_idle_end_after(self):
+        """No trainer and every GPU under 5 % for 30 min: the idle end is decided at 1800 s."""
+        out = []
+        state = PolicyState()
+        for elapsed, util in [(0.0, 1.0), (1799.0, 1.0), (1800.0, 1.0)]:
+            state, decisions = decide(cfg(), state, sample(now=NOW + elapsed, elapsed=elapsed, alive=False,
+                                                           gpus=[gpu(0, util), gpu(1, 0.0)]))
+            out.append([d.reason for d in decisions if d.kind == "end"])
+        assert out == [[], [], ["idle_end"]]
+
+    def test_unknown_gpu_reading_resets_the_idle_end_timer(self):
+        """A None reading at 900 s moves the idle end to 900 + 1800 s."""
+        state = PolicyState()
+        ends = []
+        for elapsed, util in [(0.0, 0.0), (900.0, None), (1000.0, 0.0), (2699.0, 0.0), (2800.0, 0.0)]:
+            state, decisions = decide(cfg(), state, sample(now=NOW + elapsed, elapsed=elapsed, alive=False,
+                                                           gpus=[gpu(0, util)]))
+            ends.append(elapsed) if any(d.kind == "end" for d in decisions) else None
+        assert ends == [2800.0]
+
+
+class TestTransaction:
+    def test_steps_run_in_order_and_the_action_once(self, tmp_path):
+        """verify -> persist -> locks -> grace -> action, each logged; the action runs once."""
+        rec = Recorder()
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec, grace_s=3.0)
+        with structlog.testing.capture_logs() as events:
+            assert tx.run() == "ended"
+        steps = [e["step"] for e in events if e["event"] == "action"]
+        assert steps == ["end_verify", "end_persist", "end_locks", "end_grace", "end_action"]
+        assert len(rec.calls) == 1
+
+    def test_a_torn_checkpoint_aborts(self, tmp_path):
+        """A checkpoint whose bytes no longer match its sha256 stops the end before any action."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        with open(ckpt.path, "r+b") as fh:
+            fh.write(b"X")
+        rec = Recorder()
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec).run() == "aborted"
+        assert rec.calls == []
+        assert "does not match its sha256" in [e for e in events if e.get("step") == "end_aborted"][0]["message"]
+
+    def test_a_marker_that_disagrees_aborts(self, tmp_path):
+        """The commit marker must agree with the trainer's report."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        channel.write_json(Path(ckpt.path + ".sha256"), {"v": 1, "sha256": "0" * 64, "bytes": ckpt.bytes})
+        assert verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes).endswith("does not match the trainer's report")
+
+    @pytest.mark.parametrize("held, word", [(channel.RUN_LOCK, "run.lock"), (channel.SAVE_LOCK, "save.lock")])
+    def test_a_live_trainer_or_a_running_save_aborts(self, tmp_path, held, word):
+        """Someone holding run.lock or save.lock stops the end: no action."""
+        rec = Recorder()
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec)
+        holder = channel.FileLock(tx.run_dir.file(held), shared=True)
+        holder.acquire()
+        try:
+            assert tx.run() == "aborted"
+        finally:
+            holder.release()
+        assert rec.calls == []
+
+    def test_cancel_during_grace(self, tmp_path):
+        """`session-watchdog cancel` during the grace period stops the end; the locks are let go."""
+        from session_watchdog.cli import main
+
+        rec = Recorder()
+        run_dir = tmp_path / "run"
+
+        def sleep(seconds):
+            assert main(["cancel", "--run-dir", str(run_dir)]) == 0
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec, grace_s=120.0,
+                         sleep=sleep)
+        assert tx.run() == "cancelled"
+        assert rec.calls == [] and not channel.lock_held(run_dir / channel.RUN_LOCK)
+
+    def test_dry_run_never_calls_the_end_action(self, tmp_path):
+        """dry_run does every step but the action and says what it would have done."""
+        rec = Recorder()
+        with structlog.testing.capture_logs() as events:
+            outcome = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                                  dry_run=True).run()
+        assert outcome == "dry-run" and rec.calls == []
+        assert events[-1]["message"] == "dry run: would now run recorder"
+
+    def test_unconfirmed_end_is_retried_once(self, tmp_path):
+        """Still alive after the action: end_action_unconfirmed is logged and the action retried once."""
+        rec = Recorder()
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec, alive=lambda: True)
+        with structlog.testing.capture_logs() as events:
+            tx.run()
+        assert len(rec.calls) == 2
+        assert [e["step"] for e in events][-2:] == ["end_action_unconfirmed", "end_action"]
+
+    def test_save_starting_during_grace_waits_and_stays_whole(self, tmp_path):
+        """A save that starts during the grace period waits for save.lock; it is written whole after."""
+        order: List[str] = []
+        ckpt_dir = tmp_path / "ckpt"
+        first = write_checkpoint(ckpt_dir, b"A" * 4096, step=1)
+        run_dir = tmp_path / "run"
+        saver_done = threading.Event()
+
+        def saver():
+            with channel.FileLock(run_dir / channel.SAVE_LOCK):  # blocking, as the trainer does
+                order.append("save")
+                write_checkpoint(ckpt_dir, b"B" * 4096, step=2)
+            saver_done.set()
+
+        def sleep(seconds):
+            if not any(t.name == "saver" for t in threading.enumerate()) and "started" not in order:
+                order.append("started")
+                threading.Thread(target=saver, name="saver").start()
+            time.sleep(0.05)
+
+        tx = transaction(tmp_path, ckpt=first, action=lambda: order.append("end") or "ok", grace_s=0.3,
+                         sleep=sleep)
+        tx.run()
+        assert saver_done.wait(10)
+        assert order == ["started", "end", "save"]
+        assert verify_checkpoint(str(ckpt_dir / "ckpt-0000000002.pt"),
+                                 hashlib.sha256(b"B" * 4096).hexdigest(), 4096) is None
+
+
+class _UnassignHandler(http.server.BaseHTTPRequestHandler):
+    posts: List[str] = []
+    status_code = 200
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        type(self).posts.append(self.path)
+        self.send_response(type(self).status_code)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def unassign_server():
+    handler = type("Handler", (_UnassignHandler,), {"posts": [], "status_code": 200})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, handler
+    server.shutdown()
+    server.server_close()
+
+
+class TestColab:
+    def test_one_post_to_unassign_only_after_the_checkpoint_verified(self, tmp_path, unassign_server, monkeypatch):
+        """Through the real daemon: POST /unassign only after end_verify; still alive after it: one retry."""
+        server, handler = unassign_server
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("TBE_RUNTIME_ADDR", addr)
+        colab = platforms.Platform("colab", ("test",), end_action="colab-unassign")
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l.jsonl"), grace="1s",
+                              platform="colab")
+        outcomes = []
+        dog = Watchdog(config, platform=colab, clock=FakeClock(NOW), session_start=NOW,
+                       probe=ScriptedProbe([sample(alive=False, trainer_status=done_status(ckpt))]),
+                       on_end=outcomes.append, confirm_after_s=0.0)
+        with structlog.testing.capture_logs() as events:
+            dog.tick()
+            dog.wait_end(30)
+        assert handler.posts == ["/unassign", "/unassign"]  # default confirm: process still alive -> retried once
+        steps = [e["step"] for e in events if e["event"] == "action" and e["step"].startswith("end_")]
+        assert steps.index("end_verify") < steps.index("end_action")
+
+    def test_exactly_one_post_when_the_runtime_goes_away(self, tmp_path, unassign_server, monkeypatch):
+        """When the runtime is gone after the POST (as on Colab), exactly one POST is made."""
+        server, handler = unassign_server
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("TBE_RUNTIME_ADDR", addr)
+        desc, action = end_action_for(platforms.Platform("colab", ("t",)), cfg())
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=action)
+        assert tx.run() == "ended" and handler.posts == ["/unassign"] and desc == f"POST http://{addr}/unassign"
+
+    def test_server_errors_are_retried_then_reported(self, tmp_path, unassign_server):
+        """HTTP 500 three times: three POSTs, then one clear end_aborted line; no exception escapes."""
+        server, handler = unassign_server
+        handler.status_code = 500
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"),
+                         action=lambda: colab_unassign(addr, sleep=lambda s: None, timeout_s=5))
+        with structlog.testing.capture_logs() as events:
+            assert tx.run() == "aborted"
+        assert handler.posts == ["/unassign"] * 3
+        assert events[-1]["message"] == f"POST http://{addr}/unassign failed 3 times (HTTP 500)"
+
+    def test_never_on_colab_enterprise(self, monkeypatch):
+        """Colab Enterprise has no end action at all."""
+        monkeypatch.setenv("TBE_RUNTIME_ADDR", "127.0.0.1:9")
+        desc, action = end_action_for(platforms.Platform("colab", ("t",), enterprise=True), cfg())
+        assert action is None and "Enterprise" in desc
+
+
+RECORDER = """#!{python}
+import json, sys
+with open({out!r}, "a") as fh:
+    fh.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+class TestCommandEndActions:
+    def _recorder(self, tmp_path) -> tuple:
+        out = tmp_path / "argv.jsonl"
+        exe = tmp_path / "record-argv"
+        exe.write_text(RECORDER.format(python=sys.executable, out=str(out)))
+        exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+        return exe, out
+
+    def test_generic_end_command_runs_without_a_shell(self, tmp_path):
+        """A configured argv with '; touch' in it is passed literally; no shell ever sees it."""
+        exe, out = self._recorder(tmp_path)
+        canary = tmp_path / "x"
+        config = cfg(platform="generic", end_command=(str(exe), "now", f"; touch {canary}"))
+        desc, action = end_action_for(platforms.Platform("generic", ("t",)), config)
+        assert transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=action).run() == "ended"
+        assert [json.loads(line) for line in out.read_text().splitlines()] == [["now", f"; touch {canary}"]]
+        assert not canary.exists()
+
+    def test_autodl_uses_shutdown_and_honours_an_override(self, tmp_path):
+        """AutoDL ends with /usr/bin/shutdown; a configured end_command replaces it."""
+        autodl = platforms.Platform("autodl", ("t",))
+        desc, _ = end_action_for(autodl, cfg(platform="autodl"))
+        assert desc == "/usr/bin/shutdown"
+        exe, out = self._recorder(tmp_path)
+        desc, action = end_action_for(autodl, cfg(platform="autodl", end_command=(str(exe), "-h", "now")))
+        action()
+        assert json.loads(out.read_text()) == ["-h", "now"]
+
+    def test_generic_without_a_command_has_no_end_action(self, tmp_path):
+        """A workstation with no end_command is never ended: the transaction says so."""
+        desc, action = end_action_for(platforms.Platform("generic", ("t",)), cfg(platform="generic"))
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=action)
+        assert action is None and tx.run() == "unavailable"
+
+    def test_failing_command_is_reported(self, tmp_path):
+        """An end command that exits non-zero aborts with its exit code in the log."""
+        desc, action = end_action_for(platforms.Platform("generic", ("t",)), cfg(end_command=("false",)))
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=action).run() == "aborted"
+        assert "exited 1" in events[-1]["message"]
+
+
+class TestDrive:
+    def test_files_not_on_drive_need_nothing(self):
+        """Checkpoints outside /content/drive are not flushed."""
+        assert flush_drive(["/tmp/a.pt"]) == "not-on-drive"
+
+    def test_flush_and_unmount_when_importable(self):
+        """With google.colab importable, drive.flush_and_unmount() is called."""
+        calls = []
+
+        class Drive:
+            def flush_and_unmount(self):
+                calls.append(1)
+        assert flush_drive(["/content/drive/MyDrive/c.pt"], import_drive=Drive) == "flushed" and calls == [1]
+
+    def test_waits_for_stable_sizes_otherwise(self, tmp_path, monkeypatch):
+        """Without google.colab, the sizes must stay the same for three checks."""
+        import session_watchdog.actions as actions
+
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(tmp_path))
+        f = tmp_path / "c.pt"
+        f.write_bytes(b"x")
+        sizes = iter([b"xx", b"xxx"])
+        sleeps = []
+
+        def sleep(s):
+            sleeps.append(s)
+            chunk = next(sizes, None)
+            if chunk is not None:
+                f.write_bytes(chunk)
+
+        def no_colab():
+            raise ImportError("no google.colab")
+        assert flush_drive([str(f)], import_drive=no_colab, sleep=sleep) == "stable"
+        assert len(sleeps) == 5  # two changes, then three equal readings
+
+
+# ------------------------------------------------------------------------------------------------
+# The interlock matrix: random worlds, the real policy and the real transaction; count unsafe ends.
+
+WORLD = st.fixed_dictionaries({
+    "alive": st.booleans(), "saving": st.booleans(),
+    "state": st.sampled_from(["running", "completed", "failed", "stopped", None]),
+    "child_exit": st.sampled_from([None, None, 0, 1]),
+    "util": st.sampled_from([0.0, 2.0, 50.0, None]),
+    "torn": st.booleans(), "cancel": st.booleans(),
+})
+
+
+def heavy_examples(default: int) -> int:
+    return int(os.environ.get("SW_INTERLOCK_N", default))
+
+
+class TestInterlockMatrix:
+    @settings(max_examples=heavy_examples(150), deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(worlds=st.lists(WORLD, min_size=2, max_size=6), end_on_failure=st.booleans(), dry_run=st.booleans())
+    def test_no_end_action_is_ever_unsafe(self, tmp_path_factory, worlds, end_on_failure, dry_run):
+        """For random sequences of trainer states, saves, GPU readings, torn files and cancels,
+        every end action taken was safe at the moment it ran."""
+        tmp = tmp_path_factory.mktemp("w")
+        ckpt = write_checkpoint(tmp / "ckpt")
+        run_dir = channel.RunDir(tmp / "run")
+        config = cfg(end_on_failure=end_on_failure, dry_run=dry_run, idle_end_after=600.0)
+        holders = {"run": channel.FileLock(run_dir.file(channel.RUN_LOCK), shared=True),
+                   "save": channel.FileLock(run_dir.file(channel.SAVE_LOCK), shared=True)}
+        world = {}
+        unsafe = []
+        cancelled = []
+        state = PolicyState()
+        elapsed = 0.0
+
+        def apply(w):
+            """Make the world real: hold locks for a live trainer / a save, tear the file."""
+            world.clear()
+            world.update(w)
+            for key, lock in (("alive", holders["run"]), ("saving", holders["save"])):
+                if w[key]:
+                    world[key] = lock.acquire(blocking=False)  # fails while the watchdog holds it
+                else:
+                    lock.release()
+            with open(ckpt.path, "r+b") as fh:
+                fh.write(b"X" if w["torn"] else b"w")
+            if w["cancel"]:
+                request_cancel(run_dir)
+                cancelled.append(True)
+
+        def end_action():
+            """The end action checks that the world is safe right now."""
+            failed = world["state"] == "failed" or world["child_exit"] not in (None, 0)
+            problems = [name for name, bad in [
+                ("trainer alive", world["alive"]), ("saving", world["saving"]),
+                ("torn checkpoint", world["torn"] and tx.check_checkpoint and tx.status is not None
+                 and tx.status.last_checkpoint is not None),
+                ("failed", failed and not end_on_failure), ("cancelled", bool(cancelled)),
+                ("unknown gpu", tx.reason == "idle_end" and world["util"] is None)] if bad]
+            if problems:
+                unsafe.append(problems)
+            return "ok"
+
+        pending = list(worlds)
+        tx = None
+        try:
+            while pending:
+                w = pending.pop(0)
+                apply(w)
+                elapsed += 700.0
+                st_ = None if w["state"] is None else done_status(ckpt, w["state"])
+                s = sample(now=NOW + elapsed, elapsed=elapsed, alive=world["alive"], saving=world["saving"],
+                           trainer_status=st_, child_exit=w["child_exit"], gpus=[gpu(0, w["util"])])
+                state, decisions = decide(config, state, s)
+                for d in (d for d in decisions if d.kind == "end"):
+                    def next_world(_seconds):
+                        if pending:
+                            apply(pending.pop(0))
+
+                    def safe_now():
+                        if d.reason == "idle_end" and world["util"] is None:
+                            return "unknown gpu"
+                        return None
+                    cancelled.clear()  # a cancel counts for the end transaction it falls into
+                    tx = EndTransaction(run_dir=run_dir, reason=d.reason, status=s.trainer.status,
+                                        grace_s=2.0, dry_run=dry_run, end_action=("check", end_action),
+                                        check_checkpoint=d.reason != "idle_end", safe_now=safe_now,
+                                        sleep=next_world, monotonic=_ticker(), confirm_after_s=0.0,
+                                        alive=lambda: False)
+                    tx.run()
+        finally:
+            for lock in holders.values():
+                lock.release()
+        assert unsafe == []
+
+
+def _ticker():
+    """A monotonic clock that advances one second per reading."""
+    t = [0.0]
+
+    def now():
+        t[0] += 1.0
+        return t[0]
+    return now
