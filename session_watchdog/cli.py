@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--run-dir", metavar="PATH")
     cancel.add_argument("--run-name", metavar="NAME", default="default")
 
+    from session_watchdog import report
+
+    report.add_parser(sub)
+    report.add_tail_parser(sub)
+
     doctor = sub.add_parser("doctor", help="check this machine and say what needs fixing")
     _add_config_flags(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -336,8 +341,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from session_watchdog import report
+
+    return report.run(args)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from session_watchdog import report
+
+    return report.run_tail(args)
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "report": cmd_report,
+    "tail": cmd_tail,
     "status": cmd_status,
     "cancel": cmd_cancel,
     "doctor": cmd_doctor,

@@ -238,7 +238,9 @@ class Watchdog:
                  evidence=list(self.platform.evidence), run_dir=str(self.run_dir.path),
                  session_start=self.session.start_wall, session_source=self.session_source,
                  budget_s=self.config.max_session or None, interval_s=self.config.interval,
-                 log_file=str(self.config.log_file or ""), dry_run=self.config.dry_run)
+                 log_file=str(self.config.log_file or ""), dry_run=self.config.dry_run,
+                 tier=self.config.tier if self.platform.name == "colab" else None,
+                 price_per_hour=self.config.price_per_hour)
 
     def release(self) -> None:
         if self._lock.held:
