@@ -61,10 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"session-watchdog {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run the watchdog in the foreground")
+    run = sub.add_parser("run", help="run the watchdog (and wrap a command: run -- python train.py)")
     _add_config_flags(run)
     run.add_argument("--for", dest="run_for", metavar="DURATION",
                      help="stop the watchdog after this long (e.g. 2m)")
+    run.add_argument("--detach", action="store_true",
+                     help="keep running after the terminal/SSH session closes (setsid)")
+    run.add_argument("child_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="-- COMMAND...: run COMMAND as a watched child; exit with its exit code")
+
+    attach = sub.add_parser("attach", help="watch a process that is already running")
+    _add_config_flags(attach)
+    attach.add_argument("--pid", type=int, required=True, help="the training process")
+    attach.add_argument("--end-on-exit", action="store_true",
+                        help="count the process's exit as success (it does not use the trainer "
+                             "Session, so its outcome is otherwise unknown)")
+    attach.add_argument("--detach", action="store_true",
+                        help="keep running after the terminal/SSH session closes (setsid)")
+    attach.add_argument("--for", dest="run_for", metavar="DURATION", help=argparse.SUPPRESS)
+
+    stop = sub.add_parser("stop", help="stop a (detached) watchdog")
+    stop.add_argument("--run-dir", metavar="PATH")
+    stop.add_argument("--run-name", metavar="NAME", default="default")
 
     status = sub.add_parser("status", help="show the state of a watched run")
     status.add_argument("--run-dir", metavar="PATH")
@@ -99,32 +117,171 @@ def _load(args: argparse.Namespace) -> Config:
 # run
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from session_watchdog import daemon, log, platforms
+def _prepare(args: argparse.Namespace) -> Tuple[Config, Any, Optional[float]]:
+    """Config resolved for the detected platform, and --for as seconds."""
+    from session_watchdog import platforms
     from session_watchdog.config import parse_duration
 
     config = _load(args)
     run_for = None
-    if args.run_for:
+    if getattr(args, "run_for", None):
         try:
             run_for = parse_duration(args.run_for)
         except ValueError as err:
             raise UserError(f"--for {args.run_for!r} is invalid: {err}") from None
     platform = platforms.forced(config.platform, platforms.detect())
     resolved = platforms.resolve(config, platform)
-    log.configure(resolved.log_file, max_bytes=resolved.log_max_bytes,
-                  backups=resolved.log_backups)
-    watchdog = daemon.Watchdog(resolved, platform=platform)
-    stop_when: Optional[Callable[[], bool]] = None
-    if run_for is not None:
-        deadline = time.monotonic() + run_for
-        stop_when = lambda: time.monotonic() >= deadline  # noqa: E731
-    print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
-          f"log {resolved.log_file}", file=sys.stderr)
+    return resolved, platform, run_for
+
+
+def _detach(args: argparse.Namespace, config: Config) -> int:
+    """Re-start this very command in a new session; say where its log and run dir are."""
+    from session_watchdog import wrap
+
+    run_dir = config.run_dir or channel.default_run_dir(config.run_name)
+    out = Path(f"{config.log_file}.out")
+    argv = wrap.without_flag(args.argv, "--detach")
+    if not any(a == "--run-dir" or a.startswith("--run-dir=") for a in wrap.without_flag(argv, "--")):
+        argv = [argv[0], "--run-dir", str(run_dir), *argv[1:]]
+    pid = wrap.detach(argv, run_dir, out)
+
+    def started() -> bool:
+        info = channel.read_json(run_dir / "daemon.json") if (run_dir / "daemon.json").exists() else None
+        return bool(info and info.get("pid") == pid and channel.lock_held(run_dir / channel.DAEMON_LOCK))
+
+    if not wrap.wait_until(started, 30.0):
+        tail = out.read_text(errors="replace").strip().splitlines()[-1:] if out.exists() else []
+        raise UserError(f"the detached watchdog did not start ({'; '.join(tail) or 'no output'}); "
+                        f"see {out}")
+    print(f"session-watchdog: detached (pid {pid})\n  run dir: {run_dir}\n  log:     "
+          f"{config.log_file}\n  output:  {out}\n  status:  session-watchdog status --run-dir "
+          f"{run_dir}\n  stop:    session-watchdog stop --run-dir {run_dir}")
+    return EXIT_OK
+
+
+def _signal_notice(config: Config) -> Any:
+    """SLURM's `--signal=B:USR1@N`: SIGUSR1 means the job ends in N seconds (main thread only)."""
+    if not config.slurm_signal_grace:
+        return None, (lambda: None)
+    from session_watchdog.preemption import SignalNotice
+
+    notice = SignalNotice(config.slurm_signal_grace)
+    return notice, notice.install()
+
+
+def _pollers(config: Config, platform: Any, signal_notice: Any) -> List[Any]:
+    from session_watchdog.preemption import build_pollers
+
     try:
+        return build_pollers(config.preemption, slurm_job_id=platform.slurm_job_id,
+                             signal_notice=signal_notice)
+    except ValueError as err:
+        raise UserError(f"--preemption: {err}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from session_watchdog import daemon, log, wrap
+
+    config, platform, run_for = _prepare(args)
+    command = list(args.child_command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.detach:
+        return _detach(args, config)
+    log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+    notice, restore = _signal_notice(config)
+    child: Optional[wrap.Child] = None
+    early = wrap.EarlySignals() if command else None
+    try:
+        run_dir = channel.RunDir(config.run_dir or channel.default_run_dir(config.run_name))
+        if command:
+            child = wrap.Child(command, run_dir.path, kill_after_s=config.kill_after)
+            child.install_forwarding(early)
+        watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
+                                   child_exit=child.exit_status if child else None)
+        print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
+              f"log {config.log_file}", file=sys.stderr)
+        deadline = None if run_for is None else time.monotonic() + run_for
+
+        def stop_when() -> bool:
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+            if child is None or child.exit_status() is None:
+                return False
+            # the child ended: stop once a tick has seen it and no end of the runtime is under way
+            last = watchdog.last_sample
+            return last is not None and last.child_exit is not None and not watchdog.end_running()
+
+        watchdog.run(stop_when=stop_when, handle_signals=child is None)
+        if child is not None:
+            code = child.wait()
+            log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
+            return code
+        return EXIT_OK
+    except wrap.WrapError as err:
+        if child is not None:
+            child.forward(15)
+        raise UserError(str(err)) from None
+    finally:
+        if child is not None:
+            child.restore()
+        elif early is not None:
+            early.restore()
+        restore()
+        log.close()
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from session_watchdog import daemon, log, wrap
+
+    config, platform, run_for = _prepare(args)
+    if args.detach:
+        return _detach(args, config)
+    run_dir = channel.RunDir(config.run_dir or channel.default_run_dir(config.run_name))
+    try:
+        attached = wrap.Attached(args.pid, run_dir, end_on_exit=args.end_on_exit)
+    except wrap.WrapError as err:
+        raise UserError(str(err)) from None
+    log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+    notice, restore = _signal_notice(config)
+    try:
+        watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
+                                   child_exit=attached.exit_status)
+        print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
+              f"log {config.log_file}", file=sys.stderr)
+        deadline = None if run_for is None else time.monotonic() + run_for
+
+        def stop_when() -> bool:
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+            if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():
+                return False
+            if watchdog.last_sample.trainer.alive:
+                return False
+            if attached.exit_status() is None and not watchdog.last_sample.trainer.status:
+                log.get_logger().info("attached_exited", pid=args.pid,
+                                      message="the process ended; its success is unknown (pass "
+                                              "--end-on-exit to let its exit end the runtime)")
+            return True
+
         return watchdog.run(stop_when=stop_when)
     finally:
+        restore()
         log.close()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from session_watchdog import wrap
+
+    run_dir = _existing_run_dir(args)
+    outcome = wrap.stop_daemon(run_dir)
+    if outcome == "not-running":
+        raise UserError(f"no watchdog is running for {run_dir}")
+    if outcome == "still-running":
+        print(f"session-watchdog: the watchdog of {run_dir} did not stop within 30s", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(f"session-watchdog: stopped the watchdog of {run_dir}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,14 +516,18 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "tail": cmd_tail,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "attach": cmd_attach,
+    "stop": cmd_stop,
     "doctor": cmd_doctor,
 }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
     except SystemExit as exit_:  # --help, --version, usage errors: return, do not raise
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if not args.command:

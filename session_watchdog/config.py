@@ -197,6 +197,16 @@ def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+PREEMPTION_SOURCES = ("auto", "aws", "gcp", "slurm", "off")
+
+
+def parse_preemption(raw: Any) -> Tuple[str, ...]:
+    items = tuple(str(x).strip().lower() for x in _split_list(raw))
+    if not items or any(x not in PREEMPTION_SOURCES for x in items):
+        raise ValueError(f"expected a list of {', '.join(PREEMPTION_SOURCES)}")
+    return () if "off" in items else items
+
+
 def _non_empty_name(raw: Any) -> str:
     if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
         raise ValueError("expected a short name of letters, digits, '.', '_' or '-'")
@@ -266,6 +276,15 @@ KEYS: Tuple[Key, ...] = (
         "DURATION"),
     Key("end_command", parse_argv,
         'argv that ends a generic host, e.g. ["sudo","shutdown","-h","now"]', "ARGV"),
+    Key("kill_after", parse_duration,
+        "SIGKILL a wrapped command this long after forwarding SIGINT/SIGTERM (default 30s)", "DURATION"),
+    Key("preemption", parse_preemption,
+        "preemption notice sources: auto, aws, gcp, slurm or off (default auto)", "LIST"),
+    Key("preemption_poll_every", parse_duration,
+        "how often preemption sources are polled (default 10s)", "DURATION"),
+    Key("slurm_signal_grace", parse_duration_or_off,
+        "SIGUSR1 (sbatch --signal=B:USR1@N) means the job ends in this long (default 300s under "
+        "SLURM, off elsewhere)", "DURATION"),
     Key("price_per_hour", parse_positive_float, "runtime price per hour, for costs", "PRICE"),
     Key("money_budget", parse_positive_float,
         "money budget; with price_per_hour it sets the session budget (AutoDL)", "AMOUNT"),
@@ -308,6 +327,10 @@ class Config:
     grace: Optional[float] = None
     idle_end_after: Optional[float] = None
     end_command: Tuple[str, ...] = ()
+    kill_after: float = 30.0
+    preemption: Tuple[str, ...] = ("auto",)
+    preemption_poll_every: float = 10.0
+    slurm_signal_grace: Optional[float] = None
     price_per_hour: Optional[float] = None
     money_budget: Optional[float] = None
 

@@ -17,12 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Protocol
 
-from session_watchdog import channel, platforms
+from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, end_action_for
 from session_watchdog.config import Config
 from session_watchdog.log import get_logger, sample_event
-from session_watchdog.policy import IDLE_END, Decision, PolicyState, decide, remaining_s
-from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle
+from session_watchdog.policy import IDLE_END, TRAINER_SCOPED, Decision, PolicyState, decide, remaining_s
+from session_watchdog.preemption import PreemptionWatch, build_pollers
+from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle, process_create_time
 
 log = get_logger()
 DAEMON_FILE = "daemon.json"
@@ -84,6 +85,10 @@ class Watchdog:
         end_action: Optional[Any] = None,
         confirm_after_s: float = 60.0,
         on_end: Optional[Callable[[str], None]] = None,
+        child_exit: Optional[Callable[[], Optional[int]]] = None,
+        notebook_idle: Optional[Callable[[], Optional[float]]] = None,
+        pollers: Optional[List[Any]] = None,
+        notifier: Optional[sdnotify.Notifier] = None,
     ) -> None:
         detected = platform or platforms.detect()
         self.platform = platforms.forced(config.platform, detected)
@@ -106,7 +111,18 @@ class Watchdog:
         else:
             self.session_source = "given"
         self.session = SessionClock(session_start, self.clock)
-        self.probe: Probe = probe or SystemProbe(self.run_dir, self.config.watch_paths)
+        self.probe: Probe = probe or SystemProbe(self.run_dir, self.config.watch_paths,
+                                                 child_exit=child_exit, notebook_idle=notebook_idle)
+        if pollers is None:
+            try:
+                pollers = build_pollers(self.config.preemption, slurm_job_id=self.platform.slurm_job_id)
+            except ValueError as err:
+                log.warning("preemption_unavailable", error=str(err))
+                pollers = []
+        self.preemption = PreemptionWatch(pollers)
+        self.notifier = notifier or sdnotify.Notifier.from_env()
+        self.heartbeat = sdnotify.Heartbeat.from_env(self.notifier)
+        self._ready_sent = False
         self.actions = actions or Actions(self.run_dir, dry_run=self.config.dry_run)
         self.on_decisions = on_decisions
         self.end_action = end_action or end_action_for(self.platform, self.config)
@@ -115,6 +131,9 @@ class Watchdog:
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
         self.state = self._load_state()
+        if child_exit is not None:  # a new wrapped/attached process: a new run to judge
+            self.state = dataclasses.replace(
+                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED))
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
@@ -147,6 +166,11 @@ class Watchdog:
         """Probe, decide, act, log. Never overlaps itself."""
         with self._tick_lock:
             sample = self.probe.sample(self.session.times())
+            notice = self.preemption.latest
+            if notice is not None:
+                sample = dataclasses.replace(
+                    sample, notice_deadline=notice.deadline if notice.deadline is not None else sample.now,
+                    notice_source=notice.source)
             state, decisions = decide(self.config, self.state, sample)
             log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
                                               self.config.max_session))
@@ -193,6 +217,9 @@ class Watchdog:
         self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
         self._end_thread.start()
 
+    def end_running(self) -> bool:
+        return self._end_thread is not None and self._end_thread.is_alive()
+
     def cancel_end(self) -> bool:
         """Cancel a running end transaction in this process; True when one was running."""
         if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
@@ -213,6 +240,41 @@ class Watchdog:
         except Exception as err:  # the one place we catch broadly (STYLE.md #5)
             log.error("tick_failed", error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc(limit=8))
+        finally:
+            self._notify_systemd()
+
+    def _notify_systemd(self) -> None:
+        """READY after the first tick, then WATCHDOG=1 at half the unit's WatchdogSec.
+
+        Pinging after a tick means a hung tick stops the pings and systemd restarts us.
+        """
+        if not self.notifier.enabled:
+            return
+        if not self._ready_sent:
+            self._ready_sent = self.notifier.ready(f"watching {self.platform.name} session")
+        if self.heartbeat.maybe_ping(self.clock.monotonic()):
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and the console: time left, trainer step."""
+        sample = self.last_sample
+        if sample is None:
+            return "starting"
+        left = remaining_s(self.config, sample)
+        status = sample.trainer.status
+        parts = [f"{int(left // 60)}m left" if left is not None else "no session budget"]
+        if status is not None:
+            parts.append(f"trainer {status.state} at step {status.step}")
+        elif not sample.trainer.alive:
+            parts.append("no trainer")
+        return "; ".join(parts)
+
+    def poll_preemption(self) -> None:
+        """The preemption job (slower cadence than the tick: a metadata request can take 1 s)."""
+        try:
+            self.preemption.poll(self.clock.wall())
+        except Exception as err:  # a broken poller must not stop the daemon
+            log.error("preemption_poll_failed", error=f"{type(err).__name__}: {err}")
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -230,6 +292,7 @@ class Watchdog:
                 "stop it first or choose another --run-dir")
         channel.write_json(self.run_dir.file(DAEMON_FILE), {
             "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
+            "pid_create_time": process_create_time(os.getpid()),
             "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
             "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
             "interval_s": self.config.interval, "dry_run": self.config.dry_run,
@@ -243,6 +306,8 @@ class Watchdog:
                  price_per_hour=self.config.price_per_hour)
 
     def release(self) -> None:
+        if self.notifier.enabled:
+            self.notifier.stopping()
         if self._lock.held:
             # daemon.json stays (status shows the last budget); the released lock says "stopped".
             self._lock.release()
@@ -277,10 +342,18 @@ class Watchdog:
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
         scheduler.add_job(self.safe_tick, "interval", seconds=interval, id="tick",
                           next_run_time=datetime.now(timezone.utc))
+        if self.preemption.pollers:
+            scheduler.add_job(self.poll_preemption, "interval", id="preemption",
+                              seconds=self.config.preemption_poll_every,
+                              next_run_time=datetime.now(timezone.utc))
         return scheduler
 
-    def run(self, stop_when: Optional[Callable[[], bool]] = None) -> int:
-        """Block until SIGTERM/SIGINT (or ``stop_when()`` is true after a tick); return 0."""
+    def run(self, stop_when: Optional[Callable[[], bool]] = None, handle_signals: bool = True) -> int:
+        """Block until SIGTERM/SIGINT (or ``stop_when()`` is true after a tick); return 0.
+
+        ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller (a wrapped command forwards
+        them to its child and ends when the child does).
+        """
         self.acquire()
         scheduler = self._make_scheduler(blocking=True)
         self._scheduler = scheduler
@@ -290,7 +363,7 @@ class Watchdog:
             log.info("signal_received", signal=signal.Signals(signum).name)
             threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
 
-        if threading.current_thread() is threading.main_thread():
+        if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, handle)
         if stop_when is not None:

@@ -134,6 +134,8 @@ def resolve(config: Config, platform: Platform, slurm_limit_s: Optional[float] =
         idle_end_after=(30 * 60.0 if on_paid_clock else OFF)
         if config.idle_end_after is None else config.idle_end_after,
         watch_paths=watch,
+        slurm_signal_grace=(300.0 if platform.name == "slurm" else OFF)
+        if config.slurm_signal_grace is None else config.slurm_signal_grace,
     )
     return dataclasses.replace(config, **values)
 

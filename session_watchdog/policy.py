@@ -30,12 +30,13 @@ TRAINER_STALLED = "trainer_stalled"
 REQUEST_ACKED = "request_acked"
 RESEND = "resend"
 TRAINER_FINISHED = "trainer_finished"
+PREEMPTION = "preemption"
 TRAINING_COMPLETE = "training_complete"
 TRAINING_FAILED = "training_failed"
 IDLE_END = "idle_end"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
-TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end"})
+TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop"})
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,16 @@ def lead_time(config: Config, sample: Sample) -> Lead:
                 config.stop_margin + ckpt + step)
 
 
+SLURM_LIMIT = "slurm"  # the notice source for a SLURM job's time limit (a deadline, not a preemption)
+
+
 def remaining_s(config: Config, sample: Sample) -> Optional[float]:
-    """Seconds left in the session budget, or None when there is no budget."""
-    if not config.max_session:
-        return None
-    return config.max_session - sample.elapsed_s
+    """Seconds left in the session budget (or to a SLURM time limit), None when neither is set."""
+    left = config.max_session - sample.elapsed_s if config.max_session else None
+    if sample.notice_source == SLURM_LIMIT and sample.notice_deadline is not None:
+        limit_left = sample.notice_deadline - sample.now
+        left = limit_left if left is None else min(left, limit_left)
+    return left
 
 
 def _fmt(seconds: float) -> str:
@@ -240,6 +246,20 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                       deadline=deadline - lead.stop_lead_s, remaining_s=round(left, 1),
                       lead_s=round(lead.lead_s, 1))
             t.mark_done("session_checkpoint")
+
+    # A preemption notice (spot reclaim, GCP, SLURM --signal): checkpoint and stop now. SLURM's
+    # time limit ("slurm") is a deadline like the session's and goes through the lead time.
+    if sample.notice_deadline is not None and sample.notice_source != SLURM_LIMIT:
+        left_notice = sample.notice_deadline - sample.now
+        t.warn_once("preemption", PREEMPTION,
+                    f"{sample.notice_source or 'preemption'} notice: the machine goes away in "
+                    f"{_fmt(left_notice)}", source=sample.notice_source,
+                    deadline=sample.notice_deadline)
+        if active and "preemption_stop" not in t.state.done:
+            t.request("stop", PREEMPTION, elapsed,
+                      f"{sample.notice_source or 'preemption'} notice: checkpoint and stop now",
+                      deadline=sample.notice_deadline, source=sample.notice_source)
+            t.mark_done("preemption_stop")
 
     # Notebook idle clock (Colab reclaims a kernel that runs no cell).
     idle = sample.notebook_idle_s
@@ -361,19 +381,20 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
     outcome = training_outcome(sample)
     if outcome == "failed" and not t.state.failed:
         t.update(failed=True)
-    if "end" in t.state.done:
-        return
     if outcome == "failed":
         if config.end_when_done and config.end_on_failure and not trainer.alive:
-            t.decisions.append(Decision(
-                "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
-                data={"child_exit": sample.child_exit}))
-            t.mark_done("end")
+            if "end" not in t.state.done:
+                t.decisions.append(Decision(
+                    "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
+                    data={"child_exit": sample.child_exit}))
+                t.mark_done("end")
         else:
             t.warn_once("training_failed", TRAINING_FAILED,
                         "training failed: the runtime is left running"
                         + ("" if not config.end_when_done else " (set end_on_failure to end it anyway)"),
                         child_exit=sample.child_exit)
+        return
+    if "end" in t.state.done:
         return
     if t.state.failed and not config.end_on_failure:
         return

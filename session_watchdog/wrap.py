@@ -1,0 +1,241 @@
+"""Long runs outside notebooks: wrap a command, attach to a process, detach from the terminal.
+
+``session-watchdog run -- python train.py`` starts the command as a child in its own session
+(its own process group) with the run dir in its environment; stdout/stderr pass straight through.
+SIGINT/SIGTERM sent to the watchdog are forwarded to the child's group, escalated to SIGKILL only
+after ``kill_after``. The watchdog's exit code is the child's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import psutil
+
+from session_watchdog import channel
+from session_watchdog.log import get_logger
+
+log = get_logger()
+
+NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # systemd's, for us alone
+
+
+class WrapError(Exception):
+    """A user error in run/attach (bad command, foreign or reused pid); exit code 2."""
+
+
+def child_env(run_dir: Path, env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    base = dict(os.environ if env is None else env)
+    for name in NOTIFY_VARS:  # the child must not talk to systemd as if it were us
+        base.pop(name, None)
+    base[channel.ENV_RUN_DIR] = str(run_dir)
+    return base
+
+
+def exit_code(returncode: int) -> int:
+    """Popen's returncode as a shell would report it (a signal N -> 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Child:
+    """The wrapped command: started in its own session, signals forwarded, SIGKILL after a deadline."""
+
+    def __init__(self, argv: Sequence[str], run_dir: Path, kill_after_s: float = 30.0,
+                 popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
+        if not argv:
+            raise WrapError("no command given: use `session-watchdog run [options] -- python train.py`")
+        self.argv = list(argv)
+        self.kill_after_s = kill_after_s
+        try:
+            self.proc = popen(self.argv, env=child_env(run_dir), start_new_session=True)
+        except FileNotFoundError:
+            raise WrapError(f"command not found: {self.argv[0]!r}") from None
+        except PermissionError:
+            raise WrapError(f"command is not executable: {self.argv[0]!r}") from None
+        self.pid = self.proc.pid
+        self._escalation: Optional[threading.Timer] = None
+        self._previous: Dict[int, Any] = {}
+        log.info("child_started", argv=self.argv, pid=self.pid)
+
+    def exit_status(self) -> Optional[int]:
+        """The child's exit code once it ended (shell style), else None. Never blocks."""
+        code = self.proc.poll()
+        return None if code is None else exit_code(code)
+
+    def forward(self, sig: int) -> None:
+        """Send ``sig`` to the child's process group; SIGKILL follows after ``kill_after``."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return
+        log.info("child_signalled", signal=signal.Signals(sig).name, pid=self.pid,
+                 kill_after_s=self.kill_after_s)
+        if self._escalation is None:
+            self._escalation = threading.Timer(self.kill_after_s, self._kill)
+            self._escalation.daemon = True
+            self._escalation.start()
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            log.warning("child_killed", pid=self.pid,
+                        message=f"still running {self.kill_after_s:g}s after the signal; SIGKILL")
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def install_forwarding(self, early: Optional[EarlySignals] = None) -> None:
+        """Forward SIGINT/SIGTERM (main thread only), and those that came before the child did."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, lambda signum, frame: self.forward(signum))
+            self._previous[sig] = early.previous.get(sig, previous) if early else previous
+        for sig in early.received if early else ():
+            self.forward(sig)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        if self._escalation is not None:
+            self._escalation.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        return exit_code(self.proc.wait(timeout))
+
+
+class EarlySignals:
+    """Hold SIGINT/SIGTERM that arrive while the child is being started, to forward them after.
+
+    Without it a signal in that window would kill the watchdog and orphan the child.
+    """
+
+    def __init__(self) -> None:
+        self.received: List[int] = []
+        self.previous: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def restore(self) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+
+class Attached:
+    """A process we did not start: identity = pid + create time, same user or refused."""
+
+    def __init__(self, pid: int, run_dir: channel.RunDir, end_on_exit: bool = False) -> None:
+        try:
+            proc = psutil.Process(pid)
+            created = proc.create_time()
+            uid = proc.uids().real
+        except psutil.NoSuchProcess:
+            raise WrapError(f"no process with pid {pid}") from None
+        except psutil.AccessDenied:
+            raise WrapError(f"pid {pid} belongs to another user; attach as that user") from None
+        if uid != os.getuid():
+            raise WrapError(f"pid {pid} belongs to uid {uid}, not to us (uid {os.getuid()}); "
+                            "attach as that user")
+        try:
+            status = run_dir.read_status()
+        except channel.ChannelError:
+            status = None
+        if status is not None and status.pid == pid and abs(status.start_time - created) > 0.05:
+            raise WrapError(f"pid {pid} is not the trainer of {run_dir.path} (that process ended and "
+                            "its pid was reused)")
+        self.pid = pid
+        self.created = created
+        self.run_dir = run_dir
+        self.end_on_exit = end_on_exit
+        self._gone = False
+        log.info("attached", pid=pid, create_time=created, end_on_exit=end_on_exit)
+
+    def gone(self) -> bool:
+        """Exited (a zombie waiting for its parent counts: it will never run again) or replaced."""
+        if not self._gone:
+            try:
+                proc = psutil.Process(self.pid)
+                self._gone = (abs(proc.create_time() - self.created) > 0.05
+                              or proc.status() == psutil.STATUS_ZOMBIE)
+            except psutil.NoSuchProcess:
+                self._gone = True
+        return self._gone
+
+    def exit_status(self) -> Optional[int]:
+        """0 once gone when --end-on-exit vouches for success; None otherwise (unknown).
+
+        A process that used the trainer Session says in trainer.json whether it completed; the
+        policy reads that. A plain process's exit code cannot be known (it is not our child).
+        """
+        if not self.gone():
+            return None
+        return 0 if self.end_on_exit else None
+
+
+def detach(argv: Sequence[str], run_dir: Path, out_path: Path) -> int:
+    """Start ``session-watchdog ARGV`` in a new session, stdio to ``out_path``; return its pid.
+
+    The new session has no controlling terminal, so closing the SSH session or the terminal
+    (SIGHUP to the old session) does not reach it.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "session_watchdog", *argv],
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    return proc.pid
+
+
+def without_flag(argv: Sequence[str], flag: str) -> List[str]:
+    """argv with ``flag`` removed, options only: nothing after ``--`` is touched."""
+    out: List[str] = []
+    passthrough = False
+    for item in argv:
+        if item == "--":
+            passthrough = True
+        if not passthrough and item == flag:
+            continue
+        out.append(item)
+    return out
+
+
+def stop_daemon(run_dir: Path, timeout_s: float = 30.0) -> str:
+    """SIGTERM the watchdog of ``run_dir`` (identity: daemon.lock held + pid create time)."""
+    info = channel.read_json(run_dir / "daemon.json")
+    if info is None or not channel.lock_held(run_dir / channel.DAEMON_LOCK):
+        return "not-running"
+    pid = int(info.get("pid", 0))
+    try:
+        proc = psutil.Process(pid)
+        if "pid_create_time" in info and abs(proc.create_time() - float(info["pid_create_time"])) > 0.05:
+            return "not-running"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout_s)
+    except psutil.NoSuchProcess:
+        return "stopped"
+    except psutil.TimeoutExpired:
+        return "still-running"
+    return "stopped"
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()

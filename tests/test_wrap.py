@@ -1,0 +1,268 @@
+"""Long runs outside notebooks: wrap a command, attach, detach, sd_notify, preemption -> stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from fakes import FakeClock, ScriptedProbe, sample, status
+
+from session_watchdog import channel, platforms
+from session_watchdog.config import Config
+from session_watchdog.daemon import Watchdog
+from session_watchdog.preemption import Notice
+
+CLI = [sys.executable, "-m", "session_watchdog"]
+
+
+def cli_run(tmp_path: Path, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "run", "--interval", "0.3s", "--run-dir", str(tmp_path / "run"),
+                           "--log-file", str(tmp_path / "log.jsonl"), *args],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def events(tmp_path: Path) -> list:
+    return [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class TestWrap:
+    @pytest.mark.parametrize("code", [0, 3])
+    def test_exit_code_is_the_childs(self, tmp_path, code):
+        """The watchdog exits with the wrapped command's exit code."""
+        proc = cli_run(tmp_path, "--", sys.executable, "-c", f"raise SystemExit({code})")
+        assert proc.returncode == code, proc.stderr
+
+    def test_stdout_stderr_pass_through_and_run_dir_is_in_the_env(self, tmp_path):
+        """The child's output reaches our stdout/stderr unchanged; it knows the run dir."""
+        code = "import os, sys; print(os.environ['SESSION_WATCHDOG_RUN_DIR']); print('to-err', file=sys.stderr)"
+        proc = cli_run(tmp_path, "--", sys.executable, "-c", code)
+        assert proc.stdout.splitlines() == [str(tmp_path / "run")]
+        assert "to-err" in proc.stderr.splitlines()
+
+    def test_child_runs_in_its_own_session(self, tmp_path):
+        """The child is a session leader (its own process group), so a terminal's SIGINT hits us first."""
+        code = "import os; print(os.getsid(0) == os.getpid())"
+        assert cli_run(tmp_path, "--", sys.executable, "-c", code).stdout.strip() == "True"
+
+    def test_sigterm_is_forwarded(self, tmp_path):
+        """SIGTERM to the watchdog reaches the child, which exits its own way (code 7 here)."""
+        code = textwrap.dedent("""
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))
+            print("ready", flush=True)
+            time.sleep(60)
+        """)
+        proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--run-dir", str(tmp_path / "run"),
+                                 "--log-file", str(tmp_path / "log.jsonl"), "--", sys.executable, "-c", code],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+
+    def test_sigkill_only_after_the_deadline(self, tmp_path):
+        """A child ignoring SIGTERM is SIGKILLed after kill_after (1 s), not before."""
+        code = textwrap.dedent("""
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print("ready", flush=True)
+            time.sleep(60)
+        """)
+        proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--kill-after", "1s",
+                                 "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl"),
+                                 "--", sys.executable, "-c", code],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGKILL
+        assert time.monotonic() - sent >= 1.0
+        assert [e["event"] for e in events(tmp_path)].count("child_killed") == 1
+
+    def test_missing_command_is_a_clear_error(self, tmp_path):
+        """A command that does not exist: exit 2, one line."""
+        proc = cli_run(tmp_path, "--", "/nonexistent/train")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == "session-watchdog: error: command not found: '/nonexistent/train'"
+
+    def test_exit_zero_ends_the_runtime_in_dry_run_and_one_does_not(self, tmp_path):
+        """With end_when_done, exit 0 goes through the end transaction (dry run); exit 1 logs and stays."""
+        ok = cli_run(tmp_path, "--end-when-done", "--dry-run", "--grace", "0.5s",
+                     "--end-command", "/bin/true", "--", sys.executable, "-c", "pass")
+        steps = [e.get("step") for e in events(tmp_path) if e["event"] == "action"]
+        assert ok.returncode == 0 and steps[-1] == "end_dry_run"
+        (tmp_path / "log.jsonl").unlink()
+        bad = cli_run(tmp_path, "--end-when-done", "--dry-run", "--grace", "0.5s",
+                      "--end-command", "/bin/true", "--", sys.executable, "-c", "raise SystemExit(1)")
+        evs = events(tmp_path)
+        assert bad.returncode == 1
+        assert not any(e["event"] == "action" and e.get("step", "").startswith("end_") for e in evs)
+        assert [e["reason"] for e in evs if e["event"] == "decision"] == ["training_failed"]
+
+
+class TestAttach:
+    def _sleeper(self, seconds=60, **kw):
+        return subprocess.Popen(["sleep", str(seconds)], **kw)
+
+    def test_completion_is_detected(self, tmp_path):
+        """attach ends when the watched process exits."""
+        target = self._sleeper(2)
+        proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--interval", "0.3s",
+                               "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl")],
+                              capture_output=True, text=True, timeout=60)
+        target.wait()
+        assert proc.returncode == 0, proc.stderr
+        assert "attached_exited" in [e["event"] for e in events(tmp_path)]
+
+    def test_a_foreign_pid_is_refused(self, tmp_path):
+        """A process of another user is refused (exit 2, one line)."""
+        target = self._sleeper(30, user=65534) if os.getuid() == 0 else None
+        if target is None:
+            pytest.skip("needs root to start a process as another user")
+        try:
+            proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--run-dir", str(tmp_path / "run")],
+                                  capture_output=True, text=True, timeout=30)
+        finally:
+            target.kill()
+            target.wait()
+        assert proc.returncode == 2
+        assert f"pid {target.pid} belongs to uid 65534" in proc.stderr
+
+    def test_a_reused_pid_is_refused(self, tmp_path):
+        """trainer.json names this pid with another start time: the pid was reused; refused."""
+        target = self._sleeper(30)
+        try:
+            rd = channel.RunDir(tmp_path / "run")
+            created = psutil.Process(target.pid).create_time()
+            rd.write_status(status(pid=target.pid, start_time=created - 500.0))
+            proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--run-dir", str(rd.path)],
+                                  capture_output=True, text=True, timeout=30)
+        finally:
+            target.kill()
+            target.wait()
+        assert proc.returncode == 2 and "its pid was reused" in proc.stderr
+
+    def test_missing_pid(self, tmp_path):
+        """A pid that does not exist is a clear error."""
+        proc = subprocess.run([*CLI, "attach", "--pid", "999999999", "--run-dir", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "no process with pid 999999999" in proc.stderr
+
+
+class TestDetach:
+    def test_detached_watchdog_outlives_its_process_group_and_is_found(self, tmp_path):
+        """--detach survives the death of the launching process group; status and stop find it."""
+        run_dir = tmp_path / "run"
+        launcher = subprocess.Popen([*CLI, "run", "--detach", "--interval", "0.3s", "--run-dir", str(run_dir),
+                                     "--log-file", str(tmp_path / "log.jsonl")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        out, err = launcher.communicate(timeout=60)
+        assert launcher.returncode == 0, err
+        assert f"run dir: {run_dir}" in out and "session-watchdog stop --run-dir" in out
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the terminal's process group goes away
+        except ProcessLookupError:
+            pass
+        info = json.loads((run_dir / "daemon.json").read_text())
+        assert psutil.pid_exists(info["pid"]) and channel.lock_held(run_dir / channel.DAEMON_LOCK)
+        assert os.getsid(info["pid"]) != os.getsid(0)
+        status_out = subprocess.run([*CLI, "status", "--run-dir", str(run_dir)], capture_output=True, text=True)
+        assert f"running (pid {info['pid']}" in status_out.stdout
+        stop = subprocess.run([*CLI, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert wait_for(lambda: not channel.lock_held(run_dir / channel.DAEMON_LOCK))
+
+    def test_stop_without_a_watchdog(self, tmp_path):
+        """stop when nothing runs says so (exit 2)."""
+        (tmp_path / "run").mkdir(mode=0o700)
+        proc = subprocess.run([*CLI, "stop", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "no watchdog is running" in proc.stderr
+
+
+class TestSdNotify:
+    def test_ready_status_and_watchdog_pings_from_the_real_daemon(self, tmp_path):
+        """Under NOTIFY_SOCKET the daemon sends READY=1, STATUS=... and WATCHDOG=1 every half period."""
+        sock_path = tmp_path / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(sock_path))
+        sock.settimeout(0.2)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        proc = subprocess.Popen([*CLI, "run", "--interval", "0.1s", "--run-dir", str(tmp_path / "run"),
+                                 "--log-file", str(tmp_path / "log.jsonl")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        messages = []
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 4:
+                try:
+                    messages.append(sock.recv(4096).decode())
+                except socket.timeout:
+                    pass
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+            try:
+                while True:
+                    messages.append(sock.recv(4096).decode())
+            except (socket.timeout, OSError):
+                pass
+            sock.close()
+        assert messages[0].startswith("READY=1\nSTATUS=watching generic session")
+        pings = [m for m in messages if m.startswith("WATCHDOG=1")]
+        assert len(pings) >= 4 and any("STATUS=" in m for m in messages[1:])
+        assert messages[-1].startswith("STOPPING=1")
+
+
+class TestPreemption:
+    def test_a_notice_becomes_an_immediate_stop_request_with_its_deadline(self, tmp_path):
+        """A spot notice 120 s out: the next tick writes a stop request with that deadline."""
+        class SpotPoller:
+            name = "aws-spot"
+
+            def poll(self, now):
+                return Notice("aws-spot", now + 120.0, "terminate")
+
+        clock = FakeClock(1_800_000_000.0)
+        cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"))
+        dog = Watchdog(cfg, platform=platforms.Platform("generic", ("t",)), clock=clock,
+                       session_start=clock.wall(), pollers=[SpotPoller()],
+                       probe=ScriptedProbe([sample(trainer_status=status(heartbeat=clock.wall()))]))
+        dog.poll_preemption()
+        dog.tick()
+        request = dog.run_dir.read_request()
+        assert (request.action, request.reason, request.deadline) == ("stop", "preemption", clock.wall() + 120.0)
+
+    def test_slurm_time_limit_is_a_deadline_not_a_stop(self, tmp_path):
+        """SLURM's remaining time (squeue) shortens the session like a budget: no stop while far away."""
+        class SlurmLimit:
+            name = "slurm"
+
+            def poll(self, now):
+                return Notice("slurm", now + 7200.0, "time limit")
+
+        clock = FakeClock(1_800_000_000.0)
+        cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"))
+        dog = Watchdog(cfg, platform=platforms.Platform("generic", ("t",)), clock=clock,
+                       session_start=clock.wall(), pollers=[SlurmLimit()],
+                       probe=ScriptedProbe([sample(trainer_status=status(heartbeat=clock.wall()))]))
+        dog.poll_preemption()
+        dog.tick()
+        assert dog.run_dir.read_request() is None
