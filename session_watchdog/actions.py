@@ -258,6 +258,10 @@ class EndTransaction:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def holds_locks(self) -> bool:
+        """Whether this transaction holds run.lock (and so nobody else does)."""
+        return self._locks[0].held
+
     def _step(self, step: str, **fields: Any) -> None:
         log.info("action", step=step, reason=self.reason, **fields)
 

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     report.add_tail_parser(sub)
 
+    from session_watchdog import demo
+
+    demo.add_parser(sub)
+
     doctor = sub.add_parser("doctor", help="check this machine and say what needs fixing")
     _add_config_flags(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -504,6 +508,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from session_watchdog import demo
+
+    return demo.run(args)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from session_watchdog import report
 
@@ -514,6 +524,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "report": cmd_report,
     "tail": cmd_tail,
+    "demo": cmd_demo,
     "status": cmd_status,
     "cancel": cmd_cancel,
     "attach": cmd_attach,

@@ -166,6 +166,11 @@ class Watchdog:
         """Probe, decide, act, log. Never overlaps itself."""
         with self._tick_lock:
             sample = self.probe.sample(self.session.times())
+            if self.end is not None and self.end.holds_locks():
+                # The locks are ours (the end transaction took them), so no one else holds
+                # them: the trainer is not alive and not saving, whatever the probe saw.
+                sample = dataclasses.replace(sample, trainer=dataclasses.replace(
+                    sample.trainer, alive=False, saving=False))
             notice = self.preemption.latest
             if notice is not None:
                 sample = dataclasses.replace(

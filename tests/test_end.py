@@ -504,3 +504,32 @@ def _ticker():
         t[0] += 1.0
         return t[0]
     return now
+
+
+class TestDaemonEnd:
+    def test_one_end_only_while_the_watchdog_holds_the_locks(self, tmp_path):
+        """During and after the end transaction the watchdog's own locks never look like a live
+        trainer: no second end, no new-trainer reset."""
+        from session_watchdog.probes import SystemProbe
+
+        run = channel.RunDir(tmp_path / "run")
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        run.write_status(done_status(ckpt))
+        rec = Recorder()
+        clock = FakeClock(NOW)
+        config = Config.build(run_dir=str(run.path), log_file=str(tmp_path / "l"), grace="1s",
+                              platform="generic", end_when_done=True)
+        dog = Watchdog(config, platform=platforms.Platform("generic", ("t",)), clock=clock, session_start=NOW,
+                       probe=SystemProbe(run, ()), end_action=("recorder", rec), confirm_after_s=0.0)
+        with structlog.testing.capture_logs() as events:
+            dog.tick()
+            assert dog.end_running()
+            for _ in range(3):
+                clock.advance(5.0)
+                dog.tick()
+            dog.wait_end(30)
+            clock.advance(5.0)
+            dog.tick()
+        assert [e["kind"] for e in events if e["event"] == "decision"] == ["end"]
+        # the process is still alive after the (recorded) end action: one confirm retry, no more
+        assert len(rec.calls) == 2
