@@ -1,0 +1,180 @@
+"""A runnable training script: a small CNN on synthetic images, driven by a Session.
+
+    python -m session_watchdog.trainer.example --checkpoint-dir /tmp/ckpt --epochs 3
+
+No downloads: every batch is generated from (seed, epoch, batch index), so the data order is a
+pure function of the step and a resumed run can skip the batches already done for free. With the
+RNG states restored from the checkpoint (dropout draws from torch's global generator), a run that
+is killed and resumed ends with the same parameters, bit for bit, as one that never stopped.
+
+Exit status: 0 when training completed (final checkpoint verified), ``EXIT_STOPPED`` (75) when it
+stopped on a request or a signal after a durable checkpoint (run it again to resume), 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from session_watchdog.trainer.session import (
+    DEFAULT_CHECKPOINT_EVERY_S,
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_POLL_INTERVAL_S,
+    EXIT_STOPPED,
+    Session,
+    SessionExit,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 16
+CHANNELS = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m session_watchdog.trainer.example",
+        description="Train a small CNN on synthetic images under a session-watchdog Session.")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps-per-epoch", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints") / "example")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run directory shared with the daemon (default: "
+                             "$SESSION_WATCHDOG_RUN_DIR or the per-user default)")
+    parser.add_argument("--async-save", action="store_true",
+                        help="write requested/periodic checkpoints in the background")
+    parser.add_argument("--checkpoint-every", type=float, default=DEFAULT_CHECKPOINT_EVERY_S,
+                        help="seconds between periodic checkpoints; 0 turns them off")
+    parser.add_argument("--step-sleep", type=float, default=0.0,
+                        help="seconds to sleep per step, to stretch a demo run")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S)
+    parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S)
+    parser.add_argument("--quiet", action="store_true", help="no session log lines on stderr")
+    return parser
+
+
+def make_model() -> torch.nn.Module:
+    """conv-relu-pool, conv-relu-pool, dropout, linear: ~4k parameters."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(CHANNELS, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Dropout(0.1), nn.Linear(8 * 4 * 4, NUM_CLASSES),
+    )
+
+
+def prototypes(seed: int) -> torch.Tensor:
+    """One fixed random image per class: what the classifier has to tell apart."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(NUM_CLASSES, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+
+
+def make_batch(protos: torch.Tensor, seed: int, epoch: int, index: int,
+               batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``index`` of ``epoch``: noisy class prototypes, a pure function of its arguments."""
+    import torch
+
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+    noise = torch.randn(batch_size, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    return protos[labels] + noise, labels
+
+
+def pick_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Train; return 0 on completion, EXIT_STOPPED on a stop, 2 on bad arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("epochs", "steps_per_epoch", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.step_sleep < 0 or args.checkpoint_every < 0:
+        parser.error("--step-sleep and --checkpoint-every must not be negative")
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="[session] %(message)s", stream=sys.stderr)
+
+    import torch
+    from torch import nn
+
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        # Bit-identical resume needs deterministic kernels (cuDNN autotuning picks per run).
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.manual_seed(args.seed)
+    model = make_model().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.steps_per_epoch),
+                                                gamma=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    protos = prototypes(args.seed)
+
+    session = Session(
+        args.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+        run_dir=args.run_dir, async_save=args.async_save,
+        checkpoint_every=args.checkpoint_every or None, poll_interval=args.poll_interval,
+        heartbeat_interval=args.heartbeat_interval)
+    with session:
+        start = session.resume()
+        if start.resumed:
+            print(f"resumed from {start.path} at epoch {start.epoch} step {start.step} "
+                  f"(batch {start.batch})", flush=True)
+        else:
+            print(f"fresh start on {device}", flush=True)
+        try:
+            for epoch in session.epochs(args.epochs):
+                began = time.monotonic()
+                total, count = 0.0, 0
+                first = start.batch if epoch == start.epoch else 0
+                model.train()
+                for index in range(first, args.steps_per_epoch):
+                    inputs, labels = make_batch(protos, args.seed, epoch, index, args.batch_size)
+                    inputs, labels = inputs.to(device), labels.to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(inputs), labels)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    total += float(loss.detach())
+                    count += 1
+                    if args.step_sleep:
+                        time.sleep(args.step_sleep)
+                    session.step()  # checkpoints / stops here when asked
+                if count:  # an epoch the checkpoint had finished has nothing left to report
+                    print(f"epoch {epoch + 1}/{args.epochs} step {session.global_step} "
+                          f"loss {total / count:.4f} ({time.monotonic() - began:.2f} s)",
+                          flush=True)
+        except SessionExit as stop:
+            # A script could let it propagate (exit status 75); main() returns codes instead.
+            print(f"stopped ({stop.reason}) at step {stop.checkpoint.step}: "
+                  f"{stop.checkpoint.path}", flush=True)
+            return EXIT_STOPPED
+        final = session.complete()
+        print(f"completed at step {final.step}: {final.path} sha256 {final.sha256[:16]}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,936 @@
+"""Session: the trainer side of the watchdog, driven from the training loop one step at a time.
+
+Usage in a script::
+
+    from session_watchdog.trainer import Session
+
+    with Session("checkpoints/", model=model, optimizer=opt, scheduler=sched) as session:
+        start = session.resume()              # newest verified checkpoint, or a fresh start
+        for epoch in session.epochs(num_epochs):
+            skip = start.batch if epoch == start.epoch else 0
+            for index, batch in enumerate(loader):
+                if index < skip:
+                    continue                  # done before the checkpoint we resumed from
+                ...                           # forward, backward, optimizer.step()
+                session.step()                # a memory read unless a flag is set
+        session.complete()                    # final checkpoint, verified, state=completed
+
+What ``step()`` does: it adds one to the global step counter and reads one attribute. Everything
+else happens only when that attribute (``_pending``) is set, by
+
+- the poller thread, which reads ``request.json`` every ``poll_interval`` seconds (a request with a
+  new ``seq``), writes the heartbeat (``trainer.json``) every ``heartbeat_interval`` seconds and
+  flags the periodic checkpoint every ``checkpoint_every`` seconds;
+- the SIGTERM / SIGUSR1 handlers, which only set flags and wake the poller (never save inside a
+  handler: DESIGN.md, STYLE.md #6). They are installed only from the main thread, chain to the
+  handlers that were there before and are restored by ``close()`` (Lightning's signal_connector).
+
+At that step boundary the session saves a checkpoint (holding ``save.lock``), then acknowledges
+the request in ``trainer.json`` (``acked_seq`` and ``last_checkpoint``) once the file is durable.
+
+Stopping. A ``stop`` request, SIGTERM, or SIGUSR1 with no new request and no daemon holding
+``daemon.lock`` (SLURM's ``--signal=USR1@120``) means: checkpoint, acknowledge, close the session,
+then leave the training loop from inside ``step()``:
+
+- scripts (``exit_on_stop=True``, the default): ``step()`` raises :class:`SessionExit`, a
+  ``SystemExit`` with code :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL`` in sysexits.h: "try again
+  later"), so an unmodified script exits with 75 and a wrapper knows the run can be resumed;
+- notebooks (``exit_on_stop=False``): ``step()`` raises :class:`StopTraining`, an ordinary
+  ``Exception`` that never ends the kernel. A ``with Session(...)`` block swallows it, so the cell
+  ends cleanly and ``session.stopped`` is True afterwards.
+
+A second SIGTERM that arrives before the first was handled at a step boundary (a loop stuck in a
+data loader, an idle notebook that never closed its session) gets the previous disposition back
+and is delivered again, so "kill, then kill again" still ends the process.
+
+Resuming. ``resume()`` loads the newest *verified* checkpoint into the model, optimizer, scheduler
+and scaler (RNG states too, through ``checkpoint.restore_state``) and returns a :class:`Start`.
+``Start.batch`` is the number of steps already done inside ``Start.epoch``: skip that many batches
+of that epoch to continue at the exact step (the step counter, ``Start.step``, already counts
+them). A data order that depends only on (seed, epoch, batch index) makes the skip cheap and the
+resumed run bit-identical to an uninterrupted one (see ``session_watchdog.trainer.example``).
+
+States reported in ``trainer.json``: ``starting`` (built, no step yet), ``running``, ``saving``
+(a synchronous checkpoint is being written; ``save.lock`` is held), ``stopping`` -> ``stopped``
+(the stop checkpoint is durable and acknowledged), ``completed`` (final checkpoint verified),
+``failed`` (``fail()``, an exception leaving the ``with`` block - KeyboardInterrupt included -, or
+a stop/final checkpoint that could not be saved). ``close()`` alone leaves the state as it is.
+
+Failures. A malformed ``request.json`` is logged and ignored. A checkpoint that fails to save is
+logged and not acknowledged (the request is tried again after ``retry_after`` seconds, the daemon
+may resend it), training goes on - except for a stop, where ``step()`` re-raises the error after
+writing ``state=failed`` (exiting with "resumable" would be a lie). ``complete()`` writes
+``state=completed`` only after the final checkpoint is saved and verified.
+
+Distributed training (torch.distributed) is a later issue: every decision taken at a step boundary
+passes through :meth:`Session._agree`, where an all-reduce across ranks will go.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
+
+from session_watchdog import channel
+from session_watchdog.channel import (
+    DAEMON_LOCK,
+    RUN_LOCK,
+    SAVE_LOCK,
+    ChannelError,
+    CheckpointInfo,
+    FileLock,
+    Request,
+    RunDir,
+    TrainerStatus,
+)
+
+if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
+    from session_watchdog.trainer.checkpoint import (
+        CheckpointManager,
+        PendingSave,
+        SavedCheckpoint,
+    )
+
+__all__ = [
+    "EXIT_STOPPED",
+    "Session",
+    "SessionExit",
+    "Start",
+    "StopTraining",
+]
+
+EXIT_STOPPED = 75
+"""Exit status of a script stopped on request after a durable checkpoint (EX_TEMPFAIL: resumable)."""
+
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+DEFAULT_CHECKPOINT_EVERY_S = 30 * 60.0
+DEFAULT_RETRY_AFTER_S = 30.0
+_STEP_TIME_EMA_ALPHA = 0.3  # weight of the newest step-time sample (one per poll with progress)
+_RUN_LOCK_WAIT_S = 30.0  # the daemon holds run.lock exclusively only briefly, before ending
+_SESSION_EXTRAS_KEY = "session_watchdog"  # our bookkeeping inside the checkpoint's extras
+
+_log = logging.getLogger(__name__)
+
+RunDirLike = Union[str, "os.PathLike[str]", RunDir]
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+
+
+def _event(level: int, event: str, **fields: Any) -> None:
+    """Log ``event`` with fields: stdlib logging (structlog costs ~0.1 s to import in a trainer).
+
+    The record carries ``record.event`` and ``record.fields`` so tests assert on data, not text.
+    """
+    if _log.isEnabledFor(level):
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        _log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+class SessionError(Exception):
+    """The session cannot start (run directory locked, bad arguments)."""
+
+
+class StopTraining(Exception):
+    """Raised by ``step()`` on a stop when ``exit_on_stop=False`` (notebooks): leave the loop.
+
+    Attributes:
+        reason: why training stopped ("request:<daemon reason>", "SIGTERM", "SIGUSR1").
+        checkpoint: the durable checkpoint written for the stop.
+    """
+
+    def __init__(self, reason: str, checkpoint: SavedCheckpoint) -> None:
+        super().__init__(f"training stopped ({reason}) at step {checkpoint.step}; "
+                         f"checkpoint {checkpoint.path}")
+        self.reason = reason
+        self.checkpoint = checkpoint
+
+
+class SessionExit(SystemExit):
+    """Raised by ``step()`` on a stop when ``exit_on_stop=True``: exits with :data:`EXIT_STOPPED`."""
+
+    def __init__(self, reason: str, checkpoint: SavedCheckpoint) -> None:
+        super().__init__(EXIT_STOPPED)
+        self.reason = reason
+        self.checkpoint = checkpoint
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where training starts: from scratch or from the newest verified checkpoint.
+
+    Attributes:
+        epoch: the epoch to start in.
+        step: the global step counter (steps already done in all epochs).
+        elapsed_s: training time accumulated before this start, in seconds.
+        resumed: whether a checkpoint was loaded.
+        path: the checkpoint loaded, or None.
+        batch: steps already done inside ``epoch``; skip that many batches of it.
+        extras: what the loop stored in ``session.extras`` before the checkpoint.
+    """
+
+    epoch: int
+    step: int
+    elapsed_s: float
+    resumed: bool
+    path: Optional[Path]
+    batch: int = 0
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Flags:
+    """What to do at this step boundary (the unit that ranks will agree on, see ``_agree``)."""
+
+    save: bool
+    stop: bool
+    request: Optional[Request]
+    reason: str
+
+
+class Session:
+    """Checkpoint, acknowledge and stop at step boundaries, as the watchdog or a signal asks.
+
+    Args:
+        checkpoint_dir: where checkpoints go (``CheckpointManager(checkpoint_dir, keep)``).
+        model, optimizer, scheduler, scaler: what a checkpoint holds (any may be None).
+        run_dir: the run directory shared with the daemon: a path, a ``RunDir``, or None for
+            ``$SESSION_WATCHDOG_RUN_DIR`` / ``channel.default_run_dir()``.
+        keep: checkpoints kept on disk (newest first).
+        poll_interval: seconds between reads of ``request.json`` by the poller thread.
+        heartbeat_interval: seconds between heartbeat writes of ``trainer.json``.
+        checkpoint_every: seconds between periodic checkpoints (no daemon needed); None: off.
+        async_save: write requested and periodic checkpoints in the background (the ack goes
+            out when the file is durable); stop and final checkpoints are always synchronous.
+        exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
+            :class:`StopTraining` (False, notebooks).
+        handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
+        retry_after: seconds before a requested checkpoint that failed to save is tried again.
+        extras: initial value of ``session.extras``, a dict saved with every checkpoint.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: Union[str, os.PathLike[str]],
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        run_dir: Optional[RunDirLike] = None,
+        keep: int = 2,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        checkpoint_every: Optional[float] = DEFAULT_CHECKPOINT_EVERY_S,
+        async_save: bool = False,
+        exit_on_stop: bool = True,
+        handle_signals: bool = True,
+        retry_after: float = DEFAULT_RETRY_AFTER_S,
+        extras: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        for name, value in (("poll_interval", poll_interval),
+                            ("heartbeat_interval", heartbeat_interval),
+                            ("retry_after", retry_after)):
+            if not value > 0:
+                raise ValueError(f"Session({name}={value!r}): expected a positive number of seconds")
+        if checkpoint_every is not None and not checkpoint_every > 0:
+            raise ValueError(f"Session(checkpoint_every={checkpoint_every!r}): expected a positive "
+                             "number of seconds, or None to turn periodic checkpoints off")
+
+        # Imported here, not at module level: the checkpoint module imports torch, and
+        # `import session_watchdog.trainer` must stay cheap until a Session is built.
+        import psutil
+
+        from session_watchdog.trainer import checkpoint
+
+        self._ckpt = checkpoint
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.extras: Dict[str, Any] = dict(extras or {})
+        self.poll_interval = float(poll_interval)
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.checkpoint_every = None if checkpoint_every is None else float(checkpoint_every)
+        self.async_save = async_save
+        self.exit_on_stop = exit_on_stop
+        self.retry_after = float(retry_after)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.manager: CheckpointManager = checkpoint.CheckpointManager(self.checkpoint_dir, keep=keep)
+
+        # --- state read by step() and the poller (plain attributes: reads are atomic under the GIL)
+        self._step = 0  # global step counter
+        self._pending = False  # THE per-step flag: something waits for the next step boundary
+        self._epoch = 0
+        self._epoch_start_step = 0
+        self._state = "starting"
+        self._closed = False
+        self._stopped = False
+        self._sigterm = False
+        self._sigusr1 = False
+        self._periodic_due = False
+        self._request: Optional[Request] = None  # newest unhandled request seen by the poller
+        self._handled_seq = 0  # requests up to this seq are done (acked or stale)
+        self._acked_seq = 0
+        self._failed: Tuple[int, float] = (0, 0.0)  # (seq, monotonic) of a failed requested save
+        self._last_checkpoint: Optional[CheckpointInfo] = None
+        self._extra: Dict[str, Any] = {}
+        self._step_time_s: Optional[float] = None
+        self._elapsed_base = 0.0
+        self._mono_start = time.monotonic()
+        self._last_save_mono = self._mono_start  # periodic checkpoints count from here
+        self._rate_anchor: Tuple[float, int] = (self._mono_start, 0)
+        self._last_heartbeat_mono = 0.0
+        self._last_request_error: Optional[str] = None
+        self._async_thread: Optional[threading.Thread] = None
+        self._inflight_seq: Optional[int] = None  # request answered by the async save in flight
+        self._start_step = 0  # "starting" turns "running" once the counter moves past it
+        self._status_lock = threading.Lock()
+
+        self.run_dir = self._open_run_dir(run_dir)
+        self._pid = os.getpid()
+        self._create_time = psutil.Process(self._pid).create_time()
+        self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
+        self._save_lock = FileLock(self.run_dir.file(SAVE_LOCK))
+        self._prev_handlers: Dict[int, _Handler] = {}
+        self._on_signal_bound = self._on_signal  # one object, so close() can recognise it
+        # A self-pipe wakes the poller from a signal handler without taking any lock.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = threading.Thread(target=self._poll_loop, name="session-watchdog-poller",
+                                        daemon=True)
+        try:
+            self._acquire_run_lock()
+            self._adopt_previous_status()
+            self._write_status()
+            if handle_signals:
+                self._install_signal_handlers()
+            self._poller.start()
+        except BaseException:
+            self._restore_signal_handlers()
+            self._run_lock.release()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            raise
+        _event(logging.INFO, "session_started", run_dir=str(self.run_dir.path),
+               checkpoint_dir=str(self.manager.directory), acked_seq=self._acked_seq)
+
+    # ------------------------------------------------------------------------------------------
+    # The training loop's side
+
+    def step(self) -> None:
+        """Count one optimizer step; at a flagged boundary checkpoint, acknowledge or stop.
+
+        Call it once per iteration, after ``optimizer.step()``. Costs an increment and one
+        attribute read unless the poller or a signal set the flag.
+
+        Raises:
+            SessionExit: on a stop with ``exit_on_stop=True`` (exit code :data:`EXIT_STOPPED`).
+            StopTraining: on a stop with ``exit_on_stop=False``.
+            CheckpointError: the checkpoint for a stop could not be saved (state=failed).
+        """
+        self._step += 1
+        if self._pending:
+            self._service()
+
+    @property
+    def global_step(self) -> int:
+        """Steps counted so far (restored by ``resume()``)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch; set it at the start of each epoch (or iterate ``epochs()``)."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if value != self._epoch:
+            self._epoch = int(value)
+            self._epoch_start_step = self._step
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Yield the epochs from the current one (after ``resume()``) up to ``total``, setting ``epoch``."""
+        epoch = self._epoch
+        while epoch < total:
+            self.epoch = epoch
+            yield epoch
+            epoch += 1
+
+    @property
+    def state(self) -> str:
+        """The state reported in ``trainer.json`` (channel.TRAINER_STATES)."""
+        return self._state
+
+    @property
+    def stopped(self) -> bool:
+        """True once the session stopped on request or signal (after the stop checkpoint)."""
+        return self._stopped
+
+    @property
+    def acked_seq(self) -> int:
+        """The newest request acknowledged in ``trainer.json``."""
+        return self._acked_seq
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training time so far, including the time before the checkpoint resumed from."""
+        return self._elapsed_base + (time.monotonic() - self._mono_start)
+
+    @property
+    def last_checkpoint(self) -> Optional[CheckpointInfo]:
+        """The newest durable checkpoint as reported in ``trainer.json``."""
+        return self._last_checkpoint
+
+    def resume(self, map_location: Any = "cpu") -> Start:
+        """Load the newest verified checkpoint into the model etc., or report a fresh start.
+
+        Args:
+            map_location: passed to ``CheckpointManager.load`` (tensors land on the parameters'
+                devices when loaded into the modules anyway).
+
+        Returns:
+            The :class:`Start` to continue from.
+        """
+        saved = self.manager.latest()
+        if saved is None:
+            _event(logging.INFO, "fresh_start", checkpoint_dir=str(self.manager.directory))
+            return Start(epoch=self._epoch, step=self._step, elapsed_s=self._elapsed_base,
+                         resumed=False, path=None)
+        state = self.manager.load(saved, map_location=map_location)
+        meta = self._ckpt.restore_state(state, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler)
+        extras = dict(meta.get("extras") or {})
+        ours = extras.pop(_SESSION_EXTRAS_KEY, None) or {}
+        step = int(meta["step"])
+        epoch = int(meta["epoch"])
+        self._step = step
+        self._epoch = epoch
+        self._epoch_start_step = int(ours.get("epoch_start_step", step))
+        self._elapsed_base = float(meta.get("elapsed_s") or 0.0)
+        now = time.monotonic()
+        self._mono_start = now
+        self._last_save_mono = now
+        self._rate_anchor = (now, step)
+        self._start_step = step
+        self.extras = extras
+        self._last_checkpoint = _info(saved, seq=None)
+        self._write_status()
+        start = Start(epoch=epoch, step=step, elapsed_s=self._elapsed_base, resumed=True,
+                      path=Path(saved.path), batch=step - self._epoch_start_step, extras=extras)
+        _event(logging.INFO, "resumed", path=str(saved.path), epoch=epoch, step=step,
+               batch=start.batch)
+        return start
+
+    def checkpoint(self, reason: str = "manual") -> SavedCheckpoint:
+        """Save a checkpoint now, synchronously (e.g. at the end of an epoch); returns it.
+
+        Raises:
+            CheckpointError: it could not be saved (reported in ``trainer.json`` too).
+        """
+        self._ensure_open()
+        return self._save(seq=None, reason=reason, during="saving")
+
+    def complete(self) -> SavedCheckpoint:
+        """Write the final checkpoint, verify it, then report ``state=completed`` and close.
+
+        Raises:
+            CheckpointError: the final checkpoint could not be saved or verified (state=failed).
+        """
+        self._ensure_open()
+        request = self._request
+        # The final checkpoint answers a request still open: nothing newer will ever exist.
+        seq = request.seq if request is not None and request.seq > self._handled_seq else None
+        try:
+            saved = self._save(seq=None, reason="complete", during="saving", record=False)
+            if not self.manager.verify(saved.path):
+                raise self._ckpt.CheckpointError(
+                    f"final checkpoint {saved.path} failed verification (size or sha256)")
+        except BaseException as err:
+            self._fail(err)
+            self.close()
+            raise
+        self._record(saved, seq=seq, state="completed")
+        _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
+               sha256=saved.sha256)
+        self.close()
+        return saved
+
+    def fail(self, error: Optional[BaseException] = None) -> None:
+        """Report ``state=failed`` (the daemon then never ends the runtime) and close."""
+        if self._closed:
+            return
+        self._fail(error)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the poller, restore signal handlers and release ``run.lock``. Idempotent.
+
+        The state in ``trainer.json`` is left as it is: a session closed without ``complete()``
+        or a stop looks to the daemon like a trainer that went away.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._pending = False
+        self._join_async()
+        self._wake()
+        if self._poller.is_alive() and self._poller is not threading.current_thread():
+            self._poller.join(timeout=max(5.0, 2 * self.poll_interval))
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._restore_signal_handlers()
+        self._save_lock.release()
+        self._run_lock.release()
+        _event(logging.INFO, "session_closed", state=self._state, step=self._step)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> bool:
+        if exc is None or isinstance(exc, (StopTraining, SessionExit)):
+            self.close()
+            # A notebook cell ends cleanly on a stop; a script still exits with EXIT_STOPPED.
+            return isinstance(exc, StopTraining)
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            self.close()
+            return False
+        self.fail(exc)
+        return False
+
+    # ------------------------------------------------------------------------------------------
+    # Step boundary (main thread)
+
+    def _service(self) -> None:
+        """Act on whatever set the flag. Runs in the training thread, between two steps."""
+        # Clear first, read the reasons after: a flag set meanwhile is then seen now or next step.
+        self._pending = False
+        if self._closed:
+            return
+        stop_reason: Optional[str] = None
+        if self._sigterm:
+            self._sigterm = False
+            stop_reason = "SIGTERM"
+        request = self._request
+        if self._sigusr1:
+            self._sigusr1 = False
+            if not self._is_new(request):
+                # The daemon writes the request before it signals; the poller may not have read
+                # it yet, so read it here rather than wait up to poll_interval.
+                request = self._poll_request()
+                if not self._is_new(request) and not self._daemon_present():
+                    # No daemon: SIGUSR1 is SLURM's `--signal=USR1@...` warning. With a daemon it
+                    # is only a wake-up (it may resend for a request we already acknowledged).
+                    stop_reason = stop_reason or "SIGUSR1"
+        if not self._is_new(request):
+            request = None
+        periodic = self._periodic_due
+        if periodic:
+            # Restart the period before clearing the flag: the poller reads the flag first and
+            # the time second, so it cannot flag the same period twice.
+            self._last_save_mono = time.monotonic()
+            self._periodic_due = False
+        if stop_reason is not None:
+            reason = stop_reason  # a signal's stop also answers a pending request (seq acked)
+        elif request is not None:
+            reason = f"request:{request.reason}"
+        else:
+            reason = "periodic"
+        stop = stop_reason is not None or (request is not None and request.action == "stop")
+        flags = self._agree(_Flags(save=stop or periodic or request is not None, stop=stop,
+                                   request=request, reason=reason))
+        if not flags.save:
+            return
+        seq = None if flags.request is None else flags.request.seq
+        if flags.stop:
+            try:
+                saved = self._save(seq=seq, reason=flags.reason, during="stopping",
+                                   after="stopped")
+            except BaseException as err:
+                # Exiting with "resumable" after a failed save would be a lie: fail loudly.
+                self._fail(err)
+                self.close()
+                raise
+            self._stopped = True
+            _event(logging.WARNING, "stopped", reason=flags.reason, step=saved.step,
+                   path=str(saved.path))
+            self.close()
+            if self.exit_on_stop:
+                raise SessionExit(flags.reason, saved)
+            raise StopTraining(flags.reason, saved)
+        if self.async_save:
+            self._save_async(seq=seq, reason=flags.reason)
+            return
+        try:
+            self._save(seq=seq, reason=flags.reason, during="saving")
+        except (self._ckpt.CheckpointError, OSError):
+            pass  # logged and reported by _save; training goes on without an ack
+
+    def _agree(self, flags: _Flags) -> _Flags:
+        """Make every rank take the same decision at this step. Single process: as is.
+
+        The torch.distributed version (a later issue) all-reduces (save, stop) with MAX here, so
+        that every rank saves and stops at the same step.
+        """
+        return flags
+
+    def _is_new(self, request: Optional[Request]) -> bool:
+        """Whether ``request`` still needs an answer (not acked, not in flight, not backing off)."""
+        if request is None or request.seq <= self._handled_seq or request.seq == self._inflight_seq:
+            return False
+        failed_seq, failed_at = self._failed
+        return not (request.seq == failed_seq
+                    and time.monotonic() - failed_at < self.retry_after)
+
+    # ------------------------------------------------------------------------------------------
+    # Saving
+
+    def _capture(self) -> Dict[str, Any]:
+        extras = dict(self.extras)
+        extras[_SESSION_EXTRAS_KEY] = {"epoch_start_step": self._epoch_start_step}
+        state: Dict[str, Any] = self._ckpt.capture_state(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, epoch=self._epoch, step=self._step, elapsed_s=self.elapsed_s,
+            extras=extras)
+        return state
+
+    def _save(self, *, seq: Optional[int], reason: str, during: str,
+              after: Optional[str] = None, record: bool = True) -> SavedCheckpoint:
+        """Save synchronously under ``save.lock``; acknowledge ``seq`` once it is durable.
+
+        Args:
+            seq: the request this checkpoint answers, or None.
+            reason: for the log.
+            during: the state reported while saving ("saving" or "stopping").
+            after: the state reported with the ack (None: the state before the save).
+            record: report the checkpoint in ``trainer.json`` (``complete()`` verifies first).
+
+        On failure the error is logged, reported in ``trainer.json`` (``extra.last_error``) and
+        re-raised.
+        """
+        self._join_async()
+        previous = self._state
+        self._last_save_mono = time.monotonic()  # any checkpoint restarts the period
+        self._set_state(during)
+        try:
+            with self._save_lock:
+                saved = self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
+        except BaseException as err:
+            self._save_failed(err, seq, reason, previous)
+            raise
+        self._rate_anchor = (time.monotonic(), self._step)  # save time is not step time
+        if record:
+            self._record(saved, seq=seq, state=previous if after is None else after)
+        _event(logging.INFO, "checkpoint_saved", reason=reason, seq=seq, step=saved.step,
+               path=str(saved.path), duration_s=round(saved.duration_s, 3), bytes=saved.bytes)
+        return saved
+
+    def _save_async(self, *, seq: Optional[int], reason: str) -> None:
+        """Snapshot now, write in the background; the ack goes out when the file is durable."""
+        self._join_async()
+        self._save_lock.acquire()  # held until the write is durable (released by the waiter)
+        self._last_save_mono = time.monotonic()
+        try:
+            pending = self.manager.save_async(self._capture(), step=self._step, epoch=self._epoch)
+        except BaseException as err:
+            self._save_lock.release()
+            self._save_failed(err, seq, reason, None)
+            if isinstance(err, (self._ckpt.CheckpointError, OSError)):
+                return
+            raise
+        self._rate_anchor = (time.monotonic(), self._step)
+        self._inflight_seq = seq
+        self._async_thread = threading.Thread(target=self._await_async,
+                                              args=(pending, seq, reason),
+                                              name="session-watchdog-ack", daemon=True)
+        self._async_thread.start()
+
+    def _await_async(self, pending: PendingSave, seq: Optional[int], reason: str) -> None:
+        """Background: wait for the write to be durable, then acknowledge (or report failure).
+
+        The training thread joins this thread (``_join_async``) before it saves again,
+        completes or closes, so a failure is reported exactly once, here.
+        """
+        try:
+            saved: Optional[SavedCheckpoint] = pending.result()
+        except BaseException as err:
+            self._save_lock.release()
+            self._save_failed(err, seq, reason, None)
+            self._inflight_seq = None
+            return
+        self._save_lock.release()
+        if saved is not None:
+            self._record(saved, seq=seq, state=None)
+            _event(logging.INFO, "checkpoint_saved", reason=reason, seq=seq, step=saved.step,
+                   path=str(saved.path), duration_s=round(saved.duration_s, 3),
+                   bytes=saved.bytes, mode="async")
+        self._inflight_seq = None
+
+    def _join_async(self) -> None:
+        thread = self._async_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            self._async_thread = None
+
+    def _save_failed(self, err: BaseException, seq: Optional[int], reason: str,
+                     state: Optional[str]) -> None:
+        if seq is not None:
+            self._failed = (seq, time.monotonic())
+        error = f"{type(err).__name__}: {err}"
+        _event(logging.ERROR, "checkpoint_failed", reason=reason, seq=seq, step=self._step,
+               error=error)
+        with self._status_lock:
+            self._extra["last_error"] = error
+            if state is not None:
+                self._state = state
+        self._write_status()
+
+    def _record(self, saved: SavedCheckpoint, *, seq: Optional[int],
+                state: Optional[str]) -> None:
+        """Report a durable checkpoint (and the ack of ``seq``) in one ``trainer.json`` write."""
+        with self._status_lock:
+            self._last_checkpoint = _info(saved, seq=seq)
+            self._extra["checkpoint_duration_s"] = round(float(saved.duration_s), 6)
+            self._extra.pop("last_error", None)
+            if seq is not None:
+                self._handled_seq = max(self._handled_seq, seq)
+                self._acked_seq = max(self._acked_seq, seq)
+            if state is not None:
+                self._state = state
+        self._write_status()
+
+    def _fail(self, error: Optional[BaseException]) -> None:
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        with self._status_lock:
+            self._state = "failed"
+            if text is not None:
+                self._extra["error"] = text
+        self._write_status()
+        _event(logging.ERROR, "failed", step=self._step, error=text)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise SessionError(f"session is closed (state {self._state})")
+
+    # ------------------------------------------------------------------------------------------
+    # trainer.json
+
+    def _set_state(self, state: str, only_from: Optional[str] = None) -> None:
+        """Report ``state`` now; with ``only_from``, only if the state is still that one."""
+        with self._status_lock:
+            if only_from is not None and self._state != only_from:
+                return  # the training thread moved on meanwhile (saving, stopped...)
+            self._state = state
+        self._write_status()
+
+    def _write_status(self) -> None:
+        """Write the heartbeat; an I/O error is logged, never raised into training."""
+        with self._status_lock:
+            status = TrainerStatus(
+                pid=self._pid, start_time=self._create_time, state=self._state, step=self._step,
+                epoch=self._epoch, step_time_s=self._step_time_s, acked_seq=self._acked_seq,
+                last_checkpoint=self._last_checkpoint, heartbeat=time.time(),
+                extra=dict(self._extra))
+            try:
+                self.run_dir.write_status(status)
+            except OSError as err:
+                _event(logging.WARNING, "heartbeat_failed", error=str(err))
+            self._last_heartbeat_mono = time.monotonic()
+
+    def _adopt_previous_status(self) -> None:
+        """Continue the ack counter of a previous trainer in this run dir; skip stale requests.
+
+        The daemon's seq grows across trainers; a request issued before this process started was
+        addressed to a previous trainer (the daemon drops it when it sees a new pid).
+        """
+        try:
+            previous = self.run_dir.read_status()
+        except ChannelError as err:
+            _event(logging.WARNING, "previous_status_ignored", error=str(err))
+            previous = None
+        if previous is not None:
+            self._acked_seq = self._handled_seq = previous.acked_seq
+        request = self._poll_request()
+        if request is not None and request.seq > self._handled_seq \
+                and request.issued < self._create_time:
+            self._handled_seq = request.seq
+            _event(logging.INFO, "request_stale", seq=request.seq, action=request.action,
+                   issued=request.issued)
+
+    # ------------------------------------------------------------------------------------------
+    # Poller thread
+
+    def _poll_loop(self) -> None:
+        while not self._closed:
+            timeout = min(self.poll_interval, self.heartbeat_interval)
+            try:
+                ready, _, _ = select.select([self._wake_r], [], [], timeout)
+                if ready:
+                    self._drain_wake()
+            except (OSError, ValueError):  # fds closed by close() while we waited
+                return
+            if self._closed:
+                return
+            try:
+                self._poll_once()
+            except Exception as err:  # never let the poller die: training depends on it
+                _event(logging.ERROR, "poll_failed", error=f"{type(err).__name__}: {err}")
+
+    def _poll_once(self) -> None:
+        now = time.monotonic()
+        request = self._poll_request()
+        if self._is_new(request):
+            self._request = request  # data first, flag second: _service clears the flag first
+            self._pending = True
+        every = self.checkpoint_every
+        if every is not None and not self._periodic_due and now - self._last_save_mono >= every:
+            self._periodic_due = True
+            self._pending = True
+        self._update_step_time(now)
+        if self._state == "starting" and self._step > self._start_step:
+            self._set_state("running", only_from="starting")
+        elif now - self._last_heartbeat_mono >= self.heartbeat_interval:
+            self._write_status()
+
+    def _poll_request(self) -> Optional[Request]:
+        """Read ``request.json``; a malformed one is logged (once per distinct error) and ignored."""
+        try:
+            request = self.run_dir.read_request()
+        except (ChannelError, OSError) as err:
+            message = str(err)
+            if message != self._last_request_error:
+                _event(logging.WARNING, "request_ignored", error=message)
+            self._last_request_error = message
+            return None
+        self._last_request_error = None
+        return request
+
+    def _update_step_time(self, now: float) -> None:
+        """EMA of seconds per step, from step-counter progress between polls (free for step())."""
+        anchor_time, anchor_step = self._rate_anchor
+        step = self._step
+        if step > anchor_step and now > anchor_time:
+            sample = (now - anchor_time) / (step - anchor_step)
+            previous = self._step_time_s
+            self._step_time_s = sample if previous is None else (
+                _STEP_TIME_EMA_ALPHA * sample + (1 - _STEP_TIME_EMA_ALPHA) * previous)
+            self._rate_anchor = (now, step)
+        elif step < anchor_step:  # resume() moved the counter
+            self._rate_anchor = (now, step)
+
+    def _daemon_present(self) -> bool:
+        try:
+            return channel.lock_held(self.run_dir.file(DAEMON_LOCK))
+        except (ChannelError, OSError):
+            return False
+
+    # ------------------------------------------------------------------------------------------
+    # Signals
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # signal.signal works only in the main thread (a notebook's training thread, say);
+            # the poller still sees requests within poll_interval.
+            _event(logging.INFO, "signals_not_installed", reason="not the main thread")
+            return
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            self._prev_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal_bound)
+        # Tell the daemon it may wake us with SIGUSR1 (its default action would kill a process
+        # without a handler, so the daemon signals only trainers that say this).
+        self._extra["sigusr1"] = True
+
+    def _restore_signal_handlers(self) -> None:
+        self._extra.pop("sigusr1", None)
+        if not self._prev_handlers:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            _event(logging.WARNING, "signals_not_restored", reason="close() outside main thread")
+            return
+        for signum, previous in list(self._prev_handlers.items()):
+            current = signal.getsignal(signum)
+            # Someone installed a handler over ours (and may chain to it): leave theirs.
+            if current == self._on_signal_bound and previous is not None:
+                signal.signal(signum, previous)
+            del self._prev_handlers[signum]
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        """Set a flag and wake the poller; nothing else happens inside a handler."""
+        previous = self._prev_handlers.get(signum)
+        if not self._closed:
+            if signum == signal.SIGTERM:
+                if self._sigterm and previous == signal.SIG_DFL:
+                    # Second SIGTERM before the first was handled: the loop is stuck (or the
+                    # notebook idle); give the default action back and let it happen.
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                    return
+                self._sigterm = True
+            else:
+                self._sigusr1 = True
+            self._pending = True
+            self._wake()
+        if callable(previous):
+            previous(signum, frame)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError, AttributeError):
+            pass  # pipe full (the poller is awake anyway), closed, or not made yet
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+
+    # ------------------------------------------------------------------------------------------
+
+    def _open_run_dir(self, run_dir: Optional[RunDirLike]) -> RunDir:
+        if isinstance(run_dir, RunDir):
+            return run_dir
+        path = channel.default_run_dir() if run_dir is None else Path(run_dir)
+        return RunDir(Path(os.path.abspath(path)))
+
+    def _acquire_run_lock(self) -> None:
+        deadline = time.monotonic() + _RUN_LOCK_WAIT_S
+        while not self._run_lock.acquire(blocking=False):
+            # The daemon holds it exclusively only while it ends the runtime.
+            if time.monotonic() >= deadline:
+                raise SessionError(f"{self._run_lock.path} is held exclusively (the daemon is "
+                                   "ending the runtime?)")
+            time.sleep(0.1)
+
+
+def _info(saved: SavedCheckpoint, *, seq: Optional[int]) -> CheckpointInfo:
+    return CheckpointInfo(path=os.path.abspath(saved.path), seq=seq, step=int(saved.step),
+                          at=float(saved.at), duration_s=float(saved.duration_s),
+                          bytes=int(saved.bytes), sha256=str(saved.sha256))
