@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from session_watchdog import channel
 from session_watchdog.actions import verify_checkpoint
 
