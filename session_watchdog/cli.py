@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from session_watchdog import __version__, channel
-from session_watchdog.config import KEYS, Config, ConfigError, load_config
+from session_watchdog.config import KEYS, Config, ConfigError, format_duration, load_config
 from session_watchdog.daemon import DaemonBusyError
 
 EXIT_OK = 0
@@ -292,13 +292,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 # status
 
 
-def _age(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
@@ -341,15 +334,15 @@ def render_status(info: Dict[str, Any]) -> str:
         ("run dir", info["run_dir"]),
         ("watchdog", f"running (pid {daemon.get('pid')}, {daemon.get('platform')})"
          if info["daemon_running"] else "not running"),
-        ("session", f"{_age(info['elapsed_s'])} elapsed"
-         + (f" of {_age(info['budget_s'])}, {_age(info['remaining_s'])} left"
+        ("session", f"{format_duration(info['elapsed_s'])} elapsed"
+         + (f" of {format_duration(info['budget_s'])}, {format_duration(info['remaining_s'])} left"
             if info.get("budget_s") else ", no budget")),
         ("trainer", ("alive" if info["trainer_alive"] else "not running")
          + (", saving" if info["trainer_saving"] else "")
          + (f", {trainer.get('state')} at step {trainer.get('step')} epoch {trainer.get('epoch')}"
             if trainer else "")),
         ("last checkpoint", f"step {ckpt.get('step')}, {ckpt.get('bytes')} bytes, "
-         f"{_age(info['now'] - ckpt['at'])} ago: {ckpt.get('path')}" if ckpt.get("at") else "-"),
+         f"{format_duration(info['now'] - ckpt['at'])} ago: {ckpt.get('path')}" if ckpt.get("at") else "-"),
         ("pending request", json.dumps(info["outstanding"]) if info.get("outstanding") else "-"),
         ("log", str(daemon.get("log_file") or "-")),
     ]
@@ -408,7 +401,7 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
     resolved = platforms.resolve(config, platform)
     add("platform", None, f"{platform.name} ({'; '.join(platform.evidence)})")
     budget = resolved.max_session
-    add("session budget", None, f"{_age(budget)}" if budget else "none (set --max-session)")
+    add("session budget", None, f"{format_duration(budget)}" if budget else "none (set --max-session)")
 
     gpu = probes.nvml_driver_summary()
     if gpu["state"] == "ok":

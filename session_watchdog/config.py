@@ -66,6 +66,20 @@ def parse_duration(raw: Any) -> float:
     return seconds
 
 
+def format_duration(seconds: Optional[float]) -> str:
+    """The inverse of parse_duration for people: ``5400`` -> ``1h30m``, ``75`` -> ``1m15s``."""
+    if seconds is None:
+        return "-"
+    whole = max(0, int(round(seconds)))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
 def parse_duration_or_off(raw: Any) -> float:
     if isinstance(raw, str) and raw.strip().lower() in ("off", "none", "never"):
         return OFF

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from session_watchdog import channel
 from session_watchdog.config import OFF, Config
@@ -123,7 +123,7 @@ def resolve(config: Config, platform: Platform, slurm_limit_s: Optional[float] =
     watch = config.watch_paths or default_watch_paths(platform, config)
     from session_watchdog.log import default_log_file
 
-    values = dict(
+    values: Dict[str, Any] = dict(
         platform=platform.name,
         log_file=config.log_file or default_log_file(config.run_name, platform.persistent_dirs),
         max_session=budget,
@@ -193,7 +193,7 @@ def observed_session_start(platform: Platform, now: float) -> Tuple[float, str]:
     return now, "first start of the watchdog"
 
 
-def _same_session(stored: Dict[str, object], fence: Dict[str, object]) -> bool:
+def _same_session(stored: Mapping[str, object], fence: Mapping[str, object]) -> bool:
     """Same boot, same platform, and PID 1 started at the same time (within 2 s: the kernel
     derives create times from the wall clock, which NTP may step)."""
     if stored.get("boot_id") != fence["boot_id"] or stored.get("platform") != fence["platform"]:

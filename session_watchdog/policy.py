@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from session_watchdog.config import Config
+from session_watchdog.config import Config, format_duration
 from session_watchdog.probes import Sample, gpus_all_idle
 
 # Reason codes (also used by the log and the report).
@@ -141,15 +141,6 @@ def remaining_s(config: Config, sample: Sample) -> Optional[float]:
     return left
 
 
-def _fmt(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 class _Tick:
@@ -231,18 +222,20 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
             if key not in t.state.done:
                 t.decisions.append(Decision(
                     "warn", SESSION_LIMIT,
-                    f"session ends in about {_fmt(left)} (budget {_fmt(config.max_session or 0)})",
+                    f"session ends in about {format_duration(left)} "
+                    f"(budget {format_duration(config.max_session or 0)})",
                     deadline=deadline, data={"remaining_s": round(left, 1)}))
                 t.update(done=t.state.done | {f"session_warn_{int(w)}" for w in crossed})
         if active and left <= lead.stop_lead_s and "session_stop" not in t.state.done:
             t.request("stop", SESSION_LIMIT, elapsed,
-                      f"session ends in {_fmt(left)}: checkpoint and stop now",
+                      f"session ends in {format_duration(left)}: checkpoint and stop now",
                       deadline=deadline, remaining_s=round(left, 1), lead_s=round(lead.stop_lead_s, 1))
             t.mark_done("session_stop")
             t.mark_done("session_checkpoint")
         elif active and left <= lead.lead_s and "session_checkpoint" not in t.state.done:
             t.request("checkpoint", SESSION_LIMIT, elapsed,
-                      f"session ends in {_fmt(left)}: checkpoint now (lead {_fmt(lead.lead_s)})",
+                      f"session ends in {format_duration(left)}: checkpoint now "
+                      f"(lead {format_duration(lead.lead_s)})",
                       deadline=deadline - lead.stop_lead_s, remaining_s=round(left, 1),
                       lead_s=round(lead.lead_s, 1))
             t.mark_done("session_checkpoint")
@@ -253,7 +246,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
         left_notice = sample.notice_deadline - sample.now
         t.warn_once("preemption", PREEMPTION,
                     f"{sample.notice_source or 'preemption'} notice: the machine goes away in "
-                    f"{_fmt(left_notice)}", source=sample.notice_source,
+                    f"{format_duration(left_notice)}", source=sample.notice_source,
                     deadline=sample.notice_deadline)
         if active and "preemption_stop" not in t.state.done:
             t.request("stop", PREEMPTION, elapsed,
@@ -266,13 +259,13 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     if idle is not None and idle > 0:
         if config.idle_warn and idle >= config.idle_warn:
             t.warn_once("idle_warn", IDLE_RECLAIM,
-                        f"no cell has run for {_fmt(idle)}; Colab may reclaim an idle runtime "
+                        f"no cell has run for {format_duration(idle)}; Colab may reclaim an idle runtime "
                         "- keep a cell running with session_watchdog.wait()", idle_s=round(idle, 1))
         if config.idle_limit and idle >= config.idle_limit - lead.lead_s:
             t.episodes.add("idle_checkpoint")
             if active and "idle_checkpoint" not in t.state.episodes:
                 t.request("checkpoint", IDLE_RECLAIM, elapsed,
-                          f"idle for {_fmt(idle)}: checkpoint before an idle reclaim",
+                          f"idle for {format_duration(idle)}: checkpoint before an idle reclaim",
                           deadline=sample.now + max(0.0, config.idle_limit - idle),
                           idle_s=round(idle, 1))
 
@@ -317,7 +310,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
         t.update(gpu_idle_since=since)
         if elapsed - since >= config.gpu_idle_after:
             t.warn_once("gpu_idle", GPU_IDLE,
-                        f"every GPU below {config.gpu_idle_pct:g}% for {_fmt(elapsed - since)}",
+                        f"every GPU below {config.gpu_idle_pct:g}% for {format_duration(elapsed - since)}",
                         idle_s=round(elapsed - since, 1))
     else:
         t.update(gpu_idle_since=None)
@@ -325,7 +318,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # A trainer whose heartbeat stopped.
     if active and status is not None and sample.now - status.heartbeat > config.trainer_stall_after:
         t.warn_once("trainer_stalled", TRAINER_STALLED,
-                    f"trainer heartbeat is {_fmt(sample.now - status.heartbeat)} old at step "
+                    f"trainer heartbeat is {format_duration(sample.now - status.heartbeat)} old at step "
                     f"{status.step}", step=status.step)
 
     # Periodic checkpoints, counted from the last checkpoint or the last periodic request.
@@ -334,7 +327,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                    if x is not None)
         if elapsed - base >= config.checkpoint_every and t.state.outstanding is None:
             t.request("checkpoint", PERIODIC, elapsed,
-                      f"periodic checkpoint (every {_fmt(config.checkpoint_every)})")
+                      f"periodic checkpoint (every {format_duration(config.checkpoint_every)})")
             t.update(periodic_base_elapsed=elapsed)
 
     _end_rules(config, t, sample, all_idle)
@@ -346,7 +339,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
             t.update(outstanding=dataclasses.replace(out, resends=out.resends + 1))
             t.decisions.append(Decision(
                 "resend", out.reason, f"request {out.seq} ({out.action}) unacknowledged for "
-                f"{_fmt(elapsed - out.sent_elapsed)}; sending it again",
+                f"{format_duration(elapsed - out.sent_elapsed)}; sending it again",
                 action=out.action, seq=out.seq, deadline=out.deadline,
                 data={"resends": out.resends + 1}))
 
@@ -413,6 +406,6 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
             and sample.elapsed_s - t.state.gpu_idle_since >= config.idle_end_after):
         t.decisions.append(Decision(
             "end", IDLE_END,
-            f"no trainer and every GPU idle for {_fmt(sample.elapsed_s - t.state.gpu_idle_since)}",
+            f"no trainer and every GPU idle for {format_duration(sample.elapsed_s - t.state.gpu_idle_since)}",
             data={"idle_s": round(sample.elapsed_s - t.state.gpu_idle_since, 1)}))
         t.mark_done("end")

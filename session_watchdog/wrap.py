@@ -100,8 +100,8 @@ class Child:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.signal(sig, lambda signum, frame: self.forward(signum))
             self._previous[sig] = early.previous.get(sig, previous) if early else previous
-        for sig in early.received if early else ():
-            self.forward(sig)
+        for signum in early.received if early else ():
+            self.forward(signum)
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():

@@ -49,3 +49,12 @@ class TestNoTorchInTheDaemon:
         out = subprocess.run(["ruff", "check", "--select", "TID251", str(PACKAGE)],
                              capture_output=True, text=True, cwd=PACKAGE.parent)
         assert out.returncode == 0, out.stdout
+
+
+class TestTypes:
+    @pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is not installed (pip install mypy)")
+    def test_mypy_strict_passes_on_the_package(self):
+        """mypy --strict (configured in pyproject.toml) finds no error in session_watchdog."""
+        out = subprocess.run(["mypy", "session_watchdog"], capture_output=True, text=True,
+                             cwd=PACKAGE.parent)
+        assert out.returncode == 0, out.stdout[-3000:]
