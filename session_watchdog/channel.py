@@ -373,9 +373,13 @@ class RunDir:
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = ensure_run_dir(Path(path)) if create else Path(path)
+        self._files: Dict[str, Path] = {}
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        found = self._files.get(name)  # the daemon asks for the same few names every tick
+        if found is None:
+            found = self._files[name] = self.path / name
+        return found
 
     # requests
     def write_request(self, request: Request) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import threading
 import time
@@ -339,23 +340,14 @@ def read_cgroup_memory(
     return read_cgroup_files(locate_cgroup(cgroup_root, proc_self_cgroup))
 
 
-_MEMINFO_KEYS = {"MemTotal:": "total", "MemAvailable:": "available", "SwapTotal:": "swap_total",
-                 "SwapFree:": "swap_free"}
+_MEMINFO_RE = re.compile(r"^(MemTotal|MemAvailable|SwapTotal|SwapFree):\s+(\d+)", re.MULTILINE)
+_MEMINFO_KEYS = {"MemTotal": "total", "MemAvailable": "available", "SwapTotal": "swap_total",
+                 "SwapFree": "swap_free"}
 
 
 def read_meminfo(path: Path = Path("/proc/meminfo"), read: Reader = read_text) -> Optional[Dict[str, int]]:
     """``free -b`` from one read of /proc/meminfo (psutil reads it and /proc/vmstat twice over)."""
-    out: Dict[str, int] = {}
-    try:
-        for line in (read(path) or "").splitlines():
-            parts = line.split()
-            key = _MEMINFO_KEYS.get(parts[0]) if parts else None
-            if key is not None:
-                out[key] = int(parts[1]) * 1024
-                if len(out) == len(_MEMINFO_KEYS):
-                    break
-    except (ValueError, IndexError):
-        return None
+    out = {_MEMINFO_KEYS[key]: int(kib) * 1024 for key, kib in _MEMINFO_RE.findall(read(path) or "")}
     return out if len(out) == len(_MEMINFO_KEYS) else None
 
 
