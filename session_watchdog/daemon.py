@@ -27,6 +27,7 @@ from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle, p
 
 log = get_logger()
 DAEMON_FILE = "daemon.json"
+THREAD_NAME = "session-watchdog"  # the background scheduler thread (APScheduler calls it "APScheduler")
 
 
 class Clock(Protocol):
@@ -319,7 +320,8 @@ class Watchdog:
             log.info("daemon_stopped", ticks=self.ticks)
         close = getattr(self.probe, "close", None)
         if callable(close):
-            close()
+            # wait (bounded) for the probe's workers, so no thread outlives stop()
+            close(wait_s=2 * float(getattr(self.probe, "timeout_s", 2.0)))
 
     def _make_scheduler(self, blocking: bool) -> Any:
         from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
@@ -389,6 +391,14 @@ class Watchdog:
         self.acquire()
         self._scheduler = self._make_scheduler(blocking=False)
         self._scheduler.start()
+        thread = getattr(self._scheduler, "_thread", None)  # APScheduler 3.x keeps it private
+        if isinstance(thread, threading.Thread):
+            thread.name = THREAD_NAME
+
+    @property
+    def running(self) -> bool:
+        """True while the scheduler runs (background or blocking)."""
+        return self._scheduler is not None and bool(self._scheduler.running)
 
     def stop(self) -> None:
         self.cancel_end()

@@ -186,8 +186,13 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # A new trainer process is a new audience: one-shot requests apply to it again (the
     # session warnings were for the user, not the trainer, and stay said).
     if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
-        t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed, failed=False,
-                 done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED))
+        if t.state.trainer_pid is None:
+            # The first trainer we know by pid: the requests so far were addressed to it (it held
+            # run.lock before its first trainer.json), so keep them.
+            t.update(trainer_pid=status.pid)
+        else:
+            t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
+                     failed=False, done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED))
 
     # Acknowledgements and the last checkpoint's place on the session clock.
     if status is not None:

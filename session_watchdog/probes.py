@@ -548,11 +548,16 @@ class SystemProbe:
             child_exit=self.child_exit() if self.child_exit else None,
         )
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the workers; wait up to ``wait_s`` for them (a hung NVML call keeps its thread)."""
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
+        threads = [t for pool in pools for t in list(getattr(pool, "_threads", ()))]
         for pool in pools:
             pool.shutdown(wait=False)
+        deadline = time.monotonic() + wait_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.nvml.shutdown()
         self._kernel_files.close()
 

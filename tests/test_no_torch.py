@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "session_watchdog"
 DAEMON_MODULES = ["session_watchdog", "session_watchdog.cli", "session_watchdog.daemon",
                   "session_watchdog.policy", "session_watchdog.probes", "session_watchdog.channel",
                   "session_watchdog.platforms", "session_watchdog.config", "session_watchdog.log",
-                  "session_watchdog.actions", "session_watchdog.demo", "session_watchdog.wrap", "session_watchdog.report", "session_watchdog.sdnotify", "session_watchdog.preemption"]
+                  "session_watchdog.actions", "session_watchdog.notebook", "session_watchdog.demo", "session_watchdog.wrap", "session_watchdog.report", "session_watchdog.sdnotify", "session_watchdog.preemption"]
 
 
 def imported_names(path: Path) -> set:

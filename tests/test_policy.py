@@ -150,6 +150,14 @@ class TestAcknowledgements:
         _, (decisions,) = run(cfg(), [at(3265.0)], again)
         assert decisions == []
 
+    def test_the_first_trainer_seen_by_pid_keeps_its_requests(self):
+        """A request sent before the trainer's first trainer.json is not sent twice when its pid appears."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        state, (first,) = run(cfg(), [sample(now=NOW + 3300, elapsed=3300.0, alive=True, trainer_status=None)], state)
+        state, (second,) = run(cfg(), [at(3301.0)], state)
+        assert [(d.kind, d.seq) for d in first] == [("request", 1)] and second == []
+        assert state.outstanding.seq == 1 and state.trainer_pid == 4242
+
     def test_a_new_trainer_process_is_asked_again(self):
         """After a restart of the trainer (new pid), the session rules apply to it again."""
         state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
