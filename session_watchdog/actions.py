@@ -124,24 +124,32 @@ def verify_checkpoint(path: str, sha256: str, size: int) -> Optional[str]:
 DRIVE_ROOT = "/content/drive"
 
 
+def _on_drive(paths: List[str]) -> List[str]:
+    return [p for p in paths if p and (p == DRIVE_ROOT or p.startswith(DRIVE_ROOT + "/"))]
+
+
 def flush_drive(paths: List[str], *, import_drive: Optional[Callable[[], Any]] = None,
                 sleep: Callable[[float], None] = time.sleep, stable_checks: int = 3,
-                poll_s: float = 2.0, max_wait_s: float = 300.0) -> str:
+                poll_s: float = 2.0, max_wait_s: float = 300.0, unmount: bool = True) -> str:
     """Make files under a Google Drive mount durable before the runtime goes away.
 
-    Drive uploads asynchronously; a runtime ended early loses the copy. With google.colab
-    importable: ``drive.flush_and_unmount()``. Otherwise wait until the files' sizes are stable.
-    Returns what was done: "not-on-drive" | "flushed" | "stable" | "unstable".
+    Drive uploads asynchronously; a runtime ended early loses the copy. The sizes of ``paths``
+    must stay the same for ``stable_checks`` polls; then, with ``unmount`` and google.colab
+    importable, ``drive.flush_and_unmount()`` pushes the rest (only right before the end action:
+    after an unmount, later saves to Drive would land on the local disk).
+    Returns "not-on-drive" | "flushed" | "stable" | "unstable".
     """
-    on_drive = [p for p in paths if p and (p == DRIVE_ROOT or p.startswith(DRIVE_ROOT + "/"))]
+    on_drive = _on_drive(paths)
     if not on_drive:
         return "not-on-drive"
-    try:
-        drive = import_drive() if import_drive else __import__("google.colab.drive", fromlist=["drive"])
-        drive.flush_and_unmount()
-        return "flushed"
-    except Exception:  # not importable, or no kernel to talk to: fall back to watching sizes
-        pass
+    if unmount:
+        try:
+            drive = import_drive() if import_drive else __import__("google.colab.drive",
+                                                                   fromlist=["drive"])
+            drive.flush_and_unmount()
+            return "flushed"
+        except Exception:  # not importable, or no kernel to talk to: watch the sizes instead
+            pass
     last: Optional[List[int]] = None
     same = 0
     waited = 0.0
@@ -234,7 +242,7 @@ class EndTransaction:
                  safe_now: Optional[Callable[[], Optional[str]]] = None,
                  sleep: Callable[[float], None] = time.sleep,
                  monotonic: Callable[[], float] = time.monotonic,
-                 flush: Callable[[List[str]], str] = flush_drive,
+                 flush: Callable[..., str] = flush_drive,
                  confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
         self.run_dir = run_dir
         self.reason = reason
@@ -272,7 +280,8 @@ class EndTransaction:
             obj = channel.read_json(self.run_dir.file(channel.CANCEL_FILE))
         except channel.ChannelError:
             return False
-        if obj is not None and float(obj.get("at", 0)) >= since:
+        at = obj.get("at") if obj is not None else None
+        if isinstance(at, (int, float)) and at >= since:
             self.cancelled.set()
         return self.cancelled.is_set()
 
@@ -283,6 +292,9 @@ class EndTransaction:
         except EndAborted as err:
             self._step("end_aborted", message=str(err))
             self.outcome = "aborted"
+        except Exception as err:  # fail safe: no end, and say why (this runs on its own thread)
+            self._step("end_failed", message=f"{type(err).__name__}: {err}")
+            self.outcome = "failed"
         finally:
             for lock in self._locks:
                 lock.release()
@@ -302,12 +314,13 @@ class EndTransaction:
                     raise EndAborted(problem)
                 verified = _identity(ckpt.path)
                 self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes)
-        # 3. the persistent copy is safe (Drive uploads asynchronously)
+        # 3. the persistent copy is safe: Drive uploads asynchronously, so the checkpoint's size
+        # must have settled (no unmount yet: the user may still cancel and go on training)
         paths = ([ckpt.path, ckpt.path + ".sha256"] if ckpt is not None else []) + self.extra_paths
-        flushed = self.flush(paths)
-        if flushed == "unstable":
+        settled = self.flush(paths, unmount=False)
+        if settled == "unstable":
             raise EndAborted("files on Google Drive kept changing; not ending the runtime")
-        self._step("end_persist", result=flushed)
+        self._step("end_persist", result=settled)
         # 4. nobody trains or saves; we keep both locks through the end action
         names = ("run.lock (a trainer is alive)", "save.lock (a checkpoint is being written)")
         for lock, name in zip(self._locks, names):
@@ -344,6 +357,9 @@ class EndTransaction:
         if self.dry_run:
             self._step("end_dry_run", message=f"dry run: would now run {self.description}")
             return "dry-run"
+        if settled != "not-on-drive":
+            # the last moment to push Drive's cache (flush_and_unmount where google.colab is there)
+            self._step("end_flush", result=self.flush(paths, unmount=True))
         result = self.action()
         self._step("end_action", message=self.description, result=result)
         # 7. confirm: still alive well after the action -> say so and try once more

@@ -7,6 +7,7 @@ with one line naming the problem and the fix; no traceback for user errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -163,6 +164,16 @@ def _detach(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _configure_log(config: Config) -> None:
+    from session_watchdog import log
+
+    try:
+        log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+    except OSError as err:
+        raise UserError(f"cannot write the log file {config.log_file}: {err.strerror or err}; "
+                        "choose another --log-file") from None
+
+
 def _signal_notice(config: Config) -> Any:
     """SLURM's `--signal=B:USR1@N`: SIGUSR1 means the job ends in N seconds (main thread only)."""
     if not config.slurm_signal_grace:
@@ -192,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if args.detach:
         return _detach(args, config)
-    log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+    _configure_log(config)
     notice, restore = _signal_notice(config)
     child: Optional[wrap.Child] = None
     early = wrap.EarlySignals() if command else None
@@ -202,7 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             child = wrap.Child(command, run_dir.path, kill_after_s=config.kill_after)
             child.install_forwarding(early)
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
-                                   child_exit=child.exit_status if child else None)
+                                   child_exit=child.exit_status if child else None,
+                                   child_running=(lambda: child.exit_status() is None) if child else None)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
         deadline = None if run_for is None else time.monotonic() + run_for
@@ -246,11 +258,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
         attached = wrap.Attached(args.pid, run_dir, end_on_exit=args.end_on_exit)
     except wrap.WrapError as err:
         raise UserError(str(err)) from None
-    log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+    _configure_log(config)
     notice, restore = _signal_notice(config)
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
-                                   child_exit=attached.exit_status)
+                                   child_exit=attached.exit_status,
+                                   child_running=lambda: not attached.gone())
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
         deadline = None if run_for is None else time.monotonic() + run_for
@@ -296,6 +309,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
     """Everything the run dir says, as one dict; unreadable files are reported, not raised."""
+    from session_watchdog.policy import PolicyState
+
     now = time.time() if now is None else now
     out: Dict[str, Any] = {"run_dir": str(run_dir), "now": now, "errors": []}
     rd = channel.RunDir(run_dir, create=False)
@@ -307,18 +322,35 @@ def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]
             out["errors"].append(str(err))
             return None
 
+    def number(obj: Optional[Dict[str, Any]], key: str) -> Optional[float]:
+        value = (obj or {}).get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     daemon = read("daemon.json")
     out["daemon"] = daemon
     out["daemon_running"] = channel.lock_held(rd.file(channel.DAEMON_LOCK))
-    out["trainer"] = read(channel.TRAINER_FILE)
+    trainer = read(channel.TRAINER_FILE)
+    if trainer is not None:
+        try:  # the typed parser validates every field the table shows
+            channel.TrainerStatus.from_json(trainer)
+        except channel.ChannelError as err:
+            out["errors"].append(f"{rd.file(channel.TRAINER_FILE)}: {err}")
+            trainer = None
+    out["trainer"] = trainer
     out["trainer_alive"] = rd.trainer_alive()
     out["trainer_saving"] = rd.trainer_saving()
     out["request"] = read(channel.REQUEST_FILE)
     state = read(channel.STATE_FILE)
-    out["outstanding"] = (state or {}).get("policy", {}).get("outstanding")
+    out["outstanding"] = None
+    if state is not None:
+        try:
+            outstanding = PolicyState.from_json(state["policy"]).outstanding
+            out["outstanding"] = None if outstanding is None else dataclasses.asdict(outstanding)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            out["errors"].append(f"{rd.file(channel.STATE_FILE)} is malformed ({type(err).__name__})")
     session = read(channel.SESSION_FILE)
-    start = (daemon or {}).get("session_start") or (session or {}).get("start")
-    budget = (daemon or {}).get("budget_s")
+    start = number(daemon, "session_start") or number(session, "start")
+    budget = number(daemon, "budget_s")
     out["session_start"] = start
     out["elapsed_s"] = None if start is None else now - start
     out["budget_s"] = budget

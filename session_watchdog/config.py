@@ -44,12 +44,18 @@ _SIZE_UNITS = {
 }
 
 
+MAX_DURATION_S = 366 * 86400.0  # a bound keeps schedulers and timedelta arithmetic sane
+
+
 def parse_duration(raw: Any) -> float:
     """``90`` / ``"90s"`` / ``"15m"`` / ``"11h30m"`` / ``"1d"`` -> seconds (> 0)."""
     if isinstance(raw, bool):
         raise ValueError("expected a duration like 90s, 15m or 11h30m")
     if isinstance(raw, (int, float)):
-        seconds = float(raw)
+        try:
+            seconds = float(raw)
+        except OverflowError:
+            raise ValueError("expected a duration of at most 366 days") from None
     elif isinstance(raw, str):
         text = raw.strip().lower().replace(" ", "")
         if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -63,6 +69,8 @@ def parse_duration(raw: Any) -> float:
         raise ValueError("expected a duration like 90s, 15m or 11h30m")
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("expected a positive duration like 90s, 15m or 11h30m ('off' to disable)")
+    if seconds > MAX_DURATION_S:
+        raise ValueError("expected a duration of at most 366 days")
     return seconds
 
 
@@ -93,7 +101,10 @@ def parse_size(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected a size like 500MB or 2GiB")
     if isinstance(raw, (int, float)):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:
+            raise ValueError("expected a size like 500MB or 2GiB") from None
     elif isinstance(raw, str):
         match = _SIZE_RE.match(raw.strip())
         if not match:
@@ -123,7 +134,7 @@ def parse_positive_float(raw: Any) -> float:
         raise ValueError("expected a positive number")
     try:
         value = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError("expected a positive number") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("expected a positive number")
@@ -142,7 +153,7 @@ def parse_int_min1(raw: Any) -> int:
         raise ValueError("expected a whole number >= 1")
     try:
         value = int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError("expected a whole number >= 1") from None
     if value < 1 or (isinstance(raw, float) and raw != value):
         raise ValueError("expected a whole number >= 1")
@@ -174,8 +185,8 @@ def parse_durations(raw: Any) -> Tuple[float, ...]:
 def parse_argv(raw: Any) -> Tuple[str, ...]:
     """An argv list (TOML array, or a JSON-ish/whitespace-separated string). Never a shell line."""
     if isinstance(raw, (list, tuple)):
-        if not all(isinstance(item, str) and item for item in raw):
-            raise ValueError("expected a list of non-empty strings (argv)")
+        if not raw or not all(isinstance(item, str) and item for item in raw):
+            raise ValueError("expected a non-empty list of non-empty strings (argv)")
         return tuple(raw)
     if isinstance(raw, str):
         text = raw.strip()

@@ -15,7 +15,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, end_action_for
@@ -87,6 +87,7 @@ class Watchdog:
         confirm_after_s: float = 60.0,
         on_end: Optional[Callable[[str], None]] = None,
         child_exit: Optional[Callable[[], Optional[int]]] = None,
+        child_running: Optional[Callable[[], bool]] = None,
         notebook_idle: Optional[Callable[[], Optional[float]]] = None,
         pollers: Optional[List[Any]] = None,
         notifier: Optional[sdnotify.Notifier] = None,
@@ -97,7 +98,8 @@ class Watchdog:
         self.run_dir = channel.RunDir(run_dir_path)
         slurm_limit = None
         slurm_start = None
-        if self.platform.slurm_job_id and config.max_session is None:
+        if self.platform.slurm_job_id:
+            # the job's own start, whatever the budget: a run dir on a shared home outlives jobs
             times = platforms.slurm_job_times(self.platform.slurm_job_id)
             slurm_limit = times.get("limit_s")
             slurm_start = times.get("start")
@@ -129,6 +131,8 @@ class Watchdog:
         self.end_action = end_action or end_action_for(self.platform, self.config)
         self.confirm_after_s = confirm_after_s
         self.on_end = on_end
+        self.child_running = child_running
+        self.started_wall = self.clock.wall()
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
         self.state = self._load_state()
@@ -150,6 +154,12 @@ class Watchdog:
             obj = channel.read_json(path)
             if obj is None:
                 return PolicyState()
+            started = obj.get("session_start")
+            if not isinstance(started, (int, float)) or abs(started - self.session.start_wall) > 1.0:
+                # A state from another session (a new runtime that kept its disk): its clock
+                # values mean nothing here.
+                log.info("state_reset", path=str(path), message="daemon state was from another session")
+                return PolicyState()
             return PolicyState.from_json(obj["policy"])
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = channel.quarantine(path)
@@ -159,7 +169,8 @@ class Watchdog:
 
     def _save_state(self) -> None:
         channel.write_json(self.run_dir.file(channel.STATE_FILE),
-                           {"v": channel.SCHEMA_VERSION, "policy": self.state.to_json()})
+                           {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
+                            "policy": self.state.to_json()})
 
     # ---- the loop body ----------------------------------------------------------------------
 
@@ -167,6 +178,7 @@ class Watchdog:
         """Probe, decide, act, log. Never overlaps itself."""
         with self._tick_lock:
             sample = self.probe.sample(self.session.times())
+            sample = self._judge(sample)
             if self.end is not None and self.end.holds_locks():
                 # The locks are ours (the end transaction took them), so no one else holds
                 # them: the trainer is not alive and not saving, whatever the probe saw.
@@ -194,6 +206,23 @@ class Watchdog:
                 self.on_decisions(decisions, sample)
             return decisions
 
+    def _judge(self, sample: Sample) -> Sample:
+        """What the probe cannot know: is our child still running, and is trainer.json stale?
+
+        A trainer.json that no live process holds and whose heartbeat predates this daemon is
+        evidence from an earlier run (the default run dir is shared by every run): it must not
+        end this runtime, so it is dropped from the sample.
+        """
+        changes: Dict[str, Any] = {}
+        if self.child_running is not None and self.child_running():
+            changes["child_running"] = True
+        status = sample.trainer.status
+        if (status is not None and not sample.trainer.alive
+                and status.heartbeat < self.started_wall - 1.0):
+            changes["trainer"] = dataclasses.replace(
+                sample.trainer, status=None, status_error="stale trainer.json from an earlier run")
+        return dataclasses.replace(sample, **changes) if changes else sample
+
     # ---- ending the runtime ---------------------------------------------------------------
 
     def _start_end(self, decision: Decision, sample: Sample) -> None:
@@ -211,17 +240,32 @@ class Watchdog:
         self.end = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
-            check_checkpoint=not idle_path, extra_paths=[str(self.config.log_file or "")],
-            safe_now=safe_now, confirm_after_s=self.confirm_after_s)
+            check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s)
         transaction = self.end
 
         def run() -> None:
             outcome = transaction.run()
+            self._after_end(decision.reason, outcome)
             if self.on_end is not None:
                 self.on_end(outcome)
 
         self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
         self._end_thread.start()
+
+    def _after_end(self, reason: str, outcome: str) -> None:
+        """An aborted end may be tried again later; a cancelled one only after a new idle spell.
+
+        Either way the idle-GPU timer starts over, so the next try needs a full new idle period.
+        """
+        if outcome not in ("aborted", "cancelled", "failed"):
+            return
+        if outcome == "cancelled" and reason != IDLE_END:
+            return  # the user chose to keep this runtime after this training run
+        with self._tick_lock:
+            self.state = dataclasses.replace(
+                self.state, done=frozenset(self.state.done - {"end"}), gpu_idle_since=None)
+            self._save_state()
+        log.info("end_rearmed", reason=reason, outcome=outcome)
 
     def end_running(self) -> bool:
         return self._end_thread is not None and self._end_thread.is_alive()
@@ -377,7 +421,8 @@ class Watchdog:
             def check() -> None:
                 if stop_when():
                     threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
-            scheduler.add_job(check, "interval", seconds=self.config.interval, id="stop_when")
+            # checked every second (or every tick if faster): `--for 1s` must not wait a 30 s tick
+            scheduler.add_job(check, "interval", seconds=min(self.config.interval, 1.0), id="stop_when")
         try:
             scheduler.start()
         finally:

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 EXIT_STOPPED = 75  # session_watchdog.trainer.session.EXIT_STOPPED (not imported: it needs torch)
+MARKER = ".session-watchdog-demo"
 
 
 def add_parser(sub: Any) -> None:
     demo = sub.add_parser("demo", help="watch the example trainer through two compressed sessions")
     demo.add_argument("--session", default="40s", metavar="DURATION",
                       help="length of each compressed session (default 40s)")
-    demo.add_argument("--dir", metavar="PATH", help="where to put checkpoints, run dirs and the log "
-                                                    "(default: a new temporary directory)")
+    demo.add_argument("--dir", metavar="PATH", help="an empty (or earlier demo) directory for its "
+                                                    "checkpoints, run dirs and log (default: a new "
+                                                    "temporary directory)")
     demo.add_argument("--steps", type=int, default=300, help="training steps in all (default 300)")
     demo.add_argument("--step-sleep", type=float, default=0.1, metavar="SECONDS",
                       help="extra time per step, so training outlasts one session (default 0.1)")
@@ -147,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     base = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="session-watchdog-demo-"))
     base.mkdir(parents=True, exist_ok=True)
+    marker = base / MARKER
+    if any(base.iterdir()) and not marker.exists():
+        # never clear a directory the demo did not make (it could hold real checkpoints)
+        print(f"session-watchdog: error: {base} is not empty and was not made by the demo; "
+              "give an empty or new --dir", file=sys.stderr)
+        return 2
+    marker.write_text("made by session-watchdog demo; its contents are replaced on each run\n")
     for stale in ("run-1", "run-2", "checkpoints", "watchdog.jsonl"):
         target = base / stale
         if target.is_dir():

@@ -80,6 +80,10 @@ class RotatingJsonl:
         if self.path.exists():
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
+    def open(self) -> None:
+        with self._lock:
+            self._open()
+
     def write(self, line: str) -> None:
         data = line + "\n"
         with self._lock:
@@ -173,10 +177,22 @@ class Sink:
     def __init__(self, jsonl: Optional[RotatingJsonl], console: Optional[IO[str]]) -> None:
         self.jsonl = jsonl
         self.console = console
+        self.lost = 0  # lines that could not be written
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(event, default=_json_default, separators=(",", ":")))
+            try:
+                self.jsonl.write(json.dumps(event, default=_json_default, separators=(",", ":")))
+            except (OSError, ValueError) as err:
+                # A full disk must not stop the watchdog from acting (it matters most then):
+                # count the lost lines, say so once on the console.
+                self.lost += 1
+                if self.lost == 1 and self.console is not None:
+                    try:
+                        print(f"[session-watchdog] cannot write the log {self.jsonl.path}: {err}; "
+                              "going on without it", file=self.console, flush=True)
+                    except (OSError, ValueError):
+                        pass
         if self.console is not None:
             line = console_line(event)
             if line is not None:
@@ -204,6 +220,8 @@ def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stde
     """Configure structlog for the process (call once from main() or start())."""
     close()
     jsonl = RotatingJsonl(log_file, max_bytes, backups) if log_file is not None else None
+    if jsonl is not None:
+        jsonl.open()  # fail here, with the path, not at the first event
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -471,8 +471,13 @@ def _start(overrides: Dict[str, Any], *, clock: Any = None, platform: Any = None
                                   attached=shell is not None)
         structlog_before = structlog.get_config()
         # console=None: a background thread must never print into whatever cell is running.
-        log.configure(resolved.log_file, console=None, max_bytes=resolved.log_max_bytes,
-                      backups=resolved.log_backups)
+        try:
+            log.configure(resolved.log_file, console=None, max_bytes=resolved.log_max_bytes,
+                          backups=resolved.log_backups)
+        except OSError as err:
+            structlog.configure(**structlog_before)
+            raise ConfigError(f"cannot write the log file {resolved.log_file}: "
+                              f"{err.strerror or err}; pass log_file=...") from None
         notices = _Notices()
         undo_log_bridge = _bridge_scheduler_logs()
         watchdog = None

@@ -196,7 +196,7 @@ def observed_session_start(platform: Platform, now: float) -> Tuple[float, str]:
 def _same_session(stored: Mapping[str, object], fence: Mapping[str, object]) -> bool:
     """Same boot, same platform, and PID 1 started at the same time (within 2 s: the kernel
     derives create times from the wall clock, which NTP may step)."""
-    if stored.get("boot_id") != fence["boot_id"] or stored.get("platform") != fence["platform"]:
+    if any(stored.get(k) != fence.get(k) for k in ("boot_id", "platform", "slurm_job")):
         return False
     old, new = stored.get("pid1"), fence["pid1"]
     if old is None or new is None:
@@ -212,7 +212,8 @@ def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None
     """
     now = time.time() if now is None else now
     path = Path(run_dir) / channel.SESSION_FILE
-    fence = {"boot_id": boot_id(), "pid1": _pid1_create_time(), "platform": platform.name}
+    fence = {"boot_id": boot_id(), "pid1": _pid1_create_time(), "platform": platform.name,
+             "slurm_job": platform.slurm_job_id}
     try:
         stored = channel.read_json(path)
     except channel.ChannelError:

@@ -36,6 +36,7 @@ TRAINING_FAILED = "training_failed"
 IDLE_END = "idle_end"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
+MAX_RESENDS = 5
 TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop"})
 
 
@@ -337,10 +338,15 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
 
     _end_rules(config, t, sample, all_idle)
 
-    # Re-send an unacknowledged request (same seq) after the timeout, while the trainer lives.
+    # Re-send an unacknowledged request (same seq) after the timeout, while the trainer lives;
+    # after MAX_RESENDS, say once that the trainer does not answer instead of signalling forever.
     out = t.state.outstanding
     if out is not None and active and elapsed - out.sent_elapsed >= config.resend_after * (out.resends + 1):
-        if not any(d.kind == "request" for d in t.decisions):
+        if out.resends >= MAX_RESENDS:
+            t.warn_once(f"unanswered_{out.seq}", TRAINER_STALLED,
+                        f"request {out.seq} ({out.action}) unanswered after {out.resends} re-sends; "
+                        "is the training loop calling session.step()?", seq=out.seq)
+        elif not any(d.kind == "request" for d in t.decisions):
             t.update(outstanding=dataclasses.replace(out, resends=out.resends + 1))
             t.decisions.append(Decision(
                 "resend", out.reason, f"request {out.seq} ({out.action}) unacknowledged for "
@@ -357,6 +363,8 @@ def training_outcome(sample: Sample) -> Optional[str]:
 
     A wrapped command's exit code 0 counts as completed unless the trainer reported otherwise.
     """
+    if sample.child_running:
+        return None  # whatever trainer.json says, the command we watch has not finished
     status = sample.trainer.status
     state = status.state if status is not None else None
     if state == "failed" or (sample.child_exit is not None and sample.child_exit != 0):

@@ -84,6 +84,7 @@ class Sample:
     trainer: TrainerReading = field(default_factory=lambda: TrainerReading(False, False))
     notebook_idle_s: Optional[float] = None  # seconds with no cell running; None outside notebooks
     child_exit: Optional[int] = None  # wrapped/attached process exit code once it ended
+    child_running: bool = False  # a wrapped/attached process is still running
     notice_deadline: Optional[float] = None  # a preemption notice's deadline (wall clock)
     notice_source: Optional[str] = None  # aws-spot | gcp | slurm | slurm-signal
 

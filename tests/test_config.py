@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -184,3 +185,50 @@ class TestStatusAndDoctor:
         run_dir.chmod(0o777)
         code, out, _ = run_cli(["doctor", "--run-dir", str(run_dir)], capsys)
         assert code == 1 and "[FIX ] run dir" in out and "chmod 700" in out
+
+
+class TestBadInputFromReview:
+    @pytest.mark.parametrize("argv, expected", [
+        (["run", "--interval", "100000000000000"], "expected a duration of at most 366 days"),
+        (["run", "--end-command", "[]"], "expected a non-empty list"),
+        (["run", "--log-file", "/proc/x/log.jsonl", "--for", "1s"], "cannot write the log file /proc/x/log.jsonl"),
+        (["attach", "--pid", "-5"], "--pid -5 is not a process id"),
+    ])
+    def test_one_line_and_exit_2(self, argv, expected, capsys, tmp_path):
+        """Huge numbers, an empty argv, an unwritable log and a negative pid: one line, exit 2."""
+        code, _, err = run_cli(argv + ["--run-dir", str(tmp_path / "run")], capsys)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+    @pytest.mark.parametrize("content", ["log_backups = inf\n", "interval = " + "9" * 400 + "\n"])
+    def test_overflowing_toml_values(self, content, tmp_path, capsys):
+        """inf and 400-digit integers in TOML are refused with one line, not an OverflowError."""
+        toml = tmp_path / "w.toml"
+        toml.write_text(content)
+        code, _, err = run_cli(["run", "--config", str(toml)], capsys)
+        assert code == 2 and "is invalid" in err and "Traceback" not in err
+
+    def test_status_with_malformed_files(self, tmp_path, capsys):
+        """status reports a malformed trainer.json/state.json as a problem line, never a traceback."""
+        from session_watchdog import channel
+
+        run = channel.RunDir(tmp_path / "run")
+        (run.path / "trainer.json").write_text(json.dumps({"v": 1, "state": "running", "last_checkpoint": {"at": "yesterday"}}))
+        (run.path / "state.json").write_text('{"v": 1, "policy": []}')
+        code, out, _ = run_cli(["status", "--run-dir", str(run.path)], capsys)
+        assert code == 0 and out.count("problem:") == 2
+
+    def test_demo_refuses_a_directory_it_did_not_make(self, tmp_path, capsys):
+        """demo --dir on a folder with someone's files: exit 2, nothing deleted."""
+        keep = tmp_path / "checkpoints" / "my-model.pt"
+        keep.parent.mkdir()
+        keep.write_text("precious")
+        code, _, err = run_cli(["demo", "--dir", str(tmp_path)], capsys)
+        assert code == 2 and "not made by the demo" in err and keep.read_text() == "precious"
+
+    def test_for_is_checked_every_second(self, tmp_path):
+        """run --for 1s with a 30 s tick stops within a few seconds, not after the tick."""
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "session_watchdog", "run", "--interval", "30s", "--for", "1s",
+                               "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "l.jsonl")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and time.monotonic() - start < 10

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import pytest
 import structlog
-from fakes import FakeClock, ScriptedProbe, gpu, sample
+from fakes import FakeClock, ScriptedProbe, gpu, sample, status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -533,3 +533,106 @@ class TestDaemonEnd:
         assert [e["kind"] for e in events if e["event"] == "decision"] == ["end"]
         # the process is still alive after the (recorded) end action: one confirm retry, no more
         assert len(rec.calls) == 2
+
+
+class TestEndReviewRegressions:
+    def test_a_stale_completed_status_never_ends_while_the_wrapped_command_runs(self, tmp_path):
+        """A completed trainer.json from an earlier run in a shared run dir: while the new wrapped
+        command runs, and after it fails, nothing is ended."""
+        import subprocess
+        run = channel.RunDir(tmp_path / "run")
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        run.write_status(channel.TrainerStatus(pid=1, start_time=1.0, state="completed", step=500, epoch=3,
+                                               step_time_s=0.1, acked_seq=0, last_checkpoint=ckpt,
+                                               heartbeat=time.time() - 3600))
+        proc = subprocess.run(
+            [sys.executable, "-m", "session_watchdog", "run", "--platform", "generic", "--end-when-done",
+             "--dry-run", "--grace", "0.5s", "--interval", "0.3s", "--end-command", "/bin/true",
+             "--run-dir", str(run.path), "--log-file", str(tmp_path / "log.jsonl"),
+             "--", sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(1)"],
+            capture_output=True, text=True, timeout=60)
+        evs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert proc.returncode == 1
+        assert [e for e in evs if e["event"] == "decision" and e["kind"] == "end"] == []
+
+    def test_state_of_another_session_is_not_reused(self, tmp_path):
+        """state.json written in another session (another start) is replaced by a fresh state."""
+        run = channel.RunDir(tmp_path / "run")
+        channel.write_json(run.file(channel.STATE_FILE), {"v": 1, "session_start": NOW - 86400.0,
+                                                          "policy": PolicyState(seq=7, done=frozenset({"session_warn_3600"})).to_json()})
+        dog = Watchdog(Config.build(run_dir=str(run.path), log_file=str(tmp_path / "l")),
+                       platform=platforms.Platform("generic", ("t",)), clock=FakeClock(NOW), session_start=NOW,
+                       probe=ScriptedProbe([sample()]))
+        assert dog.state == PolicyState()
+
+    def test_drive_is_not_unmounted_before_a_cancelled_grace(self, tmp_path, monkeypatch):
+        """A cancel during the grace period leaves Drive mounted (the user goes on training)."""
+        import session_watchdog.actions as actions
+
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(tmp_path / "drive"))
+        calls = []
+
+        class Drive:
+            def flush_and_unmount(self):
+                calls.append("unmount")
+
+        ckpt = write_checkpoint(tmp_path / "drive" / "ckpt")
+
+        def flush(paths, unmount=True):
+            return actions.flush_drive(paths, import_drive=Drive, sleep=lambda s: None, unmount=unmount)
+
+        tx = transaction(tmp_path, ckpt=ckpt, action=Recorder(), grace_s=5.0, flush=flush,
+                         sleep=lambda s: tx.cancel())
+        assert tx.run() == "cancelled" and calls == []
+        tx2 = transaction(tmp_path, ckpt=ckpt, action=Recorder(), flush=flush)
+        with structlog.testing.capture_logs() as events:
+            assert tx2.run() == "ended"
+        assert calls == ["unmount"]
+        assert [e["step"] for e in events][-2:] == ["end_flush", "end_action"]
+
+    def test_an_aborted_idle_end_is_tried_again_after_a_new_idle_spell(self, tmp_path):
+        """A GPU job during the grace aborts the idle end; a new full idle period ends it later."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe = ScriptedProbe([idle])
+        clock = FakeClock(NOW)
+        rec = Recorder()
+        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"), platform="colab",
+                              idle_end_after="10m", grace="1s")
+        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock, session_start=NOW,
+                       probe=probe, end_action=("recorder", rec), confirm_after_s=0.0)
+        ends = []
+        for minute in range(0, 11):
+            dog.tick()
+            ends += [minute for d in dog.last_decisions if d.kind == "end"]
+            clock.advance(60.0)
+        assert ends == [10]
+        probe.script = [busy]  # a GPU job starts during the grace period
+        dog.tick()
+        assert dog.wait_end(10) == "aborted" and rec.calls == []
+        probe.script = [idle]
+        for minute in range(11, 23):
+            dog.tick()
+            ends += [minute for d in dog.last_decisions if d.kind == "end"]
+            clock.advance(60.0)
+        assert ends == [10, 21]
+
+    def test_a_failing_log_never_stops_a_tick(self, tmp_path, monkeypatch):
+        """A full disk under the log: the request is still written, the loss said once."""
+        import io
+
+        from session_watchdog import log as swlog
+
+        console = io.StringIO()
+        jsonl = swlog.configure(tmp_path / "log.jsonl", console=console)
+
+        def full(line):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(jsonl, "write", full)
+        clock = FakeClock(NOW + 3300.0)
+        dog = Watchdog(Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "log.jsonl"),
+                                    max_session="1h"),
+                       platform=platforms.Platform("generic", ("t",)), clock=clock, session_start=NOW,
+                       probe=ScriptedProbe([sample(trainer_status=status(heartbeat=NOW + 3300))]))
+        dog.safe_tick()
+        assert dog.run_dir.read_request().seq == 1
+        assert console.getvalue().count("cannot write the log") == 1

@@ -234,7 +234,7 @@ class TestSessionStart:
         assert second == SessionStart(1000.0, "first start of the watchdog", True)
         assert channel.read_json(run_path / channel.SESSION_FILE) == {
             "v": 1, "start": 1000.0, "source": "first start of the watchdog",
-            "boot_id": "boot-a", "pid1": 1_700_000_000.5, "platform": "generic"}
+            "boot_id": "boot-a", "pid1": 1_700_000_000.5, "platform": "generic", "slurm_job": None}
 
     def test_new_boot_is_a_new_session(self, run_path: Path, fence: Dict[str, Any]) -> None:
         """A changed boot id invalidates the stored start."""
@@ -368,3 +368,15 @@ class TestSlurmJobTimes:
     def test_failures_give_empty(self, run: FakeRun) -> None:
         """A failing, missing or hung squeue gives {} instead of an exception."""
         assert platforms.slurm_job_times("1", run=run) == {}
+
+
+class TestSlurmSessionFence:
+    def test_another_job_on_the_same_node_starts_a_new_session(self, tmp_path):
+        """A stored session start of SLURM job 1001 is not reused by job 1002 (shared home)."""
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700)
+        job1 = platforms.Platform("slurm", ("t",), slurm_job_id="1001")
+        job2 = platforms.Platform("slurm", ("t",), slurm_job_id="1002")
+        first = platforms.session_start(run, job1, now=1000.0)
+        second = platforms.session_start(run, job2, now=1000.0 + 6 * 3600)
+        assert (first.start, second.start, second.persisted) == (1000.0, 1000.0 + 6 * 3600, False)
