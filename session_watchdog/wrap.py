@@ -136,6 +136,8 @@ class Attached:
     """A process we did not start: identity = pid + create time, same user or refused."""
 
     def __init__(self, pid: int, run_dir: channel.RunDir, end_on_exit: bool = False) -> None:
+        if pid < 1:
+            raise WrapError(f"--pid {pid} is not a process id (expected a number >= 1)")
         try:
             proc = psutil.Process(pid)
             created = proc.create_time()
