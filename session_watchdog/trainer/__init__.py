@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         capture_state,
         restore_state,
     )
+    from session_watchdog.trainer.distributed import DistributedError, ShardedCheckpointer
     from session_watchdog.trainer.session import (
         EXIT_STOPPED,
         Session,
@@ -41,6 +42,8 @@ _EXPORTS: Dict[str, str] = {
     "SavedCheckpoint": "checkpoint",
     "capture_state": "checkpoint",
     "restore_state": "checkpoint",
+    "ShardedCheckpointer": "distributed",
+    "DistributedError": "distributed",
 }
 
 __all__ = [
@@ -55,6 +58,8 @@ __all__ = [
     "StopTraining",
     "capture_state",
     "restore_state",
+    "ShardedCheckpointer",
+    "DistributedError",
 ]
 
 

@@ -10,12 +10,24 @@ is killed and resumed ends with the same parameters, bit for bit, as one that ne
 Exit status: 0 when training completed (final checkpoint verified), ``EXIT_STOPPED`` (75) when it
 stopped on a request or a signal after a durable checkpoint (run it again to resume), 2 for bad
 arguments.
+
+Distributed data parallel, one process per rank (gloo on CPU, NCCL on GPUs)::
+
+    torchrun --nproc_per_node=2 -m session_watchdog.trainer.example --ddp --checkpoint-dir /tmp/ckpt
+
+Rank ``r`` of ``W`` trains on batches ``index * W + r`` of the same pure-function stream, so the
+global batch order survives a restart with the same ``W``. ``--sharded`` saves with
+``torch.distributed.checkpoint`` (every rank writes its part) instead of rank 0's single file.
+``--run-dir-per-rank`` gives rank ``r`` the run directory ``<run-dir>/rank<r>``: a request written
+into one rank's directory reaches the others only through the ranks' agreement (used by the tests).
+Lines printed by a rank start with ``[rank r]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +37,8 @@ from session_watchdog.trainer.session import (
     DEFAULT_CHECKPOINT_EVERY_S,
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_SYNC_EVERY,
+    DEFAULT_SYNC_INTERVAL_S,
     EXIT_STOPPED,
     Session,
     SessionExit,
@@ -61,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S)
     parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S)
     parser.add_argument("--quiet", action="store_true", help="no session log lines on stderr")
+    dist = parser.add_argument_group("distributed (under torchrun)")
+    dist.add_argument("--ddp", action="store_true",
+                      help="DistributedDataParallel over the torchrun process group "
+                           "(gloo on CPU, NCCL on CUDA)")
+    dist.add_argument("--sharded", action="store_true",
+                      help="save with torch.distributed.checkpoint into committed step directories")
+    dist.add_argument("--run-dir-per-rank", action="store_true",
+                      help="rank r uses <run-dir>/rank<r> instead of sharing the node's run dir")
+    dist.add_argument("--sync-every", type=int, default=DEFAULT_SYNC_EVERY,
+                      help="the most steps between two agreements of the ranks")
+    dist.add_argument("--sync-interval", type=float, default=DEFAULT_SYNC_INTERVAL_S,
+                      help="the most seconds between two agreements; 0: --sync-every alone")
     return parser
 
 
@@ -109,50 +135,93 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.step_sleep < 0 or args.checkpoint_every < 0:
-        parser.error("--step-sleep and --checkpoint-every must not be negative")
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="[session] %(message)s", stream=sys.stderr)
+    if args.step_sleep < 0 or args.checkpoint_every < 0 or args.sync_interval < 0:
+        parser.error("--step-sleep, --checkpoint-every and --sync-interval must not be negative")
+    if args.sync_every < 1:
+        parser.error("--sync-every must be at least 1")
+    if args.run_dir_per_rank and args.run_dir is None:
+        parser.error("--run-dir-per-rank needs --run-dir")
 
+    import torch
+
+    rank, world = 0, 1
+    device = pick_device(args.device)
+    if args.ddp:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (env:// rendezvous).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    prefix = f"[rank {rank}] " if args.ddp else ""
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format=f"{prefix}[session] %(message)s",
+                            stream=sys.stderr)
+    run_dir = args.run_dir / f"rank{rank}" if args.run_dir_per_rank else args.run_dir
+    try:
+        code = train(args, device, rank, world, run_dir, prefix)
+        if args.ddp:
+            # Leave together: torchrun ends the other workers as soon as one exits.
+            torch.distributed.barrier()
+        return code
+    finally:
+        if args.ddp:
+            torch.distributed.destroy_process_group()
+
+
+def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
+          run_dir: Optional[Path], prefix: str) -> int:
+    """The training loop proper (one rank of ``world`` when ``--ddp``)."""
     import torch
     from torch import nn
 
-    device = pick_device(args.device)
     if device.type == "cuda":
         # Bit-identical resume needs deterministic kernels (cuDNN autotuning picks per run).
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(args.seed)
     model = make_model().to(device)
+    net: nn.Module = model
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.steps_per_epoch),
                                                 gamma=0.9)
     loss_fn = nn.CrossEntropyLoss()
     protos = prototypes(args.seed)
 
+    # The bare module goes to the Session: its state dict keys do not depend on the wrapper.
     session = Session(
         args.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-        run_dir=args.run_dir, async_save=args.async_save,
+        run_dir=run_dir, async_save=args.async_save,
         checkpoint_every=args.checkpoint_every or None, poll_interval=args.poll_interval,
-        heartbeat_interval=args.heartbeat_interval)
+        heartbeat_interval=args.heartbeat_interval, sync_every=args.sync_every,
+        sync_interval_s=args.sync_interval or None, sharded=args.sharded)
     with session:
         start = session.resume()
         if start.resumed:
-            print(f"resumed from {start.path} at epoch {start.epoch} step {start.step} "
+            print(f"{prefix}resumed from {start.path} at epoch {start.epoch} step {start.step} "
                   f"(batch {start.batch})", flush=True)
         else:
-            print(f"fresh start on {device}", flush=True)
+            print(f"{prefix}fresh start on {device}", flush=True)
         try:
             for epoch in session.epochs(args.epochs):
                 began = time.monotonic()
                 total, count = 0.0, 0
                 first = start.batch if epoch == start.epoch else 0
-                model.train()
+                net.train()
                 for index in range(first, args.steps_per_epoch):
-                    inputs, labels = make_batch(protos, args.seed, epoch, index, args.batch_size)
+                    inputs, labels = make_batch(protos, args.seed, epoch, index * world + rank,
+                                                args.batch_size)
                     inputs, labels = inputs.to(device), labels.to(device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(inputs), labels)
+                    loss = loss_fn(net(inputs), labels)
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
@@ -162,17 +231,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                         time.sleep(args.step_sleep)
                     session.step()  # checkpoints / stops here when asked
                 if count:  # an epoch the checkpoint had finished has nothing left to report
-                    print(f"epoch {epoch + 1}/{args.epochs} step {session.global_step} "
+                    print(f"{prefix}epoch {epoch + 1}/{args.epochs} step {session.global_step} "
                           f"loss {total / count:.4f} ({time.monotonic() - began:.2f} s)",
                           flush=True)
         except SessionExit as stop:
             # A script could let it propagate (exit status 75); main() returns codes instead.
-            print(f"stopped ({stop.reason}) at step {stop.checkpoint.step}: "
+            print(f"{prefix}stopped ({stop.reason}) at step {stop.checkpoint.step}: "
                   f"{stop.checkpoint.path}", flush=True)
             return EXIT_STOPPED
         final = session.complete()
-        print(f"completed at step {final.step}: {final.path} sha256 {final.sha256[:16]}",
-              flush=True)
+        agreement = session.agreement
+        agreements = f" after {agreement.agreements} agreements" if agreement else ""
+        print(f"{prefix}completed at step {final.step}: {final.path} sha256 {final.sha256[:16]}"
+              f"{agreements}", flush=True)
     return 0
 
 

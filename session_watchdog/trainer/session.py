@@ -62,17 +62,39 @@ may resend it), training goes on - except for a stop, where ``step()`` re-raises
 writing ``state=failed`` (exiting with "resumable" would be a lie). ``complete()`` writes
 ``state=completed`` only after the final checkpoint is saved and verified.
 
-Distributed training (torch.distributed) is a later issue: every decision taken at a step boundary
-passes through :meth:`Session._agree`, where an all-reduce across ranks will go.
+Distributed training (torch.distributed: torchrun, SLURM, DDP, FSDP). A Session built inside an
+initialized process group (build it on every rank, after ``init_process_group``) makes every rank
+take the same decision at the same step; see ``session_watchdog.trainer.distributed``:
+
+- rank-local flags (requests seen by each rank's poller, signals, the periodic timer) are combined
+  by one small all-reduce (MAX) at agreed steps only: every ``sync_every`` steps, or fewer when
+  that many would take longer than ``sync_interval_s`` at the step time the ranks agreed on.
+  ``step()`` stays an increment and a comparison on every other step. A request waits up to
+  ``window x step time`` for the agreement: published as ``extra["agree_delay_s"]``;
+- ranks that share a run directory (the local ranks of one node, by default) form a group whose
+  lowest rank is the *reporter*: the only one that writes ``trainer.json`` and acknowledges
+  requests there; every rank holds ``run.lock`` shared. A request seen in any group's run dir
+  reaches all ranks through the all-reduce;
+- DDP (default): rank 0 writes the single-file checkpoint with every rank's RNG states while the
+  others wait for its outcome, then all ranks acknowledge (each reporter in its run dir) and stop
+  together; ``resume()`` loads the file rank 0 chose on every rank (a shared filesystem);
+- sharded (``sharded=True``, FSDP or any DCP user): every rank writes its shards with
+  ``torch.distributed.checkpoint`` into a fresh step directory committed by a marker written last
+  (:class:`~session_watchdog.trainer.distributed.ShardedCheckpointer`).
+
+``resume()``, ``checkpoint()`` and ``complete()`` are collectives then: call them on every rank.
+``async_save`` is ignored (a background thread cannot join the ranks' collectives safely).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -84,10 +106,12 @@ from typing import (
     Callable,
     Dict,
     Iterator,
+    List,
     Optional,
     Tuple,
     Type,
     Union,
+    cast,
 )
 
 from session_watchdog import channel
@@ -109,6 +133,11 @@ if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a S
         PendingSave,
         SavedCheckpoint,
     )
+    from session_watchdog.trainer.distributed import (
+        Agreement,
+        ShardedCheckpoint,
+        ShardedCheckpointer,
+    )
 
 __all__ = [
     "EXIT_STOPPED",
@@ -128,6 +157,9 @@ DEFAULT_RETRY_AFTER_S = 30.0
 _STEP_TIME_EMA_ALPHA = 0.3  # weight of the newest step-time sample (one per poll with progress)
 _RUN_LOCK_WAIT_S = 30.0  # the daemon holds run.lock exclusively only briefly, before ending
 _SESSION_EXTRAS_KEY = "session_watchdog"  # our bookkeeping inside the checkpoint's extras
+DEFAULT_SYNC_EVERY = 50  # steps between two agreements of the ranks (distributed.py)
+DEFAULT_SYNC_INTERVAL_S = 10.0  # ... or fewer steps, when 50 would take longer than this
+_NEVER = sys.maxsize  # _sync_at of a single process: step() never reaches it
 
 _log = logging.getLogger(__name__)
 
@@ -198,12 +230,18 @@ class Start:
 
 @dataclass(frozen=True)
 class _Flags:
-    """What to do at this step boundary (the unit that ranks will agree on, see ``_agree``)."""
+    """What to do at this step boundary (the unit that ranks agree on, see ``_agree``).
+
+    ``code`` ranks the reason (distributed.NOTHING .. SIGTERM_STOP); ``ack_seq`` is the request
+    the checkpoint answers (after an agreement: the newest one any rank of this run dir saw).
+    """
 
     save: bool
     stop: bool
     request: Optional[Request]
     reason: str
+    code: int = 0
+    ack_seq: Optional[int] = None
 
 
 class Session:
@@ -225,6 +263,13 @@ class Session:
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
         retry_after: seconds before a requested checkpoint that failed to save is tried again.
         extras: initial value of ``session.extras``, a dict saved with every checkpoint.
+        sync_every: distributed only: the most steps between two agreements of the ranks (one
+            all-reduce each); the same on every rank.
+        sync_interval_s: distributed only: the most seconds between two agreements, turned into
+            a step count from the step time agreed at the previous one; None: ``sync_every``
+            alone decides. The same on every rank.
+        sharded: save with ``torch.distributed.checkpoint`` into committed step directories
+            (FSDP; every rank writes its shards) instead of rank 0's single file.
     """
 
     def __init__(
@@ -245,12 +290,21 @@ class Session:
         handle_signals: bool = True,
         retry_after: float = DEFAULT_RETRY_AFTER_S,
         extras: Optional[Dict[str, Any]] = None,
+        sync_every: int = DEFAULT_SYNC_EVERY,
+        sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
+        sharded: bool = False,
     ) -> None:
         for name, value in (("poll_interval", poll_interval),
                             ("heartbeat_interval", heartbeat_interval),
                             ("retry_after", retry_after)):
             if not value > 0:
                 raise ValueError(f"Session({name}={value!r}): expected a positive number of seconds")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"Session(sync_every={sync_every!r}): expected a whole number of "
+                             "steps, at least 1")
+        if sync_interval_s is not None and not sync_interval_s > 0:
+            raise ValueError(f"Session(sync_interval_s={sync_interval_s!r}): expected a positive "
+                             "number of seconds, or None to synchronise on sync_every alone")
         if checkpoint_every is not None and not checkpoint_every > 0:
             raise ValueError(f"Session(checkpoint_every={checkpoint_every!r}): expected a positive "
                              "number of seconds, or None to turn periodic checkpoints off")
@@ -259,9 +313,10 @@ class Session:
         # `import session_watchdog.trainer` must stay cheap until a Session is built.
         import psutil
 
-        from session_watchdog.trainer import checkpoint
+        from session_watchdog.trainer import checkpoint, distributed
 
         self._ckpt = checkpoint
+        self._distmod = distributed
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -275,6 +330,9 @@ class Session:
         self.retry_after = float(retry_after)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.manager: CheckpointManager = checkpoint.CheckpointManager(self.checkpoint_dir, keep=keep)
+        self.sync_every = sync_every
+        self.sync_interval_s = None if sync_interval_s is None else float(sync_interval_s)
+        self.sharded = bool(sharded)
 
         # --- state read by step() and the poller (plain attributes: reads are atomic under the GIL)
         self._step = 0  # global step counter
@@ -304,8 +362,32 @@ class Session:
         self._inflight_seq: Optional[int] = None  # request answered by the async save in flight
         self._start_step = 0  # "starting" turns "running" once the counter moves past it
         self._status_lock = threading.Lock()
+        # --- distributed agreement (distributed.py); None / _NEVER in a single process
+        self._dist: Optional[Agreement] = None
+        self._reporter = True  # writes trainer.json and acks (a group's lowest rank)
+        self._sync_at = _NEVER  # step() services at this step even without a flag
+        self._window = 0  # steps from the last agreement to the next
+        self._sync_anchor: Tuple[float, int] = (self._mono_start, 0)  # for the agreed step time
+        self._agreed_step_time_s: Optional[float] = None
+        self._out_of_step_logged = False
+        self._sharded_ckpt: Optional[ShardedCheckpointer] = None
 
         self.run_dir = self._open_run_dir(run_dir)
+        if distributed.is_initialized() and _world_size() > 1:
+            # Collective: every rank builds its Session here, with the same settings.
+            self._dist = distributed.setup(self.run_dir.path, {
+                "sync_every": self.sync_every, "sync_interval_s": self.sync_interval_s,
+                "sharded": self.sharded})
+            self._reporter = self._dist.reporter
+            self._schedule_sync()
+            self._extra["distributed"] = self._dist.describe()
+        if self.sharded:
+            self._sharded_ckpt = distributed.ShardedCheckpointer(self.checkpoint_dir, keep=keep)
+        if self.async_save and (self._dist is not None or self.sharded):
+            # The ack of a background write would need a collective from a second thread.
+            self.async_save = False
+            _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
+                   "are collective and synchronous")
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
         self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
@@ -340,8 +422,10 @@ class Session:
     def step(self) -> None:
         """Count one optimizer step; at a flagged boundary checkpoint, acknowledge or stop.
 
-        Call it once per iteration, after ``optimizer.step()``. Costs an increment and one
-        attribute read unless the poller or a signal set the flag.
+        Call it once per iteration, after ``optimizer.step()``. Costs an increment, one
+        attribute read and one comparison unless the poller or a signal set the flag - or,
+        under torch.distributed, at the agreed steps (every ``sync_every`` at most), where the
+        ranks all-reduce their flags.
 
         Raises:
             SessionExit: on a stop with ``exit_on_stop=True`` (exit code :data:`EXIT_STOPPED`).
@@ -349,7 +433,7 @@ class Session:
             CheckpointError: the checkpoint for a stop could not be saved (state=failed).
         """
         self._step += 1
-        if self._pending:
+        if self._pending or self._step >= self._sync_at:
             self._service()
 
     @property
@@ -401,8 +485,22 @@ class Session:
         """The newest durable checkpoint as reported in ``trainer.json``."""
         return self._last_checkpoint
 
+    @property
+    def agreement(self) -> Optional[Agreement]:
+        """The link to the other ranks under torch.distributed (None in a single process)."""
+        return self._dist
+
+    @property
+    def reporter(self) -> bool:
+        """Whether this process writes ``trainer.json`` and acks (a run dir's lowest rank)."""
+        return self._reporter
+
     def resume(self, map_location: Any = "cpu") -> Start:
         """Load the newest verified checkpoint into the model etc., or report a fresh start.
+
+        Under torch.distributed this is a collective (call it on every rank): rank 0 chooses
+        the checkpoint, every rank loads that one (from a filesystem they share) and gets its
+        own RNG states back; if any rank cannot load it, every rank raises.
 
         Args:
             map_location: passed to ``CheckpointManager.load`` (tensors land on the parameters'
@@ -411,14 +509,21 @@ class Session:
         Returns:
             The :class:`Start` to continue from.
         """
-        saved = self.manager.latest()
-        if saved is None:
+        loaded: Optional[Tuple[Union[SavedCheckpoint, ShardedCheckpoint], Dict[str, Any]]]
+        if self._sharded_ckpt is not None:
+            loaded = self._load_sharded()
+        elif self._dist is not None:
+            loaded = self._load_ddp(map_location)
+        else:
+            latest = self.manager.latest()
+            loaded = None if latest is None else (latest, self._ckpt.restore_state(
+                self.manager.load(latest, map_location=map_location), model=self.model,
+                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler))
+        if loaded is None:
             _event(logging.INFO, "fresh_start", checkpoint_dir=str(self.manager.directory))
             return Start(epoch=self._epoch, step=self._step, elapsed_s=self._elapsed_base,
                          resumed=False, path=None)
-        state = self.manager.load(saved, map_location=map_location)
-        meta = self._ckpt.restore_state(state, model=self.model, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler)
+        saved, meta = loaded
         extras = dict(meta.get("extras") or {})
         ours = extras.pop(_SESSION_EXTRAS_KEY, None) or {}
         step = int(meta["step"])
@@ -434,12 +539,77 @@ class Session:
         self._start_step = step
         self.extras = extras
         self._last_checkpoint = _info(saved, seq=None)
+        if self._dist is not None:
+            self._schedule_sync()  # the counter moved: the next agreement counts from here
         self._write_status()
         start = Start(epoch=epoch, step=step, elapsed_s=self._elapsed_base, resumed=True,
                       path=Path(saved.path), batch=step - self._epoch_start_step, extras=extras)
         _event(logging.INFO, "resumed", path=str(saved.path), epoch=epoch, step=step,
                batch=start.batch)
         return start
+
+    def _load_ddp(self, map_location: Any) -> Optional[Tuple[SavedCheckpoint, Dict[str, Any]]]:
+        """Collective: every rank loads the single file rank 0 chose; own RNG states back."""
+        agreement = self._dist
+        assert agreement is not None
+        saved: Optional[SavedCheckpoint] = agreement.broadcast(
+            self.manager.latest() if agreement.rank == 0 else None)
+        if saved is None:
+            return None
+        error: Optional[BaseException] = None
+        state: Dict[str, Any] = {}
+        try:
+            state = self.manager.load(saved, map_location=map_location)
+        except self._ckpt.CheckpointError as err:
+            error = err
+        if not agreement.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise self._ckpt.CheckpointError(
+                f"another rank could not load {saved.path}; every rank must be able to read "
+                "the checkpoint directory (a filesystem all nodes share)")
+        meta = self._ckpt.restore_state(state, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler)
+        ours = (meta.get("extras") or {}).get(_SESSION_EXTRAS_KEY) or {}
+        rngs = ours.get("rank_rng")
+        if isinstance(rngs, list) and len(rngs) == agreement.world_size:
+            self._restore_rng(rngs[agreement.rank])
+        else:
+            _event(logging.WARNING, "rng_not_restored", rank=agreement.rank,
+                   reason="checkpoint from another world size: rank 0's RNG states are used")
+        return saved, meta
+
+    def _load_sharded(self) -> Optional[Tuple[ShardedCheckpoint, Dict[str, Any]]]:
+        """Collective: DCP-load the step directory rank 0 chose into the model etc."""
+        ckpt = self._sharded_ckpt
+        assert ckpt is not None
+        saved = ckpt.choose()
+        if saved is None:
+            return None
+        rank = self._rank
+        template = self._distmod.session_state(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, rank=rank, meta=None, rng=None,
+            saved_world_size=saved.world_size)
+        ckpt.load(template, saved)
+        meta = self._distmod.apply_session_state(template, model=self.model,
+                                                 optimizer=self.optimizer,
+                                                 scheduler=self.scheduler, scaler=self.scaler)
+        rng = self._distmod.rank_rng(template, rank)
+        if rng is not None:
+            self._restore_rng(rng)
+        else:
+            _event(logging.WARNING, "rng_not_restored", rank=rank,
+                   reason="no RNG states for this rank in the checkpoint (other world size)")
+        return saved, meta
+
+    def _restore_rng(self, rng: Dict[str, Any]) -> None:
+        self._ckpt.restore_state({"format": self._ckpt.STATE_FORMAT, "rng": rng, "epoch": 0,
+                                  "step": 0, "elapsed_s": 0.0})
+
+    @property
+    def _rank(self) -> int:
+        return 0 if self._dist is None else self._dist.rank
 
     def checkpoint(self, reason: str = "manual") -> SavedCheckpoint:
         """Save a checkpoint now, synchronously (e.g. at the end of an epoch); returns it.
@@ -461,8 +631,11 @@ class Session:
         # The final checkpoint answers a request still open: nothing newer will ever exist.
         seq = request.seq if request is not None and request.seq > self._handled_seq else None
         try:
-            saved = self._save(seq=None, reason="complete", during="saving", record=False)
-            if not self.manager.verify(saved.path):
+            saved = self._save(seq=None, reason="complete", during="saving", record=False,
+                               final=True)
+            # Distributed and sharded saves verify inside the collective (rank 0 decides).
+            if self._dist is None and self._sharded_ckpt is None \
+                    and not self.manager.verify(saved.path):
                 raise self._ckpt.CheckpointError(
                     f"final checkpoint {saved.path} failed verification (size or sha256)")
         except BaseException as err:
@@ -528,8 +701,8 @@ class Session:
         """Act on whatever set the flag. Runs in the training thread, between two steps."""
         # Clear first, read the reasons after: a flag set meanwhile is then seen now or next step.
         self._pending = False
-        if self._closed:
-            return
+        if self._closed or (self._dist is not None and self._step < self._sync_at):
+            return  # distributed: flags wait for the agreed step (never act alone)
         stop_reason: Optional[str] = None
         if self._sigterm:
             self._sigterm = False
@@ -560,11 +733,19 @@ class Session:
         else:
             reason = "periodic"
         stop = stop_reason is not None or (request is not None and request.action == "stop")
+        dm = self._distmod
+        if stop_reason is not None:
+            code = dm.SIGTERM_STOP if stop_reason == "SIGTERM" else dm.SIGUSR1_STOP
+        elif request is not None:
+            code = dm.REQUEST_STOP if request.action == "stop" else dm.REQUEST_CHECKPOINT
+        else:
+            code = dm.PERIODIC if periodic else dm.NOTHING
         flags = self._agree(_Flags(save=stop or periodic or request is not None, stop=stop,
-                                   request=request, reason=reason))
+                                   request=request, reason=reason, code=code,
+                                   ack_seq=None if request is None else request.seq))
         if not flags.save:
             return
-        seq = None if flags.request is None else flags.request.seq
+        seq = flags.ack_seq
         if flags.stop:
             try:
                 saved = self._save(seq=seq, reason=flags.reason, during="stopping",
@@ -575,6 +756,10 @@ class Session:
                 self.close()
                 raise
             self._stopped = True
+            if self._dist is not None:
+                # Every reporter has acked before any rank leaves: torchrun ends the other
+                # workers as soon as one exits, which must not cut another node's ack short.
+                self._dist.barrier()
             _event(logging.WARNING, "stopped", reason=flags.reason, step=saved.step,
                    path=str(saved.path))
             self.close()
@@ -586,16 +771,47 @@ class Session:
             return
         try:
             self._save(seq=seq, reason=flags.reason, during="saving")
-        except (self._ckpt.CheckpointError, OSError):
+        except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError):
             pass  # logged and reported by _save; training goes on without an ack
 
     def _agree(self, flags: _Flags) -> _Flags:
         """Make every rank take the same decision at this step. Single process: as is.
 
-        The torch.distributed version (a later issue) all-reduces (save, stop) with MAX here, so
-        that every rank saves and stops at the same step.
+        Distributed: one all-reduce (MAX) of (reason code, step time, step, request seq per run
+        dir); every rank saves when any rank wants to, stops when any rank must, and schedules
+        the next agreement from the agreed step time (so all ranks pick the same step).
         """
-        return flags
+        agreement = self._dist
+        if agreement is None:
+            return flags
+        now = time.monotonic()
+        anchor_time, anchor_step = self._sync_anchor
+        measured = ((now - anchor_time) / (self._step - anchor_step)
+                    if self._step > anchor_step else None)
+        agreed = agreement.exchange(code=flags.code, seq=flags.ack_seq or 0, step=self._step,
+                                    step_time_s=measured)
+        if not agreed.steps_agree and not self._out_of_step_logged:
+            self._out_of_step_logged = True
+            _event(logging.ERROR, "ranks_out_of_step", rank=agreement.rank, step=self._step,
+                   hint="every rank must call step() once per optimizer step")
+        self._agreed_step_time_s = agreed.step_time_s
+        self._schedule_sync()
+        dm = self._distmod
+        if agreed.code == dm.NOTHING:
+            return _Flags(save=False, stop=False, request=None, reason="", code=dm.NOTHING)
+        if flags.code == agreed.code:
+            reason = flags.reason
+        else:
+            reason = f"{dm.CODE_NAMES[agreed.code]} from rank {agreed.source_rank}"
+        return _Flags(save=True, stop=agreed.code >= dm.REQUEST_STOP, request=flags.request,
+                      reason=reason, code=agreed.code, ack_seq=agreed.seq or None)
+
+    def _schedule_sync(self) -> None:
+        """The next agreement, ``window`` steps from now: every rank computes the same step."""
+        self._window = self._distmod.next_window(self.sync_every, self.sync_interval_s,
+                                                 self._agreed_step_time_s, self._window)
+        self._sync_at = self._step + self._window
+        self._sync_anchor = (time.monotonic(), self._step)
 
     def _is_new(self, request: Optional[Request]) -> bool:
         """Whether ``request`` still needs an answer (not acked, not in flight, not backing off)."""
@@ -608,17 +824,65 @@ class Session:
     # ------------------------------------------------------------------------------------------
     # Saving
 
-    def _capture(self) -> Dict[str, Any]:
-        extras = dict(self.extras)
-        extras[_SESSION_EXTRAS_KEY] = {"epoch_start_step": self._epoch_start_step}
+    def _capture(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         state: Dict[str, Any] = self._ckpt.capture_state(
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.scaler, epoch=self._epoch, step=self._step, elapsed_s=self.elapsed_s,
-            extras=extras)
+            extras=self._extras_to_save(rank_rng))
         return state
 
+    def _extras_to_save(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        extras = dict(self.extras)
+        ours: Dict[str, Any] = {"epoch_start_step": self._epoch_start_step}
+        if rank_rng is not None:
+            # DDP: rank 0 writes the file; every rank gets its own RNG states back on resume
+            # (ranks seeded differently - per-rank augmentation - resume bit for bit too).
+            ours["rank_rng"] = rank_rng
+        extras[_SESSION_EXTRAS_KEY] = ours
+        return extras
+
+    def _rng_state(self) -> Dict[str, Any]:
+        rng: Dict[str, Any] = self._ckpt.capture_state(epoch=0, step=0, elapsed_s=0.0)["rng"]
+        return rng
+
+    def _write(self, *, final: bool) -> Union[SavedCheckpoint, ShardedCheckpoint]:
+        """Write one checkpoint: this process alone, rank 0 for all (DDP), or sharded (DCP)."""
+        if self._sharded_ckpt is not None:
+            state = self._distmod.session_state(
+                model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, rank=self._rank, rng=self._rng_state(),
+                meta={"epoch": self._epoch, "step": self._step, "elapsed_s": self.elapsed_s,
+                      "extras": self._extras_to_save()})
+            return self._sharded_ckpt.save(state, step=self._step, epoch=self._epoch)
+        agreement = self._dist
+        if agreement is None:
+            return self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
+        rngs = agreement.all_gather(self._rng_state())
+        outcome: Any = None
+        error: Optional[BaseException] = None
+        if agreement.rank == 0:
+            try:
+                saved = self.manager.save(self._capture(rank_rng=rngs), step=self._step,
+                                          epoch=self._epoch)
+                if final and not self.manager.verify(saved.path):
+                    raise self._ckpt.CheckpointError(
+                        f"final checkpoint {saved.path} failed verification (size or sha256)")
+                outcome = ("ok", saved)
+            except Exception as err:  # every rank must hear of it, or the others wait forever
+                error = err
+                outcome = ("error", f"{type(err).__name__}: {err}")
+        # The other ranks wait here (up to the process group's timeout) while rank 0 writes.
+        outcome = agreement.broadcast(outcome)
+        if outcome[0] == "error":
+            if error is not None:
+                raise error
+            raise self._ckpt.CheckpointError(f"rank 0 could not save the checkpoint: {outcome[1]}")
+        result: SavedCheckpoint = outcome[1]
+        return result
+
     def _save(self, *, seq: Optional[int], reason: str, during: str,
-              after: Optional[str] = None, record: bool = True) -> SavedCheckpoint:
+              after: Optional[str] = None, record: bool = True,
+              final: bool = False) -> SavedCheckpoint:
         """Save synchronously under ``save.lock``; acknowledge ``seq`` once it is durable.
 
         Args:
@@ -627,6 +891,7 @@ class Session:
             during: the state reported while saving ("saving" or "stopping").
             after: the state reported with the ack (None: the state before the save).
             record: report the checkpoint in ``trainer.json`` (``complete()`` verifies first).
+            final: distributed: rank 0 verifies the file before the ranks hear the outcome.
 
         On failure the error is logged, reported in ``trainer.json`` (``extra.last_error``) and
         re-raised.
@@ -635,13 +900,17 @@ class Session:
         previous = self._state
         self._last_save_mono = time.monotonic()  # any checkpoint restarts the period
         self._set_state(during)
+        # Every reporter holds its run dir's save.lock while the (collective) save runs.
+        lock: Any = self._save_lock if self._reporter else contextlib.nullcontext()
         try:
-            with self._save_lock:
-                saved = self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
+            with lock:
+                # A ShardedCheckpoint has SavedCheckpoint's fields (path: its commit marker).
+                saved = cast("SavedCheckpoint", self._write(final=final))
         except BaseException as err:
             self._save_failed(err, seq, reason, previous)
             raise
         self._rate_anchor = (time.monotonic(), self._step)  # save time is not step time
+        self._sync_anchor = self._rate_anchor
         if record:
             self._record(saved, seq=seq, state=previous if after is None else after)
         _event(logging.INFO, "checkpoint_saved", reason=reason, seq=seq, step=saved.step,
@@ -714,6 +983,10 @@ class Session:
         with self._status_lock:
             self._last_checkpoint = _info(saved, seq=seq)
             self._extra["checkpoint_duration_s"] = round(float(saved.duration_s), 6)
+            total = getattr(saved, "total_bytes", None)
+            if total is not None:
+                # Sharded: last_checkpoint describes the commit marker; this is the data's size.
+                self._extra["checkpoint_total_bytes"] = int(total)
             self._extra.pop("last_error", None)
             if seq is not None:
                 self._handled_seq = max(self._handled_seq, seq)
@@ -747,13 +1020,24 @@ class Session:
         self._write_status()
 
     def _write_status(self) -> None:
-        """Write the heartbeat; an I/O error is logged, never raised into training."""
+        """Write the heartbeat; an I/O error is logged, never raised into training.
+
+        Distributed: only the reporter (its run dir's lowest rank) writes.
+        """
+        if not self._reporter:
+            self._last_heartbeat_mono = time.monotonic()
+            return
         with self._status_lock:
+            extra = dict(self._extra)
+            if self._dist is not None:
+                # The longest a request waits for the ranks' agreement: for the daemon's lead.
+                extra["agree_window_steps"] = self._window
+                extra["agree_delay_s"] = round(self._window * (self._agreed_step_time_s
+                                                               or self._step_time_s or 0.0), 3)
             status = TrainerStatus(
                 pid=self._pid, start_time=self._create_time, state=self._state, step=self._step,
                 epoch=self._epoch, step_time_s=self._step_time_s, acked_seq=self._acked_seq,
-                last_checkpoint=self._last_checkpoint, heartbeat=time.time(),
-                extra=dict(self._extra))
+                last_checkpoint=self._last_checkpoint, heartbeat=time.time(), extra=extra)
             try:
                 self.run_dir.write_status(status)
             except OSError as err:
@@ -930,7 +1214,14 @@ class Session:
             time.sleep(0.1)
 
 
-def _info(saved: SavedCheckpoint, *, seq: Optional[int]) -> CheckpointInfo:
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size())
+
+
+def _info(saved: Union[SavedCheckpoint, ShardedCheckpoint], *,
+          seq: Optional[int]) -> CheckpointInfo:
     return CheckpointInfo(path=os.path.abspath(saved.path), seq=seq, step=int(saved.step),
                           at=float(saved.at), duration_s=float(saved.duration_s),
                           bytes=int(saved.bytes), sha256=str(saved.sha256))

@@ -1,0 +1,920 @@
+"""Distributed training (torch.distributed): every rank takes the same decision at the same step.
+
+A stop that only rank 0 sees deadlocks the other ranks in their next collective, and a checkpoint
+that ranks take at different steps is useless. So, when a :class:`~session_watchdog.trainer.Session`
+is built inside an initialized process group (torchrun, SLURM, ``torch.multiprocessing``), its
+ranks combine their rank-local flags (``request.json`` seen by the poller, SIGTERM, SIGUSR1, the
+periodic timer) with one small all-reduce (MAX) and act on the result together.
+
+Pieces, used by ``session.py`` and usable on their own:
+
+- :func:`setup` (collective, once per Session): finds which ranks share a run directory (a
+  "group": one per node with the default node-local run dir, one per rank with per-rank run dirs)
+  by a probe file each rank creates in its run dir, picks the lowest rank of each group as its
+  *reporter* (the only process that writes ``trainer.json`` and acknowledges requests there), and
+  checks that every rank was built with the same agreement settings (ranks that disagree about
+  when to call a collective deadlock).
+- :class:`Agreement`: the all-reduce itself, the object collectives a checkpoint needs, and a count
+  of every collective issued (tests and benchmarks read it).
+- :func:`next_window`: PURE - how many steps until the next agreement, from ``sync_every``,
+  ``sync_interval_s`` and the step time the ranks agreed on at the previous one.
+- :class:`ShardedCheckpointer`: ``torch.distributed.checkpoint`` (DCP) saves into a fresh
+  ``step-<step:010d>.tmp-<random>`` directory, rank 0 writes the ``COMMITTED`` marker last and
+  renames the directory to ``step-<step:010d>``; a committed directory is never overwritten, and
+  :meth:`ShardedCheckpointer.latest` returns the newest committed *and complete* one.
+- :func:`ranks_on_gpus`: PURE - which ranks run on which GPU, from NVML's per-GPU process lists.
+
+The agreement vector (int64, ``4 + groups`` entries, all-reduced with MAX)::
+
+    [code * world_size + rank, step_time_us, step, -step, seq(group 0), seq(group 1), ...]
+
+``code`` is the strongest local reason to act (:data:`PERIODIC` < :data:`REQUEST_CHECKPOINT` <
+:data:`REQUEST_STOP` < :data:`SIGUSR1_STOP` < :data:`SIGTERM_STOP`), so MAX yields the action and
+the rank it came from; ``step`` and ``-step`` give the largest and smallest step counter (they
+must be equal); each group's slot carries the newest request seq any of its ranks saw, so every
+rank of the group marks it handled and the reporter acknowledges it in *its* run dir (request
+sequence numbers are per daemon, hence per run dir, never compared across groups).
+
+Cadence: the all-reduce runs only at agreed steps, every ``window`` steps, where ``window`` is
+``sync_every`` - or fewer when that many steps would take longer than ``sync_interval_s`` at the
+step time agreed at the previous agreement. Triggering on a clock would let ranks call the
+collective at different steps (deadlock), so the clock only ever shapes the *step count*, and only
+through values all ranks received from the same all-reduce. A request therefore waits up to
+``window x step_time`` before every rank acts on it; the reporter publishes that delay as
+``extra["agree_delay_s"]`` in ``trainer.json`` for the daemon to add to its lead time.
+
+This module imports torch lazily, inside the functions that need it: ``ranks_on_gpus`` and
+``next_window`` are usable from a process without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
+
+from session_watchdog import channel
+from session_watchdog.channel import fsync_dir, open_exclusive
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "COMMIT_MARKER",
+    "DEFAULT_SYNC_EVERY",
+    "DEFAULT_SYNC_INTERVAL_S",
+    "Agreed",
+    "Agreement",
+    "DistributedError",
+    "RankInfo",
+    "ShardedCheckpoint",
+    "ShardedCheckpointer",
+    "ShardedCheckpointError",
+    "is_initialized",
+    "next_window",
+    "ranks_on_gpus",
+    "setup",
+]
+
+DEFAULT_SYNC_EVERY = 50
+DEFAULT_SYNC_INTERVAL_S = 10.0
+
+# Reasons to act at an agreement, weakest first: the all-reduce MAX picks the strongest.
+NOTHING = 0
+PERIODIC = 1
+REQUEST_CHECKPOINT = 2
+REQUEST_STOP = 3
+SIGUSR1_STOP = 4
+SIGTERM_STOP = 5
+CODE_NAMES = {NOTHING: "nothing", PERIODIC: "periodic", REQUEST_CHECKPOINT: "request:checkpoint",
+              REQUEST_STOP: "request:stop", SIGUSR1_STOP: "SIGUSR1", SIGTERM_STOP: "SIGTERM"}
+_FIXED_SLOTS = 4  # code*world+rank, step_time_us, step, -step; then one seq slot per group
+
+COMMIT_MARKER = "COMMITTED"
+_STEP_DIR_RE = re.compile(r"^step-(\d{10,})$")
+_TMP_INFIX = ".tmp-"
+_BROKEN_SUFFIX = ".broken"
+_MARKER_MAX_BYTES = 8 << 20  # one line per shard file: large jobs have thousands
+_PROBE_SUFFIX = ".probe"
+
+_log = logging.getLogger(__name__)
+
+
+def _event(level: int, event: str, **fields: Any) -> None:
+    """Log ``event`` with fields, the way session.py does (record.event / record.fields)."""
+    if _log.isEnabledFor(level):
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        _log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+class DistributedError(Exception):
+    """The ranks cannot agree (different settings on different ranks, an unusable group)."""
+
+
+class ShardedCheckpointError(Exception):
+    """A sharded checkpoint could not be saved, found or loaded (committed ones are intact)."""
+
+
+def _dcp_errors() -> Tuple[Type[BaseException], ...]:
+    # DCP gathers the ranks' failures into a CheckpointException, a BaseException subclass.
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - moved in some future torch
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def next_window(sync_every: int, sync_interval_s: Optional[float],
+                step_time_s: Optional[float], previous: int) -> int:
+    """Steps from one agreement to the next (PURE; every rank computes it from agreed values).
+
+    Args:
+        sync_every: the most steps between two agreements.
+        sync_interval_s: the most seconds between two agreements, or None for steps only.
+        step_time_s: the step time agreed at the agreement just made (the slowest rank's), or
+            None when not measured yet.
+        previous: the window that just ended (0 before the first agreement).
+
+    Returns:
+        ``sync_every`` without ``sync_interval_s``; otherwise ``floor(sync_interval_s /
+        step_time_s)`` clamped to ``[1, sync_every]``; while the step time is unknown the window
+        doubles from 1 (1, 2, 4, ...), so a job with slow steps is not blind for ``sync_every``
+        steps at its start.
+    """
+    if sync_interval_s is None:
+        return sync_every
+    if step_time_s is None or not step_time_s > 0:
+        return max(1, min(sync_every, 2 * previous))
+    return max(1, min(sync_every, int(math.floor(sync_interval_s / step_time_s))))
+
+
+def ranks_on_gpus(gpu_pids: Mapping[int, Optional[Sequence[int]]],
+                  rank_by_pid: Mapping[int, int]) -> Dict[int, Optional[List[int]]]:
+    """Which ranks run on each GPU (PURE), from NVML's process list per GPU index.
+
+    Args:
+        gpu_pids: GPU index -> pids NVML lists as using it (``nvmlDeviceGetComputeRunningProcesses``;
+            ``nvidia-smi --query-compute-apps=pid``), None when NVML could not say.
+        rank_by_pid: pid -> global rank, as the trainer reports it (``trainer.json``
+            ``extra["ranks"]``).
+
+    Returns:
+        GPU index -> sorted ranks found on it, or None for "unknown". An empty or unmatched list
+        is unknown, never "training finished": inside a container NVML reports host pids (another
+        pid namespace) or nothing at all, so the absence of our pids proves nothing.
+    """
+    found: Dict[int, Optional[List[int]]] = {}
+    for gpu, pids in gpu_pids.items():
+        ranks = sorted({rank_by_pid[pid] for pid in (pids or ()) if pid in rank_by_pid})
+        found[gpu] = ranks or None
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed access
+
+
+def is_initialized() -> bool:
+    """Whether torch.distributed is available and a default process group exists."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where the agreement tensor lives: CPU for gloo (and gloo-capable mixes), else the GPU."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    # NCCL reduces CUDA tensors only; the current device is the rank's own (torch.cuda.set_device
+    # is part of every NCCL setup, and the object collectives rely on it as well).
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One rank as the others see it (reported by reporters in ``trainer.json``)."""
+
+    rank: int
+    pid: int
+    host: str
+    group: int  # index of the run-dir group
+    device: Optional[int]  # CUDA device index in use, None on CPU
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What all ranks decided at one agreement (identical on every rank)."""
+
+    code: int  # the strongest reason any rank had (NOTHING .. SIGTERM_STOP)
+    source_rank: int  # the (highest) rank that had it
+    seq: int  # newest request seq seen by any rank of *this* rank's group (0: none)
+    step_time_s: Optional[float]  # the slowest rank's step time since the last agreement
+    steps_agree: bool  # every rank called it at the same step counter
+
+
+class Agreement:
+    """This rank's link to the others: the agreement all-reduce and the collectives of a save.
+
+    Built by :func:`setup`; every method is a collective that all ranks must call in the same
+    order (the training thread only: collectives from another thread would interleave).
+
+    Attributes:
+        rank, world_size: this rank and the number of ranks.
+        group_index: which run-dir group this rank belongs to; ``group_ranks`` lists its ranks.
+        groups: how many groups there are (the length of the seq part of the vector).
+        reporter: whether this rank writes ``trainer.json`` and acks in its run dir.
+        members: every rank (pid, host, group, device), in rank order.
+        collectives: collectives issued so far by this object (all kinds).
+        agreements: agreement all-reduces issued so far.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, group_index: int, groups: int,
+                 group_ranks: Sequence[int], members: Sequence[RankInfo],
+                 process_group: Any = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.group_index = group_index
+        self.groups = groups
+        self.group_ranks = list(group_ranks)
+        self.reporter = rank == min(self.group_ranks)
+        self.members = list(members)
+        self.process_group = process_group
+        self.collectives = 0
+        self.agreements = 0
+        self._device: Optional[torch.device] = None
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = _collective_device(self.process_group)
+        return self._device
+
+    def exchange(self, *, code: int, seq: int, step: int,
+                 step_time_s: Optional[float]) -> Agreed:
+        """The agreement: one all-reduce (MAX) of this rank's flags with everybody's."""
+        import torch
+        import torch.distributed as dist
+
+        vector = [0] * (_FIXED_SLOTS + self.groups)
+        vector[0] = code * self.world_size + self.rank
+        vector[1] = 0 if step_time_s is None else max(0, int(round(step_time_s * 1e6)))
+        vector[2] = step
+        vector[3] = -step
+        vector[_FIXED_SLOTS + self.group_index] = max(0, seq)
+        tensor = torch.tensor(vector, dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.process_group)
+        self.collectives += 1
+        self.agreements += 1
+        out = tensor.tolist()
+        top = int(out[0])
+        return Agreed(code=top // self.world_size, source_rank=top % self.world_size,
+                      seq=int(out[_FIXED_SLOTS + self.group_index]),
+                      step_time_s=(out[1] / 1e6) if out[1] > 0 else None,
+                      steps_agree=out[2] == -out[3])
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` from rank ``src`` on every rank (pickled; small objects only)."""
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        self.collectives += 1
+        return box[0]
+
+    def all_gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order (pickled; small objects only)."""
+        return _all_gather(obj, self.world_size, self.process_group, self)
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is true on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.process_group)
+        self.collectives += 1
+        return int(tensor.item()) == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank got here (an all-reduce: works on every backend)."""
+        self.all_ok(True)
+
+    def describe(self) -> Dict[str, Any]:
+        """The ``trainer.json`` ``extra["distributed"]`` object a reporter publishes."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "group": self.group_index,
+            "groups": self.groups,
+            "ranks": [{"rank": m.rank, "pid": m.pid, "host": m.host, "device": m.device}
+                      for m in self.members if m.group == self.group_index],
+        }
+
+
+def _all_gather(obj: Any, world_size: int, group: Any, counter: Optional[Agreement]) -> List[Any]:
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    if counter is not None:
+        counter.collectives += 1
+    return out
+
+
+def _current_device_index() -> Optional[int]:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return int(torch.cuda.current_device())
+    return None
+
+
+def setup(run_dir: Path, settings: Mapping[str, Any], process_group: Any = None) -> Agreement:
+    """Collective, once per Session on every rank: find the run-dir groups, check the settings.
+
+    Ranks share a run dir when they see each other's probe file in it (``.<token>-<rank>.probe``,
+    a token fresh for this call): that works for node-local dirs, per-rank dirs and a dir on a
+    filesystem shared between nodes alike, where host names would not tell.
+
+    Raises:
+        DistributedError: the ranks were built with different ``settings`` (on every rank).
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank(process_group)
+    world_size = dist.get_world_size(process_group)
+    box = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=process_group)
+    token = str(box[0])
+    probe = Path(run_dir) / f".{token}-{rank}{_PROBE_SUFFIX}"
+    os.close(open_exclusive(probe))
+    try:
+        dist.barrier(group=process_group)
+        pattern = re.compile(rf"^\.{re.escape(token)}-(\d+){re.escape(_PROBE_SUFFIX)}$")
+        sharing = sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(run_dir)) if m)
+        if rank not in sharing:  # pragma: no cover - listing our own file cannot miss it
+            sharing.append(rank)
+        mine = {"sharing": sharing, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": _current_device_index(), "settings": dict(settings)}
+        everyone = _all_gather(mine, world_size, process_group, None)
+    finally:
+        # Every rank listed the directory before it contributed to the gather: safe to remove.
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:
+            pass
+    differing = {r: e["settings"] for r, e in enumerate(everyone) if e["settings"] != settings}
+    if differing:
+        raise DistributedError(
+            f"ranks disagree on the Session settings that decide when they synchronise: rank "
+            f"{rank} has {dict(settings)}, others {differing}; build every rank's Session alike")
+    leaders = sorted({min(e["sharing"]) for e in everyone})
+    index_of = {leader: index for index, leader in enumerate(leaders)}
+    members = [RankInfo(rank=r, pid=int(e["pid"]), host=str(e["host"]),
+                        group=index_of[min(e["sharing"])], device=e["device"])
+               for r, e in enumerate(everyone)]
+    me = members[rank]
+    agreement = Agreement(rank=rank, world_size=world_size, group_index=me.group,
+                          groups=len(leaders), group_ranks=[m.rank for m in members
+                                                            if m.group == me.group],
+                          members=members, process_group=process_group)
+    if agreement.reporter:
+        _sweep_probes(Path(run_dir), keep=token)
+    _event(logging.INFO, "distributed_setup", rank=rank, world_size=world_size,
+           group=me.group, groups=len(leaders), reporter=agreement.reporter,
+           group_ranks=agreement.group_ranks)
+    return agreement
+
+
+def _sweep_probes(run_dir: Path, keep: str) -> None:
+    """Remove probe files a rank killed during setup left behind (other tokens than ours)."""
+    for name in os.listdir(run_dir):
+        if name.endswith(_PROBE_SUFFIX) and name.startswith(".") and f".{keep}-" not in name:
+            try:
+                os.unlink(run_dir / name)
+            except FileNotFoundError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint)
+
+
+@dataclass(frozen=True)
+class ShardedCheckpoint:
+    """A committed, complete sharded checkpoint directory.
+
+    ``path``, ``bytes`` and ``sha256`` describe the commit marker (``<directory>/COMMITTED``):
+    that is what ``trainer.json`` reports as ``last_checkpoint``, so the daemon's size + sha256
+    check verifies the commit record (which lists every shard file with its size).
+    """
+
+    directory: Path
+    step: int
+    epoch: int
+    world_size: int
+    total_bytes: int  # all shard files and DCP's .metadata
+    at: float
+    duration_s: float
+    path: Path
+    bytes: int
+    sha256: str
+
+
+def _dcp_save(state_dict: Dict[str, Any], directory: Path, process_group: Any,
+              no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    writer = FileSystemWriter(str(directory), sync_files=True)
+    # dcp.save since torch 2.2; save_state_dict (same arguments) in 2.1.
+    save = getattr(dcp, "save", None) or getattr(dcp, "save_state_dict")  # noqa: B009
+    with _single_process_quiet(no_dist):
+        save(state_dict, storage_writer=writer, process_group=process_group, no_dist=no_dist)
+
+
+@contextlib.contextmanager
+def _single_process_quiet(no_dist: bool) -> Iterator[None]:
+    """DCP warns on every single-process call that it assumes a single process: we know."""
+    if not no_dist:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
+
+
+def _weights_only_planner() -> Any:
+    """A DCP load planner that refuses non-tensor entries holding anything but plain data.
+
+    DCP restores non-tensor values with ``torch.load(weights_only=False)``; we first load the same
+    bytes with ``weights_only=True``, which refuses any global outside torch's allow-list (the rule
+    ``CheckpointManager.load`` follows for single-file checkpoints).
+    """
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as err:
+                raise ShardedCheckpointError(
+                    f"refusing entry {read_item.dest_index.fqn!r}: it holds objects that "
+                    f"torch.load(weights_only=True) does not allow ({err})") from err
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return WeightsOnlyLoadPlanner()
+
+
+def _dcp_load(state_dict: Dict[str, Any], directory: Path, process_group: Any,
+              no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    reader = FileSystemReader(str(directory))
+    # dcp.load since torch 2.2; load_state_dict (same arguments) in 2.1.
+    load = getattr(dcp, "load", None) or getattr(dcp, "load_state_dict")  # noqa: B009
+    with _single_process_quiet(no_dist):
+        load(state_dict, storage_reader=reader, planner=_weights_only_planner(),
+             process_group=process_group, no_dist=no_dist)
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardedCheckpointer:
+    """Save and find DCP checkpoints, one fresh directory per step, committed by a marker.
+
+    On-disk protocol, per :meth:`save` (a collective: every rank calls it with its own shards):
+
+    1. rank 0 creates ``step-<step:010d>.tmp-<random>`` (mode 0700) and broadcasts its name;
+    2. every rank writes its shards with DCP (``FileSystemWriter(sync_files=True)``: fsync per
+       file); DCP's coordinator writes ``.metadata`` after all ranks reported their writes;
+    3. rank 0 fsyncs ``.metadata`` and the directory, then writes ``COMMITTED`` (JSON: step,
+       epoch, world size, every file with its size, sha256 of ``.metadata``) with
+       ``channel.write_json`` (temp -> fsync -> rename -> fsync dir): the commit, written last;
+    4. rank 0 renames the directory to ``step-<step:010d>`` and fsyncs the parent, then removes
+       committed directories beyond the newest ``keep`` (renamed to ``*.tmp-*`` first, so a
+       removal cut short is swept, never mistaken for a checkpoint);
+    5. rank 0 broadcasts the outcome: every rank returns the same checkpoint or raises.
+
+    A rank killed anywhere in 1-3 leaves a ``.tmp-`` directory (no marker, or a marker in a
+    directory that was never renamed): never committed, swept by rank 0 when the next
+    checkpointer starts. A directory counts only with a valid marker whose files all exist with
+    their recorded sizes and whose ``.metadata`` matches its sha256. An existing committed
+    ``step-N`` is never overwritten: saving step N again returns it unchanged.
+
+    Single process (no process group): the same protocol without collectives.
+
+    DCP reads ``.metadata`` with pickle: load only directories you (or your job) wrote.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike[str]], *, keep: int = 2,
+                 process_group: Any = None) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep={keep!r} is not valid: keep at least 1 checkpoint")
+        self.directory = Path(os.path.abspath(directory))
+        self.keep = keep
+        self.process_group = process_group
+        self._distributed = is_initialized()
+        self._rank = self._world_size = 0
+        if self._distributed:
+            import torch.distributed as dist
+
+            self._rank = dist.get_rank(process_group)
+            self._world_size = dist.get_world_size(process_group)
+        else:
+            self._world_size = 1
+        if self._rank == 0:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            self._sweep()
+
+    # ---- collectives (identity without a process group) ------------------------------------
+
+    def _broadcast(self, obj: Any) -> Any:
+        if not self._distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self._rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.process_group)
+        return box[0]
+
+    def _all_ok(self, ok: bool) -> bool:
+        if not self._distributed:
+            return ok
+        import torch.distributed as dist
+
+        everyone: List[Any] = [None] * self._world_size
+        dist.all_gather_object(everyone, bool(ok), group=self.process_group)
+        return all(everyone)
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def save(self, state_dict: Dict[str, Any], *, step: int, epoch: int = 0) -> ShardedCheckpoint:
+        """Write this rank's part of ``state_dict`` and commit the step directory (collective).
+
+        Returns:
+            The committed checkpoint (the same on every rank).
+
+        Raises:
+            ShardedCheckpointError: on every rank, when any rank failed to write or rank 0
+                failed to commit; committed directories are intact and the temp one is left
+                for the next sweep.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} is not valid: a non-negative int")
+        began = time.monotonic()
+        final = self.directory / f"step-{step:010d}"
+        plan: Any = None
+        if self._rank == 0:
+            try:
+                existing = self.verify(final)
+                if existing is not None:
+                    plan = ("exists", existing)
+                else:
+                    tmp = final.with_name(f"{final.name}{_TMP_INFIX}{secrets.token_hex(4)}")
+                    os.mkdir(tmp, 0o700)
+                    plan = ("write", str(tmp))
+            except OSError as err:
+                plan = ("error", f"cannot create a directory in {self.directory}: {err}")
+        plan = self._broadcast(plan)
+        if plan[0] == "exists":
+            _event(logging.INFO, "sharded_checkpoint_exists", step=step, path=str(final))
+            return plan[1]  # type: ignore[no-any-return]
+        if plan[0] == "error":
+            raise ShardedCheckpointError(plan[1])
+        tmp = Path(plan[1])
+        try:
+            _dcp_save(state_dict, tmp, self.process_group, no_dist=not self._distributed)
+        except _dcp_errors() as err:
+            # DCP gathers every rank's failure and raises on all ranks alike.
+            raise ShardedCheckpointError(f"sharded save of step {step} failed: {err}") from err
+        outcome: Any = None
+        if self._rank == 0:
+            try:
+                saved = self._commit(tmp, final, step=step, epoch=epoch,
+                                     duration_s=time.monotonic() - began)
+                outcome = ("ok", saved)
+            except Exception as err:
+                outcome = ("error", f"cannot commit {final}: {type(err).__name__}: {err}")
+        outcome = self._broadcast(outcome)
+        if outcome[0] == "error":
+            raise ShardedCheckpointError(outcome[1])
+        saved = outcome[1]
+        if self._rank == 0:
+            self._prune(saved)
+        return saved  # type: ignore[no-any-return]
+
+    def _commit(self, tmp: Path, final: Path, *, step: int, epoch: int,
+                duration_s: float) -> ShardedCheckpoint:
+        """Rank 0, after every rank's DCP write: marker last, then the rename to the final name."""
+        metadata = tmp / ".metadata"
+        _fsync_file(metadata)  # DCP fsyncs the shards (sync_files) but not always .metadata
+        files: Dict[str, int] = {}
+        for name in sorted(os.listdir(tmp)):
+            if name.startswith(".") and name != ".metadata":
+                continue  # a temp of DCP's own
+            st = os.lstat(tmp / name)
+            if not os.path.isfile(tmp / name) or os.path.islink(tmp / name):
+                raise ShardedCheckpointError(f"{tmp / name} is not a regular file")
+            files[name] = st.st_size
+        fsync_dir(tmp)
+        at = time.time()
+        marker = {
+            "v": channel.SCHEMA_VERSION, "step": step, "epoch": epoch,
+            "world_size": self._world_size, "at": at, "duration_s": round(duration_s, 6),
+            "files": files, "metadata_sha256": _sha256_file(metadata),
+            "total_bytes": sum(files.values()),
+        }
+        channel.write_json(tmp / COMMIT_MARKER, marker)  # the commit: written last
+        if os.path.lexists(final):
+            # Never overwrite a committed directory (save() returns it before writing). One that
+            # fails verification was damaged from outside: keep it aside for a post-mortem.
+            if self.verify(final) is not None:  # pragma: no cover - save() checked just before
+                raise ShardedCheckpointError(f"{final} is already committed")
+            aside = final.with_name(final.name + _BROKEN_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        fsync_dir(self.directory)
+        saved = self.verify(final)
+        if saved is None:
+            raise ShardedCheckpointError(f"{final} does not verify right after its commit")
+        _event(logging.INFO, "sharded_checkpoint_committed", step=step, path=str(final),
+               files=len(files), bytes=saved.total_bytes)
+        return saved
+
+    def _prune(self, newest: ShardedCheckpoint) -> None:
+        committed = [c for c in self.list() if c.directory != newest.directory]
+        excess = len(committed) + 1 - self.keep
+        for old in committed[:max(0, excess)]:
+            doomed = old.directory.with_name(
+                f"{old.directory.name}{_TMP_INFIX}del-{secrets.token_hex(4)}")
+            try:
+                os.rename(old.directory, doomed)  # uncommitted at once: a cut-short rmtree is swept
+            except FileNotFoundError:
+                continue
+            fsync_dir(self.directory)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def _sweep(self) -> int:
+        """Remove ``step-*.tmp-*`` directories a save or a pruning that died left behind."""
+        removed = 0
+        for name in self._names():
+            if name.startswith("step-") and _TMP_INFIX in name:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+                removed += 1
+        if removed:
+            _event(logging.INFO, "sharded_temps_swept", directory=str(self.directory),
+                   removed=removed)
+        return removed
+
+    # ---- finding -------------------------------------------------------------------------
+
+    def _names(self) -> List[str]:
+        try:
+            return os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+
+    def verify(self, directory: Union[str, os.PathLike[str]]) -> Optional[ShardedCheckpoint]:
+        """The checkpoint in ``directory`` if it is committed and complete, else None.
+
+        Committed and complete: a ``step-<step:010d>`` name, a valid ``COMMITTED`` marker of that
+        step, every file it lists present with its recorded size, ``.metadata`` matching its
+        sha256. Reads only the marker and ``.metadata``, never the shards.
+        """
+        directory = Path(directory)
+        match = _STEP_DIR_RE.match(directory.name)
+        if match is None:
+            return None
+        marker = directory / COMMIT_MARKER
+        try:
+            obj = channel.read_json(marker, max_bytes=_MARKER_MAX_BYTES)
+            if obj is None:
+                return None
+            files = obj["files"]
+            step = obj["step"]
+            if type(step) is not int or step != int(match.group(1)) or not isinstance(files, dict) \
+                    or ".metadata" not in files:
+                return None
+            for name, size in files.items():
+                if "/" in name or name in ("", ".", ".."):
+                    return None
+                st = os.lstat(directory / name)
+                if not os.path.isfile(directory / name) or os.path.islink(directory / name) \
+                        or st.st_size != size:
+                    return None
+            if _sha256_file(directory / ".metadata") != obj["metadata_sha256"]:
+                return None
+            raw = marker.read_bytes()
+            import hashlib
+
+            return ShardedCheckpoint(
+                directory=directory, step=step, epoch=int(obj.get("epoch", 0)),
+                world_size=int(obj.get("world_size", 0)),
+                total_bytes=int(obj.get("total_bytes", sum(files.values()))),
+                at=float(obj["at"]), duration_s=float(obj.get("duration_s", 0.0)),
+                path=marker, bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+        except (channel.ChannelError, OSError, KeyError, TypeError, ValueError):
+            return None
+
+    def list(self) -> List[ShardedCheckpoint]:
+        """Committed, complete checkpoints, oldest first (any rank may call it; read-only)."""
+        found = []
+        for name in sorted(self._names()):
+            if _STEP_DIR_RE.match(name):
+                saved = self.verify(self.directory / name)
+                if saved is not None:
+                    found.append(saved)
+                else:
+                    _event(logging.WARNING, "sharded_checkpoint_ignored",
+                           path=str(self.directory / name), why="uncommitted or incomplete")
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> Optional[ShardedCheckpoint]:
+        """The newest committed, complete checkpoint, or None (read-only)."""
+        found = self.list()
+        return found[-1] if found else None
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def choose(self) -> Optional[ShardedCheckpoint]:
+        """Collective: rank 0's :meth:`latest`, the same on every rank."""
+        return self._broadcast(self.latest() if self._rank == 0 else None)  # type: ignore[no-any-return]
+
+    def load(self, state_dict: Dict[str, Any],
+             checkpoint: Optional[ShardedCheckpoint] = None) -> ShardedCheckpoint:
+        """Load ``checkpoint`` (default: :meth:`choose`) into ``state_dict`` in place (collective).
+
+        Tensors are read into the tensors ``state_dict`` holds (DCP's rule: allocate first);
+        other entries are replaced by the stored values (plain data only, see
+        ``_weights_only_planner``).
+
+        Raises:
+            ShardedCheckpointError: on every rank: no checkpoint, or one that some rank cannot
+                verify (a checkpoint directory that is not on a filesystem every rank shares).
+        """
+        if checkpoint is None:
+            checkpoint = self.choose()
+            if checkpoint is None:
+                raise ShardedCheckpointError(f"no committed checkpoint in {self.directory}")
+        ok = self.verify(checkpoint.directory) is not None
+        if not self._all_ok(ok):
+            raise ShardedCheckpointError(
+                f"{checkpoint.directory} is not committed and complete on every rank "
+                f"(this rank: {'ok' if ok else 'missing or incomplete'}); the checkpoint "
+                "directory must be on a filesystem all ranks share")
+        try:
+            _dcp_load(state_dict, checkpoint.directory, self.process_group,
+                      no_dist=not self._distributed)
+        except ShardedCheckpointError:
+            raise
+        except _dcp_errors() as err:
+            raise ShardedCheckpointError(f"cannot load {checkpoint.directory}: {err}") from err
+        return checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# The Session's sharded state (used by session.py)
+
+
+def _opaque(obj: Any) -> Tuple[Any]:
+    """One DCP entry for a whole object: DCP walks into dicts and lists, never into a tuple
+    (``_traverse._is_terminal``), and stores a non-tensor leaf with torch.save."""
+    return (obj,)
+
+
+_PLACEHOLDER = (None,)  # an entry to load into: DCP replaces non-tensor leaves whole
+
+
+def _unwrap(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple) and len(value) == 1 else None
+
+
+def session_state(*, model: Any, optimizer: Any, scheduler: Any, scaler: Any, rank: int,
+                  meta: Optional[Dict[str, Any]], rng: Optional[Dict[str, Any]],
+                  saved_world_size: Optional[int] = None) -> Dict[str, Any]:
+    """The dict a Session saves with DCP (``meta`` given) or loads into (``meta`` None).
+
+    Model and optimizer go through ``get_state_dict`` (sharded tensors for FSDP, plain ones -
+    written once - for DDP or a bare module). Scheduler, scaler and the session's meta (step,
+    epoch, elapsed, extras) are rank 0's, stored as one opaque entry each so a resumed run need
+    not know their keys in advance; every rank stores its own RNG states under ``rng.rank<N>``.
+    """
+    state: Dict[str, Any] = {}
+    if model is not None:
+        msd, osd = _get_state_dicts(model, optimizer)
+        state["model"] = msd
+        if osd is not None:
+            state["optimizer"] = osd
+    loading = meta is None
+    if loading or rank == 0:
+        for key, obj in (("scheduler", scheduler), ("scaler", scaler)):
+            if obj is not None:
+                state[key] = _PLACEHOLDER if loading else _opaque(obj.state_dict())
+        state["meta"] = _PLACEHOLDER if loading else _opaque(meta)
+    if loading:
+        if saved_world_size is not None and rank < saved_world_size:
+            state[f"rng.rank{rank}"] = _PLACEHOLDER
+    elif rng is not None:
+        state[f"rng.rank{rank}"] = _opaque(rng)
+    return state
+
+
+def _get_state_dicts(model: Any, optimizer: Any) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    try:  # torch >= 2.2: FSDP-aware, FQN keys (DDP's "module." prefix dropped)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    except ImportError:  # pragma: no cover - torch 2.1
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+    if optimizer is None:
+        return get_model_state_dict(model), None
+    msd, osd = get_state_dict(model, optimizer)
+    return msd, osd
+
+
+def apply_session_state(state: Dict[str, Any], *, model: Any, optimizer: Any, scheduler: Any,
+                        scaler: Any) -> Dict[str, Any]:
+    """Load what :func:`session_state` (loading form) received into the objects; return meta."""
+    if model is not None:
+        try:
+            from torch.distributed.checkpoint.state_dict import (
+                set_model_state_dict,
+                set_state_dict,
+            )
+        except ImportError:  # pragma: no cover - torch 2.1
+            model.load_state_dict(state["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+        else:
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"])
+            else:
+                set_model_state_dict(model, state["model"])
+    for key, obj in (("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            obj.load_state_dict(_unwrap(state[key]))
+    meta = _unwrap(state["meta"])
+    if not isinstance(meta, dict):
+        raise ShardedCheckpointError("the checkpoint holds no session meta (not a Session's)")
+    return meta
+
+
+def rank_rng(state: Dict[str, Any], rank: int) -> Optional[Dict[str, Any]]:
+    """This rank's RNG states from a loaded :func:`session_state`, or None."""
+    value = _unwrap(state.get(f"rng.rank{rank}"))
+    return value if isinstance(value, dict) else None
