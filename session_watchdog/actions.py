@@ -316,7 +316,8 @@ class EndTransaction:
                 self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes)
         # 3. the persistent copy is safe: Drive uploads asynchronously, so the checkpoint's size
         # must have settled (no unmount yet: the user may still cancel and go on training)
-        paths = ([ckpt.path, ckpt.path + ".sha256"] if ckpt is not None else []) + self.extra_paths
+        paths = _checkpoint_files(ckpt.path) if ckpt is not None else []
+        paths += self.extra_paths
         settled = self.flush(paths, unmount=False)
         if settled == "unstable":
             raise EndAborted("files on Google Drive kept changing; not ending the runtime")
@@ -373,6 +374,17 @@ class EndTransaction:
                 raise EndAborted(f"retry failed: {err}") from err
             self._step("end_action", message=self.description, result=result, retry=True)
         return "ended"
+
+
+def _checkpoint_files(path: str) -> List[str]:
+    """The files of a checkpoint: a file and its marker, or a sharded step directory's files."""
+    if os.path.basename(path) == "COMMITTED":  # DCP: <dir>/COMMITTED marks the whole directory
+        directory = os.path.dirname(path)
+        try:
+            return sorted(os.path.join(directory, n) for n in os.listdir(directory))
+        except OSError:
+            return [path]
+    return [path, path + ".sha256"]
 
 
 def _identity(path: str) -> Optional[Tuple[int, int, int]]:

@@ -13,6 +13,7 @@ A ``checkpoint`` request goes out at ``deadline - lead``; the final ``stop`` req
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -115,19 +116,30 @@ class Lead:
     step_s: float  # measured or assumed step time
     lead_s: float  # checkpoint request this long before the deadline
     stop_lead_s: float  # stop request this long before the deadline
+    agree_s: float = 0.0  # distributed ranks act at their next agreement (trainer's report)
+
+
+def _positive(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 def lead_time(config: Config, sample: Sample) -> Lead:
+    """margin + k x checkpoint + step (+ the ranks' agreement delay under torch.distributed)."""
     status = sample.trainer.status
     ckpt = config.default_checkpoint_time
     step = config.default_step_time
+    agree = 0.0
     if status is not None:
         if status.last_checkpoint is not None and status.last_checkpoint.duration_s > 0:
             ckpt = status.last_checkpoint.duration_s
         if status.step_time_s is not None and status.step_time_s > 0:
             step = status.step_time_s
-    return Lead(ckpt, step, config.margin + config.save_factor * ckpt + step,
-                config.stop_margin + ckpt + step)
+        # ranks check for requests every few steps (one all-reduce): a request waits that long
+        agree = _positive(status.extra.get("agree_delay_s")) or 0.0
+    return Lead(ckpt, step, config.margin + config.save_factor * ckpt + step + agree,
+                config.stop_margin + ckpt + step + agree, agree)
 
 
 SLURM_LIMIT = "slurm"  # the notice source for a SLURM job's time limit (a deadline, not a preemption)
@@ -291,6 +303,8 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
 
     # Disk headroom against the size of the last checkpoint.
     ckpt_bytes = status.last_checkpoint.bytes if status and status.last_checkpoint else None
+    if status is not None:  # a sharded checkpoint's files, not only its marker
+        ckpt_bytes = int(_positive(status.extra.get("checkpoint_total_bytes")) or 0) or ckpt_bytes
     for disk in sample.disks:
         if disk.free_bytes is None:
             continue

@@ -59,6 +59,20 @@ class TestLeadTime:
         assert (got.lead_s, got.stop_lead_s) == (lead, stop_lead)
 
 
+    def test_distributed_agreement_delay_adds_to_both_leads(self):
+        """Ranks act at their next all-reduce: agree_delay_s (here 25 s) moves both requests earlier."""
+        st = status(heartbeat=NOW, step_time_s=0.5, ckpt_at=NOW, ckpt_duration_s=20.0,
+                    extra={"agree_delay_s": 25.0})
+        got = lead_time(cfg(), sample(now=NOW, trainer_status=st))
+        assert (got.lead_s, got.stop_lead_s, got.agree_s) == (340.5 + 25.0, 80.5 + 25.0, 25.0)
+
+    @pytest.mark.parametrize("bad", [float("nan"), -3.0, True, "25"])
+    def test_a_bad_agreement_delay_is_ignored(self, bad):
+        """A non-finite, negative or non-numeric agree_delay_s adds nothing."""
+        st = status(heartbeat=NOW, step_time_s=0.5, extra={"agree_delay_s": bad})
+        assert lead_time(cfg(), sample(now=NOW, trainer_status=st)).agree_s == 0.0
+
+
 class TestSessionBudget:
     def _status(self, elapsed: float, **kw):
         return status(heartbeat=NOW + elapsed, step_time_s=0.5, ckpt_at=NOW - 5000,
@@ -207,6 +221,13 @@ class TestDiskLow:
         disk = DiskReading("/content", free, 100 * GiB)
         _, (decisions,) = run(cfg(max_session=OFF), [at(1.0, trainer_status=st, disks=[disk])])
         assert [d.data.get("level") for d in decisions] == ([level] if level else [])
+
+    def test_sharded_checkpoint_size_counts_all_its_files(self):
+        """checkpoint_total_bytes (a sharded step directory) is the size that must fit, not the marker's."""
+        st = status(heartbeat=NOW + 1, ckpt_at=NOW, ckpt_bytes=400, extra={"checkpoint_total_bytes": 2 * GiB})
+        disk = DiskReading("/content", int(1.5 * GiB), 100 * GiB)
+        _, (decisions,) = run(cfg(max_session=OFF), [at(1.0, trainer_status=st, disks=[disk])])
+        assert [d.data.get("level") for d in decisions] == ["critical"]
 
     def test_without_a_checkpoint_only_the_margin_counts(self):
         """Before any checkpoint, free space under the 1 GiB margin warns."""
