@@ -5,7 +5,8 @@ JSONL log, as two Colab sessions would share a Drive folder:
 
 1. the first runtime's watchdog asks the trainer to checkpoint before the limit, then to
    checkpoint and stop; the trainer acknowledges and exits with EXIT_STOPPED (75);
-2. the second runtime starts fresh (a new session clock), the trainer resumes from the exact step
+2. the second runtime (a new session clock, twice the budget so that it finishes on any machine)
+   starts fresh; the trainer resumes from the exact step
    of the last acknowledged checkpoint and completes; the watchdog then runs the end transaction
    as a dry run ("would now run ...").
 
@@ -35,7 +36,8 @@ def add_parser(sub: Any) -> None:
     demo.add_argument("--dir", metavar="PATH", help="an empty (or earlier demo) directory for its "
                                                     "checkpoints, run dirs and log (default: a new "
                                                     "temporary directory)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps in all (default 300)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps in all (default: enough for 1.5 sessions)")
     demo.add_argument("--step-sleep", type=float, default=0.1, metavar="SECONDS",
                       help="extra time per step, so training outlasts one session (default 0.1)")
 
@@ -162,13 +164,17 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    trainer = _trainer_argv(base, args.steps, args.step_sleep)
+    # Training must outlast the first session however fast this machine is (the sleep alone takes
+    # 1.25 sessions; the steps only add to it); the second runtime gets twice the budget, so it
+    # finishes however slow the machine is.
+    steps = args.steps or int(1.25 * session_s / max(args.step_sleep, 0.01))
+    trainer = _trainer_argv(base, steps, args.step_sleep)
     codes: List[Optional[int]] = []
-    for index in (1, 2):
-        print(f"\n=== runtime {index}: a {session_s:g}-second session "
+    for index, budget in ((1, session_s), (2, 2 * session_s)):
+        print(f"\n=== runtime {index}: a {budget:g}-second session "
               f"({'training starts' if index == 1 else 'a fresh runtime resumes the training'}) ===",
               flush=True)
-        codes.append(subprocess.call([*_watchdog_argv(base, f"run-{index}", session_s), "--", *trainer]))
+        codes.append(subprocess.call([*_watchdog_argv(base, f"run-{index}", budget), "--", *trainer]))
     print("\n=== what the log shows ===")
     try:
         for line in summarize(base / "watchdog.jsonl", session_s):

@@ -79,7 +79,7 @@ class TestConfigure:
         log.configure(tmp_path / "b.jsonl", console=None, env={})
         log.get_logger().info("x")
         assert first is not None and first._fh is None
-        assert (tmp_path / "a.jsonl").exists() is False
+        assert (tmp_path / "a.jsonl").read_text() == ""  # opened up front (a bad path fails early), never written
         assert [e["event"] for e in read_events(tmp_path / "b.jsonl")] == ["x"]
 
     def test_console_only(self, tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ class TestConfigure:
             log.get_logger().info("checkpoint_requested", reason="session_limit", remaining_s=812)
         assert captured == [{"event": "checkpoint_requested", "reason": "session_limit",
                              "remaining_s": 812, "log_level": "info"}]
-        assert not (tmp_path / "run.jsonl").exists()  # captured instead of written
+        assert (tmp_path / "run.jsonl").read_text() == ""  # captured instead of written
 
 
 class TestRotatingJsonl:

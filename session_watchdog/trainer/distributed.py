@@ -478,8 +478,8 @@ def _single_process_quiet(no_dist: bool) -> Iterator[None]:
 def _weights_only_planner() -> Any:
     """A DCP load planner that refuses non-tensor entries holding anything but plain data.
 
-    DCP restores non-tensor values with ``torch.load(weights_only=False)``; we first load the same
-    bytes with ``weights_only=True``, which refuses any global outside torch's allow-list (the rule
+    DCP restores non-tensor values with an unrestricted torch load (any pickle); we first load the
+    same bytes with ``weights_only=True``, which refuses any global outside torch's allow-list (the rule
     ``CheckpointManager.load`` follows for single-file checkpoints).
     """
     import torch
