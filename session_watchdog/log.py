@@ -244,10 +244,14 @@ def close() -> None:
 
 def sample_event(sample: Any, remaining_s: Optional[float], budget_s: Optional[float]) -> Dict[str, Any]:
     """Flatten a probes.Sample into the ``sample`` event's fields (schema 1)."""
+    from session_watchdog.probes import rank_by_pid, ranks_on_gpus
+
     host = sample.host
     trainer = sample.trainer
     status = trainer.status
     ckpt = status.last_checkpoint if status is not None else None
+    listed = {g.index: g.process_pids for g in sample.gpus if g.process_pids is not None}
+    ranks = ranks_on_gpus(listed, rank_by_pid(status.extra)) if listed and status is not None else {}
     return {
         "elapsed_s": round(sample.elapsed_s, 3),
         "remaining_s": None if remaining_s is None else round(remaining_s, 3),
@@ -256,7 +260,9 @@ def sample_event(sample: Any, remaining_s: Optional[float], budget_s: Optional[f
         "gpus": [
             {"index": g.index, "name": g.name, "util_pct": g.utilization_pct,
              "mem_used_bytes": g.memory_used_bytes, "mem_total_bytes": g.memory_total_bytes,
-             "temp_c": g.temperature_c, "power_w": g.power_w, "error": g.error}
+             "temp_c": g.temperature_c, "power_w": g.power_w, "error": g.error,
+             **({} if g.process_pids is None else {"pids": list(g.process_pids),
+                                                   "ranks": ranks.get(g.index)})}
             for g in sample.gpus
         ],
         "ram": None if host is None else {

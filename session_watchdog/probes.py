@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psutil
 
@@ -38,6 +38,7 @@ class GpuReading:
     temperature_c: Optional[float] = None
     power_w: Optional[float] = None
     error: Optional[str] = None  # why this GPU could not be read at all
+    process_pids: Optional[Tuple[int, ...]] = None  # compute processes; None: not read this tick
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,16 @@ class Nvml:
                     self._on_unsupported(what)
             return None
 
-    def read(self) -> Tuple[GpuReading, ...]:
-        """Per-GPU readings; one failing GPU never hides the others (gpustat's InvalidGPU)."""
-        return tuple(self._read_one(index) for index in range(self._module.nvmlDeviceGetCount()))
+    def read(self, with_processes: bool = False) -> Tuple[GpuReading, ...]:
+        """Per-GPU readings; one failing GPU never hides the others (gpustat's InvalidGPU).
 
-    def _read_one(self, index: int) -> GpuReading:
+        ``with_processes`` also lists each GPU's compute processes
+        (``nvidia-smi --query-compute-apps=pid``): milliseconds, so not on every tick.
+        """
+        return tuple(self._read_one(index, with_processes)
+                     for index in range(self._module.nvmlDeviceGetCount()))
+
+    def _read_one(self, index: int, with_processes: bool = False) -> GpuReading:
         m = self._module
         try:
             handle = m.nvmlDeviceGetHandleByIndex(index)
@@ -189,7 +195,14 @@ class Nvml:
             memory_total_bytes=None if mem is None else int(mem.total),
             temperature_c=None if temp is None else float(temp),
             power_w=None if power_mw is None else power_mw / 1000.0,
+            process_pids=self._pids(handle) if with_processes else None,
         )
+
+    def _pids(self, handle: Any) -> Optional[Tuple[int, ...]]:
+        procs = self._query("processes", lambda: self._module.nvmlDeviceGetComputeRunningProcesses(handle))
+        if procs is None:
+            return None
+        return tuple(sorted({int(p.pid) for p in procs if getattr(p, "pid", None) is not None}))
 
 
 def _text(value: Any) -> Optional[str]:
@@ -472,6 +485,7 @@ class SystemProbe:
         timeout_s: float = 2.0,
         notebook_idle: Optional[Callable[[], Optional[float]]] = None,
         child_exit: Optional[Callable[[], Optional[int]]] = None,
+        processes_every: int = 12,
     ) -> None:
         self.run_dir = run_dir
         self.watch_paths = tuple(watch_paths)
@@ -481,6 +495,8 @@ class SystemProbe:
         self.timeout_s = timeout_s
         self.notebook_idle = notebook_idle
         self.child_exit = child_exit
+        self.processes_every = processes_every  # GPU process lists: every Nth sample (slow call)
+        self._samples = 0
         self._pools: Dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._pending: Dict[str, concurrent.futures.Future[Any]] = {}
         self._lock = threading.Lock()
@@ -519,8 +535,10 @@ class SystemProbe:
     def _read_gpus(self) -> Tuple[str, Tuple[GpuReading, ...]]:
         if not self.nvml.start():
             return self.nvml.state, ()
+        self._samples += 1
         try:
-            return "ok", self.nvml.read()
+            return "ok", self.nvml.read(with_processes=self._samples % self.processes_every == 1
+                                        or self.processes_every == 1)
         except Exception as err:
             return f"unavailable: {_nvml_error_text(err)}", ()
 
@@ -572,6 +590,40 @@ def gpus_all_idle(gpus: Sequence[GpuReading], idle_pct: float) -> Optional[bool]
     return all(g.utilization_pct is not None and g.utilization_pct < idle_pct for g in gpus)
 
 
+def ranks_on_gpus(gpu_pids: Mapping[int, Optional[Sequence[int]]],
+                  rank_by_pid: Mapping[int, int]) -> Dict[int, Optional[List[int]]]:
+    """Which ranks run on each GPU (PURE), from NVML's process list per GPU index.
+
+    Args:
+        gpu_pids: GPU index -> pids NVML lists as using it (``nvmlDeviceGetComputeRunningProcesses``;
+            ``nvidia-smi --query-compute-apps=pid``), None when NVML could not say.
+        rank_by_pid: pid -> global rank, as the trainer reports it (``trainer.json``
+            ``extra["distributed"]["ranks"]``).
+
+    Returns:
+        GPU index -> sorted ranks found on it, or None for "unknown". An empty or unmatched list
+        is unknown, never "training finished": inside a container NVML reports host pids (another
+        pid namespace) or nothing at all, so the absence of our pids proves nothing.
+    """
+    found: Dict[int, Optional[List[int]]] = {}
+    for gpu, pids in gpu_pids.items():
+        ranks = sorted({rank_by_pid[pid] for pid in (pids or ()) if pid in rank_by_pid})
+        found[gpu] = ranks or None
+    return found
+
+
+def rank_by_pid(extra: Mapping[str, Any]) -> Dict[int, int]:
+    """pid -> rank from a trainer's ``extra["distributed"]["ranks"]`` (malformed entries skipped)."""
+    dist = extra.get("distributed")
+    members = dist.get("ranks") if isinstance(dist, dict) else None
+    out: Dict[int, int] = {}
+    for member in members if isinstance(members, list) else ():
+        pid, rank = (member.get("pid"), member.get("rank")) if isinstance(member, dict) else (None, None)
+        if isinstance(pid, int) and isinstance(rank, int):
+            out[pid] = rank
+    return out
+
+
 def process_create_time(pid: int) -> Optional[float]:
     """psutil's create_time (identity of a pid), or None when the process is gone."""
     try:
@@ -597,5 +649,5 @@ def nvml_driver_summary(nvml: Optional[Nvml] = None) -> Dict[str, Any]:
 __all__ = [
     "GpuReading", "HostReading", "DiskReading", "TrainerReading", "Sample", "Times", "Nvml",
     "SystemProbe", "read_cgroup_memory", "read_host", "read_disks", "read_trainer",
-    "gpus_all_idle", "process_create_time",
+    "gpus_all_idle", "process_create_time", "ranks_on_gpus", "rank_by_pid",
 ]

@@ -30,12 +30,12 @@ from conftest import heavy_n
 
 from session_watchdog import channel
 from session_watchdog.channel import Request, RunDir, TrainerStatus
+from session_watchdog.probes import ranks_on_gpus
 from session_watchdog.trainer.checkpoint import CheckpointManager
 from session_watchdog.trainer.distributed import (
     COMMIT_MARKER,
     ShardedCheckpointer,
     next_window,
-    ranks_on_gpus,
 )
 
 START_S = 90.0  # a torchrun launch on 2 loaded cores: agent + 2 workers importing torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -514,3 +515,55 @@ class TestSystemProbe:
             probe.close()
         assert sample.disks == (probes.DiskReading(str(tmp_path), None, None, "timeout"),
                                 probes.DiskReading("/", None, None, "timeout"))
+
+
+class FakeNvmlWithProcesses(FakeNvmlModule):
+    """The fake NVML plus nvmlDeviceGetComputeRunningProcesses (pids per GPU index)."""
+
+    def __init__(self, gpus: Sequence[FakeGpu], pids: Dict[int, List[int]]) -> None:
+        super().__init__(gpus)
+        self.pids = pids
+        self.process_calls = 0
+
+    def nvmlDeviceGetComputeRunningProcesses(self, gpu: FakeGpu) -> List[Any]:
+        from types import SimpleNamespace
+
+        self.process_calls += 1
+        return [SimpleNamespace(pid=p, usedGpuMemory=0) for p in self.pids[self.gpus.index(gpu)]]
+
+
+class TestGpuProcesses:
+    def test_process_lists_are_read_on_a_slower_cadence(self, tmp_path: Path) -> None:
+        """With processes_every=3, samples 1 and 4 list each GPU's pids; the others do not."""
+        fake = FakeNvmlWithProcesses(three_gpus(), {0: [4242, 17], 1: [], 2: [4243]})
+        probe = SystemProbe(nvml=Nvml(module=fake), processes_every=3, **no_cgroup(tmp_path))
+        try:
+            pids = [[g.process_pids for g in probe.sample(Times(float(i), float(i))).gpus] for i in range(4)]
+        finally:
+            probe.close()
+        assert pids[0] == [(17, 4242), (), (4243,)] and pids[3] == pids[0]
+        assert pids[1] == pids[2] == [None, None, None]
+        assert fake.process_calls == 6
+
+    def test_ranks_per_gpu_in_the_sample_event(self) -> None:
+        """The sample event maps pids to the ranks the trainer reported; an empty list is unknown."""
+        from fakes import sample as fake_sample
+        from fakes import status as fake_status
+
+        from session_watchdog.log import sample_event
+
+        ranks = {"distributed": {"ranks": [{"rank": 0, "pid": 4242}, {"rank": 1, "pid": 4243},
+                                           {"rank": "x", "pid": 9}]}}
+        gpus = [dataclasses.replace(g, process_pids=p) for g, p in
+                zip(EXPECTED_THREE, [(17, 4242), (), (4243,)])]
+        event = sample_event(fake_sample(gpus=gpus, trainer_status=fake_status(extra=ranks)), None, None)
+        assert [(g["pids"], g["ranks"]) for g in event["gpus"]] == [([17, 4242], [0]), ([], None), ([4243], [1])]
+
+    @pytest.mark.parametrize("gpu_pids, expected", [
+        ({0: [1, 2], 1: [3]}, {0: [0, 1], 1: None}),   # pid 3 is nobody's rank (host pid namespace)
+        ({0: None}, {0: None}),                          # NVML could not say
+        ({0: []}, {0: None}),                            # empty never means "finished"
+    ])
+    def test_ranks_on_gpus(self, gpu_pids, expected) -> None:
+        """Unknown, empty or unmatched process lists are None, never an empty 'finished' list."""
+        assert probes.ranks_on_gpus(gpu_pids, {1: 0, 2: 1}) == expected

@@ -22,7 +22,8 @@ Pieces, used by ``session.py`` and usable on their own:
   ``step-<step:010d>.tmp-<random>`` directory, rank 0 writes the ``COMMITTED`` marker last and
   renames the directory to ``step-<step:010d>``; a committed directory is never overwritten, and
   :meth:`ShardedCheckpointer.latest` returns the newest committed *and complete* one.
-- :func:`ranks_on_gpus`: PURE - which ranks run on which GPU, from NVML's per-GPU process lists.
+- which ranks run on which GPU is the daemon's (``probes.ranks_on_gpus``, from NVML's per-GPU
+  process lists and the ``extra["distributed"]["ranks"]`` this module publishes).
 
 The agreement vector (int64, ``4 + groups`` entries, all-reduced with MAX)::
 
@@ -43,8 +44,8 @@ through values all ranks received from the same all-reduce. A request therefore 
 ``window x step_time`` before every rank acts on it; the reporter publishes that delay as
 ``extra["agree_delay_s"]`` in ``trainer.json`` for the daemon to add to its lead time.
 
-This module imports torch lazily, inside the functions that need it: ``ranks_on_gpus`` and
-``next_window`` are usable from a process without torch.
+This module imports torch lazily, inside the functions that need it: ``next_window`` is usable
+from a process without torch.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ __all__ = [
     "ShardedCheckpointError",
     "is_initialized",
     "next_window",
-    "ranks_on_gpus",
     "setup",
 ]
 
@@ -173,28 +173,6 @@ def next_window(sync_every: int, sync_interval_s: Optional[float],
     if step_time_s is None or not step_time_s > 0:
         return max(1, min(sync_every, 2 * previous))
     return max(1, min(sync_every, int(math.floor(sync_interval_s / step_time_s))))
-
-
-def ranks_on_gpus(gpu_pids: Mapping[int, Optional[Sequence[int]]],
-                  rank_by_pid: Mapping[int, int]) -> Dict[int, Optional[List[int]]]:
-    """Which ranks run on each GPU (PURE), from NVML's process list per GPU index.
-
-    Args:
-        gpu_pids: GPU index -> pids NVML lists as using it (``nvmlDeviceGetComputeRunningProcesses``;
-            ``nvidia-smi --query-compute-apps=pid``), None when NVML could not say.
-        rank_by_pid: pid -> global rank, as the trainer reports it (``trainer.json``
-            ``extra["ranks"]``).
-
-    Returns:
-        GPU index -> sorted ranks found on it, or None for "unknown". An empty or unmatched list
-        is unknown, never "training finished": inside a container NVML reports host pids (another
-        pid namespace) or nothing at all, so the absence of our pids proves nothing.
-    """
-    found: Dict[int, Optional[List[int]]] = {}
-    for gpu, pids in gpu_pids.items():
-        ranks = sorted({rank_by_pid[pid] for pid in (pids or ()) if pid in rank_by_pid})
-        found[gpu] = ranks or None
-    return found
 
 
 # --------------------------------------------------------------------------------------------
