@@ -21,9 +21,17 @@ from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, end_action_for
 from session_watchdog.config import Config
 from session_watchdog.log import get_logger, sample_event
-from session_watchdog.policy import IDLE_END, TRAINER_SCOPED, Decision, PolicyState, decide, remaining_s
+from session_watchdog.policy import (
+    IDLE_END,
+    TRAINER_SCOPED,
+    Decision,
+    PolicyState,
+    decide,
+    end_blocker,
+    remaining_s,
+)
 from session_watchdog.preemption import PreemptionWatch, build_pollers
-from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle, process_create_time
+from session_watchdog.probes import Sample, SystemProbe, Times, process_create_time
 
 log = get_logger()
 DAEMON_FILE = "daemon.json"
@@ -232,10 +240,7 @@ class Watchdog:
         idle_path = decision.reason == IDLE_END
 
         def safe_now() -> Optional[str]:
-            last = self.last_sample
-            if idle_path and (last is None or not gpus_all_idle(last.gpus, self.config.gpu_idle_pct)):
-                return "a GPU is busy or its reading is unknown; not ending an idle runtime"
-            return None
+            return end_blocker(self.config, decision.reason, self.last_sample)
 
         self.end = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,

@@ -390,6 +390,22 @@ def training_outcome(sample: Sample) -> Optional[str]:
     return None
 
 
+def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Optional[str]:
+    """Why an end decided earlier must not happen now (the last check before the end action).
+
+    The end transaction asks this with the newest sample, right before the point of no return:
+    a failure that came after the decision, or a GPU that woke up or became unknown on the idle
+    path, stops it. (A live trainer or a running save cannot: the transaction holds both locks.)
+    """
+    if sample is None:
+        return "no reading since the end was decided"
+    if training_outcome(sample) == "failed" and not config.end_on_failure:
+        return "training failed during the grace period; the runtime is left running"
+    if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):
+        return "a GPU is busy or its reading is unknown; not ending an idle runtime"
+    return None
+
+
 def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool]) -> None:
     """When to end the runtime (issue: release the runtime only when it is safe).
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 from conftest import heavy_n
+from torch_helpers import assert_same
 
 from session_watchdog import channel
 from session_watchdog.channel import Request, RunDir, TrainerStatus
@@ -148,22 +149,6 @@ def results(procs: Sequence[subprocess.Popen[str]], timeout: float = START_S) ->
         assert proc.returncode == 0, f"rank exited with {proc.returncode}\n{out}\n{err}"
         reports.append(json.loads(out.strip().splitlines()[-1]))
     return reports
-
-
-def assert_same(ours: object, theirs: object, where: str) -> None:
-    """Nested dicts/lists of tensors equal bit for bit."""
-    if isinstance(ours, torch.Tensor):
-        assert isinstance(theirs, torch.Tensor) and torch.equal(ours, theirs), where
-    elif isinstance(ours, dict):
-        assert isinstance(theirs, dict) and ours.keys() == theirs.keys(), where
-        for key in ours:
-            assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
-    elif isinstance(ours, (list, tuple)):
-        assert isinstance(theirs, (list, tuple)) and len(ours) == len(theirs), where
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert ours == theirs, where
 
 
 # Scenario scripts: every rank prints one JSON line last.

@@ -30,7 +30,7 @@ from session_watchdog.actions import (
 )
 from session_watchdog.config import OFF, Config
 from session_watchdog.daemon import Watchdog
-from session_watchdog.policy import PolicyState, decide
+from session_watchdog.policy import PolicyState, decide, end_blocker
 
 NOW = 1_800_000_000.0
 
@@ -138,6 +138,21 @@ class TestEndDecisions:
                                                            gpus=[gpu(0, util)]))
             ends.append(elapsed) if any(d.kind == "end" for d in decisions) else None
         assert ends == [2800.0]
+
+
+class TestEndBlocker:
+    @pytest.mark.parametrize("reason, kw, config_kw, expected", [
+        ("training_complete", dict(trainer_status=done_status(None)), {}, None),
+        ("training_complete", dict(child_exit=1), {}, "training failed during the grace period"),
+        ("training_complete", dict(child_exit=1), {"end_on_failure": True}, None),
+        ("idle_end", dict(gpus=[gpu(0, 0.0)]), {}, None),
+        ("idle_end", dict(gpus=[gpu(0, None)]), {}, "a GPU is busy or its reading is unknown"),
+        ("idle_end", dict(gpus=[gpu(0, 40.0)]), {}, "a GPU is busy or its reading is unknown"),
+    ])
+    def test_last_moment_check(self, reason, kw, config_kw, expected):
+        """Right before the action: a new failure or a woken/unknown GPU (idle path) stops the end."""
+        got = end_blocker(cfg(**config_kw), reason, sample(now=NOW, alive=False, **kw))
+        assert (got is None) if expected is None else got.startswith(expected)
 
 
 class TestTransaction:
@@ -479,10 +494,12 @@ class TestInterlockMatrix:
                         if pending:
                             apply(pending.pop(0))
 
-                    def safe_now():
-                        if d.reason == "idle_end" and world["util"] is None:
-                            return "unknown gpu"
-                        return None
+                    def safe_now(reason=d.reason):
+                        # the daemon's own last-moment check, fed the world as it is now
+                        st_now = None if world["state"] is None else done_status(ckpt, world["state"])
+                        return end_blocker(config, reason, sample(
+                            now=NOW + elapsed, elapsed=elapsed, alive=False, trainer_status=st_now,
+                            child_exit=world["child_exit"], gpus=[gpu(0, world["util"])]))
                     cancelled.clear()  # a cancel counts for the end transaction it falls into
                     tx = EndTransaction(run_dir=run_dir, reason=d.reason, status=s.trainer.status,
                                         grace_s=2.0, dry_run=dry_run, end_action=("check", end_action),

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import structlog
+from fakes import FakeClock
 
 from session_watchdog import channel, log, platforms, report
 from session_watchdog.config import Config
@@ -25,22 +26,9 @@ START = WALL0 - FIRST_S  # session start, epoch seconds
 TICKS = 240  # one every 5 s: elapsed 2400 .. 3595
 
 
-class Clock:
-    """Wall and monotonic time that move only when told."""
-
-    def __init__(self) -> None:
-        self.now = WALL0
-        self.mono = 500.0
-
-    def wall(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.mono += seconds
+def report_clock() -> FakeClock:
+    """The shared fake clock, started at this file's wall-clock origin."""
+    return FakeClock(wall=WALL0, mono=500.0)
 
 
 def ckpt(name: str, at_s: float, step: int, duration_s: float, size: int) -> channel.CheckpointInfo:
@@ -97,7 +85,7 @@ def run_daemon(tmp: Path, probe: Any, ticks: int, *, stop: bool = True, max_byte
     try:
         config = Config.build(run_dir=str(tmp / "run"), max_session="1h", interval="5s",
                               checkpoint_every="off", log_file=str(path))
-        clock = Clock()
+        clock = report_clock()
         watchdog = Watchdog(config, platform=platforms.Platform("generic", ("test",)), probe=probe,
                             clock=clock, session_start=START)
         watchdog.acquire()

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+from torch_helpers import assert_same
 
 from session_watchdog.channel import RUN_LOCK, Request, RunDir, TrainerStatus, lock_held
 from session_watchdog.trainer.checkpoint import CheckpointManager
@@ -223,21 +224,5 @@ class TestKillAndResume:
         assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])
         if device == "cuda":
             assert_same(ours["rng"]["cuda"], theirs["rng"]["cuda"], "cuda rng")
-
-
-def assert_same(ours: object, theirs: object, where: str) -> None:
-    """Nested dicts/lists of tensors equal bit for bit."""
-    if isinstance(ours, torch.Tensor):
-        assert isinstance(theirs, torch.Tensor) and torch.equal(ours, theirs), where
-    elif isinstance(ours, dict):
-        assert isinstance(theirs, dict) and ours.keys() == theirs.keys(), where
-        for key in ours:
-            assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
-    elif isinstance(ours, (list, tuple)):
-        assert isinstance(theirs, (list, tuple)) and len(ours) == len(theirs), where
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert ours == theirs, where
 
 
