@@ -231,38 +231,35 @@ class TestSdNotify:
         assert messages[-1].startswith("STOPPING=1")
 
 
+class _Poller:
+    """A preemption source that always reports one notice ``in_s`` seconds out."""
+
+    def __init__(self, source: str, in_s: float) -> None:
+        self.name, self.in_s = source, in_s
+
+    def poll(self, now):
+        return Notice(self.name, now + self.in_s, "test")
+
+
+def watchdog_with(tmp_path, poller) -> Watchdog:
+    clock = FakeClock(1_800_000_000.0)
+    cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"))
+    dog = Watchdog(cfg, platform=platforms.Platform("generic", ("t",)), clock=clock,
+                   session_start=clock.wall(), pollers=[poller],
+                   probe=ScriptedProbe([sample(trainer_status=status(heartbeat=clock.wall()))]))
+    dog.poll_preemption()
+    dog.tick()
+    return dog
+
+
 class TestPreemption:
     def test_a_notice_becomes_an_immediate_stop_request_with_its_deadline(self, tmp_path):
         """A spot notice 120 s out: the next tick writes a stop request with that deadline."""
-        class SpotPoller:
-            name = "aws-spot"
-
-            def poll(self, now):
-                return Notice("aws-spot", now + 120.0, "terminate")
-
-        clock = FakeClock(1_800_000_000.0)
-        cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"))
-        dog = Watchdog(cfg, platform=platforms.Platform("generic", ("t",)), clock=clock,
-                       session_start=clock.wall(), pollers=[SpotPoller()],
-                       probe=ScriptedProbe([sample(trainer_status=status(heartbeat=clock.wall()))]))
-        dog.poll_preemption()
-        dog.tick()
+        dog = watchdog_with(tmp_path, _Poller("aws-spot", 120.0))
         request = dog.run_dir.read_request()
-        assert (request.action, request.reason, request.deadline) == ("stop", "preemption", clock.wall() + 120.0)
+        assert (request.action, request.reason, request.deadline) == ("stop", "preemption", dog.clock.wall() + 120.0)
 
     def test_slurm_time_limit_is_a_deadline_not_a_stop(self, tmp_path):
         """SLURM's remaining time (squeue) shortens the session like a budget: no stop while far away."""
-        class SlurmLimit:
-            name = "slurm"
-
-            def poll(self, now):
-                return Notice("slurm", now + 7200.0, "time limit")
-
-        clock = FakeClock(1_800_000_000.0)
-        cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"))
-        dog = Watchdog(cfg, platform=platforms.Platform("generic", ("t",)), clock=clock,
-                       session_start=clock.wall(), pollers=[SlurmLimit()],
-                       probe=ScriptedProbe([sample(trainer_status=status(heartbeat=clock.wall()))]))
-        dog.poll_preemption()
-        dog.tick()
+        dog = watchdog_with(tmp_path, _Poller("slurm", 7200.0))
         assert dog.run_dir.read_request() is None
