@@ -165,15 +165,32 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0  # another user's live process (or a pid we cannot ask about): keep
+    return True
+
+
 def sweep_temps(directory: Path) -> int:
-    """Remove our own stale temp files (from a writer that died); return how many."""
+    """Remove temp files whose writer died (the pid in the name no longer runs); return how many.
+
+    A temp of a live writer is never touched, whoever it belongs to: its rename may come next.
+    """
     removed = 0
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return 0
     for name in names:
-        if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name[: -len(_TMP_SUFFIX)].split(".")
+        pid = parts[-2] if len(parts) >= 4 else ""
+        if pid.isdigit() and not _pid_running(int(pid)):
             _unlink_quietly(Path(directory) / name)
             removed += 1
     return removed

@@ -345,6 +345,7 @@ class Watchdog:
             raise DaemonBusyError(
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
+        channel.sweep_temps(self.run_dir.path)  # litter of writers killed mid-write
         channel.write_json(self.run_dir.file(DAEMON_FILE), {
             "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
             "pid_create_time": process_create_time(os.getpid()),

@@ -297,11 +297,15 @@ class TestAtomicWrite:
 
 
 class TestSweepTemps:
-    def test_removes_only_our_temp_pattern(self, tmp_path: Path) -> None:
-        """Only hidden ``*.sw-tmp`` files go; protocol files and look-alikes stay."""
-        ours = [".request.json.123.deadbeef.sw-tmp", ".trainer.json.99.0a0b0c0d.sw-tmp"]
+    def test_removes_only_temps_of_dead_writers(self, tmp_path: Path) -> None:
+        """Hidden ``*.sw-tmp`` files of a dead pid go; a live writer's temp, protocol files and
+        look-alikes stay."""
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        ours = [f".request.json.{dead.pid}.deadbeef.sw-tmp", f".trainer.json.{dead.pid}.0a0b0c0d.sw-tmp"]
         others = ["request.json", "trainer.json", "notes.sw-tmp", ".hidden",
-                  ".state.json.1.abcd.sw-tmp.bak", "run.lock"]
+                  ".state.json.1.abcd.sw-tmp.bak", "run.lock",
+                  f".state.json.{os.getpid()}.cafe0001.sw-tmp"]  # a live writer's, mid-write
         for name in ours + others:
             (tmp_path / name).write_text("x")
         assert channel.sweep_temps(tmp_path) == 2

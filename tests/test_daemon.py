@@ -112,6 +112,20 @@ class TestTick:
         assert "not one of" in dog.last_sample.trainer.status_error
 
 
+class TestStartupSweep:
+    def test_temps_of_a_writer_killed_mid_write_are_swept_when_the_daemon_starts(self, tmp_path):
+        """A .sw-tmp left by a dead writer in the run dir is removed when the daemon takes it."""
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        run = channel.RunDir(tmp_path / "run")
+        litter = run.path / f".request.json.{dead.pid}.0badc0de.sw-tmp"
+        litter.write_text("{half")
+        dog = make(tmp_path, [sample()])
+        dog.acquire()
+        dog.release()
+        assert not litter.exists()
+
+
 class TestOneDaemonPerRunDir:
     def test_second_daemon_is_refused(self, tmp_path):
         """Two watchdogs on one run dir: the second gets a clear DaemonBusyError."""
