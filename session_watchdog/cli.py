@@ -217,18 +217,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                    child_running=(lambda: child.exit_status() is None) if child else None)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
-        deadline = None if run_for is None else time.monotonic() + run_for
 
         def stop_when() -> bool:
-            if deadline is not None and time.monotonic() >= deadline:
-                return True
             if child is None or child.exit_status() is None:
                 return False
             # the child ended: stop once a tick has seen it and no end of the runtime is under way
             last = watchdog.last_sample
             return last is not None and last.child_exit is not None and not watchdog.end_running()
 
-        watchdog.run(stop_when=stop_when, handle_signals=child is None)
+        watchdog.run(stop_when=stop_when, handle_signals=child is None, run_for=run_for)
         if child is not None:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
@@ -266,11 +263,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
                                    child_running=lambda: not attached.gone())
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
-        deadline = None if run_for is None else time.monotonic() + run_for
 
         def stop_when() -> bool:
-            if deadline is not None and time.monotonic() >= deadline:
-                return True
             if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():
                 return False
             if watchdog.last_sample.trainer.alive:
@@ -281,7 +275,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
                                               "--end-on-exit to let its exit end the runtime)")
             return True
 
-        return watchdog.run(stop_when=stop_when)
+        return watchdog.run(stop_when=stop_when, run_for=run_for)
     finally:
         restore()
         log.close()

@@ -405,8 +405,9 @@ class Watchdog:
                               next_run_time=datetime.now(timezone.utc))
         return scheduler
 
-    def run(self, stop_when: Optional[Callable[[], bool]] = None, handle_signals: bool = True) -> int:
-        """Block until SIGTERM/SIGINT (or ``stop_when()`` is true after a tick); return 0.
+    def run(self, stop_when: Optional[Callable[[], bool]] = None, handle_signals: bool = True,
+            run_for: Optional[float] = None) -> int:
+        """Block until SIGTERM/SIGINT, ``stop_when()`` is true, or ``run_for`` seconds passed; return 0.
 
         ``handle_signals=False`` leaves SIGINT/SIGTERM to the caller (a wrapped command forwards
         them to its child and ends when the child does).
@@ -423,6 +424,10 @@ class Watchdog:
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, handle)
+        if run_for is not None:
+            deadline = time.monotonic() + run_for
+            given = stop_when
+            stop_when = lambda: time.monotonic() >= deadline or bool(given and given())  # noqa: E731
         if stop_when is not None:
             def check() -> None:
                 if stop_when():
