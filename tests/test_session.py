@@ -185,6 +185,24 @@ class TestConstruction:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             make_session(**kwargs)
 
+    def test_durations_take_the_daemons_strings(self, make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="30m" (a TypeError before) and the other durations read like the daemon's."""
+        session = make_session(checkpoint_every="30m", poll_interval="250ms",
+                               heartbeat_interval="2s", retry_after="1m")
+        assert (session.checkpoint_every, session.poll_interval, session.heartbeat_interval,
+                session.retry_after) == (1800.0, 0.25, 2.0, 60.0)
+
+    def test_off_turns_periodic_checkpoints_off(self, make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="off" is the same as None."""
+        assert make_session(checkpoint_every="off").checkpoint_every is None
+
+    def test_a_duration_string_without_a_unit_is_refused(self,
+                                                         make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="30" is refused with the daemon's hint, not taken as 30 seconds."""
+        with pytest.raises(ValueError, match=r"^Session\(checkpoint_every='30'\): '30' has no unit; "
+                                             r"write 30s, 30m or 30h"):
+            make_session(checkpoint_every="30")
+
     def test_run_dir_comes_from_the_environment(self, make_session: Callable[..., Session],
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
