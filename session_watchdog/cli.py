@@ -564,9 +564,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`doctor | head -2`) shows up here
+        return code
     except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
         print(f"session-watchdog: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe: stop quietly, like a tool killed by SIGPIPE.
+
+    Python ignores SIGPIPE, so the write raised; point stdout at /dev/null so that the flush at
+    interpreter exit does not print a second traceback (the recipe of Python's signal docs).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout file descriptor (a notebook, a test capture)
+        pass
+    return 128 + 13  # 141: what a shell reports for a process ended by SIGPIPE

@@ -235,6 +235,20 @@ class TestStatusAndDoctor:
         assert code == 1 and "[FIX ] run dir" in out and "chmod 700" in out
 
 
+    @pytest.mark.parametrize("argv", [["doctor"], ["doctor", "--json"], ["status", "--json"]])
+    def test_a_closed_pipe_ends_quietly(self, tmp_path, argv):
+        """`doctor | head -2`: a reader that went away ends the command with 141 and no traceback."""
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first write: EPIPE every time
+        try:
+            proc = subprocess.run([sys.executable, "-m", "session_watchdog", *argv, "--run-dir",
+                                   str(tmp_path)], stdout=write_end, stderr=subprocess.PIPE,
+                                  text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+        finally:
+            os.close(write_end)
+        assert (proc.returncode, proc.stderr) == (141, "")
+
+
 class TestBadInputFromReview:
     @pytest.mark.parametrize("argv, expected", [
         (["run", "--interval", "100000000000000s"], "expected a duration of at most 366 days"),
