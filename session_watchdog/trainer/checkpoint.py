@@ -523,6 +523,7 @@ class CheckpointManager:
         self._last_seq = 0
         self._pending: Optional[PendingSave] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
+        self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
         try:
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             self.directory.mkdir(mode=0o700)
@@ -801,8 +802,8 @@ class CheckpointManager:
         kept = 0
         doomed: List[_Entry] = []
         for entry in sorted(self._scan(), key=lambda e: e.seq, reverse=True):
-            if entry.seq > newest_seq:
-                continue  # not ours to judge (another manager's newer save)
+            if entry.seq > newest_seq or entry.seq in self._kept_ahead:
+                continue  # not ours to judge (another manager's newer save, or kept ahead)
             if kept < self.keep and self._read_marker(entry, check_size=True) is not None:
                 kept += 1
             else:
@@ -820,6 +821,20 @@ class CheckpointManager:
             # The new checkpoint is committed; failing the save now would misreport it.
             _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
                    error=str(err), errno=err.errno)
+
+    def keep_ahead_of(self, step: int) -> List[SavedCheckpoint]:
+        """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
+
+        A run that did not resume writes steps 1, 2, ... next to the step-100 checkpoint of the
+        run before; keep-last-K by sequence would delete step 100 at the second save (issue 11).
+        They stay until this manager is gone (a later run that resumes prunes them as usual).
+        """
+        ahead = [saved for saved in self.list() if saved.step > step]
+        for saved in ahead:
+            match = self._final_re.match(saved.path.name)
+            if match is not None:
+                self._kept_ahead.add(int(match.group(1)))
+        return ahead
 
     # ---- reading -------------------------------------------------------------------------
 

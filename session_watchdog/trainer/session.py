@@ -389,6 +389,8 @@ class Session:
         self._agreed_step_time_s: Optional[float] = None
         self._out_of_step_logged = False
         self._sharded_ckpt: Optional[ShardedCheckpointer] = None
+        self._resume_called = False  # resume() was called (whatever it found)
+        self._ahead_checked = False  # the first save looked for checkpoints of later steps
 
         self.run_dir = self._open_run_dir(run_dir)
         if distributed.is_initialized() and _world_size() > 1:
@@ -528,6 +530,7 @@ class Session:
             The :class:`Start` to continue from.
         """
         loaded: Optional[Tuple[Union[SavedCheckpoint, ShardedCheckpoint], Dict[str, Any]]]
+        self._resume_called = True
         if self._sharded_ckpt is not None:
             loaded = self._load_sharded()
         elif self._dist is not None:
@@ -874,12 +877,14 @@ class Session:
             return self._sharded_ckpt.save(state, step=self._step, epoch=self._epoch)
         agreement = self._dist
         if agreement is None:
+            self._keep_checkpoints_ahead()
             return self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
         rngs = agreement.all_gather(self._rng_state())
         outcome: Any = None
         error: Optional[BaseException] = None
         if agreement.rank == 0:
             try:
+                self._keep_checkpoints_ahead()
                 saved = self.manager.save(self._capture(rank_rng=rngs), step=self._step,
                                           epoch=self._epoch)
                 if final and not self.manager.verify(saved.path):
@@ -935,12 +940,32 @@ class Session:
                path=str(saved.path), duration_s=round(saved.duration_s, 3), bytes=saved.bytes)
         return saved
 
+    def _keep_checkpoints_ahead(self) -> None:
+        """At the first save of a run that never called resume(): keep checkpoints of later steps.
+
+        Forgetting ``resume()`` once let saves at steps 2 and 3 prune the step-100 checkpoint
+        of the run before (issue 11). They are kept for this session's life, with one warning.
+        """
+        if self._resume_called or self._ahead_checked:
+            return
+        self._ahead_checked = True
+        ahead = self.manager.keep_ahead_of(self._step)
+        if ahead:
+            newest = max(ahead, key=lambda saved: saved.step)
+            _event(logging.WARNING, "checkpoints_ahead_kept", count=len(ahead),
+                   newest_step=newest.step, newest_path=str(newest.path), step=self._step,
+                   message=f"{len(ahead)} checkpoint(s) of later steps (newest: step "
+                           f"{newest.step}) are in {self.manager.directory} but resume() was not "
+                           "called: they are kept, never pruned by this run; call "
+                           "session.resume() before the first step to continue from the newest")
+
     def _save_async(self, *, seq: Optional[int], reason: str) -> None:
         """Snapshot now, write in the background; the ack goes out when the file is durable."""
         self._join_async()
         self._save_lock.acquire()  # held until the write is durable (released by the waiter)
         self._last_save_mono = time.monotonic()
         try:
+            self._keep_checkpoints_ahead()
             pending = self.manager.save_async(self._capture(), step=self._step, epoch=self._epoch)
         except BaseException as err:
             self._save_lock.release()
