@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop the watchdog after this long (e.g. 2m)")
     run.add_argument("--detach", action="store_true",
                      help="keep running after the terminal/SSH session closes (setsid)")
+    run.add_argument("--new-session", action="store_true",
+                     help="restart the session clock (without a platform clock it runs from the "
+                          "first watchdog since boot)")
     run.add_argument("child_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="-- COMMAND...: run COMMAND as a watched child; exit with its exit code")
 
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Session, so its outcome is otherwise unknown)")
     attach.add_argument("--detach", action="store_true",
                         help="keep running after the terminal/SSH session closes (setsid)")
+    attach.add_argument("--new-session", action="store_true",
+                        help="restart the session clock (without a platform clock it runs from "
+                             "the first watchdog since boot)")
     attach.add_argument("--for", dest="run_for", metavar="DURATION", help=argparse.SUPPRESS)
 
     stop = sub.add_parser("stop", help="stop a (detached) watchdog")
@@ -214,9 +220,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             child.install_forwarding(early)
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
                                    child_exit=child.exit_status if child else None,
-                                   child_running=(lambda: child.exit_status() is None) if child else None)
+                                   child_running=(lambda: child.exit_status() is None) if child else None,
+                                   new_session=args.new_session)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
+        if watchdog.session_notice():
+            print(f"session-watchdog: {watchdog.session_notice()}", file=sys.stderr)
 
         def stop_when() -> bool:
             if child is None or child.exit_status() is None:
@@ -260,9 +269,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
                                    child_exit=attached.exit_status,
-                                   child_running=lambda: not attached.gone())
+                                   child_running=lambda: not attached.gone(),
+                                   new_session=args.new_session)
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
+        if watchdog.session_notice():
+            print(f"session-watchdog: {watchdog.session_notice()}", file=sys.stderr)
 
         def stop_when() -> bool:
             if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():
