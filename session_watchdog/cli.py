@@ -224,8 +224,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                                    new_session=args.new_session)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
-        if watchdog.session_notice():
-            print(f"session-watchdog: {watchdog.session_notice()}", file=sys.stderr)
 
         def stop_when() -> bool:
             if child is None or child.exit_status() is None:
@@ -273,8 +271,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
                                    new_session=args.new_session)
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
-        if watchdog.session_notice():
-            print(f"session-watchdog: {watchdog.session_notice()}", file=sys.stderr)
 
         def stop_when() -> bool:
             if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():

@@ -104,7 +104,7 @@ class TestCarriedOverSessionClock:
             assert proc.returncode == 0, proc.stderr
             outputs.append(proc.stderr)
         assert "session clock:" not in outputs[0]
-        assert "session-watchdog: session clock: started " in outputs[1]
+        assert "session_clock_carried_over - session clock: started " in outputs[1]
         assert "(carried over from an earlier run since boot; pass --new-session" in outputs[1]
         assert "session clock:" not in outputs[2]
 
