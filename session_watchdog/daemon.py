@@ -151,7 +151,8 @@ class Watchdog:
         self.state = self._load_state()
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
-                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED))
+                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
+                child_since=None)
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
