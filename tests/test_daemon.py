@@ -113,7 +113,19 @@ class TestNoTrainerWrapped:
     """`run -- python train.py` with a script that never builds a Session is said early; a script
     that does is not (issue 11). Real child processes; the session clock is faked."""
 
-    def _watch(self, tmp_path, code):
+    @pytest.fixture
+    def children(self):
+        """Every wrapped child a test starts; its process group is killed afterwards, pass or fail."""
+        started = []
+        yield started
+        for child in started:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.proc.wait(timeout=60)
+
+    def _watch(self, tmp_path, children, code):
         from session_watchdog import wrap
 
         run = tmp_path / "run"
@@ -121,52 +133,39 @@ class TestNoTrainerWrapped:
                            watch_paths=str(tmp_path))
         channel.ensure_run_dir(run)
         child = wrap.Child([sys.executable, "-c", code, str(tmp_path / "ckpt")], run, kill_after_s=5.0)
+        children.append(child)
         clock = FakeClock(START)
         dog = Watchdog(cfg, platform=GENERIC, clock=clock, session_start=START,
                        child_exit=child.exit_status,
                        child_running=lambda: child.exit_status() is None)
         return child, clock, dog
 
-    @staticmethod
-    def _reap(child) -> None:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.proc.wait(timeout=60)
-
-    def test_a_command_without_a_session_is_named_after_two_minutes(self, tmp_path):
+    def test_a_command_without_a_session_is_named_after_two_minutes(self, tmp_path, children):
         """No trainer on the run dir 2 minutes after the command started: one warning."""
-        child, clock, dog = self._watch(tmp_path, "import time; time.sleep(600)")
-        try:
-            first = dog.tick()
-            clock.advance(121.0)
-            second = dog.tick()
-            clock.advance(60.0)
-            third = dog.tick()
-        finally:
-            self._reap(child)
+        child, clock, dog = self._watch(tmp_path, children, "import time; time.sleep(600)")
+        first = dog.tick()
+        clock.advance(121.0)
+        second = dog.tick()
+        clock.advance(60.0)
+        third = dog.tick()
         assert [d.reason for d in first + third if d.reason == "no_trainer"] == []
         assert [(d.kind, d.reason) for d in second if d.reason == "no_trainer"] == [("warn", "no_trainer")]
 
-    def test_a_command_with_a_session_is_not_named(self, tmp_path):
+    def test_a_command_with_a_session_is_not_named(self, tmp_path, children):
         """A script that builds a Session (run.lock held) gets no such warning."""
         code = ("import sys, time\n"
                 "from session_watchdog.trainer import Session\n"
                 "session = Session(sys.argv[1], handle_signals=False, checkpoint_every=None)\n"
                 "time.sleep(600)\n")
-        child, clock, dog = self._watch(tmp_path, code)
-        try:
-            deadline = time.monotonic() + 120.0  # torch's import is slow on a busy machine
-            while not channel.lock_held(tmp_path / "run" / channel.RUN_LOCK):
-                assert child.exit_status() is None, "the trainer child died"
-                assert time.monotonic() < deadline, "the trainer never took run.lock"
-                time.sleep(0.05)
-            decisions = dog.tick()
-            clock.advance(121.0)
-            decisions += dog.tick()
-        finally:
-            self._reap(child)
+        child, clock, dog = self._watch(tmp_path, children, code)
+        deadline = time.monotonic() + 120.0  # torch's import is slow on a busy machine
+        while not channel.lock_held(tmp_path / "run" / channel.RUN_LOCK):
+            assert child.exit_status() is None, "the trainer child died"
+            assert time.monotonic() < deadline, "the trainer never took run.lock"
+            time.sleep(0.05)
+        decisions = dog.tick()
+        clock.advance(121.0)
+        decisions += dog.tick()
         assert [d for d in decisions if d.reason == "no_trainer"] == []
 
 
