@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop the watchdog after this long (e.g. 2m)")
     run.add_argument("--detach", action="store_true",
                      help="keep running after the terminal/SSH session closes (setsid)")
+    run.add_argument("--new-session", action="store_true",
+                     help="restart the session clock (without a platform clock it runs from the "
+                          "first watchdog since boot)")
     run.add_argument("child_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="-- COMMAND...: run COMMAND as a watched child; exit with its exit code")
 
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Session, so its outcome is otherwise unknown)")
     attach.add_argument("--detach", action="store_true",
                         help="keep running after the terminal/SSH session closes (setsid)")
+    attach.add_argument("--new-session", action="store_true",
+                        help="restart the session clock (without a platform clock it runs from "
+                             "the first watchdog since boot)")
     attach.add_argument("--for", dest="run_for", metavar="DURATION", help=argparse.SUPPRESS)
 
     stop = sub.add_parser("stop", help="stop a (detached) watchdog")
@@ -214,7 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             child.install_forwarding(early)
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
                                    child_exit=child.exit_status if child else None,
-                                   child_running=(lambda: child.exit_status() is None) if child else None)
+                                   child_running=(lambda: child.exit_status() is None) if child else None,
+                                   new_session=args.new_session)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 
@@ -260,7 +267,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
                                    child_exit=attached.exit_status,
-                                   child_running=lambda: not attached.gone())
+                                   child_running=lambda: not attached.gone(),
+                                   new_session=args.new_session)
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 
@@ -564,9 +572,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`doctor | head -2`) shows up here
+        return code
     except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
         print(f"session-watchdog: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe: stop quietly, like a tool killed by SIGPIPE.
+
+    Python ignores SIGPIPE, so the write raised; point stdout at /dev/null so that the flush at
+    interpreter exit does not print a second traceback (the recipe of Python's signal docs).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout file descriptor (a notebook, a test capture)
+        pass
+    return 128 + 13  # 141: what a shell reports for a process ended by SIGPIPE

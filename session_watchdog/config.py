@@ -48,7 +48,12 @@ MAX_DURATION_S = 366 * 86400.0  # a bound keeps schedulers and timedelta arithme
 
 
 def parse_duration(raw: Any) -> float:
-    """``90`` / ``"90s"`` / ``"15m"`` / ``"11h30m"`` / ``"1d"`` -> seconds (> 0)."""
+    """``"90s"`` / ``"15m"`` / ``"11h30m"`` / ``"1d"`` (or a Python number of seconds) -> seconds.
+
+    A string needs a unit: ``--max-session 12`` once gave a 12-second session to someone who
+    meant 12 hours (issue 11). Numbers are seconds only from Python (keyword arguments); a TOML
+    number is refused by :func:`parse_values` for the same reason.
+    """
     if isinstance(raw, bool):
         raise ValueError("expected a duration like 90s, 15m or 11h30m")
     if isinstance(raw, (int, float)):
@@ -59,7 +64,7 @@ def parse_duration(raw: Any) -> float:
     elif isinstance(raw, str):
         text = raw.strip().lower().replace(" ", "")
         if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
+            raise ValueError(_no_unit(text))
         else:
             parts = _DURATION_RE.findall(text)
             if not parts or "".join(n + u for n, u in parts) != text:
@@ -72,6 +77,12 @@ def parse_duration(raw: Any) -> float:
     if seconds > MAX_DURATION_S:
         raise ValueError("expected a duration of at most 366 days")
     return seconds
+
+
+def _no_unit(number: str) -> str:
+    if float(number) == 0:
+        return "expected a positive duration like 90s, 15m or 11h30m"
+    return f"{number!r} has no unit; write {number}s, {number}m or {number}h"
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -93,6 +104,8 @@ def parse_duration_or_off(raw: Any) -> float:
         return OFF
     if raw is False:
         return OFF
+    if isinstance(raw, str) and re.fullmatch(r"0+(\.0*)?", raw.strip()):
+        raise ValueError(f"{raw.strip()!r} has no unit; write 'off' to switch it off")
     return parse_duration(raw)
 
 
@@ -180,6 +193,11 @@ def parse_existing_paths(raw: Any) -> Tuple[Path, ...]:
 
 def parse_durations(raw: Any) -> Tuple[float, ...]:
     return tuple(sorted((parse_duration(item) for item in _split_list(raw)), reverse=True))
+
+
+# Keys parsed by these hold durations: a TOML number for one is refused (it has no unit).
+DURATION_PARSERS: Tuple[Callable[[Any], Any], ...] = (
+    parse_duration, parse_duration_or_off, parse_durations)
 
 
 def parse_argv(raw: Any) -> Tuple[str, ...]:
@@ -412,11 +430,28 @@ def parse_values(values: Mapping[str, Any], *, source: str, spelling: str = "arg
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"{prefix}unknown config key {spell(name)!r}{hint}")
         try:
+            if spelling == "file" and key.parse in DURATION_PARSERS:
+                _refuse_toml_numbers(raw)
             parsed[name] = key.parse(raw)
         except ValueError as err:
             raise ConfigError(
                 f"{prefix}{spell(name)} = {_describe(raw)} is invalid: {err}") from None
     return parsed
+
+
+def _refuse_toml_numbers(raw: Any) -> None:
+    """A TOML number for a duration (``max_session = 12``) has no unit: refuse it, name the fix."""
+    for item in raw if isinstance(raw, list) else [raw]:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            try:
+                text = f"{item:g}" if isinstance(item, float) else str(item)
+            except OverflowError:
+                text = "number"
+            if item == 0:
+                raise ValueError('0 has no unit; write "off" to switch it off')
+            if len(text) > 20:
+                raise ValueError("a number has no unit; write a quoted duration like \"90s\"")
+            raise ValueError(f'{text} has no unit; write "{text}s", "{text}m" or "{text}h"')
 
 
 def validate(config: Config) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, end_action_for
-from session_watchdog.config import Config
+from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
     IDLE_END,
@@ -99,6 +99,7 @@ class Watchdog:
         notebook_idle: Optional[Callable[[], Optional[float]]] = None,
         pollers: Optional[List[Any]] = None,
         notifier: Optional[sdnotify.Notifier] = None,
+        new_session: bool = False,
     ) -> None:
         detected = platform or platforms.detect()
         self.platform = platforms.forced(config.platform, detected)
@@ -116,9 +117,13 @@ class Watchdog:
         self.clock = clock or SystemClock()
         if session_start is None and slurm_start is not None:
             session_start = slurm_start
+        # True when the clock is ours (no platform clock) and an earlier run since boot started it
+        self.session_carried_over = False
         if session_start is None:
-            started = platforms.session_start(self.run_dir.path, self.platform, self.clock.wall())
+            started = platforms.session_start(self.run_dir.path, self.platform, self.clock.wall(),
+                                              restart=new_session)
             session_start, self.session_source = started.start, started.source
+            self.session_carried_over = started.persisted and started.source == platforms.FIRST_START
         else:
             self.session_source = "given"
         self.session = SessionClock(session_start, self.clock)
@@ -146,7 +151,8 @@ class Watchdog:
         self.state = self._load_state()
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
-                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED))
+                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
+                child_since=None)
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
@@ -360,6 +366,26 @@ class Watchdog:
                  log_file=str(self.config.log_file or ""), dry_run=self.config.dry_run,
                  tier=self.config.tier if self.platform.name == "colab" else None,
                  price_per_hour=self.config.price_per_hour)
+        if self.session_carried_over:
+            log.info("session_clock_carried_over", session_start=self.session.start_wall,
+                     elapsed_s=round(self.clock.wall() - self.session.start_wall, 3),
+                     file=str(self.run_dir.file(channel.SESSION_FILE)),
+                     message=self.session_notice())
+
+    def session_notice(self) -> Optional[str]:
+        """One line for the console when the session clock was carried over, else None.
+
+        On a host without a platform clock the session starts at the watchdog's first start
+        since boot and survives restarts of the watchdog (so a crash or a systemd restart does
+        not grant a fresh budget); a new run inherits it too, which surprised users (issue 11).
+        """
+        if not self.session_carried_over:
+            return None
+        ago = format_duration(self.clock.wall() - self.session.start_wall)
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.session.start_wall))
+        return (f"session clock: started {ago} ago at {at} (carried over from an earlier run "
+                f"since boot; pass --new-session or delete "
+                f"{self.run_dir.file(channel.SESSION_FILE)} to restart it)")
 
     def release(self) -> None:
         if self.notifier.enabled:

@@ -169,6 +169,9 @@ class SessionStart:
     persisted: bool  # True when read back from an earlier run of the daemon
 
 
+FIRST_START = "first start of the watchdog"  # no platform clock: the session is ours since boot
+
+
 def _pid1_create_time() -> Optional[float]:
     import psutil
 
@@ -190,7 +193,7 @@ def observed_session_start(platform: Platform, now: float) -> Tuple[float, str]:
         return boot, "boot time"
     if platform.name == "autodl" and pid1 is not None:
         return pid1, "create time of PID 1 (boot time is the shared host's)"
-    return now, "first start of the watchdog"
+    return now, FIRST_START
 
 
 def _same_session(stored: Mapping[str, object], fence: Mapping[str, object]) -> bool:
@@ -204,11 +207,12 @@ def _same_session(stored: Mapping[str, object], fence: Mapping[str, object]) -> 
     return isinstance(old, (int, float)) and isinstance(new, float) and abs(old - new) <= 2.0
 
 
-def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None) -> SessionStart:
+def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None,
+                  restart: bool = False) -> SessionStart:
     """The session start, persisted on first sight so restarts keep it.
 
     The stored value is fenced by boot id and by PID 1's create time: a new boot or a restarted
-    container is a new session.
+    container is a new session. ``restart`` (``run --new-session``) ignores a stored value.
     """
     now = time.time() if now is None else now
     path = Path(run_dir) / channel.SESSION_FILE
@@ -219,7 +223,7 @@ def session_start(run_dir: Path, platform: Platform, now: Optional[float] = None
     except channel.ChannelError:
         channel.quarantine(path)
         stored = None
-    if stored and _same_session(stored, fence):
+    if stored and not restart and _same_session(stored, fence):
         start = stored.get("start")
         if isinstance(start, (int, float)) and start <= now:
             return SessionStart(float(start), str(stored.get("source", "stored")), True)

@@ -35,10 +35,16 @@ PREEMPTION = "preemption"
 TRAINING_COMPLETE = "training_complete"
 TRAINING_FAILED = "training_failed"
 IDLE_END = "idle_end"
+NO_TRAINER = "no_trainer"
+
+# A watched command gets this long to build its Session before we say that none did: torch's
+# import alone takes 10-80 s on a busy 2-core runtime (issue 11).
+NO_TRAINER_AFTER_S = 120.0
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
 MAX_RESENDS = 5
-TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop"})
+TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop",
+                            "trainer_connected", "no_trainer"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class PolicyState:
     periodic_base_elapsed: Optional[float] = None
     gpu_idle_since: Optional[float] = None
     failed: bool = False  # a training run failed in this session: no end action unless asked
+    child_since: Optional[float] = None  # elapsed when the watched command was first seen running
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -103,6 +110,7 @@ class PolicyState:
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
             failed=bool(obj.get("failed", False)),
+            child_since=_opt_float(obj.get("child_since")),
         )
 
 
@@ -350,6 +358,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                       f"periodic checkpoint (every {format_duration(config.checkpoint_every)})")
             t.update(periodic_base_elapsed=elapsed)
 
+    _no_trainer_rule(t, sample)
     _end_rules(config, t, sample, all_idle)
 
     # Re-send an unacknowledged request (same seq) after the timeout, while the trainer lives;
@@ -370,6 +379,34 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
 
     t.update(episodes=frozenset(t.episodes))
     return t.state, t.decisions
+
+
+def _no_trainer_rule(t: _Tick, sample: Sample) -> None:
+    """Say once, early, that a watched command never built a Session (issue 11).
+
+    Without a trainer on the run dir the watchdog can still end the runtime, but it cannot ask
+    for a checkpoint: at the deadline nothing would happen, and nothing would be said.
+    """
+    if not sample.child_running:
+        if t.state.child_since is not None:
+            t.update(child_since=None)
+        return
+    since = sample.elapsed_s if t.state.child_since is None else t.state.child_since
+    if t.state.child_since is None:
+        t.update(child_since=since)
+    if sample.trainer.alive:
+        if "trainer_connected" not in t.state.done:
+            t.mark_done("trainer_connected")
+        return
+    waited = sample.elapsed_s - since
+    if waited >= NO_TRAINER_AFTER_S and not t.state.done & {"trainer_connected", "no_trainer"}:
+        t.decisions.append(Decision(
+            "warn", NO_TRAINER,
+            f"no trainer has connected in {format_duration(waited)}: the watchdog can end the "
+            "runtime but cannot ask the command for a checkpoint before a limit; build a "
+            "session_watchdog.trainer.Session in the training script (README: \"In your "
+            "training loop\")", data={"waited_s": round(waited, 1)}))
+        t.mark_done("no_trainer")
 
 
 def training_outcome(sample: Sample) -> Optional[str]:

@@ -1196,6 +1196,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ReportError(f"cannot write {args.out}: its directory does not exist")
         report = load([Path(p) for p in args.logs], rotated=args.rotated, session=args.session,
                       price_per_hour=args.price_per_hour, gpu_idle_pct=args.gpu_idle_pct)
+        _refuse_no_log(report.summary["input"])
         png = render_png(report) if out_kind is not None else None
         if out_kind is not None:
             assert png is not None
@@ -1214,6 +1215,20 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"session-watchdog: wrote {args.out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _refuse_no_log(inp: Dict[str, Any]) -> None:
+    """An empty file, or one with no watchdog event in it, is a wrong path, not an empty report
+    (issue 11: `report notes.txt` said exit 0 with an empty report)."""
+    names = ", ".join(inp["files"]) or "the files given"
+    fix = "give the watchdog's JSONL log (`session-watchdog status` prints its path)"
+    if inp["lines"] == 0:
+        raise ReportError(f"{names}: empty, nothing to report; {fix}")
+    if inp["events"] == 0:
+        raise ReportError(f"{names}: not a JSONL log ({inp['lines']} lines, none a JSON object); "
+                          f"{fix}")
+    if inp["unknown_events"] + inp["bad_events"] >= inp["events"]:
+        raise ReportError(f"{names}: no session-watchdog event in {inp['events']} JSON lines; {fix}")
 
 
 def add_tail_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

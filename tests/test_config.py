@@ -25,14 +25,14 @@ from session_watchdog.config import (
 
 class TestParsers:
     @pytest.mark.parametrize("raw, seconds", [
-        ("90", 90.0), (90, 90.0), ("90s", 90.0), ("15m", 900.0), ("11h30m", 41400.0),
+        (90, 90.0), ("90s", 90.0), ("15m", 900.0), ("11h30m", 41400.0),
         ("1d", 86400.0), ("1h 30m", 5400.0), ("250ms", 0.25), (2.5, 2.5),
     ])
     def test_durations(self, raw, seconds):
         """Durations are seconds, minutes, hours and days, alone or combined."""
         assert parse_duration(raw) == seconds
 
-    @pytest.mark.parametrize("raw", ["", "abc", "-5s", "0", "0s", "5x", "m", "1h-", True, None, [1]])
+    @pytest.mark.parametrize("raw", ["", "abc", "-5s", "0", "0s", "5x", "m", "1h-", "90", True, None, [1]])
     def test_bad_durations(self, raw):
         """Zero, negative and malformed durations are refused."""
         with pytest.raises(ValueError):
@@ -48,6 +48,53 @@ class TestParsers:
         assert parse_argv("echo ok; touch /tmp/x") == ("echo", "ok;", "touch", "/tmp/x")
         assert parse_argv('["sudo", "shutdown", "-h", "now"]') == ("sudo", "shutdown", "-h", "now")
         assert parse_argv(["a b", "c"]) == ("a b", "c")
+
+
+class TestDurationsNeedAUnit:
+    """A bare number for a duration is refused everywhere it is text (issue 11: `--max-session 12`
+    gave a 12-second session)."""
+
+    @pytest.mark.parametrize("raw, hint", [
+        ("12", "'12' has no unit; write 12s, 12m or 12h"),
+        ("1.5", "'1.5' has no unit; write 1.5s, 1.5m or 1.5h"),
+    ])
+    def test_a_bare_number_string_names_the_fix(self, raw, hint):
+        """A string without a unit is refused with the three spellings the user may have meant."""
+        with pytest.raises(ValueError) as info:
+            parse_duration(raw)
+        assert str(info.value) == hint
+
+    def test_flag_without_a_unit_is_exit_2_with_the_fix(self, capsys):
+        """`run --max-session 12` is exit 2 with one line naming the flag and the fix."""
+        code, _, err = run_cli(["run", "--max-session", "12", "--for", "1s"], capsys)
+        assert code == 2
+        assert err.strip() == ("session-watchdog: error: --max-session = '12' is invalid: "
+                               "'12' has no unit; write 12s, 12m or 12h")
+
+    def test_variable_without_a_unit_is_refused(self):
+        """SESSION_WATCHDOG_MAX_SESSION=12 is refused, naming the variable."""
+        with pytest.raises(ConfigError, match=r"^environment: SESSION_WATCHDOG_MAX_SESSION = '12' "
+                                              r"is invalid: '12' has no unit; write 12s, 12m or 12h$"):
+            load_config(None, {"SESSION_WATCHDOG_MAX_SESSION": "12"})
+
+    @pytest.mark.parametrize("line, hint", [
+        ("max_session = 12", 'max_session = 12 is invalid: 12 has no unit; write "12s", "12m" or "12h"'),
+        ("grace = 2.5", 'grace = 2.5 is invalid: 2.5 has no unit; write "2.5s", "2.5m" or "2.5h"'),
+        ('warn_before = ["15m", 60]', "60 has no unit"),
+        ("checkpoint_every = 0", 'checkpoint_every = 0 is invalid: 0 has no unit; write "off"'),
+    ])
+    def test_toml_number_for_a_duration_is_refused(self, tmp_path, line, hint):
+        """A TOML number for a duration key is refused with a hint to quote it with a unit."""
+        toml = tmp_path / "w.toml"
+        toml.write_text(line + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(toml, {})
+        assert hint in str(info.value)
+
+    def test_python_numbers_stay_seconds(self):
+        """From Python a number is seconds (Config.build(interval=2.5)); strings need a unit."""
+        assert Config.build(interval=2.5, max_session="12h").max_session == 43200.0
+        assert Config.build(interval=2.5).interval == 2.5
 
 
 class TestPrecedence:
@@ -76,7 +123,7 @@ class TestPrecedence:
     def test_toml_section_is_accepted(self, tmp_path):
         """Keys may sit under a [session-watchdog] table."""
         toml = tmp_path / "w.toml"
-        toml.write_text('[session-watchdog]\ninterval = 3\nend_command = ["sudo", "poweroff"]\n')
+        toml.write_text('[session-watchdog]\ninterval = "3s"\nend_command = ["sudo", "poweroff"]\n')
         config = load_config(toml, {})
         assert (config.interval, config.end_command) == (3.0, ("sudo", "poweroff"))
 
@@ -108,7 +155,8 @@ class TestBadInput:
     @pytest.mark.parametrize("argv, env, expected", [
         (["run", "--interval=-5s"], {}, "--interval = '-5s' is invalid: expected a duration like 90s"),
         (["run", "--interval", "abc"], {}, "--interval = 'abc' is invalid"),
-        (["run", "--max-session", "0"], {}, "--max-session = '0' is invalid: expected a positive duration"),
+        (["run", "--max-session", "0"], {}, "--max-session = '0' is invalid: '0' has no unit; write 'off' to switch it off"),
+        (["run", "--interval", "0"], {}, "--interval = '0' is invalid: expected a positive duration"),
         (["run", "--tier", "colab-gold"], {}, "--tier = 'colab-gold' is invalid: expected one of colab-free"),
         (["run", "--log-backups", "1.5"], {}, "--log-backups = '1.5' is invalid: expected a whole number"),
         (["run", "--max-session", "1h", "--idle-limit", "2h"], {}, "idle_limit = 7200s is invalid"),
@@ -187,9 +235,23 @@ class TestStatusAndDoctor:
         assert code == 1 and "[FIX ] run dir" in out and "chmod 700" in out
 
 
+    @pytest.mark.parametrize("argv", [["doctor"], ["doctor", "--json"], ["status", "--json"]])
+    def test_a_closed_pipe_ends_quietly(self, tmp_path, argv):
+        """`doctor | head -2`: a reader that went away ends the command with 141 and no traceback."""
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first write: EPIPE every time
+        try:
+            proc = subprocess.run([sys.executable, "-m", "session_watchdog", *argv, "--run-dir",
+                                   str(tmp_path)], stdout=write_end, stderr=subprocess.PIPE,
+                                  text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+        finally:
+            os.close(write_end)
+        assert (proc.returncode, proc.stderr) == (141, "")
+
+
 class TestBadInputFromReview:
     @pytest.mark.parametrize("argv, expected", [
-        (["run", "--interval", "100000000000000"], "expected a duration of at most 366 days"),
+        (["run", "--interval", "100000000000000s"], "expected a duration of at most 366 days"),
         (["run", "--end-command", "[]"], "expected a non-empty list"),
         (["run", "--log-file", "/proc/x/log.jsonl", "--for", "1s"], "cannot write the log file /proc/x/log.jsonl"),
         (["attach", "--pid", "-5"], "--pid -5 is not a process id"),

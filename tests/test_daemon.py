@@ -47,6 +47,128 @@ class TestSessionClock:
         assert (times.elapsed_s, times.now) == (105.0, START + 105.0)
 
 
+class TestCarriedOverSessionClock:
+    """Without a platform clock, the session runs from the first watchdog since boot; a later
+    run says so at start and --new-session restarts it (issue 11)."""
+
+    def _dog(self, tmp_path, clock, platform=GENERIC, **kw) -> Watchdog:
+        cfg = Config.build(run_dir=str(tmp_path / "run"), max_session="30m",
+                           log_file=str(tmp_path / "l"))
+        return Watchdog(cfg, platform=platform, probe=ScriptedProbe([sample()]), clock=clock, **kw)
+
+    def test_a_later_run_says_the_clock_was_carried_over(self, tmp_path):
+        """The second watchdog since boot logs session_clock_carried_over and has a console line
+        naming the age, the start time and both ways to restart it."""
+        clock = FakeClock(START)
+        assert self._dog(tmp_path, clock).session_notice() is None
+        clock.advance(1212.0)
+        dog = self._dog(tmp_path, clock)
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(START))
+        assert dog.session_notice() == (
+            f"session clock: started 20m12s ago at {at} (carried over from an earlier run since "
+            f"boot; pass --new-session or delete {tmp_path / 'run' / 'session.json'} to restart it)")
+        with structlog.testing.capture_logs() as events:
+            dog.acquire()
+        dog.release()
+        carried = [e for e in events if e["event"] == "session_clock_carried_over"]
+        assert len(carried) == 1
+        assert (carried[0]["session_start"], carried[0]["elapsed_s"]) == (START, 1212.0)
+
+    def test_new_session_restarts_the_clock(self, tmp_path):
+        """new_session=True starts the clock now: elapsed 0, nothing to announce, and stored."""
+        clock = FakeClock(START)
+        self._dog(tmp_path, clock)
+        clock.advance(1212.0)
+        dog = self._dog(tmp_path, clock, new_session=True)
+        assert (dog.session.times().elapsed_s, dog.session_notice()) == (0.0, None)
+        assert self._dog(tmp_path, clock).session.start_wall == START + 1212.0
+
+    def test_a_platform_clock_is_not_announced(self, tmp_path):
+        """On Colab the session is the runtime's (boot / PID 1): a second watchdog keeps it
+        silently."""
+        colab = platforms.Platform("colab", ("test",))
+        clock = FakeClock(START)
+        self._dog(tmp_path, clock, platform=colab)
+        clock.advance(60.0)
+        dog = self._dog(tmp_path, clock, platform=colab)
+        assert dog.session_notice() is None and dog.session_source != platforms.FIRST_START
+
+    def test_run_prints_the_notice_on_the_console(self, tmp_path):
+        """A second `run` prints the carried-over line on stderr; `run --new-session` does not."""
+        argv = [sys.executable, "-m", "session_watchdog", "run", "--platform", "generic",
+                "--interval", "0.2s", "--for", "0.5s", "--run-dir", str(tmp_path / "run"),
+                "--log-file", str(tmp_path / "log.jsonl")]
+        outputs = []
+        for extra in ([], [], ["--new-session"]):
+            proc = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            outputs.append(proc.stderr)
+        assert "session clock:" not in outputs[0]
+        assert "session_clock_carried_over - session clock: started " in outputs[1]
+        assert "(carried over from an earlier run since boot; pass --new-session" in outputs[1]
+        assert "session clock:" not in outputs[2]
+
+
+class TestNoTrainerWrapped:
+    """`run -- python train.py` with a script that never builds a Session is said early; a script
+    that does is not (issue 11). Real child processes; the session clock is faked."""
+
+    @pytest.fixture
+    def children(self):
+        """Every wrapped child a test starts; its process group is killed afterwards, pass or fail."""
+        started = []
+        yield started
+        for child in started:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.proc.wait(timeout=60)
+
+    def _watch(self, tmp_path, children, code):
+        from session_watchdog import wrap
+
+        run = tmp_path / "run"
+        cfg = Config.build(run_dir=str(run), max_session="1h", log_file=str(tmp_path / "l"),
+                           watch_paths=str(tmp_path))
+        channel.ensure_run_dir(run)
+        child = wrap.Child([sys.executable, "-c", code, str(tmp_path / "ckpt")], run, kill_after_s=5.0)
+        children.append(child)
+        clock = FakeClock(START)
+        dog = Watchdog(cfg, platform=GENERIC, clock=clock, session_start=START,
+                       child_exit=child.exit_status,
+                       child_running=lambda: child.exit_status() is None)
+        return child, clock, dog
+
+    def test_a_command_without_a_session_is_named_after_two_minutes(self, tmp_path, children):
+        """No trainer on the run dir 2 minutes after the command started: one warning."""
+        child, clock, dog = self._watch(tmp_path, children, "import time; time.sleep(600)")
+        first = dog.tick()
+        clock.advance(121.0)
+        second = dog.tick()
+        clock.advance(60.0)
+        third = dog.tick()
+        assert [d.reason for d in first + third if d.reason == "no_trainer"] == []
+        assert [(d.kind, d.reason) for d in second if d.reason == "no_trainer"] == [("warn", "no_trainer")]
+
+    def test_a_command_with_a_session_is_not_named(self, tmp_path, children):
+        """A script that builds a Session (run.lock held) gets no such warning."""
+        code = ("import sys, time\n"
+                "from session_watchdog.trainer import Session\n"
+                "session = Session(sys.argv[1], handle_signals=False, checkpoint_every=None)\n"
+                "time.sleep(600)\n")
+        child, clock, dog = self._watch(tmp_path, children, code)
+        deadline = time.monotonic() + 120.0  # torch's import is slow on a busy machine
+        while not channel.lock_held(tmp_path / "run" / channel.RUN_LOCK):
+            assert child.exit_status() is None, "the trainer child died"
+            assert time.monotonic() < deadline, "the trainer never took run.lock"
+            time.sleep(0.05)
+        decisions = dog.tick()
+        clock.advance(121.0)
+        decisions += dog.tick()
+        assert [d for d in decisions if d.reason == "no_trainer"] == []
+
+
 class TestTick:
     def test_a_due_request_is_written_and_logged(self, tmp_path):
         """At deadline - lead the tick writes request.json and logs sample, decision, action."""

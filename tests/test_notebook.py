@@ -68,7 +68,7 @@ def shell(tmp_path, monkeypatch):
 def cfg(tmp_path) -> Dict[str, Any]:
     """Config keys every test passes: its own run dir and log, a fast tick."""
     return {"run_dir": str(tmp_path / "run"), "log_file": str(tmp_path / "log.jsonl"),
-            "interval": "0.1", "platform": "generic"}
+            "interval": "0.1s", "platform": "generic"}
 
 
 @pytest.fixture

@@ -307,3 +307,54 @@ class TestNotebookIdle:
         _, per_tick = run(c, [at(1.0, notebook_idle_s=1800.0), at(2.0, notebook_idle_s=0.0),
                               at(3.0, notebook_idle_s=1800.0)])
         assert [len(d) for d in per_tick] == [1, 0, 1]
+
+
+class TestNoTrainer:
+    """A watched command that never builds a Session is named once, early (issue 11)."""
+
+    @staticmethod
+    def _child(elapsed: float, alive: bool = False, running: bool = True):
+        import dataclasses
+
+        return dataclasses.replace(at(elapsed, alive=alive, trainer_status=None),
+                                   child_running=running)
+
+    @pytest.mark.parametrize("timeline, warned_at", [
+        # (elapsed, trainer alive) per tick: the window counts from the first sight of the child
+        ([(100, False), (160, False), (219, False), (220, False), (400, False)], [220]),
+        ([(0, False), (60, True), (300, False)], []),  # connected once: never warned
+        ([(0, False), (119, False), (121, True)], []),  # connected inside the window
+    ])
+    def test_warned_once_after_the_window(self, timeline, warned_at):
+        """No run.lock holder 120 s after the command started: one no_trainer warning."""
+        _, out = run(cfg(), [self._child(e, alive=a) for e, a in timeline])
+        warned = [e for (e, _), decisions in zip(timeline, out)
+                  for d in decisions if d.reason == "no_trainer"]
+        assert warned == warned_at
+
+    def test_the_warning_says_what_is_lost_and_where_to_look(self):
+        """The message says the watchdog cannot ask for a checkpoint and points to the README."""
+        _, out = run(cfg(), [self._child(0), self._child(150)])
+        (decision,) = [d for d in out[1] if d.reason == "no_trainer"]
+        assert (decision.kind, dict(decision.data)) == ("warn", {"waited_s": 150.0})
+        assert decision.message == (
+            "no trainer has connected in 2m30s: the watchdog can end the runtime but cannot ask "
+            "the command for a checkpoint before a limit; build a session_watchdog.trainer.Session "
+            'in the training script (README: "In your training loop")')
+
+    def test_no_warning_without_a_watched_command(self):
+        """Plain `run` or a notebook (no child): no trainer is expected, nothing is said."""
+        _, out = run(cfg(), [self._child(e, running=False) for e in (0, 200, 400)])
+        assert not [d for ds in out for d in ds if d.reason == "no_trainer"]
+
+    def test_a_new_command_is_given_its_own_window(self):
+        """The window restarts when the command is seen again after it ended."""
+        state, _ = run(cfg(), [self._child(0), self._child(50, running=False)])
+        assert state.child_since is None
+        _, out = run(cfg(), [self._child(60), self._child(170), self._child(180)], state)
+        assert [len([d for d in ds if d.reason == "no_trainer"]) for ds in out] == [0, 0, 1]
+
+    def test_the_state_round_trips(self):
+        """child_since survives a daemon restart (state.json)."""
+        state, _ = run(cfg(), [self._child(42)])
+        assert PolicyState.from_json(state.to_json()).child_since == 42.0

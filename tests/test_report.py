@@ -510,6 +510,24 @@ class TestReportCommand:
         assert err.count("\n") == 1 and "pip install 'session-watchdog[plot]'" in err
         assert report.run(parse(["report", str(golden), "--json"])) == 0
 
+    @pytest.mark.parametrize("content, message", [
+        ("", "empty, nothing to report"),
+        ("\n  \n", "empty, nothing to report"),
+        ("step,loss\n1,0.5\n", "not a JSONL log (2 lines, none a JSON object)"),
+        ('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n',
+         "no session-watchdog event in 2 JSON lines"),
+    ])
+    def test_a_file_that_is_not_a_log_is_exit_2(self, tmp_path, capsys, content, message):
+        """An empty file or one that is not a watchdog JSONL log is exit 2 with one line, not an
+        empty report with exit 0."""
+        path = tmp_path / "notes.jsonl"
+        path.write_text(content)
+        assert report.run(parse(["report", str(path)])) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (f"session-watchdog: error: {path}: {message}; give the watchdog's "
+                                "JSONL log (`session-watchdog status` prints its path)\n")
+
     @pytest.mark.parametrize("argv, message", [
         (["report", "/nonexistent/x.jsonl"], "no such log file: /nonexistent/x.jsonl"),
         (["report", "GOLDEN", "--out", "r.pdf"], "expected a .png or .html file name"),

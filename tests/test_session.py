@@ -185,6 +185,24 @@ class TestConstruction:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             make_session(**kwargs)
 
+    def test_durations_take_the_daemons_strings(self, make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="30m" (a TypeError before) and the other durations read like the daemon's."""
+        session = make_session(checkpoint_every="30m", poll_interval="250ms",
+                               heartbeat_interval="2s", retry_after="1m")
+        assert (session.checkpoint_every, session.poll_interval, session.heartbeat_interval,
+                session.retry_after) == (1800.0, 0.25, 2.0, 60.0)
+
+    def test_off_turns_periodic_checkpoints_off(self, make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="off" is the same as None."""
+        assert make_session(checkpoint_every="off").checkpoint_every is None
+
+    def test_a_duration_string_without_a_unit_is_refused(self,
+                                                         make_session: Callable[..., Session]) -> None:
+        """checkpoint_every="30" is refused with the daemon's hint, not taken as 30 seconds."""
+        with pytest.raises(ValueError, match=r"^Session\(checkpoint_every='30'\): '30' has no unit; "
+                                             r"write 30s, 30m or 30h"):
+            make_session(checkpoint_every="30")
+
     def test_run_dir_comes_from_the_environment(self, make_session: Callable[..., Session],
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -790,3 +808,56 @@ class TestResume:
         start = resumed.resume()
         assert (start.epoch, start.batch) == (2, 1)
         assert list(resumed.epochs(4)) == [2, 3]
+
+
+class TestForgottenResume:
+    """A run that never calls resume() must not prune the checkpoints of later steps it finds
+    (issue 11: saves at steps 2 and 3 deleted the step-100 checkpoint)."""
+
+    def _earlier_run(self, make_session: Callable[..., Session], steps: int) -> Path:
+        session = make_session(keep=2)
+        for _ in range(steps):
+            train_step(session)
+        saved = session.checkpoint()
+        session.close()
+        return Path(saved.path)
+
+    def test_later_checkpoints_are_kept_with_one_warning(
+            self, make_session: Callable[..., Session], caplog: pytest.LogCaptureFixture) -> None:
+        """Saves at steps 1-3 without resume() keep the step-12 checkpoint (verified), prune only
+        their own older ones, and warn once."""
+        earlier = self._earlier_run(make_session, 12)
+        session = make_session(keep=2)
+        with caplog.at_level(logging.WARNING, logger="session_watchdog.trainer.session"):
+            for _ in range(3):
+                train_step(session)
+                session.checkpoint()
+        assert [saved.step for saved in session.manager.list()] == [12, 2, 3]
+        assert session.manager.verify(earlier)
+        kept = [r for r in caplog.records if getattr(r, "event", None) == "checkpoints_ahead_kept"]
+        assert len(kept) == 1
+        fields = getattr(kept[0], "fields")
+        assert (fields["count"], fields["newest_step"], fields["newest_path"], fields["step"]) == (
+            1, 12, str(earlier), 1)
+
+    def test_kept_with_async_saves_too(self, make_session: Callable[..., Session]) -> None:
+        """Background (async) saves of a run that did not resume keep the later checkpoint too."""
+        earlier = self._earlier_run(make_session, 12)
+        session = make_session(keep=1, async_save=True)
+        for seq in (1, 2, 3):
+            train_step(session)
+            session.run_dir.write_request(request(seq))
+            step_until(session, lambda seq=seq: session.acked_seq >= seq)  # type: ignore[misc]
+        session.manager.wait()
+        steps = [saved.step for saved in session.manager.list()]
+        assert steps[0] == 12 and len(steps) == 2 and session.manager.verify(earlier)
+
+    def test_a_run_that_resumed_prunes_as_usual(self, make_session: Callable[..., Session]) -> None:
+        """After resume(), keep-last-K applies to every checkpoint (nothing is held back)."""
+        self._earlier_run(make_session, 12)
+        session = make_session(keep=2)
+        assert session.resume().step == 12
+        for _ in range(2):
+            train_step(session)
+            session.checkpoint()
+        assert [saved.step for saved in session.manager.list()] == [13, 14]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List
 
 if TYPE_CHECKING:
     from session_watchdog.trainer.checkpoint import (
+        CheckpointDirError,
         CheckpointError,
         CheckpointManager,
         SavedCheckpoint,
@@ -37,6 +38,7 @@ _EXPORTS: Dict[str, str] = {
     "Start": "session",
     "StopTraining": "session",
     # These import torch.
+    "CheckpointDirError": "checkpoint",
     "CheckpointError": "checkpoint",
     "CheckpointManager": "checkpoint",
     "SavedCheckpoint": "checkpoint",
@@ -48,6 +50,7 @@ _EXPORTS: Dict[str, str] = {
 
 __all__ = [
     "EXIT_STOPPED",
+    "CheckpointDirError",
     "CheckpointError",
     "CheckpointManager",
     "SavedCheckpoint",

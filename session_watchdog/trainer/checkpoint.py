@@ -47,10 +47,11 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from session_watchdog import channel
+from session_watchdog import channel, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
 
 __all__ = [
+    "CheckpointDirError",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointStateError",
@@ -101,6 +102,11 @@ class CheckpointError(Exception):
 
 class CheckpointStateError(CheckpointError):
     """The state holds an object that cannot be pickled or would not load with weights_only."""
+
+
+class CheckpointDirError(CheckpointError):
+    """The checkpoint directory cannot be used: not creatable or writable, or on storage that is
+    not mounted (Drive, AutoDL file storage). The message is one line naming the fix."""
 
 
 class CheckpointWriteError(CheckpointError):
@@ -500,11 +506,14 @@ class CheckpointManager:
     saving into the directory (a checkpoint between rename and marker looks unmarked).
     """
 
-    def __init__(self, directory: Union[Path, str], keep: int = 2, prefix: str = "ckpt") -> None:
+    def __init__(self, directory: Union[Path, str], keep: int = 2, prefix: str = "ckpt",
+                 mount_roots: Sequence[mounts.MountRoot] = mounts.MOUNT_ROOTS) -> None:
         """Open (or create, mode 0700) ``directory`` and sweep our own stale temp files.
 
         Raises:
             ValueError: ``keep`` below 1 or a ``prefix`` that is not a plain file-name stem.
+            CheckpointDirError: ``directory`` is under a mount root of ``mount_roots`` that is
+                not mounted, or it cannot be created or written.
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep={keep!r} is not valid: keep at least 1 checkpoint")
@@ -523,11 +532,8 @@ class CheckpointManager:
         self._last_seq = 0
         self._pending: Optional[PendingSave] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
-        try:
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            self.directory.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
+        self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
+        _open_directory(self.directory, mount_roots)
         self._sweep_temps()
 
     # ---- saving --------------------------------------------------------------------------
@@ -801,8 +807,8 @@ class CheckpointManager:
         kept = 0
         doomed: List[_Entry] = []
         for entry in sorted(self._scan(), key=lambda e: e.seq, reverse=True):
-            if entry.seq > newest_seq:
-                continue  # not ours to judge (another manager's newer save)
+            if entry.seq > newest_seq or entry.seq in self._kept_ahead:
+                continue  # not ours to judge (another manager's newer save, or kept ahead)
             if kept < self.keep and self._read_marker(entry, check_size=True) is not None:
                 kept += 1
             else:
@@ -820,6 +826,20 @@ class CheckpointManager:
             # The new checkpoint is committed; failing the save now would misreport it.
             _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
                    error=str(err), errno=err.errno)
+
+    def keep_ahead_of(self, step: int) -> List[SavedCheckpoint]:
+        """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
+
+        A run that did not resume writes steps 1, 2, ... next to the step-100 checkpoint of the
+        run before; keep-last-K by sequence would delete step 100 at the second save (issue 11).
+        They stay until this manager is gone (a later run that resumes prunes them as usual).
+        """
+        ahead = [saved for saved in self.list() if saved.step > step]
+        for saved in ahead:
+            match = self._final_re.match(saved.path.name)
+            if match is not None:
+                self._kept_ahead.add(int(match.group(1)))
+        return ahead
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -1002,6 +1022,27 @@ class CheckpointManager:
                 _unlink_quietly(self.directory / name)
                 removed += 1
         return removed
+
+
+def _open_directory(directory: Path, mount_roots: Sequence[mounts.MountRoot]) -> None:
+    """Create ``directory`` (0700) unless it is on unmounted storage; errors are one line."""
+    root = mounts.unmounted_root(directory, mount_roots)
+    if root is not None:
+        raise CheckpointDirError(mounts.unmounted_message(directory, root))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:  # EACCES, EROFS, ENOTDIR, ENOSPC: say which and what to do
+        raise CheckpointDirError(f"cannot create {directory}: {err.strerror or err}; choose a "
+                                 "directory you can write") from None
+    if not directory.is_dir():
+        raise CheckpointDirError(f"{directory} is not a directory; choose a directory for the "
+                                 "checkpoints")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointDirError(f"cannot write to {directory}: Permission denied; choose a "
+                                 "directory you can write")
 
 
 def _field(obj: Dict[str, Any], key: str, kind: Any, default: Any = None) -> Any:

@@ -161,8 +161,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format=f"{prefix}[session] %(message)s",
                             stream=sys.stderr)
     run_dir = args.run_dir / f"rank{rank}" if args.run_dir_per_rank else args.run_dir
+    from session_watchdog.trainer.checkpoint import CheckpointDirError
+
     try:
-        code = train(args, device, rank, world, run_dir, prefix)
+        try:
+            code = train(args, device, rank, world, run_dir, prefix)
+        except CheckpointDirError as err:  # a path the user can fix: one line, no traceback
+            print(f"{prefix}error: {err}", file=sys.stderr)
+            return 2
         if args.ddp:
             # Leave together: torchrun ends the other workers as soon as one exits.
             torch.distributed.barrier()

@@ -126,6 +126,7 @@ from session_watchdog.channel import (
     RunDir,
     TrainerStatus,
 )
+from session_watchdog.config import parse_duration
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import (
@@ -244,6 +245,24 @@ class _Flags:
     ack_seq: Optional[int] = None
 
 
+def _seconds(name: str, value: Any, *, off: Optional[str] = None) -> Any:
+    """A Session duration: seconds (a number) or a string like ``"30m"``; None/``"off"`` when
+    ``off`` says what that means. Parsed by the daemon's own parser (issue 11: ``"30m"`` was a
+    TypeError here while the daemon took it)."""
+    if off is not None and (value is None or (isinstance(value, str)
+                                              and value.strip().lower() == "off")):
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        text = str(err)
+        if "has no unit" not in text:
+            text = "expected a positive number of seconds or a duration like '30m'"
+        if off is not None:
+            text += f" (None or 'off' to {off})"
+        raise ValueError(f"Session({name}={value!r}): {text}") from None
+
+
 class Session:
     """Checkpoint, acknowledge and stop at step boundaries, as the watchdog or a signal asks.
 
@@ -256,6 +275,8 @@ class Session:
         poll_interval: seconds between reads of ``request.json`` by the poller thread.
         heartbeat_interval: seconds between heartbeat writes of ``trainer.json``.
         checkpoint_every: seconds between periodic checkpoints (no daemon needed); None: off.
+            Every duration here also takes the daemon's strings: ``"30m"``, ``"1h30m"``,
+            ``"off"`` (where None is allowed); a string without a unit is refused.
         async_save: write requested and periodic checkpoints in the background (the ack goes
             out when the file is durable); stop and final checkpoints are always synchronous.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
@@ -282,32 +303,29 @@ class Session:
         scaler: Any = None,
         run_dir: Optional[RunDirLike] = None,
         keep: int = 2,
-        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        checkpoint_every: Optional[float] = DEFAULT_CHECKPOINT_EVERY_S,
+        poll_interval: Union[float, str] = DEFAULT_POLL_INTERVAL_S,
+        heartbeat_interval: Union[float, str] = DEFAULT_HEARTBEAT_INTERVAL_S,
+        checkpoint_every: Union[float, str, None] = DEFAULT_CHECKPOINT_EVERY_S,
         async_save: bool = False,
         exit_on_stop: bool = True,
         handle_signals: bool = True,
-        retry_after: float = DEFAULT_RETRY_AFTER_S,
+        retry_after: Union[float, str] = DEFAULT_RETRY_AFTER_S,
         extras: Optional[Dict[str, Any]] = None,
         sync_every: int = DEFAULT_SYNC_EVERY,
-        sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
+        sync_interval_s: Union[float, str, None] = DEFAULT_SYNC_INTERVAL_S,
         sharded: bool = False,
     ) -> None:
-        for name, value in (("poll_interval", poll_interval),
-                            ("heartbeat_interval", heartbeat_interval),
-                            ("retry_after", retry_after)):
-            if not value > 0:
-                raise ValueError(f"Session({name}={value!r}): expected a positive number of seconds")
+        # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
+        poll_interval = _seconds("poll_interval", poll_interval)
+        heartbeat_interval = _seconds("heartbeat_interval", heartbeat_interval)
+        retry_after = _seconds("retry_after", retry_after)
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"Session(sync_every={sync_every!r}): expected a whole number of "
                              "steps, at least 1")
-        if sync_interval_s is not None and not sync_interval_s > 0:
-            raise ValueError(f"Session(sync_interval_s={sync_interval_s!r}): expected a positive "
-                             "number of seconds, or None to synchronise on sync_every alone")
-        if checkpoint_every is not None and not checkpoint_every > 0:
-            raise ValueError(f"Session(checkpoint_every={checkpoint_every!r}): expected a positive "
-                             "number of seconds, or None to turn periodic checkpoints off")
+        sync_interval_s = _seconds("sync_interval_s", sync_interval_s,
+                                   off="synchronise on sync_every alone")
+        checkpoint_every = _seconds("checkpoint_every", checkpoint_every,
+                                    off="turn periodic checkpoints off")
 
         # Imported here, not at module level: the checkpoint module imports torch, and
         # `import session_watchdog.trainer` must stay cheap until a Session is built.
@@ -371,6 +389,8 @@ class Session:
         self._agreed_step_time_s: Optional[float] = None
         self._out_of_step_logged = False
         self._sharded_ckpt: Optional[ShardedCheckpointer] = None
+        self._resume_called = False  # resume() was called (whatever it found)
+        self._ahead_checked = False  # the first save looked for checkpoints of later steps
 
         self.run_dir = self._open_run_dir(run_dir)
         if distributed.is_initialized() and _world_size() > 1:
@@ -510,6 +530,7 @@ class Session:
             The :class:`Start` to continue from.
         """
         loaded: Optional[Tuple[Union[SavedCheckpoint, ShardedCheckpoint], Dict[str, Any]]]
+        self._resume_called = True
         if self._sharded_ckpt is not None:
             loaded = self._load_sharded()
         elif self._dist is not None:
@@ -856,12 +877,14 @@ class Session:
             return self._sharded_ckpt.save(state, step=self._step, epoch=self._epoch)
         agreement = self._dist
         if agreement is None:
+            self._keep_checkpoints_ahead()
             return self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
         rngs = agreement.all_gather(self._rng_state())
         outcome: Any = None
         error: Optional[BaseException] = None
         if agreement.rank == 0:
             try:
+                self._keep_checkpoints_ahead()
                 saved = self.manager.save(self._capture(rank_rng=rngs), step=self._step,
                                           epoch=self._epoch)
                 if final and not self.manager.verify(saved.path):
@@ -917,12 +940,32 @@ class Session:
                path=str(saved.path), duration_s=round(saved.duration_s, 3), bytes=saved.bytes)
         return saved
 
+    def _keep_checkpoints_ahead(self) -> None:
+        """At the first save of a run that never called resume(): keep checkpoints of later steps.
+
+        Forgetting ``resume()`` once let saves at steps 2 and 3 prune the step-100 checkpoint
+        of the run before (issue 11). They are kept for this session's life, with one warning.
+        """
+        if self._resume_called or self._ahead_checked:
+            return
+        self._ahead_checked = True
+        ahead = self.manager.keep_ahead_of(self._step)
+        if ahead:
+            newest = max(ahead, key=lambda saved: saved.step)
+            _event(logging.WARNING, "checkpoints_ahead_kept", count=len(ahead),
+                   newest_step=newest.step, newest_path=str(newest.path), step=self._step,
+                   message=f"{len(ahead)} checkpoint(s) of later steps (newest: step "
+                           f"{newest.step}) are in {self.manager.directory} but resume() was not "
+                           "called: they are kept, never pruned by this run; call "
+                           "session.resume() before the first step to continue from the newest")
+
     def _save_async(self, *, seq: Optional[int], reason: str) -> None:
         """Snapshot now, write in the background; the ack goes out when the file is durable."""
         self._join_async()
         self._save_lock.acquire()  # held until the write is durable (released by the waiter)
         self._last_save_mono = time.monotonic()
         try:
+            self._keep_checkpoints_ahead()
             pending = self.manager.save_async(self._capture(), step=self._step, epoch=self._epoch)
         except BaseException as err:
             self._save_lock.release()
