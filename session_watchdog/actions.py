@@ -269,7 +269,8 @@ class EndTransaction:
                        channel.FileLock(run_dir.file(channel.SAVE_LOCK))]
 
     def cancel(self, by: str = "the user") -> None:
-        self.cancelled_by = by
+        if not self.cancelled.is_set():  # the first cancel says who
+            self.cancelled_by = by
         self.cancelled.set()
 
     def holds_locks(self) -> bool:
