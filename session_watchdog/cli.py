@@ -253,6 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if child is not None:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
+            child.wait_group()  # never leave part of a stopped command behind
             return 130 if child.interrupted else code
         return EXIT_OK
     except wrap.WrapError as err:

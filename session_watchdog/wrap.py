@@ -132,8 +132,25 @@ class Child:
         except ProcessLookupError:
             pass
 
+    def group_alive(self) -> bool:
+        """Whether any process of the command's process group still exists (a shell wrapper's
+        own child outlives a shell that died of the SIGTERM)."""
+        self.proc.poll()  # reap our child first: a zombie still counts as a member
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def wait_group(self) -> None:
+        """After a stop signal: wait until the command's group is gone (the escalation runs)."""
+        if self._escalation is not None:
+            wait_until(lambda: not self.group_alive(), self.kill_after_s + KILL_GRACE_S + 5.0, 0.1)
+
     def _escalate(self) -> None:
-        if self.proc.poll() is None:
+        if self.group_alive():
             then = min(self.kill_after_s, KILL_GRACE_S)
             log.warning("child_escalated", pid=self.pid,
                         message=f"still running {self.kill_after_s:g}s after the signal; SIGTERM to "
@@ -144,7 +161,7 @@ class Child:
             self._escalation.start()
 
     def _kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.group_alive():
             log.warning("child_killed", pid=self.pid,
                         message="still running after SIGTERM to its process group; SIGKILL")
             self._killpg(signal.SIGKILL)

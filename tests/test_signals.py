@@ -171,6 +171,20 @@ class TestStopSignals:
         assert wait_for(lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE)
         assert [e["event"] for e in events(tmp_path / "run.jsonl")].count("child_interrupted") == 1
 
+    def test_nothing_of_a_stopped_shell_wrapper_is_left_behind(self, tmp_path, procs):
+        """A shell that dies of the polite SIGTERM leaves its own child in the group: the
+        watchdog escalates to the group after kill_after and exits only once it is gone."""
+        inner = "import time; print('ready', flush=True); time.sleep(600)"
+        proc = watchdog(procs, tmp_path, "--kill-after", "1s", "--", "bash", "-c",
+                        f"{sys.executable} -c \"{inner}\"; echo after")
+        assert proc.stdout.readline().strip() == "ready"
+        shell = psutil.Process(proc.pid).children()[0]
+        python = shell.children()[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 128 + signal.SIGTERM  # the shell's own exit
+        assert not python.is_running() or python.status() == psutil.STATUS_ZOMBIE
+        assert "child_escalated" in [e["event"] for e in events(tmp_path / "run.jsonl")]
+
     @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
     def test_a_stop_signal_during_the_grace_cancels_the_end(self, tmp_path, procs, sig):
         """Ctrl-C (or SIGTERM) while the end waits out its grace period cancels the end, says so
