@@ -25,6 +25,7 @@ from session_watchdog.daemon import DaemonBusyError
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # doctor found something to fix
 EXIT_USAGE = 2  # bad input
+LOCK_LINGER_S = 30.0  # a wrapped run waits at most this long for run.lock after its command exits
 
 
 class UserError(Exception):
@@ -209,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     child: Optional[wrap.Child] = None
     early = wrap.EarlySignals() if command else None
     late_signals: List[str] = []  # stop signals that came after the command ended
+    child_gone_at: Dict[str, float] = {}
 
     def child_exit() -> Optional[int]:
         return child.exit_status() if child is not None else None
@@ -247,7 +249,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return True
             # the child ended: stop once a tick has seen it and no end of the runtime is under way
             last = watchdog.last_sample
-            return last is not None and last.child_exit is not None and not watchdog.end_running()
+            if last is None or last.child_exit is None or watchdog.end_running():
+                return False
+            # run.lock still held a moment after the exit (forked DataLoader workers share the
+            # trainer's lock until they are gone): the end waits for that, so we do too (bounded)
+            if last.trainer.alive:
+                first_seen = child_gone_at.setdefault("t", time.monotonic())
+                if time.monotonic() - first_seen < LOCK_LINGER_S:
+                    return False
+            return True
 
         watchdog.run(stop_when=stop_when, handle_signals=child is None, run_for=run_for)
         if child is not None:
