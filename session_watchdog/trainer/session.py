@@ -148,6 +148,8 @@ __all__ = [
 ]
 
 EXIT_STOPPED = 75
+"""Exit status of a script stopped on request after a durable checkpoint (EX_TEMPFAIL: resumable)."""
+
 # run.lock objects of completed sessions that stay held until the process exits (a reference
 # here keeps the open file, and with it the lock, alive after the Session is gone).
 _HELD_UNTIL_EXIT: List[FileLock] = []
@@ -160,7 +162,7 @@ def _process_outlives_training() -> bool:
     ipython = sys.modules.get("IPython")
     get_ipython = getattr(ipython, "get_ipython", None)
     return callable(get_ipython) and get_ipython() is not None
-"""Exit status of a script stopped on request after a durable checkpoint (EX_TEMPFAIL: resumable)."""
+
 
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
