@@ -303,7 +303,7 @@ class Watchdog:
     def _maybe_rearm_end(self, sample: Sample) -> None:
         """Allow the end again once its retry is due or what it checks has changed."""
         retry = self._end_retry
-        if retry is None or self.end_running():
+        if retry is None or "end" not in self.state.done or self.end_running():
             return
         changed = _end_fingerprint(sample) != retry.fingerprint
         if not changed and self.clock.monotonic() < retry.not_before:
