@@ -199,6 +199,30 @@ class TestStopSignals:
         assert "end_dry_run" not in steps(tmp_path / "run.jsonl")
 
 
+    def test_ctrl_c_to_a_plain_watchdog_during_the_grace_cancels_the_end(self, tmp_path, procs):
+        """`run` without a command (the trainer runs elsewhere): Ctrl-C in the grace period
+        cancels the end with an event, instead of the end dying silently with the process."""
+        import hashlib
+
+        proc = watchdog(procs, tmp_path, "--end-when-done", "--dry-run", "--grace", "600s",
+                        "--end-command", "/bin/true")
+        assert wait_for(lambda: channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK))
+        payload = b"weights" * 100
+        path = tmp_path / "ckpt-1.pt"
+        path.write_bytes(payload)
+        ckpt = channel.CheckpointInfo(str(path), None, 5, time.time(), 1.0, len(payload),
+                                      hashlib.sha256(payload).hexdigest())
+        channel.RunDir(tmp_path / "run").write_status(channel.TrainerStatus(
+            pid=4242, start_time=1.0, state="completed", step=5, epoch=1, step_time_s=0.1,
+            acked_seq=0, last_checkpoint=ckpt, heartbeat=time.time() + 5))
+        assert wait_for(lambda: "end_grace" in steps(tmp_path / "run.jsonl"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=DEADLINE_S) == 0
+        cancelled = [e for e in events(tmp_path / "run.jsonl") if e.get("step") == "end_cancelled"]
+        assert [e["by"] for e in cancelled] == ["signal SIGINT"]
+        assert "end_dry_run" not in steps(tmp_path / "run.jsonl")
+
+
 class TestSecondRun:
     def test_a_second_run_on_a_watched_run_dir_starts_nothing(self, tmp_path, procs):
         """`run -- CMD` on a run dir another watchdog holds: exit 2, one line, CMD never started."""
