@@ -243,7 +243,8 @@ class EndTransaction:
                  sleep: Callable[[float], None] = time.sleep,
                  monotonic: Callable[[], float] = time.monotonic,
                  flush: Callable[..., str] = flush_drive,
-                 confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
+                 confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True,
+                 cancel_since: Optional[float] = None) -> None:
         self.run_dir = run_dir
         self.reason = reason
         self.status = status
@@ -259,11 +260,17 @@ class EndTransaction:
         self.confirm_after_s = confirm_after_s
         self.alive = alive
         self.cancelled = threading.Event()
+        self.cancelled_by = "the user"
+        # A `session-watchdog cancel` at or after this wall time counts (the daemon's start: a
+        # cancel before the grace keeps the runtime); None: only one during this transaction.
+        self.cancel_since = cancel_since
         self.outcome: Optional[str] = None
         self._locks = [channel.FileLock(run_dir.file(channel.RUN_LOCK)),
                        channel.FileLock(run_dir.file(channel.SAVE_LOCK))]
 
-    def cancel(self) -> None:
+    def cancel(self, by: str = "the user") -> None:
+        if not self.cancelled.is_set():  # the first cancel says who
+            self.cancelled_by = by
         self.cancelled.set()
 
     def holds_locks(self) -> bool:
@@ -276,13 +283,8 @@ class EndTransaction:
     def _cancel_requested(self, since: float) -> bool:
         if self.cancelled.is_set():
             return True
-        try:
-            obj = channel.read_json(self.run_dir.file(channel.CANCEL_FILE))
-        except channel.ChannelError:
-            return False
-        at = obj.get("at") if obj is not None else None
-        if isinstance(at, (int, float)) and at >= since:
-            self.cancelled.set()
+        if cancel_requested(self.run_dir, since if self.cancel_since is None else self.cancel_since):
+            self.cancel("session-watchdog cancel")
         return self.cancelled.is_set()
 
     def run(self) -> str:
@@ -335,7 +337,8 @@ class EndTransaction:
         deadline = self.monotonic() + self.grace_s
         while True:
             if self._cancel_requested(started_wall):
-                self._step("end_cancelled", message="cancelled by the user; the runtime stays")
+                self._step("end_cancelled", by=self.cancelled_by,
+                           message=f"cancelled ({self.cancelled_by}); the runtime stays")
                 return "cancelled"
             left = deadline - self.monotonic()
             if left <= 0:
@@ -396,5 +399,18 @@ def _identity(path: str) -> Optional[Tuple[int, int, int]]:
 
 
 def request_cancel(run_dir: channel.RunDir) -> None:
-    """Ask a running end transaction (any process) to stand down."""
+    """Ask the watchdog of ``run_dir`` (any process) to keep this runtime: a pending end stands
+    down, and a later one is not started. The next watchdog of the run dir removes the request."""
     channel.write_json(run_dir.file(channel.CANCEL_FILE), {"v": channel.SCHEMA_VERSION, "at": time.time()})
+
+
+def cancel_requested(run_dir: channel.RunDir, since: float) -> Optional[float]:
+    """The time of a `cancel` made at or after ``since`` (wall clock), else None."""
+    try:
+        obj = channel.read_json(run_dir.file(channel.CANCEL_FILE))
+    except channel.ChannelError:
+        return None
+    at = obj.get("at") if obj is not None else None
+    if isinstance(at, (int, float)) and not isinstance(at, bool) and at >= since:
+        return float(at)
+    return None

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -24,6 +25,7 @@ from session_watchdog.daemon import DaemonBusyError
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # doctor found something to fix
 EXIT_USAGE = 2  # bad input
+LOCK_LINGER_S = 30.0  # a wrapped run waits at most this long for run.lock after its command exits
 
 
 class UserError(Exception):
@@ -213,34 +215,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     notice, restore = _signal_notice(config)
     child: Optional[wrap.Child] = None
     early = wrap.EarlySignals() if command else None
+    late_signals: List[str] = []  # stop signals that came after the command ended
+    child_gone_at: Dict[str, float] = {}
+
+    def child_exit() -> Optional[int]:
+        return child.exit_status() if child is not None else None
+
+    def child_running() -> bool:
+        return child is not None and child.exit_status() is None
+
     try:
-        run_dir = channel.RunDir(config.run_dir or channel.default_run_dir(config.run_name))
-        if command:
-            child = wrap.Child(command, run_dir.path, kill_after_s=config.kill_after)
-            child.install_forwarding(early)
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
-                                   child_exit=child.exit_status if child else None,
-                                   child_running=(lambda: child.exit_status() is None) if child else None,
+                                   child_exit=child_exit if command else None,
+                                   child_running=child_running if command else None,
                                    new_session=args.new_session)
+        # Take the run dir before the command starts: a second `run` on a watched run dir must
+        # fail without leaving a training process behind (issue 18).
+        watchdog.acquire()
+        if command:
+            child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after)
+
+            def on_late_signal(signum: int) -> None:
+                # The command has ended: Ctrl-C (or SIGTERM) is for us, and cancels a pending end.
+                name = signal.Signals(signum).name
+                late_signals.append(name)
+                log.get_logger().info("signal_received", signal=name,
+                                      message="the command has ended; stopping the watchdog "
+                                              "without ending the runtime")
+                watchdog.keep_runtime(f"signal {name}")
+
+            child.on_late_signal = on_late_signal
+            child.install_forwarding(early)
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 
         def stop_when() -> bool:
             if child is None or child.exit_status() is None:
                 return False
+            if late_signals:
+                return True
             # the child ended: stop once a tick has seen it and no end of the runtime is under way
             last = watchdog.last_sample
-            return last is not None and last.child_exit is not None and not watchdog.end_running()
+            if last is None or last.child_exit is None or watchdog.end_running():
+                return False
+            # run.lock still held a moment after the exit (forked DataLoader workers share the
+            # trainer's lock until they are gone): the end waits for that, so we do too (bounded)
+            if last.trainer.alive:
+                first_seen = child_gone_at.setdefault("t", time.monotonic())
+                if time.monotonic() - first_seen < LOCK_LINGER_S:
+                    return False
+            return True
 
         watchdog.run(stop_when=stop_when, handle_signals=child is None, run_for=run_for)
         if child is not None:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
-            return code
+            child.wait_group()  # never leave part of a stopped command behind
+            return 130 if child.interrupted else code
         return EXIT_OK
     except wrap.WrapError as err:
         if child is not None:
             child.forward(15)
+        else:
+            watchdog.release()  # the command did not start: the run dir is free again
         raise UserError(str(err)) from None
     finally:
         if child is not None:
@@ -342,6 +379,12 @@ def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]
     out["trainer_alive"] = rd.trainer_alive()
     out["trainer_saving"] = rd.trainer_saving()
     out["request"] = read(channel.REQUEST_FILE)
+    cancel = read(channel.CANCEL_FILE)
+    cancelled_at = number(cancel, "at")
+    started = number(daemon, "started")
+    # a cancel counts for the watchdog that was running when it was made (a new run undoes it)
+    out["keep_runtime_since"] = (cancelled_at if cancelled_at is not None and out["daemon_running"]
+                                 and (started is None or cancelled_at >= started) else None)
     state = read(channel.STATE_FILE)
     out["outstanding"] = None
     if state is not None:
@@ -378,6 +421,9 @@ def render_status(info: Dict[str, Any]) -> str:
         ("last checkpoint", f"step {ckpt.get('step')}, {ckpt.get('bytes')} bytes, "
          f"{format_duration(info['now'] - ckpt['at'])} ago: {ckpt.get('path')}" if ckpt.get("at") else "-"),
         ("pending request", json.dumps(info["outstanding"]) if info.get("outstanding") else "-"),
+        ("runtime end", "cancelled: this runtime is kept (session-watchdog cancel, "
+         f"{format_duration(info['now'] - info['keep_runtime_since'])} ago; a new run undoes it)"
+         if info.get("keep_runtime_since") is not None else "-"),
         ("log", str(daemon.get("log_file") or "-")),
     ]
     width = max(len(k) for k, _ in rows)
@@ -409,11 +455,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Keep this runtime: a pending end stands down and none starts later (issue 18).
+
+    Recorded in the run dir (``cancel.json``), shown by ``status``; the next ``run`` undoes it.
+    """
     from session_watchdog.actions import request_cancel
 
     run_dir = channel.RunDir(_existing_run_dir(args))
+    if not channel.lock_held(run_dir.file(channel.DAEMON_LOCK)):
+        raise UserError(f"no watchdog is running for {run_dir.path}; nothing to cancel")
     request_cancel(run_dir)
-    print(f"session-watchdog: asked the watchdog of {run_dir.path} not to end the runtime")
+    print(f"session-watchdog: the watchdog of {run_dir.path} will keep this runtime (a pending "
+          "end is cancelled, none starts later; the next `session-watchdog run` undoes this)")
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from session_watchdog import channel, platforms, sdnotify
-from session_watchdog.actions import Actions, EndTransaction, end_action_for
+from session_watchdog.actions import Actions, EndTransaction, cancel_requested, end_action_for
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
@@ -148,6 +148,9 @@ class Watchdog:
         self.started_wall = self.clock.wall()
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
+        self._kept_by: Optional[str] = None  # keep this runtime: a stop signal (or cancel) said so
+        self._keep_logged = False
+        self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.state = self._load_state()
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
@@ -203,6 +206,7 @@ class Watchdog:
                 sample = dataclasses.replace(
                     sample, notice_deadline=notice.deadline if notice.deadline is not None else sample.now,
                     notice_source=notice.source)
+            self._maybe_rearm_end(sample)
             state, decisions = decide(self.config, self.state, sample)
             log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
                                               self.config.max_session))
@@ -243,6 +247,13 @@ class Watchdog:
         """Run the end transaction on its own thread (its grace period must not block ticks)."""
         if self._end_thread is not None and self._end_thread.is_alive():
             return
+        kept_by = self.kept_by()
+        if kept_by is not None:
+            if not self._keep_logged:  # once: the policy marked the end done, so it stays quiet
+                self._keep_logged = True
+                log.info("action", step="end_cancelled", reason=decision.reason, by=kept_by,
+                         message=f"not ending the runtime: kept ({kept_by}); a new run undoes this")
+            return
         idle_path = decision.reason == IDLE_END
 
         def safe_now() -> Optional[str]:
@@ -251,7 +262,8 @@ class Watchdog:
         self.end = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
-            check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s)
+            check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s,
+            cancel_since=self.started_wall)
         transaction = self.end
 
         def run() -> None:
@@ -270,21 +282,62 @@ class Watchdog:
         """
         if outcome not in ("aborted", "cancelled", "failed"):
             return
-        if outcome == "cancelled" and reason != IDLE_END:
+        if outcome == "cancelled" and (reason != IDLE_END or self.kept_by() is not None):
             return  # the user chose to keep this runtime after this training run
+        if outcome in ("aborted", "failed"):
+            # The same problem would abort the next try too (a vanished checkpoint aborted every
+            # tick, ~200 log lines a minute): try again when what the end checks has changed, or
+            # after a delay that doubles up to END_RETRY_MAX_S (issue 18).
+            delay = END_RETRY_FIRST_S if self._end_retry is None else min(
+                END_RETRY_MAX_S, 2 * self._end_retry.delay_s)
+            with self._tick_lock:
+                sample = self.last_sample
+                self._end_retry = EndRetry(self.clock.monotonic() + delay, delay,
+                                           _end_fingerprint(sample) if sample is not None else None)
+                self.state = dataclasses.replace(self.state, gpu_idle_since=None)
+                self._save_state()
+            log.info("end_rearmed", reason=reason, outcome=outcome, retry_in_s=delay,
+                     message=f"trying again in {delay:g}s, or sooner when the trainer's checkpoint "
+                             "or lock changes")
+            return
         with self._tick_lock:
             self.state = dataclasses.replace(
                 self.state, done=frozenset(self.state.done - {"end"}), gpu_idle_since=None)
             self._save_state()
         log.info("end_rearmed", reason=reason, outcome=outcome)
 
+    def _maybe_rearm_end(self, sample: Sample) -> None:
+        """Allow the end again once its retry is due or what it checks has changed."""
+        retry = self._end_retry
+        if retry is None or "end" not in self.state.done or self.end_running():
+            return
+        changed = _end_fingerprint(sample) != retry.fingerprint
+        if not changed and self.clock.monotonic() < retry.not_before:
+            return
+        if changed:
+            self._end_retry = None  # a new situation: the next abort waits the first delay again
+        self.state = dataclasses.replace(self.state, done=frozenset(self.state.done - {"end"}))
+        self._save_state()
+
+    def keep_runtime(self, by: str) -> None:
+        """Never end the runtime from now on in this watchdog (a stop signal); cancel a pending end."""
+        if self._kept_by is None:
+            self._kept_by = by
+        self.cancel_end(by)
+
+    def kept_by(self) -> Optional[str]:
+        """Who asked to keep this runtime (a signal, or `session-watchdog cancel` since we started)."""
+        if self._kept_by is not None:
+            return self._kept_by
+        return "session-watchdog cancel" if cancel_requested(self.run_dir, self.started_wall) else None
+
     def end_running(self) -> bool:
         return self._end_thread is not None and self._end_thread.is_alive()
 
-    def cancel_end(self) -> bool:
+    def cancel_end(self, by: str = "the user") -> bool:
         """Cancel a running end transaction in this process; True when one was running."""
         if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
-            self.end.cancel()
+            self.end.cancel(by)
             return True
         return False
 
@@ -340,7 +393,12 @@ class Watchdog:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Become the one daemon of this run directory (flock; released by the kernel on death)."""
+        """Become the one daemon of this run directory (flock; released by the kernel on death).
+
+        Idempotent: ``run()`` acquires too, after a caller took the run dir before starting work.
+        """
+        if self._lock.held:
+            return
         if not self._lock.acquire(blocking=False):
             other = None
             try:
@@ -352,6 +410,10 @@ class Watchdog:
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
         channel.sweep_temps(self.run_dir.path)  # litter of writers killed mid-write
+        try:  # a `cancel` told the previous watchdog to keep its runtime; a new run undoes it
+            os.unlink(self.run_dir.file(channel.CANCEL_FILE))
+        except FileNotFoundError:
+            pass
         channel.write_json(self.run_dir.file(DAEMON_FILE), {
             "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
             "pid_create_time": process_create_time(os.getpid()),
@@ -445,6 +507,7 @@ class Watchdog:
 
         def handle(signum: int, frame: Any) -> None:
             log.info("signal_received", signal=signal.Signals(signum).name)
+            self.keep_runtime(f"signal {signal.Signals(signum).name}")  # Ctrl-C in the grace
             threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
 
         if handle_signals and threading.current_thread() is threading.main_thread():
@@ -465,6 +528,12 @@ class Watchdog:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.end_running():
+                # Leaving during the grace period: the end is cancelled (and says so), never
+                # cut off silently with the process.
+                self.cancel_end("the watchdog is stopping")
+                if self._end_thread is not None:
+                    self._end_thread.join(10)
             self.release()
         return 0
 
@@ -490,6 +559,34 @@ class Watchdog:
         if scheduler is not None and scheduler.running:
             scheduler.shutdown(wait=True)
         self.release()
+
+
+END_RETRY_FIRST_S = 60.0
+END_RETRY_MAX_S = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EndRetry:
+    """When an aborted end may be tried again: at ``not_before`` (monotonic), or on a change."""
+
+    not_before: float
+    delay_s: float
+    fingerprint: Any
+
+
+def _end_fingerprint(sample: Sample) -> Any:
+    """What an end transaction checks: the reported checkpoint, its file, the trainer's locks."""
+    status = sample.trainer.status
+    ckpt = status.last_checkpoint if status is not None else None
+    identity = None
+    if ckpt is not None:
+        try:
+            st = os.stat(ckpt.path)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return (ckpt, identity, sample.trainer.alive, sample.trainer.saving,
+            status.state if status is not None else None)
 
 
 def read_daemon_info(run_dir: Path) -> Optional[dict[str, Any]]:

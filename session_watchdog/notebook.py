@@ -516,11 +516,13 @@ def _report_differences(running: WatchdogHandle, requested: Config, stacklevel: 
 
 
 def cancel(run_dir: Optional[str] = None) -> bool:
-    """Cancel a pending end of the runtime (its grace period). Training is not touched.
+    """Keep this runtime: cancel a pending end (its grace period) and any later one. Training is
+    not touched.
 
     Cancels the end transaction of this kernel's watchdog, and also asks any watchdog process
     watching the same run directory (``session-watchdog cancel`` does the same from a shell).
-    Returns True when this kernel's watchdog had an end under way.
+    A cancel before the grace period keeps the runtime too; the next watchdog started on the
+    run directory undoes it. Returns True when this kernel's watchdog had an end under way.
     """
     from session_watchdog.actions import request_cancel
 
@@ -533,7 +535,7 @@ def cancel(run_dir: Optional[str] = None) -> bool:
         request_cancel(channel.RunDir(target))
     print("session-watchdog: the runtime will not be ended" if cancelled
           else "session-watchdog: no end of the runtime was under way in this kernel; "
-               f"asked any watchdog of {target} to stand down")
+               f"asked any watchdog of {target} to keep this runtime")
     return cancelled
 
 

@@ -2,8 +2,15 @@
 
 ``session-watchdog run -- python train.py`` starts the command as a child in its own session
 (its own process group) with the run dir in its environment; stdout/stderr pass straight through.
-SIGINT/SIGTERM sent to the watchdog are forwarded to the child's group, escalated to SIGKILL only
-after ``kill_after``. The watchdog's exit code is the child's.
+The watchdog's exit code is the child's.
+
+Stopping (issue 18): SIGTERM or a first Ctrl-C (SIGINT) to the watchdog becomes one SIGTERM to the
+trainer process only, never to its process group: DataLoader workers share that group, and a
+worker killed first makes torch raise inside the stop checkpoint. The trainer checkpoints at its
+next step and exits 75. Only a child still running ``kill_after`` later gets SIGTERM to its whole
+group, then SIGKILL. A second Ctrl-C interrupts at once (SIGKILL to the group; exit code 130).
+A signal that comes after the child ended is for the watchdog itself (``on_late_signal``): it
+cancels a pending end of the runtime.
 """
 
 from __future__ import annotations
@@ -44,8 +51,11 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+KILL_GRACE_S = 10.0  # at most this long between SIGTERM and SIGKILL to the command's group
+
+
 class Child:
-    """The wrapped command: started in its own session, signals forwarded, SIGKILL after a deadline."""
+    """The wrapped command: started in its own session; stopped politely, escalated after a deadline."""
 
     def __init__(self, argv: Sequence[str], run_dir: Path, kill_after_s: float = 30.0,
                  popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
@@ -62,6 +72,8 @@ class Child:
         self.pid = self.proc.pid
         self._escalation: Optional[threading.Timer] = None
         self._previous: Dict[int, Any] = {}
+        self.interrupted = False  # a second Ctrl-C killed the command
+        self.on_late_signal: Optional[Callable[[int], None]] = None
         log.info("child_started", argv=self.argv, pid=self.pid)
 
     def exit_status(self) -> Optional[int]:
@@ -69,32 +81,93 @@ class Child:
         code = self.proc.poll()
         return None if code is None else exit_code(code)
 
+    def trainer_pid(self) -> int:
+        """The process that gets the polite stop signal: our direct child (our own process).
+
+        One place to choose the target, so a proof of trainer identity (the holder of run.lock
+        within our child's process tree) can replace it without touching the signal logic.
+        """
+        return self.pid
+
     def forward(self, sig: int) -> None:
-        """Send ``sig`` to the child's process group; SIGKILL follows after ``kill_after``."""
+        """The user asked to stop (``sig`` is SIGTERM or SIGINT): stop politely, then escalate.
+
+        The first signal sends SIGTERM to :meth:`trainer_pid` alone and arms the escalation
+        (group SIGTERM after ``kill_after``, group SIGKILL after a further ``min(kill_after, 10s)``).
+        A second SIGINT (Ctrl-C twice) SIGKILLs the group at once; a repeated SIGTERM changes
+        nothing (the escalation is already on its way). After the child ended, the signal goes
+        to ``on_late_signal`` instead.
+        """
+        name = signal.Signals(sig).name
         if self.proc.poll() is not None:
+            if self.on_late_signal is not None:
+                self.on_late_signal(sig)
             return
+        if self._escalation is not None:
+            if sig == signal.SIGINT:
+                self.interrupted = True
+                log.warning("child_interrupted", signal=name, pid=self.pid,
+                            message="second Ctrl-C: SIGKILL to the command's process group")
+                self._killpg(signal.SIGKILL)
+            else:
+                log.info("signal_repeated", signal=name, pid=self.pid,
+                         message="already stopping; escalation follows kill_after")
+            return
+        target = self.trainer_pid()
+        try:
+            os.kill(target, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        log.info("child_signalled", signal=name, sent="SIGTERM", pid=target,
+                 kill_after_s=self.kill_after_s,
+                 message="asked the trainer to checkpoint and stop; its process group follows "
+                         f"only if it still runs {self.kill_after_s:g}s from now")
+        self._escalation = threading.Timer(self.kill_after_s, self._escalate)
+        self._escalation.daemon = True
+        self._escalation.start()
+
+    def _killpg(self, sig: int) -> None:
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
-            return
-        log.info("child_signalled", signal=signal.Signals(sig).name, pid=self.pid,
-                 kill_after_s=self.kill_after_s)
-        if self._escalation is None:
-            self._escalation = threading.Timer(self.kill_after_s, self._kill)
+            pass
+
+    def group_alive(self) -> bool:
+        """Whether any process of the command's process group still exists (a shell wrapper's
+        own child outlives a shell that died of the SIGTERM)."""
+        self.proc.poll()  # reap our child first: a zombie still counts as a member
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def wait_group(self) -> None:
+        """After a stop signal: wait until the command's group is gone (the escalation runs)."""
+        if self._escalation is not None:
+            wait_until(lambda: not self.group_alive(), self.kill_after_s + KILL_GRACE_S + 5.0, 0.1)
+
+    def _escalate(self) -> None:
+        if self.group_alive():
+            then = min(self.kill_after_s, KILL_GRACE_S)
+            log.warning("child_escalated", pid=self.pid,
+                        message=f"still running {self.kill_after_s:g}s after the signal; SIGTERM to "
+                                f"its process group, SIGKILL {then:g}s later")
+            self._killpg(signal.SIGTERM)
+            self._escalation = threading.Timer(then, self._kill)
             self._escalation.daemon = True
             self._escalation.start()
 
     def _kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.group_alive():
             log.warning("child_killed", pid=self.pid,
-                        message=f"still running {self.kill_after_s:g}s after the signal; SIGKILL")
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                        message="still running after SIGTERM to its process group; SIGKILL")
+            self._killpg(signal.SIGKILL)
 
     def install_forwarding(self, early: Optional[EarlySignals] = None) -> None:
-        """Forward SIGINT/SIGTERM (main thread only), and those that came before the child did."""
+        """Handle SIGINT/SIGTERM (main thread only), and those that came before the child did."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -207,7 +207,8 @@ class TestTransaction:
             assert main(["cancel", "--run-dir", str(run_dir)]) == 0
         tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec, grace_s=120.0,
                          sleep=sleep)
-        assert tx.run() == "cancelled"
+        with channel.FileLock(run_dir / channel.DAEMON_LOCK):  # a watchdog runs (cancel checks)
+            assert tx.run() == "cancelled"
         assert rec.calls == [] and not channel.lock_held(run_dir / channel.RUN_LOCK)
 
     def test_dry_run_never_calls_the_end_action(self, tmp_path):

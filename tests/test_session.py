@@ -688,7 +688,7 @@ class TestComplete:
         session.manager.verify = verify  # type: ignore[method-assign]
         for _ in range(7):
             train_step(session)
-        saved = session.complete()
+        saved = session.complete(end_runtime_after="complete")
         assert seen_at_verify and "completed" not in seen_at_verify
         status = status_of(run_dir)
         assert status.state == "completed" and status.step == 7

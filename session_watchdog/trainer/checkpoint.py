@@ -157,6 +157,10 @@ def _describe_write_error(
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     parts = [f"cannot save checkpoint {path}: {reason}"]
     space = []
+    if err_no not in (errno.ENOSPC, errno.EDQUOT):
+        # Bytes needed vs free explain a full disk only; after EINTR (a signal) or EIO they
+        # would send the user looking for space that is there (issue 18).
+        needed = free = None
     if needed is not None:
         space.append(f"needs {_human(needed)}")
     if free is not None:

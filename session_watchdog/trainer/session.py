@@ -151,6 +151,20 @@ __all__ = [
 EXIT_STOPPED = 75
 """Exit status of a script stopped on request after a durable checkpoint (EX_TEMPFAIL: resumable)."""
 
+# run.lock objects of completed sessions that stay held until the process exits (a reference
+# here keeps the open file, and with it the lock, alive after the Session is gone).
+_HELD_UNTIL_EXIT: List[FileLock] = []
+
+
+def _process_outlives_training() -> bool:
+    """A notebook kernel, or training on a thread: the process goes on after complete()."""
+    if threading.current_thread() is not threading.main_thread():
+        return True
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return callable(get_ipython) and get_ipython() is not None
+
+
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_CHECKPOINT_EVERY_S = 30 * 60.0
@@ -359,6 +373,7 @@ class Session:
         self._epoch_start_step = 0
         self._state = "starting"
         self._closed = False
+        self._keep_run_lock = False  # complete(end_runtime_after="exit"): held until we exit
         self._stopped = False
         self._sigterm = False
         self._sigusr1 = False
@@ -641,12 +656,24 @@ class Session:
         self._ensure_open()
         return self._save(seq=None, reason=reason, during="saving")
 
-    def complete(self) -> SavedCheckpoint:
+    def complete(self, end_runtime_after: Optional[str] = None) -> SavedCheckpoint:
         """Write the final checkpoint, verify it, then report ``state=completed`` and close.
+
+        Args:
+            end_runtime_after: when the watchdog may end the runtime. ``"exit"``: this process
+                keeps ``run.lock`` until it exits, so work after ``complete()`` (an evaluation,
+                an upload) is never cut off. ``"complete"``: ``run.lock`` is released now; the
+                end may follow as soon as the watchdog sees the completed state. Default:
+                ``"exit"`` from the main thread of a script; ``"complete"`` in a notebook
+                kernel or from another thread, where the process outlives the training.
 
         Raises:
             CheckpointError: the final checkpoint could not be saved or verified (state=failed).
+            ValueError: ``end_runtime_after`` is not one of the values above.
         """
+        if end_runtime_after not in (None, "exit", "complete"):
+            raise ValueError(f"end_runtime_after={end_runtime_after!r} is not valid; use "
+                             "\"exit\" or \"complete\"")
         self._ensure_open()
         request = self._request
         # The final checkpoint answers a request still open: nothing newer will ever exist.
@@ -664,8 +691,11 @@ class Session:
             self.close()
             raise
         self._record(saved, seq=seq, state="completed")
+        if end_runtime_after is None:
+            end_runtime_after = "complete" if _process_outlives_training() else "exit"
+        self._keep_run_lock = end_runtime_after == "exit"
         _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
-               sha256=saved.sha256)
+               sha256=saved.sha256, end_runtime_after=end_runtime_after)
         self.close()
         return saved
 
@@ -697,7 +727,10 @@ class Session:
                 pass
         self._restore_signal_handlers()
         self._save_lock.release()
-        self._run_lock.release()
+        if self._keep_run_lock:  # the kernel releases it when this process exits
+            _HELD_UNTIL_EXIT.append(self._run_lock)
+        else:
+            self._run_lock.release()
         _event(logging.INFO, "session_closed", state=self._state, step=self._step)
 
     def __enter__(self) -> Session:
