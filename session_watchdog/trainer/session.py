@@ -138,6 +138,7 @@ if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a S
         ShardedCheckpoint,
         ShardedCheckpointer,
     )
+    from session_watchdog.trainer.mirror import Mirror
 
 __all__ = [
     "EXIT_STOPPED",
@@ -154,6 +155,7 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_CHECKPOINT_EVERY_S = 30 * 60.0
 DEFAULT_RETRY_AFTER_S = 30.0
+DEFAULT_MIRROR_WAIT_S = 300.0  # complete() / a stop wait this long at most for the mirror
 _STEP_TIME_EMA_ALPHA = 0.3  # weight of the newest step-time sample (one per poll with progress)
 _RUN_LOCK_WAIT_S = 30.0  # the daemon holds run.lock exclusively only briefly, before ending
 _SESSION_EXTRAS_KEY = "session_watchdog"  # our bookkeeping inside the checkpoint's extras
@@ -270,6 +272,12 @@ class Session:
             alone decides. The same on every rank.
         sharded: save with ``torch.distributed.checkpoint`` into committed step directories
             (FSDP; every rank writes its shards) instead of rank 0's single file.
+        mirror: a second tier for every committed checkpoint (a Drive / autodl-fs / NFS path,
+            an fsspec URL such as ``s3://bucket/run1``, or a ``trainer.mirror.Mirror``): copied
+            and verified in the background (trainer/mirror.py); ``resume()`` looks there too.
+            Single-file checkpoints only (rank 0's under DDP; not with ``sharded=True``).
+        mirror_wait_s: the most seconds ``complete()`` and a stop wait for the last checkpoint
+            to verify on the mirror (said in the log either way).
     """
 
     def __init__(
@@ -293,6 +301,8 @@ class Session:
         sync_every: int = DEFAULT_SYNC_EVERY,
         sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
         sharded: bool = False,
+        mirror: Union[None, str, os.PathLike[str], Mirror] = None,
+        mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
     ) -> None:
         for name, value in (("poll_interval", poll_interval),
                             ("heartbeat_interval", heartbeat_interval),
@@ -388,6 +398,16 @@ class Session:
             self.async_save = False
             _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
                    "are collective and synchronous")
+        self.mirror_wait_s = float(mirror_wait_s)
+        self._mirror: Optional[Mirror] = None
+        if mirror is not None and (self.sharded or self._rank != 0):
+            if self.sharded:  # each rank's shards would need their own copy: not built yet
+                _event(logging.WARNING, "mirror_ignored", reason="sharded checkpoints are not "
+                       "mirrored; use a checkpoint_dir on persistent storage")
+        elif mirror is not None:
+            from session_watchdog.trainer import mirror as mirror_mod
+
+            self._mirror = mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
         self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
@@ -510,6 +530,10 @@ class Session:
             The :class:`Start` to continue from.
         """
         loaded: Optional[Tuple[Union[SavedCheckpoint, ShardedCheckpoint], Dict[str, Any]]]
+        if self._mirror is not None:
+            # A newer verified copy on the mirror (a fresh runtime's disk is empty) comes down
+            # to the local directory first; the local choice below then finds it.
+            self._mirror.restore(self.manager)
         if self._sharded_ckpt is not None:
             loaded = self._load_sharded()
         elif self._dist is not None:
@@ -645,6 +669,7 @@ class Session:
         self._record(saved, seq=seq, state="completed")
         _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
                sha256=saved.sha256)
+        self._wait_mirror(saved, "complete", self.mirror_wait_s)
         self.close()
         return saved
 
@@ -666,6 +691,8 @@ class Session:
         self._closed = True
         self._pending = False
         self._join_async()
+        if self._mirror is not None:
+            self._mirror.close()  # what is queued is still copied; no more retries
         self._wake()
         if self._poller.is_alive() and self._poller is not threading.current_thread():
             self._poller.join(timeout=max(5.0, 2 * self.poll_interval))
@@ -762,6 +789,9 @@ class Session:
                 self._dist.barrier()
             _event(logging.WARNING, "stopped", reason=flags.reason, step=saved.step,
                    path=str(saved.path))
+            deadline = flags.request.deadline if flags.request is not None else None
+            self._wait_mirror(saved, "stop", self.mirror_wait_s if deadline is None else
+                              min(self.mirror_wait_s, deadline - time.time()))
             self.close()
             if self.exit_on_stop:
                 raise SessionExit(flags.reason, saved)
@@ -994,6 +1024,37 @@ class Session:
             if state is not None:
                 self._state = state
         self._write_status()
+        if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
+            self._mirror.submit(saved)
+
+    def _mirror_changed(self, report: Dict[str, Any]) -> None:
+        """The mirror's worker: report its state and newest verified copy in trainer.json."""
+        mirror = self._mirror
+        last = mirror.last if mirror is not None else None
+        with self._status_lock:
+            self._extra["mirror"] = report
+            if last is not None:
+                self._extra["last_mirrored"] = last.to_json()
+        self._write_status()
+
+    def _wait_mirror(self, saved: SavedCheckpoint, why: str, timeout: float) -> None:
+        """Wait (bounded) for ``saved`` to verify on the mirror; say how it went."""
+        mirror = self._mirror
+        if mirror is None or not isinstance(saved, self._ckpt.SavedCheckpoint):
+            return
+        started = time.monotonic()
+        _event(logging.INFO, "mirror_wait", why=why, step=saved.step, target=mirror.location,
+               timeout_s=round(max(0.0, timeout), 1))
+        done = mirror.wait(saved, max(0.0, timeout))
+        waited = round(time.monotonic() - started, 3)
+        if done is not None:
+            _event(logging.INFO, "mirror_wait_done", why=why, step=saved.step, waited_s=waited,
+                   path=done.location)
+        else:
+            _event(logging.WARNING, "mirror_wait_timeout", why=why, step=saved.step,
+                   waited_s=waited, target=mirror.location, problem=mirror.problem,
+                   message="the checkpoint is safe locally but not verified on the mirror; "
+                           "the watchdog will not end the runtime for it")
 
     def _fail(self, error: Optional[BaseException]) -> None:
         text = None if error is None else f"{type(error).__name__}: {error}"
