@@ -604,6 +604,8 @@ class Mirror:
         """
         if self._refused:
             return None
+        if self._manager is None:
+            self._manager = manager
         local = [manager.parse_name(s.path.name) for s in manager.list()]
         local_top = max((p[0] for p in local if p is not None), default=0)
         try:

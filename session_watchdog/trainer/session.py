@@ -400,14 +400,6 @@ class Session:
                    "are collective and synchronous")
         self.mirror_wait_s = float(mirror_wait_s)
         self._mirror: Optional[Mirror] = None
-        if mirror is not None and (self.sharded or self._rank != 0):
-            if self.sharded:  # each rank's shards would need their own copy: not built yet
-                _event(logging.WARNING, "mirror_ignored", reason="sharded checkpoints are not "
-                       "mirrored; use a checkpoint_dir on persistent storage")
-        elif mirror is not None:
-            from session_watchdog.trainer import mirror as mirror_mod
-
-            self._mirror = mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
         self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
@@ -435,6 +427,14 @@ class Session:
             raise
         _event(logging.INFO, "session_started", run_dir=str(self.run_dir.path),
                checkpoint_dir=str(self.manager.directory), acked_seq=self._acked_seq)
+        if mirror is not None and (self.sharded or self._rank != 0):
+            if self.sharded:  # each rank's shards would need their own copy: not built yet
+                _event(logging.WARNING, "mirror_ignored", reason="sharded checkpoints are not "
+                       "mirrored; use a checkpoint_dir on persistent storage")
+        elif mirror is not None:  # last: its reports go to trainer.json (issue 14)
+            from session_watchdog.trainer import mirror as mirror_mod
+
+            self._mirror = mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
 
     # ------------------------------------------------------------------------------------------
     # The training loop's side
