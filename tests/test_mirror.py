@@ -369,6 +369,23 @@ class TestFaults:
         assert [e["problem"] for e in events(caplog, "mirror_failed") if "hint" in e][:1] == [problem]
         assert os.listdir(shm / "m") == []  # no temp, nothing under a final name
 
+    def test_the_newest_verified_copy_stays_until_a_newer_one_verifies(self, make_session, shm, other_fs):
+        """keep=1 on the mirror: while newer copies fail, the last verified one is kept; then replaced."""
+        target = FailingTarget(shm / "m", errno.ENOSPC)
+        target.error_no = None
+        session = make_session(local_mirror(shm / "m", other_fs, target=target, keep=1))
+        train(session, 1)
+        first = session.checkpoint()
+        assert session._mirror.wait(first, WAIT_S) is not None
+        target.error_no = errno.ENOSPC
+        train(session, 1)
+        second = session.checkpoint()
+        wait_until(lambda: session._mirror.problem == "full", what="failure")
+        assert committed(shm / "m") == [first.path.name]
+        target.error_no = None  # space freed: the retry goes through
+        assert session._mirror.wait(second, WAIT_S) is not None
+        assert committed(shm / "m") == [second.path.name]
+
     def test_a_mirror_that_fills_up(self, tmp_path, shm, other_fs):
         """RLIMIT_FSIZE (the kernel's EFBIG) during a copy: problem 'full', the partial copy removed."""
         manager = checkpoint.CheckpointManager(tmp_path / "ckpt")
@@ -514,7 +531,9 @@ class SlowTarget(LocalTarget):
 def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always_loads(tmp_path, shm, other_fs):
     """SIGKILL at random moments while copies run: the mirror's newest committed checkpoint restores and loads."""
     rng = random.Random(14)
-    for attempt in range(heavy_n(3)):
+    attempts = heavy_n(3)
+    mid_copy = 0  # kills that left a copy in progress behind (a temp file on the mirror)
+    for attempt in range(attempts):
         ckpt_dir = tmp_path / f"ckpt{attempt}"
 
         def child(fd: int) -> None:
@@ -536,6 +555,7 @@ def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always
             time.sleep(rng.uniform(0.0, 0.5))
         finally:
             proc.kill_and_collect()
+        mid_copy += any(n.endswith(".sw-tmp") for n in os.listdir(shm / "m"))
         restore_dir = tmp_path / f"restore{attempt}"
         manager = checkpoint.CheckpointManager(restore_dir)
         mirror = Mirror(LocalTarget(shm / "m"), allow_same_filesystem=not other_fs)
@@ -545,3 +565,4 @@ def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always
         step = state["step"]
         assert torch.equal(state["w"], torch.full((300_000,), float(step)))
         assert name == committed(shm / "m")[-1]
+    assert mid_copy >= 1, "no kill landed inside a copy: the test did not test anything"

@@ -496,6 +496,8 @@ class Mirror:
 
         A refused or unusable mirror is a warning, never an exception: training goes on.
         """
+        if self._manager is not None:
+            raise ValueError("this Mirror is attached already: give each Session its own")
         self._manager = manager
         if self.keep is None:
             self.keep = manager.keep
@@ -777,8 +779,8 @@ class Mirror:
                 continue
             try:
                 obj = json.loads(self.target.read_small(name + MARKER_SUFFIX))
-            except (ValueError, OSError, MirrorError):
-                continue
+            except (ValueError, OSError, MirrorError, channel.ChannelError):
+                continue  # unreadable, not ours, or not JSON: never a resume candidate
             if not isinstance(obj, dict) or obj.get("v") != channel.SCHEMA_VERSION:
                 continue
             if checkpoint_from_marker(obj, Path(name), parsed[1]) is None:
@@ -808,6 +810,11 @@ class Mirror:
                     self.target.delete(name + MARKER_SUFFIX)
             for name in doomed:
                 self.target.delete(name)
+            for name in names:  # markers whose file is gone (a prune cut short elsewhere)
+                stem = name[: -len(MARKER_SUFFIX)]
+                parsed = manager.parse_name(stem) if name.endswith(MARKER_SUFFIX) else None
+                if parsed is not None and stem not in names and parsed[0] < newest_seq:
+                    self.target.delete(name)
             self.target.sweep()
         except Exception as err:  # committed already; a failed prune is retried next time
             _event(logging.WARNING, "mirror_prune_failed", target=self.location, error=str(err),
