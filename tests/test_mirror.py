@@ -284,6 +284,20 @@ class TestLocalMirror:
         train(second, 1)
         assert second.checkpoint().path.name == "ckpt-00000002-step6.pt"  # names go on after the mirror's
 
+    def test_a_local_checkpoint_the_mirror_never_got_is_copied_after_resume(
+            self, make_session, tmp_path, shm, other_fs):
+        """Resumed from the local disk (its copy never made it): resume() queues it for the mirror."""
+        target = FailingTarget(shm / "m", errno.ENOTCONN)
+        first = make_session(local_mirror(shm / "m", other_fs, target=target), mirror_wait_s=0.1)
+        train(first, 3)
+        final = first.complete()
+        assert committed(shm / "m") == []
+        second = make_session(local_mirror(shm / "m", other_fs))
+        start = second.resume()
+        assert start.path == final.path
+        wait_until(lambda: committed(shm / "m") == [final.path.name], what="copy after resume")
+        assert (shm / "m" / final.path.name).read_bytes() == final.path.read_bytes()
+
     def test_a_torn_or_unmarked_copy_on_the_mirror_is_never_resumed_from(
             self, make_session, tmp_path, shm, other_fs):
         """A mirror file that does not match its marker, or has none, is skipped for an older good one."""

@@ -483,6 +483,7 @@ class Mirror:
         self._retry_s = RETRY_FIRST_S
         self._retry_at = 0.0
         self._thread: Optional[threading.Thread] = None
+        self._top_seq = 0  # the newest committed sequence number seen on the mirror
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -518,8 +519,8 @@ class Mirror:
             else:
                 if newest:
                     # The mirror's names continue the local sequence: never reuse one of them.
-                    top = max(c.seq for c in newest)
-                    manager._last_seq = max(manager._last_seq, top)
+                    self._top_seq = max(c.seq for c in newest)
+                    manager._last_seq = max(manager._last_seq, self._top_seq)
         if self._refused:
             return
         self._thread = threading.Thread(target=self._run, name="session-watchdog-mirror",
@@ -543,6 +544,17 @@ class Mirror:
             self._retry_at = 0.0
             self._cond.notify_all()
         self._report()
+
+    def catch_up(self, saved: SavedCheckpoint) -> None:
+        """Queue ``saved`` (resumed from the local disk) unless the mirror has it or newer.
+
+        A runtime killed before its last copy verified, whose local disk survived (AutoDL, a
+        kernel restart), resumes locally: that checkpoint still belongs on the mirror.
+        """
+        seq = self._seq_of(saved) if self._manager is not None else 0
+        last = self._last
+        if seq > self._top_seq and (last is None or last.seq < seq):
+            self.submit(saved)
 
     def wait(self, saved: SavedCheckpoint, timeout: float) -> Optional[MirroredCheckpoint]:
         """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror."""

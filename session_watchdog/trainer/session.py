@@ -56,6 +56,12 @@ States reported in ``trainer.json``: ``starting`` (built, no step yet), ``runnin
 ``failed`` (``fail()``, an exception leaving the ``with`` block - KeyboardInterrupt included -, or
 a stop/final checkpoint that could not be saved). ``close()`` alone leaves the state as it is.
 
+Mirroring (``mirror=``, trainer/mirror.py). Every committed checkpoint is also copied to a second
+tier (Drive, autodl-fs, an fsspec URL) by a background thread and verified there; ``trainer.json``
+reports it (``extra["mirror"]``, ``extra["last_mirrored"]``). Only ``complete()`` and a stop wait
+for the copy, at most ``mirror_wait_s``. ``resume()`` first copies a newer verified checkpoint down
+from the mirror.
+
 Failures. A malformed ``request.json`` is logged and ignored. A checkpoint that fails to save is
 logged and not acknowledged (the request is tried again after ``retry_after`` seconds, the daemon
 may resend it), training goes on - except for a stop, where ``step()`` re-raises the error after
@@ -563,6 +569,8 @@ class Session:
         self._start_step = step
         self.extras = extras
         self._last_checkpoint = _info(saved, seq=None)
+        if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
+            self._mirror.catch_up(saved)  # resumed from a local copy the mirror never got
         if self._dist is not None:
             self._schedule_sync()  # the counter moved: the next agreement counts from here
         self._write_status()
