@@ -204,7 +204,8 @@ class TestLocalMirror:
         for _ in range(4):
             train(session, 3)
             saved = session.checkpoint()
-        assert session._mirror is not None and session._mirror.wait(saved, WAIT_S) is not None
+            # one at a time: on a busy machine a queued copy could be skipped for a newer one
+            assert session._mirror is not None and session._mirror.wait(saved, WAIT_S) is not None
         local, mirrored = committed(tmp_path / "ckpt"), committed(shm / "m")
         assert local == ["ckpt-00000003-step9.pt", "ckpt-00000004-step12.pt"]
         assert mirrored == ["ckpt-00000002-step6.pt", "ckpt-00000003-step9.pt", "ckpt-00000004-step12.pt"]
@@ -305,8 +306,10 @@ class TestLocalMirror:
         train(first, 1)
         good = first.checkpoint()
         good_weights = {k: v.clone() for k, v in first.model.state_dict().items()}
+        assert first._mirror.wait(good, WAIT_S) is not None
         train(first, 1)
         torn = first.checkpoint()
+        assert first._mirror.wait(torn, WAIT_S) is not None
         train(first, 1)
         unmarked = first.checkpoint()
         assert first._mirror.wait(unmarked, WAIT_S) is not None
@@ -482,7 +485,7 @@ class TestS3Mirror:
         target = RecordingS3Target(url, options)
         first = make_session(Mirror(target))
         train(first, 3)
-        first.checkpoint()
+        assert first._mirror.wait(first.checkpoint(), WAIT_S) is not None
         train(first, 3)
         final = first.complete()
         weights = {k: v.clone() for k, v in first.model.state_dict().items()}
