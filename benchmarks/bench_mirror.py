@@ -136,7 +136,7 @@ def run(size_mb: int, rate_mb: float, repeat: int, local_root: Path, mirror_root
         manager = CheckpointManager(local_dir / "ckpt", keep=2)
         slow = Mirror(ThrottledTarget(slow_dir / "mirror", throttle), allow_same_filesystem=same_fs)
         slow.attach(manager)
-        direct, stall, verified, copied = [], [], [], []
+        direct, stall, submit, verified, copied = [], [], [], [], []
         for i in range(repeat):
             direct.append(direct_save(slow_dir / f"direct-{i}.pt", state, throttle))
             os.unlink(slow_dir / f"direct-{i}.pt")
@@ -146,6 +146,7 @@ def run(size_mb: int, rate_mb: float, repeat: int, local_root: Path, mirror_root
             committed = time.perf_counter()
             slow.submit(saved)
             stall.append(time.perf_counter() - started)
+            submit.append(time.perf_counter() - committed)
             done = slow.wait(saved, 600.0)
             assert done is not None, "the mirror copy did not verify"
             verified.append(time.perf_counter() - committed)
@@ -171,11 +172,14 @@ def run(size_mb: int, rate_mb: float, repeat: int, local_root: Path, mirror_root
             shutil.rmtree(path, ignore_errors=True)
 
     med = statistics.median
-    print(f"state: {size_mb} MiB; local {local_root}, mirror {mirror_root}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"state: {size_mb} MiB; {os.cpu_count()} CPUs, load average {load}")
+    print(f"local {local_root}, mirror {mirror_root}"
           f"{' (same filesystem: testing override)' if same_fs else ''}; slow target "
           f"throttled to {rate_mb:g} MiB/s; median of {repeat}")
     rows = [("direct torch.save into the slow target", med(direct)),
             ("stall with mirror= (local save+submit)", med(stall)),
+            ("  of which Mirror.submit", med(submit)),
             ("commit -> verified on the slow mirror", med(verified)),
             ("shutil.copyfileobj into the slow target", med(copied)),
             ("commit -> verified on the fast mirror", med(fast_verified)),

@@ -269,20 +269,11 @@ class LocalTarget(Target):
         final = self.path / name
         tmp = temp_path_for(final)
         fd = self.open_temp(tmp)
-        written = 0
         try:
             try:
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
-                while True:
-                    got = os.readv(source_fd, [buf])
-                    if got == 0:
-                        break
-                    chunk = view[:got]
-                    while chunk:
-                        n = self.write_chunk(fd, chunk)
-                        chunk = chunk[n:]
-                    written += got
+                written = self._kernel_copy(source_fd, fd)
+                if written is None:
+                    written = self._chunk_copy(source_fd, fd)
                 _fsync_if_supported(fd)
             finally:
                 os.close(fd)
@@ -292,6 +283,37 @@ class LocalTarget(Target):
             raise
         _fsync_dir_if_supported(self.path)
         return written
+
+    def _chunk_copy(self, source_fd: int, fd: int) -> int:
+        """Read and write through :meth:`write_chunk`, one chunk at a time."""
+        written = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            got = os.readv(source_fd, [buf])
+            if got == 0:
+                return written
+            chunk = view[:got]
+            while chunk:
+                chunk = chunk[self.write_chunk(fd, chunk):]
+            written += got
+
+    def _kernel_copy(self, source_fd: int, fd: int) -> Optional[int]:
+        """Copy inside the kernel (sendfile) when no subclass intercepts ``write_chunk``;
+        None when it does or the filesystems do not support it (then: read and write)."""
+        if type(self).write_chunk is not LocalTarget.write_chunk or not hasattr(os, "sendfile"):
+            return None
+        written = 0
+        while True:
+            try:
+                sent = os.sendfile(fd, source_fd, None, CHUNK)
+            except OSError as err:
+                if written == 0 and err.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+                    return None  # nothing written yet: the plain loop starts from the beginning
+                raise
+            if sent == 0:
+                return written
+            written += sent
 
     def read_chunks(self, name: str) -> Iterator[bytes]:
         with open(self.path / name, "rb", buffering=0) as fh:
