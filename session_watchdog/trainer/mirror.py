@@ -504,6 +504,7 @@ class Mirror:
         self._closing = False
         self._retry_s = RETRY_FIRST_S
         self._retry_at = 0.0
+        self._retrying = False  # _next is a failed copy waiting for its retry
         self._thread: Optional[threading.Thread] = None
         self._top_seq = 0  # the newest committed sequence number seen on the mirror
 
@@ -557,13 +558,14 @@ class Mirror:
         if self._refused or self._manager is None:
             return
         with self._cond:
-            if self._next is not None:
+            if self._next is not None and not self._retrying:
                 self._skipped += 1
                 _event(logging.WARNING, "mirror_skipped", target=self.location,
                        skipped_step=self._next[0].step, newer_step=saved.step,
                        reason="the mirror is slower than the checkpoints: copying the newest only")
             self._next = (saved, time.monotonic())
             self._retry_at = 0.0
+            self._retrying = False
             self._cond.notify_all()
         self._report()
 
@@ -719,6 +721,7 @@ class Mirror:
                     break
                 saved, committed = self._next
                 self._next = None
+                self._retrying = False
                 self._busy = saved.step
             self._report()
             try:
@@ -728,6 +731,7 @@ class Mirror:
                     self._busy = None
                     if self._next is None and not self._closing:
                         self._next = (saved, committed)  # retry it unless a newer one came
+                        self._retrying = True
                         self._retry_at = time.monotonic() + self._retry_s
                         self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
                     self._cond.notify_all()
