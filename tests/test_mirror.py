@@ -251,6 +251,19 @@ class TestLocalMirror:
         report = mirror_report(tmp_path / "run")
         assert (report["state"], report["skipped"]) == ("ok", 2)
 
+    def test_a_requested_async_save_is_mirrored_after_it_is_durable(self, make_session, tmp_path, shm, other_fs):
+        """async_save: the background write's ack also hands the checkpoint to the mirror."""
+        session = make_session(local_mirror(shm / "m", other_fs), async_save=True)
+        channel.RunDir(tmp_path / "run").write_request(channel.Request(1, "checkpoint", "test", None, time.time()))
+        deadline = time.monotonic() + WAIT_S
+        while session.acked_seq < 1:
+            assert time.monotonic() < deadline, "request never acknowledged"
+            train(session, 1)
+            time.sleep(0.005)
+        name = Path(session.last_checkpoint.path).name
+        wait_until(lambda: committed(shm / "m") == [name], what="async checkpoint mirrored")
+        assert (shm / "m" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
+
     def test_complete_waits_for_the_mirror_only_as_long_as_allowed_and_says_so(
             self, make_session, tmp_path, shm, other_fs, caplog):
         """complete() waits mirror_wait_s at most, logs mirror_wait_timeout; the copy lands later."""
@@ -585,3 +598,34 @@ def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always
         assert torch.equal(state["w"], torch.full((300_000,), float(step)))
         assert name == committed(shm / "m")[-1]
     assert mid_copy >= 1, "no kill landed inside a copy: the test did not test anything"
+
+
+# --------------------------------------------------------------------------------------------
+# DDP under torchrun: rank 0 mirrors and restores for all ranks
+
+
+def test_ddp_rank0_mirrors_and_both_ranks_resume_from_the_mirror_alone(tmp_path, shm, other_fs):
+    """torchrun, 2 ranks: rank 0's checkpoints reach the mirror; with the local dir gone both ranks resume from it."""
+    if not other_fs:
+        pytest.skip("needs /dev/shm on another filesystem than the temp dir (the example has no override)")
+    from test_distributed import finish, torchrun_example
+
+    def run(epochs: int) -> str:
+        proc = torchrun_example(tmp_path / "run", tmp_path / "ckpt", "--epochs", str(epochs),
+                                "--steps-per-epoch", "10", "--mirror", str(shm / "m"))
+        code, out = finish(proc)
+        assert code == 0, out
+        return out
+
+    run(1)
+    assert committed(shm / "m") == ["ckpt-00000001-step10.pt"]
+    assert (shm / "m" / "ckpt-00000001-step10.pt").read_bytes() == \
+        (tmp_path / "ckpt" / "ckpt-00000001-step10.pt").read_bytes()
+    shutil.rmtree(tmp_path / "ckpt")
+    out = run(2)
+    for rank in (0, 1):
+        assert f"[rank {rank}] resumed from {tmp_path / 'ckpt' / 'ckpt-00000001-step10.pt'} at epoch 0 step 10" in out
+        assert f"[rank {rank}] completed at step 20: {tmp_path / 'ckpt' / 'ckpt-00000002-step20.pt'}" in out
+    assert committed(shm / "m")[-1] == "ckpt-00000002-step20.pt"
+    assert (shm / "m" / "ckpt-00000002-step20.pt").read_bytes() == \
+        (tmp_path / "ckpt" / "ckpt-00000002-step20.pt").read_bytes()
