@@ -791,15 +791,16 @@ class Session:
                 self.close()
                 raise
             self._stopped = True
+            # Before the barrier: the other ranks wait there while rank 0's copy finishes.
+            deadline = flags.request.deadline if flags.request is not None else None
+            self._wait_mirror(saved, "stop", self.mirror_wait_s if deadline is None else
+                              min(self.mirror_wait_s, deadline - time.time()))
             if self._dist is not None:
                 # Every reporter has acked before any rank leaves: torchrun ends the other
                 # workers as soon as one exits, which must not cut another node's ack short.
                 self._dist.barrier()
             _event(logging.WARNING, "stopped", reason=flags.reason, step=saved.step,
                    path=str(saved.path))
-            deadline = flags.request.deadline if flags.request is not None else None
-            self._wait_mirror(saved, "stop", self.mirror_wait_s if deadline is None else
-                              min(self.mirror_wait_s, deadline - time.time()))
             self.close()
             if self.exit_on_stop:
                 raise SessionExit(flags.reason, saved)
