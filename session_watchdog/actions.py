@@ -302,6 +302,29 @@ class EndTransaction:
                 lock.release()
         return self.outcome
 
+    def _verified_on_mirror(self, ckpt: Optional[channel.CheckpointInfo]) -> Optional[List[str]]:
+        """None without a mirror; else the mirror's files of the final checkpoint (issue 14).
+
+        The trainer copies every checkpoint to its mirror and reads it back there; the runtime
+        ends only once the final one verified on it. A local mirror path is hashed again here.
+
+        Raises:
+            EndAborted: the final checkpoint is not (or no longer) verified on the mirror.
+        """
+        mirror = channel.MirrorStatus.from_status(self.status)
+        if mirror is None or ckpt is None or not self.check_checkpoint:
+            return None
+        if mirror.last_sha256 != ckpt.sha256 or mirror.last_step != ckpt.step \
+                or mirror.last_path is None:
+            raise EndAborted(_mirror_not_verified(ckpt, mirror))
+        if mirror.local:
+            problem = verify_checkpoint(mirror.last_path, ckpt.sha256, ckpt.bytes)
+            if problem is not None:
+                raise EndAborted(f"on the mirror: {problem}")
+        self._step("end_mirror", ok=True, path=mirror.last_path, checkpoint_step=ckpt.step,
+                   rehashed=mirror.local)
+        return _checkpoint_files(mirror.last_path) if mirror.local else []
+
     def _run(self) -> str:
         started_wall = time.time()
         # 1-2. the last checkpoint verifies (size + sha256, marker agrees)
@@ -320,7 +343,10 @@ class EndTransaction:
         # must have settled (no unmount yet: the user may still cancel and go on training)
         paths = _checkpoint_files(ckpt.path) if ckpt is not None else []
         paths += self.extra_paths
-        settled = self.flush(paths, unmount=False)
+        on_mirror = self._verified_on_mirror(ckpt)  # with a mirror: replaces the size heuristic
+        if on_mirror is not None:
+            paths = on_mirror + self.extra_paths
+        settled = self.flush(paths, unmount=False) if on_mirror is None else "mirror-verified"
         if settled == "unstable":
             raise EndAborted("files on Google Drive kept changing; not ending the runtime")
         self._step("end_persist", result=settled)
@@ -377,6 +403,13 @@ class EndTransaction:
                 raise EndAborted(f"retry failed: {err}") from err
             self._step("end_action", message=self.description, result=result, retry=True)
         return "ended"
+
+
+def _mirror_not_verified(ckpt: channel.CheckpointInfo, mirror: channel.MirrorStatus) -> str:
+    why = f"{mirror.state}: {mirror.problem} ({mirror.error})" if mirror.problem else mirror.state
+    newest = f"step {mirror.last_step}" if mirror.last_step is not None else "nothing yet"
+    return (f"the final checkpoint (step {ckpt.step}) is not verified on the mirror {mirror.target} "
+            f"(mirror {why}; newest there: {newest}); not ending the runtime")
 
 
 def _checkpoint_files(path: str) -> List[str]:

@@ -385,6 +385,56 @@ class TrainerStatus:
         )
 
 
+@dataclass(frozen=True)
+class MirrorStatus:
+    """The trainer's checkpoint mirror (``extra["mirror"]`` and ``extra["last_mirrored"]``).
+
+    Kept in ``extra`` so that daemons that do not know mirrors ignore it. ``state``: ok |
+    copying | failing | refused; ``problem`` a code from trainer/mirror.py when failing.
+    ``last_*`` describe the newest checkpoint verified on the mirror (None: none yet);
+    ``last_duration_s`` is the time from its local commit to verified there.
+    """
+
+    target: str
+    local: bool
+    state: str
+    problem: Optional[str] = None
+    error: Optional[str] = None
+    pending_step: Optional[int] = None
+    last_path: Optional[str] = None
+    last_step: Optional[int] = None
+    last_sha256: Optional[str] = None
+    last_bytes: Optional[int] = None
+    last_at: Optional[float] = None
+    last_duration_s: Optional[float] = None
+
+    @classmethod
+    def from_status(cls, status: Optional[TrainerStatus]) -> Optional[MirrorStatus]:
+        """The mirror of ``status``; None when it has none or reports it malformed."""
+        if status is None or not isinstance(status.extra.get("mirror"), dict):
+            return None
+        mirror = status.extra["mirror"]
+        last = status.extra.get("last_mirrored")
+        last = last if isinstance(last, dict) else {}
+        try:
+            return cls(
+                target=_str(mirror, "target") or "",
+                local=mirror.get("local") is True,
+                state=_str(mirror, "state") or "",
+                problem=_str(mirror, "problem", optional=True),
+                error=_str(mirror, "error", optional=True),
+                pending_step=_int(mirror, "pending_step", optional=True),
+                last_path=_str(last, "path", optional=True),
+                last_step=_int(last, "step", optional=True),
+                last_sha256=_str(last, "sha256", optional=True),
+                last_bytes=_int(last, "bytes", optional=True),
+                last_at=_num(last, "at", optional=True),
+                last_duration_s=_num(last, "duration_s", optional=True),
+            )
+        except ChannelError:
+            return None
+
+
 class RunDir:
     """Typed access to one run directory (both sides use it)."""
 

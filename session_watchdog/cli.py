@@ -403,6 +403,22 @@ def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]
     return out
 
 
+def mirror_rows(trainer: Dict[str, Any], now: float) -> List[Tuple[str, str]]:
+    """The "mirrored" row of ``status``: the newest step verified on the trainer's mirror."""
+    mirror = (trainer.get("extra") or {}).get("mirror")
+    if not isinstance(mirror, dict):
+        return []
+    last = (trainer.get("extra") or {}).get("last_mirrored") or {}
+    text = (f"step {last.get('step')}, {format_duration(now - last['at'])} ago: {last.get('path')}"
+            if isinstance(last, dict) and isinstance(last.get("at"), (int, float))
+            else f"nothing yet ({mirror.get('target')})")
+    if mirror.get("problem"):
+        text += f"; {mirror.get('state')}: {mirror.get('problem')} ({mirror.get('error')})"
+    elif mirror.get("pending_step") is not None:
+        text += f"; copying step {mirror.get('pending_step')}"
+    return [("mirrored", text)]
+
+
 def render_status(info: Dict[str, Any]) -> str:
     trainer = info.get("trainer") or {}
     ckpt = trainer.get("last_checkpoint") or {}
@@ -420,6 +436,7 @@ def render_status(info: Dict[str, Any]) -> str:
             if trainer else "")),
         ("last checkpoint", f"step {ckpt.get('step')}, {ckpt.get('bytes')} bytes, "
          f"{format_duration(info['now'] - ckpt['at'])} ago: {ckpt.get('path')}" if ckpt.get("at") else "-"),
+        *mirror_rows(trainer, info["now"]),
         ("pending request", json.dumps(info["outstanding"]) if info.get("outstanding") else "-"),
         ("runtime end", "cancelled: this runtime is kept (session-watchdog cancel, "
          f"{format_duration(info['now'] - info['keep_runtime_since'])} ago; a new run undoes it)"

@@ -760,6 +760,10 @@ def _trainer_rows(add: Callable[..., None], info: Dict[str, Any], now: float) ->
             f"{_fmt_bytes(ckpt.get('bytes'))}: {ckpt.get('path')}")
     else:
         add("last checkpoint", "none")
+    from session_watchdog.cli import mirror_rows
+
+    for key, text in mirror_rows(trainer, now):
+        add(key, text, "warn" if "failing" in text or "refused" in text else "")
 
 
 # --------------------------------------------------------------------------------------------

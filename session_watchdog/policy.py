@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
+from session_watchdog.channel import MirrorStatus
 from session_watchdog.config import Config, format_duration
 from session_watchdog.probes import Sample, gpus_all_idle
 
@@ -40,6 +41,8 @@ NO_TRAINER = "no_trainer"
 # A watched command gets this long to build its Session before we say that none did: torch's
 # import alone takes 10-80 s on a busy 2-core runtime (issue 11).
 NO_TRAINER_AFTER_S = 120.0
+
+MIRROR_FAILING = "mirror_failing"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
 MAX_RESENDS = 5
@@ -125,6 +128,7 @@ class Lead:
     lead_s: float  # checkpoint request this long before the deadline
     stop_lead_s: float  # stop request this long before the deadline
     agree_s: float = 0.0  # distributed ranks act at their next agreement (trainer's report)
+    mirror_s: float = 0.0  # a checkpoint's local commit -> verified on the trainer's mirror
 
 
 def _positive(value: Any) -> Optional[float]:
@@ -146,8 +150,14 @@ def lead_time(config: Config, sample: Sample) -> Lead:
             step = status.step_time_s
         # ranks check for requests every few steps (one all-reduce): a request waits that long
         agree = _positive(status.extra.get("agree_delay_s")) or 0.0
-    return Lead(ckpt, step, config.margin + config.save_factor * ckpt + step + agree,
-                config.stop_margin + ckpt + step + agree, agree)
+    # A mirrored checkpoint is safe once it verified on the mirror (issue 14): the measured
+    # commit -> verified time; before the first one, assume a copy takes as long as a save.
+    mirror = MirrorStatus.from_status(status)
+    mirror_s = 0.0
+    if mirror is not None and mirror.state != "refused":
+        mirror_s = _positive(mirror.last_duration_s) or ckpt
+    return Lead(ckpt, step, config.margin + config.save_factor * ckpt + step + agree + mirror_s,
+                config.stop_margin + ckpt + step + agree + mirror_s, agree, mirror_s)
 
 
 SLURM_LIMIT = "slurm"  # the notice source for a SLURM job's time limit (a deadline, not a preemption)
@@ -348,6 +358,15 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
         t.warn_once("trainer_stalled", TRAINER_STALLED,
                     f"trainer heartbeat is {format_duration(sample.now - status.heartbeat)} old at step "
                     f"{status.step}", step=status.step)
+
+    # The trainer's checkpoint mirror fails (Drive unmounted, quota, read-only...): say so once
+    # per problem; training goes on with local checkpoints.
+    mirror = MirrorStatus.from_status(status)
+    if mirror is not None and mirror.problem is not None and trainer.alive:
+        t.warn_once(f"mirror_{mirror.problem}", MIRROR_FAILING,
+                    f"checkpoint mirror {mirror.target}: {mirror.problem} ({mirror.error}); "
+                    "training continues, checkpoints are only local until it recovers",
+                    problem=mirror.problem, target=mirror.target)
 
     # Periodic checkpoints, counted from the last checkpoint or the last periodic request.
     if config.checkpoint_every and active:

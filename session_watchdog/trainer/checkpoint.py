@@ -957,6 +957,11 @@ class CheckpointManager:
                 best = max(best, int(match.group(1)))
         return best
 
+    def parse_name(self, name: str) -> Optional[Tuple[int, int]]:
+        """``(seq, step)`` of a committed checkpoint's file name of this manager, else None."""
+        match = self._final_re.match(name)
+        return None if match is None else (int(match.group(1)), int(match.group(2)))
+
     def _read_marker(self, entry: _Entry, *, check_size: bool) -> Optional[SavedCheckpoint]:
         """The checkpoint the marker describes, or None when the marker is missing or wrong."""
         try:
@@ -965,21 +970,8 @@ class CheckpointManager:
             return None
         if obj is None:
             return None
-        try:
-            saved = SavedCheckpoint(
-                path=entry.path,
-                step=_field(obj, "step", int),
-                epoch=_field(obj, "epoch", int),
-                bytes=_field(obj, "bytes", int),
-                sha256=_field(obj, "sha256", str),
-                duration_s=float(_field(obj, "duration_s", (int, float), default=0.0)),
-                at=float(_field(obj, "at", (int, float))),
-            )
-        except (KeyError, TypeError):
-            return None
-        if obj.get("file", entry.path.name) != entry.path.name or saved.step != entry.step:
-            return None
-        if not re.fullmatch(r"[0-9a-f]{64}", saved.sha256) or saved.bytes <= 0:
+        saved = checkpoint_from_marker(obj, entry.path, entry.step)
+        if saved is None:
             return None
         if check_size:
             try:
@@ -1047,6 +1039,31 @@ def _open_directory(directory: Path, mount_roots: Sequence[mounts.MountRoot]) ->
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CheckpointDirError(f"cannot write to {directory}: Permission denied; choose a "
                                  "directory you can write")
+
+
+def checkpoint_from_marker(obj: Dict[str, Any], path: Path, step: int) -> Optional[SavedCheckpoint]:
+    """The checkpoint a marker's JSON describes for the file ``path`` (named for ``step``).
+
+    None when the marker is malformed or names another file or step. The file itself is not
+    looked at (the mirror reads markers of files on other tiers with this, trainer/mirror.py).
+    """
+    try:
+        saved = SavedCheckpoint(
+            path=path,
+            step=_field(obj, "step", int),
+            epoch=_field(obj, "epoch", int),
+            bytes=_field(obj, "bytes", int),
+            sha256=_field(obj, "sha256", str),
+            duration_s=float(_field(obj, "duration_s", (int, float), default=0.0)),
+            at=float(_field(obj, "at", (int, float))),
+        )
+    except (KeyError, TypeError):
+        return None
+    if obj.get("file", path.name) != path.name or saved.step != step:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", saved.sha256) or saved.bytes <= 0:
+        return None
+    return saved
 
 
 def _field(obj: Dict[str, Any], key: str, kind: Any, default: Any = None) -> Any:

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S)
     parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_INTERVAL_S)
     parser.add_argument("--quiet", action="store_true", help="no session log lines on stderr")
+    parser.add_argument("--mirror", default=None,
+                        help="copy every checkpoint, verified, to this path or fsspec URL "
+                             "(Drive, autodl-fs, s3://...); resume looks there too")
     dist = parser.add_argument_group("distributed (under torchrun)")
     dist.add_argument("--ddp", action="store_true",
                       help="DistributedDataParallel over the torchrun process group "
@@ -208,7 +211,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
         run_dir=run_dir, async_save=args.async_save,
         checkpoint_every=args.checkpoint_every or None, poll_interval=args.poll_interval,
         heartbeat_interval=args.heartbeat_interval, sync_every=args.sync_every,
-        sync_interval_s=args.sync_interval or None, sharded=args.sharded)
+        sync_interval_s=args.sync_interval or None, sharded=args.sharded, mirror=args.mirror)
     with session:
         start = session.resume()
         if start.resumed:

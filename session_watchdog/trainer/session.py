@@ -56,6 +56,12 @@ States reported in ``trainer.json``: ``starting`` (built, no step yet), ``runnin
 ``failed`` (``fail()``, an exception leaving the ``with`` block - KeyboardInterrupt included -, or
 a stop/final checkpoint that could not be saved). ``close()`` alone leaves the state as it is.
 
+Mirroring (``mirror=``, trainer/mirror.py). Every committed checkpoint is also copied to a second
+tier (Drive, autodl-fs, an fsspec URL) by a background thread and verified there; ``trainer.json``
+reports it (``extra["mirror"]``, ``extra["last_mirrored"]``). Only ``complete()`` and a stop wait
+for the copy, at most ``mirror_wait_s``. ``resume()`` first copies a newer verified checkpoint down
+from the mirror.
+
 Failures. A malformed ``request.json`` is logged and ignored. A checkpoint that fails to save is
 logged and not acknowledged (the request is tried again after ``retry_after`` seconds, the daemon
 may resend it), training goes on - except for a stop, where ``step()`` re-raises the error after
@@ -139,6 +145,7 @@ if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a S
         ShardedCheckpoint,
         ShardedCheckpointer,
     )
+    from session_watchdog.trainer.mirror import Mirror
 
 __all__ = [
     "EXIT_STOPPED",
@@ -169,6 +176,7 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_CHECKPOINT_EVERY_S = 30 * 60.0
 DEFAULT_RETRY_AFTER_S = 30.0
+DEFAULT_MIRROR_WAIT_S = 300.0  # complete() / a stop wait this long at most for the mirror
 _STEP_TIME_EMA_ALPHA = 0.3  # weight of the newest step-time sample (one per poll with progress)
 _RUN_LOCK_WAIT_S = 30.0  # the daemon holds run.lock exclusively only briefly, before ending
 _SESSION_EXTRAS_KEY = "session_watchdog"  # our bookkeeping inside the checkpoint's extras
@@ -305,6 +313,12 @@ class Session:
             alone decides. The same on every rank.
         sharded: save with ``torch.distributed.checkpoint`` into committed step directories
             (FSDP; every rank writes its shards) instead of rank 0's single file.
+        mirror: a second tier for every committed checkpoint (a Drive / autodl-fs / NFS path,
+            an fsspec URL such as ``s3://bucket/run1``, or a ``trainer.mirror.Mirror``): copied
+            and verified in the background (trainer/mirror.py); ``resume()`` looks there too.
+            Single-file checkpoints only (rank 0's under DDP; not with ``sharded=True``).
+        mirror_wait_s: the most seconds ``complete()`` and a stop wait for the last checkpoint
+            to verify on the mirror (said in the log either way).
     """
 
     def __init__(
@@ -328,6 +342,8 @@ class Session:
         sync_every: int = DEFAULT_SYNC_EVERY,
         sync_interval_s: Union[float, str, None] = DEFAULT_SYNC_INTERVAL_S,
         sharded: bool = False,
+        mirror: Union[None, str, os.PathLike[str], Mirror] = None,
+        mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -423,6 +439,8 @@ class Session:
             self.async_save = False
             _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
                    "are collective and synchronous")
+        self.mirror_wait_s = float(mirror_wait_s)
+        self._mirror: Optional[Mirror] = None
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
         self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
@@ -450,6 +468,14 @@ class Session:
             raise
         _event(logging.INFO, "session_started", run_dir=str(self.run_dir.path),
                checkpoint_dir=str(self.manager.directory), acked_seq=self._acked_seq)
+        if mirror is not None and (self.sharded or self._rank != 0):
+            if self.sharded:  # each rank's shards would need their own copy: not built yet
+                _event(logging.WARNING, "mirror_ignored", reason="sharded checkpoints are not "
+                       "mirrored; use a checkpoint_dir on persistent storage")
+        elif mirror is not None:  # last: its reports go to trainer.json (issue 14)
+            from session_watchdog.trainer import mirror as mirror_mod
+
+            self._mirror = mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
 
     # ------------------------------------------------------------------------------------------
     # The training loop's side
@@ -546,6 +572,10 @@ class Session:
         """
         loaded: Optional[Tuple[Union[SavedCheckpoint, ShardedCheckpoint], Dict[str, Any]]]
         self._resume_called = True
+        if self._mirror is not None:
+            # A newer verified copy on the mirror (a fresh runtime's disk is empty) comes down
+            # to the local directory first; the local choice below then finds it.
+            self._mirror.restore(self.manager)
         if self._sharded_ckpt is not None:
             loaded = self._load_sharded()
         elif self._dist is not None:
@@ -575,6 +605,8 @@ class Session:
         self._start_step = step
         self.extras = extras
         self._last_checkpoint = _info(saved, seq=None)
+        if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
+            self._mirror.catch_up(saved)  # resumed from a local copy the mirror never got
         if self._dist is not None:
             self._schedule_sync()  # the counter moved: the next agreement counts from here
         self._write_status()
@@ -696,6 +728,7 @@ class Session:
         self._keep_run_lock = end_runtime_after == "exit"
         _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
                sha256=saved.sha256, end_runtime_after=end_runtime_after)
+        self._wait_mirror(saved, "complete", self.mirror_wait_s)
         self.close()
         return saved
 
@@ -717,6 +750,8 @@ class Session:
         self._closed = True
         self._pending = False
         self._join_async()
+        if self._mirror is not None:
+            self._mirror.close()  # what is queued is still copied; no more retries
         self._wake()
         if self._poller.is_alive() and self._poller is not threading.current_thread():
             self._poller.join(timeout=max(5.0, 2 * self.poll_interval))
@@ -810,6 +845,10 @@ class Session:
                 self.close()
                 raise
             self._stopped = True
+            # Before the barrier: the other ranks wait there while rank 0's copy finishes.
+            deadline = flags.request.deadline if flags.request is not None else None
+            self._wait_mirror(saved, "stop", self.mirror_wait_s if deadline is None else
+                              min(self.mirror_wait_s, deadline - time.time()))
             if self._dist is not None:
                 # Every reporter has acked before any rank leaves: torchrun ends the other
                 # workers as soon as one exits, which must not cut another node's ack short.
@@ -1070,6 +1109,37 @@ class Session:
             if state is not None:
                 self._state = state
         self._write_status()
+        if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
+            self._mirror.submit(saved)
+
+    def _mirror_changed(self, report: Dict[str, Any]) -> None:
+        """The mirror's worker: report its state and newest verified copy in trainer.json."""
+        mirror = self._mirror
+        last = mirror.last if mirror is not None else None
+        with self._status_lock:
+            self._extra["mirror"] = report
+            if last is not None:
+                self._extra["last_mirrored"] = last.to_json()
+        self._write_status()
+
+    def _wait_mirror(self, saved: SavedCheckpoint, why: str, timeout: float) -> None:
+        """Wait (bounded) for ``saved`` to verify on the mirror; say how it went."""
+        mirror = self._mirror
+        if mirror is None or not isinstance(saved, self._ckpt.SavedCheckpoint):
+            return
+        started = time.monotonic()
+        _event(logging.INFO, "mirror_wait", why=why, step=saved.step, target=mirror.location,
+               timeout_s=round(max(0.0, timeout), 1))
+        done = mirror.wait(saved, max(0.0, timeout))
+        waited = round(time.monotonic() - started, 3)
+        if done is not None:
+            _event(logging.INFO, "mirror_wait_done", why=why, step=saved.step, waited_s=waited,
+                   path=done.location)
+        else:
+            _event(logging.WARNING, "mirror_wait_timeout", why=why, step=saved.step,
+                   waited_s=waited, target=mirror.location, problem=mirror.problem,
+                   message="the checkpoint is safe locally but not verified on the mirror; "
+                           "the watchdog will not end the runtime for it")
 
     def _fail(self, error: Optional[BaseException]) -> None:
         text = None if error is None else f"{type(error).__name__}: {error}"

@@ -1,0 +1,565 @@
+"""Verified copies of committed checkpoints on a second tier: Drive, autodl-fs, NFS, object stores.
+
+The runtime's own disk dies with the runtime; writing checkpoints straight into a FUSE mount
+(Colab's ``/content/drive``) stalls the training loop for the whole write and loses the file when
+the runtime is reclaimed mid-upload (googlecolab/colabtools#2161, #4314). A :class:`Mirror` lets
+the trainer save at local-disk speed and copies each committed checkpoint in a background thread:
+
+1. stream the file into the target (local: a temp file next to the final name, written through
+   :meth:`LocalTarget.write_chunk`, fsynced where the filesystem supports it, renamed; object
+   stores: one upload to the final key, which appears only when complete);
+2. read it back *from the target* and compare size and sha256 with the local commit marker;
+3. only then write the marker (the same JSON as the local one, checkpoint.py): the commit. On an
+   object store, where there is no rename, the marker object is the commit;
+4. keep the newest ``keep`` committed checkpoints there (markers deleted first, as locally). The
+   newest verified checkpoint is never deleted before a newer one verified: pruning happens only
+   right after a commit.
+
+One copy runs at a time and at most one waits: a newer checkpoint replaces the waiting one
+(``mirror_skipped``), so a slow mirror skips to the newest and never queues unbounded copies.
+
+Failures (the mount went away: ENOTCONN; quota or space: ENOSPC / EDQUOT / EFBIG; read-only;
+the directory vanished; an object store error; a copy that does not verify) are logged as a
+``mirror_failed`` warning with a ``problem`` code, reported in ``trainer.json``
+(``extra["mirror"]``) and retried with a backoff; training goes on. A mirror directory on the
+same filesystem as the checkpoint directory is refused (``same_filesystem``): it is not a second
+copy - and on Colab it is what an unmounted ``/content/drive/MyDrive/...`` path turns into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+from session_watchdog import channel
+from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for
+from session_watchdog.trainer.mirror_targets import (
+    ERROR,
+    HINTS,
+    MISMATCH,
+    SAME_FILESYSTEM,
+    FsspecTarget,
+    LocalTarget,
+    MirrorError,
+    Target,
+    classify,
+    make_target,
+)
+
+if TYPE_CHECKING:
+    from session_watchdog.trainer.checkpoint import CheckpointManager, SavedCheckpoint
+
+__all__ = [
+    "FsspecTarget",
+    "LocalTarget",
+    "Mirror",
+    "MirrorError",
+    "MirroredCheckpoint",
+    "Target",
+    "open_mirror",
+]
+
+_log = logging.getLogger(__name__)
+
+MARKER_SUFFIX = ".sha256"  # checkpoint.MARKER_SUFFIX (not imported: that module imports torch)
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+
+def _event(level: int, event: str, **fields: Any) -> None:
+    """Log an event with fields, as the other trainer modules do (stdlib logging)."""
+    if _log.isEnabledFor(level):
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        _log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+@dataclass(frozen=True)
+class MirroredCheckpoint:
+    """A checkpoint committed and verified on the mirror.
+
+    ``at`` is the wall-clock time it verified there; ``duration_s`` the time from its local
+    commit to that moment (queueing included: what a limit's lead time must allow for);
+    ``copy_s`` the copy and verification alone.
+    """
+
+    location: str
+    name: str
+    seq: int
+    step: int
+    sha256: str
+    bytes: int
+    at: float
+    duration_s: float
+    copy_s: float
+
+    def to_json(self) -> Dict[str, Any]:
+        """The ``last_mirrored`` object of ``trainer.json``."""
+        obj = asdict(self)
+        obj["path"] = obj.pop("location")
+        obj["duration_s"] = round(self.duration_s, 6)
+        obj["copy_s"] = round(self.copy_s, 6)
+        return obj
+
+
+# --------------------------------------------------------------------------------------------
+# The mirror
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    seq: int
+    step: int
+    name: str
+    marker: Dict[str, Any]
+
+
+class Mirror:
+    """Copies committed checkpoints to a second tier in one background thread, verified.
+
+    Args:
+        target: a path (Drive, autodl-fs, NFS), an fsspec URL (``s3://bucket/run1``) or a
+            :class:`Target`.
+        keep: committed checkpoints kept on the mirror (default: the local ``keep``).
+        storage_options: passed to fsspec for URLs.
+        allow_same_filesystem: for tests only: accept a mirror on the checkpoint directory's
+            filesystem (it is no second copy).
+    """
+
+    def __init__(
+        self,
+        target: Union[str, os.PathLike[str], Target],
+        *,
+        keep: Optional[int] = None,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        allow_same_filesystem: bool = False,
+    ) -> None:
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"Mirror(keep={keep!r}): keep at least 1 checkpoint on the mirror")
+        self.target = make_target(target, storage_options)
+        self.keep = keep
+        self.allow_same_filesystem = allow_same_filesystem
+        self._manager: Optional[CheckpointManager] = None
+        self._on_change: Callable[[Dict[str, Any]], None] = lambda report: None
+        self._cond = threading.Condition()
+        self._next: Optional[Tuple[SavedCheckpoint, float]] = None  # (checkpoint, committed mono)
+        self._busy: Optional[int] = None  # step being copied
+        self._last: Optional[MirroredCheckpoint] = None
+        self._reported: Optional[MirroredCheckpoint] = None  # _last, once in trainer.json
+        self._problem: Optional[str] = None
+        self._error: Optional[str] = None
+        self._refused = False
+        self._skipped = 0
+        self._closing = False
+        self._retry_s = RETRY_FIRST_S
+        self._retry_at = 0.0
+        self._retrying = False  # _next is a failed copy waiting for its retry
+        self._thread: Optional[threading.Thread] = None
+        self._top_seq = 0  # the newest committed sequence number seen on the mirror
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        return self.target.location
+
+    def attach(self, manager: CheckpointManager,
+               on_change: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        """Check the target, make local names continue after the mirror's, start the worker.
+
+        A refused or unusable mirror is a warning, never an exception: training goes on.
+        """
+        if self._manager is not None:
+            raise ValueError("this Mirror is attached already: give each Session its own")
+        self._manager = manager
+        if self.keep is None:
+            self.keep = manager.keep
+        if on_change is not None:
+            self._on_change = on_change
+        try:
+            self.target.prepare(manager.directory,
+                                allow_same_filesystem=self.allow_same_filesystem)
+        except MirrorError as err:
+            if err.problem == SAME_FILESYSTEM:
+                self._refused = True
+            self._failed(err, step=None)
+        else:
+            try:
+                newest = self._committed()
+            except Exception as err:  # unreachable now; later copies retry
+                self._failed(err, step=None)
+            else:
+                if newest:
+                    # The mirror's names continue the local sequence: never reuse one of them.
+                    self._top_seq = max(c.seq for c in newest)
+                    manager._last_seq = max(manager._last_seq, self._top_seq)
+        if self._refused:
+            return
+        self._thread = threading.Thread(target=self._run, name="session-watchdog-mirror",
+                                        daemon=True)
+        self._thread.start()
+        _event(logging.INFO, "mirror_started", target=self.location, keep=self.keep)
+
+    # ---- the trainer's side (never blocks unless asked) ------------------------------------
+
+    def submit(self, saved: SavedCheckpoint) -> None:
+        """Queue ``saved`` for copying; replaces a queued, not yet started, older one."""
+        if self._refused or self._manager is None:
+            return
+        with self._cond:
+            if self._next is not None and not self._retrying:
+                self._skipped += 1
+                _event(logging.WARNING, "mirror_skipped", target=self.location,
+                       skipped_step=self._next[0].step, newer_step=saved.step,
+                       reason="the mirror is slower than the checkpoints: copying the newest only")
+            self._next = (saved, time.monotonic())
+            self._retry_at = 0.0
+            self._retrying = False
+            self._cond.notify_all()
+        self._report()
+
+    def catch_up(self, saved: SavedCheckpoint) -> None:
+        """Queue ``saved`` (resumed from the local disk) unless the mirror has it or newer.
+
+        A runtime killed before its last copy verified, whose local disk survived (AutoDL, a
+        kernel restart), resumes locally: that checkpoint still belongs on the mirror.
+        """
+        seq = self._seq_of(saved) if self._manager is not None else 0
+        last = self._last
+        if seq > self._top_seq and (last is None or last.seq < seq):
+            self.submit(saved)
+
+    def wait(self, saved: SavedCheckpoint, timeout: float) -> Optional[MirroredCheckpoint]:
+        """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror."""
+        seq = self._seq_of(saved)
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while True:
+                last = self._reported
+                if last is not None and last.seq >= seq:
+                    return last
+                left = deadline - time.monotonic()
+                if left <= 0 or self._refused or self._thread is None:
+                    return None
+                self._cond.wait(min(left, 1.0))
+
+    def close(self) -> None:
+        """Let the worker finish what is queued (no more retries), then end."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    @property
+    def last(self) -> Optional[MirroredCheckpoint]:
+        """The newest checkpoint verified on the mirror by this process."""
+        return self._last
+
+    @property
+    def problem(self) -> Optional[str]:
+        """The current problem code (None when the last copy succeeded)."""
+        return self._problem
+
+    def report(self) -> Dict[str, Any]:
+        """``extra["mirror"]`` of ``trainer.json``."""
+        with self._cond:
+            if self._refused:
+                state = "refused"
+            elif self._problem is not None:
+                state = "failing"
+            elif self._busy is not None or self._next is not None:
+                state = "copying"
+            else:
+                state = "ok"
+            out: Dict[str, Any] = {"target": self.location, "local": self.target.local,
+                                   "state": state, "skipped": self._skipped}
+            if self._problem is not None:
+                out["problem"] = self._problem
+                out["error"] = self._error
+            pending = self._next[0].step if self._next is not None else self._busy
+            if pending is not None:
+                out["pending_step"] = pending
+            return out
+
+    # ---- resume -----------------------------------------------------------------------------
+
+    def restore(self, manager: CheckpointManager) -> Optional[str]:
+        """Copy the newest checkpoint that verifies on the mirror into ``manager``'s directory
+        when it is newer than every local one; return its name (None: nothing newer there).
+
+        The copy is hashed on its way down and kept only if it matches the mirror's marker: a
+        torn or half-copied file on the mirror is skipped (the next older one is tried).
+        """
+        if self._refused:
+            return None
+        if self._manager is None:
+            self._manager = manager
+        local = [manager.parse_name(s.path.name) for s in manager.list()]
+        local_top = max((p[0] for p in local if p is not None), default=0)
+        try:
+            candidates = self._committed()
+        except Exception as err:
+            self._failed(err, step=None)
+            return None
+        for cand in sorted(candidates, key=lambda c: c.seq, reverse=True):
+            if cand.seq <= local_top:
+                break
+            try:
+                self._copy_down(manager, cand)
+            except Exception as err:
+                _event(logging.WARNING, "mirror_restore_skipped", target=self.location,
+                       name=cand.name, problem=classify(err), error=str(err))
+                continue
+            with self._cond:
+                self._last = MirroredCheckpoint(
+                    location=self.target.join(cand.name), name=cand.name, seq=cand.seq,
+                    step=cand.step, sha256=str(cand.marker["sha256"]),
+                    bytes=int(cand.marker["bytes"]), at=time.time(),
+                    duration_s=0.0, copy_s=0.0)
+                self._reported = self._last
+                manager._last_seq = max(manager._last_seq, cand.seq)
+            _event(logging.INFO, "mirror_restored", target=self.location, name=cand.name,
+                   step=cand.step)
+            self._report()
+            return cand.name
+        return None
+
+    def _copy_down(self, manager: CheckpointManager, cand: _Candidate) -> None:
+        final = manager.directory / cand.name
+        tmp = temp_path_for(final)
+        fd = open_exclusive(tmp)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            try:
+                for block in self.target.read_chunks(cand.name):
+                    digest.update(block)
+                    view = memoryview(block)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    size += len(block)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if size != cand.marker["bytes"] or digest.hexdigest() != cand.marker["sha256"]:
+                raise MirrorError(MISMATCH, f"{self.target.join(cand.name)} does not match its "
+                                  "marker (torn or changed on the mirror)")
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        fsync_dir(manager.directory)
+        channel.write_json(final.with_name(final.name + MARKER_SUFFIX), cand.marker)
+
+    # ---- the worker ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._next is None:
+                        if self._closing:
+                            return
+                        self._cond.wait()
+                        continue
+                    wait = self._retry_at - time.monotonic()
+                    if wait > 0 and not self._closing:
+                        self._cond.wait(wait)
+                        continue
+                    if wait > 0 and self._closing:
+                        return  # closing: no more retries
+                    break
+                saved, committed = self._next
+                self._next = None
+                self._retrying = False
+                self._busy = saved.step
+            self._report()
+            try:
+                result = self._copy(saved, committed)
+            except Exception as err:
+                with self._cond:
+                    self._busy = None
+                    if self._next is None and not self._closing:
+                        self._next = (saved, committed)  # retry it unless a newer one came
+                        self._retrying = True
+                        self._retry_at = time.monotonic() + self._retry_s
+                        self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+                    self._cond.notify_all()
+                self._failed(err, step=saved.step)
+                continue
+            with self._cond:
+                self._busy = None
+                self._last = result
+                recovered = self._problem
+                self._problem = self._error = None
+                self._retry_s = RETRY_FIRST_S
+            if recovered is not None:
+                _event(logging.INFO, "mirror_recovered", target=self.location, previous=recovered)
+            _event(logging.INFO, "mirror_verified", target=self.location, step=result.step,
+                   name=result.name, bytes=result.bytes, copy_s=round(result.copy_s, 3),
+                   duration_s=round(result.duration_s, 3))
+            self._report()  # before waiters hear of it: trainer.json says so when wait() returns
+            with self._cond:
+                self._reported = result
+                self._cond.notify_all()
+
+    def _copy(self, saved: SavedCheckpoint, committed: float) -> MirroredCheckpoint:
+        """Copy one checkpoint; the module docstring's steps 1-4."""
+        started = time.monotonic()
+        target = self.target
+        name = saved.path.name
+        seq = self._seq_of(saved)
+        marker_path = saved.path.with_name(name + MARKER_SUFFIX)
+        marker = channel.read_json(marker_path)
+        if marker is None:
+            raise MirrorError(ERROR, f"{marker_path} is gone (pruned locally before it could "
+                              "be mirrored)")
+        target.check()
+        try:
+            fd = os.open(saved.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as err:  # not the mirror's fault: say so
+            raise MirrorError(ERROR, f"{saved.path} is gone (pruned locally before it could "
+                              "be mirrored)") from err
+        written = False
+        try:
+            try:
+                size = target.write(name, fd)
+                written = True
+            finally:
+                os.close(fd)
+            digest = hashlib.sha256()
+            read = 0
+            for block in target.read_chunks(name):  # from the target, never from the source
+                digest.update(block)
+                read += len(block)
+            if size != marker["bytes"] or read != marker["bytes"] \
+                    or digest.hexdigest() != marker["sha256"]:
+                raise MirrorError(MISMATCH, f"{target.join(name)} read back {read} bytes that do "
+                                  f"not match {marker_path}: {HINTS[MISMATCH]}")
+            target.write_marker(name + MARKER_SUFFIX,
+                                json.dumps(marker, separators=(",", ":"), sort_keys=True).encode())
+        except BaseException:
+            if written:  # uncommitted data must not linger under a final name
+                try:
+                    target.delete(name)
+                except Exception:  # the mirror is failing anyway; the next prune retries
+                    pass
+            raise
+        now = time.monotonic()
+        result = MirroredCheckpoint(
+            location=target.join(name), name=name, seq=seq, step=saved.step,
+            sha256=saved.sha256, bytes=saved.bytes, at=time.time(),
+            duration_s=now - committed, copy_s=now - started)
+        self._prune(seq)
+        return result
+
+    def _committed(self) -> List[_Candidate]:
+        """Checkpoints on the mirror whose marker is present and well-formed (files unread)."""
+        manager = self._manager
+        assert manager is not None
+        from session_watchdog.trainer.checkpoint import checkpoint_from_marker
+
+        names = set(self.target.names())
+        found = []
+        for name in names:
+            parsed = manager.parse_name(name)
+            if parsed is None or name + MARKER_SUFFIX not in names:
+                continue
+            try:
+                obj = json.loads(self.target.read_small(name + MARKER_SUFFIX))
+            except (ValueError, OSError, MirrorError, channel.ChannelError):
+                continue  # unreadable, not ours, or not JSON: never a resume candidate
+            if not isinstance(obj, dict) or obj.get("v") != channel.SCHEMA_VERSION:
+                continue
+            if checkpoint_from_marker(obj, Path(name), parsed[1]) is None:
+                continue
+            found.append(_Candidate(parsed[0], parsed[1], name, obj))
+        return found
+
+    def _prune(self, newest_seq: int) -> None:
+        """Keep the newest ``keep`` committed checkpoints; remove older ones and litter."""
+        manager = self._manager
+        assert manager is not None and self.keep is not None
+        try:
+            names = set(self.target.names())
+            committed = sorted((manager.parse_name(n) or (0, 0))[0] for n in names
+                               if manager.parse_name(n) and n + MARKER_SUFFIX in names)
+            keep_from = committed[-self.keep] if len(committed) >= self.keep else 0
+            doomed = []
+            for name in names:
+                parsed = manager.parse_name(name)
+                if parsed is None or parsed[0] > newest_seq:
+                    continue
+                if parsed[0] < keep_from or (name + MARKER_SUFFIX not in names
+                                             and parsed[0] < newest_seq):
+                    doomed.append(name)
+            for name in doomed:  # markers first: a cut-short prune leaves unmarked files only
+                if name + MARKER_SUFFIX in names:
+                    self.target.delete(name + MARKER_SUFFIX)
+            for name in doomed:
+                self.target.delete(name)
+            for name in names:  # markers whose file is gone (a prune cut short elsewhere)
+                stem = name[: -len(MARKER_SUFFIX)]
+                parsed = manager.parse_name(stem) if name.endswith(MARKER_SUFFIX) else None
+                if parsed is not None and stem not in names and parsed[0] < newest_seq:
+                    self.target.delete(name)
+            self.target.sweep()
+        except Exception as err:  # committed already; a failed prune is retried next time
+            _event(logging.WARNING, "mirror_prune_failed", target=self.location, error=str(err),
+                   problem=classify(err))
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def _seq_of(self, saved: SavedCheckpoint) -> int:
+        assert self._manager is not None
+        parsed = self._manager.parse_name(saved.path.name)
+        return 0 if parsed is None else parsed[0]
+
+    def _failed(self, err: BaseException, step: Optional[int]) -> None:
+        problem = classify(err)
+        text = str(err) or type(err).__name__
+        with self._cond:
+            repeated = self._problem == problem
+            self._problem = problem
+            self._error = text
+        level = logging.DEBUG if repeated else logging.WARNING
+        _event(level, "mirror_failed", target=self.location, problem=problem, step=step,
+               error=text, hint=HINTS.get(problem, ""), training="continues")
+        self._report()
+
+    def _report(self) -> None:
+        try:
+            self._on_change(self.report())
+        except Exception as err:  # reporting must never break the copy
+            _event(logging.WARNING, "mirror_report_failed", error=str(err))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_mirror(
+    mirror: Union[None, str, os.PathLike[str], Mirror],
+    manager: CheckpointManager,
+    on_change: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> Optional[Mirror]:
+    """The Session's way in: build (for a path or URL), attach and start a mirror."""
+    if mirror is None:
+        return None
+    if not isinstance(mirror, Mirror):
+        where = os.fspath(mirror)
+        try:
+            mirror = Mirror(where)
+        except MirrorError as err:
+            _event(logging.WARNING, "mirror_failed", target=where,
+                   problem=err.problem, error=str(err), training="continues")
+            return None
+    mirror.attach(manager, on_change)
+    return mirror
