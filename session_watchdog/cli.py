@@ -288,6 +288,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     outcome = wrap.stop_daemon(run_dir)
     if outcome == "not-running":
         raise UserError(f"no watchdog is running for {run_dir}")
+    if outcome.startswith("refused: "):
+        raise UserError(f"not stopping: {outcome[len('refused: '):]} (daemon.json is not "
+                        f"trusted without the kernel's lock; see {run_dir / channel.DAEMON_LOCK})")
     if outcome == "still-running":
         print(f"session-watchdog: the watchdog of {run_dir} did not stop within 30s", file=sys.stderr)
         return EXIT_PROBLEM

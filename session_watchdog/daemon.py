@@ -8,6 +8,7 @@ A tick that raises is logged and the next tick runs as usual (STYLE.md #5).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -144,13 +145,15 @@ class Watchdog:
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
         self.state = self._load_state()
+        if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
+            self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
                 self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED))
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
-        self._lock = channel.FileLock(self.run_dir.file(channel.DAEMON_LOCK))
+        self._lock = self.run_dir.lock(channel.DAEMON_LOCK)
         self._tick_lock = threading.Lock()
         self._scheduler: Any = None
 
@@ -159,24 +162,25 @@ class Watchdog:
     def _load_state(self) -> PolicyState:
         path = self.run_dir.file(channel.STATE_FILE)
         try:
-            obj = channel.read_json(path)
+            obj = self.run_dir.read(channel.STATE_FILE)
             if obj is None:
                 return PolicyState()
             started = obj.get("session_start")
-            if not isinstance(started, (int, float)) or abs(started - self.session.start_wall) > 1.0:
+            if not isinstance(started, (int, float)) or not math.isfinite(started) \
+                    or abs(started - self.session.start_wall) > 1.0:
                 # A state from another session (a new runtime that kept its disk): its clock
                 # values mean nothing here.
                 log.info("state_reset", path=str(path), message="daemon state was from another session")
                 return PolicyState()
             return PolicyState.from_json(obj["policy"])
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
-            moved = channel.quarantine(path)
+            moved = self.run_dir.quarantine(channel.STATE_FILE)
             log.warning("state_quarantined", path=str(path), moved_to=str(moved), error=str(err),
                         message="daemon state was unreadable; starting with a fresh state")
             return PolicyState()
 
     def _save_state(self) -> None:
-        channel.write_json(self.run_dir.file(channel.STATE_FILE),
+        self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json()})
 
@@ -338,15 +342,15 @@ class Watchdog:
         if not self._lock.acquire(blocking=False):
             other = None
             try:
-                other = channel.read_json(self.run_dir.file(DAEMON_FILE))
+                other = self.run_dir.read(DAEMON_FILE)
             except channel.ChannelError:
                 pass
-            pid = other.get("pid") if other else "unknown"
+            pid = other.get("pid") if other and type(other.get("pid")) is int else "unknown"
             raise DaemonBusyError(
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
         channel.sweep_temps(self.run_dir.path)  # litter of writers killed mid-write
-        channel.write_json(self.run_dir.file(DAEMON_FILE), {
+        self.run_dir.write(DAEMON_FILE, {
             "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
             "pid_create_time": process_create_time(os.getpid()),
             "platform": self.platform.name, "log_file": str(self.config.log_file or ""),

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
+from session_watchdog.channel import TrainerStatus
 from session_watchdog.config import Config, format_duration
 from session_watchdog.probes import Sample, gpus_all_idle
 
@@ -52,6 +53,7 @@ class Decision:
     seq: Optional[int] = None
     deadline: Optional[float] = None  # wall-clock epoch seconds
     data: Mapping[str, Any] = field(default_factory=dict)
+    rid: Optional[str] = None  # requests: the id the trainer echoes (None: by seq only)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Outstanding:
     sent_elapsed: float
     deadline: Optional[float] = None
     resends: int = 0
+    rid: str = ""  # "" when the state had no rid_prefix (acknowledged by seq)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class PolicyState:
     periodic_base_elapsed: Optional[float] = None
     gpu_idle_since: Optional[float] = None
     failed: bool = False  # a training run failed in this session: no end action unless asked
+    # Request ids are f"{rid_prefix}.{seq}": a random prefix per daemon state, so a request of
+    # this session never matches an acknowledgement left by another one (#18). The daemon sets
+    # it (the policy draws no random numbers); "" means acknowledgements go by seq.
+    rid_prefix: str = ""
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -95,6 +102,7 @@ class PolicyState:
                 sent_elapsed=float(out["sent_elapsed"]),
                 deadline=None if out.get("deadline") is None else float(out["deadline"]),
                 resends=int(out.get("resends", 0)),
+                rid=str(out.get("rid") or ""),
             ),
             done=frozenset(str(x) for x in obj.get("done", [])),
             episodes=frozenset(str(x) for x in obj.get("episodes", [])),
@@ -103,7 +111,20 @@ class PolicyState:
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
             failed=bool(obj.get("failed", False)),
+            rid_prefix=str(obj.get("rid_prefix") or ""),
         )
+
+
+def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:
+    """Whether the trainer's status acknowledges the outstanding request.
+
+    By request id when both sides have one: a stale ``acked_seq`` of a previous session (a run
+    dir kept across a reboot) must not count for this session's seq 1 (#18). An older trainer
+    (no ``acked_rid``) or a request without an id falls back to the seq.
+    """
+    if out.rid and status.acked_rid is not None:
+        return status.acked_rid == out.rid
+    return status.acked_seq >= out.seq
 
 
 def _opt_float(value: Any) -> Optional[float]:
@@ -179,10 +200,12 @@ class _Tick:
         if out is not None and (out.action == "stop" or out.action == action):
             return  # an unacknowledged request already covers this one
         seq = self.state.seq + 1
-        self.update(seq=seq, outstanding=Outstanding(seq, action, reason, elapsed, deadline))
+        rid = f"{self.state.rid_prefix}.{seq}" if self.state.rid_prefix else ""
+        self.update(seq=seq, outstanding=Outstanding(seq, action, reason, elapsed, deadline,
+                                                     rid=rid))
         self.decisions.append(
             Decision("request", reason, message, action=action, seq=seq, deadline=deadline,
-                     data=data))
+                     data=data, rid=rid or None))
 
     def mark_done(self, key: str) -> None:
         self.update(done=self.state.done | {key})
@@ -210,7 +233,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # Acknowledgements and the last checkpoint's place on the session clock.
     if status is not None:
         out = t.state.outstanding
-        if out is not None and status.acked_seq >= out.seq:
+        if out is not None and acknowledges(status, out):
             t.decisions.append(Decision(
                 "ack", REQUEST_ACKED, f"trainer acknowledged request {out.seq} ({out.action})",
                 action=out.action, seq=out.seq,
@@ -366,7 +389,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                 "resend", out.reason, f"request {out.seq} ({out.action}) unacknowledged for "
                 f"{format_duration(elapsed - out.sent_elapsed)}; sending it again",
                 action=out.action, seq=out.seq, deadline=out.deadline,
-                data={"resends": out.resends + 1}))
+                data={"resends": out.resends + 1}, rid=out.rid or None))
 
     t.update(episodes=frozenset(t.episodes))
     return t.state, t.decisions
