@@ -37,6 +37,8 @@ def signal_trainer(status: channel.TrainerStatus, run_dir: channel.RunDir,
         # SIGUSR1's default action kills the process: only signal a trainer that said it
         # installed a handler (notebook threads cannot; they rely on the poller).
         return "no-handler"
+    if 1 < status.pid <= identity.PID_MAX and not psutil.pid_exists(status.pid):
+        return "gone"
     refusal = identity.trainer_pid_proven(run_dir, status.pid, child_pgid)
     if refusal is None:
         try:

@@ -114,6 +114,24 @@ def ensure_run_dir(path: Path) -> Path:
     return path
 
 
+def check_creatable(path: Path) -> None:
+    """Refuse a missing run dir that could not be created safely (``doctor`` asks before ``run``).
+
+    Its ancestors are checked (:func:`check_ancestors`) and the nearest existing one must be a
+    directory: ``afile/run`` is refused here with one line, not a NotADirectoryError later.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        raise RunDirError(f"run dir {str(path)!r} is relative; give an absolute path")
+    check_ancestors(path)
+    for ancestor in Path(os.path.normpath(path)).parents:
+        if os.path.lexists(ancestor):
+            if not os.path.isdir(ancestor):
+                raise RunDirError(f"run dir {path} is below {ancestor}, which is not a "
+                                  "directory; choose another --run-dir")
+            return
+
+
 def _why(err: Exception) -> str:
     return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 

@@ -321,7 +321,10 @@ def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]
 
     def number(obj: Optional[Dict[str, Any]], key: str) -> Optional[float]:
         value = (obj or {}).get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -channel.MAX_INT <= value <= channel.MAX_INT:  # NaN fails too (#18)
+            return None
+        return float(value)
 
     daemon = read("daemon.json")
     out["daemon"] = daemon
@@ -453,7 +456,11 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
         except channel.RunDirError as err:
             add("run dir", False, str(err), "fix the permissions or choose another --run-dir")
     else:
-        add("run dir", None, f"{run_dir} (created on first run)")
+        try:
+            channel.check_creatable(Path(run_dir))
+            add("run dir", None, f"{run_dir} (created on first run)")
+        except channel.RunDirError as err:
+            add("run dir", False, str(err), "choose another --run-dir")
 
     if platform.persistent_dirs:
         add("persistent storage", None, ", ".join(str(p) for p in platform.persistent_dirs))

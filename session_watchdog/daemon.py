@@ -350,13 +350,13 @@ class Watchdog:
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
         channel.sweep_temps(self.run_dir.path)  # litter of writers killed mid-write
-        self.run_dir.write(DAEMON_FILE, {
-            "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
-            "pid_create_time": process_create_time(os.getpid()),
-            "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
-            "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
-            "interval_s": self.config.interval, "dry_run": self.config.dry_run,
-        })
+        try:
+            self._write_daemon_file()
+        except OSError as err:  # daemon.json is a directory, say: a hostile run dir (#18)
+            self._lock.release()
+            raise channel.ChannelError(
+                f"cannot write {self.run_dir.file(DAEMON_FILE)}: {err.strerror or err}; remove "
+                "it or choose another --run-dir") from None
         log.info("daemon_started", platform=self.platform.name,
                  evidence=list(self.platform.evidence), run_dir=str(self.run_dir.path),
                  session_start=self.session.start_wall, session_source=self.session_source,
@@ -364,6 +364,15 @@ class Watchdog:
                  log_file=str(self.config.log_file or ""), dry_run=self.config.dry_run,
                  tier=self.config.tier if self.platform.name == "colab" else None,
                  price_per_hour=self.config.price_per_hour)
+
+    def _write_daemon_file(self) -> None:
+        self.run_dir.write(DAEMON_FILE, {
+            "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
+            "pid_create_time": process_create_time(os.getpid()),
+            "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
+            "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
+            "interval_s": self.config.interval, "dry_run": self.config.dry_run,
+        })
 
     def release(self) -> None:
         if self.notifier.enabled:
