@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import signal
+import stat
 import threading
 import time
 import traceback
@@ -105,6 +106,7 @@ class Watchdog:
         self.platform = platforms.forced(config.platform, detected)
         run_dir_path = config.run_dir or channel.default_run_dir(config.run_name)
         self.run_dir = channel.RunDir(run_dir_path)
+        _check_daemon_file(self.run_dir)
         slurm_limit = None
         slurm_start = None
         if self.platform.slurm_job_id:
@@ -477,6 +479,18 @@ class Watchdog:
         if scheduler is not None and scheduler.running:
             scheduler.shutdown(wait=True)
         self.release()
+
+
+def _check_daemon_file(run_dir: channel.RunDir) -> None:
+    """Refuse, before starting anything, a daemon.json we could never replace (a directory)."""
+    try:
+        st = os.lstat(DAEMON_FILE, dir_fd=run_dir.fd) if run_dir.fd is not None \
+            else os.lstat(run_dir.file(DAEMON_FILE))
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise channel.ChannelError(f"cannot write {run_dir.file(DAEMON_FILE)}: it is a directory; "
+                                   "remove it or choose another --run-dir")
 
 
 def read_daemon_info(run_dir: Path) -> Optional[dict[str, Any]]:
