@@ -276,8 +276,7 @@ class EndTransaction:
         self.alive = alive
         self.cancelled = threading.Event()
         self.outcome: Optional[str] = None
-        self._locks = [channel.FileLock(run_dir.file(channel.RUN_LOCK)),
-                       channel.FileLock(run_dir.file(channel.SAVE_LOCK))]
+        self._locks = [run_dir.lock(channel.RUN_LOCK), run_dir.lock(channel.SAVE_LOCK)]
 
     def cancel(self) -> None:
         self.cancelled.set()

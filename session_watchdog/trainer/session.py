@@ -1150,7 +1150,7 @@ class Session:
 
     def _daemon_present(self) -> bool:
         try:
-            return channel.lock_held(self.run_dir.file(DAEMON_LOCK))
+            return self.run_dir.lock_held(DAEMON_LOCK)
         except (ChannelError, OSError):
             return False
 
