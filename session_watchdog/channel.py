@@ -5,9 +5,9 @@ trainer process pays nothing for it. See DESIGN.md, "The daemon <-> trainer prot
 
 Files in the run directory, each written with :func:`atomic_write`:
 
-- ``request.json``  daemon -> trainer: ``{v, seq, action, reason, deadline, issued}``
+- ``request.json``  daemon -> trainer: ``{v, seq, rid, action, reason, deadline, issued}``
 - ``trainer.json``  trainer -> daemon: ``{v, pid, start_time, state, step, epoch, step_time_s,
-  acked_seq, last_checkpoint, heartbeat}``
+  acked_seq, acked_rid, last_checkpoint, heartbeat}`` (``rid``: see :class:`Request`)
 - ``run.lock``      shared flock held by the trainer for its whole life (liveness)
 - ``save.lock``     exclusive flock held by the trainer while a checkpoint is written
 - ``daemon.lock``   exclusive flock held by the one daemon of this run directory

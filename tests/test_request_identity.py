@@ -104,6 +104,18 @@ class TestTrainerEchoesTheRequestId:
         train_until(session, lambda: rd.read_status().acked_rid == "feed.2")
 
 
+    def test_session_starts_past_5000_level_trainer_and_request_files(self, tmp_path, sessions):
+        """Deeply nested trainer.json and request.json are ignored (no RecursionError); the next
+        valid request is answered."""
+        rd = RunDir(tmp_path / "run")
+        deep = '{"v": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}"
+        (rd.path / channel.TRAINER_FILE).write_text(deep)
+        (rd.path / channel.REQUEST_FILE).write_text(deep)
+        session = make_session(sessions, tmp_path, rd.path)
+        rd.write_request(Request(1, "checkpoint", "x", None, time.time(), rid="feed.1"))
+        train_until(session, lambda: rd.read_status().acked_rid == "feed.1")
+
+
 class TestRebootWithAStaleAckStillStopsBeforeTheDeadline:
     def test_real_trainer_stops_before_the_budget(self, tmp_path):
         """A run dir kept across a reboot (old session.json, state.json, trainer.json acked_seq 6,
