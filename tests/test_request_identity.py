@@ -89,6 +89,21 @@ class TestTrainerEchoesTheRequestId:
             time.sleep(0.002)
         assert rd.read_status().last_checkpoint is None  # nothing saved for the old request
 
+    def test_a_request_from_before_the_start_is_skipped_but_its_resend_is_answered(self, tmp_path,
+                                                                                   sessions):
+        """A request issued before the trainer started was meant for a previous one; when the
+        daemon sends it again (same rid, issued later) it is this trainer's to answer."""
+        rd = RunDir(tmp_path / "run")
+        rd.write_request(Request(1, "checkpoint", "x", None, time.time() - 60, rid="feed.1"))
+        session = make_session(sessions, tmp_path, rd.path)
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            session.step()
+            time.sleep(0.002)
+        assert rd.read_status().last_checkpoint is None
+        rd.write_request(Request(1, "checkpoint", "x", None, time.time(), rid="feed.1"))
+        train_until(session, lambda: rd.read_status().acked_rid == "feed.1")
+
     def test_a_request_with_a_300_digit_seq_is_ignored(self, tmp_path, sessions):
         """A hostile seq is malformed, never acknowledged; the next valid request is answered."""
         rd = RunDir(tmp_path / "run")

@@ -350,6 +350,9 @@ class Session:
         # Requests with an id (rid, #18) are matched by it, not by seq: a new daemon's seq
         # restarts at 1 while a previous session's acked_seq may say 6.
         self._handled_rid: Optional[str] = None
+        # (rid, issued) of a request written before this process started: skipped, but the
+        # daemon's re-send of it (same rid, issued later) is answered.
+        self._stale_rid: Optional[Tuple[str, float]] = None
         self._acked_rid = ""
         self._rids: Dict[int, Optional[str]] = {}  # seq -> rid of the requests read
         self._failed: Tuple[int, float] = (0, 0.0)  # (seq, monotonic) of a failed requested save
@@ -820,7 +823,9 @@ class Session:
     def _answered(self, request: Request) -> bool:
         """Whether ``request`` was acknowledged or skipped as stale (by rid when it has one)."""
         if request.rid is not None:
-            return request.rid == self._handled_rid
+            stale = self._stale_rid
+            return request.rid == self._handled_rid or (
+                stale is not None and stale[0] == request.rid and request.issued <= stale[1])
         return request.seq <= self._handled_seq
 
     def _is_new(self, request: Optional[Request]) -> bool:
@@ -1077,7 +1082,7 @@ class Session:
         if request is not None and not self._answered(request) \
                 and request.issued < self._create_time:
             if request.rid is not None:
-                self._handled_rid = request.rid
+                self._stale_rid = (request.rid, request.issued)
             else:
                 self._handled_seq = request.seq
             _event(logging.INFO, "request_stale", seq=request.seq, rid=request.rid,
