@@ -48,7 +48,6 @@ TRAINER_STATES = ("starting", "running", "saving", "stopping", "stopped", "compl
 
 ENV_RUN_DIR = "SESSION_WATCHDOG_RUN_DIR"
 _TMP_SUFFIX = ".sw-tmp"
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 class ChannelError(Exception):
@@ -310,24 +309,38 @@ def write_json(path: Path, obj: Mapping[str, Any], dir_fd: Optional[int] = None)
     atomic_write(path, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), dir_fd)
 
 
-_OPENERS_CLOSERS = bytes(range(256)).translate(None, b"[]{}")
+_JSON_TOKENS = re.compile(rb'[\\"\[\]{}]')
 
 
 def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON text nests deeper than ``limit``, found without parsing it.
 
-    Strings are skipped (a ``[`` inside one is text); what remains is reduced to brackets and
-    counted. Run before ``json.loads``, whose recursion a 5,000-level document exhausts.
+    One linear pass over the characters that matter (quotes, backslashes, brackets): a bracket
+    inside a string is text. Run before ``json.loads``, whose recursion a 5,000-level document
+    exhausts. (A regex that skips whole strings backtracks quadratically on ``[\\"`` x 20,000.)
     """
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return False
     depth = 0
-    for char in _JSON_STRING.sub(b"", raw).translate(None, _OPENERS_CLOSERS):
-        if char in (0x5B, 0x7B):  # [ {
+    in_string = False
+    escaped_at = -1  # the character after a backslash in a string is never a token
+    for match in _JSON_TOKENS.finditer(raw):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        char = raw[at]
+        if in_string:
+            if char == 0x5C:  # backslash
+                escaped_at = at + 1
+            elif char == 0x22:  # quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
             depth += 1
             if depth > limit:
                 return True
-        else:
+        elif char in (0x5D, 0x7D):  # ] }
             depth -= 1
     return False
 

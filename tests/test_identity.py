@@ -445,6 +445,14 @@ class TestBoundedInput:
                                         "deadline": None, "issued": 1.0})
         assert rd.read_request().reason == "[{" * 1000 + '"\\'
 
+    @pytest.mark.parametrize("raw", [b'[\\"' * 20000, b'["' * 32000, b'"' + b"\\" * 60000])
+    def test_hostile_quotes_and_backslashes_are_malformed_not_deep(self, tmp_path, raw):
+        """Quote/backslash soups (which made a string-skipping regex backtrack) are plain bad JSON."""
+        rd = RunDir(tmp_path / "run")
+        (rd.path / channel.REQUEST_FILE).write_bytes(raw)
+        with pytest.raises(ChannelError, match="is not valid JSON|nests deeper"):
+            rd.read_request()
+
     def test_status_daemon_and_session_go_on_past_deep_files(self, tmp_path):
         """status reports deep files as problems (exit 0); the daemon quarantines its deep state."""
         rd = RunDir(tmp_path / "run")
