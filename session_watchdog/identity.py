@@ -35,7 +35,7 @@ def _proc_pid(pid: Any) -> Optional[str]:
     if pid <= 1:
         return f"pid {pid} is never signalled (init or a process group)"
     if pid > PID_MAX:
-        return f"pid {pid} is above the kernel's pid limit"
+        return f"pid {str(pid)[:20]}{'...' if pid >= 10**20 else ''} is above the kernel's pid limit"
     if pid == os.getpid():
         return f"pid {pid} is this watchdog itself"
     try:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from session_watchdog.channel import TrainerStatus
+from session_watchdog.channel import MAX_INT, TrainerStatus
 from session_watchdog.config import Config, format_duration
 from session_watchdog.probes import Sample, gpus_all_idle
 
@@ -95,6 +95,9 @@ class PolicyState:
     def from_json(cls, obj: Mapping[str, Any]) -> PolicyState:
         """Rebuild a saved state; raises ValueError/TypeError/KeyError when it is malformed."""
         out = obj.get("outstanding")
+        for seq in (obj.get("seq"), (out or {}).get("seq")):
+            if isinstance(seq, int) and not 0 <= seq <= MAX_INT:
+                raise ValueError(f"seq {str(seq)[:20]} is out of range")  # every rid must parse
         return cls(
             seq=int(obj["seq"]),
             outstanding=None if out is None else Outstanding(
@@ -111,8 +114,17 @@ class PolicyState:
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
             failed=bool(obj.get("failed", False)),
-            rid_prefix=str(obj.get("rid_prefix") or ""),
+            rid_prefix=_rid_prefix(obj.get("rid_prefix")),
         )
+
+
+def _rid_prefix(value: Any) -> str:
+    """A saved rid prefix, checked: a request id built from it must be one the trainer accepts."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 32 or not value.isalnum() or not value.isascii():
+        raise ValueError("rid_prefix is not 1-32 ASCII letters and digits")
+    return value
 
 
 def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:

@@ -532,3 +532,11 @@ class TestAcknowledgementByRequestId:
         legacy = state.to_json()
         del legacy["rid_prefix"], legacy["outstanding"]["rid"]
         assert PolicyState.from_json(legacy).outstanding.rid == ""
+
+    @pytest.mark.parametrize("changes", [{"seq": 10**300}, {"rid_prefix": "a b"},
+                                         {"rid_prefix": "x" * 33}, {"rid_prefix": 7}])
+    def test_a_hostile_saved_state_is_refused(self, changes):
+        """A saved seq or prefix that would build a request id the trainer rejects is malformed
+        (the daemon quarantines state.json and starts fresh)."""
+        with pytest.raises(ValueError):
+            PolicyState.from_json({**PolicyState(seq=1, rid_prefix="ab").to_json(), **changes})
