@@ -85,6 +85,8 @@ def ensure_run_dir(path: Path) -> Path:
     path = Path(path)
     if not path.is_absolute():
         raise RunDirError(f"run dir {str(path)!r} is relative; give an absolute path")
+    if path == path.parent:
+        raise RunDirError(f"run dir {path} is the root directory; choose a new directory")
     check_ancestors(path)
     try:
         if not os.path.lexists(path.parent):

@@ -402,6 +402,11 @@ class TestRunDirPath:
         assert doctor.returncode == 1 and f"[FIX ] run dir             run dir {existing} is mode 0755" in doctor.stdout
         assert existing.stat().st_mode & 0o777 == 0o755
 
+    def test_the_root_directory_is_refused(self):
+        """--run-dir / (a slip) is refused whatever its mode."""
+        with pytest.raises(RunDirError, match="run dir / is the root directory; choose a new directory"):
+            RunDir(Path("/"))
+
     def test_a_run_dir_below_a_regular_file(self, tmp_path):
         """afile/run: one line from run, RunDirError from Session(), FIX from doctor."""
         afile = tmp_path / "afile"
