@@ -11,11 +11,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psutil
 
-from session_watchdog import channel
+from session_watchdog import channel, identity
 from session_watchdog.log import get_logger
 from session_watchdog.policy import Decision
 from session_watchdog.probes import Sample
@@ -23,28 +23,44 @@ from session_watchdog.probes import Sample
 log = get_logger()
 
 
-def signal_trainer(status: channel.TrainerStatus, sig: int = signal.SIGUSR1) -> str:
-    """Send ``sig`` to the trainer only if it is the same process that wrote its status.
+def signal_trainer(status: channel.TrainerStatus, run_dir: channel.RunDir,
+                   sig: int = signal.SIGUSR1, child_pgid: Optional[int] = None) -> str:
+    """Send ``sig`` to the trainer only if the kernel proves ``status.pid`` is the trainer.
 
-    Identity = pid + create time (psutil's rule: a reused pid is a different process), and the
-    same user. Returns what happened: sent | gone | reused | foreign | no-handler.
+    ``trainer.json`` is a claim: the pid must hold ``run.lock`` (or be in ``child_pgid``, the
+    group of the command we wrapped), be above 1, not ourselves, of our uid
+    (:mod:`session_watchdog.identity`), and its create time must match the status (a reused
+    pid is another process). Returns what happened: sent | gone | reused | refused |
+    no-handler. A refusal is logged once per reason.
     """
     if not status.extra.get("sigusr1"):
         # SIGUSR1's default action kills the process: only signal a trainer that said it
         # installed a handler (notebook threads cannot; they rely on the poller).
         return "no-handler"
-    try:
-        proc = psutil.Process(status.pid)
-        if abs(proc.create_time() - status.start_time) > 0.05:
-            return "reused"
-        if proc.uids().real != os.getuid():
-            return "foreign"
-        proc.send_signal(sig)
-    except psutil.NoSuchProcess:
+    if 1 < status.pid <= identity.PID_MAX and not psutil.pid_exists(status.pid):
         return "gone"
-    except psutil.AccessDenied:
-        return "foreign"
-    return "sent"
+    refusal = identity.trainer_pid_proven(run_dir, status.pid, child_pgid)
+    if refusal is None:
+        try:
+            if abs(psutil.Process(status.pid).create_time() - status.start_time) > 0.05:
+                return "reused"
+            refusal = identity.send_proven(
+                status.pid, sig, lambda: identity.trainer_pid_proven(run_dir, status.pid, child_pgid))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            return "gone"
+        except (psutil.AccessDenied, PermissionError) as err:
+            refusal = f"pid {status.pid} cannot be signalled ({err})"
+    if refusal is None:
+        return "sent"
+    if refusal not in _refusals_logged and len(_refusals_logged) < 1000:
+        _refusals_logged.add(refusal)
+        log.warning("signal_refused", signal=signal.Signals(sig).name, pid=status.pid,
+                    reason=refusal, message="trainer.json names a process that is not provably "
+                    "the trainer; no signal sent (the trainer still reads the request)")
+    return "refused"
+
+
+_refusals_logged: Set[str] = set()  # one warning per distinct refusal (reason names the pid)
 
 
 class Actions:
@@ -70,7 +86,7 @@ class Actions:
 
     def send_request(self, d: Decision, sample: Sample) -> None:
         assert d.seq is not None and d.action is not None  # requests always carry both
-        request = channel.Request(d.seq, d.action, d.reason, d.deadline, sample.now)
+        request = channel.Request(d.seq, d.action, d.reason, d.deadline, sample.now, rid=d.rid)
         try:
             self.run_dir.write_request(request)
         except OSError as err:
@@ -80,7 +96,7 @@ class Actions:
         woke: Optional[str] = None
         status = sample.trainer.status
         if status is not None and sample.trainer.alive:
-            woke = signal_trainer(status)
+            woke = signal_trainer(status, self.run_dir)
         log.info("action", step="request_written", reason=d.reason, action=d.action, seq=d.seq,
                  deadline=d.deadline, signal=woke)
 
@@ -265,8 +281,7 @@ class EndTransaction:
         # cancel before the grace keeps the runtime); None: only one during this transaction.
         self.cancel_since = cancel_since
         self.outcome: Optional[str] = None
-        self._locks = [channel.FileLock(run_dir.file(channel.RUN_LOCK)),
-                       channel.FileLock(run_dir.file(channel.SAVE_LOCK))]
+        self._locks = [run_dir.lock(channel.RUN_LOCK), run_dir.lock(channel.SAVE_LOCK)]
 
     def cancel(self, by: str = "the user") -> None:
         if not self.cancelled.is_set():  # the first cancel says who

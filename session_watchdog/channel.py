@@ -5,9 +5,9 @@ trainer process pays nothing for it. See DESIGN.md, "The daemon <-> trainer prot
 
 Files in the run directory, each written with :func:`atomic_write`:
 
-- ``request.json``  daemon -> trainer: ``{v, seq, action, reason, deadline, issued}``
+- ``request.json``  daemon -> trainer: ``{v, seq, rid, action, reason, deadline, issued}``
 - ``trainer.json``  trainer -> daemon: ``{v, pid, start_time, state, step, epoch, step_time_s,
-  acked_seq, last_checkpoint, heartbeat}``
+  acked_seq, acked_rid, last_checkpoint, heartbeat}`` (``rid``: see :class:`Request`)
 - ``run.lock``      shared flock held by the trainer for its whole life (liveness)
 - ``save.lock``     exclusive flock held by the trainer while a checkpoint is written
 - ``daemon.lock``   exclusive flock held by the one daemon of this run directory
@@ -20,14 +20,19 @@ import fcntl
 import json
 import math
 import os
+import re
 import secrets
 import stat
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 SCHEMA_VERSION = 1
 MAX_FILE_BYTES = 64 * 1024  # every protocol file is a few hundred bytes; larger is hostile
+MAX_JSON_DEPTH = 32  # our files nest 3 levels; 5,000 levels made json.loads recurse out (#18)
+MAX_INT = 2**53  # every integer in the protocol (seq, pid, step, bytes) is below this (#18)
+MAX_RID_CHARS = 64
 
 REQUEST_FILE = "request.json"
 TRAINER_FILE = "trainer.json"
@@ -73,20 +78,67 @@ def ensure_run_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) or check an existing one; return it.
 
     Refuses (RunDirError) a symlink, a non-directory, a directory owned by another user, or one
-    that group or others may write to: any of those lets someone else plant the files we trust.
-    A directory of ours that is merely readable by others is tightened to 0700.
+    whose mode is not 0700: any of those lets someone else plant the files we trust, and a
+    directory we did not create is never re-moded (a mistaken ``--run-dir $HOME`` must not
+    lock other users out). Every ancestor is checked as well (:func:`check_ancestors`).
     """
     path = Path(path)
     if not path.is_absolute():
         raise RunDirError(f"run dir {str(path)!r} is relative; give an absolute path")
+    if path == path.parent:
+        raise RunDirError(f"run dir {path} is the root directory; choose a new directory")
+    check_ancestors(path)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.path.lexists(path.parent):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a file in the way: refused just below
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise RunDirError(f"cannot create run dir {path}: {_why(err)}; choose another --run-dir") \
+            from err
+    if not os.path.isdir(path.parent):
+        raise RunDirError(f"run dir {path} is below {path.parent}, which is not a directory; "
+                          "choose another --run-dir")
+    try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot create run dir {path}: {_why(err)}; choose another --run-dir") \
+            from err
+    try:
+        st = os.lstat(path)
     except OSError as err:
-        raise RunDirError(f"cannot create run dir {path}: {err.strerror}") from err
-    st = os.lstat(path)
+        raise RunDirError(f"cannot use run dir {path}: {err.strerror}; choose another --run-dir") \
+            from err
+    check_run_dir_stat(path, st)
+    return path
+
+
+def check_creatable(path: Path) -> None:
+    """Refuse a missing run dir that could not be created safely (``doctor`` asks before ``run``).
+
+    Its ancestors are checked (:func:`check_ancestors`) and the nearest existing one must be a
+    directory: ``afile/run`` is refused here with one line, not a NotADirectoryError later.
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        raise RunDirError(f"run dir {str(path)!r} is relative; give an absolute path")
+    check_ancestors(path)
+    for ancestor in Path(os.path.normpath(path)).parents:
+        if os.path.lexists(ancestor):
+            if not os.path.isdir(ancestor):
+                raise RunDirError(f"run dir {path} is below {ancestor}, which is not a "
+                                  "directory; choose another --run-dir")
+            return
+
+
+def _why(err: Exception) -> str:
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+
+
+def check_run_dir_stat(path: Path, st: os.stat_result) -> None:
+    """Refuse a run dir whose ``lstat``/``fstat`` is not ours, a directory, and mode 0700."""
     if stat.S_ISLNK(st.st_mode):
         raise RunDirError(f"run dir {path} is a symlink; remove it or choose another --run-dir")
     if not stat.S_ISDIR(st.st_mode):
@@ -102,16 +154,61 @@ def ensure_run_dir(path: Path) -> Path:
             f"run 'chmod 700 {path}' or choose another --run-dir"
         )
     if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
+        # Refused, not repaired: the directory may be $HOME or / given by mistake (#18).
+        raise RunDirError(
+            f"run dir {path} is mode {stat.S_IMODE(st.st_mode):04o} (not 0700); "
+            f"choose a new directory or run 'chmod 700 {path}'"
+        )
+
+
+def check_ancestors(path: Path) -> None:
+    """Refuse a run dir that another user could swap: check every ancestor up to ``/``.
+
+    Each ancestor (symlinks resolved) must be owned by root or by us, and not writable by group
+    or others unless it is sticky (like /tmp: others cannot rename what is ours there). Only
+    checking the last component let the owner of a parent directory replace the run dir after
+    a root daemon checked it (#18).
+    """
+    try:
+        real = Path(os.path.realpath(path.parent))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot resolve the parent of run dir {path}: {_why(err)}") from err
+    me = os.geteuid()
+    # Both chains: the one the path names (a symlink's parent decides who can swap the link)
+    # and the one it resolves to.
+    lexical = Path(os.path.normpath(path.parent))
+    seen: set[Path] = set()
+    for ancestor in (lexical, *lexical.parents, real, *real.parents):
+        if ancestor in seen:
+            continue
+        seen.add(ancestor)
+        try:
+            st = os.stat(ancestor)
+        except FileNotFoundError:
+            continue  # not created yet: created by us, below a checked ancestor
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"cannot use run dir {path}: {ancestor}: {_why(err)}; "
+                              "choose another --run-dir") from err
+        if st.st_uid not in (0, me):
+            raise RunDirError(
+                f"run dir {path} is below {ancestor}, owned by uid {st.st_uid} (another user "
+                "could replace the run dir); choose a run dir below a directory of yours")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise RunDirError(
+                f"run dir {path} is below {ancestor}, which other users may write to (mode "
+                f"{stat.S_IMODE(st.st_mode):o}, not sticky); choose a run dir below a directory "
+                "of yours")
 
 
 # --------------------------------------------------------------------------------------------
 # Atomic files
 
 
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename in it is durable."""
+def fsync_dir(directory: Path, dir_fd: Optional[int] = None) -> None:
+    """fsync a directory so a rename in it is durable (``dir_fd``: that directory, held open)."""
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -124,21 +221,28 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
 
 
-def open_exclusive(path: Path) -> int:
-    """Open a new file for writing: O_EXCL|O_NOFOLLOW, mode 0600. Never follows a planted link."""
+def open_exclusive(path: Path, dir_fd: Optional[int] = None) -> int:
+    """Open a new file for writing: O_EXCL|O_NOFOLLOW, mode 0600. Never follows a planted link.
+
+    With ``dir_fd``, ``path``'s name is opened in that directory (openat).
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    if dir_fd is not None:
+        return os.open(Path(path).name, flags, 0o600, dir_fd=dir_fd)
     return os.open(path, flags, 0o600)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, dir_fd: Optional[int] = None) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
 
     temp file in the same directory (O_EXCL|O_NOFOLLOW, 0600) -> write -> fsync -> os.replace ->
     fsync(dir). On any error the temp file is removed and the previous file stays as it was.
+    With ``dir_fd`` (the directory held open, see :class:`RunDir`) every step is relative to it,
+    so a directory swapped at ``path.parent`` after the check receives nothing.
     """
     path = Path(path)
     tmp = temp_path_for(path)
-    fd = open_exclusive(tmp)
+    fd = open_exclusive(tmp, dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -147,20 +251,26 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise
     os.close(fd)
     try:
-        os.replace(tmp, path)
+        if dir_fd is None:
+            os.replace(tmp, path)
+        else:
+            os.replace(tmp.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, dir_fd)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path, dir_fd: Optional[int] = None) -> None:
     try:
-        os.unlink(path)
+        if dir_fd is None:
+            os.unlink(path)
+        else:
+            os.unlink(path.name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 
@@ -196,28 +306,69 @@ def sweep_temps(directory: Path) -> int:
     return removed
 
 
-def write_json(path: Path, obj: Mapping[str, Any]) -> None:
+def write_json(path: Path, obj: Mapping[str, Any], dir_fd: Optional[int] = None) -> None:
     """Atomically write ``obj`` as compact JSON."""
-    atomic_write(path, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, separators=(",", ":"), sort_keys=True).encode(), dir_fd)
 
 
-def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str, Any]]:
+_JSON_TOKENS = re.compile(rb'[\\"\[\]{}]')
+
+
+def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests deeper than ``limit``, found without parsing it.
+
+    One linear pass over the characters that matter (quotes, backslashes, brackets): a bracket
+    inside a string is text. Run before ``json.loads``, whose recursion a 5,000-level document
+    exhausts. (A regex that skips whole strings backtracks quadratically on ``[\\"`` x 20,000.)
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    escaped_at = -1  # the character after a backslash in a string is never a token
+    for match in _JSON_TOKENS.finditer(raw):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        char = raw[at]
+        if in_string:
+            if char == 0x5C:  # backslash
+                escaped_at = at + 1
+            elif char == 0x22:  # quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
+              dir_fd: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """Read a protocol file; None when it does not exist.
 
-    Raises ChannelError for a symlink, an oversized file, malformed JSON, a non-object, or a
-    schema version we do not know. Never follows a planted symlink (O_NOFOLLOW).
+    Raises ChannelError for a symlink, an oversized or too deeply nested file, malformed JSON,
+    a non-object, or a schema version we do not know. Never follows a planted symlink
+    (O_NOFOLLOW). With ``dir_fd``, ``path``'s name is opened in that directory (openat).
     """
     # O_NONBLOCK: opening a FIFO planted at this name would otherwise block until a writer
     # comes; regular files ignore the flag, and the S_ISREG check below refuses the FIFO.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
+        if dir_fd is None:
+            fd = os.open(path, flags)
+        else:
+            fd = os.open(Path(path).name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
+    except (OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno == errno.ELOOP:
             raise ChannelError(f"{path} is a symlink; refusing to read it") from err
-        raise ChannelError(f"cannot read {path}: {err.strerror}") from err
+        raise ChannelError(f"cannot read {path}: {_why(err)}") from err
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -230,9 +381,11 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str,
         os.close(fd)
     if len(raw) > max_bytes:
         raise ChannelError(f"{path} grew past the {max_bytes}-byte limit while read")
+    if json_depth_exceeds(raw):
+        raise ChannelError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ChannelError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(obj, dict):
         raise ChannelError(f"{path} holds {type(obj).__name__}, expected a JSON object")
@@ -242,11 +395,14 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str,
     return obj
 
 
-def quarantine(path: Path) -> Optional[Path]:
+def quarantine(path: Path, dir_fd: Optional[int] = None) -> Optional[Path]:
     """Move an untrustworthy file aside as ``<name>.bad`` (one kept) so it stops being read."""
     target = path.with_name(path.name + ".bad")
     try:
-        os.replace(path, target)
+        if dir_fd is None:
+            os.replace(path, target)
+        else:
+            os.replace(path.name, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     return target
@@ -260,6 +416,8 @@ def _num(obj: Mapping[str, Any], key: str, *, optional: bool = False) -> Optiona
     value = obj.get(key)
     if value is None and optional:
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT <= value <= MAX_INT:
+        raise ChannelError(f"field {key!r} is out of range (magnitude over {MAX_INT})")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ChannelError(f"field {key!r} is {value!r}, expected a finite number")
     return float(value)
@@ -271,6 +429,8 @@ def _int(obj: Mapping[str, Any], key: str, *, optional: bool = False) -> Optiona
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ChannelError(f"field {key!r} is {value!r}, expected an integer")
+    if not -MAX_INT <= value <= MAX_INT:
+        raise ChannelError(f"field {key!r} is out of range (magnitude over {MAX_INT})")
     return value
 
 
@@ -283,6 +443,24 @@ def _str(obj: Mapping[str, Any], key: str, *, optional: bool = False) -> Optiona
     return value
 
 
+_RID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_RID_CHARS}}}")
+
+
+def _rid(obj: Mapping[str, Any], key: str) -> Optional[str]:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RID.fullmatch(value):
+        raise ChannelError(f"field {key!r} is not a request id (1-{MAX_RID_CHARS} characters "
+                           "of A-Z a-z 0-9 . _ : -)")
+    return value
+
+
+def new_rid_prefix() -> str:
+    """A random prefix for request ids: one per daemon state (``<prefix>.<seq>``)."""
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class Request:
     """A daemon -> trainer request. ``deadline`` and ``issued`` are wall-clock epoch seconds."""
@@ -292,9 +470,16 @@ class Request:
     reason: str
     deadline: Optional[float]
     issued: float
+    # The request's identity across sessions and daemons (seq restarts with a new daemon
+    # state; a stale acked_seq of a previous session must not acknowledge a new request, #18).
+    # The trainer echoes it as ``acked_rid``. None: a request from an older daemon.
+    rid: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
-        return {"v": SCHEMA_VERSION, **asdict(self)}
+        obj = {"v": SCHEMA_VERSION, **asdict(self)}
+        if self.rid is None:
+            del obj["rid"]
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Request:
@@ -311,6 +496,7 @@ class Request:
             reason=_str(obj, "reason") or "",
             deadline=_num(obj, "deadline", optional=True),
             issued=_num(obj, "issued") or 0.0,
+            rid=_rid(obj, "rid"),
         )
 
 
@@ -357,10 +543,15 @@ class TrainerStatus:
     last_checkpoint: Optional[CheckpointInfo]
     heartbeat: float
     extra: Dict[str, Any] = field(default_factory=dict)
+    # The rid of the request ``acked_seq`` answered ("" before any); None: an older trainer that
+    # does not echo rids (the daemon then falls back to seq, see policy.decide).
+    acked_rid: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         obj = asdict(self)
         obj["v"] = SCHEMA_VERSION
+        if self.acked_rid is None:
+            del obj["acked_rid"]
         return obj
 
     @classmethod
@@ -382,6 +573,8 @@ class TrainerStatus:
             last_checkpoint=CheckpointInfo.from_json(obj.get("last_checkpoint")),
             heartbeat=_num(obj, "heartbeat") or 0.0,
             extra=extra,
+            acked_rid=None if obj.get("acked_rid") is None else (
+                "" if obj.get("acked_rid") == "" else _rid(obj, "acked_rid")),
         )
 
 
@@ -436,11 +629,20 @@ class MirrorStatus:
 
 
 class RunDir:
-    """Typed access to one run directory (both sides use it)."""
+    """Typed access to one run directory (both sides use it).
+
+    ``create=True`` checks (or creates) the directory and holds it open (``fd``): every file
+    this object reads, writes or locks is then opened relative to that descriptor (openat), so
+    a directory swapped in at ``path`` after the check changes nothing (#18). ``file()`` still
+    returns the plain path, for messages and for callers outside the protocol.
+    """
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = ensure_run_dir(Path(path)) if create else Path(path)
         self._files: Dict[str, Path] = {}
+        self.fd: Optional[int] = _open_checked_dir(self.path) if create else None
+        if self.fd is not None:
+            weakref.finalize(self, os.close, self.fd)
 
     def file(self, name: str) -> Path:
         found = self._files.get(name)  # the daemon asks for the same few names every tick
@@ -448,41 +650,79 @@ class RunDir:
             found = self._files[name] = self.path / name
         return found
 
+    # any protocol file, relative to the held directory
+    def read(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> Optional[Dict[str, Any]]:
+        return read_json(self.file(name), max_bytes, dir_fd=self.fd)
+
+    def write(self, name: str, obj: Mapping[str, Any]) -> None:
+        write_json(self.file(name), obj, dir_fd=self.fd)
+
+    def quarantine(self, name: str) -> Optional[Path]:
+        return quarantine(self.file(name), dir_fd=self.fd)
+
+    def lock(self, name: str, *, shared: bool = False) -> FileLock:
+        lock = FileLock(self.file(name), shared=shared, dir_fd=self.fd)
+        lock.dir_owner = self  # the descriptor must outlive the lock
+        return lock
+
+    def lock_held(self, name: str) -> bool:
+        return lock_held(self.file(name), dir_fd=self.fd)
+
     # requests
     def write_request(self, request: Request) -> None:
-        write_json(self.file(REQUEST_FILE), request.to_json())
+        self.write(REQUEST_FILE, request.to_json())
 
     def read_request(self) -> Optional[Request]:
         """The current request, or None. Raises ChannelError when it is malformed."""
-        obj = read_json(self.file(REQUEST_FILE))
+        obj = self.read(REQUEST_FILE)
         return None if obj is None else Request.from_json(obj)
 
     # trainer status
     def write_status(self, status: TrainerStatus) -> None:
-        write_json(self.file(TRAINER_FILE), status.to_json())
+        self.write(TRAINER_FILE, status.to_json())
 
     def read_status(self) -> Optional[TrainerStatus]:
         """The trainer's status, or None. Raises ChannelError when it is malformed."""
-        obj = read_json(self.file(TRAINER_FILE))
+        obj = self.read(TRAINER_FILE)
         return None if obj is None else TrainerStatus.from_json(obj)
 
     # liveness
     def trainer_alive(self) -> bool:
         """True while some process holds ``run.lock`` (the kernel drops it when it dies)."""
-        return lock_held(self.file(RUN_LOCK))
+        return self.lock_held(RUN_LOCK)
 
     def trainer_saving(self) -> bool:
         """True while a checkpoint is being written (``save.lock`` held)."""
-        return lock_held(self.file(SAVE_LOCK))
+        return self.lock_held(SAVE_LOCK)
+
+
+def _open_checked_dir(path: Path) -> int:
+    """Open the run dir (O_DIRECTORY|O_NOFOLLOW) and check what was opened, not the name."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RunDirError(f"run dir {path} is a symlink or not a directory; choose another "
+                              "--run-dir") from err
+        raise RunDirError(f"cannot open run dir {path}: {_why(err)}") from err
+    try:
+        check_run_dir_stat(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --------------------------------------------------------------------------------------------
 # Locks (flock: per open file description, released by the kernel when the holder dies)
 
 
-def _open_lock_file(path: Path) -> int:
+def _open_lock_file(path: Path, dir_fd: Optional[int] = None) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
+        if dir_fd is not None:
+            return os.open(Path(path).name, flags, 0o600, dir_fd=dir_fd)
         return os.open(path, flags, 0o600)
     except OSError as err:
         if err.errno == errno.ELOOP:
@@ -493,9 +733,11 @@ def _open_lock_file(path: Path) -> int:
 class FileLock:
     """An flock on ``path``; ``acquire`` returns False instead of blocking when ``blocking`` is off."""
 
-    def __init__(self, path: Path, *, shared: bool = False) -> None:
+    def __init__(self, path: Path, *, shared: bool = False, dir_fd: Optional[int] = None) -> None:
         self.path = Path(path)
         self.shared = shared
+        self.dir_fd = dir_fd  # open path's name in this directory (openat), see RunDir.lock
+        self.dir_owner: Any = None
         self._fd: Optional[int] = None
 
     @property
@@ -505,7 +747,7 @@ class FileLock:
     def acquire(self, blocking: bool = True) -> bool:
         if self._fd is not None:
             return True
-        fd = _open_lock_file(self.path)
+        fd = _open_lock_file(self.path, self.dir_fd)
         op = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         if not blocking:
             op |= fcntl.LOCK_NB
@@ -533,11 +775,13 @@ class FileLock:
         self.release()
 
 
-def lock_held(path: Path) -> bool:
+def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
     """Whether another open file description holds any flock on ``path`` (non-blocking probe)."""
-    if not os.path.lexists(path):
+    try:
+        os.lstat(Path(path).name if dir_fd is not None else path, dir_fd=dir_fd)
+    except (OSError, ValueError):
         return False
-    probe = FileLock(path)
+    probe = FileLock(path, dir_fd=dir_fd)
     if probe.acquire(blocking=False):
         probe.release()
         return False

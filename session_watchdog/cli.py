@@ -333,6 +333,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     outcome = wrap.stop_daemon(run_dir)
     if outcome == "not-running":
         raise UserError(f"no watchdog is running for {run_dir}")
+    if outcome.startswith("refused: "):
+        raise UserError(f"not stopping: {outcome[len('refused: '):]} (daemon.json is not "
+                        f"trusted without the kernel's lock; see {run_dir / channel.DAEMON_LOCK})")
     if outcome == "still-running":
         print(f"session-watchdog: the watchdog of {run_dir} did not stop within 30s", file=sys.stderr)
         return EXIT_PROBLEM
@@ -363,7 +366,10 @@ def collect_status(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]
 
     def number(obj: Optional[Dict[str, Any]], key: str) -> Optional[float]:
         value = (obj or {}).get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -channel.MAX_INT <= value <= channel.MAX_INT:  # NaN fails too (#18)
+            return None
+        return float(value)
 
     daemon = read("daemon.json")
     out["daemon"] = daemon
@@ -528,7 +534,11 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
         except channel.RunDirError as err:
             add("run dir", False, str(err), "fix the permissions or choose another --run-dir")
     else:
-        add("run dir", None, f"{run_dir} (created on first run)")
+        try:
+            channel.check_creatable(Path(run_dir))
+            add("run dir", None, f"{run_dir} (created on first run)")
+        except channel.RunDirError as err:
+            add("run dir", False, str(err), "choose another --run-dir")
 
     if platform.persistent_dirs:
         add("persistent storage", None, ", ".join(str(p) for p in platform.persistent_dirs))

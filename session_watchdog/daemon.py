@@ -8,8 +8,10 @@ A tick that raises is logged and the next tick runs as usual (STYLE.md #5).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
+import stat
 import threading
 import time
 import traceback
@@ -105,6 +107,7 @@ class Watchdog:
         self.platform = platforms.forced(config.platform, detected)
         run_dir_path = config.run_dir or channel.default_run_dir(config.run_name)
         self.run_dir = channel.RunDir(run_dir_path)
+        _check_daemon_file(self.run_dir)
         slurm_limit = None
         slurm_start = None
         if self.platform.slurm_job_id:
@@ -152,6 +155,8 @@ class Watchdog:
         self._keep_logged = False
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.state = self._load_state()
+        if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
+            self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
                 self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
@@ -159,7 +164,7 @@ class Watchdog:
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
-        self._lock = channel.FileLock(self.run_dir.file(channel.DAEMON_LOCK))
+        self._lock = self.run_dir.lock(channel.DAEMON_LOCK)
         self._tick_lock = threading.Lock()
         self._scheduler: Any = None
 
@@ -168,24 +173,25 @@ class Watchdog:
     def _load_state(self) -> PolicyState:
         path = self.run_dir.file(channel.STATE_FILE)
         try:
-            obj = channel.read_json(path)
+            obj = self.run_dir.read(channel.STATE_FILE)
             if obj is None:
                 return PolicyState()
             started = obj.get("session_start")
-            if not isinstance(started, (int, float)) or abs(started - self.session.start_wall) > 1.0:
+            if not isinstance(started, (int, float)) or not math.isfinite(started) \
+                    or abs(started - self.session.start_wall) > 1.0:
                 # A state from another session (a new runtime that kept its disk): its clock
                 # values mean nothing here.
                 log.info("state_reset", path=str(path), message="daemon state was from another session")
                 return PolicyState()
             return PolicyState.from_json(obj["policy"])
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
-            moved = channel.quarantine(path)
+            moved = self.run_dir.quarantine(channel.STATE_FILE)
             log.warning("state_quarantined", path=str(path), moved_to=str(moved), error=str(err),
                         message="daemon state was unreadable; starting with a fresh state")
             return PolicyState()
 
     def _save_state(self) -> None:
-        channel.write_json(self.run_dir.file(channel.STATE_FILE),
+        self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json()})
 
@@ -402,10 +408,10 @@ class Watchdog:
         if not self._lock.acquire(blocking=False):
             other = None
             try:
-                other = channel.read_json(self.run_dir.file(DAEMON_FILE))
+                other = self.run_dir.read(DAEMON_FILE)
             except channel.ChannelError:
                 pass
-            pid = other.get("pid") if other else "unknown"
+            pid = other.get("pid") if other and type(other.get("pid")) is int else "unknown"
             raise DaemonBusyError(
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
@@ -414,13 +420,13 @@ class Watchdog:
             os.unlink(self.run_dir.file(channel.CANCEL_FILE))
         except FileNotFoundError:
             pass
-        channel.write_json(self.run_dir.file(DAEMON_FILE), {
-            "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
-            "pid_create_time": process_create_time(os.getpid()),
-            "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
-            "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
-            "interval_s": self.config.interval, "dry_run": self.config.dry_run,
-        })
+        try:
+            self._write_daemon_file()
+        except OSError as err:  # daemon.json is a directory, say: a hostile run dir (#18)
+            self._lock.release()
+            raise channel.ChannelError(
+                f"cannot write {self.run_dir.file(DAEMON_FILE)}: {err.strerror or err}; remove "
+                "it or choose another --run-dir") from None
         log.info("daemon_started", platform=self.platform.name,
                  evidence=list(self.platform.evidence), run_dir=str(self.run_dir.path),
                  session_start=self.session.start_wall, session_source=self.session_source,
@@ -448,6 +454,15 @@ class Watchdog:
         return (f"session clock: started {ago} ago at {at} (carried over from an earlier run "
                 f"since boot; pass --new-session or delete "
                 f"{self.run_dir.file(channel.SESSION_FILE)} to restart it)")
+
+    def _write_daemon_file(self) -> None:
+        self.run_dir.write(DAEMON_FILE, {
+            "v": channel.SCHEMA_VERSION, "pid": os.getpid(), "started": self.clock.wall(),
+            "pid_create_time": process_create_time(os.getpid()),
+            "platform": self.platform.name, "log_file": str(self.config.log_file or ""),
+            "session_start": self.session.start_wall, "budget_s": self.config.max_session or None,
+            "interval_s": self.config.interval, "dry_run": self.config.dry_run,
+        })
 
     def release(self) -> None:
         if self.notifier.enabled:
@@ -587,6 +602,18 @@ def _end_fingerprint(sample: Sample) -> Any:
             pass
     return (ckpt, identity, sample.trainer.alive, sample.trainer.saving,
             status.state if status is not None else None)
+
+
+def _check_daemon_file(run_dir: channel.RunDir) -> None:
+    """Refuse, before starting anything, a daemon.json we could never replace (a directory)."""
+    try:
+        st = os.lstat(DAEMON_FILE, dir_fd=run_dir.fd) if run_dir.fd is not None \
+            else os.lstat(run_dir.file(DAEMON_FILE))
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise channel.ChannelError(f"cannot write {run_dir.file(DAEMON_FILE)}: it is a directory; "
+                                   "remove it or choose another --run-dir")
 
 
 def read_daemon_info(run_dir: Path) -> Optional[dict[str, Any]]:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from session_watchdog.channel import MirrorStatus
+from session_watchdog.channel import MAX_INT, MirrorStatus, TrainerStatus
 from session_watchdog.config import Config, format_duration
 from session_watchdog.probes import Sample, gpus_all_idle
 
@@ -61,6 +61,7 @@ class Decision:
     seq: Optional[int] = None
     deadline: Optional[float] = None  # wall-clock epoch seconds
     data: Mapping[str, Any] = field(default_factory=dict)
+    rid: Optional[str] = None  # requests: the id the trainer echoes (None: by seq only)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Outstanding:
     sent_elapsed: float
     deadline: Optional[float] = None
     resends: int = 0
+    rid: str = ""  # "" when the state had no rid_prefix (acknowledged by seq)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class PolicyState:
     gpu_idle_since: Optional[float] = None
     failed: bool = False  # a training run failed in this session: no end action unless asked
     child_since: Optional[float] = None  # elapsed when the watched command was first seen running
+    # Request ids are f"{rid_prefix}.{seq}": a random prefix per daemon state, so a request of
+    # this session never matches an acknowledgement left by another one (#18). The daemon sets
+    # it (the policy draws no random numbers); "" means acknowledgements go by seq.
+    rid_prefix: str = ""
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -98,6 +104,9 @@ class PolicyState:
     def from_json(cls, obj: Mapping[str, Any]) -> PolicyState:
         """Rebuild a saved state; raises ValueError/TypeError/KeyError when it is malformed."""
         out = obj.get("outstanding")
+        for seq in (obj.get("seq"), (out or {}).get("seq")):
+            if isinstance(seq, int) and not 0 <= seq <= MAX_INT:
+                raise ValueError(f"seq {str(seq)[:20]} is out of range")  # every rid must parse
         return cls(
             seq=int(obj["seq"]),
             outstanding=None if out is None else Outstanding(
@@ -105,6 +114,7 @@ class PolicyState:
                 sent_elapsed=float(out["sent_elapsed"]),
                 deadline=None if out.get("deadline") is None else float(out["deadline"]),
                 resends=int(out.get("resends", 0)),
+                rid=str(out.get("rid") or ""),
             ),
             done=frozenset(str(x) for x in obj.get("done", [])),
             episodes=frozenset(str(x) for x in obj.get("episodes", [])),
@@ -114,7 +124,29 @@ class PolicyState:
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
             failed=bool(obj.get("failed", False)),
             child_since=_opt_float(obj.get("child_since")),
+            rid_prefix=_rid_prefix(obj.get("rid_prefix")),
         )
+
+
+def _rid_prefix(value: Any) -> str:
+    """A saved rid prefix, checked: a request id built from it must be one the trainer accepts."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 32 or not value.isalnum() or not value.isascii():
+        raise ValueError("rid_prefix is not 1-32 ASCII letters and digits")
+    return value
+
+
+def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:
+    """Whether the trainer's status acknowledges the outstanding request.
+
+    By request id when both sides have one: a stale ``acked_seq`` of a previous session (a run
+    dir kept across a reboot) must not count for this session's seq 1 (#18). An older trainer
+    (no ``acked_rid``) or a request without an id falls back to the seq.
+    """
+    if out.rid and status.acked_rid is not None:
+        return status.acked_rid == out.rid
+    return status.acked_seq >= out.seq
 
 
 def _opt_float(value: Any) -> Optional[float]:
@@ -197,10 +229,12 @@ class _Tick:
         if out is not None and (out.action == "stop" or out.action == action):
             return  # an unacknowledged request already covers this one
         seq = self.state.seq + 1
-        self.update(seq=seq, outstanding=Outstanding(seq, action, reason, elapsed, deadline))
+        rid = f"{self.state.rid_prefix}.{seq}" if self.state.rid_prefix else ""
+        self.update(seq=seq, outstanding=Outstanding(seq, action, reason, elapsed, deadline,
+                                                     rid=rid))
         self.decisions.append(
             Decision("request", reason, message, action=action, seq=seq, deadline=deadline,
-                     data=data))
+                     data=data, rid=rid or None))
 
     def mark_done(self, key: str) -> None:
         self.update(done=self.state.done | {key})
@@ -228,7 +262,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # Acknowledgements and the last checkpoint's place on the session clock.
     if status is not None:
         out = t.state.outstanding
-        if out is not None and status.acked_seq >= out.seq:
+        if out is not None and acknowledges(status, out):
             t.decisions.append(Decision(
                 "ack", REQUEST_ACKED, f"trainer acknowledged request {out.seq} ({out.action})",
                 action=out.action, seq=out.seq,
@@ -394,7 +428,7 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                 "resend", out.reason, f"request {out.seq} ({out.action}) unacknowledged for "
                 f"{format_duration(elapsed - out.sent_elapsed)}; sending it again",
                 action=out.action, seq=out.seq, deadline=out.deadline,
-                data={"resends": out.resends + 1}))
+                data={"resends": out.resends + 1}, rid=out.rid or None))
 
     t.update(episodes=frozenset(t.episodes))
     return t.state, t.decisions

@@ -289,22 +289,32 @@ def without_flag(argv: Sequence[str], flag: str) -> List[str]:
 
 
 def stop_daemon(run_dir: Path, timeout_s: float = 30.0) -> str:
-    """SIGTERM the watchdog of ``run_dir`` (identity: daemon.lock held + pid create time)."""
-    info = channel.read_json(run_dir / "daemon.json")
-    if info is None or not channel.lock_held(run_dir / channel.DAEMON_LOCK):
+    """SIGTERM the watchdog of ``run_dir``; only a pid the kernel shows holding daemon.lock.
+
+    ``daemon.json`` names the pid, but it is a claim (#18): the signal goes only where
+    :func:`identity.daemon_pid_proven` agrees. Returns stopped | still-running | not-running |
+    ``refused: <why>``.
+    """
+    from session_watchdog import identity
+
+    lock = run_dir / channel.DAEMON_LOCK
+    if not channel.lock_held(lock):
         return "not-running"
-    pid = int(info.get("pid", 0))
     try:
-        proc = psutil.Process(pid)
-        if "pid_create_time" in info and abs(proc.create_time() - float(info["pid_create_time"])) > 0.05:
-            return "not-running"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout_s)
-    except psutil.NoSuchProcess:
+        info = channel.read_json(run_dir / "daemon.json") or {}
+    except channel.ChannelError as err:
+        return f"refused: {err}"
+    pid = info.get("pid")
+    try:
+        refusal = identity.send_proven(pid, signal.SIGTERM,
+                                       lambda: identity.daemon_pid_proven(run_dir, pid))
+    except ProcessLookupError:
         return "stopped"
-    except psutil.TimeoutExpired:
-        return "still-running"
-    return "stopped"
+    if refusal is not None:
+        return f"refused: {refusal}"
+    # The released lock is the kernel's word that it stopped (a pid could be reused).
+    return "stopped" if wait_until(lambda: not channel.lock_held(lock), timeout_s) \
+        else "still-running"
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:

@@ -164,13 +164,16 @@ class TestEnsureRunDir:
         assert str(info.value) == (f"run dir {path} is owned by uid 12345, not by us (uid 0); "
                                    "choose another --run-dir")
 
-    def test_tightens_readable_dir_of_ours_to_0700(self, tmp_path: Path) -> None:
-        """A dir of ours with mode 0755 is accepted and tightened to 0700."""
+    def test_refuses_readable_dir_instead_of_changing_its_mode(self, tmp_path: Path) -> None:
+        """An existing 0755 dir (maybe $HOME given by mistake) is refused, its mode untouched."""
         path = tmp_path / "run"
         path.mkdir()
         os.chmod(path, 0o755)
-        channel.ensure_run_dir(path)
-        assert _mode(path) == 0o700
+        with pytest.raises(RunDirError) as info:
+            channel.ensure_run_dir(path)
+        assert str(info.value) == (f"run dir {path} is mode 0755 (not 0700); choose a new "
+                                   f"directory or run 'chmod 700 {path}'")
+        assert _mode(path) == 0o755
 
     def test_refuses_relative_path(self) -> None:
         """A relative run dir is refused before anything is created."""

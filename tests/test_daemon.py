@@ -304,7 +304,9 @@ class TestScheduler:
 
 
 SIGUSR1_CHILD = textwrap.dedent("""
-    import signal, sys, time
+    import fcntl, os, signal, sys, time
+    lock = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)  # run.lock: the trainer's proof
+    fcntl.flock(lock, fcntl.LOCK_SH)
     got = []
     signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
     print("ready", flush=True)
@@ -316,8 +318,13 @@ SIGUSR1_CHILD = textwrap.dedent("""
 
 
 class TestSignalTrainer:
+    @pytest.fixture(autouse=True)
+    def _run_dir(self, tmp_path):
+        self.rd = channel.RunDir(tmp_path / "run")
+
     def _child(self):
-        proc = subprocess.Popen([sys.executable, "-c", SIGUSR1_CHILD], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", SIGUSR1_CHILD, str(self.rd.file(channel.RUN_LOCK))],
+                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         import psutil
 
@@ -327,7 +334,7 @@ class TestSignalTrainer:
         """pid + create time match and a handler is advertised: SIGUSR1 is sent."""
         proc, created = self._child()
         st = status(pid=proc.pid, start_time=created, extra={"sigusr1": True})
-        assert signal_trainer(st) == "sent"
+        assert signal_trainer(st, self.rd) == "sent"
         assert proc.stdout.readline().strip() == "got"
         proc.wait(timeout=10)
 
@@ -335,14 +342,14 @@ class TestSignalTrainer:
         """A pid whose create time differs from the status is another process: no signal."""
         proc, created = self._child()
         st = status(pid=proc.pid, start_time=created - 100.0, extra={"sigusr1": True})
-        assert signal_trainer(st) == "reused"
+        assert signal_trainer(st, self.rd) == "reused"
         proc.kill()
         proc.wait()
 
     def test_no_handler_no_signal(self):
         """A trainer that did not advertise a SIGUSR1 handler is never signalled (it would die)."""
         proc, created = self._child()
-        assert signal_trainer(status(pid=proc.pid, start_time=created)) == "no-handler"
+        assert signal_trainer(status(pid=proc.pid, start_time=created), self.rd) == "no-handler"
         proc.kill()
         proc.wait()
 
@@ -351,4 +358,4 @@ class TestSignalTrainer:
         proc, created = self._child()
         proc.kill()
         proc.wait()
-        assert signal_trainer(status(pid=proc.pid, start_time=created, extra={"sigusr1": True})) == "gone"
+        assert signal_trainer(status(pid=proc.pid, start_time=created, extra={"sigusr1": True}), self.rd) == "gone"

@@ -581,7 +581,8 @@ class TestEndReviewRegressions:
         dog = Watchdog(Config.build(run_dir=str(run.path), log_file=str(tmp_path / "l")),
                        platform=platforms.Platform("generic", ("t",)), clock=FakeClock(NOW), session_start=NOW,
                        probe=ScriptedProbe([sample()]))
-        assert dog.state == PolicyState()
+        # fresh, with a request-id prefix of its own (a new session's requests are its own)
+        assert dog.state == PolicyState(rid_prefix=dog.state.rid_prefix) and len(dog.state.rid_prefix) == 16
 
     def test_drive_is_not_unmounted_before_a_cancelled_grace(self, tmp_path, monkeypatch):
         """A cancel during the grace period leaves Drive mounted (the user goes on training)."""

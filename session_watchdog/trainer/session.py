@@ -127,7 +127,6 @@ from session_watchdog.channel import (
     SAVE_LOCK,
     ChannelError,
     CheckpointInfo,
-    FileLock,
     Request,
     RunDir,
     TrainerStatus,
@@ -160,7 +159,7 @@ EXIT_STOPPED = 75
 
 # run.lock objects of completed sessions that stay held until the process exits (a reference
 # here keeps the open file, and with it the lock, alive after the Session is gone).
-_HELD_UNTIL_EXIT: List[FileLock] = []
+_HELD_UNTIL_EXIT: List[channel.FileLock] = []
 
 
 def _process_outlives_training() -> bool:
@@ -397,6 +396,14 @@ class Session:
         self._request: Optional[Request] = None  # newest unhandled request seen by the poller
         self._handled_seq = 0  # requests up to this seq are done (acked or stale)
         self._acked_seq = 0
+        # Requests with an id (rid, #18) are matched by it, not by seq: a new daemon's seq
+        # restarts at 1 while a previous session's acked_seq may say 6.
+        self._handled_rid: Optional[str] = None
+        # (rid, issued) of a request written before this process started: skipped, but the
+        # daemon's re-send of it (same rid, issued later) is answered.
+        self._stale_rid: Optional[Tuple[str, float]] = None
+        self._acked_rid = ""
+        self._rids: Dict[int, Optional[str]] = {}  # seq -> rid of the requests read
         self._failed: Tuple[int, float] = (0, 0.0)  # (seq, monotonic) of a failed requested save
         self._last_checkpoint: Optional[CheckpointInfo] = None
         self._extra: Dict[str, Any] = {}
@@ -443,8 +450,8 @@ class Session:
         self._mirror: Optional[Mirror] = None
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
-        self._run_lock = FileLock(self.run_dir.file(RUN_LOCK), shared=True)
-        self._save_lock = FileLock(self.run_dir.file(SAVE_LOCK))
+        self._run_lock = self.run_dir.lock(RUN_LOCK, shared=True)
+        self._save_lock = self.run_dir.lock(SAVE_LOCK)
         self._prev_handlers: Dict[int, _Handler] = {}
         self._on_signal_bound = self._on_signal  # one object, so close() can recognise it
         # A self-pipe wakes the poller from a signal handler without taking any lock.
@@ -709,7 +716,7 @@ class Session:
         self._ensure_open()
         request = self._request
         # The final checkpoint answers a request still open: nothing newer will ever exist.
-        seq = request.seq if request is not None and request.seq > self._handled_seq else None
+        seq = request.seq if request is not None and not self._answered(request) else None
         try:
             saved = self._save(seq=None, reason="complete", during="saving", record=False,
                                final=True)
@@ -906,9 +913,17 @@ class Session:
         self._sync_at = self._step + self._window
         self._sync_anchor = (time.monotonic(), self._step)
 
+    def _answered(self, request: Request) -> bool:
+        """Whether ``request`` was acknowledged or skipped as stale (by rid when it has one)."""
+        if request.rid is not None:
+            stale = self._stale_rid
+            return request.rid == self._handled_rid or (
+                stale is not None and stale[0] == request.rid and request.issued <= stale[1])
+        return request.seq <= self._handled_seq
+
     def _is_new(self, request: Optional[Request]) -> bool:
         """Whether ``request`` still needs an answer (not acked, not in flight, not backing off)."""
-        if request is None or request.seq <= self._handled_seq or request.seq == self._inflight_seq:
+        if request is None or self._answered(request) or request.seq == self._inflight_seq:
             return False
         failed_seq, failed_at = self._failed
         return not (request.seq == failed_seq
@@ -1104,8 +1119,11 @@ class Session:
                 self._extra["checkpoint_total_bytes"] = int(total)
             self._extra.pop("last_error", None)
             if seq is not None:
+                rid = self._rids.get(seq)
                 self._handled_seq = max(self._handled_seq, seq)
-                self._acked_seq = max(self._acked_seq, seq)
+                self._acked_seq = max(self._acked_seq, seq) if rid is None else seq
+                if rid is not None:
+                    self._handled_rid = self._acked_rid = rid
             if state is not None:
                 self._state = state
         self._write_status()
@@ -1183,7 +1201,8 @@ class Session:
             status = TrainerStatus(
                 pid=self._pid, start_time=self._create_time, state=self._state, step=self._step,
                 epoch=self._epoch, step_time_s=self._step_time_s, acked_seq=self._acked_seq,
-                last_checkpoint=self._last_checkpoint, heartbeat=time.time(), extra=extra)
+                last_checkpoint=self._last_checkpoint, heartbeat=time.time(), extra=extra,
+                acked_rid=self._acked_rid)
             try:
                 self.run_dir.write_status(status)
             except OSError as err:
@@ -1203,12 +1222,17 @@ class Session:
             previous = None
         if previous is not None:
             self._acked_seq = self._handled_seq = previous.acked_seq
+            self._acked_rid = previous.acked_rid or ""
+            self._handled_rid = previous.acked_rid or None
         request = self._poll_request()
-        if request is not None and request.seq > self._handled_seq \
+        if request is not None and not self._answered(request) \
                 and request.issued < self._create_time:
-            self._handled_seq = request.seq
-            _event(logging.INFO, "request_stale", seq=request.seq, action=request.action,
-                   issued=request.issued)
+            if request.rid is not None:
+                self._stale_rid = (request.rid, request.issued)
+            else:
+                self._handled_seq = request.seq
+            _event(logging.INFO, "request_stale", seq=request.seq, rid=request.rid,
+                   action=request.action, issued=request.issued)
 
     # ------------------------------------------------------------------------------------------
     # Poller thread
@@ -1256,6 +1280,10 @@ class Session:
             self._last_request_error = message
             return None
         self._last_request_error = None
+        if request is not None and self._rids.get(request.seq, "") != request.rid:
+            rids = dict(self._rids) if len(self._rids) < 64 else {}
+            rids[request.seq] = request.rid
+            self._rids = rids  # one assignment: the other thread sees the old or the new map
         return request
 
     def _update_step_time(self, now: float) -> None:
@@ -1273,7 +1301,7 @@ class Session:
 
     def _daemon_present(self) -> bool:
         try:
-            return channel.lock_held(self.run_dir.file(DAEMON_LOCK))
+            return self.run_dir.lock_held(DAEMON_LOCK)
         except (ChannelError, OSError):
             return False
 
