@@ -632,6 +632,7 @@ class TestEndReviewRegressions:
             ends += [minute for d in dog.last_decisions if d.kind == "end"]
             clock.advance(60.0)
         assert ends == [10, 21]
+        assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
 
     def test_a_failing_log_never_stops_a_tick(self, tmp_path, monkeypatch):
         """A full disk under the log: the request is still written, the loss said once."""
