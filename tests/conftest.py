@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Iterator, List, Set, Tuple
 
+import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py and helpers import as top-level
@@ -33,3 +38,53 @@ def _close_logs():
     from session_watchdog import log
 
     log.close()
+
+
+REAP_TOKEN_ENV = "SW_TEST_REAP_TOKEN"  # not SESSION_WATCHDOG_*: the tests' child envs keep it
+
+
+def _started_by(token: str, since: float, known: Set[Tuple[int, float]]) -> List[psutil.Process]:
+    """Processes this test started: our new descendants, and any process (a detached daemon, a
+    torchrun worker re-parented to init) that carries the test's token in its environment."""
+    found = {}
+    try:
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if (proc.pid, proc.create_time()) not in known:
+                    found[proc.pid] = proc
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    for proc in psutil.process_iter(["create_time"]):
+        try:
+            if proc.pid in found or (proc.info["create_time"] or 0) < since - 5:
+                continue
+            if proc.environ().get(REAP_TOKEN_ENV) == token:
+                found[proc.pid] = proc
+        except psutil.Error:
+            pass  # gone, or not ours to read
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every process a test starts is killed when it ends, pass or fail (issue 11: failed torchrun
+    tests left ``example --ddp`` workers running for 40 minutes).
+
+    Children inherit a per-test token in their environment, so grandchildren in their own process
+    groups or sessions, and processes whose parent is gone, are found too.
+    """
+    token = secrets.token_hex(8)
+    monkeypatch.setenv(REAP_TOKEN_ENV, token)
+    since = time.time()
+    known = {(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)}
+    yield
+    left = _started_by(token, since, known)
+    for proc in left:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=30)  # reaps our own children; others are waited for

@@ -36,7 +36,7 @@ _HOLDER = (
     "from session_watchdog.channel import FileLock\n"
     "lock = FileLock(sys.argv[1], shared=sys.argv[2] == 'shared')\n"
     "print('held' if lock.acquire(blocking=False) else 'busy', flush=True)\n"
-    "time.sleep(120)\n"
+    "time.sleep(600)\n"  # killed by the test (or the harness) long before
 )
 
 
@@ -393,7 +393,7 @@ class TestReadJson:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        reader.join(timeout=2)
+        reader.join(timeout=30)  # "at once", with room for a loaded machine
         if reader.is_alive():  # unblock the stuck open() so the thread can end
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
             reader.join(timeout=5)

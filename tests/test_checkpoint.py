@@ -213,8 +213,8 @@ def damage(manager: CheckpointManager, saved: SavedCheckpoint, kind: str, cut: f
 
 
 class TestLatest:
-    @settings(max_examples=40, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=40, deadline=None,  # too_slow: a loaded machine is no test failure
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(
         kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=6),
         cut=st.floats(min_value=0.01, max_value=0.99),
@@ -473,7 +473,7 @@ class TestSaveAsync:
         monkeypatch.setattr(os, "fsync", _eio)
         pending = manager.save_async(stamped(1), step=1)
         with pytest.raises(CheckpointWriteError):
-            pending.result(timeout=10)
+            pending.result(timeout=120)
         monkeypatch.undo()
         assert manager.save(stamped(2), step=2).step == 2
 

@@ -288,9 +288,9 @@ class TestBadInputFromReview:
         assert code == 2 and "not made by the demo" in err and keep.read_text() == "precious"
 
     def test_for_is_checked_every_second(self, tmp_path):
-        """run --for 1s with a 30 s tick stops within a few seconds, not after the tick."""
+        """run --for 1s with a 300 s tick stops long before the tick (start-up may be slow under load)."""
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "session_watchdog", "run", "--interval", "30s", "--for", "1s",
+        proc = subprocess.run([sys.executable, "-m", "session_watchdog", "run", "--interval", "300s", "--for", "1s",
                                "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "l.jsonl")],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0 and time.monotonic() - start < 10
+                              capture_output=True, text=True, timeout=280)
+        assert proc.returncode == 0 and time.monotonic() - start < 150

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ class TestDemo:
         """Daemon with a 30 s limit + example trainer: the request comes before the limit, the trainer
         acks and stops with a valid checkpoint, a new session resumes from that step and completes."""
         proc = subprocess.run([*CLI, "demo", "--session", "30s", "--dir", str(tmp_path)],
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=540)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         evs = events(tmp_path / "watchdog.jsonl")
         starts = [i for i, e in enumerate(evs) if e["event"] == "daemon_started"]
@@ -40,8 +41,11 @@ class TestDemo:
         assert max(tick_elapsed(e) for e in requests + acks) < 30.0
         assert next(e for e in first if e["event"] == "child_exited")["exit_code"] == 75
         stopped = samples[-1]["trainer"]["checkpoint"]
-        marker = json.loads(Path(stopped["path"] + ".sha256").read_text())
-        assert verify_checkpoint(stopped["path"], marker["sha256"], stopped["bytes"]) is None
+        # Runtime 2 saves too and keeps the last 2: runtime 1's file may be gone by now. Runtime
+        # 2's resume, which verifies size and sha256 before loading, is the proof that it was valid.
+        # ("resumed from PATH at epoch ..." from the example, "resumed path=PATH" from its log)
+        resumed = re.findall(r"resumed (?:from |path=)(\S+)", proc.stdout + proc.stderr)
+        assert stopped["path"] in resumed, resumed
         second = evs[starts[1]:]
         seen = [e["trainer"]["step"] for e in second if e["event"] == "sample" and e["trainer"]["step"] is not None]
         # 1.25 x 30 s / 0.1 s = 375 steps, rounded up to whole epochs of 60: 420
@@ -62,14 +66,14 @@ class TestSlurmSignal:
              "--checkpoint-dir", str(tmp_path / "ckpt"), "--poll-interval", "0.25", "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         run_dir = channel.RunDir(tmp_path / "run", create=False)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # the trainer imports torch: slow on a loaded machine
         while time.monotonic() < deadline:
             status = run_dir.read_status() if (tmp_path / "run" / "trainer.json").exists() else None
             if status is not None and status.step > 20:
                 break
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=180)
         assert proc.returncode == 75, err[-3000:]
         evs = events(log_file)
         stop = [e for e in evs if e["event"] == "decision" and e.get("kind") == "request"]

@@ -252,7 +252,7 @@ class TestTransaction:
         tx = transaction(tmp_path, ckpt=first, action=lambda: order.append("end") or "ok", grace_s=0.3,
                          sleep=sleep)
         tx.run()
-        assert saver_done.wait(10)
+        assert saver_done.wait(120)
         assert order == ["started", "end", "save"]
         assert verify_checkpoint(str(ckpt_dir / "ckpt-0000000002.pt"),
                                  hashlib.sha256(b"B" * 4096).hexdigest(), 4096) is None
@@ -568,7 +568,7 @@ class TestEndReviewRegressions:
              "--dry-run", "--grace", "0.5s", "--interval", "0.3s", "--end-command", "/bin/true",
              "--run-dir", str(run.path), "--log-file", str(tmp_path / "log.jsonl"),
              "--", sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(1)"],
-            capture_output=True, text=True, timeout=60)
+            capture_output=True, text=True, timeout=180)
         evs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
         assert proc.returncode == 1
         assert [e for e in evs if e["event"] == "decision" and e["kind"] == "end"] == []
@@ -634,6 +634,7 @@ class TestEndReviewRegressions:
             ends += [minute for d in dog.last_decisions if d.kind == "end"]
             clock.advance(60.0)
         assert ends == [10, 21]
+        assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
 
     def test_a_failing_log_never_stops_a_tick(self, tmp_path, monkeypatch):
         """A full disk under the log: the request is still written, the loss said once."""

@@ -30,7 +30,7 @@ WATCHDOG_THREADS = ("session-watchdog", "APScheduler")
 PROBE_THREADS = ("session-watchdog-gpu", "session-watchdog-disk")  # SystemProbe's workers
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 120.0) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,6 +62,16 @@ def shell(tmp_path, monkeypatch):
     yield ip
     notebook.stop()
     InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt for the test, then the previous handler is back. Python
+    keeps SIGINT ignored when it starts with it ignored (nohup, `cmd &`): without this the test
+    would wait forever for an interrupt that never comes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
@@ -174,7 +184,7 @@ class TestStart:
         """start() returns within a second; the scheduler runs in a daemon thread 'session-watchdog'."""
         began = time.monotonic()
         handle = sw.start(**cfg)
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 10  # no tick in this thread (a loaded machine is slow)
         assert handle.running is True
         threads = [t for t in threading.enumerate() if t.name == "session-watchdog"]
         assert len(threads) == 1 and threads[0].daemon is True
@@ -497,7 +507,7 @@ class TestWait:
         trainer.start()
         out = io.StringIO()
         result = sw.wait(poll=POLL, view="text", file=out)
-        trainer.join(10)
+        trainer.join(120)
         assert trainer.error is None
         assert (result.reason, result.state, result.step) == ("completed", "completed", 40)
         assert seen == [0.0]
@@ -505,22 +515,21 @@ class TestWait:
         assert out.getvalue().splitlines()[-1] == "session-watchdog: training completed at step 40"
 
     def test_keyboard_interrupt_returns_without_stopping_training_or_the_watchdog(
-            self, shell, cfg, tmp_path):
+            self, shell, cfg, tmp_path, sigint_raises):
         """SIGINT (interrupt the kernel) ends wait() only: the trainer and the watchdog run on."""
         handle = sw.start(**cfg)
         finish = threading.Event()
         trainer = TrainerThread(TinyTraining(tmp_path, cfg["run_dir"]), done=finish.is_set)
         trainer.start()
         main = threading.main_thread().ident
+        out = io.StringIO()
 
         def interrupt() -> None:
-            wait_for(lambda: handle.tracker.executing)
-            time.sleep(3 * POLL)
+            wait_for(lambda: handle.tracker.executing and out.getvalue())  # in wait()'s loop
             signal.pthread_kill(main, signal.SIGINT)
 
         threading.Thread(target=interrupt, daemon=True).start()
-        out = io.StringIO()
-        result = sw.wait(poll=POLL, view="text", file=out)
+        result = sw.wait(poll=POLL, view="text", file=out, timeout=300)
         assert result.reason == "interrupted"
         assert trainer.is_alive() and trainer.training.session.state in ("starting", "running")
         assert handle.running is True
@@ -528,7 +537,7 @@ class TestWait:
             "session-watchdog: wait() interrupted; training and the watchdog keep running "
             "(session_watchdog.status() shows them)")
         finish.set()
-        trainer.join(10)
+        trainer.join(120)
         assert trainer.error is None and trainer.training.session.state == "completed"
 
     def test_wait_returns_when_the_session_is_about_to_end(self, shell, cfg, clock):
@@ -545,13 +554,16 @@ class TestWait:
         for _ in range(3):
             training.step()
 
+        out = io.StringIO()
+        run_dir = channel.RunDir(Path(cfg["run_dir"]))
+
         def close_when_waited_on() -> None:
-            wait_for(lambda: handle.tracker.executing)
-            time.sleep(3 * POLL)
+            wait_for(lambda: run_dir.read_status().step == 3)  # the heartbeat has the last step
+            wait_for(lambda: handle.tracker.executing and "step 3" in out.getvalue())  # seen alive
             training.session.close()
 
         threading.Thread(target=close_when_waited_on, daemon=True).start()
-        result = sw.wait(poll=POLL, view="text", file=io.StringIO(), timeout=10)
+        result = sw.wait(poll=POLL, view="text", file=out, timeout=300)
         assert (result.reason, result.step) == ("trainer_gone", 3)
 
     def test_wait_uses_tqdm_when_available(self, shell, cfg):
@@ -591,7 +603,7 @@ class TestTrainingInTheSameKernel:
                    if e["event"] == "action" and e.get("step") == "request_written"}
         answered = written[session.acked_seq]
         assert (answered["action"], answered["reason"]) == ("stop", "session_limit")
-        assert 0 <= session.last_checkpoint.at - answered["ts"] < POLL + 0.5
+        assert 0 <= session.last_checkpoint.at - answered["ts"] < 30  # a poll, not a periodic save
         wait_for(lambda: any(n.kind == "request" for n in handle.notices()))
         shell.run_cell("pass")  # the next cell run
         assert "stop requested (session_limit): session ends in" in capsys.readouterr().err
@@ -603,11 +615,14 @@ class TestTrainingInTheSameKernel:
         trainer = TrainerThread(TinyTraining(tmp_path, cfg["run_dir"]),
                                 done=lambda: trainer.training.session.acked_seq >= 1)
         trainer.start()
-        trainer.join(15)
-        assert trainer.error is None
-        request = run_dir.read_request()
-        assert (request.seq, request.action, request.reason) == (1, "checkpoint", "periodic")
-        assert run_dir.read_status().acked_seq == 1
+        trainer.join(300)
+        assert not trainer.is_alive() and trainer.error is None
+        # The first request, as written (a second periodic one may follow it by now).
+        written = [e for e in log_events(cfg["log_file"])
+                   if e["event"] == "action" and e.get("step") == "request_written"]
+        assert (written[0]["seq"], written[0]["action"], written[0]["reason"]) == (
+            1, "checkpoint", "periodic")
+        assert run_dir.read_status().acked_seq >= 1
         wait_for(lambda: handle.watchdog.state.outstanding is None)
 
 

@@ -42,7 +42,7 @@ from session_watchdog.trainer.session import (
     StopTraining,
 )
 
-WAIT_S = 10.0  # generous upper bound for anything asynchronous; tests finish far sooner
+WAIT_S = 60.0  # generous upper bound for anything asynchronous (a loaded machine); tests finish far sooner
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,17 +254,20 @@ class TestStep:
         counting.writes.clear()
         steps = 0
         began = time.monotonic()
-        while time.monotonic() - began < 0.6:
+        while (time.monotonic() - began < 0.6 or steps < 10_000 or not counting.writes) \
+                and time.monotonic() - began < WAIT_S:
             session.step()
             steps += 1
             if steps % 1000 == 0:
                 time.sleep(0.001)
-        assert steps > 10_000
-        assert 1 <= len(counting.writes) <= 6  # starting->running, then every 0.2 s
+        elapsed = time.monotonic() - began  # more than 0.6 s on a loaded machine
+        # starting->running, then every 0.2 s (however long the loop took), never once per step
+        assert 1 <= len(counting.writes) <= elapsed / 0.2 + 3
 
     def test_heartbeat_reports_running_step_epoch_and_step_time(
             self, make_session: Callable[..., Session], run_dir: Path) -> None:
         """The poller reports state=running, the step counter, the epoch and a measured step time."""
+        began = time.monotonic()
         session = make_session(heartbeat_interval=0.05)
         session.epoch = 3
         for _ in range(20):
@@ -273,7 +276,9 @@ class TestStep:
         wait_until(lambda: status_of(run_dir).step == 20)
         status = status_of(run_dir)
         assert (status.state, status.epoch) == ("running", 3)
-        assert status.step_time_s is not None and 0.005 < status.step_time_s < 0.2
+        # Steps are >= 10 ms apart; on a loaded machine one can take up to the whole run's time.
+        assert status.step_time_s is not None
+        assert 0.005 < status.step_time_s <= time.monotonic() - began
         assert status.heartbeat == pytest.approx(time.time(), abs=2.0)
 
 
@@ -512,6 +517,8 @@ class TestMalformedRequests:
         else:
             target.write_bytes(content)
         with caplog.at_level(logging.WARNING, logger="session_watchdog.trainer.session"):
+            step_until(session, lambda: any(getattr(r, "event", None) == "request_ignored"
+                                            for r in caplog.records))
             for _ in range(60):
                 train_step(session)
                 time.sleep(0.002)

@@ -24,7 +24,7 @@ from session_watchdog.preemption import Notice
 CLI = [sys.executable, "-m", "session_watchdog"]
 
 
-def cli_run(tmp_path: Path, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+def cli_run(tmp_path: Path, *args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "run", "--interval", "0.3s", "--run-dir", str(tmp_path / "run"),
                            "--log-file", str(tmp_path / "log.jsonl"), *args],
                           capture_output=True, text=True, timeout=timeout, **kw)
@@ -34,7 +34,7 @@ def events(tmp_path: Path) -> list:
     return [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
 
 
-def wait_for(predicate, timeout=20.0):
+def wait_for(predicate, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -75,7 +75,7 @@ class TestWrap:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 7
+        assert proc.wait(timeout=120) == 7
 
     def test_sigkill_only_after_the_deadline(self, tmp_path):
         """A child ignoring SIGTERM is SIGKILLed after kill_after (1 s), not before."""
@@ -92,7 +92,7 @@ class TestWrap:
         assert proc.stdout.readline().strip() == "ready"
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 128 + signal.SIGKILL
+        assert proc.wait(timeout=120) == 128 + signal.SIGKILL
         assert time.monotonic() - sent >= 1.0
         assert [e["event"] for e in events(tmp_path)].count("child_killed") == 1
 
@@ -126,19 +126,22 @@ class TestAttach:
         target = self._sleeper(2)
         proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--interval", "0.3s",
                                "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl")],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=180)
         target.wait()
         assert proc.returncode == 0, proc.stderr
         assert "attached_exited" in [e["event"] for e in events(tmp_path)]
 
     def test_a_foreign_pid_is_refused(self, tmp_path):
         """A process of another user is refused (exit 2, one line)."""
-        target = self._sleeper(30, user=65534) if os.getuid() == 0 else None
+        try:
+            target = self._sleeper(30, user=65534) if os.getuid() == 0 else None
+        except PermissionError as err:  # root in a sandbox that refuses setuid for exec
+            pytest.skip(f"this machine refuses to start a process as another user: {err}")
         if target is None:
             pytest.skip("needs root to start a process as another user")
         try:
             proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--run-dir", str(tmp_path / "run")],
-                                  capture_output=True, text=True, timeout=30)
+                                  capture_output=True, text=True, timeout=180)
         finally:
             target.kill()
             target.wait()
@@ -153,7 +156,7 @@ class TestAttach:
             created = psutil.Process(target.pid).create_time()
             rd.write_status(status(pid=target.pid, start_time=created - 500.0))
             proc = subprocess.run([*CLI, "attach", "--pid", str(target.pid), "--run-dir", str(rd.path)],
-                                  capture_output=True, text=True, timeout=30)
+                                  capture_output=True, text=True, timeout=180)
         finally:
             target.kill()
             target.wait()
@@ -162,7 +165,7 @@ class TestAttach:
     def test_missing_pid(self, tmp_path):
         """A pid that does not exist is a clear error."""
         proc = subprocess.run([*CLI, "attach", "--pid", "999999999", "--run-dir", str(tmp_path / "run")],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=180)
         assert proc.returncode == 2 and "no process with pid 999999999" in proc.stderr
 
 
@@ -174,7 +177,7 @@ class TestDetach:
                                      "--log-file", str(tmp_path / "log.jsonl")],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)
-        out, err = launcher.communicate(timeout=60)
+        out, err = launcher.communicate(timeout=180)
         assert launcher.returncode == 0, err
         assert f"run dir: {run_dir}" in out and "session-watchdog stop --run-dir" in out
         try:
@@ -186,7 +189,7 @@ class TestDetach:
         assert os.getsid(info["pid"]) != os.getsid(0)
         status_out = subprocess.run([*CLI, "status", "--run-dir", str(run_dir)], capture_output=True, text=True)
         assert f"running (pid {info['pid']}" in status_out.stdout
-        stop = subprocess.run([*CLI, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        stop = subprocess.run([*CLI, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=180)
         assert stop.returncode == 0, stop.stderr
         assert wait_for(lambda: not channel.lock_held(run_dir / channel.DAEMON_LOCK))
 
@@ -209,7 +212,7 @@ class TestSdNotify:
                                  "--log-file", str(tmp_path / "log.jsonl")], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         messages = []
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # start-up on a loaded machine
         try:
             while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 4:
                 try:
@@ -218,7 +221,7 @@ class TestSdNotify:
                     pass
         finally:
             proc.terminate()
-            proc.wait(timeout=20)
+            proc.wait(timeout=120)
             try:
                 while True:
                     messages.append(sock.recv(4096).decode())
