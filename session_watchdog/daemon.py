@@ -25,6 +25,7 @@ from session_watchdog.policy import (
     IDLE_END,
     TRAINER_SCOPED,
     Decision,
+    Outstanding,
     PolicyState,
     decide,
     end_blocker,
@@ -159,6 +160,11 @@ class Watchdog:
         self._lock = channel.FileLock(self.run_dir.file(channel.DAEMON_LOCK))
         self._tick_lock = threading.Lock()
         self._scheduler: Any = None
+        self.notify: Any = None  # issue 15; the package (and Apprise) are imported only when set
+        if self.config.notify or self.config.remote:
+            from session_watchdog.notify import Hub
+
+            self.notify = Hub(self)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -288,6 +294,41 @@ class Watchdog:
             return True
         return False
 
+    def extend_budget(self, seconds: float) -> Optional[float]:
+        """Move the session budget by ``seconds`` (remote ``extend 2h``); the new budget, None without one.
+
+        The session warnings and the limit's checkpoint are armed again for the new deadline.
+        """
+        with self._tick_lock:
+            if not self.config.max_session:
+                return None
+            budget = self.config.max_session + seconds
+            self.config = dataclasses.replace(self.config, max_session=budget)
+            self.state = dataclasses.replace(self.state, done=frozenset(
+                k for k in self.state.done
+                if not k.startswith("session_warn_") and k != "session_checkpoint"))
+            self._save_state()
+            info = read_daemon_info(self.run_dir.path)
+            if info is not None and info.get("pid") == os.getpid():
+                channel.write_json(self.run_dir.file(DAEMON_FILE), {**info, "budget_s": budget})
+        log.info("budget_extended", by_s=seconds, budget_s=budget)
+        return budget
+
+    def user_request(self, action: str, reason: str = "remote_command") -> Optional[int]:
+        """Ask the trainer to ``checkpoint`` or ``stop`` now, through the policy's request path
+        (seq, outstanding, re-sends); the request's seq, None when no trainer is alive."""
+        with self._tick_lock:
+            sample = self.last_sample
+            if sample is None or not sample.trainer.alive:
+                return None
+            seq = self.state.seq + 1
+            self.state = dataclasses.replace(self.state, seq=seq, outstanding=Outstanding(
+                seq, action, reason, sample.elapsed_s))
+            self._save_state()
+            self.actions.apply([Decision("request", reason, f"{action} requested by the user",
+                                         action=action, seq=seq)], sample)
+        return seq
+
     def wait_end(self, timeout: Optional[float] = None) -> Optional[str]:
         """Wait for a running end transaction; its outcome (None when none ran)."""
         if self._end_thread is not None:
@@ -371,6 +412,8 @@ class Watchdog:
                      elapsed_s=round(self.clock.wall() - self.session.start_wall, 3),
                      file=str(self.run_dir.file(channel.SESSION_FILE)),
                      message=self.session_notice())
+        if self.notify is not None:
+            self.notify.start()
 
     def session_notice(self) -> Optional[str]:
         """One line for the console when the session clock was carried over, else None.
@@ -388,6 +431,8 @@ class Watchdog:
                 f"{self.run_dir.file(channel.SESSION_FILE)} to restart it)")
 
     def release(self) -> None:
+        if self.notify is not None:
+            self.notify.close()  # bounded: the last messages (training completed) go out first
         if self.notifier.enabled:
             self.notifier.stopping()
         if self._lock.held:
