@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -19,9 +16,8 @@ from notify_servers import Recorder, wait_until
 from session_watchdog import channel, cli, log, platforms
 from session_watchdog.config import Config, ConfigError, load_config
 from session_watchdog.daemon import Watchdog
-from session_watchdog.notify import Hub
 from session_watchdog.notify.channels import Channels, display_url, secret_parts
-from session_watchdog.notify.messages import Context, Limiter, Message, compose
+from session_watchdog.notify.messages import Limiter, Message
 from session_watchdog.notify.remote import CommandRejected, parse_command
 from session_watchdog.notify.worker import Worker
 from session_watchdog.probes import DiskReading
@@ -164,3 +160,372 @@ class TestGoldenSession:
         assert server.titles() == ["out-of-memory kill on this machine"]
         kinds = {e.get("kind") for e in events(tmp_path) if e["event"] == "decision"}
         assert "warn" in kinds  # the disk warning was decided, and not sent (notify_on)
+
+
+class TestLimiter:
+    @pytest.mark.parametrize("sends, expected", [
+        # (key, kind, now) -> allowed?
+        ([("a", "disk", 0.0), ("a", "disk", 10.0)], [True, False]),  # duplicate within the episode
+        ([("a", "disk", 0.0), ("a", "disk", 3600.0)], [True, True]),  # an hour later: a new episode
+        ([(f"k{i}", "disk", 0.0) for i in range(8)], [True] * 6 + [False] * 2),  # burst of 6
+        ([(f"k{i}", "disk", 0.0) for i in range(6)] + [("k9", "disk", 300.0)], [True] * 7),  # refilled
+        ([(f"k{i}", "disk", 0.0) for i in range(6)] + [("u", "end_grace", 1.0)], [True] * 7),  # urgent
+    ])
+    def test_dedup_and_rate_limit(self, sends, expected):
+        """A key repeats only after an hour; 6 at once, then one per 5 min; urgent kinds skip the bucket."""
+        limiter = Limiter()
+        got = [limiter.allow(Message(kind, key, "t", "b"), now)[0] for key, kind, now in sends]
+        assert got == expected
+
+    def test_a_flapping_disk_warning_is_sent_once(self, tmp_path, servers):
+        """A disk that goes low, recovers and goes low again every tick gives one message."""
+        server = servers()
+        low = DiskReading("/data", 10 * 2**20, 100 * GiB)
+        ok = DiskReading("/data", 50 * GiB, 100 * GiB)
+        script = [sample(trainer_status=status(heartbeat=NOW), disks=[d]) for d in [low, ok] * 4]
+        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
+                       notify=f"json://127.0.0.1:{server.port}/hook")
+        dog.acquire()
+        try:
+            for _ in range(8):
+                dog.tick()
+        finally:
+            dog.release()
+        assert server.titles() == ["disk low: /data"]
+        assert sum(1 for e in events(tmp_path) if e["event"] == "notify_suppressed") == 3
+
+
+class TestDeadNetwork:
+    def test_a_hanging_server_never_delays_a_tick(self, tmp_path, servers):
+        """With the only channel hanging, every tick still returns within its budget (1 s)."""
+        server = servers("hang")
+        clock = FakeClock(NOW)
+        disks = [[DiskReading(f"/d{i}", 10 * 2**20, 100 * GiB)] for i in range(12)]
+        script = [sample(trainer_status=status(heartbeat=NOW), disks=d) for d in disks]
+        dog = watchdog(tmp_path, ScriptedProbe(script), clock, [], max_session="off",
+                       notify=f"json://127.0.0.1:{server.port}/hook")
+        dog.acquire()
+        durations = []
+        try:
+            for _ in range(12):  # each tick: a new disk episode, a new message for the worker
+                started = time.monotonic()
+                dog.tick()
+                durations.append(time.monotonic() - started)
+            assert wait_until(lambda: len(server.posts) >= 1)
+        finally:
+            server.release()
+            dog.release()
+        assert max(durations) < 1.0, durations
+
+    def test_a_failing_server_is_retried_then_logged(self, tmp_path, servers):
+        """A channel answering 500 gets the bounded attempts, then one notify_failed event."""
+        server = servers("500")
+        log.configure(tmp_path / "log.jsonl", console=None)
+        worker = Worker(Channels([f"json://127.0.0.1:{server.port}/hook"]), attempts=3, backoff_s=(0.05,))
+        worker.start()
+        worker.submit(Message("disk", "disk:low:/x", "disk low: /x", "body"))
+        assert worker.close(60) == 0
+        assert len(server.posts) == 3
+        failed = [e for e in events(tmp_path) if e["event"] == "notify_failed"]
+        assert len(failed) == 1 and failed[0]["attempts"] == 3 and "500" in failed[0]["error"]
+
+    def test_a_full_queue_drops_and_says_so(self, tmp_path, servers):
+        """When the channel hangs and the queue is full, a new message is dropped with an event."""
+        server = servers("hang")
+        log.configure(tmp_path / "log.jsonl", console=None)
+        worker = Worker(Channels([f"json://127.0.0.1:{server.port}/hook"]), queue_size=2)
+        worker.start()
+        try:
+            assert worker.submit(Message("disk", "a", "first", "b"))
+            assert wait_until(lambda: len(server.posts) == 1)  # the worker is stuck in this one
+            results = [worker.submit(Message("disk", k, k, "b")) for k in ("b", "c", "d")]
+        finally:
+            server.release()
+            worker.close(30)
+        assert results == [True, True, False]
+        assert [e["title"] for e in events(tmp_path) if e["event"] == "notify_dropped"] == ["d"]
+
+
+SECRET_URLS = ("json://alice:pa55word-xyz@127.0.0.1:{port}/hook-9d8e7f6a5b",
+               "tgram://123456789:AAH-bot-token-abcdef/987654321")
+
+
+class TestSecrets:
+    def test_display_and_secret_parts(self):
+        """A channel is shown as scheme://host/*** (or scheme://*** when the host is a token)."""
+        assert display_url("json://u:p@127.0.0.1:8080/path?token=abcdefgh") == "json://127.0.0.1:8080/***"
+        assert display_url("tgram://123456789:AAH-bot-token/987654321") == "tgram://***"
+        assert display_url("ntfys://ntfy.sh/my-private-topic") == "ntfys://ntfy.sh/***"
+        parts = secret_parts("tgram://123456789:AAH-bot-token/987654321")
+        assert "123456789:AAH-bot-token" in parts and "987654321" in parts
+
+    def test_no_secret_reaches_the_log_status_doctor_or_an_error(self, tmp_path, servers, capsys,
+                                                                  monkeypatch):
+        """URLs, bot token, password and remote token appear in no log line, status, doctor or error."""
+        server = servers("500")
+        urls = [u.format(port=server.port) for u in SECRET_URLS]
+        secrets = ["pa55word-xyz", "hook-9d8e7f6a5b", "AAH-bot-token-abcdef", "987654321", TOKEN]
+        script = [sample(trainer_status=status(heartbeat=NOW),
+                         disks=[DiskReading("/data", 10 * 2**20, 100 * GiB)])]
+        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
+                       notify=urls[0], remote=f"ntfy://127.0.0.1:{server.port}/topic-abc123",
+                       remote_token=TOKEN, remote_poll_every="1h")
+        dog.notify.worker.backoff_s = (0.01,)
+        dog.acquire()
+        try:
+            dog.tick()
+            log.get_logger().error("tick_failed", error=f"boom at {urls[0]} with {TOKEN}")
+            assert wait_until(lambda: any(e["event"] == "notify_failed" for e in events(tmp_path)))
+        finally:
+            dog.release()
+        text = (tmp_path / "log.jsonl").read_text()
+        assert "notify_failed" in text and "[redacted]" in text
+        run_dir = str(tmp_path / "run")
+        monkeypatch.setenv("SESSION_WATCHDOG_NOTIFY", " ".join(urls))
+        monkeypatch.setenv("SESSION_WATCHDOG_REMOTE_TOKEN", TOKEN)
+        assert cli.main(["status", "--run-dir", run_dir, "--json"]) == 0
+        cli.main(["doctor", "--json", "--run-dir", run_dir])
+        assert cli.main(["doctor", "--notify", "bad url " + urls[1]]) == 2
+        out, err = capsys.readouterr()
+        assert "tgram://***" in out and "json://127.0.0.1" in out
+        assert "notify" in err and "[redacted]" in err
+        for secret in secrets:
+            assert secret not in text and secret not in out and secret not in err, secret
+        config = load_config(env={"SESSION_WATCHDOG_NOTIFY": urls[1]})
+        assert "AAH-bot" not in repr(config)
+
+
+class Ntfy:
+    """An ntfy-shaped topic: GET /<topic>/json?poll=1&since=... answers the queued messages."""
+
+    def __init__(self, servers: Any, topic: str = "phone-topic") -> None:
+        self.topic = topic
+        self.messages: List[Dict[str, Any]] = []
+        self.server = servers(get=self.get)
+
+    def say(self, text: str, at: float, **extra: Any) -> None:
+        self.messages.append({"id": f"m{len(self.messages)}", "time": int(at), "event": "message",
+                              "topic": self.topic, "message": text, **extra})
+
+    def get(self, path: str, query: Dict[str, List[str]]):
+        if path != f"/{self.topic}/json" or query.get("poll") != ["1"]:
+            return 404, b""
+        since = query["since"][0]
+        ids = [m["id"] for m in self.messages]
+        start = ids.index(since) + 1 if since in ids else 0
+        if since not in ids:  # a timestamp
+            return 200, "\n".join(json.dumps(m) for m in self.messages
+                                  if m["time"] >= int(since)).encode()
+        return 200, "\n".join(json.dumps(m) for m in self.messages[start:]).encode()
+
+    def replies(self) -> List[str]:
+        return [body["raw"] for path, body in self.server.posts if path == f"/{self.topic}"]
+
+
+class Telegram:
+    """A Telegram-shaped Bot API: getUpdates (with offset) and sendMessage."""
+
+    def __init__(self, servers: Any, bot: str = "123:ABCtoken") -> None:
+        self.bot = bot
+        self.updates: List[Dict[str, Any]] = []
+        self.server = servers(get=self.get)
+
+    def say(self, text: str, chat: int, at: float) -> None:
+        self.updates.append({"update_id": 100 + len(self.updates),
+                             "message": {"message_id": 1, "chat": {"id": chat}, "date": int(at),
+                                         "text": text}})
+
+    def get(self, path: str, query: Dict[str, List[str]]):
+        if path != f"/bot{self.bot}/getUpdates":
+            return 404, b""
+        offset = int(query.get("offset", ["0"])[0])
+        result = [u for u in self.updates if u["update_id"] >= offset]
+        return 200, json.dumps({"ok": True, "result": result}).encode()
+
+    def replies(self) -> List[Any]:
+        return [(body["chat_id"], body["text"]) for path, body in self.server.posts
+                if path == f"/bot{self.bot}/sendMessage"]
+
+
+def remote_dog(tmp_path: Path, clock: FakeClock, script: List[Any], ends: List[str], **keys: Any) -> Watchdog:
+    keys.setdefault("max_session", "1h")
+    return watchdog(tmp_path, ScriptedProbe(script), clock, ends, remote_token=TOKEN,
+                    remote_poll_every="1h", **keys)
+
+
+class TestCommands:
+    @pytest.mark.parametrize("text, expected", [
+        (f"{TOKEN} status", ("status", None)),
+        (f"extend 2h {TOKEN}", ("extend", 7200.0)),
+        (f"{TOKEN} /Cancel", ("cancel", None)),
+        (f"{TOKEN} checkpoint", ("checkpoint", None)),
+    ])
+    def test_commands_parse(self, text, expected):
+        """A command is its words once the token is taken out; the token may stand anywhere."""
+        command = parse_command(text, TOKEN)
+        assert (command.name, command.seconds) == expected
+
+    @pytest.mark.parametrize("text, why", [
+        ("status", "no valid token"), (f"{TOKEN}x stop", "no valid token"),
+        (f"{TOKEN} reboot", "unknown command 'reboot'"), (f"{TOKEN} extend", "extend needs a duration, e.g. extend 2h"),
+        (f"{TOKEN} extend 2", "extend: '2' has no unit; write 2s, 2m or 2h"),
+    ])
+    def test_bad_commands_are_rejected(self, text, why):
+        """A message without the exact token, or with an unknown command, is not obeyed."""
+        with pytest.raises(CommandRejected, match=why.replace("(", r"\(").replace(")", r"\)")):
+            parse_command(text, TOKEN)
+
+    def test_cancel_from_the_phone_cancels_a_real_end_in_its_grace(self, tmp_path, servers):
+        """`cancel` on the ntfy topic, with the token, stops the end transaction; the runtime stays."""
+        ntfy = Ntfy(servers)
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        done = channel.TrainerStatus(pid=4242, start_time=NOW, state="completed", step=500, epoch=3,
+                                     step_time_s=0.5, acked_seq=0, last_checkpoint=ckpt, heartbeat=NOW)
+        clock = FakeClock(NOW)
+        ends: List[str] = []
+        dog = remote_dog(tmp_path, clock, [sample(alive=False, trainer_status=done)], ends,
+                         grace="10m", end_when_done=True,
+                         remote=f"ntfy://127.0.0.1:{ntfy.server.port}/{ntfy.topic}")
+        dog.acquire()
+        try:
+            dog.tick()
+            assert wait_until(lambda: any(e["event"] == "action" and e.get("step") == "end_grace"
+                                          for e in events(tmp_path)))
+            ntfy.say(f"{TOKEN} cancel", NOW + 5)
+            dog.notify.remote.poll_once()
+            assert dog.wait_end(60) == "cancelled"
+        finally:
+            dog.release()
+        assert ends == []
+        assert ntfy.replies() == ["cancelled: the runtime stays"]
+        commands = [e for e in events(tmp_path) if e["event"] == "remote_command"]
+        assert [c["command"] for c in commands] == ["cancel"]
+
+    def test_wrong_chat_missing_token_and_old_messages_are_ignored(self, tmp_path, servers):
+        """Only the configured chat with the token is obeyed; others are logged and ignored."""
+        tg = Telegram(servers)
+        status_now = status(heartbeat=NOW, step=42)
+        clock = FakeClock(NOW)
+        dog = remote_dog(tmp_path, clock, [sample(trainer_status=status_now)], [],
+                         remote=f"tgram://{tg.bot}/555", remote_api=f"http://127.0.0.1:{tg.server.port}")
+        dog.acquire()
+        try:
+            dog.tick()
+            tg.say(f"{TOKEN} stop", chat=666, at=NOW + 1)  # another chat
+            tg.say("stop", chat=555, at=NOW + 1)  # no token
+            tg.say(f"{TOKEN} stop", chat=555, at=NOW - 3600)  # from before the watchdog started
+            tg.say(f"{TOKEN} status", chat=555, at=NOW + 2)
+            dog.notify.remote.poll_once()
+            dog.notify.remote.poll_once()  # offset confirms: nothing is handled twice
+        finally:
+            dog.release()
+        assert tg.replies() == [(555, "colab: 60m left; trainer running at step 42")]
+        ignored = [e["why"] for e in events(tmp_path) if e["event"] == "remote_ignored"]
+        assert ignored == ["not from the configured chat/topic", "no valid token",
+                           "sent before the watchdog started"]
+        assert not (tmp_path / "run" / channel.REQUEST_FILE).exists()
+        assert "offset=104" in tg.server.gets[-1]
+
+    def test_extend_moves_the_budget_and_rearms_the_warnings(self, tmp_path, servers):
+        """`extend 2h` adds 2 h to the budget (daemon.json, log) and the 60-min warning comes again."""
+        tg = Telegram(servers)
+        clock = FakeClock(NOW)
+        dog = remote_dog(tmp_path, clock, [sample(trainer_status=status(heartbeat=NOW))], [],
+                         remote=f"tgram://{tg.bot}/555", remote_api=f"http://127.0.0.1:{tg.server.port}")
+        dog.acquire()
+        try:
+            dog.tick()
+            assert [d.reason for d in dog.last_decisions] == ["session_limit"]  # 60 min left
+            tg.say(f"{TOKEN} extend 2h", chat=555, at=NOW + 1)
+            dog.notify.remote.poll_once()
+            assert dog.config.max_session == 3 * 3600.0
+            assert channel.read_json(tmp_path / "run" / "daemon.json")["budget_s"] == 3 * 3600.0
+            clock.advance(2 * 3600.0 + 60)
+            dog.tick()
+            warned = [d.message for d in dog.last_decisions if d.reason == "session_limit"]
+            assert warned == ["session ends in about 59m00s (budget 3h00m)"]
+        finally:
+            dog.release()
+        assert tg.replies() == [(555, "budget extended by 2h00m to 3h00m")]
+        extended = [e for e in events(tmp_path) if e["event"] == "budget_extended"]
+        assert [(e["by_s"], e["budget_s"]) for e in extended] == [(7200.0, 10800.0)]
+
+    def test_checkpoint_and_stop_go_through_the_request_path(self, tmp_path, servers):
+        """`checkpoint` then `stop` write request.json with the next seqs and answer with them."""
+        ntfy = Ntfy(servers)
+        dog = remote_dog(tmp_path, FakeClock(NOW), [sample(trainer_status=status(heartbeat=NOW))], [],
+                         max_session="off", remote=f"ntfy://127.0.0.1:{ntfy.server.port}/{ntfy.topic}")
+        dog.acquire()
+        try:
+            dog.tick()
+            ntfy.say(f"{TOKEN} checkpoint", NOW + 1)
+            dog.notify.remote.poll_once()
+            first = dog.run_dir.read_request()
+            ntfy.say(f"{TOKEN} stop", NOW + 2)
+            ntfy.say("session-watchdog says hello", NOW + 2, title="session-watchdog: disk low")
+            dog.notify.remote.poll_once()
+            second = dog.run_dir.read_request()
+        finally:
+            dog.release()
+        assert (first.seq, first.action, first.reason) == (1, "checkpoint", "remote_command")
+        assert (second.seq, second.action) == (2, "stop")
+        assert dog.state.outstanding is not None and dog.state.outstanding.seq == 2
+        assert ntfy.replies() == ["checkpoint requested (request 1)", "stop requested (request 2)"]
+        assert not any(e["event"] == "remote_ignored" for e in events(tmp_path))  # our own message
+
+
+class TestCommandLine:
+    def test_notify_test_says_which_channel_worked(self, tmp_path, servers, capsys):
+        """`notify --test` sends one message per channel and names the one that failed (exit 1)."""
+        good, bad = servers(), servers("500")
+        urls = f"json://127.0.0.1:{good.port}/a json://127.0.0.1:{bad.port}/b"
+        code = cli.main(["notify", "--test", "--notify", urls, "--log-file", str(tmp_path / "l.jsonl")])
+        out = capsys.readouterr().out.splitlines()
+        assert code == 1
+        assert out[0] == f"[ok  ] json://127.0.0.1:{good.port}/***"
+        assert out[1].startswith(f"[FAIL] json://127.0.0.1:{bad.port}/***  ")
+        assert good.titles() == ["session-watchdog: test message"]
+
+    def test_notify_without_channels_is_a_usage_error(self, capsys):
+        """`notify --test` with nothing configured is one line naming the fix, exit 2."""
+        assert cli.main(["notify", "--test"]) == 2
+        assert "pass --notify URL" in capsys.readouterr().err
+
+    def test_doctor_lists_channels_and_reachability(self, servers, capsys):
+        """doctor shows each channel redacted, reachable or not."""
+        server = servers()
+        cli.main(["doctor", "--json", "--notify", f"json://u:secretpw1@127.0.0.1:{server.port}/x "
+                  "json://127.0.0.1:1/y"])
+        checks = [c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "notify"]
+        assert [c["ok"] for c in checks] == [True, False]
+        assert checks[0]["detail"] == f"json://127.0.0.1:{server.port}/***: 127.0.0.1:{server.port} reachable"
+
+    def test_config_keys(self):
+        """notify takes spaces or commas between URLs; remote needs a token; bad values name the key."""
+        config = Config.build(notify="json://a.example/x, ntfys://ntfy.sh/t", notify_on="disk,failed")
+        assert config.notify == ("json://a.example/x", "ntfys://ntfy.sh/t")
+        assert config.notify_on == ("failed", "disk")
+        with pytest.raises(ConfigError, match="remote_token"):
+            Config.build(remote="ntfys://ntfy.sh/topic")
+        with pytest.raises(ConfigError, match="notify_on = 'nope' is invalid"):
+            Config.build(notify_on="nope")
+        with pytest.raises(ConfigError, match=r"remote = \[redacted\] is invalid"):
+            Config.build(remote="tgram://token/notanumber", remote_token=TOKEN)
+
+
+class TestNtfyChannel:
+    def test_an_ntfy_url_reaches_a_plain_http_server_and_is_not_read_back_as_a_command(self, tmp_path, servers):
+        """ntfy://127.0.0.1:PORT/topic publishes {topic, title, message}; polling it back obeys nothing."""
+        ntfy = Ntfy(servers)
+        log.configure(tmp_path / "log.jsonl", console=None)
+        channels = Channels([f"ntfy://127.0.0.1:{ntfy.server.port}/{ntfy.topic}"])
+        assert channels.send(channels.channels[0], "disk low: /data", "10 MiB free") == (True, "")
+        path, body = ntfy.server.posts[0]
+        assert body == {"topic": ntfy.topic, "title": "disk low: /data", "message": "10 MiB free"}
+        ntfy.say(body["message"], NOW + 1, title=body["title"])  # what the server would store
+        from session_watchdog.notify.remote import NtfySource, Remote
+
+        remote = Remote(None, NtfySource(f"ntfy://127.0.0.1:{ntfy.server.port}/{ntfy.topic}", since=NOW),
+                        TOKEN, 60.0, NOW)
+        remote.poll_once()
+        assert not any(e["event"].startswith("remote_") for e in events(tmp_path))

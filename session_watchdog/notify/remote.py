@@ -26,7 +26,9 @@ from session_watchdog.log import get_logger
 log = get_logger()
 COMMANDS = ("status", "cancel", "extend", "checkpoint", "stop")
 HTTP_TIMEOUT_S = 10.0
-OWN_TITLE = "session-watchdog"  # our own messages on an ntfy topic come back when we poll it
+# Our own notifications and replies on an ntfy topic come back when we poll it: they all carry a
+# title, a command typed into the ntfy app or `curl -d` has none, so a titled message is not a command.
+OWN_TITLE = "session-watchdog"
 HELP = "commands: status, cancel, extend 2h, checkpoint, stop (each with your token)"
 
 
@@ -118,7 +120,7 @@ class NtfySource:
             out.append(Incoming(id=str(obj.get("id")), text=str(obj.get("message") or ""),
                                 at=float(obj.get("time") or 0),
                                 sender_ok=obj.get("topic") in (None, self.topic),
-                                own=str(obj.get("title") or "").startswith(OWN_TITLE)))
+                                own=bool(obj.get("title"))))
         return out
 
     def reply(self, text: str) -> None:
