@@ -112,23 +112,24 @@ class Hub:
         """End of a tick (``Watchdog.on_decisions``): its events, and the edges of its reading."""
         with self._lock:
             pending, self._pending = self._pending, []
-        ctx = self.context()
         messages: List[Message] = []
-        for event in pending:
-            child_exit = event.get("child_exit")
-            messages += compose(event, ctx if child_exit is None else
-                                dataclasses.replace(ctx, child_exit=child_exit))
+        if pending:
+            ctx = self.context()
+            for event in pending:
+                child_exit = event.get("child_exit")
+                messages += compose(event, ctx if child_exit is None else
+                                    dataclasses.replace(ctx, child_exit=child_exit))
         host = sample.host
         kills = host.oom_kills if host is not None else None
         if kills is not None:
             if self._oom_kills is not None and kills > self._oom_kills:
                 messages.append(Message("oom", f"oom:{kills}", "out-of-memory kill on this machine",
                                         f"the kernel killed a process for memory ({kills} so far)\n"
-                                        + ctx.line()))
+                                        + self.context().line()))
             self._oom_kills = kills
         outcome = training_outcome(sample)
         if outcome is not None and outcome != self._outcome_seen:
-            messages.append(outcome_message(outcome, ctx))
+            messages.append(outcome_message(outcome, self.context()))
         self._outcome_seen = outcome
         for message in messages:
             self.offer(message)
