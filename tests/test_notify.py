@@ -529,3 +529,15 @@ class TestNtfyChannel:
                         TOKEN, 60.0, NOW)
         remote.poll_once()
         assert not any(e["event"].startswith("remote_") for e in events(tmp_path))
+
+    def test_a_notebook_restart_with_other_channels_names_the_key_not_the_url(self):
+        """start() with different notify URLs warns naming `notify`, never the URLs themselves."""
+        import types
+
+        from session_watchdog import notebook
+
+        running = types.SimpleNamespace(requested=Config.build(notify="tgram://111:AAA-secret-one/5"))
+        with pytest.warns(notebook.ConfigMismatchWarning) as caught:
+            notebook._report_differences(running, Config.build(notify="tgram://222:BBB-secret-two/5"), 2)
+        text = str(caught[0].message)
+        assert "notify: running [redacted], asked [redacted]" in text and "secret" not in text

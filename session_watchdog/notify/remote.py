@@ -181,6 +181,7 @@ class Remote:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing = False
+        self._poll_lock = threading.Lock()
 
     def start(self) -> None:
         if self._thread is None:
@@ -199,7 +200,14 @@ class Remote:
             self._stop.wait(self.poll_every_s)
 
     def poll_once(self) -> None:
-        """One poll; a failing service is logged once per outage, never raised."""
+        """One poll; a failing service is logged once per outage, never raised.
+
+        Serialised: two polls at once would both see (and obey) the same new message.
+        """
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self) -> None:
         try:
             incoming = self.source.poll()
         except (OSError, ValueError, urllib.error.URLError) as err:
