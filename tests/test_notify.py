@@ -530,6 +530,8 @@ class TestNtfyChannel:
         remote.poll_once()
         assert not any(e["event"].startswith("remote_") for e in events(tmp_path))
 
+
+class TestNotebook:
     def test_a_notebook_restart_with_other_channels_names_the_key_not_the_url(self):
         """start() with different notify URLs warns naming `notify`, never the URLs themselves."""
         import types
