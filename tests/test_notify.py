@@ -543,3 +543,31 @@ class TestNotebook:
             notebook._report_differences(running, Config.build(notify="tgram://222:BBB-secret-two/5"), 2)
         text = str(caught[0].message)
         assert "notify: running [redacted], asked [redacted]" in text and "secret" not in text
+
+
+class TestWrappedCommand:
+    def test_a_wrapped_command_that_fails_is_reported_before_the_watchdog_exits(self, tmp_path, servers):
+        """`run --notify URL -- cmd` exiting 3 sends "training failed (exit code 3)" before it exits 3."""
+        import os
+        import signal
+        import subprocess
+        import sys
+
+        server = servers()
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_watchdog", "run", "--platform", "generic", "--interval", "200ms",
+             "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl"),
+             "--notify", f"json://127.0.0.1:{server.port}/hook", "--",
+             sys.executable, "-c", "import sys; sys.exit(3)"],
+            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 3
+        assert server.titles() == ["training failed (exit code 3)"]
+        body = server.posts[0][1]["message"]
+        assert body.startswith("no checkpoint was reported\nthe runtime is left running\ngeneric · session ")

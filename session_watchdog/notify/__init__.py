@@ -66,6 +66,7 @@ class Hub:
         self._outcome_seen: Optional[str] = None
         self._pending: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._limit_lock = threading.Lock()
 
     def start(self) -> None:
         _log.add_listener(self.on_event)
@@ -138,7 +139,8 @@ class Hub:
         """Filter (notify_on), dedup and rate-limit, then queue for the worker."""
         if self.worker is None or (message.kind in NOTIFY_KINDS and message.kind not in self.kinds):
             return
-        ok, why = self.limiter.allow(message, self.watchdog.clock.monotonic())
+        with self._limit_lock:  # the tick's thread and the end transaction's may offer at once
+            ok, why = self.limiter.allow(message, self.watchdog.clock.monotonic())
         if not ok:
             log.info("notify_suppressed", kind=message.kind, key=message.key, why=why)
             return
