@@ -103,7 +103,7 @@ class TestGoldenSession:
         assert server.titles() == [
             "session ends in about 59m00s",
             "session ends in about 15m00s",
-            "checkpoint for session_limit: acknowledged by the trainer after 10s",
+            "checkpoint before the session limit: acknowledged after 10s",
             "training completed (500 steps in 1h55m)",
             "ending the runtime in 1s",
             "runtime end action done",
@@ -111,7 +111,9 @@ class TestGoldenSession:
         bodies = [body["message"] for _, body in server.posts]
         assert bodies[3] == (f"last checkpoint: step 500, 7 KiB, {ckpt.path}\n"
                              "colab · session 1h55m of 2h00m · step 500")
-        assert bodies[4] == ("ending the runtime in 1s (POST http://test/unassign)\n"
+        assert bodies[0] == ("the trainer will be asked to checkpoint and stop in time\n"
+                             "colab · session 1h01m of 2h00m · step 200")
+        assert bodies[4] == ("end action: POST http://test/unassign\n"
                              "cancel: `session-watchdog cancel` on the machine\n"
                              "colab · session 1h55m of 2h00m · step 500")
         assert ends == ["end", "end"]  # the action, and its one retry (the test process lives on)

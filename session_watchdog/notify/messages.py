@@ -8,6 +8,7 @@ with where and when: ``colab · session 3h12m of 12h00m · step 1200``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -15,6 +16,8 @@ from session_watchdog.config import format_duration
 
 # Reasons of checkpoint requests made because a limit is near (a periodic one is not news).
 LIMIT_REASONS = ("session_limit", "idle_reclaim", "ram_pressure", "preemption")
+LIMIT_WORDS = {"session_limit": "the session limit", "idle_reclaim": "an idle reclaim",
+               "ram_pressure": "RAM runs out", "preemption": "the preemption"}
 # Kinds that are never held back by the rate limit (dedup still applies): they are rare by
 # nature and each one changes what the user should do.
 URGENT = frozenset({"completed", "failed", "preemption", "end_grace", "end_done", "test", "reply"})
@@ -72,10 +75,10 @@ def _size(value: Any) -> str:
     return f"{value / 2**20:.0f} MiB" if value >= 2**20 else f"{value / 2**10:.0f} KiB"
 
 
-def _checkpoint(ctx: Context) -> str:
+def _checkpoint(ctx: Context, none: str = "no checkpoint was reported") -> str:
     ckpt = ctx.checkpoint
     if not ckpt:
-        return "no checkpoint was reported"
+        return none
     return f"last checkpoint: step {ckpt.get('step')}, {_size(ckpt.get('bytes'))}, {ckpt.get('path')}"
 
 
@@ -110,11 +113,11 @@ def compose(event: Mapping[str, Any], ctx: Context) -> List[Message]:
         if kind == "warn":
             return _warning(event, reason, text, ctx)
         if kind == "ack" and event.get("request_reason") in LIMIT_REASONS:
-            latency = event.get("latency_s")
+            action = "checkpoint and stop" if event.get("action") == "stop" else "checkpoint"
             return [_msg("checkpoint", f"ack:{event.get('seq')}",
-                         f"{event.get('action')} for {event.get('request_reason')}: acknowledged by "
-                         f"the trainer after {_dur(latency)}",
-                         ctx, _checkpoint(ctx))]
+                         f"{action} before {LIMIT_WORDS[str(event.get('request_reason'))]}: "
+                         f"acknowledged after {_dur(event.get('latency_s'))}",
+                         ctx, _checkpoint(ctx, none=""))]
         if kind == "end" and reason == "training_complete":
             return [outcome_message("completed", ctx)]
         if kind == "end" and reason == "training_failed":
@@ -131,8 +134,9 @@ def _warning(event: Mapping[str, Any], reason: Any, text: str, ctx: Context) -> 
         bucket = int(left // 60) if isinstance(left, (int, float)) else 0
         hint = "reply `extend 2h` (with your token) to move the budget" if ctx.remote else ""
         return [_msg("session_warning", f"session_warning:{bucket}",
-                     f"session ends in about {_dur(left)}",
-                     ctx, text, _checkpoint(ctx), hint)]
+                     f"session ends in about {_dur(left)}", ctx,
+                     "the trainer will be asked to checkpoint and stop in time",
+                     _checkpoint(ctx, none=""), hint)]
     if reason == "training_failed":
         return [outcome_message("failed", ctx)]
     if reason == "trainer_stalled":
@@ -160,8 +164,9 @@ def _end_step(event: Mapping[str, Any], ctx: Context) -> List[Message]:
         how = "cancel: `session-watchdog cancel` on the machine"
         if ctx.remote:
             how += ", or reply `cancel` with your token"
-        return [_msg("end_grace", "end_grace", f"ending the runtime in {_dur(grace)}",
-                     ctx, text.split(";")[0], how)]
+        described = re.search(r"\((.*)\)", text.split(";")[0])
+        return [_msg("end_grace", "end_grace", f"ending the runtime in {_dur(grace)}", ctx,
+                     f"end action: {described.group(1)}" if described else text, how)]
     if step == "end_cancelled":
         return [_msg("end_grace", "end_cancelled", "end of the runtime cancelled", ctx, text)]
     if step in ("end_aborted", "end_failed"):
