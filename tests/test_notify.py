@@ -17,7 +17,7 @@ from session_watchdog import channel, cli, log, platforms
 from session_watchdog.config import Config, ConfigError, load_config
 from session_watchdog.daemon import Watchdog
 from session_watchdog.notify.channels import Channels, display_url, secret_parts
-from session_watchdog.notify.messages import Limiter, Message
+from session_watchdog.notify.messages import Context, Limiter, Message, compose
 from session_watchdog.notify.remote import CommandRejected, parse_command
 from session_watchdog.notify.worker import Worker
 from session_watchdog.probes import DiskReading
@@ -164,6 +164,61 @@ class TestGoldenSession:
         assert "warn" in kinds  # the disk warning was decided, and not sent (notify_on)
 
 
+CTX = Context(platform="autodl", elapsed_s=3723.0, budget_s=7200.0, step=900, trainer_pid=7)
+LINE = "autodl · session 1h02m of 2h00m · step 900"
+
+
+class TestCompose:
+    @pytest.mark.parametrize("event, expected", [
+        ({"event": "decision", "kind": "warn", "reason": "disk_low", "level": "critical", "path": "/data",
+          "message": "/data: 10 bytes free"},
+         ("disk", "disk:critical:/data", "disk critical: /data", "/data: 10 bytes free")),
+        ({"event": "decision", "kind": "warn", "reason": "ram_pressure", "message": "available RAM 3.0%"},
+         ("ram", "ram", "RAM nearly exhausted: checkpoint requested", "available RAM 3.0%")),
+        ({"event": "decision", "kind": "warn", "reason": "preemption", "deadline": 5.0,
+          "message": "aws notice: the machine goes away in 2m00s"},
+         ("preemption", "preemption:5.0", "preemption notice",
+          "aws notice: the machine goes away in 2m00s\nthe trainer was asked to checkpoint and stop")),
+        ({"event": "decision", "kind": "warn", "reason": "trainer_stalled",
+          "message": "trainer heartbeat is 10m00s old at step 900"},
+         ("hang", "hang:7", "training looks hung", "trainer heartbeat is 10m00s old at step 900")),
+        ({"event": "decision", "kind": "warn", "reason": "trainer_stalled", "seq": 4,
+          "message": "request 4 (stop) unanswered after 5 re-sends"},
+         ("checkpoint", "unanswered:4", "checkpoint request not acknowledged",
+          "request 4 (stop) unanswered after 5 re-sends")),
+        ({"event": "decision", "kind": "ack", "reason": "request_acked", "action": "stop", "seq": 3,
+          "request_reason": "preemption", "latency_s": 4.2},
+         ("checkpoint", "ack:3", "checkpoint and stop before the preemption: acknowledged after 4s", "")),
+        ({"event": "action", "step": "end_cancelled", "message": "cancelled by the user; the runtime stays"},
+         ("end_grace", "end_cancelled", "end of the runtime cancelled",
+          "cancelled by the user; the runtime stays")),
+        ({"event": "action", "step": "end_aborted", "message": "run.lock (a trainer is alive)"},
+         ("end_grace", "end_aborted", "end of the runtime stopped",
+          "run.lock (a trainer is alive)\nthe runtime is left running")),
+        ({"event": "action", "step": "end_dry_run", "message": "dry run: would now run /usr/bin/shutdown"},
+         ("end_done", "end_done", "dry run: the runtime would end now",
+          "dry run: would now run /usr/bin/shutdown")),
+    ])
+    def test_each_kind(self, event, expected):
+        """Each decision or end step the user should hear about becomes one short message."""
+        (message,) = compose(event, CTX)
+        kind, key, title, body = expected
+        assert (message.kind, message.key, message.title) == (kind, key, title)
+        assert message.body == (f"{body}\n{LINE}" if body else LINE)
+
+    @pytest.mark.parametrize("event", [
+        {"event": "decision", "kind": "request", "reason": "periodic", "action": "checkpoint", "seq": 1},
+        {"event": "decision", "kind": "ack", "reason": "request_acked", "request_reason": "periodic"},
+        {"event": "decision", "kind": "warn", "reason": "gpu_idle", "message": "every GPU idle"},
+        {"event": "action", "step": "request_written", "reason": "periodic"},
+        {"event": "action", "step": "end_action", "retry": True, "message": "x", "result": "exit 0"},
+        {"event": "sample"},
+    ])
+    def test_routine_events_send_nothing(self, event):
+        """Periodic checkpoints, idle GPUs, request writes and retries of the end action are not news."""
+        assert compose(event, CTX) == []
+
+
 class TestLimiter:
     @pytest.mark.parametrize("sends, expected", [
         # (key, kind, now) -> allowed?
@@ -198,9 +253,10 @@ class TestLimiter:
 
 
 class TestDeadNetwork:
-    def test_a_hanging_server_never_delays_a_tick(self, tmp_path, servers):
-        """With the only channel hanging, every tick still returns within its budget (1 s)."""
-        server = servers("hang")
+    @pytest.mark.parametrize("mode", ["hang", "500"])
+    def test_a_dead_server_never_delays_a_tick(self, tmp_path, servers, mode):
+        """With the only channel hanging or failing, every tick still returns within its budget (1 s)."""
+        server = servers(mode)
         clock = FakeClock(NOW)
         disks = [[DiskReading(f"/d{i}", 10 * 2**20, 100 * GiB)] for i in range(12)]
         script = [sample(trainer_status=status(heartbeat=NOW), disks=d) for d in disks]
