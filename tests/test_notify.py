@@ -284,7 +284,8 @@ class TestDeadNetwork:
         worker.submit(Message("disk", "disk:low:/x", "disk low: /x", "body"))
         assert worker.close(60) == 0
         assert len(server.posts) == 3
-        failed = [e for e in events(tmp_path) if e["event"] == "notify_failed"]
+        failed = [e for e in events(tmp_path) if e["event"] == "notify_failed"
+                  and e["channel"] == f"json://127.0.0.1:{server.port}/***"]
         assert len(failed) == 1 and failed[0]["attempts"] == 3 and "500" in failed[0]["error"]
 
     def test_a_full_queue_drops_and_says_so(self, tmp_path, servers):

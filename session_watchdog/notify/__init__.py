@@ -65,8 +65,7 @@ class Hub:
         self._oom_kills: Optional[int] = None
         self._outcome_seen: Optional[str] = None
         self._pending: List[Dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._limit_lock = threading.Lock()
+        self._lock = threading.RLock()  # orders messages: a tick's, then the end thread's
 
     def start(self) -> None:
         _log.add_listener(self.on_event)
@@ -88,59 +87,63 @@ class Hub:
         _log.remove_listener(self.on_event)
         if self.remote is not None:
             self.remote.close()
+        with self._lock:  # events of a tick that never finished still go out
+            self._flush_pending()
         if self.worker is not None:
             self.worker.close(wait_s)
 
     # ---- the hook: runs in the thread that logged the event; quick, never raises -------------
 
     def on_event(self, event: Mapping[str, Any]) -> None:
-        """A redacted log event. Those of a tick wait for its end: the message then carries the
-        tick's own reading (step, exit code), and the order is decision -> end transaction."""
+        """A redacted log event. A tick's decisions wait for its end (:meth:`after_tick`): the
+        message then carries the tick's own reading (step, exit code). An end step that comes
+        while decisions wait queues behind them: "training completed" before "ending in 2m"."""
         name = event.get("event")
         if name not in ("decision", "action"):
             return
         if name == "action" and not str(event.get("step", "")).startswith("end_"):
             return
         with self._lock:
-            if name == "decision" or self.watchdog._tick_lock.locked():
+            if name == "decision" or self._pending:
                 if len(self._pending) < MAX_PENDING:
                     self._pending.append(dict(event))
                 return
-        for message in compose(event, self.context()):
-            self.offer(message)
+            for message in compose(event, self.context()):
+                self.offer(message)
 
     def after_tick(self, sample: Any) -> None:
         """End of a tick (``Watchdog.on_decisions``): its events, and the edges of its reading."""
         with self._lock:
-            pending, self._pending = self._pending, []
-        messages: List[Message] = []
-        if pending:
-            ctx = self.context()
-            for event in pending:
-                child_exit = event.get("child_exit")
-                messages += compose(event, ctx if child_exit is None else
-                                    dataclasses.replace(ctx, child_exit=child_exit))
-        host = sample.host
-        kills = host.oom_kills if host is not None else None
-        if kills is not None:
-            if self._oom_kills is not None and kills > self._oom_kills:
-                messages.append(Message("oom", f"oom:{kills}", "out-of-memory kill on this machine",
-                                        f"the kernel killed a process for memory ({kills} so far)\n"
-                                        + self.context().line()))
-            self._oom_kills = kills
-        outcome = training_outcome(sample)
-        if outcome is not None and outcome != self._outcome_seen:
-            messages.append(outcome_message(outcome, self.context()))
-        self._outcome_seen = outcome
-        for message in messages:
-            self.offer(message)
+            self._flush_pending()
+            host = sample.host
+            kills = host.oom_kills if host is not None else None
+            if kills is not None:
+                if self._oom_kills is not None and kills > self._oom_kills:
+                    self.offer(Message("oom", f"oom:{kills}", "out-of-memory kill on this machine",
+                                       f"the kernel killed a process for memory ({kills} so far)\n"
+                                       + self.context().line()))
+                self._oom_kills = kills
+            outcome = training_outcome(sample)
+            if outcome is not None and outcome != self._outcome_seen:
+                self.offer(outcome_message(outcome, self.context()))
+            self._outcome_seen = outcome
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        ctx = self.context()
+        for event in pending:
+            child_exit = event.get("child_exit")
+            for message in compose(event, ctx if child_exit is None else
+                                   dataclasses.replace(ctx, child_exit=child_exit)):
+                self.offer(message)
 
     def offer(self, message: Message) -> None:
-        """Filter (notify_on), dedup and rate-limit, then queue for the worker."""
+        """Filter (notify_on), dedup and rate-limit, then queue for the worker (under ``_lock``)."""
         if self.worker is None or (message.kind in NOTIFY_KINDS and message.kind not in self.kinds):
             return
-        with self._limit_lock:  # the tick's thread and the end transaction's may offer at once
-            ok, why = self.limiter.allow(message, self.watchdog.clock.monotonic())
+        ok, why = self.limiter.allow(message, self.watchdog.clock.monotonic())
         if not ok:
             log.info("notify_suppressed", kind=message.kind, key=message.key, why=why)
             return

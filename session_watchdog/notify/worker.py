@@ -70,7 +70,7 @@ class Worker:
     def _run(self) -> None:
         while True:
             message = self.queue.get()
-            if message is None:
+            if message is None or self._stop.is_set():
                 return
             for channel in list(self.channels.channels):
                 ok = self.send(channel, message)
@@ -79,8 +79,12 @@ class Worker:
 
     def send(self, channel: Any, message: Message) -> bool:
         """Up to ``attempts`` tries on one channel, with back-off; logs the outcome."""
-        error = ""
+        error = "the notifier was closed before it could be sent"
+        tried = 0
         for attempt in range(1, self.attempts + 1):
+            if self._stop.is_set():  # closed while this message waited: stop trying
+                break
+            tried = attempt
             started = time.monotonic()
             ok, error = self.channels.send(channel, message.title, message.body, message.urgent)
             if ok:
@@ -92,7 +96,7 @@ class Worker:
                 if self._stop.wait(wait):
                     break
         log.warning("notify_failed", kind=message.kind, channel=channel.display,
-                    attempts=self.attempts, error=error, title=message.title)
+                    attempts=tried, error=error, title=message.title)
         return False
 
 
