@@ -559,6 +559,17 @@ class TestCommandLine:
         assert [c["ok"] for c in checks] == [True, False]
         assert checks[0]["detail"] == f"json://127.0.0.1:{server.port}/***: 127.0.0.1:{server.port} reachable"
 
+    def test_doctor_checks_the_remote_source(self, servers, capsys):
+        """doctor shows the remote topic redacted and whether its server answers a connection."""
+        server = servers()
+        cli.main(["doctor", "--json", "--remote", f"ntfy://127.0.0.1:{server.port}/topic-secret-9",
+                  "--remote-token", TOKEN])
+        out = capsys.readouterr().out
+        (check,) = [c for c in json.loads(out)["checks"] if c["name"] == "remote commands"]
+        assert check["ok"] is True
+        assert check["detail"] == f"ntfy://127.0.0.1:{server.port}/***: 127.0.0.1:{server.port} reachable"
+        assert "topic-secret-9" not in out and TOKEN not in out
+
     def test_config_keys(self):
         """notify takes spaces or commas between URLs; remote needs a token; bad values name the key."""
         config = Config.build(notify="json://a.example/x, ntfys://ntfy.sh/t", notify_on="disk,failed")
