@@ -262,6 +262,7 @@ class TestDeadNetwork:
         script = [sample(trainer_status=status(heartbeat=NOW), disks=d) for d in disks]
         dog = watchdog(tmp_path, ScriptedProbe(script), clock, [], max_session="off",
                        notify=f"json://127.0.0.1:{server.port}/hook")
+        dog.notify.worker.backoff_s = (0.01,)  # the queue drains before the test ends
         dog.acquire()
         durations = []
         try:
@@ -608,6 +609,7 @@ class TestNotebook:
 
         from session_watchdog import notebook
 
+        log.configure(None, console=None)
         running = types.SimpleNamespace(requested=Config.build(notify="tgram://111:AAA-secret-one/5"))
         with pytest.warns(notebook.ConfigMismatchWarning) as caught:
             notebook._report_differences(running, Config.build(notify="tgram://222:BBB-secret-two/5"), 2)
