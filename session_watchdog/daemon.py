@@ -149,6 +149,7 @@ class Watchdog:
         self.started_wall = self.clock.wall()
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
+        self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
         self.state = self._load_state()
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
             self.state = dataclasses.replace(
@@ -180,6 +181,12 @@ class Watchdog:
                 # values mean nothing here.
                 log.info("state_reset", path=str(path), message="daemon state was from another session")
                 return PolicyState()
+            extension = obj.get("budget_extension_s")
+            if isinstance(extension, (int, float)) and extension > 0 and self.config.max_session:
+                # an `extend 2h` from the phone outlives a restart of the watchdog
+                self.budget_extension_s = float(extension)
+                self.config = dataclasses.replace(
+                    self.config, max_session=self.config.max_session + self.budget_extension_s)
             return PolicyState.from_json(obj["policy"])
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = channel.quarantine(path)
@@ -190,7 +197,9 @@ class Watchdog:
     def _save_state(self) -> None:
         channel.write_json(self.run_dir.file(channel.STATE_FILE),
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
-                            "policy": self.state.to_json()})
+                            "policy": self.state.to_json(),
+                            **({"budget_extension_s": self.budget_extension_s}
+                               if self.budget_extension_s else {})})
 
     # ---- the loop body ----------------------------------------------------------------------
 
@@ -304,6 +313,7 @@ class Watchdog:
                 return None
             budget = self.config.max_session + seconds
             self.config = dataclasses.replace(self.config, max_session=budget)
+            self.budget_extension_s += seconds
             self.state = dataclasses.replace(self.state, done=frozenset(
                 k for k in self.state.done
                 if not k.startswith("session_warn_") and k != "session_checkpoint"))

@@ -509,6 +509,10 @@ class TestCommands:
         assert tg.replies() == [(555, "budget extended by 2h00m to 3h00m")]
         extended = [e for e in events(tmp_path) if e["event"] == "budget_extended"]
         assert [(e["by_s"], e["budget_s"]) for e in extended] == [(7200.0, 10800.0)]
+        restarted = remote_dog(tmp_path, clock, [sample(trainer_status=status(heartbeat=NOW))], [],
+                               remote=f"tgram://{tg.bot}/555",
+                               remote_api=f"http://127.0.0.1:{tg.server.port}")
+        assert restarted.config.max_session == 3 * 3600.0  # a restarted watchdog keeps the extension
 
     def test_checkpoint_and_stop_go_through_the_request_path(self, tmp_path, servers):
         """`checkpoint` then `stop` write request.json with the next seqs and answer with them."""
