@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_parser(sub)
 
+    notify = sub.add_parser("notify", help="notifications: --test sends one message per channel")
+    _add_config_flags(notify)
+    notify.add_argument("--test", action="store_true", required=True,
+                        help="send one test message through every configured channel")
+
     doctor = sub.add_parser("doctor", help="check this machine and say what needs fixing")
     _add_config_flags(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -579,6 +584,10 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
             "conflict: this tool imports as session_watchdog")
     else:
         add("package name", True, "no conflicting package")
+    if config.notify or config.remote:  # issue 15: channels (redacted) and whether reachable
+        from session_watchdog import notify
+
+        checks += notify.doctor_checks(config)
     return checks
 
 
@@ -609,6 +618,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    """`notify --test`: one message through every channel; exit 1 when one did not work."""
+    from session_watchdog import notify
+
+    config = _load(args)
+    if not config.notify:
+        raise UserError("no notification channel is configured; pass --notify URL or set "
+                        "SESSION_WATCHDOG_NOTIFY")
+    results = notify.send_test_messages(config)
+    for shown, ok, error in results:
+        print(f"[{'ok  ' if ok else 'FAIL'}] {shown}" + ("" if ok else f"  {error}"))
+    return EXIT_OK if all(ok for _, ok, _ in results) else EXIT_PROBLEM
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from session_watchdog import report
 
@@ -637,6 +660,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "attach": cmd_attach,
     "stop": cmd_stop,
     "doctor": cmd_doctor,
+    "notify": cmd_notify,
 }
 
 

@@ -256,6 +256,58 @@ def _non_empty_name(raw: Any) -> str:
     return raw
 
 
+# Notifications (issue 15). Kinds of messages a user can choose with notify_on.
+NOTIFY_KINDS: Tuple[str, ...] = (
+    "session_warning", "checkpoint", "completed", "failed", "hang", "oom", "disk", "ram",
+    "preemption", "end_grace", "end_done")
+_URL_START = re.compile(r"[\s,]+(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+REMOTE_SCHEMES = ("ntfy", "ntfys", "tgram")
+
+
+def parse_notify_urls(raw: Any) -> Tuple[str, ...]:
+    """Apprise URLs: a TOML list, or one string with URLs separated by spaces or commas.
+
+    A comma splits only before another ``scheme://``: some Apprise URLs carry commas inside.
+    """
+    items = raw if isinstance(raw, (list, tuple)) else _URL_START.split(str(raw).strip())
+    urls = tuple(str(item).strip() for item in items if str(item).strip())
+    if not urls or not all(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$", u) for u in urls):
+        raise ValueError("expected Apprise URLs like tgram://BOT_TOKEN/CHAT_ID or ntfys://ntfy.sh/TOPIC")
+    return urls
+
+
+def parse_notify_on(raw: Any) -> Tuple[str, ...]:
+    items = {str(x).strip().lower() for x in _split_list(raw)}
+    if "all" in items:
+        return NOTIFY_KINDS
+    if not items or not items <= set(NOTIFY_KINDS):
+        raise ValueError(f"expected 'all' or a list of {', '.join(NOTIFY_KINDS)}")
+    return tuple(k for k in NOTIFY_KINDS if k in items)
+
+
+def parse_remote(raw: Any) -> str:
+    text = str(raw).strip() if isinstance(raw, str) else ""
+    match = re.match(r"^([a-z]+)://([^/\s]+)/([^/\s?]+)/?$", text)
+    if not match or match.group(1) not in REMOTE_SCHEMES:
+        raise ValueError("expected ntfys://HOST/TOPIC, ntfy://HOST/TOPIC (plain http) or "
+                         "tgram://BOT_TOKEN/CHAT_ID")
+    if match.group(1) == "tgram" and not re.fullmatch(r"-?\d+", match.group(3)):
+        raise ValueError("expected a numeric Telegram chat id: tgram://BOT_TOKEN/CHAT_ID")
+    return text
+
+
+def parse_remote_token(raw: Any) -> str:
+    if not isinstance(raw, str) or not re.fullmatch(r"\S{8,128}", raw.strip()):
+        raise ValueError("expected a token of 8 to 128 characters without spaces")
+    return raw.strip()
+
+
+def parse_http_url(raw: Any) -> str:
+    if not isinstance(raw, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw.strip()):
+        raise ValueError("expected an http(s) URL like https://api.telegram.org")
+    return raw.strip().rstrip("/")
+
+
 # --------------------------------------------------------------------------------------------
 # The key table
 
@@ -267,6 +319,7 @@ class Key:
     help: str
     metavar: str = "VALUE"
     is_flag: bool = False  # boolean: --name / --no-name
+    secret: bool = False  # its value never appears in an error message (tokens in URLs)
 
 
 KEYS: Tuple[Key, ...] = (
@@ -331,6 +384,19 @@ KEYS: Tuple[Key, ...] = (
     Key("price_per_hour", parse_positive_float, "runtime price per hour, for costs", "PRICE"),
     Key("money_budget", parse_positive_float,
         "money budget; with price_per_hour it sets the session budget (AutoDL)", "AMOUNT"),
+    # notifications and remote commands (session_watchdog.notify; issue 15)
+    Key("notify", parse_notify_urls, "Apprise URLs to notify, e.g. tgram://TOKEN/CHAT_ID or "
+        "ntfys://ntfy.sh/TOPIC (pip install 'session-watchdog[notify]')", "URLS", secret=True),
+    Key("notify_on", parse_notify_on, "message kinds to send (default all): "
+        + ", ".join(NOTIFY_KINDS), "KINDS"),
+    Key("remote", parse_remote, "take commands from an ntfy topic (ntfys://ntfy.sh/TOPIC) or a "
+        "Telegram chat (tgram://BOT_TOKEN/CHAT_ID); needs remote_token", "URL", secret=True),
+    Key("remote_token", parse_remote_token,
+        "shared token every remote command must carry (8+ characters)", "TOKEN", secret=True),
+    Key("remote_poll_every", parse_duration, "how often remote commands are polled (default 20s)",
+        "DURATION"),
+    Key("remote_api", parse_http_url,
+        "Telegram Bot API base URL (default https://api.telegram.org)", "URL"),
 )
 KEYS_BY_NAME: Dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -376,6 +442,12 @@ class Config:
     slurm_signal_grace: Optional[float] = None
     price_per_hour: Optional[float] = None
     money_budget: Optional[float] = None
+    notify: Tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    notify_on: Tuple[str, ...] = NOTIFY_KINDS
+    remote: Optional[str] = dataclasses.field(default=None, repr=False)
+    remote_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    remote_poll_every: float = 20.0
+    remote_api: str = "https://api.telegram.org"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -434,8 +506,8 @@ def parse_values(values: Mapping[str, Any], *, source: str, spelling: str = "arg
                 _refuse_toml_numbers(raw)
             parsed[name] = key.parse(raw)
         except ValueError as err:
-            raise ConfigError(
-                f"{prefix}{spell(name)} = {_describe(raw)} is invalid: {err}") from None
+            shown = "[redacted]" if key.secret else _describe(raw)
+            raise ConfigError(f"{prefix}{spell(name)} = {shown} is invalid: {err}") from None
     return parsed
 
 
@@ -466,6 +538,9 @@ def validate(config: Config) -> None:
             f"idle_warn = {config.idle_warn:g}s is invalid: expected less than "
             f"idle_limit = {config.idle_limit:g}s"
         )
+    if config.remote and not config.remote_token:
+        raise ConfigError("remote is set but remote_token is not: every remote command must carry "
+                          "a shared token (set remote_token, 8+ characters)")
     if config.stop_margin >= config.margin:
         raise ConfigError(
             f"stop_margin = {config.stop_margin:g}s is invalid: expected less than "

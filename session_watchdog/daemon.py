@@ -27,6 +27,7 @@ from session_watchdog.policy import (
     IDLE_END,
     TRAINER_SCOPED,
     Decision,
+    Outstanding,
     PolicyState,
     decide,
     end_blocker,
@@ -154,6 +155,7 @@ class Watchdog:
         self._kept_by: Optional[str] = None  # keep this runtime: a stop signal (or cancel) said so
         self._keep_logged = False
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
+        self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
         self.state = self._load_state()
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
@@ -167,6 +169,11 @@ class Watchdog:
         self._lock = self.run_dir.lock(channel.DAEMON_LOCK)
         self._tick_lock = threading.Lock()
         self._scheduler: Any = None
+        self.notify: Any = None  # issue 15; the package (and Apprise) are imported only when set
+        if self.config.notify or self.config.remote:
+            from session_watchdog.notify import Hub
+
+            self.notify = Hub(self)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -183,6 +190,13 @@ class Watchdog:
                 # values mean nothing here.
                 log.info("state_reset", path=str(path), message="daemon state was from another session")
                 return PolicyState()
+            extension = obj.get("budget_extension_s")
+            if isinstance(extension, (int, float)) and math.isfinite(extension) \
+                    and 0 < extension <= MAX_EXTENSION_S and self.config.max_session:
+                # an `extend 2h` from the phone outlives a restart of the watchdog
+                self.budget_extension_s = float(extension)
+                self.config = dataclasses.replace(
+                    self.config, max_session=self.config.max_session + self.budget_extension_s)
             return PolicyState.from_json(obj["policy"])
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = self.run_dir.quarantine(channel.STATE_FILE)
@@ -193,7 +207,9 @@ class Watchdog:
     def _save_state(self) -> None:
         self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
-                            "policy": self.state.to_json()})
+                            "policy": self.state.to_json(),
+                            **({"budget_extension_s": self.budget_extension_s}
+                               if self.budget_extension_s else {})})
 
     # ---- the loop body ----------------------------------------------------------------------
 
@@ -347,6 +363,42 @@ class Watchdog:
             return True
         return False
 
+    def extend_budget(self, seconds: float) -> Optional[float]:
+        """Move the session budget by ``seconds`` (remote ``extend 2h``); the new budget, None without one.
+
+        The session warnings and the limit's checkpoint are armed again for the new deadline.
+        """
+        with self._tick_lock:
+            if not self.config.max_session:
+                return None
+            budget = self.config.max_session + seconds
+            self.config = dataclasses.replace(self.config, max_session=budget)
+            self.budget_extension_s += seconds
+            self.state = dataclasses.replace(self.state, done=frozenset(
+                k for k in self.state.done
+                if not k.startswith("session_warn_") and k != "session_checkpoint"))
+            self._save_state()
+            info = read_daemon_info(self.run_dir.path)
+            if info is not None and info.get("pid") == os.getpid():
+                channel.write_json(self.run_dir.file(DAEMON_FILE), {**info, "budget_s": budget})
+        log.info("budget_extended", by_s=seconds, budget_s=budget)
+        return budget
+
+    def user_request(self, action: str, reason: str = "remote_command") -> Optional[int]:
+        """Ask the trainer to ``checkpoint`` or ``stop`` now, through the policy's request path
+        (seq, outstanding, re-sends); the request's seq, None when no trainer is alive."""
+        with self._tick_lock:
+            sample = self.last_sample
+            if sample is None or not sample.trainer.alive:
+                return None
+            seq = self.state.seq + 1
+            self.state = dataclasses.replace(self.state, seq=seq, outstanding=Outstanding(
+                seq, action, reason, sample.elapsed_s))
+            self._save_state()
+            self.actions.apply([Decision("request", reason, f"{action} requested by the user",
+                                         action=action, seq=seq)], sample)
+        return seq
+
     def wait_end(self, timeout: Optional[float] = None) -> Optional[str]:
         """Wait for a running end transaction; its outcome (None when none ran)."""
         if self._end_thread is not None:
@@ -439,6 +491,8 @@ class Watchdog:
                      elapsed_s=round(self.clock.wall() - self.session.start_wall, 3),
                      file=str(self.run_dir.file(channel.SESSION_FILE)),
                      message=self.session_notice())
+        if self.notify is not None:
+            self.notify.start()
 
     def session_notice(self) -> Optional[str]:
         """One line for the console when the session clock was carried over, else None.
@@ -465,6 +519,8 @@ class Watchdog:
         })
 
     def release(self) -> None:
+        if self.notify is not None:
+            self.notify.close()  # bounded: the last messages (training completed) go out first
         if self.notifier.enabled:
             self.notifier.stopping()
         if self._lock.held:
@@ -575,6 +631,9 @@ class Watchdog:
             scheduler.shutdown(wait=True)
         self.release()
 
+
+# A remote `extend` read back from state.json is bounded like any protocol number (#18).
+MAX_EXTENSION_S = 365 * 86400.0
 
 END_RETRY_FIRST_S = 60.0
 END_RETRY_MAX_S = 900.0

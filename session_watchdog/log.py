@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, List, Mapping, MutableMapping, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional
 
 import structlog
 
@@ -212,6 +212,40 @@ def _json_default(value: Any) -> Any:
 
 
 _current: Dict[str, Any] = {}
+_extra_secrets: List[str] = []  # secrets from the configuration (notify URLs, tokens)
+_listeners: List[Callable[[Mapping[str, Any]], None]] = []
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Redact these values too, from now on (the configured log and any later configure())."""
+    fresh = [v for v in values if v and v not in _extra_secrets]
+    _extra_secrets.extend(fresh)
+    redactor = _current.get("redactor")
+    if redactor is not None:
+        redactor.secrets = sorted(set(redactor.secrets) | set(fresh), key=len, reverse=True)
+
+
+def add_listener(listener: Callable[[Mapping[str, Any]], None]) -> None:
+    """Call ``listener(event)`` with every redacted event, in the thread that logged it.
+
+    A listener must be quick and must not raise (it runs inside a tick); notifications hook in
+    here, so they see exactly what the log sees, secrets already removed.
+    """
+    _listeners.append(listener)
+
+
+def remove_listener(listener: Callable[[Mapping[str, Any]], None]) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def _call_listeners(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    for listener in list(_listeners):
+        try:
+            listener(event)
+        except Exception:  # a broken listener must never break logging (or a tick)
+            pass
+    return event
 
 
 def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stderr,
@@ -222,17 +256,20 @@ def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stde
     jsonl = RotatingJsonl(log_file, max_bytes, backups) if log_file is not None else None
     if jsonl is not None:
         jsonl.open()  # fail here, with the path, not at the first event
+    redactor = Redactor(sorted(set(secret_values(env)) | set(_extra_secrets), key=len, reverse=True))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             _add_schema,
-            Redactor(secret_values(env)),
+            redactor,
+            _call_listeners,
             Sink(jsonl, console),
         ],
         logger_factory=structlog.ReturnLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     _current["jsonl"] = jsonl
+    _current["redactor"] = redactor
     return jsonl
 
 

@@ -507,7 +507,12 @@ def _report_differences(running: WatchdogHandle, requested: Config, stacklevel: 
     differ = [k for k in new if new[k] != old.get(k)]
     if not differ:
         return
-    details = "; ".join(f"{k}: running {old.get(k)!r}, asked {new[k]!r}" for k in differ)
+    from session_watchdog.config import KEYS_BY_NAME
+
+    def shown(key: str, value: Any) -> str:  # notify URLs and tokens are secrets (issue 15)
+        return "[redacted]" if key in KEYS_BY_NAME and KEYS_BY_NAME[key].secret else repr(value)
+
+    details = "; ".join(f"{k}: running {shown(k, old.get(k))}, asked {shown(k, new[k])}" for k in differ)
     message = (f"session_watchdog.start(): a watchdog is already running in this kernel; "
                f"these settings differ and were NOT applied: {details}. To apply them, call "
                "session_watchdog.stop() and then start(...) again.")

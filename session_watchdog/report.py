@@ -74,7 +74,11 @@ HANDLED_EVENTS = frozenset({
     "tick_missed",
 })
 # Lifecycle events this version knows and does not summarise: not "unknown".
-QUIET_EVENTS = frozenset({"signal_received", "state_quarantined"})
+QUIET_EVENTS = frozenset({"signal_received", "state_quarantined"}) | frozenset({
+    # notifications and remote commands (issue 15)
+    "notify_sent", "notify_failed", "notify_suppressed", "notify_dropped", "notify_unsent",
+    "remote_started", "remote_command", "remote_ignored", "remote_replied", "remote_reply_failed",
+    "remote_poll_failed", "remote_poll_recovered", "budget_extended"})
 
 _ROTATED = re.compile(r"^(?P<base>.+?)\.(?P<index>\d+)(?:\.gz)?$")
 _GZIP_MAGIC = b"\x1f\x8b"

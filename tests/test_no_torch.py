@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "session_watchdog"
 DAEMON_MODULES = ["session_watchdog", "session_watchdog.cli", "session_watchdog.daemon",
                   "session_watchdog.policy", "session_watchdog.probes", "session_watchdog.channel",
                   "session_watchdog.platforms", "session_watchdog.config", "session_watchdog.log",
-                  "session_watchdog.actions", "session_watchdog.notebook", "session_watchdog.demo", "session_watchdog.wrap", "session_watchdog.report", "session_watchdog.sdnotify", "session_watchdog.preemption"]
+                  "session_watchdog.actions", "session_watchdog.notebook", "session_watchdog.demo", "session_watchdog.wrap", "session_watchdog.report", "session_watchdog.sdnotify", "session_watchdog.preemption",
+                  "session_watchdog.notify", "session_watchdog.notify.messages",
+                  "session_watchdog.notify.worker", "session_watchdog.notify.remote"]
 
 
 def imported_names(path: Path) -> set:
@@ -42,6 +44,24 @@ class TestNoTorchInTheDaemon:
                 "print('torch' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "False"
+
+    def test_the_daemon_loads_apprise_only_when_notify_is_set(self, tmp_path):
+        """A watchdog without notify never imports apprise, nor session_watchdog.notify (issue 15)."""
+        code = ("import sys\n"
+                "from session_watchdog import platforms\n"
+                "from session_watchdog.config import Config\n"
+                "from session_watchdog.daemon import Watchdog\n"
+                f"for m in {DAEMON_MODULES!r}:\n"
+                "    if m != 'session_watchdog.notify' and not m.startswith('session_watchdog.notify.'):\n"
+                "        __import__(m)\n"
+                f"c = Config.build(run_dir={str(tmp_path / 'r')!r})\n"
+                "dog = Watchdog(c, platform=platforms.Platform('generic', ('t',)), session_start=1.0)\n"
+                "print('apprise' in sys.modules, 'session_watchdog.notify' in sys.modules)\n"
+                f"c = Config.build(run_dir={str(tmp_path / 'r2')!r}, notify='json://127.0.0.1:9/x')\n"
+                "dog = Watchdog(c, platform=platforms.Platform('generic', ('t',)), session_start=1.0)\n"
+                "print('apprise' in sys.modules)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == ["False", "False", "True"]
 
     @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
     def test_ruff_banned_api_rule_holds(self):
