@@ -368,6 +368,10 @@ class EndTransaction:
         if self.alive():
             self._step("end_action_unconfirmed", message=f"still running {self.confirm_after_s:g}s "
                        "after the end action; trying once more")
+            if self.safe_now is not None:  # the retry is an end action too: check it afresh
+                problem = self.safe_now()
+                if problem is not None:
+                    raise EndAborted(f"not retrying: {problem}")
             try:
                 result = self.action()
             except EndAborted as err:
