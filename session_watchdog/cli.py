@@ -413,8 +413,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 # doctor
 
 
-def doctor_checks(config: Config) -> List[Dict[str, Any]]:
-    """Each check: {name, ok: True|False|None (info), detail, fix}."""
+def doctor_checks(config: Config, nvml: Any = None) -> List[Dict[str, Any]]:
+    """Each check: {name, ok: True|False|None (info), detail, fix}.
+
+    ``nvml``: a ``probes.Nvml`` to ask instead of the system's (tests inject a fake module).
+    """
     from session_watchdog import platforms, probes
 
     checks: List[Dict[str, Any]] = []
@@ -429,13 +432,21 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
     budget = resolved.max_session
     add("session budget", None, f"{format_duration(budget)}" if budget else "none (set --max-session)")
 
-    gpu = probes.nvml_driver_summary()
+    gpu = probes.nvml_driver_summary(nvml)
     if gpu["state"] == "ok":
         add("nvml", True, f"driver {gpu.get('driver')}, GPUs: {', '.join(gpu['gpus']) or 'none'}")
     elif platform.name in ("colab", "autodl"):
         add("nvml", False, gpu["state"], "select a GPU runtime / instance, or ignore on CPU")
     else:
         add("nvml", None, gpu["state"] + " (the watchdog runs without GPU readings)")
+    if resolved.idle_end_after:
+        # An unknown reading is never taken for idle (issue 18): without one the rule is inert.
+        if gpu["state"] != "ok" or not gpu["gpus"] or gpu["unknown"]:
+            add("idle end", None, "can never fire: no known utilisation for every GPU, so this "
+                "runtime is never ended for idling (training-complete ends still work)")
+        else:
+            add("idle end", True, f"after {format_duration(resolved.idle_end_after)} of idle "
+                "GPUs with no trainer")
 
     host = probes.read_host()
     add("memory", None, f"{host.ram_available_bytes / 2**30:.1f} GiB available of "
