@@ -34,7 +34,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and the hint to --help), exit code 2."""
 
     def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: object) -> str:
+    """``text`` with control characters escaped: an error is one line whatever the input held
+    (a newline in a file name or flag value made two-line errors: issue 18)."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def _prepare(args: argparse.Namespace) -> Tuple[Config, Any, Optional[float]]:
 
     config = _load(args)
     run_for = None
-    if getattr(args, "run_for", None):
+    if getattr(args, "run_for", None) is not None:  # an empty --for is an error, not "forever"
         try:
             run_for = parse_duration(args.run_for)
         except ValueError as err:
@@ -577,7 +583,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
-        print(f"session-watchdog: error: {err}", file=sys.stderr)
+        print(f"session-watchdog: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # A path given by the user that the system refuses (a file where a directory belongs,
+        # a name too long, ...): one line, not a traceback (issue 18).
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"session-watchdog: error: {one_line(where)}{one_line(err.strerror or err)}; "
+              "check the paths given (--config, --run-dir, --log-file)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
