@@ -257,3 +257,20 @@ class TestSessionOnAHostileDirectory:
         assert not os.path.islink(lock) and os.path.isfile(lock)
         assert target.read_text() == "keep me"
         assert session.manager.latest() is not None
+
+
+class TestHostileShardedMarkers:
+    @pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "symlink-to-fifo", "fifo",
+                                      "directory", "nested-5000"])
+    def test_latest_skips_a_hostile_commit_marker(self, tmp_path: Path, kind: str,
+                                                  no_hang: None) -> None:
+        """A sharded step directory whose COMMITTED marker is hostile is skipped: the previous
+        step is the latest, without a hang or a RecursionError."""
+        from session_watchdog.trainer.distributed import COMMIT_MARKER, ShardedCheckpointer
+
+        ckpt = ShardedCheckpointer(tmp_path / "ckpt")
+        ckpt.save({"w": torch.ones(8)}, step=1)
+        newer = ckpt.save({"w": torch.full((8,), 2.0)}, step=2)
+        corrupt_marker(kind, newer.directory / COMMIT_MARKER)
+        latest = ckpt.latest()
+        assert latest is not None and latest.step == 1
