@@ -274,3 +274,34 @@ class TestHostileShardedMarkers:
         corrupt_marker(kind, newer.directory / COMMIT_MARKER)
         latest = ckpt.latest()
         assert latest is not None and latest.step == 1
+
+
+class TestEndVerifiesWithoutFollowing:
+    @pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "fifo", "directory"])
+    def test_the_end_refuses_a_reported_checkpoint_that_is_not_a_regular_file(
+            self, tmp_path: Path, kind: str, no_hang: None) -> None:
+        """trainer.json names a checkpoint (0 bytes, as a forged report could say) that is now a
+        symlink to /dev/zero, a FIFO or a directory: the end's verification says no at once."""
+        from session_watchdog.actions import verify_checkpoint
+
+        saves = three_saves(tmp_path / "ckpt")
+        corrupt_checkpoint(kind, saves[2].path)
+        os.unlink(marker_of(saves[2]))  # nothing to compare with: only the file itself is read
+        problem = verify_checkpoint(str(saves[2].path), "0" * 64, 0)
+        assert problem is not None and str(saves[2].path) in problem
+
+    def test_a_deeply_nested_marker_stops_the_end_with_a_reason(self, tmp_path: Path) -> None:
+        """The marker next to the reported checkpoint nested 5,000 deep: a reason, no exception."""
+        from session_watchdog.actions import verify_checkpoint
+
+        saves = three_saves(tmp_path / "ckpt")
+        corrupt_marker("nested-5000", marker_of(saves[2]))
+        problem = verify_checkpoint(str(saves[2].path), saves[2].sha256, saves[2].bytes)
+        assert problem is not None and problem.startswith("checkpoint marker is unreadable")
+
+    def test_a_good_checkpoint_still_verifies(self, tmp_path: Path) -> None:
+        """The committed newest checkpoint, as reported: verified."""
+        from session_watchdog.actions import verify_checkpoint
+
+        saves = three_saves(tmp_path / "ckpt")
+        assert verify_checkpoint(str(saves[2].path), saves[2].sha256, saves[2].bytes) is None
