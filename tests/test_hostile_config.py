@@ -338,6 +338,13 @@ class TestNamedCases:
         assert code == 2 and "--log-backups" in err and "at most 1000" in err
         assert err.count("\n") == 1
 
+    def test_a_fifo_as_log_file_is_one_line_not_a_hang(self, tmp: Path) -> None:
+        """--log-file naming a FIFO that nobody reads: exit 2 at once, one line saying so."""
+        code, err = run_cli(["run", "--for", "1ms", "--dry-run", "--run-dir", str(tmp / "run"),
+                             "--log-file", str(tmp / "fifo")])
+        assert code == 2 and err.count("\n") == 1
+        assert "a FIFO that no process reads" in err
+
     def test_log_rotation_with_the_largest_backups_is_quick(self, tmp: Path) -> None:
         """With log_backups at its bound, rotating a tiny log still takes well under the limit."""
         from session_watchdog.log import RotatingJsonl
