@@ -387,7 +387,7 @@ def render_status(info: Dict[str, Any]) -> str:
 def _existing_run_dir(args: argparse.Namespace) -> Path:
     from session_watchdog.config import parse_abs_path
 
-    if args.run_dir:
+    if args.run_dir is not None:  # an empty --run-dir is an error, not the default run dir
         try:
             run_dir = parse_abs_path(args.run_dir)
         except ValueError as err:

@@ -55,7 +55,9 @@ def paths(tmp: str) -> List[str]:
     """Paths that break naive checks: NUL, over-long, a file where a directory belongs, devices."""
     return [
         f"{tmp}/ok", f"{tmp}/afile/below", f"{tmp}/afile", f"{tmp}/fifo", f"{tmp}/fifo/x",
-        "/dev/null", "/dev/null/x", "/proc/self/x", "/", "//", "relative/x", ".", "~",
+        # Never an existing directory outside the scratch one ("/", "~"): until the run dir
+        # refuses directories it did not create, the watchdog tightens their mode to 0700.
+        "/dev/null", "/dev/null/x", "/proc/self/x", "relative/x", ".", "x/../..",
         f"{tmp}/a\x00b", f"{tmp}/" + "n" * 300, f"{tmp}/" + "d/" * 3000 + "x",
         f"{tmp}/two\nlines", f"{tmp}/sp ace", f"{tmp}/\x1b[31m", f"{tmp}/é☃", "/" + "x" * 5000,
     ]
@@ -164,6 +166,8 @@ def invocations(draw: Any, tmp: str) -> Tuple[List[str], Dict[str, str], Tuple[s
     if argv[0] in ("status", "cancel"):
         argv += ["--run-dir", draw(st.sampled_from(paths(tmp) + ODD_STRINGS[:8]))]
         return argv, env, config
+    if argv[0] == "doctor" and draw(st.booleans()):
+        argv += ["--run-dir", draw(st.sampled_from(paths(tmp)))]
     if draw(st.booleans()):
         argv += ["--config", f"{tmp}/config.toml"]
     for _ in range(draw(st.integers(0, 2))):
@@ -178,8 +182,23 @@ def invocations(draw: Any, tmp: str) -> Tuple[List[str], Dict[str, str], Tuple[s
         # Bounded, and never a real end of this machine: --dry-run comes last and wins.
         argv += ["--for", draw(st.sampled_from(["1ms", "2ms", "", " ", "0", "0s", "-1s", "x",
                                                 "1e999s", "9" * 40 + "d", "367d", "nan"])),
-                 "--dry-run", "--run-dir", f"{tmp}/run", "--log-file", f"{tmp}/log.jsonl"]
+                 "--dry-run"]
+        if draw(st.booleans()):
+            argv += ["--log-file", draw(st.sampled_from(paths(tmp)))]
+        else:
+            argv += ["--log-file", f"{tmp}/log.jsonl"]
     return argv, env, config
+
+
+def confine_run_dir(argv: List[str], tmp: Path) -> List[str]:
+    """Make sure the run dir used is inside ``tmp`` whatever the environment or TOML file say:
+    a flag wins over both, so the last --run-dir must name a path below ``tmp``."""
+    if argv[0] not in ("doctor", "run"):
+        return argv
+    last = max((i for i, a in enumerate(argv) if a == "--run-dir"), default=None)
+    if last is not None and last + 1 < len(argv) and argv[last + 1].startswith(f"{tmp}/"):
+        return argv
+    return argv + ["--run-dir", f"{tmp}/run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,15 +224,20 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def environment(values: Dict[str, str]) -> Iterator[None]:
-    saved = {k: v for k, v in os.environ.items() if k.startswith("SESSION_WATCHDOG_")}
+def environment(values: Dict[str, str], home: Optional[Path] = None) -> Iterator[None]:
+    """``SESSION_WATCHDOG_*`` set to ``values`` only; with ``home``, the default run dir and log
+    live below it (HOME and XDG_RUNTIME_DIR), never in the real home directory."""
+    names = ("HOME", "XDG_RUNTIME_DIR") if home is not None else ()
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SESSION_WATCHDOG_") or k in names}
     for name in saved:
         del os.environ[name]
     os.environ.update(values)
+    if home is not None:
+        os.environ.update(HOME=str(home), XDG_RUNTIME_DIR=str(home))
     try:
         yield
     finally:
-        for name in [k for k in os.environ if k.startswith("SESSION_WATCHDOG_")]:
+        for name in [k for k in os.environ if k.startswith("SESSION_WATCHDOG_") or k in names]:
             del os.environ[name]
         os.environ.update(saved)
 
@@ -236,11 +260,12 @@ def make_config(tmp: Path, kind: str, payload: Any) -> None:
         target.write_bytes(b"# " + b"x" * (8 << 20) + b"\n")
 
 
-def invoke(argv: Sequence[str], env: Dict[str, str]) -> Tuple[int, str, float]:
+def invoke(argv: Sequence[str], env: Dict[str, str],
+           home: Optional[Path] = None) -> Tuple[int, str, float]:
     """Run main(argv) here; (exit code, stderr, seconds). Stdout is discarded."""
     err = io.StringIO()
     started = time.monotonic()
-    with time_limit(EXAMPLE_LIMIT_S), environment(env), contextlib.redirect_stderr(err), \
+    with time_limit(EXAMPLE_LIMIT_S), environment(env, home), contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(io.StringIO()):
         code = main(list(argv))
     return code, err.getvalue(), time.monotonic() - started
@@ -277,12 +302,12 @@ class TestFuzzedInput:
         argv, env, (kind, payload) = case
         tmp = scratch()
         try:
-            argv = [a.replace(FUZZ_TMP, str(tmp)) for a in argv]
+            argv = confine_run_dir([a.replace(FUZZ_TMP, str(tmp)) for a in argv], tmp)
             env = {k: v.replace(FUZZ_TMP, str(tmp)) for k, v in env.items()}
             if isinstance(payload, str):
                 payload = payload.replace(FUZZ_TMP, str(tmp))
             make_config(tmp, kind, payload)
-            code, err, _ = invoke(argv, env)
+            code, err, _ = invoke(argv, env, home=tmp)
             assert_one_line_or_success(argv, code, err)
         finally:
             subprocess.run(["rm", "-rf", "--", str(tmp)], check=False)
@@ -300,7 +325,11 @@ def tmp(tmp_path: Path) -> Path:
 
 
 def run_cli(argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
-    code, err, _ = invoke(argv, env or {})
+    home = Path(tempfile.mkdtemp(prefix="sw-home-"))
+    try:
+        code, err, _ = invoke(argv, env or {}, home=home)
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(home)], check=False)
     return code, err
 
 
@@ -379,6 +408,12 @@ class TestNamedCases:
                              "--price-per-hour", "1e-308"])
         assert_one_line_or_success(["doctor"], code, err)
         assert "Traceback" not in err
+
+    @pytest.mark.parametrize("command", ["status", "cancel", "stop"])
+    def test_an_empty_run_dir_is_an_error_not_the_default(self, tmp: Path, command: str) -> None:
+        """`--run-dir ''` is a bad path (exit 2), never the default run directory."""
+        code, err = run_cli([command, "--run-dir", ""])
+        assert code == 2 and "--run-dir '' is invalid" in err and err.count("\n") == 1
 
     def test_errors_with_newlines_in_the_value_stay_on_one_line(self, tmp: Path) -> None:
         """A bad value or file name holding a newline is shown escaped, on one line."""
