@@ -258,6 +258,26 @@ class TestSessionOnAHostileDirectory:
         assert target.read_text() == "keep me"
         assert session.manager.latest() is not None
 
+    def test_a_save_lock_that_cannot_be_recreated_fails_the_save_not_the_run(
+            self, tmp_path: Path, sessions: Callable[..., Session]) -> None:
+        """save.lock turned into a directory mid-run (not ours to remove): the requested
+        checkpoint fails and is reported, unacknowledged, and training goes on."""
+        session = sessions()
+        train(session, 2)
+        lock = session.run_dir.file(SAVE_LOCK)
+        if os.path.lexists(lock):
+            os.unlink(lock)
+        os.mkdir(lock)
+        session.run_dir.write_request(Request(seq=1, action="checkpoint", reason="test",
+                                              deadline=None, issued=0.0))
+        for _ in range(50):
+            train(session, 1)
+            threading.Event().wait(0.005)
+        status = session.run_dir.read_status()
+        assert status is not None and status.acked_seq == 0
+        assert "save.lock" in status.extra.get("last_error", "")
+        assert session.global_step == 52
+
 
 class TestHostileShardedMarkers:
     @pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "symlink-to-fifo", "fifo",

@@ -773,7 +773,8 @@ class Session:
             return
         try:
             self._save(seq=seq, reason=flags.reason, during="saving")
-        except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError):
+        except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError,
+                ChannelError):  # ChannelError: save.lock could not be taken even when recreated
             pass  # logged and reported by _save; training goes on without an ack
 
     def _agree(self, flags: _Flags) -> _Flags:
