@@ -115,24 +115,38 @@ def verify_checkpoint(path: str, sha256: str, size: int) -> Optional[str]:
     The checkpoint's commit marker (``<path>.sha256``), when present, must agree as well.
     """
     import hashlib
+    import stat
 
+    # Never follow a symlink put in the checkpoint's place, never wait on a FIFO, never read a
+    # device without end (issue 18): a regular file, read up to the reported size.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = os.stat(path)
-    except OSError as err:
-        return f"checkpoint {path} cannot be read: {err.strerror}"
-    if st.st_size != size:
-        return f"checkpoint {path} has {st.st_size} bytes, the trainer reported {size}"
-    try:
-        marker = channel.read_json(Path(path + ".sha256"))
-    except channel.ChannelError as err:
-        return f"checkpoint marker is unreadable: {err}"
-    if marker is not None and (marker.get("sha256") != sha256 or marker.get("bytes") != size):
-        return f"checkpoint marker {path}.sha256 does not match the trainer's report"
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        fd = os.open(path, flags)
+    except (OSError, ValueError) as err:
+        return f"checkpoint {path} cannot be read: {getattr(err, 'strerror', None) or err}"
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return f"checkpoint {path} is not a regular file"
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        if st.st_size != size:
+            return f"checkpoint {path} has {st.st_size} bytes, the trainer reported {size}"
+        try:
+            marker = channel.read_json(Path(path + ".sha256"))
+        except (channel.ChannelError, RecursionError) as err:
+            return f"checkpoint marker is unreadable: {err}"
+        if marker is not None and (marker.get("sha256") != sha256 or marker.get("bytes") != size):
+            return f"checkpoint marker {path}.sha256 does not match the trainer's report"
+        os.set_blocking(fd, True)
+        digest = hashlib.sha256()
+        left = size + 1  # one byte more shows a file that grew
+        while left > 0:
+            block = fh.read(min(1 << 20, left))
+            if not block:
+                break
             digest.update(block)
-    if digest.hexdigest() != sha256:
+            left -= len(block)
+    if left <= 0 or digest.hexdigest() != sha256:
         return f"checkpoint {path} does not match its sha256 (torn or changed)"
     return None
 
@@ -412,6 +426,10 @@ class EndTransaction:
         if self.alive():
             self._step("end_action_unconfirmed", message=f"still running {self.confirm_after_s:g}s "
                        "after the end action; trying once more")
+            if self.safe_now is not None:  # the retry is an end action too: check it afresh
+                problem = self.safe_now()
+                if problem is not None:
+                    raise EndAborted(f"not retrying: {problem}")
             try:
                 result = self.action()
             except EndAborted as err:

@@ -36,7 +36,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and the hint to --help), exit code 2."""
 
     def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: object) -> str:
+    """``text`` with control characters escaped: an error is one line whatever the input held
+    (a newline in a file name or flag value made two-line errors: issue 18)."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def _prepare(args: argparse.Namespace) -> Tuple[Config, Any, Optional[float]]:
 
     config = _load(args)
     run_for = None
-    if getattr(args, "run_for", None):
+    if getattr(args, "run_for", None) is not None:  # an empty --for is an error, not "forever"
         try:
             run_for = parse_duration(args.run_for)
         except ValueError as err:
@@ -463,7 +469,7 @@ def render_status(info: Dict[str, Any]) -> str:
 def _existing_run_dir(args: argparse.Namespace) -> Path:
     from session_watchdog.config import parse_abs_path
 
-    if args.run_dir:
+    if args.run_dir is not None:  # an empty --run-dir is an error, not the default run dir
         try:
             run_dir = parse_abs_path(args.run_dir)
         except ValueError as err:
@@ -502,8 +508,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 # doctor
 
 
-def doctor_checks(config: Config) -> List[Dict[str, Any]]:
-    """Each check: {name, ok: True|False|None (info), detail, fix}."""
+def doctor_checks(config: Config, nvml: Any = None) -> List[Dict[str, Any]]:
+    """Each check: {name, ok: True|False|None (info), detail, fix}.
+
+    ``nvml``: a ``probes.Nvml`` to ask instead of the system's (tests inject a fake module).
+    """
     from session_watchdog import platforms, probes
 
     checks: List[Dict[str, Any]] = []
@@ -518,13 +527,21 @@ def doctor_checks(config: Config) -> List[Dict[str, Any]]:
     budget = resolved.max_session
     add("session budget", None, f"{format_duration(budget)}" if budget else "none (set --max-session)")
 
-    gpu = probes.nvml_driver_summary()
+    gpu = probes.nvml_driver_summary(nvml)
     if gpu["state"] == "ok":
         add("nvml", True, f"driver {gpu.get('driver')}, GPUs: {', '.join(gpu['gpus']) or 'none'}")
     elif platform.name in ("colab", "autodl"):
         add("nvml", False, gpu["state"], "select a GPU runtime / instance, or ignore on CPU")
     else:
         add("nvml", None, gpu["state"] + " (the watchdog runs without GPU readings)")
+    if resolved.idle_end_after:
+        # An unknown reading is never taken for idle (issue 18): without one the rule is inert.
+        if gpu["state"] != "ok" or not gpu["gpus"] or gpu["unknown"]:
+            add("idle end", None, "can never fire: no known utilisation for every GPU, so this "
+                "runtime is never ended for idling (training-complete ends still work)")
+        else:
+            add("idle end", True, f"after {format_duration(resolved.idle_end_after)} of idle "
+                "GPUs with no trainer")
 
     host = probes.read_host()
     add("memory", None, f"{host.ram_available_bytes / 2**30:.1f} GiB available of "
@@ -680,7 +697,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()  # a reader that went away (`doctor | head -2`) shows up here
         return code
     except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
-        print(f"session-watchdog: error: {err}", file=sys.stderr)
+        print(f"session-watchdog: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # A path given by the user that the system refuses (a file where a directory belongs,
+        # a name too long, ...): one line, not a traceback (issue 18).
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"session-watchdog: error: {one_line(where)}{one_line(err.strerror or err)}; "
+              "check the paths given (--config, --run-dir, --log-file)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

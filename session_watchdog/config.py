@@ -87,7 +87,7 @@ def _no_unit(number: str) -> str:
 
 def format_duration(seconds: Optional[float]) -> str:
     """The inverse of parse_duration for people: ``5400`` -> ``1h30m``, ``75`` -> ``1m15s``."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     whole = max(0, int(round(seconds)))
     hours, rest = divmod(whole, 3600)
@@ -161,6 +161,20 @@ def parse_percent(raw: Any) -> float:
     return value
 
 
+MAX_LOG_BACKUPS = 1000  # rotation renames every backup in turn
+
+
+def parse_log_backups(raw: Any) -> int:
+    expected = f"expected a whole number from 1 to at most {MAX_LOG_BACKUPS}"
+    try:
+        value = parse_int_min1(raw)
+    except ValueError:
+        raise ValueError(expected) from None
+    if value > MAX_LOG_BACKUPS:
+        raise ValueError(expected)
+    return value
+
+
 def parse_int_min1(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected a whole number >= 1")
@@ -173,12 +187,26 @@ def parse_int_min1(raw: Any) -> int:
     return value
 
 
+PATH_MAX_BYTES = 4095  # Linux PATH_MAX (4096) less the terminating NUL
+NAME_MAX_BYTES = 255  # one path component
+
+
 def parse_abs_path(raw: Any) -> Path:
     if not isinstance(raw, (str, os.PathLike)) or not str(raw).strip():
         raise ValueError("expected an absolute path")
-    path = Path(os.path.expanduser(str(raw).strip()))
+    text = str(raw).strip()
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        # NUL cannot reach the kernel at all; a newline or an escape sequence in a path we
+        # print and log is a mistake or a trick (issue 18)
+        raise ValueError("expected a path without control characters (NUL, newline, escape)")
+    path = Path(os.path.expanduser(text))
     if not path.is_absolute():
         raise ValueError("expected an absolute path (starting with / or ~)")
+    encoded = os.fsencode(path)
+    if len(encoded) > PATH_MAX_BYTES:
+        raise ValueError(f"expected a path of at most {PATH_MAX_BYTES} bytes")
+    if any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
+        raise ValueError(f"expected path components of at most {NAME_MAX_BYTES} bytes each")
     return path
 
 
@@ -332,7 +360,8 @@ KEYS: Tuple[Key, ...] = (
     Key("run_name", _non_empty_name, "name of the run (default 'default')", "NAME"),
     Key("log_file", parse_abs_path, "JSONL log file (default: persistent storage)", "PATH"),
     Key("log_max_bytes", parse_size, "rotate the log past this size (default 20MiB)", "SIZE"),
-    Key("log_backups", parse_int_min1, "rotated log files kept (default 5)", "N"),
+    Key("log_backups", parse_log_backups, "rotated log files kept (default 5, at most 1000)",
+        "N"),
     Key("dry_run", parse_bool, "say what would be done, end nothing", is_flag=True),
     Key("checkpoint_every", parse_duration_or_off,
         "periodic checkpoint request interval (default 30m; 'off')", "DURATION"),
@@ -555,22 +584,63 @@ def read_toml(path: Path) -> Dict[str, Any]:
     else:  # pragma: no cover - exercised on 3.9/3.10
         import tomli as tomllib
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        raw = _read_small_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check --config") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory; give a .toml file") from None
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable; check its permissions") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except OSError as err:  # a FIFO or device (refused, never waited on), a name too long, ...
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}; give a "
+                          "regular .toml file") from None
+    except ValueError:  # a NUL byte in the name
+        raise ConfigError(f"config file {path!r} is not a valid file name; check --config") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except RecursionError:  # arrays or tables nested thousands of levels deep (issue 18)
+        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from None
     for table in ("session-watchdog", "session_watchdog"):
         if isinstance(data.get(table), dict):
             data = {**{k: v for k, v in data.items() if k != table}, **data[table]}
     return data
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; 1 MiB is generous
+
+
+def _read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; a FIFO or a device is refused at
+    once (O_NONBLOCK, fstat after open), never waited on or read without end (issue 18)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def env_values(env: Mapping[str, str]) -> Dict[str, str]:

@@ -34,7 +34,7 @@ from session_watchdog.policy import (
     remaining_s,
 )
 from session_watchdog.preemption import PreemptionWatch, build_pollers
-from session_watchdog.probes import Sample, SystemProbe, Times, process_create_time
+from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle, process_create_time
 
 log = get_logger()
 DAEMON_FILE = "daemon.json"
@@ -232,6 +232,8 @@ class Watchdog:
             state, decisions = decide(self.config, self.state, sample)
             log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
                                               self.config.max_session))
+            if self.ticks == 0:
+                _say_if_idle_end_is_blind(self.config, sample)
             self.actions.apply(decisions, sample)
             for decision in decisions:
                 if decision.kind == "end":
@@ -279,7 +281,9 @@ class Watchdog:
         idle_path = decision.reason == IDLE_END
 
         def safe_now() -> Optional[str]:
-            return end_blocker(self.config, decision.reason, self.last_sample)
+            # A reading taken now, after the grace period: the last tick's may be older than a
+            # GPU that turned unknown or busy since (issue 18).
+            return end_blocker(self.config, decision.reason, self._fresh_sample())
 
         self.end = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
@@ -296,6 +300,19 @@ class Watchdog:
 
         self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
         self._end_thread.start()
+
+    def _fresh_sample(self) -> Optional[Sample]:
+        """Probe now, judged as a tick would; None when the probe fails (the end then stops)."""
+        with self._tick_lock:
+            try:
+                sample = self._judge(self.probe.sample(self.session.times()))
+            except Exception as err:  # a failing probe blocks the end; it never kills the thread
+                log.warning("end_probe_failed", error=f"{type(err).__name__}: {err}")
+                return None
+        if self.end is not None and self.end.holds_locks():
+            sample = dataclasses.replace(sample, trainer=dataclasses.replace(
+                sample.trainer, alive=False, saving=False))
+        return sample
 
     def _after_end(self, reason: str, outcome: str) -> None:
         """An aborted end may be tried again later; a cancelled one only after a new idle spell.
@@ -673,6 +690,19 @@ def _check_daemon_file(run_dir: channel.RunDir) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise channel.ChannelError(f"cannot write {run_dir.file(DAEMON_FILE)}: it is a directory; "
                                    "remove it or choose another --run-dir")
+
+
+def _say_if_idle_end_is_blind(config: Config, sample: Sample) -> None:
+    """Once, at the first tick: the idle end is on but no GPU can be read, so it never fires."""
+    if not config.idle_end_after or gpus_all_idle(sample.gpus, config.gpu_idle_pct) is not None:
+        return
+    if sample.nvml != "ok":
+        why = f"NVML {sample.nvml}"
+    else:
+        why = "NVML lists no GPU" if not sample.gpus else "every GPU reading is unknown"
+    log.warning("idle_end_unavailable", reason="no_gpu_reading", nvml=sample.nvml,
+                message=f"the idle end (idle_end_after) can never end this runtime: {why}; an "
+                        "unknown GPU reading is never taken for idle")
 
 
 def read_daemon_info(run_dir: Path) -> Optional[dict[str, Any]]:

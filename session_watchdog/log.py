@@ -9,9 +9,11 @@ with a ``reason`` code), ``action`` (what was carried out), and lifecycle events
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -61,12 +63,29 @@ class RotatingJsonl:
         self._lock = threading.Lock()
         self._fh: Optional[IO[str]] = None
         self._size = 0
+        self._regular = True  # a FIFO or a device (/dev/stdout) is written to, never rotated
 
     def _open(self) -> IO[str]:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
-            self._size = self._fh.tell()
+            # O_NONBLOCK: a FIFO that nobody reads fails at once (ENXIO) instead of blocking the
+            # start for ever (issue 18); writes block as usual once it is open.
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(self.path, flags, 0o666)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    raise OSError(errno.ENXIO, "a FIFO that no process reads", str(self.path)) from err
+                raise
+            try:
+                os.set_blocking(fd, True)
+                st = os.fstat(fd)
+                self._fh = os.fdopen(fd, "a", encoding="utf-8")
+            except BaseException:
+                os.close(fd)
+                raise
+            self._regular = stat.S_ISREG(st.st_mode)
+            self._size = st.st_size if self._regular else 0
         return self._fh
 
     def _rotate(self) -> None:
@@ -87,7 +106,7 @@ class RotatingJsonl:
     def write(self, line: str) -> None:
         data = line + "\n"
         with self._lock:
-            if self._size and self._size + len(data) > self.max_bytes:
+            if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
             fh = self._open()
             fh.write(data)

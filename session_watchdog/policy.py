@@ -483,12 +483,14 @@ def training_outcome(sample: Sample) -> Optional[str]:
 def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Optional[str]:
     """Why an end decided earlier must not happen now (the last check before the end action).
 
-    The end transaction asks this with the newest sample, right before the point of no return:
-    a failure that came after the decision, or a GPU that woke up or became unknown on the idle
-    path, stops it. (A live trainer or a running save cannot: the transaction holds both locks.)
+    The end transaction asks this with a sample taken after the grace period, right before the
+    point of no return: a failure that came after the decision, or a GPU that woke up or became
+    unknown on the idle path, stops it. The idle path needs a known, idle reading of every GPU;
+    a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
+    stop it here: the transaction holds both locks.)
     """
     if sample is None:
-        return "no reading since the end was decided"
+        return "no fresh reading after the grace period; not ending the runtime"
     if training_outcome(sample) == "failed" and not config.end_on_failure:
         return "training failed during the grace period; the runtime is left running"
     if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):

@@ -175,6 +175,12 @@ class Nvml:
                      for index in range(self._module.nvmlDeviceGetCount()))
 
     def _read_one(self, index: int, with_processes: bool = False) -> GpuReading:
+        try:
+            return self._read_one_unguarded(index, with_processes)
+        except Exception as err:  # a value of an unexpected shape: this GPU is unknown, no more
+            return GpuReading(index, error=_nvml_error_text(err))
+
+    def _read_one_unguarded(self, index: int, with_processes: bool) -> GpuReading:
         m = self._module
         try:
             handle = m.nvmlDeviceGetHandleByIndex(index)
@@ -208,7 +214,7 @@ class Nvml:
 def _text(value: Any) -> Optional[str]:
     if value is None:
         return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _nvml_error_text(err: BaseException) -> str:
@@ -634,16 +640,28 @@ def process_create_time(pid: int) -> Optional[float]:
 
 # Exposed for the doctor command.
 def nvml_driver_summary(nvml: Optional[Nvml] = None) -> Dict[str, Any]:
+    """Driver and GPUs for ``doctor`` (``nvidia-smi -L``); every NVML failure is a state, never
+    an exception: ``{"state", "driver", "gpus": [description], "unknown": [index]}`` where
+    ``unknown`` lists the GPUs whose utilisation cannot be read.
+    """
     nvml = nvml or Nvml()
     if not nvml.start():
-        return {"state": nvml.state, "gpus": []}
+        return {"state": nvml.state, "driver": None, "gpus": [], "unknown": []}
     module = nvml._module
     driver = None
     try:
         driver = _text(module.nvmlSystemGetDriverVersion())
     except Exception:
         pass
-    return {"state": "ok", "driver": driver, "gpus": [g.name for g in nvml.read()]}
+    try:
+        readings = nvml.read()
+    except Exception as err:  # "GPU is lost" while counting devices, ...
+        return {"state": f"error: {_nvml_error_text(err)}", "driver": driver, "gpus": [],
+                "unknown": []}
+    gpus = [g.name if g.name and g.error is None
+            else f"GPU {g.index} ({g.error or 'name unknown'})" for g in readings]
+    return {"state": "ok", "driver": driver, "gpus": gpus,
+            "unknown": [g.index for g in readings if g.utilization_pct is None]}
 
 
 __all__ = [

@@ -244,7 +244,8 @@ class TestNvml:
         """The doctor summary names the driver version and each GPU."""
         summary = probes.nvml_driver_summary(Nvml(module=FakeNvmlModule(three_gpus())))
         assert summary == {"state": "ok", "driver": "550.54.15",
-                           "gpus": ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "Tesla T4"]}
+                           "gpus": ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "Tesla T4"],
+                           "unknown": []}
 
     @pytest.mark.skipif(NVML_PRESENT, reason="this machine has an NVIDIA driver; the no-NVML "
                                              "path needs a machine without one")

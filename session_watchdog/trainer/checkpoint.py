@@ -38,6 +38,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -819,17 +820,21 @@ class CheckpointManager:
                 doomed.append(entry)
         if not doomed:
             return
-        try:
-            for entry in doomed:  # markers first: a cut-short prune leaves unmarked files only
-                _unlink_quietly(entry.marker)
-            fsync_dir(self.directory)
-            for entry in doomed:
-                _unlink_quietly(entry.path)
-            fsync_dir(self.directory)
-        except OSError as err:
-            # The new checkpoint is committed; failing the save now would misreport it.
-            _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
-                   error=str(err), errno=err.errno)
+        # Markers first: a cut-short prune leaves unmarked files only. Each name on its own, and
+        # whatever kind of file it is (a marker made a directory stopped every later prune:
+        # issue 18); the new checkpoint is committed, so failing the save now would misreport it.
+        for group in ([entry.marker for entry in doomed], [entry.path for entry in doomed]):
+            for path in group:
+                try:
+                    _remove_any(path)
+                except OSError as err:
+                    _event(logging.WARNING, "checkpoint_prune_failed", path=str(path),
+                           error=str(err), errno=err.errno)
+            try:
+                fsync_dir(self.directory)
+            except OSError as err:
+                _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
+                       error=str(err), errno=err.errno)
 
     def keep_ahead_of(self, step: int) -> List[SavedCheckpoint]:
         """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
@@ -873,7 +878,7 @@ class CheckpointManager:
             for entry in sorted(self._scan(), key=lambda e: e.seq, reverse=True):
                 saved = self._read_marker(entry, check_size=True)
                 try:
-                    if saved is not None and _sha256_of(entry.path) == saved.sha256:
+                    if saved is not None and _sha256_of(entry.path, saved.bytes) == saved.sha256:
                         found = saved
                         break
                     self._set_aside(entry)
@@ -894,7 +899,7 @@ class CheckpointManager:
         if saved is None:
             return False
         try:
-            return _sha256_of(path) == saved.sha256
+            return _sha256_of(path, saved.bytes) == saved.sha256
         except OSError:
             return False
 
@@ -916,7 +921,8 @@ class CheckpointManager:
                 f"checkpoint {saved.path} does not match its marker (torn, changed or uncommitted)"
             )
         try:
-            state = torch.load(saved.path, map_location=map_location, weights_only=True)
+            with _open_regular(saved.path) as fh:
+                state = torch.load(fh, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
@@ -965,8 +971,12 @@ class CheckpointManager:
     def _read_marker(self, entry: _Entry, *, check_size: bool) -> Optional[SavedCheckpoint]:
         """The checkpoint the marker describes, or None when the marker is missing or wrong."""
         try:
+            # read_json opens with O_NOFOLLOW|O_NONBLOCK and reads regular files only, at most
+            # MAX_FILE_BYTES: a marker that is a symlink (to /dev/zero, a FIFO), a FIFO or a
+            # directory is refused without blocking. A marker nested thousands of levels deep
+            # makes json raise RecursionError (issue 18): a bad marker too.
             obj = channel.read_json(entry.marker)
-        except (channel.ChannelError, OSError):
+        except (channel.ChannelError, OSError, RecursionError):
             return None
         if obj is None:
             return None
@@ -975,9 +985,10 @@ class CheckpointManager:
             return None
         if check_size:
             try:
-                if os.lstat(entry.path).st_size != saved.bytes:
-                    return None
+                st = os.lstat(entry.path)
             except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode) or st.st_size != saved.bytes:
                 return None
         return saved
 
@@ -989,17 +1000,27 @@ class CheckpointManager:
         return None
 
     def _set_aside(self, entry: _Entry) -> None:
-        """Rename a checkpoint that fails verification to ``.broken``; keep only this one."""
+        """Rename a checkpoint that fails verification to ``.broken``; keep only this one.
+
+        Whatever sits at the names (a directory, a FIFO, a symlink: issue 18) is renamed, never
+        opened or followed; a marker that is not a regular file is set aside next to it.
+        """
         target = entry.path.with_name(entry.path.name + BROKEN_SUFFIX)
-        _unlink_quietly(entry.marker)
-        try:
-            os.replace(entry.path, target)
-        except FileNotFoundError:
-            return
+        kept = {target.name}
+        if _is_regular_or_missing(entry.marker):
+            _unlink_quietly(entry.marker)
+        else:
+            marker_target = entry.marker.with_name(entry.marker.name + BROKEN_SUFFIX)
+            _remove_any(marker_target)
+            _rename_quietly(entry.marker, marker_target)
+            kept.add(marker_target.name)
+        if os.path.lexists(entry.path):
+            _remove_any(target)
+            _rename_quietly(entry.path, target)
         for name in self._names():
-            if name.endswith(BROKEN_SUFFIX) and name != target.name \
+            if name.endswith(BROKEN_SUFFIX) and name not in kept \
                     and self._owned_re.match(name) and not name.startswith("."):
-                _unlink_quietly(self.directory / name)
+                _remove_any(self.directory / name)
         fsync_dir(self.directory)
 
     def _drop_orphan_markers(self) -> None:
@@ -1007,7 +1028,7 @@ class CheckpointManager:
         for name in names:
             if name.endswith(MARKER_SUFFIX) and self._final_re.match(name[: -len(MARKER_SUFFIX)]) \
                     and name[: -len(MARKER_SUFFIX)] not in names:
-                _unlink_quietly(self.directory / name)
+                _remove_any(self.directory / name)
 
     def _sweep_temps(self) -> int:
         """Remove temp files our prefix left behind when a writer died (channel.sweep_temps would
@@ -1015,7 +1036,7 @@ class CheckpointManager:
         removed = 0
         for name in self._names():
             if self._temp_re.match(name):
-                _unlink_quietly(self.directory / name)
+                _remove_any(self.directory / name)
                 removed += 1
         return removed
 
@@ -1073,12 +1094,66 @@ def _field(obj: Dict[str, Any], key: str, kind: Any, default: Any = None) -> Any
     return value
 
 
-def _sha256_of(path: Path) -> str:
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file: never follows a symlink, never
+    blocks on a FIFO (O_NONBLOCK), refuses devices and directories (fstat after open).
+
+    Raises:
+        OSError: ELOOP for a symlink, EINVAL for anything but a regular file.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _sha256_of(path: Path, limit: Optional[int] = None) -> str:
+    """sha256 of a regular file (see _open_regular); reads at most ``limit`` + 1 bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+    left = None if limit is None else limit + 1  # one more byte shows a file that grew
+    with _open_regular(path) as fh:
+        while left is None or left > 0:
+            chunk = fh.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
+            if not chunk:
+                break
             digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
     return digest.hexdigest()
+
+
+def _is_regular_or_missing(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def _remove_any(path: Path) -> None:
+    """Remove a file, symlink, FIFO or directory tree at ``path`` (never following links)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        # rmtree works on directory fds here (shutil.rmtree.avoids_symlink_attacks): a symlink
+        # planted inside is removed, never followed.
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
+
+
+def _rename_quietly(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink_quietly(path: Path) -> None:

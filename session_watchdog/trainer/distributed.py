@@ -747,8 +747,8 @@ class ShardedCheckpointer:
                 total_bytes=int(obj.get("total_bytes", sum(files.values()))),
                 at=float(obj["at"]), duration_s=float(obj.get("duration_s", 0.0)),
                 path=marker, bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
-        except (channel.ChannelError, OSError, KeyError, TypeError, ValueError):
-            return None
+        except (channel.ChannelError, OSError, KeyError, TypeError, ValueError, RecursionError):
+            return None  # RecursionError: a marker nested thousands of levels deep (issue 18)
 
     def list(self) -> List[ShardedCheckpoint]:
         """Committed, complete checkpoints, oldest first (any rank may call it; read-only)."""

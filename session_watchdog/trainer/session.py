@@ -100,6 +100,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import sys
 import threading
 import time
@@ -462,6 +463,7 @@ class Session:
                                         daemon=True)
         try:
             self._acquire_run_lock()
+            self._check_save_lock()
             self._adopt_previous_status()
             self._write_status()
             if handle_signals:
@@ -871,7 +873,8 @@ class Session:
             return
         try:
             self._save(seq=seq, reason=flags.reason, during="saving")
-        except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError):
+        except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError,
+                ChannelError):  # ChannelError: save.lock could not be taken even when recreated
             pass  # logged and reported by _save; training goes on without an ack
 
     def _agree(self, flags: _Flags) -> _Flags:
@@ -1011,7 +1014,7 @@ class Session:
         self._last_save_mono = time.monotonic()  # any checkpoint restarts the period
         self._set_state(during)
         # Every reporter holds its run dir's save.lock while the (collective) save runs.
-        lock: Any = self._save_lock if self._reporter else contextlib.nullcontext()
+        lock: Any = self._save_lock_held() if self._reporter else contextlib.nullcontext()
         try:
             with lock:
                 # A ShardedCheckpoint has SavedCheckpoint's fields (path: its commit marker).
@@ -1049,7 +1052,11 @@ class Session:
     def _save_async(self, *, seq: Optional[int], reason: str) -> None:
         """Snapshot now, write in the background; the ack goes out when the file is durable."""
         self._join_async()
-        self._save_lock.acquire()  # held until the write is durable (released by the waiter)
+        try:
+            self._take_save_lock()  # held until the write is durable (released by the waiter)
+        except (ChannelError, OSError) as err:
+            self._save_failed(err, seq, reason, None)
+            return
         self._last_save_mono = time.monotonic()
         try:
             self._keep_checkpoints_ahead()
@@ -1377,6 +1384,52 @@ class Session:
             return run_dir
         path = channel.default_run_dir() if run_dir is None else Path(run_dir)
         return RunDir(Path(os.path.abspath(path)))
+
+    def _check_save_lock(self) -> None:
+        """Refuse to start when ``save.lock`` is a symlink or not a regular file (issue 18).
+
+        Saying so once, here, beats a crash at the first checkpoint hours later.
+        """
+        path = self._save_lock.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise SessionError(f"{path} is {kind}; remove it (rm {path}) and start again")
+
+    def _take_save_lock(self) -> None:
+        """Take ``save.lock``; if it was replaced during the run, recreate it and take it.
+
+        A symlink (or FIFO, socket) put in its place after the start is unlinked, never
+        followed, and a fresh lock file is created with O_NOFOLLOW; the run dir is ours (0700),
+        so nobody else should have been able to do that. Losing the run over it would be worse
+        than the replacement itself (issue 18). A second failure is a failed save.
+        """
+        try:
+            self._save_lock.acquire()
+            return
+        except (ChannelError, OSError) as err:
+            path = self._save_lock.path
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise  # not a replacement we can safely undo
+            _event(logging.WARNING, "save_lock_recreated", path=str(path), error=str(err))
+            if st is not None:
+                os.unlink(path)
+        self._save_lock.acquire()
+
+    @contextlib.contextmanager
+    def _save_lock_held(self) -> Iterator[None]:
+        self._take_save_lock()
+        try:
+            yield
+        finally:
+            self._save_lock.release()
 
     def _acquire_run_lock(self) -> None:
         deadline = time.monotonic() + _RUN_LOCK_WAIT_S
