@@ -371,6 +371,7 @@ class Session:
         self._agreed_step_time_s: Optional[float] = None
         self._out_of_step_logged = False
         self._sharded_ckpt: Optional[ShardedCheckpointer] = None
+        self._tracked: List[Any] = []  # data loaders whose position checkpoints carry (data.py)
 
         self.run_dir = self._open_run_dir(run_dir)
         if distributed.is_initialized() and _world_size() > 1:
@@ -495,6 +496,20 @@ class Session:
         """Whether this process writes ``trainer.json`` and acks (a run dir's lowest rank)."""
         return self._reporter
 
+    def track(self, loader: Any) -> Any:
+        """Save ``loader``'s position with every checkpoint and continue there on ``resume()``.
+
+        Call it before ``resume()``, for each loader in the same order in every run, and iterate
+        what it returns: a torchdata ``StatefulDataLoader`` as it is, a plain ``DataLoader``
+        wrapped so that a resumed epoch goes on at the exact batch without loading the batches
+        before it (see ``session_watchdog.trainer.data``).
+        """
+        from session_watchdog.trainer import data
+
+        entry, iterable = data.track(loader)
+        self._tracked.append(entry)
+        return iterable
+
     def resume(self, map_location: Any = "cpu") -> Start:
         """Load the newest verified checkpoint into the model etc., or report a fresh start.
 
@@ -538,6 +553,10 @@ class Session:
         self._rate_anchor = (now, step)
         self._start_step = step
         self.extras = extras
+        if self._tracked:
+            from session_watchdog.trainer import data
+
+            data.load_states(self._tracked, ours.get("loaders"))
         self._last_checkpoint = _info(saved, seq=None)
         if self._dist is not None:
             self._schedule_sync()  # the counter moved: the next agreement counts from here
@@ -699,10 +718,20 @@ class Session:
 
     def _service(self) -> None:
         """Act on whatever set the flag. Runs in the training thread, between two steps."""
+        flags = self._decide()
+        if flags is not None:
+            self._act(flags)
+
+    def _decide(self) -> Optional[_Flags]:
+        """What to do at this step boundary (after the ranks' agreement), or None: nothing.
+
+        Consumes the flags. The framework integrations call it from their step-end hooks and let
+        the framework write the checkpoint (``session_watchdog.integrations``).
+        """
         # Clear first, read the reasons after: a flag set meanwhile is then seen now or next step.
         self._pending = False
         if self._closed or (self._dist is not None and self._step < self._sync_at):
-            return  # distributed: flags wait for the agreed step (never act alone)
+            return None  # distributed: flags wait for the agreed step (never act alone)
         stop_reason: Optional[str] = None
         if self._sigterm:
             self._sigterm = False
@@ -743,8 +772,10 @@ class Session:
         flags = self._agree(_Flags(save=stop or periodic or request is not None, stop=stop,
                                    request=request, reason=reason, code=code,
                                    ack_seq=None if request is None else request.seq))
-        if not flags.save:
-            return
+        return flags if flags.save else None
+
+    def _act(self, flags: _Flags) -> None:
+        """Checkpoint (and stop) as ``flags`` say, acknowledging the request they answer."""
         seq = flags.ack_seq
         if flags.stop:
             try:
@@ -834,6 +865,8 @@ class Session:
     def _extras_to_save(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         extras = dict(self.extras)
         ours: Dict[str, Any] = {"epoch_start_step": self._epoch_start_step}
+        if self._tracked:
+            ours["loaders"] = [entry.state_dict() for entry in self._tracked]
         if rank_rng is not None:
             # DDP: rank 0 writes the file; every rank gets its own RNG states back on resume
             # (ranks seeded differently - per-rank augmentation - resume bit for bit too).
