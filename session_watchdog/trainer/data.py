@@ -24,8 +24,9 @@ Two kinds of loader:
   on with the next batch, through a one-epoch DataLoader over the remaining index batches with
   the original's settings. The generators end the epoch where the uninterrupted run's did (all
   of the epoch's draws done) and the global RNG is the checkpoint's. Limit: worker processes
-  see the remaining batches in a new round-robin order, so randomness drawn *inside* workers (random augmentation) is not
-  reproduced; use a StatefulDataLoader, or derive it from the sample index, for that.
+  see the remaining batches in a new round-robin order, so randomness drawn *inside* workers
+  (random augmentation) is not reproduced; use a StatefulDataLoader, or derive it from the
+  sample index, for that.
 
 Everything here is plain data for ``torch.load(weights_only=True)``: tensors, ints, dicts.
 """
