@@ -42,12 +42,12 @@ def watchdog_argv(base: Path, run: str, session_s: float, *, end: bool = False) 
     return argv
 
 
-def spawn(argv: List[str], **env: str) -> "subprocess.Popen[str]":
+def spawn(argv: List[str], **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(**env), start_new_session=True)
 
 
-def finish(proc: "subprocess.Popen[str]", timeout: float = 240.0) -> "tuple[int, str, str]":
+def finish(proc: subprocess.Popen[str], timeout: float = 240.0) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -57,7 +57,7 @@ def finish(proc: "subprocess.Popen[str]", timeout: float = 240.0) -> "tuple[int,
     return proc.returncode, out, err
 
 
-def reap(proc: "subprocess.Popen[str]") -> None:
+def reap(proc: subprocess.Popen[str]) -> None:
     """Kill the child's whole process group (it was started in a session of its own)."""
     if proc.poll() is None:
         try:
@@ -70,7 +70,7 @@ def reap(proc: "subprocess.Popen[str]") -> None:
         pass
 
 
-def wait_for_file(path: Path, proc: "subprocess.Popen[str]", timeout: float = START_S) -> None:
+def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = START_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -93,7 +93,7 @@ def session_clock(evs: List[Dict[str, Any]], event: Dict[str, Any]) -> float:
     return float(before[-1]["elapsed_s"]) if before else 0.0
 
 
-def requests_and_acks(evs: List[Dict[str, Any]]) -> "tuple[list, list]":
+def requests_and_acks(evs: List[Dict[str, Any]]) -> tuple[list, list]:
     requests = [e for e in evs if e["event"] == "decision" and e.get("kind") == "request"]
     acks = [e for e in evs if e["event"] == "decision" and e.get("kind") == "ack"]
     return requests, acks
