@@ -64,7 +64,7 @@ class TestHuggingFaceUnderTheDaemon:
             assert ckpt.path == str(out / f"checkpoint-{ckpt.step}" / COMMIT_MARKER)
             assert verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes) is None
             assert 0 < ckpt.step < STEPS and f"stopped at step {ckpt.step}" in stdout
-            assert status.step_time_s is not None and status.step_time_s >= 0.25
+            assert status.step_time_s is not None and status.step_time_s > 0.2  # 0.25 s sleeps
             assert watchdog_resume(out) == str(out / f"checkpoint-{ckpt.step}")
 
             second = spawn([*watchdog_argv(tmp_path, "run-2", 3 * SESSION_S, end=True), "--",

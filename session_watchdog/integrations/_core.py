@@ -278,6 +278,19 @@ class FrameworkSession(Session):
             self.close()
         return saved
 
+    def save_failed(self, error: BaseException, *, final: bool = False) -> None:
+        """The framework's own save raised: report it (a stop or final save fails the run)."""
+        flags = self._saving_flags
+        self._saving_flags = self._save_began = None
+        if self._lock_held:
+            self._lock_held = False
+            self._save_lock.release()
+        self._save_failed(error, None if flags is None else flags.ack_seq,
+                          "framework" if flags is None else flags.reason, "running")
+        if final or (flags is not None and flags.stop):
+            self._fail(error)
+            self.close()
+
     def _commit_collective(self, directory: Path, *, step: int, epoch: int,
                            began: Optional[float]) -> CommittedDir:
         agreement = self._dist

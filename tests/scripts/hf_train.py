@@ -103,6 +103,7 @@ def main() -> int:
         print(f"stopped at step {trainer.state.global_step}", flush=True)
         sys.exit(75)
     # ----------------------------------------------------------------------------------------
+    os.makedirs(opts.out, exist_ok=True)
     torch.save(model.state_dict(), os.path.join(opts.out, "final.pt"))
     print(f"completed at step {trainer.state.global_step}", flush=True)
     return 0
