@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from session_watchdog.integrations._core import (
     CommittedDir,
@@ -59,7 +59,9 @@ from session_watchdog.trainer.session import (
     _Flags,
 )
 
-if "pytorch_lightning" in sys.modules and "lightning" not in sys.modules:
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback
+elif "pytorch_lightning" in sys.modules and "lightning" not in sys.modules:
     from pytorch_lightning import Callback  # the user's script runs on the older package
 else:
     try:
@@ -86,7 +88,7 @@ def watchdog_resume(dirpath: Optional[PathLike]) -> Optional[str]:
     return str(found.directory / CHECKPOINT_FILE)
 
 
-class WatchdogCallback(Callback):  # type: ignore[misc]
+class WatchdogCallback(Callback):
     """A Lightning ``Callback`` that checkpoints and stops ``fit()`` as the watchdog asks.
 
     Args:
@@ -134,7 +136,7 @@ class WatchdogCallback(Callback):  # type: ignore[misc]
             self.session.close()
         self.stopped = False
         # Every rank builds it, inside the process group Lightning set up (collective).
-        self.session = FrameworkSession(self.dirpath, **self._options)  # type: ignore[arg-type]
+        self.session = FrameworkSession(self.dirpath, **self._options)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.session is not None:
