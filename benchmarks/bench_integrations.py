@@ -23,7 +23,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,6 @@ from integration_helpers import (  # noqa: E402
 )
 
 from session_watchdog.channel import RunDir  # noqa: E402
-
 
 # --------------------------------------------------------------------------------------------
 # 1. per-step overhead

@@ -61,6 +61,23 @@ class TestNoTorchInTheDaemon:
         assert out.returncode == 0, out.stdout
 
 
+    @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
+    def test_ruff_bans_the_frameworks_outside_the_trainer_side(self):
+        """An import of a training framework fails ruff in a daemon module, and passes in
+        integrations/ (frameworks) and trainer/ (torchdata)."""
+
+        def banned(module: str, path: str) -> bool:
+            out = subprocess.run(["ruff", "check", "--select", "TID251", "--stdin-filename",
+                                  str(PACKAGE / path), "-"], input=f"import {module}\n",
+                                 capture_output=True, text=True, cwd=PACKAGE.parent)
+            return out.returncode != 0 and "TID251" in out.stdout
+
+        frameworks = ["transformers", "lightning", "pytorch_lightning", "accelerate", "torchdata"]
+        assert [m for m in frameworks if banned(m, "policy.py")] == frameworks
+        assert [m for m in frameworks if banned(m, "integrations/hf.py")] == []
+        assert not banned("torchdata", "trainer/data.py")
+
+
 class TestTypes:
     @pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is not installed (pip install mypy)")
     def test_mypy_strict_passes_on_the_package(self):
