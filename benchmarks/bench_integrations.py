@@ -299,7 +299,7 @@ def main() -> int:
     bench_overhead("HF Trainer", _hf_run, opts.steps, opts.repeats)
     bench_overhead("Lightning", _lightning_run, opts.steps, opts.repeats)
     print("== mid-epoch resume of a shuffled loader ==")
-    bench_data_resume(opts.samples, opts.repeats)
+    bench_data_resume(opts.samples, max(5, opts.repeats))
     if not opts.skip_deadline:
         print("== steps lost at a known deadline (real daemon, compressed sessions) ==")
         for framework in ("hf", "lightning"):

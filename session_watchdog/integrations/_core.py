@@ -265,6 +265,7 @@ class FrameworkSession(Session):
                 self.close()
             return None
         self._rate_anchor = self._sync_anchor = (time.monotonic(), self._step)
+        self._epoch = int(epoch)  # reported in trainer.json
         self._record(saved, seq=seq, state="stopped" if stop else previous)  # type: ignore[arg-type]
         _event(logging.INFO, "checkpoint_saved", reason=reason, seq=seq, step=saved.step,
                path=str(saved.directory), duration_s=round(saved.duration_s, 3),

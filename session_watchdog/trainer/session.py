@@ -5,12 +5,10 @@ Usage in a script::
     from session_watchdog.trainer import Session
 
     with Session("checkpoints/", model=model, optimizer=opt, scheduler=sched) as session:
+        loader = session.track(loader)        # its position travels with every checkpoint
         start = session.resume()              # newest verified checkpoint, or a fresh start
         for epoch in session.epochs(num_epochs):
-            skip = start.batch if epoch == start.epoch else 0
-            for index, batch in enumerate(loader):
-                if index < skip:
-                    continue                  # done before the checkpoint we resumed from
+            for batch in loader:              # after a resume: the rest of the epoch
                 ...                           # forward, backward, optimizer.step()
                 session.step()                # a memory read unless a flag is set
         session.complete()                    # final checkpoint, verified, state=completed
@@ -45,10 +43,11 @@ and is delivered again, so "kill, then kill again" still ends the process.
 
 Resuming. ``resume()`` loads the newest *verified* checkpoint into the model, optimizer, scheduler
 and scaler (RNG states too, through ``checkpoint.restore_state``) and returns a :class:`Start`.
-``Start.batch`` is the number of steps already done inside ``Start.epoch``: skip that many batches
-of that epoch to continue at the exact step (the step counter, ``Start.step``, already counts
-them). A data order that depends only on (seed, epoch, batch index) makes the skip cheap and the
-resumed run bit-identical to an uninterrupted one (see ``session_watchdog.trainer.example``).
+``Start.batch`` is the number of steps already done inside ``Start.epoch`` (the step counter,
+``Start.step``, already counts them). Data loaders registered with ``track()`` continue there by
+themselves - the batches already done are not loaded again - and the resumed run is
+bit-identical to an uninterrupted one (``session_watchdog.trainer.data``); a loop that draws its
+own batches skips ``Start.batch`` of them.
 
 States reported in ``trainer.json``: ``starting`` (built, no step yet), ``running``, ``saving``
 (a synchronous checkpoint is being written; ``save.lock`` is held), ``stopping`` -> ``stopped``
