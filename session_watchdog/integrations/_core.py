@@ -219,6 +219,11 @@ class FrameworkSession(Session):
             return self._decide()
         return None
 
+    @property
+    def save_pending(self) -> bool:
+        """Whether :meth:`saving` announced a save that was neither committed nor failed yet."""
+        return self._save_began is not None
+
     def saving(self, flags: Optional[_Flags]) -> None:
         """The framework is about to save (for ``flags``, or on its own schedule)."""
         if self._save_began is not None:

@@ -119,6 +119,13 @@ class WatchdogCallback(TrainerCallback):
         session = self.session
         if session is None or session._closed:
             return control
+        if session.save_pending:
+            # Asked at the previous step end, but the Trainer did not save (save_strategy="best"
+            # overrides should_save with its metric): report it; the request is tried again.
+            session.save_failed(RuntimeError("the Trainer did not save when asked (it overrides "
+                                             "should_save with save_strategy='best')"))
+            if session._closed:
+                return control
         flags = session.at_step_end(state.global_step)
         last = control.should_training_stop or state.global_step >= state.max_steps
         if flags is not None:

@@ -28,7 +28,7 @@ What happens:
 
 For an exact mid-epoch resume, give Lightning a loader that saves its position: torchdata's
 ``StatefulDataLoader`` (``pip install 'session-watchdog[data]'``); Lightning stores its state in
-the checkpoint. A plain ``DataLoader`` restarts the interrupted epoch's data from its beginning.
+the checkpoint. With a plain ``DataLoader`` Lightning cannot continue an epoch where it stopped.
 
 The callback is built on ``lightning.pytorch.Callback``; when only the older ``pytorch_lightning``
 package is installed (or it was imported and ``lightning`` was not), on that one instead.
