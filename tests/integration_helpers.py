@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +102,9 @@ def requests_and_acks(evs: List[Dict[str, Any]]) -> tuple[list, list]:
 
 def end_steps(evs: List[Dict[str, Any]]) -> List[Optional[str]]:
     return [e.get("step") for e in evs if e["event"] == "action"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

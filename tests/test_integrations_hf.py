@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from integration_helpers import (  # noqa: E402
     end_steps,
     events,
     finish,
+    free_port,
     reap,
     requests_and_acks,
     session_clock,
@@ -27,7 +30,7 @@ from integration_helpers import (  # noqa: E402
 from torch_helpers import assert_same  # noqa: E402
 
 from session_watchdog.actions import verify_checkpoint  # noqa: E402
-from session_watchdog.channel import RunDir  # noqa: E402
+from session_watchdog.channel import Request, RunDir  # noqa: E402
 from session_watchdog.integrations._core import COMMIT_MARKER, verify_dir  # noqa: E402
 from session_watchdog.integrations.hf import watchdog_resume  # noqa: E402
 
@@ -143,6 +146,23 @@ class TestKilledDuringTheTrainersOwnSave:
         status = RunDir(tmp_path / "run").read_status()
         assert status is not None and (status.state, status.step) == ("completed", 40)
 
+    def test_periodic_checkpoints_are_committed_without_a_daemon(self, tmp_path: Path) -> None:
+        """checkpoint_every makes the Trainer save and the callback commit every interval, with no
+        daemon and no request; the run then completes with its final committed checkpoint."""
+        out = tmp_path / "out"
+        proc = spawn([*SCRIPT, "--out", str(out), "--steps", "80", "--step-sleep", "0.05",
+                      "--checkpoint-every", "0.5"], SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 0, stderr[-3000:]
+        committed = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                           if verify_dir(p) is not None)
+        assert len(committed) >= 3 and committed[-1] == 80, committed
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.acked_seq) == ("completed", 0)
+
     def test_a_changed_file_uncommits_a_checkpoint(self, tmp_path: Path) -> None:
         """A committed directory whose file was changed afterwards no longer verifies."""
         from session_watchdog.integrations._core import commit_dir
@@ -156,3 +176,40 @@ class TestKilledDuringTheTrainersOwnSave:
         assert watchdog_resume(tmp_path) == str(directory)
         (directory / "a.bin").write_bytes(b"abd")
         assert verify_dir(directory) is None and watchdog_resume(tmp_path) is None
+
+
+class TestHuggingFaceUnderTorchrun:
+    def test_both_ranks_stop_at_the_same_step_with_one_committed_checkpoint(
+            self, tmp_path: Path) -> None:
+        """DDP (torchrun, 2 ranks, gloo): a stop request reaches both ranks through the ranks'
+        agreement, both save and stop at the same step and exit 75, and the committed
+        checkpoint holds both ranks' RNG files."""
+        out, run_dir = tmp_path / "out", tmp_path / "run"
+        proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                      "--max-restarts=0", str(SCRIPTS / "hf_train.py"), "--out", str(out),
+                      "--steps", "2000", "--step-sleep", "0.02"],
+                     SESSION_WATCHDOG_RUN_DIR=str(run_dir))
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = RunDir(run_dir).read_status() if (run_dir / "trainer.json").exists() else None
+                if status is not None and status.step >= 10:
+                    break
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+            RunDir(run_dir).write_request(Request(seq=1, action="stop", reason="test",
+                                                  deadline=None, issued=time.time()))
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code != 0 and "exitcode  : 75" in stderr  # torchrun reports a worker's 75 as failed
+        steps = re.findall(r"stopped at step (\d+)", stdout)
+        assert len(steps) == 2 and steps[0] == steps[1], stdout
+        status = RunDir(run_dir).read_status()
+        assert status is not None and (status.state, status.acked_seq) == ("stopped", 1)
+        assert status.last_checkpoint is not None and status.last_checkpoint.step == int(steps[0])
+        committed = verify_dir(out / f"checkpoint-{steps[0]}")
+        assert committed is not None
+        marker = json.loads(committed.path.read_text())
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])
