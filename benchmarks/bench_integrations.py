@@ -3,10 +3,11 @@
     python benchmarks/bench_integrations.py [--steps 400] [--repeats 3] [--runs 2] [--skip-deadline]
 
 1. Per-step overhead of each callback (Hugging Face ``WatchdogCallback``, Lightning
-   ``WatchdogCallback``) against the same training run without it: the median step time with /
-   without, in alternating runs (target: at most 1 %, aim 0.2 %); plus the time spent inside the
-   callback's step hook itself, as a share of the step (the precise figure; the end-to-end ratio
-   carries the machine's noise).
+   ``WatchdogCallback``) against the same training without it: median step time with the step
+   hook on vs off, in alternating blocks of 25 steps of the same runs (so a busy machine's drift
+   hits both alike; target: at most 1 %, aim 0.2 %); plus the median time inside the hook
+   itself, as a share of a step. The model is tiny (a step is well under 1 ms), so these are
+   upper bounds for real training.
 2. Resume of a mid-epoch position in a 100k-sample shuffled loader (plain ``DataLoader`` through
    ``session.track``, and torchdata's ``StatefulDataLoader``; 2 workers): time to the first resumed
    batch against a fresh epoch start (target: at most 1.5x), next to the naive skip that iterates
@@ -68,39 +69,54 @@ class _HookTimer:
         setattr(callback, hook, timed)
 
 
-def _hf_run(steps: int, with_callback: bool, run_dir: Path) -> Tuple[float, float]:
-    """Median seconds per step (steps 10%..90%) and the callback hook's share of a step."""
+BLOCK = 25  # steps per block: the hook runs in even blocks, not in odd ones (same run)
+
+
+def _on(step: int) -> bool:
+    return (step // BLOCK) % 2 == 0
+
+
+def _hf_run(steps: int, run_dir: Path) -> Tuple[List[float], List[float], List[int]]:
+    """One Trainer.train(): step times with the callback's hook on / off, and the hook's times."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from session_watchdog.integrations.hf import WatchdogCallback
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     sys.path.insert(0, str(SCRIPTS))
     from hf_train import Points, Tiny
 
-    stamps: List[float] = []
+    stamps: List[Tuple[float, int]] = []
+    watchdog = WatchdogCallback(run_dir=run_dir, checkpoint_every=None, handle_signals=False)
+    timer = _HookTimer(watchdog, "on_step_end")
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            stamps.append(time.perf_counter())
+    class Toggle(TrainerCallback):
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            watchdog.on_train_begin(*args, **kwargs)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if _on(state.global_step):
+                control = watchdog.on_step_end(args, state, control, **kwargs)
+            stamps.append((time.perf_counter(), state.global_step))
+            return control
+
+        def on_save(self, *args: Any, **kwargs: Any) -> None:
+            watchdog.on_save(*args, **kwargs)
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            watchdog.on_train_end(*args, **kwargs)
 
     torch.manual_seed(0)
-    callbacks: List[Any] = [Clock()]
-    timer = None
-    if with_callback:
-        watchdog = WatchdogCallback(run_dir=run_dir, checkpoint_every=None, handle_signals=False)
-        timer = _HookTimer(watchdog, "on_step_end")
-        callbacks.append(watchdog)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8,
                                  learning_rate=0.05, logging_steps=10_000, report_to="none",
                                  save_strategy="no", use_cpu=True, disable_tqdm=True)
-        Trainer(model=Tiny(), args=args, train_dataset=Points(4096), callbacks=callbacks).train()
-    return _summarize(stamps, timer)
+        Trainer(model=Tiny(), args=args, train_dataset=Points(4096), callbacks=[Toggle()]).train()
+    return _split(stamps, steps) + (timer.calls_ns,)
 
 
-def _lightning_run(steps: int, with_callback: bool, run_dir: Path) -> Tuple[float, float]:
+def _lightning_run(steps: int, run_dir: Path) -> Tuple[List[float], List[float], List[int]]:
     import lightning as L
 
     from session_watchdog.integrations.lightning import WatchdogCallback
@@ -108,56 +124,69 @@ def _lightning_run(steps: int, with_callback: bool, run_dir: Path) -> Tuple[floa
     sys.path.insert(0, str(SCRIPTS))
     from lightning_train import Tiny, data
 
-    stamps: List[float] = []
-
-    class Clock(L.Callback):  # type: ignore[misc]
-        def on_train_batch_end(self, *args: Any) -> None:
-            stamps.append(time.perf_counter())
-
-    torch.manual_seed(0)
-    callbacks: List[Any] = [Clock()]
-    timer = None
+    stamps: List[Tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as out:
-        if with_callback:
-            watchdog = WatchdogCallback(out, run_dir=run_dir, checkpoint_every=None,
-                                        handle_signals=False)
-            timer = _HookTimer(watchdog, "on_train_batch_end")
-            callbacks.append(watchdog)
+        watchdog = WatchdogCallback(out, run_dir=run_dir, checkpoint_every=None,
+                                    handle_signals=False)
+        timer = _HookTimer(watchdog, "on_train_batch_end")
+
+        class Toggle(L.Callback):
+            def setup(self, *args: Any) -> None:
+                watchdog.setup(*args)
+
+            def on_train_start(self, *args: Any) -> None:
+                watchdog.on_train_start(*args)
+
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                step = trainer.global_step
+                if _on(step):
+                    watchdog.on_train_batch_end(trainer, *args)
+                else:
+                    watchdog._last_step = step  # as if it had looked
+                stamps.append((time.perf_counter(), step))
+
+            def on_train_end(self, *args: Any) -> None:
+                watchdog.on_train_end(*args)
+
+            def teardown(self, *args: Any) -> None:
+                watchdog.teardown(*args)
+
+        torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(data(), batch_size=8, shuffle=True)
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=callbacks)
+                            enable_model_summary=False, callbacks=[Toggle()])
         trainer.fit(Tiny(), loader)
-    return _summarize(stamps, timer)
+    return _split(stamps, steps) + (timer.calls_ns,)
 
 
-def _summarize(stamps: List[float], timer: Any) -> Tuple[float, float]:
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    core = gaps[len(gaps) // 10: len(gaps) * 9 // 10]  # warm-up and the final save left out
-    step_s = statistics.median(core)
-    hook_share = 0.0
-    if timer is not None and timer.calls_ns:
-        calls = timer.calls_ns[len(timer.calls_ns) // 10: len(timer.calls_ns) * 9 // 10]
-        hook_share = statistics.median(calls) / 1e9 / step_s  # the last step's save left out
-    return step_s, hook_share
+def _split(stamps: List[Tuple[float, int]], steps: int) -> Tuple[List[float], List[float]]:
+    """Step times in blocks with the hook on and off (the first and last block left out)."""
+    on: List[float] = []
+    off: List[float] = []
+    for (t0, _), (t1, step) in zip(stamps, stamps[1:]):
+        if BLOCK <= step < steps - BLOCK:
+            (on if _on(step) else off).append(t1 - t0)
+    return on, off
 
 
-def bench_overhead(name: str, run: Callable[[int, bool, Path], Tuple[float, float]], steps: int,
-                   repeats: int) -> None:
-    with_s: List[float] = []
-    without_s: List[float] = []
-    shares: List[float] = []
+def bench_overhead(name: str, run: Callable[[int, Path], Tuple[List[float], List[float], List[int]]],
+                   steps: int, repeats: int) -> None:
+    on: List[float] = []
+    off: List[float] = []
+    hook: List[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(repeats):
-            for with_callback in ((True, False) if index % 2 == 0 else (False, True)):
-                step_s, share = run(steps, with_callback, Path(tmp) / f"run{index}")
-                (with_s if with_callback else without_s).append(step_s)
-                if with_callback:
-                    shares.append(share)
-    ratio = statistics.median(with_s) / statistics.median(without_s)
-    print(f"{name:<12} step {statistics.median(without_s) * 1e3:7.3f} ms without, "
-          f"{statistics.median(with_s) * 1e3:7.3f} ms with: overhead {100 * (ratio - 1):+.2f} % "
-          f"end to end (target <= 1 %); the hook itself {100 * statistics.median(shares):.3f} % "
+            run_on, run_off, calls = run(steps, Path(tmp) / f"run{index}")
+            on += run_on
+            off += run_off
+            hook += calls[1:-1]  # the last step's final save left out
+    step_s = statistics.median(off)
+    ratio = statistics.median(on) / step_s
+    share = statistics.median(hook) / 1e9 / step_s
+    print(f"{name:<12} step {step_s * 1e3:.3f} ms: overhead {100 * (ratio - 1):+.2f} % (median "
+          f"step, hook on vs off in alternating blocks of {BLOCK} steps of the same runs; target "
+          f"<= 1 %); the hook itself {statistics.median(hook) / 1e3:.2f} us = {100 * share:.3f} % "
           "of a step")
 
 
