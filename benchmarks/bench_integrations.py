@@ -131,8 +131,8 @@ def _lightning_run(steps: int, run_dir: Path) -> Tuple[List[float], List[float],
         timer = _HookTimer(watchdog, "on_train_batch_end")
 
         class Toggle(L.Callback):
-            def setup(self, *args: Any) -> None:
-                watchdog.setup(*args)
+            def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                watchdog.setup(trainer, pl_module, stage)
 
             def on_train_start(self, *args: Any) -> None:
                 watchdog.on_train_start(*args)
@@ -148,8 +148,8 @@ def _lightning_run(steps: int, run_dir: Path) -> Tuple[List[float], List[float],
             def on_train_end(self, *args: Any) -> None:
                 watchdog.on_train_end(*args)
 
-            def teardown(self, *args: Any) -> None:
-                watchdog.teardown(*args)
+            def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                watchdog.teardown(trainer, pl_module, stage)
 
         torch.manual_seed(0)
         loader = torch.utils.data.DataLoader(data(), batch_size=8, shuffle=True)
