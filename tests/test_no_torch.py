@@ -1,4 +1,8 @@
-"""The daemon never imports torch (DESIGN.md); only session_watchdog/trainer/ may."""
+"""The daemon never imports torch (DESIGN.md); only session_watchdog/trainer/ may.
+
+Nor a training framework: transformers, lightning, accelerate and torchdata belong to
+session_watchdog/integrations/ (and torchdata to the trainer side).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ DAEMON_MODULES = ["session_watchdog", "session_watchdog.cli", "session_watchdog.
                   "session_watchdog.notify.worker", "session_watchdog.notify.remote"]
 
 
+TRAINER_SIDE = ("trainer", "integrations")
+BANNED = {"torch", "transformers", "lightning", "pytorch_lightning", "accelerate", "torchdata"}
+
+
 def imported_names(path: Path) -> set:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -31,9 +39,11 @@ def imported_names(path: Path) -> set:
 
 class TestNoTorchInTheDaemon:
     def test_no_daemon_source_file_imports_torch(self):
-        """No module outside session_watchdog/trainer/ has an import of torch, even a lazy one."""
-        offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-                     if "trainer" not in p.relative_to(PACKAGE).parts and "torch" in imported_names(p)]
+        """No module outside trainer/ and integrations/ imports torch or a framework, even lazily."""
+        offenders = [(str(p.relative_to(PACKAGE)), sorted(BANNED & imported_names(p)))
+                     for p in PACKAGE.rglob("*.py")
+                     if not set(TRAINER_SIDE) & set(p.relative_to(PACKAGE).parts)
+                     and BANNED & imported_names(p)]
         assert offenders == []
 
     def test_importing_the_daemon_loads_no_torch(self):
@@ -41,9 +51,9 @@ class TestNoTorchInTheDaemon:
         code = ("import sys, importlib\n"
                 f"for m in {DAEMON_MODULES!r}: importlib.import_module(m)\n"
                 "import session_watchdog.trainer\n"
-                "print('torch' in sys.modules)")
+                f"print(sorted(m for m in {sorted(BANNED)!r} if m in sys.modules))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == "False"
+        assert out.stdout.strip() == "[]"
 
     def test_the_daemon_loads_apprise_only_when_notify_is_set(self, tmp_path):
         """A watchdog without notify never imports apprise, nor session_watchdog.notify (issue 15)."""
@@ -69,6 +79,23 @@ class TestNoTorchInTheDaemon:
         out = subprocess.run(["ruff", "check", "--select", "TID251", str(PACKAGE)],
                              capture_output=True, text=True, cwd=PACKAGE.parent)
         assert out.returncode == 0, out.stdout
+
+
+    @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
+    def test_ruff_bans_the_frameworks_outside_the_trainer_side(self):
+        """An import of a training framework fails ruff in a daemon module, and passes in
+        integrations/ (frameworks) and trainer/ (torchdata)."""
+
+        def banned(module: str, path: str) -> bool:
+            out = subprocess.run(["ruff", "check", "--select", "TID251", "--stdin-filename",
+                                  str(PACKAGE / path), "-"], input=f"import {module}\n",
+                                 capture_output=True, text=True, cwd=PACKAGE.parent)
+            return out.returncode != 0 and "TID251" in out.stdout
+
+        frameworks = ["transformers", "lightning", "pytorch_lightning", "accelerate", "torchdata"]
+        assert [m for m in frameworks if banned(m, "policy.py")] == frameworks
+        assert [m for m in frameworks if banned(m, "integrations/hf.py")] == []
+        assert not banned("torchdata", "trainer/data.py")
 
 
 class TestTypes:

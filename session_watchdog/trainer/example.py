@@ -2,8 +2,10 @@
 
     python -m session_watchdog.trainer.example --checkpoint-dir /tmp/ckpt --epochs 3
 
-No downloads: every batch is generated from (seed, epoch, batch index), so the data order is a
-pure function of the step and a resumed run can skip the batches already done for free. With the
+No downloads: sample ``i`` is generated from (seed, i), and a shuffled ``DataLoader`` (seeded
+generator, ``--workers`` worker processes) draws them in a new order each epoch. The loader is
+registered with ``session.track(loader)``: every checkpoint stores its position and a resumed run
+continues the interrupted epoch at the next batch, without loading the ones before it. With the
 RNG states restored from the checkpoint (dropout draws from torch's global generator), a run that
 is killed and resumed ends with the same parameters, bit for bit, as one that never stopped.
 
@@ -15,8 +17,8 @@ Distributed data parallel, one process per rank (gloo on CPU, NCCL on GPUs)::
 
     torchrun --nproc_per_node=2 -m session_watchdog.trainer.example --ddp --checkpoint-dir /tmp/ckpt
 
-Rank ``r`` of ``W`` trains on batches ``index * W + r`` of the same pure-function stream, so the
-global batch order survives a restart with the same ``W``. ``--sharded`` saves with
+Rank ``r`` of ``W`` trains on its ``DistributedSampler`` share (shuffled by seed and epoch), so
+the global batch order survives a restart with the same ``W``. ``--sharded`` saves with
 ``torch.distributed.checkpoint`` (every rank writes its part) instead of rank 0's single file.
 ``--run-dir-per-rank`` gives rank ``r`` the run directory ``<run-dir>/rank<r>``: a request written
 into one rank's directory reaches the others only through the ranks' agreement (used by the tests).
@@ -31,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from session_watchdog.trainer.session import (
     DEFAULT_CHECKPOINT_EVERY_S,
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes (default 0: load in the training process)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints") / "example")
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -114,13 +118,32 @@ def prototypes(seed: int) -> torch.Tensor:
 
 def make_batch(protos: torch.Tensor, seed: int, epoch: int, index: int,
                batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``index`` of ``epoch``: noisy class prototypes, a pure function of its arguments."""
+    """Batch ``index`` of ``epoch``: noisy class prototypes, a pure function of its arguments
+    (a ready-made batch for benchmarks; the training loop reads :class:`SyntheticImages`)."""
     import torch
 
     gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
     noise = torch.randn(batch_size, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
     return protos[labels] + noise, labels
+
+
+class SyntheticImages:
+    """A map-style dataset: sample ``i`` is a noisy class prototype, a pure function of (seed, i)."""
+
+    def __init__(self, protos: torch.Tensor, seed: int, size: int) -> None:
+        self.protos, self.seed, self.size = protos, seed, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
+        label = torch.randint(0, NUM_CLASSES, (), generator=gen)
+        noise = torch.randn(CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        return self.protos[label] + noise, label
 
 
 def pick_device(name: str) -> torch.device:
@@ -138,8 +161,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.step_sleep < 0 or args.checkpoint_every < 0 or args.sync_interval < 0:
-        parser.error("--step-sleep, --checkpoint-every and --sync-interval must not be negative")
+    if args.step_sleep < 0 or args.checkpoint_every < 0 or args.sync_interval < 0 \
+            or args.workers < 0:
+        parser.error("--step-sleep, --checkpoint-every, --sync-interval and --workers must not "
+                     "be negative")
     if args.sync_every < 1:
         parser.error("--sync-every must be at least 1")
     if args.run_dir_per_rank and args.run_dir is None:
@@ -203,7 +228,15 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.steps_per_epoch),
                                                 gamma=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    protos = prototypes(args.seed)
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dataset: Any = SyntheticImages(prototypes(args.seed), args.seed,
+                              args.steps_per_epoch * args.batch_size * world)
+    sampler: Optional[Any] = (DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                  seed=args.seed) if args.ddp else None)
+    loader: Any = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None,
+                        sampler=sampler, num_workers=args.workers,
+                        generator=torch.Generator().manual_seed(args.seed))
 
     # The bare module goes to the Session: its state dict keys do not depend on the wrapper.
     session = Session(
@@ -213,6 +246,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
         heartbeat_interval=args.heartbeat_interval, sync_every=args.sync_every,
         sync_interval_s=args.sync_interval or None, sharded=args.sharded, mirror=args.mirror)
     with session:
+        batches = session.track(loader)  # its position travels with every checkpoint
         start = session.resume()
         if start.resumed:
             print(f"{prefix}resumed from {start.path} at epoch {start.epoch} step {start.step} "
@@ -223,11 +257,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
             for epoch in session.epochs(args.epochs):
                 began = time.monotonic()
                 total, count = 0.0, 0
-                first = start.batch if epoch == start.epoch else 0
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
                 net.train()
-                for index in range(first, args.steps_per_epoch):
-                    inputs, labels = make_batch(protos, args.seed, epoch, index * world + rank,
-                                                args.batch_size)
+                for inputs, labels in batches:  # after a resume: the rest of the epoch
                     inputs, labels = inputs.to(device), labels.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(net(inputs), labels)

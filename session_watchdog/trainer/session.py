@@ -5,12 +5,10 @@ Usage in a script::
     from session_watchdog.trainer import Session
 
     with Session("checkpoints/", model=model, optimizer=opt, scheduler=sched) as session:
+        loader = session.track(loader)        # its position travels with every checkpoint
         start = session.resume()              # newest verified checkpoint, or a fresh start
         for epoch in session.epochs(num_epochs):
-            skip = start.batch if epoch == start.epoch else 0
-            for index, batch in enumerate(loader):
-                if index < skip:
-                    continue                  # done before the checkpoint we resumed from
+            for batch in loader:              # after a resume: the rest of the epoch
                 ...                           # forward, backward, optimizer.step()
                 session.step()                # a memory read unless a flag is set
         session.complete()                    # final checkpoint, verified, state=completed
@@ -45,10 +43,11 @@ and is delivered again, so "kill, then kill again" still ends the process.
 
 Resuming. ``resume()`` loads the newest *verified* checkpoint into the model, optimizer, scheduler
 and scaler (RNG states too, through ``checkpoint.restore_state``) and returns a :class:`Start`.
-``Start.batch`` is the number of steps already done inside ``Start.epoch``: skip that many batches
-of that epoch to continue at the exact step (the step counter, ``Start.step``, already counts
-them). A data order that depends only on (seed, epoch, batch index) makes the skip cheap and the
-resumed run bit-identical to an uninterrupted one (see ``session_watchdog.trainer.example``).
+``Start.batch`` is the number of steps already done inside ``Start.epoch`` (the step counter,
+``Start.step``, already counts them). Data loaders registered with ``track()`` continue there by
+themselves - the batches already done are not loaded again - and the resumed run is
+bit-identical to an uninterrupted one (``session_watchdog.trainer.data``); a loop that draws its
+own batches skips ``Start.batch`` of them.
 
 States reported in ``trainer.json``: ``starting`` (built, no step yet), ``running``, ``saving``
 (a synchronous checkpoint is being written; ``save.lock`` is held), ``stopping`` -> ``stopped``
@@ -430,6 +429,7 @@ class Session:
         self._sharded_ckpt: Optional[ShardedCheckpointer] = None
         self._resume_called = False  # resume() was called (whatever it found)
         self._ahead_checked = False  # the first save looked for checkpoints of later steps
+        self._tracked: List[Any] = []  # data loaders whose position checkpoints carry (data.py)
 
         self.run_dir = self._open_run_dir(run_dir)
         if distributed.is_initialized() and _world_size() > 1:
@@ -565,6 +565,20 @@ class Session:
         """Whether this process writes ``trainer.json`` and acks (a run dir's lowest rank)."""
         return self._reporter
 
+    def track(self, loader: Any) -> Any:
+        """Save ``loader``'s position with every checkpoint and continue there on ``resume()``.
+
+        Call it before ``resume()``, for each loader in the same order in every run, and iterate
+        what it returns: a torchdata ``StatefulDataLoader`` as it is, a plain ``DataLoader``
+        wrapped so that a resumed epoch goes on at the exact batch without loading the batches
+        before it (see ``session_watchdog.trainer.data``).
+        """
+        from session_watchdog.trainer import data
+
+        entry, iterable = data.track(loader)
+        self._tracked.append(entry)
+        return iterable
+
     def resume(self, map_location: Any = "cpu") -> Start:
         """Load the newest verified checkpoint into the model etc., or report a fresh start.
 
@@ -613,6 +627,10 @@ class Session:
         self._rate_anchor = (now, step)
         self._start_step = step
         self.extras = extras
+        if self._tracked:
+            from session_watchdog.trainer import data
+
+            data.load_states(self._tracked, ours.get("loaders"))
         self._last_checkpoint = _info(saved, seq=None)
         if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
             self._mirror.catch_up(saved)  # resumed from a local copy the mirror never got
@@ -797,10 +815,20 @@ class Session:
 
     def _service(self) -> None:
         """Act on whatever set the flag. Runs in the training thread, between two steps."""
+        flags = self._decide()
+        if flags is not None:
+            self._act(flags)
+
+    def _decide(self) -> Optional[_Flags]:
+        """What to do at this step boundary (after the ranks' agreement), or None: nothing.
+
+        Consumes the flags. The framework integrations call it from their step-end hooks and let
+        the framework write the checkpoint (``session_watchdog.integrations``).
+        """
         # Clear first, read the reasons after: a flag set meanwhile is then seen now or next step.
         self._pending = False
         if self._closed or (self._dist is not None and self._step < self._sync_at):
-            return  # distributed: flags wait for the agreed step (never act alone)
+            return None  # distributed: flags wait for the agreed step (never act alone)
         stop_reason: Optional[str] = None
         if self._sigterm:
             self._sigterm = False
@@ -841,8 +869,10 @@ class Session:
         flags = self._agree(_Flags(save=stop or periodic or request is not None, stop=stop,
                                    request=request, reason=reason, code=code,
                                    ack_seq=None if request is None else request.seq))
-        if not flags.save:
-            return
+        return flags if flags.save else None
+
+    def _act(self, flags: _Flags) -> None:
+        """Checkpoint (and stop) as ``flags`` say, acknowledging the request they answer."""
         seq = flags.ack_seq
         if flags.stop:
             try:
@@ -945,6 +975,8 @@ class Session:
     def _extras_to_save(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         extras = dict(self.extras)
         ours: Dict[str, Any] = {"epoch_start_step": self._epoch_start_step}
+        if self._tracked:
+            ours["loaders"] = [entry.state_dict() for entry in self._tracked]
         if rank_rng is not None:
             # DDP: rank 0 writes the file; every rank gets its own RNG states back on resume
             # (ranks seeded differently - per-rank augmentation - resume bit for bit too).

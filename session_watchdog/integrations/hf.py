@@ -1,0 +1,166 @@
+"""Hugging Face ``transformers.Trainer``: checkpoint and stop when the watchdog asks.
+
+Add two lines to a stock script (``pip install 'session-watchdog[hf]'``)::
+
+    from session_watchdog.integrations.hf import WatchdogCallback, watchdog_resume
+
+    watchdog = WatchdogCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[watchdog])
+    trainer.train(resume_from_checkpoint=watchdog_resume(args.output_dir))
+    if watchdog.stopped:
+        sys.exit(75)        # stopped on request after a committed checkpoint: resumable
+
+What happens:
+
+- ``on_step_end`` does what ``Session.step()`` does: one flag read (set by the poller that reads
+  ``request.json``, by SIGTERM / SIGUSR1, or by the periodic timer); under torch.distributed the
+  ranks agree at the same steps as with ``Session``. On a request it sets
+  ``control.should_save`` (and ``control.should_training_stop`` for a stop);
+- the Trainer writes ``checkpoint-N/`` as usual; ``on_save`` then commits that directory (sha256
+  and fsync of every file, the marker ``WATCHDOG_COMMITTED.json`` written last, see
+  ``_core``) and acknowledges in ``trainer.json`` (path, step, bytes, duration; step time is
+  reported by the heartbeat). The Trainer's own scheduled saves are committed the same way;
+- a stop ends ``trainer.train()`` normally, ``watchdog.stopped`` is True and the script exits
+  with 75 (``EX_TEMPFAIL``: "try again later");
+- the last step always saves: its committed checkpoint makes the run ``completed`` in
+  ``trainer.json`` (the watchdog may then end the runtime). An exception that ends the script or
+  the notebook cell reports ``failed``, and the runtime is never ended for it.
+- ``watchdog_resume(output_dir)`` returns the newest *committed* ``checkpoint-N`` (one the process
+  was killed in while the Trainer was writing it has no marker and is skipped), or None for a
+  fresh start.
+
+Keep ``save_total_limit`` at 2 or more (or None): the Trainer deletes old checkpoints *before* the
+new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from session_watchdog.integrations._core import CommittedDir, FrameworkSession, newest_committed
+from session_watchdog.trainer.session import (
+    DEFAULT_CHECKPOINT_EVERY_S,
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_SYNC_EVERY,
+    DEFAULT_SYNC_INTERVAL_S,
+    EXIT_STOPPED,
+    RunDirLike,
+)
+
+__all__ = ["EXIT_STOPPED", "WatchdogCallback", "watchdog_resume"]
+
+CHECKPOINT_PATTERN = r"^checkpoint-(\d+)$"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+def watchdog_resume(output_dir: Union[str, os.PathLike[str], None]) -> Optional[str]:
+    """The newest committed ``checkpoint-N`` directory in ``output_dir``, or None (fresh start).
+
+    Pass it to ``trainer.train(resume_from_checkpoint=...)``; None starts from scratch.
+    """
+    found = newest_committed(output_dir, CHECKPOINT_PATTERN)
+    return None if found is None else str(found.directory)
+
+
+class WatchdogCallback(TrainerCallback):
+    """A ``TrainerCallback`` that checkpoints and stops the Trainer as the watchdog asks.
+
+    Args:
+        run_dir: the run directory shared with the daemon (default: ``$SESSION_WATCHDOG_RUN_DIR``
+            or the per-user default, as for ``Session``).
+        checkpoint_every: seconds between periodic checkpoints (None: off).
+        poll_interval, heartbeat_interval, handle_signals, sync_every, sync_interval_s: as for
+            :class:`~session_watchdog.trainer.Session`.
+
+    Attributes:
+        stopped: True once training stopped on request or signal after a committed checkpoint.
+        session: the session while training runs (None before ``train()``).
+        last_checkpoint: the newest checkpoint this callback committed.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: Optional[RunDirLike] = None,
+        checkpoint_every: Optional[float] = DEFAULT_CHECKPOINT_EVERY_S,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        handle_signals: bool = True,
+        sync_every: int = DEFAULT_SYNC_EVERY,
+        sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
+    ) -> None:
+        self._options = dict(run_dir=run_dir, checkpoint_every=checkpoint_every,
+                             poll_interval=poll_interval, heartbeat_interval=heartbeat_interval,
+                             handle_signals=handle_signals, sync_every=sync_every,
+                             sync_interval_s=sync_interval_s)
+        self.session: Optional[FrameworkSession] = None
+        self.stopped = False
+        self.last_checkpoint: Optional[CommittedDir] = None
+        self._final = False  # the save of the last step is under way
+        self._final_saved: Optional[CommittedDir] = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        self.stopped = False
+        self._final = False
+        self._final_saved = None
+        if self.session is not None:
+            self.session.close()
+        # Every rank builds it (under torchrun: collectively), after the process group exists.
+        self.session = FrameworkSession(args.output_dir, **self._options)  # type: ignore[arg-type]
+        self.session.begin(state.global_step)
+        self.session.watch_for_crash()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        session = self.session
+        if session is None or session._closed:
+            return control
+        if session.save_pending:
+            # Asked at the previous step end, but the Trainer did not save (save_strategy="best"
+            # overrides should_save with its metric): report it; the request is tried again.
+            session.save_failed(RuntimeError("the Trainer did not save when asked (it overrides "
+                                             "should_save with save_strategy='best')"))
+            if session._closed:
+                return control
+        flags = session.at_step_end(state.global_step)
+        last = control.should_training_stop or state.global_step >= state.max_steps
+        if flags is not None:
+            control.should_save = True
+            if flags.stop:
+                control.should_training_stop = True
+        if last:
+            control.should_save = True  # the final checkpoint that completes the run
+            self._final = True
+        if control.should_save:
+            session.saving(flags)
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        session = self.session
+        if session is None or session._closed:
+            return
+        directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+        final = self._final
+        saved = session.commit(directory, step=state.global_step, epoch=int(state.epoch or 0),
+                               final=final)
+        if saved is None:
+            return
+        self.last_checkpoint = saved
+        if final:
+            self._final_saved = saved
+        self.stopped = session.stopped
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        session = self.session
+        if session is None or session._closed:
+            return
+        if self._final_saved is not None:
+            session.finish(self._final_saved)
+        else:  # training ended without its final checkpoint committed (the save failed)
+            session.fail(RuntimeError("training ended without a committed final checkpoint"))

@@ -1,0 +1,265 @@
+"""Exact DataLoader resume: continue a shuffled epoch at the batch after the checkpoint.
+
+``session.track(loader)`` registers a data loader with a :class:`~session_watchdog.trainer.Session`;
+its position is saved with every checkpoint and restored by ``session.resume()``, so the loop needs
+no skip code of its own::
+
+    loader = session.track(DataLoader(data, batch_size=32, shuffle=True, num_workers=2))
+    start = session.resume()
+    for epoch in session.epochs(num_epochs):
+        for batch in loader:           # after a resume: the rest of the interrupted epoch
+            ...
+            session.step()
+
+Two kinds of loader:
+
+- torchdata's ``StatefulDataLoader`` (``pip install session-watchdog[data]``; the maintained
+  PyTorch answer to mid-epoch resume): its own ``state_dict()`` / ``load_state_dict()``. It
+  restores worker and sampler state too, so per-sample randomness in the workers resumes exactly.
+- a plain ``torch.utils.data.DataLoader`` over a map-style dataset: at each epoch start the tracked
+  loader records the random states that decide the epoch's order (the loader's and the sampler's
+  generators, and torch's global RNG, which a sampler without a generator draws from); a
+  checkpoint stores them with the number of batches handed out. On resume the order is drawn again
+  from those states - indices only, no sample is loaded for a skipped batch - and the epoch goes
+  on with the next batch, through a one-epoch DataLoader over the remaining index batches with
+  the original's settings. The generators end the epoch where the uninterrupted run's did (all
+  of the epoch's draws done) and the global RNG is the checkpoint's. Limit: worker processes
+  see the remaining batches in a new round-robin order, so randomness drawn *inside* workers
+  (random augmentation) is not reproduced; use a StatefulDataLoader, or derive it from the
+  sample index, for that.
+
+Everything here is plain data for ``torch.load(weights_only=True)``: tensors, ints, dicts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = ["DataTrackError", "TrackedLoader", "is_stateful", "load_states", "track"]
+
+_FORMAT = 1
+
+
+class DataTrackError(ValueError):
+    """A loader that cannot be tracked, or a saved position that does not fit it."""
+
+
+def is_stateful(loader: Any) -> bool:
+    """Whether ``loader`` saves its own position (torchdata's StatefulDataLoader and the like)."""
+    return callable(getattr(loader, "state_dict", None)) \
+        and callable(getattr(loader, "load_state_dict", None))
+
+
+def _generator_state(gen: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    return None if gen is None else gen.get_state()
+
+
+class TrackedLoader:
+    """A plain DataLoader that knows where it is in its epoch (see the module docstring).
+
+    Iterate it like the loader it wraps; other attributes (``dataset``, ``batch_size``, ``len``)
+    are the wrapped loader's.
+    """
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        if isinstance(loader.dataset, IterableDataset):
+            raise DataTrackError(
+                "track(): a DataLoader over an IterableDataset has no sampler to replay; use "
+                "torchdata.stateful_dataloader.StatefulDataLoader (pip install "
+                "'session-watchdog[data]')")
+        if loader.batch_sampler is None:
+            raise DataTrackError(
+                "track(): the DataLoader has batch_size=None and no batch_sampler; give it a "
+                "batch_size (or a batch_sampler) so its batches can be replayed")
+        self.loader = loader
+        self._epoch_start: Optional[Dict[str, Any]] = None  # RNG states at this epoch's start
+        self._batch = 0  # batches handed out in the current epoch
+        self._finished = True  # the current epoch ran out (or none started)
+        self._resume: Optional[Dict[str, Any]] = None  # a saved position, used by the next iter
+
+    # ---- the training loop's side ---------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        resume, self._resume = self._resume, None
+        if resume is not None and not resume["finished"] and resume["epoch_start"] is not None:
+            return self._count(self._replay(resume), resume["epoch_start"], resume["batch"])
+        states = self._states()  # before iter(): the iterator draws from them at once
+        return self._count(iter(self.loader), states, 0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): do not recurse
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def _count(self, it: Iterator[Any], epoch_start: Dict[str, Any],
+               batch: int) -> Iterator[Any]:
+        self._epoch_start, self._batch, self._finished = epoch_start, batch, False
+        for item in it:
+            self._batch += 1  # counted before the loop body runs: a checkpoint after it sees it
+            yield item
+        self._finished = True
+
+    # ---- saving and restoring -------------------------------------------------------------
+
+    def _generators(self) -> List[Optional[torch.Generator]]:
+        """The loader's generator and, when it is another object, the sampler's."""
+        gen = self.loader.generator
+        sampler_gen = getattr(self.loader.sampler, "generator", None)
+        if sampler_gen is gen or not isinstance(sampler_gen, torch.Generator):
+            sampler_gen = None
+        return [gen, sampler_gen]
+
+    def _states(self) -> Dict[str, Any]:
+        gen, sampler_gen = self._generators()
+        return {"global": torch.get_rng_state(), "loader": _generator_state(gen),
+                "sampler": _generator_state(sampler_gen)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position: RNG states at the epoch's start, batches handed out, current states."""
+        return {"format": _FORMAT, "kind": "plain", "epoch_start": self._epoch_start,
+                "batch": self._batch, "finished": self._finished, "now": self._states()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue at ``state``'s position: the next ``iter()`` replays the rest of its epoch."""
+        if state.get("format") != _FORMAT or state.get("kind") != "plain":
+            raise DataTrackError("the checkpoint's data position was not saved for a plain "
+                                 f"DataLoader (kind {state.get('kind')!r}); track the same kind "
+                                 "of loader you trained with")
+        gen, sampler_gen = self._generators()
+        for target, saved in ((gen, state["now"]["loader"]), (sampler_gen, state["now"]["sampler"])):
+            if target is not None and saved is not None:
+                target.set_state(saved)
+        self._resume = state
+        self._epoch_start = state["epoch_start"]
+        self._batch = int(state["batch"])
+        self._finished = bool(state["finished"])
+
+    def _replay(self, state: Dict[str, Any]) -> Iterator[Any]:
+        """An iterator over the rest of the saved epoch: the order drawn again, nothing loaded."""
+        start, done = state["epoch_start"], int(state["batch"])
+        gen, sampler_gen = self._generators()
+        global_now = torch.get_rng_state()  # resume() restored it: the checkpoint's state
+        try:
+            torch.set_rng_state(start["global"])
+            for target, saved in ((gen, start["loader"]), (sampler_gen, start["sampler"])):
+                if target is not None and saved is not None:
+                    target.set_state(saved)
+            # Draw in torch's own order: the iterator draws the workers' base seed
+            # (torch/utils/data/dataloader.py, _BaseDataLoaderIter.__init__), then the sampler
+            # draws its permutation at the first batch.
+            seed_state = gen.get_state() if gen is not None else torch.get_rng_state()
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
+            batches = iter(self.loader.batch_sampler)  # type: ignore[arg-type]
+            for _ in itertools.islice(batches, done):  # indices only: no sample is loaded
+                pass
+            # The rest, now: a sampler draws lazily (RandomSampler draws once more when it runs
+            # out), and every draw must come from the replayed states, none from the current.
+            remaining = list(batches)
+        except BaseException:
+            now = state["now"]
+            for target, saved in ((gen, now["loader"]), (sampler_gen, now["sampler"])):
+                if target is not None and saved is not None:
+                    target.set_state(saved)
+            raise
+        finally:
+            # The generators stay where the whole epoch's draws leave them, as in an
+            # uninterrupted run; the global RNG goes back to the checkpoint's state.
+            torch.set_rng_state(global_now)
+        # The same worker seeds as the interrupted epoch: a generator in the state the original
+        # drew its base seed from (the user's generators stay where they are).
+        seed_gen = torch.Generator()
+        seed_gen.set_state(seed_state)
+        return iter(self._remaining_loader(remaining, seed_gen))
+
+    def _remaining_loader(self, batches: List[List[int]],
+                          seed_gen: torch.Generator) -> DataLoader[Any]:
+        loader = self.loader
+        options: Dict[str, Any] = {
+            "num_workers": loader.num_workers, "collate_fn": loader.collate_fn,
+            "pin_memory": loader.pin_memory, "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn, "generator": seed_gen,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "pin_memory_device": loader.pin_memory_device,
+        }
+        if loader.num_workers > 0:
+            options["prefetch_factor"] = loader.prefetch_factor
+        if hasattr(loader, "in_order"):
+            options["in_order"] = loader.in_order
+        return DataLoader(loader.dataset, batch_sampler=_Remaining(batches), **options)
+
+
+class _Remaining:
+    """A batch sampler over the index batches left in an epoch being replayed."""
+
+    def __init__(self, batches: List[List[int]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+class _StatefulEntry:
+    """A loader with its own ``state_dict`` (StatefulDataLoader), tracked as it is."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"format": _FORMAT, "kind": "stateful", "state": self.loader.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("format") != _FORMAT or state.get("kind") != "stateful":
+            raise DataTrackError("the checkpoint's data position was saved for a plain "
+                                 f"DataLoader (kind {state.get('kind')!r}), not for this "
+                                 "StatefulDataLoader; track the same kind of loader")
+        self.loader.load_state_dict(state["state"])
+
+
+Tracked = Any  # TrackedLoader or _StatefulEntry
+
+
+def track(loader: Any) -> Any:
+    """The object that saves and restores ``loader``'s position, and the loader to iterate.
+
+    Returns:
+        ``(entry, iterable)``: ``entry`` has ``state_dict()`` / ``load_state_dict()``;
+        ``iterable`` is what the training loop iterates (the StatefulDataLoader itself, or a
+        :class:`TrackedLoader` around a plain DataLoader).
+
+    Raises:
+        DataTrackError: neither a StatefulDataLoader nor a DataLoader over a map-style dataset.
+    """
+    if isinstance(loader, TrackedLoader):
+        return loader, loader
+    if is_stateful(loader):
+        return _StatefulEntry(loader), loader
+    if isinstance(loader, DataLoader):
+        tracked = TrackedLoader(loader)
+        return tracked, tracked
+    raise DataTrackError(f"track(): a {type(loader).__name__} is not a DataLoader; pass a "
+                         "torch.utils.data.DataLoader or a torchdata StatefulDataLoader")
+
+
+def load_states(entries: List[Tracked], states: Any) -> None:
+    """Give each tracked loader its saved position (same order as they were tracked).
+
+    Raises:
+        DataTrackError: the checkpoint tracked a different number of loaders.
+    """
+    if not isinstance(states, list) or len(states) != len(entries):
+        count = len(states) if isinstance(states, list) else 0
+        raise DataTrackError(f"the checkpoint holds the position of {count} data loader(s), this "
+                             f"session tracks {len(entries)}; track the same loaders, in the "
+                             "same order, before resume()")
+    for entry, state in zip(entries, states):
+        entry.load_state_dict(state)

@@ -1,0 +1,110 @@
+"""Helpers for the framework integration tests: a real daemon wrapping a real training script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+ROOT = Path(__file__).resolve().parent.parent
+START_S = 120.0  # importing transformers/lightning on a loaded machine takes a while
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_WATCHDOG_")}
+    # One intra-op thread: identical float reductions in every run, and no oversubscription.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def watchdog_argv(base: Path, run: str, session_s: float, *, end: bool = False) -> List[str]:
+    """A compressed session for the generic platform (the demo's schedule, session_watchdog/demo.py)."""
+    argv = [
+        sys.executable, "-m", "session_watchdog", "run",
+        "--platform", "generic", "--max-session", f"{session_s:g}s", "--interval", "0.5s",
+        "--margin", f"{session_s * 0.2:g}s", "--stop-margin", f"{session_s * 0.1:g}s",
+        "--default-checkpoint-time", "1s", "--default-step-time", "0.5s",
+        "--warn-before", f"{session_s * 0.75:g}s,{session_s * 0.4:g}s", "--checkpoint-every", "off",
+        "--resend-after", "10s", "--grace", "1s", "--end-command", "shutdown -h now",
+        "--run-dir", str(base / run), "--log-file", str(base / f"{run}.jsonl"),
+    ]
+    if end:
+        argv += ["--end-when-done", "--dry-run"]
+    return argv
+
+
+def spawn(argv: List[str], **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(**env), start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240.0) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        reap(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"child did not finish in {timeout} s\n{out[-3000:]}\n{err[-3000:]}") from None
+    return proc.returncode, out, err
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill the child's whole process group (it was started in a session of its own)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = START_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"child exited with {proc.returncode} before {path} appeared\n"
+                                 f"{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def events(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def session_clock(evs: List[Dict[str, Any]], event: Dict[str, Any]) -> float:
+    """Session-clock seconds of an event: elapsed_s of the nearest sample before it."""
+    before = [e for e in evs[:evs.index(event)] if e["event"] == "sample"]
+    return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def requests_and_acks(evs: List[Dict[str, Any]]) -> tuple[list, list]:
+    requests = [e for e in evs if e["event"] == "decision" and e.get("kind") == "request"]
+    acks = [e for e in evs if e["event"] == "decision" and e.get("kind") == "ack"]
+    return requests, acks
+
+
+def end_steps(evs: List[Dict[str, Any]]) -> List[Optional[str]]:
+    return [e.get("step") for e in evs if e["event"] == "action"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,162 @@
+"""Exact DataLoader resume: ``session.track(loader)`` continues a shuffled epoch bit for bit."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch_helpers import assert_same
+
+from session_watchdog.trainer import Session
+from session_watchdog.trainer.data import DataTrackError, TrackedLoader
+
+EPOCHS = 3
+SAMPLES = 96
+BATCH = 8  # 12 batches per epoch, 36 steps in all
+
+
+class Indexed(Dataset[Tuple[torch.Tensor, torch.Tensor, int]]):
+    """Fixed features and targets; each sample also returns its index (to check the order)."""
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(SAMPLES, 6, generator=gen)
+        self.y = torch.randn(SAMPLES, 1, generator=gen)
+        self.loaded: List[int] = []  # indices loaded in this process (num_workers=0 only)
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        self.loaded.append(index)
+        return self.x[index], self.y[index], index
+
+
+def build(seed: int) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(16, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+LoaderFactory = Callable[[Indexed], Any]
+
+
+def plain_loader(data: Indexed, workers: int = 2) -> DataLoader[Any]:
+    return DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=workers,
+                      generator=torch.Generator().manual_seed(7))
+
+
+def train(tmp: Path, make_loader: LoaderFactory, stop_at: Optional[int]) -> Tuple[
+        torch.nn.Module, List[int], bool]:
+    """Run (or resume) training; leave after step ``stop_at`` with a checkpoint (a kill after it)."""
+    model, opt = build(seed=0)
+    session = Session(tmp / "ckpt", model=model, optimizer=opt, run_dir=tmp / "run",
+                      checkpoint_every=None, handle_signals=False, keep=1)
+    seen: List[int] = []
+    try:
+        loader = session.track(make_loader(Indexed()))
+        session.resume()
+        for _epoch in session.epochs(EPOCHS):
+            for x, y, index in loader:
+                seen.extend(int(i) for i in index)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                session.step()
+                if stop_at is not None and session.global_step == stop_at:
+                    session.checkpoint("test")
+                    return model, seen, False
+        return model, seen, True
+    finally:
+        session.close()
+
+
+def interrupted_run(tmp: Path, make_loader: LoaderFactory, stops: List[int]) -> Tuple[
+        torch.nn.Module, List[int]]:
+    seen: List[int] = []
+    for stop_at in [*stops, None]:
+        model, part, done = train(tmp, make_loader, stop_at)
+        seen.extend(part)
+    assert done
+    return model, seen
+
+
+class TestExactResume:
+    @pytest.mark.parametrize("kind", ["plain", "stateful"])
+    def test_ten_random_interruptions_resume_bit_identically(self, tmp_path: Path,
+                                                             kind: str) -> None:
+        """A shuffled 2-worker loader interrupted at 10 random steps sees the same batches in the
+        same order and ends with the same weights as an uninterrupted run."""
+        if kind == "stateful":
+            stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+            def make_loader(data: Indexed) -> Any:
+                return stateful.StatefulDataLoader(data, batch_size=BATCH, shuffle=True,
+                                                   num_workers=2,
+                                                   generator=torch.Generator().manual_seed(7))
+        else:
+            make_loader = plain_loader
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        total = EPOCHS * SAMPLES // BATCH
+        stops = sorted(random.Random(kind).sample(range(1, total), 10))
+        model, seen = interrupted_run(tmp_path / "b", make_loader, stops)
+        assert seen == expected
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+
+    def test_skipped_batches_are_never_loaded(self, tmp_path: Path) -> None:
+        """Resuming at batch 7 of an epoch loads only the samples of batches 7 onwards."""
+        train(tmp_path, lambda d: plain_loader(d, workers=0), 12 + 7)
+        model, opt = build(seed=0)
+        session = Session(tmp_path / "ckpt", model=model, optimizer=opt,
+                          run_dir=tmp_path / "run", checkpoint_every=None, handle_signals=False)
+        try:
+            data = Indexed()
+            loader = session.track(plain_loader(data, workers=0))
+            start = session.resume()
+            assert (start.epoch, start.step) == (1, 19)
+            first = next(iter(loader))
+            assert len(data.loaded) == BATCH and data.loaded == [int(i) for i in first[2]]
+        finally:
+            session.close()
+
+    def test_a_loader_over_an_iterable_dataset_is_refused(self, tmp_path: Path) -> None:
+        """A plain DataLoader over an IterableDataset cannot be replayed: a clear error names the fix."""
+
+        class Stream(torch.utils.data.IterableDataset[int]):
+            def __iter__(self) -> Any:
+                return iter(range(4))
+
+        session = Session(tmp_path / "ckpt", run_dir=tmp_path / "run", checkpoint_every=None,
+                          handle_signals=False)
+        try:
+            with pytest.raises(DataTrackError, match="StatefulDataLoader"):
+                session.track(DataLoader(Stream(), batch_size=2))
+        finally:
+            session.close()
+
+    def test_resume_without_the_tracked_loader_is_refused(self, tmp_path: Path) -> None:
+        """A checkpoint that carries one loader's position cannot resume a session tracking none...
+        or two: resume() says to track the same loaders."""
+        train(tmp_path, plain_loader, 5)
+        model, opt = build(seed=0)
+        session = Session(tmp_path / "ckpt", model=model, optimizer=opt,
+                          run_dir=tmp_path / "run", checkpoint_every=None, handle_signals=False)
+        try:
+            session.track(plain_loader(Indexed()))
+            session.track(plain_loader(Indexed()))
+            with pytest.raises(DataTrackError, match="1 data loader"):
+                session.resume()
+        finally:
+            session.close()
+
+    def test_tracked_loader_reads_like_the_loader(self) -> None:
+        """The wrapper has the loader's length and attributes."""
+        loader = plain_loader(Indexed(), workers=0)
+        tracked = TrackedLoader(loader)
+        assert (len(tracked), tracked.batch_size, tracked.dataset) == (12, BATCH, loader.dataset)

@@ -1,0 +1,215 @@
+"""Hugging Face Trainer + WatchdogCallback in real child processes, driven by a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+import torch  # noqa: E402
+from integration_helpers import (  # noqa: E402
+    SCRIPTS,
+    end_steps,
+    events,
+    finish,
+    free_port,
+    reap,
+    requests_and_acks,
+    session_clock,
+    spawn,
+    wait_for_file,
+    watchdog_argv,
+)
+from torch_helpers import assert_same  # noqa: E402
+
+from session_watchdog.actions import verify_checkpoint  # noqa: E402
+from session_watchdog.channel import Request, RunDir  # noqa: E402
+from session_watchdog.integrations._core import COMMIT_MARKER, verify_dir  # noqa: E402
+from session_watchdog.integrations.hf import watchdog_resume  # noqa: E402
+
+SCRIPT = [sys.executable, str(SCRIPTS / "hf_train.py")]
+SESSION_S = 40.0
+STEPS = 240  # 0.25 s per step in the first runtime: 60 s of steps, longer than its session
+
+
+class TestHuggingFaceUnderTheDaemon:
+    def test_stop_before_the_deadline_then_resume_completes_with_identical_weights(
+            self, tmp_path: Path) -> None:
+        """A 40 s session: checkpoint and stop requested and acked before the limit, the script
+        exits 75 with a committed checkpoint-N; the next runtime resumes from it, completes, the
+        end transaction verifies the final committed checkpoint, and the weights equal an
+        uninterrupted run's bit for bit."""
+        out, ref = tmp_path / "out", tmp_path / "ref"
+        reference = spawn([*SCRIPT, "--out", str(ref), "--steps", str(STEPS), "--no-watchdog"],
+                          SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "ref-run"))
+        first = spawn([*watchdog_argv(tmp_path, "run-1", SESSION_S), "--", *SCRIPT, "--out",
+                       str(out), "--steps", str(STEPS), "--step-sleep", "0.25"])
+        try:
+            code, stdout, stderr = finish(first)
+            assert code == 75, stdout[-3000:] + stderr[-3000:]
+            evs = events(tmp_path / "run-1.jsonl")
+            requests, acks = requests_and_acks(evs)
+            assert [r["action"] for r in requests] == ["checkpoint", "stop"]
+            assert sorted(a["seq"] for a in acks) == [r["seq"] for r in requests]
+            assert max(session_clock(evs, e) for e in requests + acks) < SESSION_S
+            status = RunDir(tmp_path / "run-1").read_status()
+            assert status is not None and (status.state, status.acked_seq) == (
+                "stopped", requests[-1]["seq"])
+            ckpt = status.last_checkpoint
+            assert ckpt is not None and ckpt.seq == requests[-1]["seq"]
+            assert ckpt.path == str(out / f"checkpoint-{ckpt.step}" / COMMIT_MARKER)
+            assert verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes) is None
+            assert 0 < ckpt.step < STEPS and f"stopped at step {ckpt.step}" in stdout
+            assert status.step_time_s is not None and status.step_time_s > 0.2  # 0.25 s sleeps
+            assert watchdog_resume(out) == str(out / f"checkpoint-{ckpt.step}")
+
+            second = spawn([*watchdog_argv(tmp_path, "run-2", 3 * SESSION_S, end=True), "--",
+                            *SCRIPT, "--out", str(out), "--steps", str(STEPS)])
+            code, stdout, stderr = finish(second)
+            assert code == 0, stdout[-3000:] + stderr[-3000:]
+            assert f"resume_from_checkpoint={out / f'checkpoint-{ckpt.step}'}" in stdout
+            final = RunDir(tmp_path / "run-2").read_status()
+            assert final is not None and final.state == "completed" and final.step == STEPS
+            assert final.last_checkpoint is not None
+            assert final.last_checkpoint.path == str(out / f"checkpoint-{STEPS}" / COMMIT_MARKER)
+            evs2 = events(tmp_path / "run-2.jsonl")
+            verified = [e for e in evs2 if e.get("step") == "end_verify"]
+            assert verified and verified[0]["ok"] is True
+            assert verified[0]["path"] == final.last_checkpoint.path
+            assert end_steps(evs2).index("end_verify") < end_steps(evs2).index("end_dry_run")
+
+            code, stdout, stderr = finish(reference)
+            assert code == 0, stderr[-3000:]
+            assert_same(torch.load(out / "final.pt"), torch.load(ref / "final.pt"), "weights")
+        finally:
+            for proc in (reference, first):
+                reap(proc)
+
+    def test_a_run_that_raised_is_failed_and_the_runtime_is_not_ended(self, tmp_path: Path) -> None:
+        """An exception inside trainer.train() reports state=failed in trainer.json (the script's
+        excepthook), and the end transaction never runs."""
+        proc = spawn([*watchdog_argv(tmp_path, "run", 60.0, end=True), "--", *SCRIPT, "--out",
+                      str(tmp_path / "out"), "--steps", "50", "--raise-at", "7"])
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 1, stdout[-3000:] + stderr[-3000:]
+        assert "RuntimeError: boom at step 7" in stderr
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and status.state == "failed"
+        assert "boom at step 7" in status.extra["error"]
+        steps = end_steps(events(tmp_path / "run.jsonl"))
+        assert not [s for s in steps if s and s.startswith("end_")], steps
+
+
+class TestKilledDuringTheTrainersOwnSave:
+    def test_resume_never_picks_the_torn_checkpoint(self, tmp_path: Path) -> None:
+        """kill -9 while the Trainer writes checkpoint-20: that directory has no marker, HF's own
+        get_last_checkpoint would pick it, watchdog_resume picks the committed checkpoint-10 and
+        the next run resumes from there and completes."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out, flag = tmp_path / "out", tmp_path / "hanging"
+        run_env = {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
+        proc = spawn([*SCRIPT, "--out", str(out), "--steps", "40", "--save-steps", "10",
+                      "--hang-save-at", "20", "--hang-flag", str(flag)], **run_env)
+        try:
+            wait_for_file(flag, proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            reap(proc)
+        torn = out / "checkpoint-20"
+        assert (torn / "optimizer.pt").exists() and not (torn / COMMIT_MARKER).exists()
+        assert verify_dir(torn) is None
+        assert get_last_checkpoint(str(out)) == str(torn)
+        assert watchdog_resume(out) == str(out / "checkpoint-10")
+        marker = json.loads((out / "checkpoint-10" / COMMIT_MARKER).read_text())
+        assert marker["step"] == 10 and "model.safetensors" in marker["files"]
+
+        resumed = spawn([*SCRIPT, "--out", str(out), "--steps", "40", "--save-steps", "10"],
+                        **run_env)
+        try:
+            code, stdout, stderr = finish(resumed)
+        finally:
+            reap(resumed)
+        assert code == 0, stderr[-3000:]
+        assert f"resume_from_checkpoint={out / 'checkpoint-10'}" in stdout
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.step) == ("completed", 40)
+
+    def test_periodic_checkpoints_are_committed_without_a_daemon(self, tmp_path: Path) -> None:
+        """checkpoint_every makes the Trainer save and the callback commit every interval, with no
+        daemon and no request; the run then completes with its final committed checkpoint."""
+        out = tmp_path / "out"
+        proc = spawn([*SCRIPT, "--out", str(out), "--steps", "80", "--step-sleep", "0.05",
+                      "--checkpoint-every", "0.5"], SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 0, stderr[-3000:]
+        committed = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                           if verify_dir(p) is not None)
+        assert len(committed) >= 3 and committed[-1] == 80, committed
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.acked_seq) == ("completed", 0)
+
+    def test_a_changed_file_uncommits_a_checkpoint(self, tmp_path: Path) -> None:
+        """A committed directory whose file was changed afterwards no longer verifies."""
+        from session_watchdog.integrations._core import commit_dir
+
+        directory = tmp_path / "checkpoint-3"
+        (directory / "sub").mkdir(parents=True)
+        (directory / "a.bin").write_bytes(b"abc")
+        (directory / "sub" / "b.json").write_text("{}")
+        saved = commit_dir(directory, step=3)
+        assert saved.total_bytes == 5 and verify_dir(directory) == saved
+        assert watchdog_resume(tmp_path) == str(directory)
+        (directory / "a.bin").write_bytes(b"abd")
+        assert verify_dir(directory) is None and watchdog_resume(tmp_path) is None
+
+
+class TestHuggingFaceUnderTorchrun:
+    def test_both_ranks_stop_at_the_same_step_with_one_committed_checkpoint(
+            self, tmp_path: Path) -> None:
+        """DDP (torchrun, 2 ranks, gloo): a stop request reaches both ranks through the ranks'
+        agreement, both save and stop at the same step and exit 75, and the committed
+        checkpoint holds both ranks' RNG files."""
+        out, run_dir = tmp_path / "out", tmp_path / "run"
+        proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                      "--max-restarts=0", str(SCRIPTS / "hf_train.py"), "--out", str(out),
+                      "--steps", "2000", "--step-sleep", "0.02"],
+                     SESSION_WATCHDOG_RUN_DIR=str(run_dir))
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = RunDir(run_dir).read_status() if (run_dir / "trainer.json").exists() else None
+                if status is not None and status.step >= 10:
+                    break
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+            RunDir(run_dir).write_request(Request(seq=1, action="stop", reason="test",
+                                                  deadline=None, issued=time.time()))
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code != 0 and "exitcode  : 75" in stderr  # torchrun reports a worker's 75 as failed
+        steps = re.findall(r"stopped at step (\d+)", stdout)
+        assert len(steps) == 2 and steps[0] == steps[1], stdout
+        status = RunDir(run_dir).read_status()
+        assert status is not None and (status.state, status.acked_seq) == ("stopped", 1)
+        assert status.last_checkpoint is not None and status.last_checkpoint.step == int(steps[0])
+        committed = verify_dir(out / f"checkpoint-{steps[0]}")
+        assert committed is not None
+        marker = json.loads(committed.path.read_text())
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])
