@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import psutil
 import pytest
 import torch
 
@@ -94,7 +95,10 @@ class TestTrainerEchoesTheRequestId:
         """A request issued before the trainer started was meant for a previous one; when the
         daemon sends it again (same rid, issued later) it is this trainer's to answer."""
         rd = RunDir(tmp_path / "run")
-        rd.write_request(Request(1, "checkpoint", "x", None, time.time() - 60, rid="feed.1"))
+        # Before this process started (the trainer here is the test process itself, which may
+        # have started minutes ago in a long suite).
+        born = psutil.Process().create_time()
+        rd.write_request(Request(1, "checkpoint", "x", None, born - 60, rid="feed.1"))
         session = make_session(sessions, tmp_path, rd.path)
         until = time.monotonic() + 0.5
         while time.monotonic() < until:
