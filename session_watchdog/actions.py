@@ -23,13 +23,15 @@ from session_watchdog.probes import Sample
 log = get_logger()
 
 
-def signal_trainer(status: channel.TrainerStatus, sig: int = signal.SIGUSR1) -> str:
+def signal_trainer(status: channel.TrainerStatus, sig: int = signal.SIGUSR1,
+                   handler: str = "sigusr1") -> str:
     """Send ``sig`` to the trainer only if it is the same process that wrote its status.
 
     Identity = pid + create time (psutil's rule: a reused pid is a different process), and the
-    same user. Returns what happened: sent | gone | reused | foreign | no-handler.
+    same user; ``status.extra[handler]`` must say that the trainer handles ``sig``. Returns what
+    happened: sent | gone | reused | foreign | no-handler.
     """
-    if not status.extra.get("sigusr1"):
+    if not status.extra.get(handler):
         # SIGUSR1's default action kills the process: only signal a trainer that said it
         # installed a handler (notebook threads cannot; they rely on the poller).
         return "no-handler"
@@ -59,6 +61,10 @@ class Actions:
             self._log_decision(decision)
             if decision.kind in ("request", "resend"):
                 self.send_request(decision, sample)
+            elif decision.kind == "hang" and sample.trainer.status is not None:
+                from session_watchdog.supervise.hang import log_stacks
+
+                log_stacks(sample.trainer.status)
 
     @staticmethod
     def _log_decision(d: Decision) -> None:
