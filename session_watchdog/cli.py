@@ -278,6 +278,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
             child.wait_group()  # never leave part of a stopped command behind
+            if not config.restarts and code not in (0, 75):
+                # died without saving: its newest snapshot becomes a checkpoint (issue 13)
+                from session_watchdog.supervise.snapshots import persist_after_death
+
+                persist_after_death(watchdog.run_dir)
             if getattr(child, "gave_up", None):
                 print(f"session-watchdog: gave up restarting (exit {code}): {child.gave_up}",
                       file=sys.stderr)

@@ -284,3 +284,47 @@ class TestSnapshotRestart:
             from session_watchdog import snapshot_slots
 
             shutil.rmtree(snapshot_slots.snapshot_dir(tmp_path / "run"), ignore_errors=True)
+
+
+class TestReport:
+    def test_restarts_are_listed_with_cause_and_resume_step(self, tmp_path):
+        """child_failed / child_restarted / restarts_given_up appear in the report's events with
+        their cause and the step resumed from, not as unknown events."""
+        from session_watchdog import report
+
+        start = 1_800_000_000.0
+        lines = [
+            {"event": "daemon_started", "ts": start + 1, "session_start": start, "platform": "generic",
+             "interval_s": 5.0},
+            {"event": "child_failed", "ts": start + 10, "cause": "crash", "exit_code": 1,
+             "message": "the command ended (crash, exit 1)"},
+            {"event": "child_restarted", "ts": start + 20, "cause": "crash", "restart": 1,
+             "resume_from_step": 20, "message": "restart 1/3 after a crash; resuming from step 20"},
+            {"event": "restarts_given_up", "ts": start + 30, "reason": "no newer checkpoint",
+             "cause": "crash", "message": "not restarting: no newer checkpoint"},
+        ]
+        path = tmp_path / "log.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        summary = report.load([path]).summary
+        got = [(e["event"], e["kind"], e["reason"], e["seq"]) for e in summary["events"]]
+        assert got == [("supervise", "child_failed", "crash", None),
+                       ("supervise", "child_restarted", "crash", 1),
+                       ("supervise", "restarts_given_up", "crash", None)]
+        assert summary["events"][1]["message"].endswith("[step 20]")
+        assert summary["input"]["unknown_events"] == 0
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("flag, value, expect", [
+        ("--restarts", "-1", "expected a whole number >= 0"),
+        ("--restart-no-progress", "0", "expected a whole number >= 1"),
+        ("--hang-floor", "5", "has no unit"),
+        ("--restart-storm-window", "soon", "expected a duration"),
+    ])
+    def test_bad_values_are_one_line_and_exit_2(self, tmp_path, flag, value, expect):
+        """A bad restart or hang key: one line on stderr naming it, exit code 2, no traceback."""
+        proc = subprocess.run([*CLI, "run", "--run-dir", str(tmp_path / "run"), flag, value, "--",
+                               "true"], capture_output=True, text=True, timeout=120, env=env())
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0] and expect in lines[0], proc.stderr
