@@ -17,7 +17,7 @@ import psutil
 
 from session_watchdog import channel
 from session_watchdog.log import get_logger
-from session_watchdog.policy import Decision
+from session_watchdog.policy import TRAINER_HUNG, Decision
 from session_watchdog.probes import Sample
 
 log = get_logger()
@@ -61,7 +61,7 @@ class Actions:
             self._log_decision(decision)
             if decision.kind in ("request", "resend"):
                 self.send_request(decision, sample)
-            elif decision.kind == "hang" and sample.trainer.status is not None:
+            elif decision.reason == TRAINER_HUNG and sample.trainer.status is not None:
                 from session_watchdog.supervise.hang import log_stacks
 
                 log_stacks(sample.trainer.status)

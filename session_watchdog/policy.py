@@ -471,8 +471,8 @@ def _hang_rule(config: Config, t: _Tick, sample: Sample, active: bool) -> bool:
         return False
     t.episodes.add(TRAINER_HUNG)
     if TRAINER_HUNG not in t.state.episodes:
-        t.decisions.append(Decision(
-            "hang", TRAINER_HUNG,
+        t.decisions.append(Decision(  # a warning everywhere (notebook, log); actions add stacks
+            "warn", TRAINER_HUNG,
             f"trainer's step has stayed at {status.step} for {format_duration(stuck)} (learned "
             f"timeout {format_duration(timeout)}); it looks hung",
             data={"step": status.step, "stuck_s": round(stuck, 1), "timeout_s": round(timeout, 1),

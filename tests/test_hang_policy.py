@@ -37,7 +37,7 @@ def drive(config: Config, samples, state: Optional[PolicyState] = None):
 
 
 def hangs(per_tick: List[List[Decision]]) -> List[int]:
-    return [i for i, ds in enumerate(per_tick) if any(d.kind == "hang" for d in ds)]
+    return [i for i, ds in enumerate(per_tick) if any(d.reason == TRAINER_HUNG for d in ds)]
 
 
 class TestHangTimeout:

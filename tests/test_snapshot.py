@@ -184,3 +184,14 @@ class TestDaemonSideIsTorchFree:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True, env=dict(os.environ, PYTHONPATH=REPO))
         assert out.stdout.strip() == "False"
+
+
+class TestDoctor:
+    def test_doctor_shows_the_size_of_dev_shm(self):
+        """doctor has a "shared memory" line with /dev/shm's free and total size."""
+        from session_watchdog.cli import doctor_checks
+        from session_watchdog.config import Config
+
+        rows = [c for c in doctor_checks(Config(platform="generic")) if c["name"] == "shared memory"]
+        assert len(rows) == 1 and rows[0]["detail"].startswith("/dev/shm: ")
+        assert "GiB free of" in rows[0]["detail"]

@@ -208,9 +208,9 @@ class Supervisor:
     # ---- hangs -------------------------------------------------------------------------------
 
     def on_decisions(self, decisions: Sequence[Any], sample: Any) -> None:
-        """The daemon's decisions: a ``hang`` under restarts ends the child (then restarted)."""
+        """The daemon's decisions: ``trainer_hung`` ends the child (then restarted)."""
         for decision in decisions:
-            if decision.kind == "hang":
+            if decision.reason == "trainer_hung":
                 self.end_hung(decision.message)
 
     def end_hung(self, why: str) -> None:
@@ -327,7 +327,12 @@ class Supervisor:
         self.restart_times.append(now)
         self._pending = None
         old = self.child
-        self.child = self._launch()
+        try:
+            self.child = self._launch()
+        except wrap.WrapError as err:  # the command vanished since (a deleted venv, say)
+            log.error("restart_failed", error=str(err), message=f"cannot restart: {err}")
+            self._finish(pending.failure.exit_code)
+            return
         log.warning("child_restarted", restart=self.restarts, of=self.config.restarts,
                     cause=pending.failure.cause, exit_code=pending.failure.exit_code,
                     previous_pid=old.pid, pid=self.child.pid,
