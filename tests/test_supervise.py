@@ -82,6 +82,23 @@ def run_out(sup: Supervisor, clock: Clock, limit: int = 200) -> Optional[int]:
 
 
 class TestRestartRules:
+    def test_the_snapshot_waits_for_run_lock_to_be_free(self):
+        """A crashed command whose workers still hold run.lock: the snapshot is persisted and
+        the failure judged only once the lock is free (here 3 s later)."""
+        held = [True]
+        persisted = []
+        sup, clock, children = supervisor([1, 0], [10, 20])
+        sup._trainer_alive = lambda: held[0]
+        sup._persist_snapshot = lambda: persisted.append(clock.t) or 15
+        for _ in range(3):
+            assert sup.exit_status() is None
+            clock.t += 1.0
+        assert persisted == [] and sup.failures == []
+        held[0] = False
+        assert sup.exit_status() is None
+        assert persisted == [1003.0] and sup.failures[0].newest_step == 15
+
+
     @pytest.mark.parametrize("code, hung, oom, cause", [
         (0, False, False, None), (75, False, False, None), (1, False, False, "crash"),
         (137, False, False, "killed"), (137, False, True, "oom"), (143, True, False, "hang"),

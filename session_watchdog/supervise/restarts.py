@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import psutil
 
-from session_watchdog import wrap
+from session_watchdog import channel, wrap
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger
 
@@ -43,6 +43,7 @@ restarts, or a restart storm). Distinct from the command's own codes and from 75
 
 EXIT_STOPPED = 75  # the trainer stopped on request after a durable checkpoint: never restarted
 SIGKILL_EXIT = 128 + signal.SIGKILL
+LOCK_LINGER_S = 30.0  # after the command's exit, wait at most this long for run.lock to be free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Supervisor:
                  newest_step: Callable[[], Optional[int]] = lambda: None,
                  oom_kills: Callable[[], Optional[int]] = lambda: None,
                  persist_snapshot: Callable[[], Optional[int]] = lambda: None,
+                 trainer_alive: Callable[[], bool] = lambda: False,
                  read_gpu_pids: Optional[Callable[[], Optional[Set[int]]]] = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  start: Callable[..., wrap.Child] = wrap.Child) -> None:
@@ -125,6 +127,8 @@ class Supervisor:
         self._newest_step = newest_step
         self._oom_kills = oom_kills
         self._persist_snapshot = persist_snapshot
+        self._trainer_alive = trainer_alive
+        self._exit_seen: Optional[float] = None  # monotonic: the command's exit was first seen
         self._read_gpu_pids = read_gpu_pids
         self._monotonic = monotonic
         self._start = start
@@ -231,6 +235,7 @@ class Supervisor:
         child = self._start(self.argv, self.run_dir, kill_after_s=self.config.kill_after)
         self._oom_at_start = self._oom_kills()
         self._hung = False
+        self._exit_seen = None
         self._pids = {child.pid}
         return child
 
@@ -255,6 +260,13 @@ class Supervisor:
             if self._oom_at_start is None:  # launched before the first sample
                 self._oom_at_start = self._oom_kills()
             self._remember_pids()
+            return
+        # Forked DataLoader workers share the trainer's run.lock for a moment after it died: the
+        # snapshot is persisted only once no trainer holds it (bounded wait).
+        now = self._monotonic()
+        if self._exit_seen is None:
+            self._exit_seen = now
+        if self._trainer_alive() and now - self._exit_seen < LOCK_LINGER_S:
             return
         oom_now = self._oom_kills()
         rose = oom_now is not None and self._oom_at_start is not None and oom_now > self._oom_at_start
@@ -347,10 +359,18 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
     """A supervisor wired to a running :class:`daemon.Watchdog` (its samples, its run dir)."""
     from session_watchdog.supervise import snapshots
 
+    started = time.time()
+
     def newest_step() -> Optional[int]:
-        sample = watchdog.last_sample
-        status = sample.trainer.status if sample is not None else None
-        ckpt = status.last_checkpoint if status is not None else None
+        # trainer.json itself, not the last tick's sample: a checkpoint written moments before
+        # a crash may not have been sampled yet, and the guard must count it.
+        try:
+            status = watchdog.run_dir.read_status()
+        except (channel.ChannelError, OSError):
+            return None
+        if status is None or status.heartbeat < started - 1.0:
+            return None  # an earlier run's trainer.json (the default run dir is shared)
+        ckpt = status.last_checkpoint
         return None if ckpt is None else ckpt.step
 
     def oom_kills() -> Optional[int]:
@@ -360,5 +380,12 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
     def persist() -> Optional[int]:
         return snapshots.persist_after_death(watchdog.run_dir)
 
+    def trainer_alive() -> bool:
+        try:
+            return bool(watchdog.run_dir.trainer_alive())
+        except (channel.ChannelError, OSError):
+            return False
+
     return Supervisor(argv, watchdog.run_dir.path, watchdog.config, newest_step=newest_step,
-                      oom_kills=oom_kills, persist_snapshot=persist, read_gpu_pids=nvml_gpu_pids())
+                      oom_kills=oom_kills, persist_snapshot=persist, read_gpu_pids=nvml_gpu_pids(),
+                      trainer_alive=trainer_alive)

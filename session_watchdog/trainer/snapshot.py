@@ -115,7 +115,7 @@ class Snapshotter:
         self._thread: Optional[threading.Thread] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._disabled: Optional[str] = None
-        self._skipped_busy = 0
+        self._waited = 0  # snapshots that waited for the previous write
         self.last_stall_s: Optional[float] = None
         self.last_error: Optional[str] = None
 
@@ -130,16 +130,24 @@ class Snapshotter:
         """Copy ``state`` now and write it in the background; the stall in seconds, or None."""
         self._last_mono = time.monotonic()
         self._last_step = step
+        started = time.perf_counter()
         if self._thread is not None and self._thread.is_alive():
-            self._skipped_busy += 1  # the previous one is still being written: skip this one
-            return None
+            # The previous one is still being written. Skipping would let the newest complete
+            # snapshot fall behind by more than the interval (what a crash may cost); waiting
+            # keeps that bound and says once that the interval is shorter than a write.
+            self._thread.join()
+            self._waited += 1
+            if self._waited == 1:
+                _event(logging.WARNING, "snapshot_slow", step=step,
+                       waited_s=round(time.perf_counter() - started, 6),
+                       reason="writing a snapshot takes longer than snapshot_every; the loop "
+                              "waits for it (choose a longer snapshot_every)")
         problem = self._room_for(state)
         if problem is not None:
             self._disabled = problem
             _event(logging.WARNING, "snapshot_skipped", reason=problem, directory=str(self.directory))
             self._report(step)
             return None
-        started = time.perf_counter()
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         copied = _copy_state(state, self._spare, used)
         for device in {t.device for t in used.values() if t.is_cuda}:
@@ -206,7 +214,7 @@ class Snapshotter:
         if gen is not None:
             report.update(gen=gen, step=step, bytes=size,
                           stall_s=None if self.last_stall_s is None else round(self.last_stall_s, 6),
-                          skipped_busy=self._skipped_busy)
+                          waited_for_previous=self._waited)
         self._on_report(report)
 
     def wait(self, timeout: float = 60.0) -> None:
