@@ -195,3 +195,40 @@ class TestDoctor:
         rows = [c for c in doctor_checks(Config(platform="generic")) if c["name"] == "shared memory"]
         assert len(rows) == 1 and rows[0]["detail"].startswith("/dev/shm: ")
         assert "GiB free of" in rows[0]["detail"]
+
+
+class TestSharedMemorySafety:
+    def test_a_planted_directory_turns_snapshots_off(self, tmp_path):
+        """A snapshot directory that is a symlink to someone else's place: no snapshot is
+        written, the reason is reported, training goes on."""
+        import torch
+
+        from session_watchdog.trainer.snapshot import Snapshotter
+
+        reports = []
+        shm = tmp_path / "shm"
+        shm.mkdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        snap = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", 1, None, reports.append,
+                           shm_root=shm)
+        snap.directory.parent.mkdir(mode=0o700)
+        os.symlink(elsewhere, snap.directory)
+        assert snap.take({"w": torch.ones(4)}, step=1, epoch=0) is None
+        assert "not a private directory" in reports[-1]["disabled"]
+        assert list(elsewhere.iterdir()) == []
+
+    def test_a_private_directory_gets_the_snapshot(self, tmp_path):
+        """In a fresh shm root the directories are created 0700 and the snapshot lands there."""
+        import torch
+
+        from session_watchdog.trainer.snapshot import Snapshotter
+
+        shm = tmp_path / "shm"
+        shm.mkdir()
+        snap = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", 1, None, lambda r: None,
+                           shm_root=shm)
+        assert snap.take({"w": torch.ones(4)}, step=1, epoch=0) is not None
+        snap.wait()
+        assert snapshot_slots.newest(snap.directory).step == 1
+        assert oct(os.stat(snap.directory).st_mode & 0o777) == "0o700"

@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -164,8 +165,15 @@ class Snapshotter:
         """Why a snapshot must not be taken (no /dev/shm, too small, RAM too tight), or None."""
         need = _tensor_bytes(state) + fmt.HEADER_BYTES
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.directory.parent, 0o700)
+            self.directory.parent.mkdir(exist_ok=True, mode=0o700)
+            self.directory.mkdir(exist_ok=True, mode=0o700)
+            for path in (self.directory.parent, self.directory):
+                # /dev/shm is world-writable: a directory planted there by someone else (or a
+                # symlink) must not receive our training state.
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+                        or stat.S_IMODE(st.st_mode) & 0o077:
+                    return f"{path} is not a private directory of ours; snapshots are off"
             free = shutil.disk_usage(self.directory).free
         except OSError as err:
             return f"{self.shm_root} is not usable ({err.strerror or err})"
