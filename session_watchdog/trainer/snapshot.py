@@ -211,7 +211,9 @@ class Snapshotter:
             return
         finally:
             self._spare = used
-        _event(logging.DEBUG, "snapshot_written", step=step, gen=gen, bytes=len(payload),
+        # the first one at INFO: the user sees once what a snapshot costs the loop
+        _event(logging.INFO if gen == 1 else logging.DEBUG, "snapshot_written", step=step, gen=gen,
+               bytes=len(payload),
                write_s=round(time.perf_counter() - started, 6),
                stall_s=None if self.last_stall_s is None else round(self.last_stall_s, 6))
         self._report(step, gen=gen, size=len(payload))
