@@ -5,13 +5,15 @@
 
 Runs are counted in CKPT_DIR/attempts; ``--crash-at`` lists, per attempt, the global step at which
 that attempt raises (``-1``: no crash in that attempt; attempts past the list never crash);
-``--always-crash-at S`` crashes every attempt at step S. ``--hang-at S``: the first attempt's main
+``--always-crash-at S`` crashes every attempt at step S. ``--kill-at S``: the first attempt SIGKILLs itself at step S (an OOM kill). ``--hang-at S``: the first attempt's main
 thread sleeps at step S, holding the step (a stuck collective). Batches are a pure function of the
 step, so a resumed run ends with the same weights as an uninterrupted one; OUT gets the final
 state dict.
 """
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ def main() -> int:
     parser.add_argument("--crash-at", default="")
     parser.add_argument("--always-crash-at", type=int, default=None)
     parser.add_argument("--hang-at", type=int, default=None)
+    parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--snapshot-every", default=None)
     parser.add_argument("--step-sleep", type=float, default=0.05)
     args = parser.parse_args()
@@ -64,6 +67,9 @@ def main() -> int:
             if step == crash:
                 print(f"attempt {attempt} crashes at step {step}", flush=True)
                 raise RuntimeError(f"injected crash at step {step}")
+            if args.kill_at == step and attempt == 0:
+                print(f"attempt {attempt} is SIGKILLed at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
             if args.hang_at == step and attempt == 0:
                 print(f"attempt {attempt} hangs at step {step}", flush=True)
                 time.sleep(3600)

@@ -303,6 +303,37 @@ class TestSnapshotRestart:
             shutil.rmtree(snapshot_slots.snapshot_dir(tmp_path / "run"), ignore_errors=True)
 
 
+class TestKilled:
+    def test_a_sigkilled_trainer_resumes_from_its_snapshot(self, tmp_path):
+        """SIGKILL at step 17 (no Python cleanup, like the OOM killer) with snapshots every 3
+        steps and no checkpoint: restarted (cause "killed"), resumed from the newest complete
+        snapshot (15, or 12 when 15 was still being written), same final weights."""
+        import torch
+
+        code, out, err = run_watched(
+            tmp_path, ["--steps", "25", "--save-every", "100", "--kill-at", "17",
+                       "--snapshot-every", "3", "--step-sleep", "0.02"],
+            "--restarts", "1", "--restart-backoff", "0.1s")
+        try:
+            assert code == 0, err[-3000:]
+            log = events(tmp_path / "log.jsonl")
+            persisted = [e["step"] for e in log if e["event"] == "snapshot_persisted"]
+            assert len(persisted) == 1 and persisted[0] in (12, 15)
+            restarted = [e for e in log if e["event"] == "child_restarted"]
+            assert [(e["cause"], e["exit_code"], e["resume_from_step"]) for e in restarted] == \
+                [("killed", 137, persisted[0])]
+            assert f"attempt 1 starts at step {persisted[0]}" in out
+            got = torch.load(tmp_path / "out.pt", weights_only=True)
+            want = uninterrupted(tmp_path, 25)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        finally:
+            import shutil
+
+            from session_watchdog import snapshot_slots
+
+            shutil.rmtree(snapshot_slots.snapshot_dir(tmp_path / "run"), ignore_errors=True)
+
+
 class TestReport:
     def test_restarts_are_listed_with_cause_and_resume_step(self, tmp_path):
         """child_failed / child_restarted / restarts_given_up appear in the report's events with
