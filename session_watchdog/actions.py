@@ -17,23 +17,25 @@ import psutil
 
 from session_watchdog import channel, identity
 from session_watchdog.log import get_logger
-from session_watchdog.policy import Decision
+from session_watchdog.policy import TRAINER_HUNG, Decision
 from session_watchdog.probes import Sample
 
 log = get_logger()
 
 
 def signal_trainer(status: channel.TrainerStatus, run_dir: channel.RunDir,
-                   sig: int = signal.SIGUSR1, child_pgid: Optional[int] = None) -> str:
+                   sig: int = signal.SIGUSR1, child_pgid: Optional[int] = None,
+                   handler: str = "sigusr1") -> str:
     """Send ``sig`` to the trainer only if the kernel proves ``status.pid`` is the trainer.
 
     ``trainer.json`` is a claim: the pid must hold ``run.lock`` (or be in ``child_pgid``, the
     group of the command we wrapped), be above 1, not ourselves, of our uid
     (:mod:`session_watchdog.identity`), and its create time must match the status (a reused
-    pid is another process). Returns what happened: sent | gone | reused | refused |
-    no-handler. A refusal is logged once per reason.
+    pid is another process); ``status.extra[handler]`` must say that the trainer handles ``sig``.
+    Returns what happened: sent | gone | reused | refused | no-handler. A refusal is logged once
+    per reason.
     """
-    if not status.extra.get("sigusr1"):
+    if not status.extra.get(handler):
         # SIGUSR1's default action kills the process: only signal a trainer that said it
         # installed a handler (notebook threads cannot; they rely on the poller).
         return "no-handler"
@@ -75,6 +77,10 @@ class Actions:
             self._log_decision(decision)
             if decision.kind in ("request", "resend"):
                 self.send_request(decision, sample)
+            elif decision.reason == TRAINER_HUNG and sample.trainer.status is not None:
+                from session_watchdog.supervise.hang import log_stacks
+
+                log_stacks(sample.trainer.status, self.run_dir)
 
     @staticmethod
     def _log_decision(d: Decision) -> None:

@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _detach(args, config)
     _configure_log(config)
     notice, restore = _signal_notice(config)
-    child: Optional[wrap.Child] = None
+    child: Any = None  # wrap.Child, or a supervise.restarts.Supervisor under --restarts
     early = wrap.EarlySignals() if command else None
     late_signals: List[str] = []  # stop signals that came after the command ended
     child_gone_at: Dict[str, float] = {}
@@ -239,12 +239,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
                                    child_exit=child_exit if command else None,
                                    child_running=child_running if command else None,
-                                   new_session=args.new_session)
+                                   new_session=args.new_session,
+                                   on_decisions=lambda d, s: getattr(child, "on_decisions",
+                                                                     lambda *a: None)(d, s))
         # Take the run dir before the command starts: a second `run` on a watched run dir must
         # fail without leaving a training process behind (issue 18).
         watchdog.acquire()
         if command:
-            child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after)
+            if config.restarts:
+                from session_watchdog.supervise import restarts
+
+                child = restarts.supervisor_for(command, watchdog)
+            else:
+                child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after)
 
             def on_late_signal(signum: int) -> None:
                 # The command has ended: Ctrl-C (or SIGTERM) is for us, and cancels a pending end.
@@ -282,6 +289,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
             child.wait_group()  # never leave part of a stopped command behind
+            if not config.restarts and code not in (0, 75):
+                # died without saving: its newest snapshot becomes a checkpoint (issue 13)
+                from session_watchdog.supervise.snapshots import persist_after_death
+
+                persist_after_death(watchdog.run_dir)
+            if getattr(child, "gave_up", None):
+                print(f"session-watchdog: gave up restarting (exit {code}): {child.gave_up}",
+                      file=sys.stderr)
             return 130 if child.interrupted else code
         return EXIT_OK
     except wrap.WrapError as err:
@@ -546,6 +561,10 @@ def doctor_checks(config: Config, nvml: Any = None) -> List[Dict[str, Any]]:
     host = probes.read_host()
     add("memory", None, f"{host.ram_available_bytes / 2**30:.1f} GiB available of "
         f"{host.ram_total_bytes / 2**30:.1f} GiB ({host.ram_source})")
+
+    from session_watchdog.snapshot_slots import shm_summary
+
+    add("shared memory", None, shm_summary())  # Session(snapshot_every=...) writes there
 
     run_dir = resolved.run_dir or channel.default_run_dir(resolved.run_name)
     if os.path.lexists(run_dir):

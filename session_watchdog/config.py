@@ -187,6 +187,18 @@ def parse_int_min1(raw: Any) -> int:
     return value
 
 
+def parse_int_min0(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected a whole number >= 0")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("expected a whole number >= 0") from None
+    if value < 0 or (isinstance(raw, float) and raw != value):
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
 PATH_MAX_BYTES = 4095  # Linux PATH_MAX (4096) less the terminating NUL
 NAME_MAX_BYTES = 255  # one path component
 
@@ -410,6 +422,29 @@ KEYS: Tuple[Key, ...] = (
     Key("slurm_signal_grace", parse_duration_or_off,
         "SIGUSR1 (sbatch --signal=B:USR1@N) means the job ends in this long (default 300s under "
         "SLURM, off elsewhere)", "DURATION"),
+    Key("hang_factor", parse_positive_float,
+        "a trainer is hung when its step stands still this many learned step intervals (default 3)",
+        "K"),
+    Key("hang_floor", parse_duration,
+        "never call a trainer hung sooner than this (default 10m; raise it for long evaluations)",
+        "DURATION"),
+    Key("hang_ceiling", parse_duration_or_off,
+        "call a trainer hung at the latest after this (default 2h; 'off')", "DURATION"),
+    Key("restarts", parse_int_min0,
+        "run: restart a crashed, hung or OOM-killed command up to N times (default 0)", "N"),
+    Key("restart_no_progress", parse_int_min1,
+        "run: give up after this many restarts without a newer checkpoint (default 3)", "K"),
+    Key("restart_storm", parse_int_min1,
+        "run: give up when this many restarts come within restart_storm_window (default 5)", "M"),
+    Key("restart_storm_window", parse_duration,
+        "run: the window of restart_storm (default 30m)", "DURATION"),
+    Key("restart_backoff", parse_duration,
+        "run: wait before the first restart; doubles each time (default 10s)", "DURATION"),
+    Key("restart_backoff_max", parse_duration,
+        "run: the longest wait between restarts (default 5m)", "DURATION"),
+    Key("restart_gpu_wait", parse_duration,
+        "run: wait at most this long for a dead command's GPU memory before a restart "
+        "(default 2m)", "DURATION"),
     Key("price_per_hour", parse_positive_float, "runtime price per hour, for costs", "PRICE"),
     Key("money_budget", parse_positive_float,
         "money budget; with price_per_hour it sets the session budget (AutoDL)", "AMOUNT"),
@@ -469,6 +504,16 @@ class Config:
     preemption: Tuple[str, ...] = ("auto",)
     preemption_poll_every: float = 10.0
     slurm_signal_grace: Optional[float] = None
+    hang_factor: float = 3.0
+    hang_floor: float = 600.0
+    hang_ceiling: float = 2 * 3600.0
+    restarts: int = 0
+    restart_no_progress: int = 3
+    restart_storm: int = 5
+    restart_storm_window: float = 30 * 60.0
+    restart_backoff: float = 10.0
+    restart_backoff_max: float = 300.0
+    restart_gpu_wait: float = 120.0
     price_per_hour: Optional[float] = None
     money_budget: Optional[float] = None
     notify: Tuple[str, ...] = dataclasses.field(default=(), repr=False)
@@ -570,6 +615,11 @@ def validate(config: Config) -> None:
     if config.remote and not config.remote_token:
         raise ConfigError("remote is set but remote_token is not: every remote command must carry "
                           "a shared token (set remote_token, 8+ characters)")
+    if config.hang_ceiling and config.hang_ceiling < config.hang_floor:
+        raise ConfigError(
+            f"hang_ceiling = {config.hang_ceiling:g}s is invalid: expected at least "
+            f"hang_floor = {config.hang_floor:g}s"
+        )
     if config.stop_margin >= config.margin:
         raise ConfigError(
             f"stop_margin = {config.stop_margin:g}s is invalid: expected less than "

@@ -29,6 +29,7 @@ DISK_LOW = "disk_low"
 PERIODIC = "periodic"
 GPU_IDLE = "gpu_idle"
 TRAINER_STALLED = "trainer_stalled"
+TRAINER_HUNG = "trainer_hung"
 REQUEST_ACKED = "request_acked"
 RESEND = "resend"
 TRAINER_FINISHED = "trainer_finished"
@@ -93,11 +94,19 @@ class PolicyState:
     # this session never matches an acknowledgement left by another one (#18). The daemon sets
     # it (the policy draws no random numbers); "" means acknowledgements go by seq.
     rid_prefix: str = ""
+    # Hang detection (issue 13): the trainer's step as last seen, since when (elapsed), whether
+    # the running interval must not be learned from (it spans a save or a start), and the
+    # learned intervals between observed step advances (newest last; kept across trainers).
+    progress_step: Optional[int] = None
+    progress_since: Optional[float] = None
+    progress_skip: bool = True
+    step_intervals: Tuple[float, ...] = ()
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
         obj["done"] = sorted(self.done)
         obj["episodes"] = sorted(self.episodes)
+        obj["step_intervals"] = list(self.step_intervals)
         return obj
 
     @classmethod
@@ -125,6 +134,10 @@ class PolicyState:
             failed=bool(obj.get("failed", False)),
             child_since=_opt_float(obj.get("child_since")),
             rid_prefix=_rid_prefix(obj.get("rid_prefix")),
+            progress_step=None if obj.get("progress_step") is None else int(obj["progress_step"]),
+            progress_since=_opt_float(obj.get("progress_since")),
+            progress_skip=bool(obj.get("progress_skip", True)),
+            step_intervals=tuple(float(x) for x in obj.get("step_intervals", ())),
         )
 
 
@@ -257,7 +270,8 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
             t.update(trainer_pid=status.pid)
         else:
             t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
-                     failed=False, done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED))
+                     failed=False, done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED),
+                     progress_step=None, progress_since=None, progress_skip=True)
 
     # Acknowledgements and the last checkpoint's place on the session clock.
     if status is not None:
@@ -375,12 +389,19 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
                         level=level, path=disk.path, free_bytes=disk.free_bytes,
                         checkpoint_bytes=ckpt_bytes)
 
+    hung = _hang_rule(config, t, sample, active)
+
     # GPU idle: every GPU known and below the threshold; an unknown reading resets the timer.
+    # A hung trainer is not "idle": while a live trainer's step stands still and a hang timeout
+    # is learned, the hang rule speaks for its idle GPUs (issue 13).
     all_idle = gpus_all_idle(sample.gpus, config.gpu_idle_pct)
     if all_idle:
         since = t.state.gpu_idle_since if t.state.gpu_idle_since is not None else elapsed
         t.update(gpu_idle_since=since)
-        if elapsed - since >= config.gpu_idle_after:
+        progress = t.state.progress_since
+        standing = (hung or (progress is not None and progress <= since
+                             and hang_timeout(config, t.state.step_intervals) is not None))
+        if elapsed - since >= config.gpu_idle_after and not standing:
             t.warn_once("gpu_idle", GPU_IDLE,
                         f"every GPU below {config.gpu_idle_pct:g}% for {format_duration(elapsed - since)}",
                         idle_s=round(elapsed - since, 1))
@@ -432,6 +453,65 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
 
     t.update(episodes=frozenset(t.episodes))
     return t.state, t.decisions
+
+
+HANG_MIN_INTERVALS = 3  # step intervals seen before a timeout is learned (no verdict before)
+HANG_WINDOW = 32  # intervals remembered: the newest ones, so a slowly growing step time is followed
+
+
+def hang_timeout(config: Config, intervals: Tuple[float, ...]) -> Optional[float]:
+    """The learned no-progress timeout, or None before :data:`HANG_MIN_INTERVALS` intervals.
+
+    A robust maximum of the observed intervals between step advances (the largest, or the
+    second largest once there are 8: one outlier does not set it) x ``hang_factor``, clamped
+    to [``hang_floor``, ``hang_ceiling``].
+    """
+    if len(intervals) < HANG_MIN_INTERVALS:
+        return None
+    ordered = sorted(intervals, reverse=True)
+    robust = ordered[1] if len(ordered) >= 8 else ordered[0]
+    timeout = max(config.hang_floor, config.hang_factor * robust)
+    return min(timeout, config.hang_ceiling) if config.hang_ceiling else timeout
+
+
+def _hang_rule(config: Config, t: _Tick, sample: Sample, active: bool) -> bool:
+    """Learn the step interval; decide ``trainer_hung`` when the step stands still too long.
+
+    Progress, not GPU utilisation: a hung NCCL kernel spins at 100 % (issue 13). A save
+    (state ``saving`` or save.lock held), a start and a stop are not hangs and are not
+    learned from. Returns whether the trainer is hung now (an episode: one decision).
+    """
+    status = sample.trainer.status
+    elapsed = sample.elapsed_s
+    if not active or status is None:
+        t.update(progress_step=None, progress_since=None, progress_skip=True)
+        return False
+    if status.state != "running" or sample.trainer.saving:
+        t.update(progress_step=status.step, progress_since=elapsed, progress_skip=True)
+        return False
+    last, since = t.state.progress_step, t.state.progress_since
+    if last is None or since is None or status.step < last:
+        t.update(progress_step=status.step, progress_since=elapsed, progress_skip=True)
+        return False
+    if status.step > last:
+        if not t.state.progress_skip and TRAINER_HUNG not in t.state.episodes:
+            learned = (t.state.step_intervals + (round(elapsed - since, 3),))[-HANG_WINDOW:]
+            t.update(step_intervals=learned)
+        t.update(progress_step=status.step, progress_since=elapsed, progress_skip=False)
+        return False
+    timeout = hang_timeout(config, t.state.step_intervals)
+    stuck = elapsed - since
+    if timeout is None or stuck < timeout:
+        return False
+    t.episodes.add(TRAINER_HUNG)
+    if TRAINER_HUNG not in t.state.episodes:
+        t.decisions.append(Decision(  # a warning everywhere (notebook, log); actions add stacks
+            "warn", TRAINER_HUNG,
+            f"trainer's step has stayed at {status.step} for {format_duration(stuck)} (learned "
+            f"timeout {format_duration(timeout)}); it looks hung",
+            data={"step": status.step, "stuck_s": round(stuck, 1), "timeout_s": round(timeout, 1),
+                  "pid": status.pid}))
+    return True
 
 
 def _no_trainer_rule(t: _Tick, sample: Sample) -> None:

@@ -73,6 +73,12 @@ HANDLED_EVENTS = frozenset({
     "sample", "decision", "action", "daemon_started", "daemon_stopped", "tick_failed",
     "tick_missed",
 })
+# run --restarts and snapshots (issue 13): listed with the decisions and actions; the cause of a
+# failure or restart is their reason.
+SUPERVISE_EVENTS = frozenset({
+    "child_failed", "child_hung", "child_restarted", "restart_scheduled", "restarts_given_up",
+    "restarts_exhausted", "snapshot_persisted", "trainer_stacks",
+})
 # Lifecycle events this version knows and does not summarise: not "unknown".
 QUIET_EVENTS = frozenset({"signal_received", "state_quarantined"}) | frozenset({
     # notifications and remote commands (issue 15)
@@ -329,6 +335,18 @@ class _Session:
         self.daemon_stops += 1
         self.last_lifecycle = "daemon_stopped"
 
+    def supervised(self, event: Dict[str, Any], name: str) -> None:
+        """A restart, its cause and the step it resumed from; a persisted snapshot; stacks."""
+        step = _int(event.get("resume_from_step"))
+        if step is None:
+            step = _int(event.get("step"))
+        message = _str(event.get("message")) or ""
+        if step is not None and name in ("child_restarted", "snapshot_persisted"):
+            message = f"{message} [step {step}]"
+        self.tl.markers.append(Marker(self._now_s(event), "supervise", name,
+                                      _str(event.get("cause")) or _str(event.get("reason")), None,
+                                      _int(event.get("restart")), message))
+
     def marker(self, event: Dict[str, Any], name: str) -> bool:
         if name == "decision":
             kind = _str(event.get("kind"))
@@ -489,6 +507,8 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
             current.started(event)
         elif name == "daemon_stopped":
             current.stopped(event)
+        elif name in SUPERVISE_EVENTS:
+            current.supervised(event, name)
         elif name == "tick_failed":
             current.ticks_failed += 1
         elif name == "tick_missed":

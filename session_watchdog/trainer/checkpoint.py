@@ -48,7 +48,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from session_watchdog import channel, mounts
+from session_watchdog import channel, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
 
 __all__ = [
@@ -75,7 +75,7 @@ except (ImportError, AttributeError):  # pragma: no cover - older torch always w
     _TORCH_SAVE_CONFIG = None
 
 STATE_FORMAT = 1  # version of the dict built by capture_state
-MARKER_SUFFIX = ".sha256"
+MARKER_SUFFIX = ckptfile.MARKER_SUFFIX
 BROKEN_SUFFIX = ".broken"
 # channel owns the temp-name format; learn its suffix from it instead of copying a private name.
 _TEMP_SUFFIX = temp_path_for(Path("x")).suffix
@@ -527,8 +527,8 @@ class CheckpointManager:
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.prefix = prefix
-        self._final_re = re.compile(rf"^{re.escape(prefix)}-(\d{{8,}})-step(\d+)\.pt$")
-        self._owned_re = re.compile(rf"^\.?{re.escape(prefix)}-(\d{{8,}})-step\d+\.pt")
+        self._final_re = ckptfile.final_re(prefix)
+        self._owned_re = ckptfile.owned_re(prefix)
         self._temp_re = re.compile(
             rf"^\.{re.escape(prefix)}-\d{{8,}}-step\d+\.pt(?:{re.escape(MARKER_SUFFIX)})?\..*"
             rf"{re.escape(_TEMP_SUFFIX)}$"
@@ -785,16 +785,9 @@ class CheckpointManager:
         return saved
 
     def _marker_json(self, saved: SavedCheckpoint) -> Dict[str, Any]:
-        return {
-            "v": channel.SCHEMA_VERSION,
-            "file": saved.path.name,
-            "sha256": saved.sha256,
-            "bytes": saved.bytes,
-            "step": saved.step,
-            "epoch": saved.epoch,
-            "at": saved.at,
-            "duration_s": saved.duration_s,
-        }
+        return ckptfile.marker_json(file=saved.path.name, sha256=saved.sha256, size=saved.bytes,
+                                    step=saved.step, epoch=saved.epoch, at=saved.at,
+                                    duration_s=saved.duration_s)
 
     def _free_bytes(self) -> Optional[int]:
         try:
@@ -803,7 +796,7 @@ class CheckpointManager:
             return None
 
     def _final_path(self, seq: int, step: int) -> Path:
-        return self.directory / f"{self.prefix}-{seq:08d}-step{step}.pt"
+        return self.directory / ckptfile.final_name(self.prefix, seq, step)
 
     # ---- pruning -------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ from session_watchdog.channel import (
     TrainerStatus,
 )
 from session_watchdog.config import parse_duration
+from session_watchdog.trainer.stacks import StackDump
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import (
@@ -145,6 +146,7 @@ if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a S
         ShardedCheckpointer,
     )
     from session_watchdog.trainer.mirror import Mirror
+    from session_watchdog.trainer.snapshot import Snapshotter
 
 __all__ = [
     "EXIT_STOPPED",
@@ -284,6 +286,18 @@ def _seconds(name: str, value: Any, *, off: Optional[str] = None) -> Any:
         raise ValueError(f"Session({name}={value!r}): {text}") from None
 
 
+def _snapshot_every(value: Any) -> Tuple[Optional[int], Optional[float]]:
+    """``snapshot_every``: an int is steps, a string (or float) a duration; None/"off": off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"Session(snapshot_every={value!r}): expected at least 1 step, or a "
+                             "duration like '1m'")
+        return value, None
+    return None, float(_seconds("snapshot_every", value, off="turn snapshots off"))
+
+
 class Session:
     """Checkpoint, acknowledge and stop at step boundaries, as the watchdog or a signal asks.
 
@@ -318,6 +332,11 @@ class Session:
             Single-file checkpoints only (rank 0's under DDP; not with ``sharded=True``).
         mirror_wait_s: the most seconds ``complete()`` and a stop wait for the last checkpoint
             to verify on the mirror (said in the log either way).
+        snapshot_every: copy the training state into a shared-memory snapshot (``/dev/shm``)
+            every N steps (an int) or every duration (``"1m"``); when the trainer dies without
+            saving, the watchdog of ``session-watchdog run`` commits the newest snapshot as a
+            checkpoint, so a restart loses at most this much (trainer/snapshot.py). Single
+            process only for now; None: off.
     """
 
     def __init__(
@@ -343,6 +362,7 @@ class Session:
         sharded: bool = False,
         mirror: Union[None, str, os.PathLike[str], Mirror] = None,
         mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
+        snapshot_every: Union[int, str, None] = None,
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -355,6 +375,7 @@ class Session:
                                    off="synchronise on sync_every alone")
         checkpoint_every = _seconds("checkpoint_every", checkpoint_every,
                                     off="turn periodic checkpoints off")
+        snap_steps, snap_s = _snapshot_every(snapshot_every)
 
         # Imported here, not at module level: the checkpoint module imports torch, and
         # `import session_watchdog.trainer` must stay cheap until a Session is built.
@@ -430,6 +451,9 @@ class Session:
         self._resume_called = False  # resume() was called (whatever it found)
         self._ahead_checked = False  # the first save looked for checkpoints of later steps
         self._tracked: List[Any] = []  # data loaders whose position checkpoints carry (data.py)
+        self._snapshots: Optional[Snapshotter] = None  # trainer/snapshot.py (issue 13)
+        self._snap_at = _NEVER  # step() services at this step for a snapshot
+        self._snap_due = False  # the poller: a duration-based snapshot is due
 
         self.run_dir = self._open_run_dir(run_dir)
         if distributed.is_initialized() and _world_size() > 1:
@@ -448,12 +472,24 @@ class Session:
             _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
                    "are collective and synchronous")
         self.mirror_wait_s = float(mirror_wait_s)
+        if snap_steps is not None or snap_s is not None:
+            if self._dist is not None or self.sharded:
+                _event(logging.WARNING, "snapshot_ignored", reason="snapshots are single-process "
+                       "for now (not under torch.distributed or with sharded=True)")
+            else:
+                from session_watchdog.trainer.snapshot import Snapshotter
+
+                self._snapshots = Snapshotter(self.run_dir.path, self.manager.directory,
+                                              self.manager.prefix, snap_steps, snap_s,
+                                              self._snapshot_changed)
+                self._snap_at = snap_steps if snap_steps is not None else _NEVER
         self._mirror: Optional[Mirror] = None
         self._pid = os.getpid()
         self._create_time = psutil.Process(self._pid).create_time()
         self._run_lock = self.run_dir.lock(RUN_LOCK, shared=True)
         self._save_lock = self.run_dir.lock(SAVE_LOCK)
         self._prev_handlers: Dict[int, _Handler] = {}
+        self._stacks: Optional[StackDump] = None
         self._on_signal_bound = self._on_signal  # one object, so close() can recognise it
         # A self-pipe wakes the poller from a signal handler without taking any lock.
         self._wake_r, self._wake_w = os.pipe()
@@ -468,6 +504,7 @@ class Session:
             self._write_status()
             if handle_signals:
                 self._install_signal_handlers()
+                self._register_stack_dump()
             self._poller.start()
         except BaseException:
             self._restore_signal_handlers()
@@ -503,7 +540,7 @@ class Session:
             CheckpointError: the checkpoint for a stop could not be saved (state=failed).
         """
         self._step += 1
-        if self._pending or self._step >= self._sync_at:
+        if self._pending or self._step >= self._sync_at or self._step >= self._snap_at:
             self._service()
 
     @property
@@ -787,7 +824,15 @@ class Session:
                 os.close(fd)
             except OSError:
                 pass
+        if self._snapshots is not None:
+            if self._state in ("completed", "stopped"):
+                self._snapshots.remove()  # a durable checkpoint of the end: give the RAM back
+            else:
+                self._snapshots.wait(10.0)  # a crash: the newest snapshot completes for the daemon
         self._restore_signal_handlers()
+        if self._stacks is not None:
+            self._stacks.unregister()
+            self._extra.pop("stacks", None)
         self._save_lock.release()
         if self._keep_run_lock:  # the kernel releases it when this process exits
             _HELD_UNTIL_EXIT.append(self._run_lock)
@@ -829,6 +874,8 @@ class Session:
         self._pending = False
         if self._closed or (self._dist is not None and self._step < self._sync_at):
             return None  # distributed: flags wait for the agreed step (never act alone)
+        if self._snapshots is not None and (self._snap_due or self._step >= self._snap_at):
+            self._take_snapshot()
         stop_reason: Optional[str] = None
         if self._sigterm:
             self._sigterm = False
@@ -906,6 +953,22 @@ class Session:
         except (self._ckpt.CheckpointError, self._distmod.ShardedCheckpointError, OSError,
                 ChannelError):  # ChannelError: save.lock could not be taken even when recreated
             pass  # logged and reported by _save; training goes on without an ack
+
+    def _take_snapshot(self) -> None:
+        """Copy the state into the shared-memory snapshot (the stall is a memory copy)."""
+        snapshots = self._snapshots
+        assert snapshots is not None
+        self._snap_due = False
+        if snapshots.every_steps is not None:
+            self._snap_at = (self._step // snapshots.every_steps + 1) * snapshots.every_steps
+        try:
+            snapshots.take(self._capture(), step=self._step, epoch=self._epoch)
+        except Exception as err:  # a snapshot is a bonus: never let it stop training
+            _event(logging.WARNING, "snapshot_failed", error=f"{type(err).__name__}: {err}")
+
+    def _snapshot_changed(self, report: Dict[str, Any]) -> None:
+        with self._status_lock:
+            self._extra["snapshot"] = report
 
     def _agree(self, flags: _Flags) -> _Flags:
         """Make every rank take the same decision at this step. Single process: as is.
@@ -1302,6 +1365,11 @@ class Session:
         if every is not None and not self._periodic_due and now - self._last_save_mono >= every:
             self._periodic_due = True
             self._pending = True
+        snap = self._snapshots
+        if snap is not None and snap.every_s is not None and not self._snap_due \
+                and snap.due(self._step, now):
+            self._snap_due = True
+            self._pending = True
         self._update_step_time(now)
         if self._state == "starting" and self._step > self._start_step:
             self._set_state("running", only_from="starting")
@@ -1359,6 +1427,21 @@ class Session:
         # Tell the daemon it may wake us with SIGUSR1 (its default action would kill a process
         # without a handler, so the daemon signals only trainers that say this).
         self._extra["sigusr1"] = True
+
+    def _register_stack_dump(self) -> None:
+        """faulthandler on SIGUSR2: the daemon logs every thread's stack of a hung trainer."""
+        self._stacks = StackDump(self.run_dir.path)
+        try:
+            described = self._stacks.register()
+        except (OSError, RuntimeError, ValueError) as err:
+            self._stacks = None
+            _event(logging.WARNING, "stacks_not_registered", reason=str(err))
+            return
+        if described is None:
+            self._stacks = None
+            _event(logging.INFO, "stacks_not_registered", reason="SIGUSR2 already has a handler")
+            return
+        self._extra["stacks"] = described
 
     def _restore_signal_handlers(self) -> None:
         self._extra.pop("sigusr1", None)
