@@ -168,7 +168,9 @@ def _configure_log(config: Config) -> None:
     from session_watchdog import log
 
     try:
-        log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+        # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
+        log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,
+                      bridge=("apscheduler",))
     except OSError as err:
         raise UserError(f"cannot write the log file {config.log_file}: {err.strerror or err}; "
                         "choose another --log-file") from None
