@@ -253,11 +253,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, config)
     run_dir = channel.RunDir(config.run_dir or channel.default_run_dir(config.run_name))
+    _configure_log(config)  # before Attached: its "attached" event belongs in the log, not raw on stdout
     try:
         attached = wrap.Attached(args.pid, run_dir, end_on_exit=args.end_on_exit)
     except wrap.WrapError as err:
+        log.close()
         raise UserError(str(err)) from None
-    _configure_log(config)
     notice, restore = _signal_notice(config)
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
