@@ -268,11 +268,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
               f"log {config.log_file}", file=sys.stderr)
 
         def stop_when() -> bool:
-            if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():
+            # The sample first, end_running() second: a tick starts its end transaction before it
+            # publishes its sample, so a sample that saw the process gone comes with its end
+            # already running (else the end thread dies with this process, mid-grace).
+            last = watchdog.last_sample
+            if not attached.gone() or last is None or last.child_running or watchdog.end_running():
                 return False
-            if watchdog.last_sample.trainer.alive:
+            if last.trainer.alive:
                 return False
-            if attached.exit_status() is None and not watchdog.last_sample.trainer.status:
+            if attached.exit_status() is None and not last.trainer.status:
                 log.get_logger().info("attached_exited", pid=args.pid,
                                       message="the process ended; its success is unknown (pass "
                                               "--end-on-exit to let its exit end the runtime)")
