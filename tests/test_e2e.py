@@ -23,8 +23,9 @@ class TestDemo:
     def test_thirty_second_session_checkpoints_stops_resumes_and_completes(self, tmp_path):
         """Daemon with a 30 s limit + example trainer: the request comes before the limit, the trainer
         acks and stops with a valid checkpoint, a new session resumes from that step and completes."""
+        # no speed assumption: the demo's budgets start at the trainer's first step, however late
         proc = subprocess.run([*CLI, "demo", "--session", "30s", "--dir", str(tmp_path)],
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         evs = events(tmp_path / "watchdog.jsonl")
         starts = [i for i, e in enumerate(evs) if e["event"] == "daemon_started"]
@@ -38,14 +39,17 @@ class TestDemo:
         acks = [e for e in first if e["event"] == "decision" and e["kind"] == "ack"]
         assert sorted(e["seq"] for e in acks) == [r["seq"] for r in requests]
         assert max(tick_elapsed(e) for e in requests + acks) < 30.0
-        assert next(e for e in first if e["event"] == "child_exited")["exit_code"] == 75
+        # the stop is logged as asked for, not as a failure (the demo's trainer exits 75)
+        assert samples[-1]["trainer"]["state"] == "stopped"
+        assert [(e["kind"], e["reason"]) for e in first if e["event"] == "decision"
+                and e["reason"].startswith("training_")] == [("info", "training_stopped")]
         stopped = samples[-1]["trainer"]["checkpoint"]
         marker = json.loads(Path(stopped["path"] + ".sha256").read_text())
         assert verify_checkpoint(stopped["path"], marker["sha256"], stopped["bytes"]) is None
         second = evs[starts[1]:]
         seen = [e["trainer"]["step"] for e in second if e["event"] == "sample" and e["trainer"]["step"] is not None]
-        # 1.25 x 30 s / 0.1 s = 375 steps, rounded up to whole epochs of 60: 420
-        assert seen[0] >= stopped["step"] and seen[-1] == 420
+        # 1.6 x 30 s / 0.1 s = 480 steps, whole epochs of 60
+        assert seen[0] >= stopped["step"] and seen[-1] == 480
         assert "resumed from the checkpoint at step" in proc.stdout
 
 
