@@ -225,7 +225,8 @@ def summarize(log_file: Path, session_s: float, codes: List[int]) -> List[str]:
         completed = [s for s in _samples(session) if s["trainer"].get("state") == "completed"]
         if code != 0 or not completed:
             raise AssertionError(f"session {number} did not complete training (trainer exit code {code})")
-        end_steps = [e.get("step") for e in session if e.get("event") == "action"]
+        end_steps = [e.get("step") for e in session if e.get("event") == "action"
+                     and str(e.get("step")).startswith("end_")]
         if "end_dry_run" not in end_steps:
             raise AssertionError(f"no dry-run end action in session {number} (steps: {end_steps})")
         dry = next(e for e in session if e.get("step") == "end_dry_run")

@@ -50,6 +50,8 @@ def completing_session(budget: float, first_step: int = 125) -> List[Dict[str, A
     return [
         {"event": "daemon_started", "budget_s": budget},
         sample(1.0, first_step, ckpt_step=124),
+        decision("request", "ram_pressure", action="checkpoint", seq=1),
+        {"event": "action", "step": "request_written", "reason": "ram_pressure"},  # not an end step
         sample(9.0, 480, ckpt_step=480, state="completed", alive=False),
         decision("end", "training_complete"),
         *({"event": "action", "step": step, "reason": "training_complete"}
