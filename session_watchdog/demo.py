@@ -191,7 +191,9 @@ def summarize(log_file: Path, session_s: float, codes: List[int]) -> List[str]:
     decisions = [e for e in first if e.get("event") == "decision"]
     requests = [e for e in decisions if e.get("kind") == "request"]
     acks = [e for e in decisions if e.get("kind") == "ack"]
-    ckpt = next((e for e in requests if e.get("action") == "checkpoint"), None)
+    # the session limit's own requests (a busy machine may add one for RAM pressure first)
+    ckpts = [e for e in requests if e.get("action") == "checkpoint"]
+    ckpt = next((e for e in ckpts if e.get("reason") == "session_limit"), ckpts[0] if ckpts else None)
     stop = next((e for e in requests if e.get("action") == "stop"), None)
     if ckpt is None or stop is None:
         raise AssertionError("the first session did not request a checkpoint and a stop")
@@ -206,7 +208,8 @@ def summarize(log_file: Path, session_s: float, codes: List[int]) -> List[str]:
     stopped = stopped_step(first)
     lines = [
         f"session 1: checkpoint requested at {at(ckpt, first):.1f}s of {session_s:g}s "
-        f"(lead {ckpt.get('lead_s')}s), stop requested at {at(stop, first):.1f}s, acknowledged; "
+        + (f"(lead {ckpt['lead_s']}s)" if ckpt.get("lead_s") is not None else f"({ckpt.get('reason')})")
+        + f", stop requested at {at(stop, first):.1f}s, acknowledged; "
         f"the trainer stopped at step {stopped} with exit code {codes[0]} (logged as a planned "
         "stop, not a failure)",
     ]

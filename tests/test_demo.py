@@ -33,6 +33,7 @@ def first_session(stop_acked: bool = True, outcome: str = "training_stopped") ->
     return [
         {"event": "daemon_started", "budget_s": 40.0},
         sample(1.0, 10),
+        decision("request", "ram_pressure", action="checkpoint", seq=0),  # no lead: not the limit's
         sample(30.0, 100),
         decision("request", "session_limit", action="checkpoint", seq=1, lead_s=10.1),
         sample(31.0, 104, ckpt_step=104),
@@ -96,7 +97,8 @@ class TestSelfCheck:
          "the trainer did not acknowledge the stop request"),
         ([first_session(outcome="training_failed"), completing_session(60.0)], [75, 0],
          "the first session did not log the planned stop as training_stopped (decisions: "
-         "['session_limit', 'request_acked', 'session_limit', 'request_acked', 'training_failed'])"),
+         "['ram_pressure', 'session_limit', 'request_acked', 'session_limit', 'request_acked', "
+         "'training_failed'])"),
         ([first_session(), completing_session(60.0, first_step=100)], [75, 0],
          "session 2 did not resume from step 124"),
         ([first_session(), completing_session(60.0)[:-1]], [75, 0],

@@ -31,12 +31,15 @@ class TestDemo:
         starts = [i for i, e in enumerate(evs) if e["event"] == "daemon_started"]
         first = evs[starts[0]:starts[1]]
         samples = [e for e in first if e["event"] == "sample"]
-        requests = [e for e in first if e["event"] == "decision" and e["kind"] == "request"]
+        # the session limit's requests (a machine short of RAM may add a ram_pressure one)
+        requests = [e for e in first if e["event"] == "decision" and e["kind"] == "request"
+                    and e["reason"] == "session_limit"]
         assert [r["action"] for r in requests] == ["checkpoint", "stop"]
         # every request went out, and was acknowledged, before the 30 s limit (session clock of the tick)
         def tick_elapsed(event):
             return [e for e in first[:first.index(event)] if e["event"] == "sample"][-1]["elapsed_s"]
-        acks = [e for e in first if e["event"] == "decision" and e["kind"] == "ack"]
+        acks = [e for e in first if e["event"] == "decision" and e["kind"] == "ack"
+                and e["seq"] in {r["seq"] for r in requests}]
         assert sorted(e["seq"] for e in acks) == [r["seq"] for r in requests]
         assert max(tick_elapsed(e) for e in requests + acks) < 30.0
         # the stop is logged as asked for, not as a failure (the demo's trainer exits 75)
