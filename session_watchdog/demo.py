@@ -47,7 +47,7 @@ STEPS_PER_EPOCH = 60
 SLEEP_SESSIONS = 1.6
 # A later runtime's budget: this many times what its remaining steps took at the measured pace.
 HEADROOM = 4.0
-MIN_STEP_S = 0.02  # the floor of a measured compute time per step
+MIN_STEP_S = 0.02  # the floor of a measured time per step
 MAX_RUNTIMES = 5
 POLL_S = 0.2
 PROGRESS_EVERY_S = 30.0  # "still waiting for the trainer" lines while PyTorch loads
@@ -160,14 +160,12 @@ def stopped_step(session: List[Dict[str, Any]]) -> int:
     return max((int(x) for x in steps if isinstance(x, int)), default=0)
 
 
-def next_budget(session_s: float, remaining_steps: int, step_s: Optional[float],
-                step_sleep: float) -> float:
-    """A later runtime's budget: HEADROOM x the remaining steps at the pace measured with
-    ``step_sleep`` per step, less that sleep (later runtimes train at full speed), at least one
+def next_budget(session_s: float, remaining_steps: int, step_s: Optional[float]) -> float:
+    """A later runtime's budget: HEADROOM x the remaining steps at the measured pace, at least one
     session, rounded up to 10 s."""
     # nothing measured: a slow guess (a further runtime follows if it was wrong)
-    compute_s = 0.5 if step_s is None else max(step_s - step_sleep, MIN_STEP_S)
-    return float(10 * math.ceil(max(session_s, HEADROOM * remaining_steps * compute_s) / 10))
+    pace = 0.5 if step_s is None else max(step_s, MIN_STEP_S)
+    return float(10 * math.ceil(max(session_s, HEADROOM * remaining_steps * pace) / 10))
 
 
 def summarize(log_file: Path, session_s: float, codes: List[int]) -> List[str]:
@@ -281,6 +279,30 @@ def _wait_running(trainer: subprocess.Popen[bytes], run_dir: Path, index: int) -
         time.sleep(POLL_S)
 
 
+def _wait_attached(watchdog: subprocess.Popen[bytes], run_dir: Path) -> None:
+    """Wait until the watchdog has attached (its daemon.json names it) or has exited.
+
+    The trainer is not reaped meanwhile: one that finishes first stays a zombie with its pid, so
+    the watchdog still finds it (and sees it gone) instead of refusing an unknown pid. The lock
+    is not probed: a probe holds it for a moment, and the watchdog's own try would then fail.
+    """
+    def attached() -> bool:
+        try:
+            info = channel.read_json(run_dir / "daemon.json")
+        except channel.ChannelError:
+            return False
+        return bool(info and info.get("pid") == watchdog.pid)
+
+    began = time.monotonic()
+    next_note = began + PROGRESS_EVERY_S
+    while watchdog.poll() is None and not attached():
+        now = time.monotonic()
+        if now >= next_note:
+            _say(f"still waiting for the watchdog to start ({now - began:.0f}s)")
+            next_note = now + PROGRESS_EVERY_S
+        time.sleep(POLL_S)
+
+
 def _runtime(index: int, base: Path, budget_s: float, steps: int, step_sleep: float) -> int:
     """One runtime: the trainer, then the watchdog attached at its first step. The trainer's exit code."""
     run = f"run-{index}"
@@ -293,6 +315,7 @@ def _runtime(index: int, base: Path, budget_s: float, steps: int, step_sleep: fl
              f"attaches now: session-watchdog attach --pid {trainer.pid} --max-session {budget_s:g}s "
              "... (a dry run: it ends nothing)")
         watchdog = subprocess.Popen(_watchdog_argv(base, run, trainer.pid, budget_s), env=env)
+        _wait_attached(watchdog, base / run)
         while trainer.poll() is None:
             code = watchdog.poll()
             if code is not None:
@@ -340,13 +363,11 @@ def _train(base: Path, session_s: float, steps: int, step_sleep: float) -> List[
     log_file = base / "watchdog.jsonl"
     codes: List[int] = []
     budget = session_s
-    sleep = step_sleep
     for index in range(1, MAX_RUNTIMES + 1):
-        what = ("training starts" if index == 1 else
-                "a fresh runtime resumes the training, at full speed (no --step-sleep)")
+        what = "training starts" if index == 1 else "a fresh runtime resumes the training"
         print(f"\n=== runtime {index}: {what}; a {format_duration(budget)} session from the "
               "trainer's first step ===", flush=True)
-        code = _runtime(index, base, budget, steps, sleep)
+        code = _runtime(index, base, budget, steps, step_sleep)
         codes.append(code)
         if code == 0 and index == 1:
             raise DemoFailed(
@@ -363,12 +384,11 @@ def _train(base: Path, session_s: float, steps: int, step_sleep: float) -> List[
         session = (_sessions(_events(log_file)) or [[]])[-1]
         step_s = measured_step_s(session)
         left = _epochs(steps) * STEPS_PER_EPOCH - stopped_step(session)
-        budget = next_budget(session_s, left, step_s, sleep)
-        pace = "nothing" if step_s is None else f"{step_s:.3f}s per step ({sleep:g}s of it sleep)"
+        budget = next_budget(session_s, left, step_s)
+        pace = "nothing" if step_s is None else f"{step_s:.3f}s per step"
         _say(f"runtime {index} stopped as asked; it measured {pace}; {left} steps are left, so the "
              f"next runtime gets {format_duration(budget)} (at least {HEADROOM:g} x what they "
              "should take)")
-        sleep = 0.0  # the sleep only made training outlast the first session
     raise DemoFailed(f"training did not complete in {MAX_RUNTIMES} runtimes: this machine slowed "
                      "down faster than the demo could measure it",
                      "run it again when the machine is less busy, or with a longer --session")

@@ -126,15 +126,15 @@ class TestSizing:
         assert demo.measured_step_s([sample(1.0, 10), sample(2.0, 12)]) == 0.25
 
     @pytest.mark.parametrize("left, step_s, expected", [
-        (300, 0.15, 60.0),    # 4 x 300 x (0.15 - 0.1 sleep) = 60
-        (301, 0.15, 70.0),    # 60.2, up to the next 10 s
+        (300, 0.15, 180.0),   # 4 x 300 x 0.15 = 180
+        (301, 0.15, 190.0),   # 180.6, up to the next 10 s
         (10, 0.15, 40.0),     # never less than one session
-        (300, 0.105, 40.0),   # compute at the 0.02 s floor: 24 s -> one session
+        (300, 0.001, 40.0),   # the 0.02 s floor: 24 s -> one session
         (300, None, 600.0),   # nothing measured: 0.5 s per step
     ])
     def test_a_later_budget_is_four_times_the_remaining_work(self, left, step_s, expected):
-        """Budget = max(session, 4 x steps left x measured compute per step), rounded up to 10 s."""
-        assert demo.next_budget(40.0, left, step_s, 0.1) == expected
+        """Budget = max(session, 4 x steps left x measured time per step), rounded up to 10 s."""
+        assert demo.next_budget(40.0, left, step_s) == expected
 
 
 class TestCommandLine:
