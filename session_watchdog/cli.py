@@ -187,7 +187,9 @@ def _configure_log(config: Config) -> None:
     from session_watchdog import log
 
     try:
-        log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups)
+        # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
+        log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,
+                      bridge=("apscheduler",))
     except OSError as err:
         raise UserError(f"cannot write the log file {config.log_file}: {err.strerror or err}; "
                         "choose another --log-file") from None
@@ -321,11 +323,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if args.detach:
         return _detach(args, config)
     run_dir = channel.RunDir(config.run_dir or channel.default_run_dir(config.run_name))
+    _configure_log(config)  # before Attached: its "attached" event belongs in the log, not raw on stdout
     try:
         attached = wrap.Attached(args.pid, run_dir, end_on_exit=args.end_on_exit)
     except wrap.WrapError as err:
+        log.close()
         raise UserError(str(err)) from None
-    _configure_log(config)
     notice, restore = _signal_notice(config)
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
@@ -336,11 +339,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
               f"log {config.log_file}", file=sys.stderr)
 
         def stop_when() -> bool:
-            if not attached.gone() or watchdog.last_sample is None or watchdog.end_running():
+            # The sample first, end_running() second: a tick starts its end transaction before it
+            # publishes its sample, so a sample that saw the process gone comes with its end
+            # already running (else the end thread dies with this process, mid-grace).
+            last = watchdog.last_sample
+            if not attached.gone() or last is None or last.child_running or watchdog.end_running():
                 return False
-            if watchdog.last_sample.trainer.alive:
+            if last.trainer.alive:
                 return False
-            if attached.exit_status() is None and not watchdog.last_sample.trainer.status:
+            if attached.exit_status() is None and not last.trainer.status:
                 log.get_logger().info("attached_exited", pid=args.pid,
                                       message="the process ended; its success is unknown (pass "
                                               "--end-on-exit to let its exit end the runtime)")

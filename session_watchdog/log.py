@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import stat
@@ -18,12 +19,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence
 
 import structlog
 
 SCHEMA_VERSION = 1
-CONSOLE_EVENTS_SKIPPED = ("sample",)
+# scheduler_log: APScheduler's own records ("... skipped: maximum number of running instances
+# reached", common on a busy machine) are kept in the JSONL log; the console shows our own
+# tick_missed / tick_failed events instead of the library's raw text.
+CONSOLE_EVENTS_SKIPPED = ("sample", "scheduler_log")
 _SECRET_NAME = re.compile(
     r"(TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH|_KEY$|^KEY$)",
     re.IGNORECASE,
@@ -184,7 +188,8 @@ def console_line(event: Mapping[str, Any]) -> Optional[str]:
     if message:
         parts.append(f"- {message}")
     extra = {k: v for k, v in event.items()
-             if k in ("path", "run_dir", "log_file", "platform", "error", "argv", "seq", "action")}
+             if k in ("path", "run_dir", "log_file", "platform", "error", "argv", "seq", "action",
+                      "exit_code")}
     if extra:
         parts.append(" ".join(f"{k}={v}" for k, v in extra.items()))
     return " ".join(parts)
@@ -230,6 +235,41 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
+class StdlibBridge(logging.Handler):
+    """A library's stdlib log records (WARNING and up) -> a ``scheduler_log`` event in our log.
+
+    APScheduler logs from its own threads ("Run time of job ... was missed by ...", "Execution of
+    job ... skipped: maximum number of running instances reached"), common on a busy machine.
+    Left to propagate, Python's last-resort handler (or the user's root handler) would print them
+    raw onto the console or into whatever notebook cell happens to be running.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_logger().warning("scheduler_log", logger=record.name, level=record.levelname.lower(),
+                                 message=record.getMessage())
+        except Exception:  # logging must never raise into the library's thread
+            pass
+
+
+def bridge_stdlib(name: str) -> Callable[[], None]:
+    """Route the stdlib logger ``name`` to our log (not the console); return what undoes it."""
+    logger = logging.getLogger(name)
+    bridge = StdlibBridge()
+    propagate = logger.propagate
+    logger.addHandler(bridge)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(bridge)
+        logger.propagate = propagate
+
+    return undo
+
+
 _current: Dict[str, Any] = {}
 _extra_secrets: List[str] = []  # secrets from the configuration (notify URLs, tokens)
 _listeners: List[Callable[[Mapping[str, Any]], None]] = []
@@ -269,8 +309,12 @@ def _call_listeners(logger: Any, method: str, event: MutableMapping[str, Any]) -
 
 def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stderr,
               max_bytes: int = 20 * 2**20, backups: int = 5,
-              env: Optional[Mapping[str, str]] = None) -> Optional[RotatingJsonl]:
-    """Configure structlog for the process (call once from main() or start())."""
+              env: Optional[Mapping[str, str]] = None,
+              bridge: Sequence[str] = ()) -> Optional[RotatingJsonl]:
+    """Configure structlog for the process (call once from main() or start()).
+
+    ``bridge``: stdlib loggers (e.g. ``apscheduler``) whose records go to this log until close().
+    """
     close()
     jsonl = RotatingJsonl(log_file, max_bytes, backups) if log_file is not None else None
     if jsonl is not None:
@@ -289,10 +333,13 @@ def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stde
     )
     _current["jsonl"] = jsonl
     _current["redactor"] = redactor
+    _current["undo"] = [bridge_stdlib(name) for name in bridge]
     return jsonl
 
 
 def close() -> None:
+    for undo in reversed(_current.pop("undo", [])):
+        undo()
     jsonl = _current.pop("jsonl", None)
     if jsonl is not None:
         jsonl.close()

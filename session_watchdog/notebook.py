@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
-import logging
 import sys
 import threading
 import time
@@ -356,38 +355,9 @@ class WatchdogHandle:
                 f"run dir {self.run_dir}, log {self.log_file}>")
 
 
-class _SchedulerLogBridge(logging.Handler):
-    """APScheduler's stdlib log records (WARNING and up) -> our JSONL log.
-
-    APScheduler logs from its own threads ("Run time of job ... was missed by ...", common in a
-    busy training kernel). Left to propagate, Python's last-resort handler (or the user's root
-    handler) would print them into whatever cell happens to be running.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            _log.warning("scheduler_log", logger=record.name, level=record.levelname.lower(),
-                         message=record.getMessage())
-        except Exception:  # logging must never raise into the scheduler
-            pass
-
-
 def _bridge_scheduler_logs() -> Callable[[], None]:
     """Route the ``apscheduler`` logger to the JSONL log; return the function that undoes it."""
-    logger = logging.getLogger("apscheduler")
-    bridge = _SchedulerLogBridge()
-    propagate = logger.propagate
-    logger.addHandler(bridge)
-    logger.propagate = False
-
-    def undo() -> None:
-        logger.removeHandler(bridge)
-        logger.propagate = propagate
-
-    return undo
+    return log.bridge_stdlib("apscheduler")
 
 
 # --------------------------------------------------------------------------------------------

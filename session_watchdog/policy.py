@@ -36,6 +36,7 @@ TRAINER_FINISHED = "trainer_finished"
 PREEMPTION = "preemption"
 TRAINING_COMPLETE = "training_complete"
 TRAINING_FAILED = "training_failed"
+TRAINING_STOPPED = "training_stopped"
 IDLE_END = "idle_end"
 NO_TRAINER = "no_trainer"
 
@@ -49,11 +50,14 @@ ACTIVE_STATES = ("starting", "running", "saving", "stopping")
 MAX_RESENDS = 5
 TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop",
                             "trainer_connected", "no_trainer"})
+# The trainer's "stopped after a durable checkpoint, run again to resume" exit status: the same
+# value as session_watchdog.trainer.session.EXIT_STOPPED (that module imports torch).
+EXIT_STOPPED = 75
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the policy wants done. ``kind``: warn | request | resend | ack."""
+    """What the policy wants done. ``kind``: warn | info | request | resend | ack | end."""
 
     kind: str
     reason: str
@@ -232,9 +236,13 @@ class _Tick:
 
     def warn_once(self, key: str, reason: str, message: str, **data: Any) -> None:
         """Warn when the condition ``key`` starts; stay quiet while it lasts."""
+        self.say_once("warn", key, reason, message, **data)
+
+    def say_once(self, kind: str, key: str, reason: str, message: str, **data: Any) -> None:
+        """A ``kind`` decision when the condition ``key`` starts; quiet while it lasts."""
         self.episodes.add(key)
         if key not in self.state.episodes:
-            self.decisions.append(Decision("warn", reason, message, data=data))
+            self.decisions.append(Decision(kind, reason, message, data=data))
 
     def request(self, action: str, reason: str, elapsed: float, message: str,
                 deadline: Optional[float] = None, **data: Any) -> None:
@@ -543,14 +551,20 @@ def _no_trainer_rule(t: _Tick, sample: Sample) -> None:
 
 
 def training_outcome(sample: Sample) -> Optional[str]:
-    """"completed", "failed" or None (still running / unknown) from the trainer and the child.
+    """"completed", "stopped", "failed" or None (running / unknown) from the trainer and the child.
 
     A wrapped command's exit code 0 counts as completed unless the trainer reported otherwise.
+    "stopped" is a planned stop: the trainer reported ``stopped`` (it writes that only after the
+    stop's checkpoint is durable) and is gone, and the command exited 75 (EXIT_STOPPED) or 0, or
+    is not ours to know. Exit 75 is the stop the watchdog (or a signal) asked for, not a failure.
     """
     if sample.child_running:
         return None  # whatever trainer.json says, the command we watch has not finished
     status = sample.trainer.status
     state = status.state if status is not None else None
+    if (state == "stopped" and not sample.trainer.alive
+            and sample.child_exit in (None, 0, EXIT_STOPPED)):
+        return "stopped"
     if state == "failed" or (sample.child_exit is not None and sample.child_exit != 0):
         return "failed"
     if state == "completed":
@@ -602,6 +616,17 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
                         + ("" if not config.end_when_done else " (set end_on_failure to end it anyway)"),
                         child_exit=sample.child_exit)
         return
+    if outcome == "stopped" and status is not None:
+        # Said once, so that a planned stop never reads as a failure; the rules below still
+        # apply (a forgotten runtime is ended after idle_end_after as before).
+        ckpt = status.last_checkpoint
+        exit_text = "" if sample.child_exit is None else f" (exit code {sample.child_exit})"
+        resume = f" to resume from {ckpt.path}" if ckpt is not None else " to resume"
+        t.say_once("info", TRAINING_STOPPED, TRAINING_STOPPED,
+                   f"the trainer stopped as asked at step {status.step}{exit_text}, after saving "
+                   f"its checkpoint; the runtime is left running: start the training again{resume}",
+                   step=status.step, child_exit=sample.child_exit,
+                   checkpoint=None if ckpt is None else ckpt.path)
     if "end" in t.state.done:
         return
     if t.state.failed and not config.end_on_failure:

@@ -24,6 +24,7 @@ class TestDemo:
     def test_thirty_second_session_checkpoints_stops_resumes_and_completes(self, tmp_path):
         """Daemon with a 30 s limit + example trainer: the request comes before the limit, the trainer
         acks and stops with a valid checkpoint, a new session resumes from that step and completes."""
+        # no speed assumption: the demo's budgets start at the trainer's first step, however late
         proc = subprocess.run([*CLI, "demo", "--session", "30s", "--dir", str(tmp_path)],
                               capture_output=True, text=True, timeout=540)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,15 +32,21 @@ class TestDemo:
         starts = [i for i, e in enumerate(evs) if e["event"] == "daemon_started"]
         first = evs[starts[0]:starts[1]]
         samples = [e for e in first if e["event"] == "sample"]
-        requests = [e for e in first if e["event"] == "decision" and e["kind"] == "request"]
+        # the session limit's requests (a machine short of RAM may add a ram_pressure one)
+        requests = [e for e in first if e["event"] == "decision" and e["kind"] == "request"
+                    and e["reason"] == "session_limit"]
         assert [r["action"] for r in requests] == ["checkpoint", "stop"]
         # every request went out, and was acknowledged, before the 30 s limit (session clock of the tick)
         def tick_elapsed(event):
             return [e for e in first[:first.index(event)] if e["event"] == "sample"][-1]["elapsed_s"]
-        acks = [e for e in first if e["event"] == "decision" and e["kind"] == "ack"]
+        acks = [e for e in first if e["event"] == "decision" and e["kind"] == "ack"
+                and e["seq"] in {r["seq"] for r in requests}]
         assert sorted(e["seq"] for e in acks) == [r["seq"] for r in requests]
         assert max(tick_elapsed(e) for e in requests + acks) < 30.0
-        assert next(e for e in first if e["event"] == "child_exited")["exit_code"] == 75
+        # the stop is logged as asked for, not as a failure (the demo's trainer exits 75)
+        assert samples[-1]["trainer"]["state"] == "stopped"
+        assert [(e["kind"], e["reason"]) for e in first if e["event"] == "decision"
+                and e["reason"].startswith("training_")] == [("info", "training_stopped")]
         stopped = samples[-1]["trainer"]["checkpoint"]
         # Runtime 2 saves too and keeps the last 2: runtime 1's file may be gone by now. Runtime
         # 2's resume, which verifies size and sha256 before loading, is the proof that it was valid.
@@ -48,8 +55,8 @@ class TestDemo:
         assert stopped["path"] in resumed, resumed
         second = evs[starts[1]:]
         seen = [e["trainer"]["step"] for e in second if e["event"] == "sample" and e["trainer"]["step"] is not None]
-        # 1.25 x 30 s / 0.1 s = 375 steps, rounded up to whole epochs of 60: 420
-        assert seen[0] >= stopped["step"] and seen[-1] == 420
+        # 1.6 x 30 s / 0.1 s = 480 steps, whole epochs of 60
+        assert seen[0] >= stopped["step"] and seen[-1] == 480
         assert "resumed from the checkpoint at step" in proc.stdout
 
 

@@ -92,7 +92,9 @@ class TestEndDecisions:
         (False, False, "failed", None, {"end_on_failure": True}, [("end", "training_failed")]),
         (False, False, None, 0, {}, [("end", "training_complete")]),     # wrapped command exited 0
         (False, False, None, 1, {}, [("warn", "training_failed")]),      # exited 1: no end, a log line
-        (False, False, "stopped", 0, {}, []),                            # stopped for the session: not done
+        (False, False, "stopped", 0, {}, [("info", "training_stopped")]),  # stopped for the session: not done
+        (False, False, "stopped", 75, {}, [("info", "training_stopped")]),  # exit 75: the planned stop
+        (False, False, "running", 75, {}, [("warn", "training_failed")]),   # 75 without a stop: failed
     ])
     def test_when_the_end_is_decided(self, alive, saving, state, child_exit, kw, expected):
         """The end needs completed training, no live trainer, no save, and end_when_done."""
