@@ -467,6 +467,20 @@ class Watchdog:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
+    def _acquire_lock(self) -> bool:
+        """Take daemon.lock; a holder of a moment is a probe, not a daemon.
+
+        ``status``, the trainer and other watchdogs test the lock by taking it for a few
+        microseconds (channel.lock_held): a start that coincides with such a probe retries for
+        up to a second instead of reporting "already watching".
+        """
+        deadline = time.monotonic() + LOCK_PROBE_WAIT_S
+        while not self._lock.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def acquire(self) -> None:
         """Become the one daemon of this run directory (flock; released by the kernel on death).
 
@@ -474,7 +488,7 @@ class Watchdog:
         """
         if self._lock.held:
             return
-        if not self._lock.acquire(blocking=False):
+        if not self._acquire_lock():
             other = None
             try:
                 other = self.run_dir.read(DAEMON_FILE)
@@ -651,6 +665,8 @@ class Watchdog:
 
 # A remote `extend` read back from state.json is bounded like any protocol number (#18).
 MAX_EXTENSION_S = 365 * 86400.0
+
+LOCK_PROBE_WAIT_S = 1.0  # how long another process's lock_held() probe may hold daemon.lock
 
 END_RETRY_FIRST_S = 60.0
 END_RETRY_MAX_S = 900.0

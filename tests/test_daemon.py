@@ -260,6 +260,23 @@ class TestOneDaemonPerRunDir:
         second.acquire()
         second.release()
 
+    def test_a_lock_probe_at_start_up_is_not_another_daemon(self, tmp_path):
+        """A status/trainer probe holding daemon.lock for a moment while a watchdog starts does not
+        make the start fail with "already watching" (the start waits out the probe)."""
+        from session_watchdog import channel
+
+        watchdog = make(tmp_path, [sample()])
+        probe = channel.FileLock(watchdog.run_dir.file(channel.DAEMON_LOCK))
+        assert probe.acquire(blocking=False)
+        releaser = threading.Timer(0.2, probe.release)
+        releaser.start()
+        try:
+            watchdog.acquire()  # would raise DaemonBusyError without the wait
+            assert watchdog._lock.held
+        finally:
+            releaser.join()
+            watchdog.release()
+
 
 class TestScheduler:
     def test_background_start_ticks_and_stop_leaves_no_thread(self, tmp_path):
