@@ -1,0 +1,430 @@
+"""Reading JSONL logs into one session's columns (a few columns per sample, never the lines).
+
+Reading rules (issue 6):
+
+- Bad input never raises: a torn last line (the runtime died mid-write), a line that is not JSON,
+  an event type this version does not know (a newer schema), a known event missing the fields it
+  needs, an empty file - each is skipped and counted in the summary's ``input`` block.
+- Unknown is unknown: a null GPU utilisation is never read as 0 % (STYLE.md #2), so it is left
+  out of the statistics and a sample with any unknown GPU is never "idle".
+- Times are on the session clock (``elapsed_s`` of the samples, monotonic-based), not on ``ts``
+  (wall clock, which jumps; DESIGN.md). A decision or action is placed at the tick that produced
+  it: the daemon logs each tick's ``sample`` before the tick's decisions and actions.
+- A reading holds until the next one: sample *i* stands for ``[elapsed_i, elapsed_i+1)``. Gaps
+  longer than :data:`GAP_FACTOR` intervals (the watchdog was down) count as unknown time.
+- Rotated files: a base path ``x.jsonl`` is expanded to the siblings that exist
+  (``x.jsonl.3`` .. ``x.jsonl.1``, each possibly ``.gz``, then ``x.jsonl``, oldest first) unless
+  ``--no-rotated`` is given; a rotated file named on its own (``x.jsonl.2``) is read on its own.
+  Files named explicitly are put in rotation order whatever the order on the command line (a
+  shell glob ``x.jsonl*`` lists them newest first). gzip is recognised by its magic bytes.
+- Several sessions in one log (a log on Drive outlives its runtime): a ``daemon_started`` whose
+  ``session_start`` differs from the current one begins a new session; the report covers the last
+  one unless ``--session N`` is given, and says how many there were.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+REPORT_VERSION = 1
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+GPU_IDLE_PCT = 5.0  # the policy's default gpu_idle_pct: below this every GPU is idle
+GAP_FACTOR = 3.0  # an interval longer than this many nominal intervals is a gap (watchdog down)
+SESSION_TOLERANCE_S = 60.0  # session starts closer than this are the same session
+INPUT_BOUND_PCT = 40.0  # issue 6: training under 40 % mean GPU utilisation ...
+INPUT_BOUND_WINDOW_S = 600.0  # ... for 10+ minutes suggests a data-loading bottleneck
+
+# Price per GPU-runtime hour by platform, used when --price-per-hour is not given and the log does
+# not carry a price. None = unknown: Colab bills compute units at a rate that depends on the GPU
+# type and the plan, AutoDL and rented hosts bill per instance type, SLURM per allocation; the
+# platform name alone gives no price, so the report shows idle time without a cost.
+PLATFORM_PRICE_PER_HOUR: Dict[str, Optional[float]] = {
+    "colab": None, "autodl": None, "slurm": None, "generic": None,
+}
+
+HANDLED_EVENTS = frozenset({
+    "sample", "decision", "action", "daemon_started", "daemon_stopped", "tick_failed",
+    "tick_missed",
+})
+# Lifecycle events this version knows and does not summarise: not "unknown".
+QUIET_EVENTS = frozenset({"signal_received", "state_quarantined"})
+
+_ROTATED = re.compile(r"^(?P<base>.+?)\.(?P<index>\d+)(?:\.gz)?$")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class ReportError(Exception):
+    """A problem the user can fix (missing file, bad flag value); one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small typed readers: a value of the wrong type is unknown (None), never an exception.
+
+
+def _num(value: Any) -> Optional[float]:
+    kind = type(value)  # exact types: bool is an int subclass and is not a number here
+    if kind is float:
+        return value if math.isfinite(value) else None  # json.loads accepts NaN and Infinity
+    if kind is int:
+        return float(value)
+    return None
+
+
+def _int(value: Any) -> Optional[int]:
+    kind = type(value)
+    if kind is int:
+        return value  # type: ignore[no-any-return]
+    if kind is float:
+        return int(value) if math.isfinite(value) else None
+    return None
+
+
+def _str(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _dict(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> List[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _round(value: Optional[float], digits: int = 2) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading the files
+
+
+def _rotation_key(path: Path) -> Tuple[Path, int]:
+    """(base path, rotation index): ``x.jsonl.2.gz`` -> (x.jsonl, 2); ``x.jsonl`` -> (x.jsonl, 0)."""
+    name = path.name
+    match = _ROTATED.match(name)
+    if match:
+        return path.with_name(match.group("base")), int(match.group("index"))
+    if name.endswith(".gz"):
+        return path.with_name(name[:-3]), 0
+    return path, 0
+
+
+def expand_paths(paths: Sequence[Path], rotated: bool = True) -> List[Path]:
+    """The log files to read, oldest first (see the module docstring for the rules)."""
+    bases: Dict[Path, Dict[int, Path]] = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ReportError(f"no such log file: {path}")
+        if path.is_dir():
+            raise ReportError(f"{path} is a directory; give the JSONL log file(s)")
+        base, index = _rotation_key(path)
+        bases.setdefault(base, {})[index] = path
+        if rotated and index == 0:  # a rotated file named on its own is read on its own
+            parent = base.parent if str(base.parent) else Path(".")
+            prefix = base.name + "."
+            try:
+                siblings = list(parent.iterdir())
+            except OSError:
+                siblings = []
+            for sibling in siblings:
+                if sibling.name.startswith(prefix) or sibling.name == base.name + ".gz":
+                    sib_base, sib_index = _rotation_key(sibling)
+                    if sib_base.name == base.name and sibling.is_file():
+                        bases[base].setdefault(sib_index, sibling)
+            if base.is_file():
+                bases[base].setdefault(0, base)
+    ordered: List[Path] = []
+    for indexed in bases.values():
+        # Higher rotation index = older (RotatingJsonl shifts .1 -> .2 -> ...); the base is newest.
+        ordered.extend(indexed[i] for i in sorted(indexed, reverse=True))
+    return ordered
+
+
+@dataclass
+class InputStats:
+    """What was read and what was skipped (never an exception)."""
+
+    files: List[str] = field(default_factory=list)
+    lines: int = 0
+    events: int = 0
+    torn_lines: int = 0  # a partial line at a file's end, or a truncated gzip stream
+    invalid_lines: int = 0  # not JSON, or not a JSON object, elsewhere
+    unknown_events: int = 0  # an event type this version does not know
+    bad_events: int = 0  # a known event without the fields it needs
+    unknown_names: Dict[str, int] = field(default_factory=dict)
+    torn_at_end: bool = False  # the very last line read was torn: the writer died mid-line
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    with open(path, "rb") as probe:
+        head = probe.read(2)
+    if head == _GZIP_MAGIC:
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def read_events(paths: Sequence[Path], stats: InputStats) -> Iterator[Dict[str, Any]]:
+    """Every JSON object line of ``paths`` in order; bad lines are counted in ``stats``."""
+    for path in paths:
+        stats.files.append(str(path))
+        try:
+            fh = _open_log(path)
+        except OSError as err:
+            raise ReportError(f"cannot read {path}: {err.strerror or err}") from None
+        with fh:
+            try:
+                for raw in fh:
+                    if not raw.strip(b" \t\r\n\x00"):
+                        continue
+                    stats.lines += 1
+                    complete = raw.endswith(b"\n")
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                        obj = None
+                    if not isinstance(obj, dict):
+                        if complete:
+                            stats.invalid_lines += 1
+                        else:
+                            stats.torn_lines += 1
+                            stats.torn_at_end = True
+                        continue
+                    stats.torn_at_end = False
+                    stats.events += 1
+                    yield obj
+            except (EOFError, OSError, zlib.error):  # a gzip file cut short: its tail is torn
+                stats.torn_lines += 1
+                stats.torn_at_end = True
+
+
+# --------------------------------------------------------------------------------------------
+# One session's columns
+
+
+@dataclass
+class Marker:
+    """A decision or action on the session clock (for the events table and the plot)."""
+
+    at_s: Optional[float]
+    event: str  # decision | action
+    kind: str  # decision kind (warn, request, ack, resend) or action step
+    reason: Optional[str]
+    action: Optional[str]
+    seq: Optional[int]
+    message: str
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"at_s": _round(self.at_s, 3), "event": self.event, "kind": self.kind,
+                "reason": self.reason, "action": self.action, "seq": self.seq,
+                "message": self.message}
+
+
+@dataclass
+class Timeline:
+    """Per-sample columns, aligned with ``elapsed_s``; None = unknown."""
+
+    elapsed_s: List[float] = field(default_factory=list)
+    gpu_names: Dict[int, Optional[str]] = field(default_factory=dict)
+    gpu_util: Dict[int, List[Optional[float]]] = field(default_factory=dict)
+    gpu_mem: Dict[int, List[Optional[int]]] = field(default_factory=dict)
+    gpu_mem_total: Dict[int, Optional[int]] = field(default_factory=dict)
+    gpu_max_util: List[Optional[float]] = field(default_factory=list)  # None if any GPU unknown
+    gpu_mean_util: List[Optional[float]] = field(default_factory=list)  # over the known GPUs
+    ram_used: List[Optional[int]] = field(default_factory=list)
+    ram_total: List[Optional[int]] = field(default_factory=list)
+    disk_free: Dict[str, List[Optional[int]]] = field(default_factory=dict)
+    disk_total: Dict[str, Optional[int]] = field(default_factory=dict)
+    training: List[bool] = field(default_factory=list)  # trainer alive and state "running"
+    markers: List[Marker] = field(default_factory=list)
+    budget_s: Optional[float] = None
+
+
+class _Session:
+    """Accumulates one session from its events, one event at a time."""
+
+    def __init__(self, start: Optional[float]) -> None:
+        self.start = start
+        self.start_derived: Optional[float] = None  # ts - elapsed of the first sample
+        self.platform: Optional[str] = None
+        self.interval_s: Optional[float] = None
+        self.price_per_hour: Optional[float] = None
+        self.tl = Timeline()
+        self.last_remaining: Optional[float] = None
+        self.last_ts: Optional[float] = None
+        self.trainer_state: Optional[str] = None
+        self.trainer_step: Optional[int] = None
+        self.trainer_epoch: Optional[int] = None
+        self.ram_source: Optional[str] = None
+        self.oom_first: Optional[int] = None
+        self.oom_last: Optional[int] = None
+        self.oom_increase = 0
+        self.checkpoints: Dict[Tuple[Any, Any], Dict[str, Any]] = {}
+        self.daemon_starts = 0
+        self.daemon_stops = 0
+        self.ticks_failed = 0
+        self.ticks_missed = 0
+        self.last_lifecycle: Optional[str] = None  # daemon_started | daemon_stopped
+        self.stop_acked: Optional[str] = None  # the reason of the last acknowledged stop request
+        self.end_action: Optional[Marker] = None  # the last end_* action step (a later issue)
+        self.samples_after_end = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.tl.elapsed_s and not self.tl.markers and self.daemon_starts == 0
+
+    def session_start(self) -> Optional[float]:
+        return self.start if self.start is not None else self.start_derived
+
+    def _now_s(self, event: Dict[str, Any]) -> Optional[float]:
+        if self.tl.elapsed_s:
+            return self.tl.elapsed_s[-1]
+        start, ts = self.session_start(), _num(event.get("ts"))
+        return None if start is None or ts is None else ts - start
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def started(self, event: Dict[str, Any]) -> None:
+        self.daemon_starts += 1
+        self.last_lifecycle = "daemon_started"
+        self.platform = _str(event.get("platform")) or self.platform
+        self.interval_s = _num(event.get("interval_s")) or self.interval_s
+        self.tl.budget_s = _num(event.get("budget_s")) or self.tl.budget_s
+        # Forward-compatible: a later schema may log the configured price with the start.
+        self.price_per_hour = _num(event.get("price_per_hour")) or self.price_per_hour
+
+    def stopped(self, event: Dict[str, Any]) -> None:
+        self.daemon_stops += 1
+        self.last_lifecycle = "daemon_stopped"
+
+    def marker(self, event: Dict[str, Any], name: str) -> bool:
+        if name == "decision":
+            kind = _str(event.get("kind"))
+        else:
+            kind = _str(event.get("step"))
+        if kind is None:
+            return False
+        message = _str(event.get("message")) or _str(event.get("error")) or ""
+        mark = Marker(self._now_s(event), name, kind, _str(event.get("reason")),
+                      _str(event.get("action")), _int(event.get("seq")), message)
+        self.tl.markers.append(mark)
+        if name == "decision" and kind == "ack" and mark.action == "stop":
+            self.stop_acked = _str(event.get("request_reason")) or mark.reason or "unknown"
+        if name == "action" and kind.startswith("end_"):
+            self.end_action = mark
+            self.samples_after_end = 0
+        return True
+
+    def sample(self, event: Dict[str, Any]) -> bool:
+        tl = self.tl
+        elapsed = _num(event.get("elapsed_s"))
+        ts = _num(event.get("ts"))
+        if elapsed is None:
+            start = self.session_start()
+            if start is None or ts is None:
+                return False
+            elapsed = ts - start
+        if ts is not None:
+            self.last_ts = ts
+            if self.start_derived is None:
+                self.start_derived = ts - elapsed
+        self.samples_after_end += 1
+        n = len(tl.elapsed_s)
+        tl.elapsed_s.append(elapsed)
+        tl.budget_s = _num(event.get("budget_s")) or tl.budget_s
+        self.last_remaining = _num(event.get("remaining_s"))
+        if self.last_lifecycle == "daemon_stopped":
+            self.last_lifecycle = "daemon_started"  # samples again: the stop was not the end
+
+        # GPUs: a reading missing from this sample is unknown for this sample.
+        utils: List[Optional[float]] = []
+        for position, raw in enumerate(_list(event.get("gpus"))):
+            if not isinstance(raw, dict):
+                utils.append(None)  # not a reading at all: this sample has an unknown GPU
+                continue
+            gpu = raw
+            index = _int(gpu.get("index"))
+            index = position if index is None else index
+            if index not in tl.gpu_util:
+                tl.gpu_util[index] = [None] * n
+                tl.gpu_mem[index] = [None] * n
+                tl.gpu_mem_total[index] = None
+                tl.gpu_names[index] = None
+            util = _num(gpu.get("util_pct"))
+            if len(tl.gpu_util[index]) == n:  # a repeated index counts once
+                tl.gpu_util[index].append(util)
+                tl.gpu_mem[index].append(_int(gpu.get("mem_used_bytes")))
+                utils.append(util)
+            total = _int(gpu.get("mem_total_bytes"))
+            if total is not None:
+                tl.gpu_mem_total[index] = total
+            tl.gpu_names[index] = _str(gpu.get("name")) or tl.gpu_names[index]
+        for index, column in tl.gpu_util.items():
+            if len(column) == n:
+                column.append(None)
+                tl.gpu_mem[index].append(None)
+                utils.append(None)
+        known = [u for u in utils if u is not None]
+        tl.gpu_max_util.append(max(known) if utils and len(known) == len(utils) else None)
+        tl.gpu_mean_util.append(sum(known) / len(known) if known else None)
+
+        ram = _dict(event.get("ram"))
+        total, available = _int(ram.get("total_bytes")), _int(ram.get("available_bytes"))
+        tl.ram_total.append(total)
+        tl.ram_used.append(None if total is None or available is None else max(0, total - available))
+        self.ram_source = _str(ram.get("source")) or self.ram_source
+        oom = _int(ram.get("oom_kills"))
+        if oom is not None:
+            if self.oom_first is None:
+                self.oom_first = oom
+            if self.oom_last is not None:
+                # A counter that goes down was reset (a new cgroup): count the new one from 0.
+                self.oom_increase += oom - self.oom_last if oom >= self.oom_last else oom
+            self.oom_last = oom
+
+        for raw in _list(event.get("disks")):
+            disk = _dict(raw)
+            path = _str(disk.get("path"))
+            if path is None:
+                continue
+            if path not in tl.disk_free:
+                tl.disk_free[path] = [None] * n
+                tl.disk_total[path] = None
+            free_column = tl.disk_free[path]
+            if len(free_column) == n:
+                free_column.append(_int(disk.get("free_bytes")))
+            total_disk = _int(disk.get("total_bytes"))
+            if total_disk is not None:
+                tl.disk_total[path] = total_disk
+        for free_column in tl.disk_free.values():
+            if len(free_column) == n:
+                free_column.append(None)
+
+        trainer = _dict(event.get("trainer"))
+        state = _str(trainer.get("state"))
+        tl.training.append(trainer.get("alive") is True and state == "running")
+        if state is not None:
+            self.trainer_state = state
+            self.trainer_step = _int(trainer.get("step"))
+            self.trainer_epoch = _int(trainer.get("epoch"))
+        ckpt = _dict(trainer.get("checkpoint"))
+        if ckpt:
+            key = (ckpt.get("path"), ckpt.get("at"))
+            if key not in self.checkpoints and (key[0] is not None or key[1] is not None):
+                self.checkpoints[key] = {
+                    "at": _num(ckpt.get("at")), "step": _int(ckpt.get("step")),
+                    "path": _str(ckpt.get("path")), "duration_s": _num(ckpt.get("duration_s")),
+                    "bytes": _int(ckpt.get("bytes"))}
+        return True
+
+

@@ -1,0 +1,429 @@
+"""The summary: one session's columns in, a dict out (pure), and its text tables."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from session_watchdog.report.reading import (  # noqa: F401
+    EXIT_OK,
+    EXIT_USAGE,
+    GAP_FACTOR,
+    GPU_IDLE_PCT,
+    HANDLED_EVENTS,
+    INPUT_BOUND_PCT,
+    INPUT_BOUND_WINDOW_S,
+    PLATFORM_PRICE_PER_HOUR,
+    QUIET_EVENTS,
+    REPORT_VERSION,
+    SESSION_TOLERANCE_S,
+    InputStats,
+    Marker,
+    ReportError,
+    Timeline,
+    _dict,
+    _int,
+    _list,
+    _num,
+    _round,
+    _Session,
+    _str,
+    expand_paths,
+    read_events,
+)
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Report:
+    summary: Dict[str, Any]
+    timeline: Timeline
+
+
+def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
+         price_per_hour: Optional[float] = None, gpu_idle_pct: float = GPU_IDLE_PCT) -> Report:
+    """Read the logs and summarise one session (the last by default; 1-based, negative from the end)."""
+    files = expand_paths(paths, rotated)
+    stats = InputStats()
+    sessions: List[_Session] = [_Session(None)]
+    for event in read_events(files, stats):
+        name = event.get("event")
+        current = sessions[-1]
+        if not isinstance(name, str):
+            stats.bad_events += 1
+        elif name == "sample":
+            if not current.sample(event):
+                stats.bad_events += 1
+        elif name in ("decision", "action"):
+            if not current.marker(event, name):
+                stats.bad_events += 1
+        elif name == "daemon_started":
+            start = _num(event.get("session_start"))
+            known = current.session_start()
+            if start is not None and known is not None and abs(start - known) > SESSION_TOLERANCE_S \
+                    and not current.empty:
+                current = _Session(start)
+                sessions.append(current)
+            elif start is not None and current.start is None:
+                current.start = start
+            current.started(event)
+        elif name == "daemon_stopped":
+            current.stopped(event)
+        elif name == "tick_failed":
+            current.ticks_failed += 1
+        elif name == "tick_missed":
+            current.ticks_missed += 1
+        elif name not in QUIET_EVENTS:
+            stats.unknown_events += 1
+            stats.unknown_names[name] = stats.unknown_names.get(name, 0) + 1
+    count = len(sessions)
+    index = session - 1 if session > 0 else count + session
+    if not 0 <= index < count:
+        raise ReportError(f"--session {session} is out of range: the log holds {count} "
+                          f"session{'s' if count != 1 else ''}")
+    chosen = sessions[index]
+    torn_end = stats.torn_at_end and index == count - 1  # an earlier session ended otherwise
+    summary = _summarize(chosen, stats, index + 1, count, price_per_hour, gpu_idle_pct, torn_end)
+    return Report(summary, chosen.tl)
+
+
+# --------------------------------------------------------------------------------------------
+# The summary (pure: columns in, dict out)
+
+
+def percentile(values: Sequence[float], pct: float) -> Optional[float]:
+    """Linear interpolation between closest ranks (numpy's default, Excel's PERCENTILE.INC)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * pct / 100.0
+    low = int(math.floor(pos))
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _intervals(elapsed: Sequence[float], nominal: Optional[float]) -> List[float]:
+    """Seconds each sample stands for: up to the next sample; gaps and the last sample count 0."""
+    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    if nominal is None:
+        positive = sorted(d for d in diffs if d > 0)
+        nominal = positive[len(positive) // 2] if positive else None
+    cap = GAP_FACTOR * nominal if nominal else math.inf
+    return [d if 0 < d <= cap else 0.0 for d in diffs] + ([0.0] if elapsed else [])
+
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
+               price_flag: Optional[float], gpu_idle_pct: float, torn_end: bool) -> Dict[str, Any]:
+    tl = s.tl
+    el = tl.elapsed_s
+    dt = _intervals(el, s.interval_s)
+    start = s.session_start()
+    last_s = el[-1] if el else None
+    budget = tl.budget_s
+    remaining = s.last_remaining
+    if remaining is None and budget is not None and last_s is not None:
+        remaining = budget - last_s
+
+    gpus = []
+    for index in sorted(tl.gpu_util):
+        known = [u for u in tl.gpu_util[index] if u is not None]
+        mems = [m for m in tl.gpu_mem[index] if m is not None]
+        gpus.append({
+            "index": index, "name": tl.gpu_names[index], "samples": len(known),
+            "unknown_samples": len(el) - len(known),
+            "util_mean_pct": _round(sum(known) / len(known)) if known else None,
+            "util_p50_pct": _round(percentile(known, 50)),
+            "util_p95_pct": _round(percentile(known, 95)),
+            "mem_peak_bytes": max(mems) if mems else None,
+            "mem_total_bytes": tl.gpu_mem_total[index],
+        })
+
+    idle_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u is not None and u < gpu_idle_pct)
+    known_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u is not None)
+    price: Optional[float]
+    price_source: Optional[str]
+    if price_flag is not None:
+        price, price_source = price_flag, "flag"
+    elif s.price_per_hour is not None:
+        price, price_source = s.price_per_hour, "log"
+    else:
+        price = PLATFORM_PRICE_PER_HOUR.get(s.platform or "")
+        price_source = "platform" if price is not None else None
+
+    used = [u for u in tl.ram_used if u is not None]
+    totals = [t for t in tl.ram_total if t is not None]
+    peak_used = max(used) if used else None
+    limit = max(totals) if totals else None
+    peak_at = el[tl.ram_used.index(peak_used)] if peak_used is not None else None
+
+    disks = []
+    for path, column in tl.disk_free.items():
+        known_free = [f for f in column if f is not None]
+        low = min(known_free) if known_free else None
+        disks.append({"path": path, "min_free_bytes": low, "total_bytes": tl.disk_total[path],
+                      "min_free_at_s": el[column.index(low)] if low is not None else None})
+
+    ckpts = list(s.checkpoints.values())
+    durations = [c["duration_s"] for c in ckpts if c["duration_s"] is not None]
+    sizes = [c["bytes"] for c in ckpts if c["bytes"] is not None]
+
+    summary: Dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "input": {
+            "files": stats.files, "lines": stats.lines, "events": stats.events,
+            "samples": len(el), "torn_lines": stats.torn_lines,
+            "invalid_lines": stats.invalid_lines, "unknown_events": stats.unknown_events,
+            "unknown_event_names": dict(sorted(stats.unknown_names.items())),
+            "bad_events": stats.bad_events, "sessions": count, "session": ordinal,
+        },
+        "session": {
+            "platform": s.platform,
+            "start": _round(start, 3), "start_utc": _iso(start),
+            "end": _round(None if start is None or last_s is None else start + last_s, 3),
+            "end_utc": _iso(None if start is None or last_s is None else start + last_s),
+            "first_sample_s": _round(el[0], 3) if el else None,
+            "elapsed_s": _round(last_s, 3), "budget_s": budget,
+            "used_pct": _round(100.0 * last_s / budget) if budget and last_s is not None else None,
+            "remaining_s": _round(remaining, 3),
+            "daemon_starts": s.daemon_starts, "daemon_stops": s.daemon_stops,
+            "ticks_failed": s.ticks_failed, "ticks_missed": s.ticks_missed,
+        },
+        "gpus": gpus,
+        "gpu_idle": {
+            "threshold_pct": gpu_idle_pct, "idle_s": _round(idle_s, 3),
+            "known_s": _round(known_s, 3), "price_per_hour": price, "price_source": price_source,
+            "cost": None if price is None else round(idle_s / 3600.0 * price, 4),
+        },
+        "ram": {
+            "source": s.ram_source, "limit_bytes": limit, "peak_used_bytes": peak_used,
+            "peak_used_pct": _round(100.0 * peak_used / limit) if peak_used is not None and limit
+            else None,
+            "peak_at_s": peak_at,
+            "oom_kills": s.oom_increase if s.oom_last is not None else None,
+            "oom_kills_counter": s.oom_last,
+        },
+        "disks": disks,
+        "checkpoints": {
+            "count": len(ckpts),
+            "duration_mean_s": _round(sum(durations) / len(durations), 3) if durations else None,
+            "duration_max_s": max(durations) if durations else None,
+            "bytes_last": ckpts[-1]["bytes"] if ckpts else None,
+            "bytes_max": max(sizes) if sizes else None,
+            "list": [{**c, "at_s": _round(c["at"] - start, 3)
+                      if c["at"] is not None and start is not None else None} for c in ckpts],
+        },
+        "trainer": {"state": s.trainer_state, "step": s.trainer_step, "epoch": s.trainer_epoch},
+        "input_bound": input_bound(el, dt, tl.training, tl.gpu_mean_util),
+        "events": [m.to_json() for m in tl.markers],
+        "ended": _ending(s, stats, last_s, remaining, torn_end),
+    }
+    return summary
+
+
+def input_bound(elapsed: Sequence[float], dt: Sequence[float], training: Sequence[bool],
+                mean_util: Sequence[Optional[float]], threshold_pct: float = INPUT_BOUND_PCT,
+                window_s: float = INPUT_BOUND_WINDOW_S) -> Dict[str, Any]:
+    """Is training input-bound (issue 6: under 40 % mean GPU utilisation for 10+ minutes)?
+
+    A window is a run of training samples without a gap covering at least ``window_s`` (sample
+    *i* covers ``dt[i]``, up to the next sample). It is low when its time-weighted mean GPU
+    utilisation, over the samples with a known reading (at least half its time), is under
+    ``threshold_pct``. The lowest window is reported, with the hint.
+    """
+    n = len(elapsed)
+    training_s = sum(d for d, t in zip(dt, training) if t)
+    weighted = [(u * d, d) for u, d, t in zip(mean_util, dt, training) if t and u is not None]
+    known_s = sum(d for _, d in weighted)
+    worst: Optional[Tuple[float, float, float]] = None  # (mean, from_s, to_s)
+    first_at: Optional[float] = None
+    k = 0
+    while k < n:
+        if not training[k]:
+            k += 1
+            continue
+        a = k  # a segment: consecutive training samples, no gap between them (dt > 0)
+        while k + 1 < n and training[k + 1] and dt[k] > 0:
+            k += 1
+        b = k
+        k += 1
+        cover, area, known = [0.0], [0.0], [0.0]  # prefix sums over the segment
+        for j in range(a, b + 1):
+            u = mean_util[j]
+            cover.append(cover[-1] + dt[j])
+            area.append(area[-1] + (u * dt[j] if u is not None else 0.0))
+            known.append(known[-1] + (dt[j] if u is not None else 0.0))
+        i = 0  # window [i, j] in segment positions
+        for j in range(b - a + 1):
+            while i < j and cover[j + 1] - cover[i + 1] >= window_s:
+                i += 1
+            span = cover[j + 1] - cover[i]
+            seen = known[j + 1] - known[i]
+            if span < window_s or seen <= 0 or 2 * seen < span:
+                continue
+            mean = (area[j + 1] - area[i]) / seen
+            if mean < threshold_pct:
+                if first_at is None:
+                    first_at = elapsed[a + i]
+                if worst is None or mean < worst[0]:
+                    worst = (mean, elapsed[a + i], elapsed[a + i] + span)
+    hint = None
+    if worst is not None:
+        hint = (f"training ran {_clock(worst[2] - worst[1])} at a mean GPU utilization of "
+                f"{worst[0]:.0f}% (from {_clock(worst[1], sign=True)}): the GPU waits for data. "
+                "Try more DataLoader workers (num_workers), pin_memory=True, "
+                "persistent_workers=True, and data on the local disk")
+    return {
+        "suspected": worst is not None, "threshold_pct": threshold_pct, "window_s": window_s,
+        "training_s": _round(training_s, 3),
+        "training_util_mean_pct": _round(sum(w for w, _ in weighted) / known_s) if known_s else None,
+        "first_at_s": first_at,
+        "worst_window_util_pct": _round(worst[0]) if worst else None,
+        "worst_window_from_s": worst[1] if worst else None,
+        "worst_window_to_s": worst[2] if worst else None,
+        "hint": hint,
+    }
+
+
+def _ending(s: _Session, stats: InputStats, last_s: Optional[float],
+            remaining: Optional[float], torn_end: bool) -> Dict[str, Any]:
+    """How the session ended, from the last events: a code and one sentence."""
+    trainer = ""
+    if s.trainer_state is not None:
+        trainer = f"trainer {s.trainer_state} at step {s.trainer_step}"
+        if s.stop_acked:
+            trainer += f" after acknowledging a stop request ({s.stop_acked})"
+    if s.empty and stats.events == 0:
+        code, text = "empty", "the log holds no events"
+    elif s.end_action is not None and s.samples_after_end <= 1:
+        # The end transaction's last step (end_* actions; one more tick may follow it).
+        mark = s.end_action
+        code = "end_action"
+        text = f"the watchdog's end transaction: {mark.kind} ({mark.reason or 'no reason'})"
+    elif torn_end:
+        code = "torn"
+        text = "the log ends mid-line: the runtime died while the watchdog was writing"
+    elif s.last_lifecycle == "daemon_stopped":
+        code, text = "daemon_stopped", "the watchdog stopped cleanly"
+    else:
+        code = "log_stops"
+        text = "the log stops without a stop event: the runtime or the watchdog died"
+    if code in ("torn", "log_stops") and remaining is not None and s.interval_s is not None \
+            and remaining <= 2 * s.interval_s:
+        text += " at the session limit"
+    if trainer:
+        text += f"; {trainer}"
+    return {"code": code, "at_s": _round(last_s, 3), "trainer_state": s.trainer_state,
+            "trainer_step": s.trainer_step, "stop_acked": s.stop_acked, "text": text}
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def _clock(seconds: Optional[float], sign: bool = False) -> str:
+    """``3725`` -> ``1h02m05s``; ``sign`` adds ``+`` (a place on the session clock)."""
+    if seconds is None:
+        return "-"
+    total = int(round(abs(seconds)))
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    text = f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+    return ("+" if sign and seconds >= 0 else "-" if seconds < 0 else "") + text
+
+
+def _gib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+Table = Tuple[str, List[str], List[List[str]]]  # (title, headers, rows)
+
+
+def tables(summary: Dict[str, Any]) -> List[Table]:
+    """The summary as titled tables of strings (the text and HTML views share them)."""
+    ses, idle, ram, ck, ib, inp = (summary[k] for k in (
+        "session", "gpu_idle", "ram", "checkpoints", "input_bound", "input"))
+    budget = ses["budget_s"]
+    used = _clock(ses["elapsed_s"]) + (
+        f" of {_clock(budget)} ({ses['used_pct']:.1f}%), {_clock(ses['remaining_s'])} left"
+        if budget else " (no budget)")
+    cost = "" if idle["cost"] is None else (
+        f"; cost {idle['cost']:.2f} at {idle['price_per_hour']:g}/h")
+    out: List[Table] = [
+        ("Session", ["", ""], [
+            ["platform", str(ses["platform"] or "-")],
+            ["start", str(ses["start_utc"] or "-")],
+            ["end", str(ses["end_utc"] or "-")],
+            ["time used", used],
+            ["ended", summary["ended"]["text"]],
+            [f"GPU idle (< {idle['threshold_pct']:g}%)",
+             f"{_clock(idle['idle_s'])} of {_clock(idle['known_s'])} with known readings{cost}"],
+            ["RAM peak", f"{_gib(ram['peak_used_bytes'])} of {_gib(ram['limit_bytes'])} "
+             f"({_pct(ram['peak_used_pct'])}, {ram['source'] or '-'}) at "
+             f"{_clock(ram['peak_at_s'], sign=True)}; OOM kills: "
+             f"{'-' if ram['oom_kills'] is None else ram['oom_kills']}"],
+            ["checkpoints", f"{ck['count']}, duration mean {_clock(ck['duration_mean_s'])} "
+             f"max {_clock(ck['duration_max_s'])}, last {_gib(ck['bytes_last'])}, "
+             f"largest {_gib(ck['bytes_max'])}"],
+            ["trainer", f"{summary['trainer']['state'] or '-'} at step "
+             f"{summary['trainer']['step'] if summary['trainer']['step'] is not None else '-'}"],
+        ]),
+        ("GPUs", ["GPU", "name", "util mean", "p50", "p95", "unknown", "mem peak", "mem total"], [
+            [str(g["index"]), str(g["name"] or "-"), _pct(g["util_mean_pct"]),
+             _pct(g["util_p50_pct"]), _pct(g["util_p95_pct"]), str(g["unknown_samples"]),
+             _gib(g["mem_peak_bytes"]), _gib(g["mem_total_bytes"])] for g in summary["gpus"]]),
+        ("Disks", ["path", "min free", "total", "at"], [
+            [d["path"], _gib(d["min_free_bytes"]), _gib(d["total_bytes"]),
+             _clock(d["min_free_at_s"], sign=True)] for d in summary["disks"]]),
+        ("Decisions and actions", ["at", "event", "kind", "reason", "action", "seq", "message"], [
+            [_clock(e["at_s"], sign=True), e["event"], e["kind"], e["reason"] or "-",
+             e["action"] or "-", "-" if e["seq"] is None else str(e["seq"]), e["message"]]
+            for e in summary["events"]]),
+    ]
+    if ib["hint"]:
+        out.insert(1, ("Hint: input-bound", [""], [[ib["hint"]]]))
+    skipped = [(inp["torn_lines"], "torn lines"), (inp["invalid_lines"], "invalid lines"),
+               (inp["unknown_events"], "unknown events"), (inp["bad_events"], "events missing fields")]
+    rows = [[str(n), what] for n, what in skipped if n]
+    rows += [[str(n), f"  {name}"] for name, n in inp["unknown_event_names"].items()]
+    if inp["sessions"] > 1:
+        rows.append([str(inp["sessions"]), f"sessions in the log; this is number {inp['session']}"
+                                           " (--session N)"])
+    if rows:
+        out.append(("Skipped input", ["count", "what"], rows))
+    return out
+
+
+def render_text(summary: Dict[str, Any]) -> str:
+    """Compact plain-text tables."""
+    lines = [f"session-watchdog report: {summary['input']['samples']} samples from "
+             f"{len(summary['input']['files'])} file(s)"]
+    for title, headers, rows in tables(summary):
+        if not rows:
+            continue
+        lines.append("")
+        lines.append(title)
+        show_headers = any(headers)
+        widths = [max([len(headers[i]) if show_headers else 0] + [len(r[i]) for r in rows])
+                  for i in range(len(headers))]
+        if show_headers:
+            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        for row in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
