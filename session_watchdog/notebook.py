@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from session_watchdog import channel, log, platforms
+from session_watchdog.background import Launched, default_output_path, start_process
 from session_watchdog.config import Config, ConfigError, format_duration, load_config
-from session_watchdog.launch import Launched, default_output_path, start_process
 from session_watchdog.log import get_logger
 
 _log = get_logger()
@@ -1043,7 +1043,9 @@ def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], b
                                   f"exited with code {code}{where} without reporting "
                                   f"completion; its output: {launched.output}")
                 active = status is not None and status.state in _ACTIVE_STATES
-                gone_polls = gone_polls + 1 if seen_alive and not alive and active else 0
+                # A launched trainer's end is its process's exit (its code says more).
+                gone_polls = gone_polls + 1 if seen_alive and not alive and active \
+                    and launched is None else 0
                 if gone_polls >= 2 and status is not None:
                     return finish("trainer_gone", f"the trainer ended at step {status.step} "
                                   "without reporting completion (crashed or closed?)")
