@@ -186,7 +186,7 @@ class TestGoldenSession:
         ck = summary_of(golden)["checkpoints"]
         assert {k: v for k, v in ck.items() if k != "list"} == {
             "count": 3, "duration_mean_s": 30.0, "duration_max_s": 40.0, "bytes_last": 3 * GiB,
-            "bytes_max": 3 * GiB}
+            "bytes_max": 3 * GiB, "reasons": {"session_limit": 2, "by the trainer itself": 1}}
         assert [(c["path"], c["at_s"], c["step"]) for c in ck["list"]] == [
             ("/ckpt/a.pt", 2300.0, 1000), ("/ckpt/b.pt", 3285.0, 1865), ("/ckpt/c.pt", 3530.0, 2115)]
 

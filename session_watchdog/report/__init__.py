@@ -57,6 +57,7 @@ from session_watchdog.report.render import (  # noqa: F401
     PlotUnavailable,
     render_html,
     render_png,
+    timeline_figure,
 )
 from session_watchdog.report.summary import (  # noqa: F401
     Report,

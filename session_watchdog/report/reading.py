@@ -55,8 +55,16 @@ HANDLED_EVENTS = frozenset({
     "sample", "decision", "action", "daemon_started", "daemon_stopped", "tick_failed",
     "tick_missed",
 })
-# Lifecycle events this version knows and does not summarise: not "unknown".
-QUIET_EVENTS = frozenset({"signal_received", "state_quarantined"})
+# Events this version writes and does not summarise: not "unknown" (issue 16: the report called
+# this version's own config_not_applied an unknown input).
+QUIET_EVENTS = frozenset({
+    "signal_received", "signal_repeated", "state_quarantined", "state_reset", "config_not_applied",
+    "notebook_hook_failed", "final_reading_failed", "scheduler_log", "session_clock_carried_over",
+    "end_rearmed", "sd_notify_unsupported", "sd_notify_failed", "attached", "child_started",
+    "child_signalled", "child_killed", "child_interrupted", "child_escalated",
+    "preemption_notice", "preemption_cleared", "preemption_unavailable", "preemption_poll_failed",
+    "preemption_poller_raised", "preemption_poll_recovered",
+})
 
 _ROTATED = re.compile(r"^(?P<base>.+?)\.(?P<index>\d+)(?:\.gz)?$")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -246,8 +254,12 @@ class Timeline:
     disk_free: Dict[str, List[Optional[int]]] = field(default_factory=dict)
     disk_total: Dict[str, Optional[int]] = field(default_factory=dict)
     training: List[bool] = field(default_factory=list)  # trainer alive and state "running"
+    step: List[Optional[int]] = field(default_factory=list)  # the trainer's global step
+    step_time_s: List[Optional[float]] = field(default_factory=list)  # its measured step time
     markers: List[Marker] = field(default_factory=list)
     budget_s: Optional[float] = None
+    interval_s: Optional[float] = None  # the nominal tick interval (daemon_started)
+    checkpoints: List[Tuple[float, Optional[int]]] = field(default_factory=list)  # (at_s, step)
 
 
 class _Session:
@@ -278,6 +290,10 @@ class _Session:
         self.stop_acked: Optional[str] = None  # the reason of the last acknowledged stop request
         self.end_action: Optional[Marker] = None  # the last end_* action step (a later issue)
         self.samples_after_end = 0
+        self.first_step: Optional[int] = None  # the first step reported (a resumed run's start)
+        self.completed_at_s: Optional[float] = None  # first sample with the trainer completed
+        self.released_at_s: Optional[float] = None  # the end action ran (runtime released)
+        self.acked_reasons: Dict[str, int] = {}  # acknowledged requests by the request's reason
 
     @property
     def empty(self) -> bool:
@@ -318,8 +334,13 @@ class _Session:
         mark = Marker(self._now_s(event), name, kind, _str(event.get("reason")),
                       _str(event.get("action")), _int(event.get("seq")), message)
         self.tl.markers.append(mark)
-        if name == "decision" and kind == "ack" and mark.action == "stop":
-            self.stop_acked = _str(event.get("request_reason")) or mark.reason or "unknown"
+        if name == "decision" and kind == "ack":
+            why = _str(event.get("request_reason")) or mark.reason or "unknown"
+            self.acked_reasons[why] = self.acked_reasons.get(why, 0) + 1
+            if mark.action == "stop":
+                self.stop_acked = why
+        if name == "action" and kind == "end_action" and self.released_at_s is None:
+            self.released_at_s = mark.at_s
         if name == "action" and kind.startswith("end_"):
             self.end_action = mark
             self.samples_after_end = 0
@@ -413,10 +434,19 @@ class _Session:
         trainer = _dict(event.get("trainer"))
         state = _str(trainer.get("state"))
         tl.training.append(trainer.get("alive") is True and state == "running")
+        step = _int(trainer.get("step")) if state is not None else None
+        tl.step.append(step)
+        tl.step_time_s.append(_num(trainer.get("step_time_s")) if state is not None else None)
         if state is not None:
             self.trainer_state = state
-            self.trainer_step = _int(trainer.get("step"))
+            self.trainer_step = step
             self.trainer_epoch = _int(trainer.get("epoch"))
+            if self.first_step is None and step is not None:
+                self.first_step = step
+            if state == "completed" and self.completed_at_s is None:
+                self.completed_at_s = elapsed
+            elif state != "completed":
+                self.completed_at_s = None
         ckpt = _dict(trainer.get("checkpoint"))
         if ckpt:
             key = (ckpt.get("path"), ckpt.get("at"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,8 +41,16 @@ from session_watchdog.report.reading import (  # noqa: F401
 
 @dataclass
 class Report:
+    """The summary, the chosen session's columns, and every session's (for a stitched view).
+
+    ``sessions``: (session start, columns) per session in time order; ``stitched``: draw them as
+    one training on one wall-clock axis (the default when no ``--session`` was asked for).
+    """
+
     summary: Dict[str, Any]
     timeline: Timeline
+    sessions: List[Tuple[Optional[float], Timeline]] = field(default_factory=list)
+    stitched: bool = False
 
 
 def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
@@ -81,6 +89,15 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
         elif name not in QUIET_EVENTS:
             stats.unknown_events += 1
             stats.unknown_names[name] = stats.unknown_names.get(name, 0) + 1
+    for s in sessions:  # what the figure needs besides the columns
+        start_s = s.session_start()
+        s.tl.interval_s = s.interval_s
+        s.tl.checkpoints = [(c["at"] - start_s, c["step"]) for c in s.checkpoints.values()
+                            if c["at"] is not None and start_s is not None]
+    if len(sessions) > 1 and sessions[0].empty:
+        sessions.pop(0)
+    # Logs of several runtimes may be named in any order: one training is in session-start order.
+    sessions.sort(key=lambda s: (s.session_start() is None, s.session_start() or 0.0))
     count = len(sessions)
     index = session - 1 if session > 0 else count + session
     if not 0 <= index < count:
@@ -89,7 +106,103 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
     chosen = sessions[index]
     torn_end = stats.torn_at_end and index == count - 1  # an earlier session ended otherwise
     summary = _summarize(chosen, stats, index + 1, count, price_per_hour, gpu_idle_pct, torn_end)
-    return Report(summary, chosen.tl)
+    each = [summary if s is chosen else _summarize(
+        s, stats, k + 1, count, price_per_hour, gpu_idle_pct,
+        stats.torn_at_end and k == count - 1) for k, s in enumerate(sessions)]
+    summary["training"] = training_across(sessions, each)
+    summary["headline"] = headline(summary, summary["training"])
+    return Report(summary, chosen.tl, [(s.session_start(), s.tl) for s in sessions],
+                  stitched=session == -1 and count > 1)
+
+
+# --------------------------------------------------------------------------------------------
+# One training across sessions, and the headline
+
+
+def _steps_lost(s: _Session, next_first_step: Optional[int]) -> Optional[int]:
+    """Steps done in ``s`` that the next session did not start from (or, for the last session,
+    that no checkpoint holds unless the trainer completed or stopped with a checkpoint)."""
+    last = s.trainer_step
+    if last is None:
+        return None
+    if next_first_step is not None:
+        return max(0, last - next_first_step)
+    if s.trainer_state in ("completed", "stopped"):
+        return 0
+    saved = [c["step"] for c in s.checkpoints.values() if c["step"] is not None]
+    return max(0, last - max(saved)) if saved else last
+
+
+def training_across(sessions: Sequence[_Session], summaries: Sequence[Dict[str, Any]]
+                    ) -> Dict[str, Any]:
+    """One training over every session of the logs: steps, losses at each boundary, idle cost."""
+    rows = []
+    for k, (s, summ) in enumerate(zip(sessions, summaries)):
+        following = sessions[k + 1].first_step if k + 1 < len(sessions) else None
+        idle = summ["gpu_idle"]
+        rows.append({
+            "session": k + 1, "start_utc": summ["session"]["start_utc"],
+            "elapsed_s": summ["session"]["elapsed_s"], "first_step": s.first_step,
+            "last_step": s.trainer_step, "trainer_state": s.trainer_state,
+            "checkpoints": summ["checkpoints"]["count"],
+            "steps_lost": _steps_lost(s, following),
+            "gpu_idle_s": idle["idle_s"], "gpu_idle_cost": idle["cost"],
+            "ended": summ["ended"]["code"],
+        })
+    lost = [r["steps_lost"] for r in rows]
+    costs = [r["gpu_idle_cost"] for r in rows]
+    steps = [r["last_step"] for r in rows if r["last_step"] is not None]
+    return {
+        "sessions": len(rows), "total_steps": steps[-1] if steps else None,
+        "steps_lost": None if any(v is None for v in lost) and all(v is None for v in lost)
+        else sum(v for v in lost if v is not None),
+        "gpu_idle_s": _round(sum(r["gpu_idle_s"] or 0.0 for r in rows), 3),
+        "gpu_idle_cost": None if all(c is None for c in costs)
+        else round(sum(c for c in costs if c is not None), 4),
+        "checkpoints": sum(r["checkpoints"] for r in rows),
+        "list": rows,
+    }
+
+
+def headline(summary: Dict[str, Any], training: Dict[str, Any]) -> Dict[str, Any]:
+    """What happened and what it cost, first: the lines a user reads in the morning (issue 16)."""
+    ck, idle, ended, tr = (summary[k] for k in ("checkpoints", "gpu_idle", "ended", "trainer"))
+    lines = []
+    state = tr["state"] or "no trainer seen"
+    step = "" if tr["step"] is None else f" at step {tr['step']}"
+    if training["sessions"] > 1:
+        lines.append(f"Training {state}{step}, over {training['sessions']} sessions")
+    else:
+        lines.append(f"Training {state}{step}")
+    lost = training["steps_lost"]
+    lines.append("Steps lost: " + ("unknown (no step reported)" if lost is None else str(lost)))
+    why = ", ".join(f"{n} {reason}" if reason.startswith("by ") else f"{n} requested ({reason})"
+                    for reason, n in ck["reasons"].items())
+    lines.append(f"Checkpoints: {training['checkpoints']}" + (f" ({why})" if why else ""))
+    lines.append(f"Ended: {ended['text']}")
+    done = summary["completion"]
+    if done["completed_at_s"] is not None:
+        if done["released_after_s"] is not None:
+            lines.append("Training completed -> runtime released: "
+                         + human_duration(done["released_after_s"]))
+        else:
+            lines.append("Runtime not released by the watchdog: held "
+                         f"{human_duration(done['held_after_s'])} after training completed, "
+                         "until the log ends")
+    if not summary["gpus"]:
+        lines.append("GPU idle: no GPU readings")
+    else:
+        cost = training["gpu_idle_cost"]
+        lines.append(f"GPU idle: {human_duration(training['gpu_idle_s'])}"
+                     + ("" if cost is None else
+                        f", cost {cost:.2f} at {idle['price_per_hour']:g}/h")
+                     + ("" if cost is not None or not training["gpu_idle_s"]
+                        else " (cost: give --price-per-hour)"))
+    gaps = summary["monitoring_gaps"]
+    if gaps["count"]:
+        lines.append(f"Monitoring gaps: {gaps['count']}, {human_duration(gaps['total_s'])} "
+                     "without readings")
+    return {"lines": lines, "steps_lost": lost, "completion": done}
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +228,19 @@ def _intervals(elapsed: Sequence[float], nominal: Optional[float]) -> List[float
         nominal = positive[len(positive) // 2] if positive else None
     cap = GAP_FACTOR * nominal if nominal else math.inf
     return [d if 0 < d <= cap else 0.0 for d in diffs] + ([0.0] if elapsed else [])
+
+
+def monitoring_gaps(elapsed: Sequence[float], nominal: Optional[float]) -> List[Tuple[float, float]]:
+    """(from_s, to_s) where consecutive samples are more than GAP_FACTOR intervals apart: the
+    watchdog was down, or ticks were held up (a GIL-holding cell in a notebook, issue 16)."""
+    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    if nominal is None:
+        positive = sorted(d for d in diffs if d > 0)
+        nominal = positive[len(positive) // 2] if positive else None
+    if not nominal:
+        return []
+    cap = GAP_FACTOR * nominal
+    return [(a, b) for a, b in zip(elapsed, elapsed[1:]) if b - a > cap]
 
 
 def _iso(epoch: Optional[float]) -> Optional[str]:
@@ -178,6 +304,15 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
     durations = [c["duration_s"] for c in ckpts if c["duration_s"] is not None]
     sizes = [c["bytes"] for c in ckpts if c["bytes"] is not None]
 
+    gaps = monitoring_gaps(el, s.interval_s)
+    requested = sum(s.acked_reasons.values())
+    reasons = dict(sorted(s.acked_reasons.items()))
+    if len(ckpts) > requested:
+        reasons["by the trainer itself"] = len(ckpts) - requested
+    held = None
+    if s.completed_at_s is not None and last_s is not None:
+        held = (s.released_at_s if s.released_at_s is not None else last_s) - s.completed_at_s
+
     summary: Dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "input": {
@@ -222,6 +357,19 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
             "bytes_max": max(sizes) if sizes else None,
             "list": [{**c, "at_s": _round(c["at"] - start, 3)
                       if c["at"] is not None and start is not None else None} for c in ckpts],
+            "reasons": reasons,
+        },
+        "monitoring_gaps": {
+            "count": len(gaps), "total_s": _round(sum(b - a for a, b in gaps), 3),
+            "ticks_missed": s.ticks_missed,
+            "list": [{"from_s": _round(a, 3), "to_s": _round(b, 3), "duration_s": _round(b - a, 3)}
+                     for a, b in gaps],
+        },
+        "completion": {
+            "completed_at_s": _round(s.completed_at_s, 3),
+            "released_at_s": _round(s.released_at_s, 3),
+            "released_after_s": _round(held, 3) if s.released_at_s is not None else None,
+            "held_after_s": _round(held, 3) if s.released_at_s is None else None,
         },
         "trainer": {"state": s.trainer_state, "step": s.trainer_step, "epoch": s.trainer_epoch},
         "input_bound": input_bound(el, dt, tl.training, tl.gpu_mean_util),
@@ -342,8 +490,38 @@ def _clock(seconds: Optional[float], sign: bool = False) -> str:
     return ("+" if sign and seconds >= 0 else "-" if seconds < 0 else "") + text
 
 
-def _gib(value: Optional[int]) -> str:
-    return "-" if value is None else f"{value / 2**30:.1f} GiB"
+def human_bytes(value: Optional[float]) -> str:
+    """``17408`` -> ``17.0 KiB``: binary units, never "0.0 GiB" for a small size (issue 16)."""
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024.0 or unit == "GiB":
+            break
+        size /= 1024.0
+    if unit == "GiB" and abs(size) >= 1024.0:
+        return f"{size / 1024.0:.1f} TiB"
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def human_duration(seconds: Optional[float]) -> str:
+    """``0.05`` -> ``50 ms``, ``12.3`` -> ``12.3 s``, ``125`` -> ``2 min 05 s``,
+    ``7300`` -> ``2 h 01 min``."""
+    if seconds is None:
+        return "-"
+    s = abs(float(seconds))
+    sign = "-" if seconds < 0 else ""
+    if s < 1.0:
+        return f"{sign}{s * 1000:.0f} ms"
+    if s < 60.0:
+        return f"{sign}{s:.1f} s" if s < 10.0 else f"{sign}{s:.0f} s"
+    total = int(round(s))
+    if total < 3600:
+        return f"{sign}{total // 60} min {total % 60:02d} s"
+    return f"{sign}{total // 3600} h {total % 3600 // 60:02d} min"
+
+
+_gib = human_bytes  # sizes in tables: human units
 
 
 def _pct(value: Optional[float]) -> str:
@@ -371,17 +549,22 @@ def tables(summary: Dict[str, Any]) -> List[Table]:
             ["time used", used],
             ["ended", summary["ended"]["text"]],
             [f"GPU idle (< {idle['threshold_pct']:g}%)",
-             f"{_clock(idle['idle_s'])} of {_clock(idle['known_s'])} with known readings{cost}"],
+             f"{human_duration(idle['idle_s'])} of {human_duration(idle['known_s'])} with known "
+             f"readings{cost}" if summary["gpus"] else "no GPU readings"],
             ["RAM peak", f"{_gib(ram['peak_used_bytes'])} of {_gib(ram['limit_bytes'])} "
              f"({_pct(ram['peak_used_pct'])}, {ram['source'] or '-'}) at "
              f"{_clock(ram['peak_at_s'], sign=True)}; OOM kills: "
              f"{'-' if ram['oom_kills'] is None else ram['oom_kills']}"],
-            ["checkpoints", f"{ck['count']}, duration mean {_clock(ck['duration_mean_s'])} "
-             f"max {_clock(ck['duration_max_s'])}, last {_gib(ck['bytes_last'])}, "
+            ["checkpoints", f"{ck['count']}, duration mean {human_duration(ck['duration_mean_s'])} "
+             f"max {human_duration(ck['duration_max_s'])}, last {_gib(ck['bytes_last'])}, "
              f"largest {_gib(ck['bytes_max'])}"],
             ["trainer", f"{summary['trainer']['state'] or '-'} at step "
              f"{summary['trainer']['step'] if summary['trainer']['step'] is not None else '-'}"],
         ]),
+        ("Checkpoints", ["at", "step", "duration", "size", "path"], [
+            [_clock(c["at_s"], sign=True), "-" if c["step"] is None else str(c["step"]),
+             human_duration(c["duration_s"]), _gib(c["bytes"]), str(c["path"] or "-")]
+            for c in ck["list"]]),
         ("GPUs", ["GPU", "name", "util mean", "p50", "p95", "unknown", "mem peak", "mem total"], [
             [str(g["index"]), str(g["name"] or "-"), _pct(g["util_mean_pct"]),
              _pct(g["util_p50_pct"]), _pct(g["util_p95_pct"]), str(g["unknown_samples"]),
@@ -396,6 +579,26 @@ def tables(summary: Dict[str, Any]) -> List[Table]:
     ]
     if ib["hint"]:
         out.insert(1, ("Hint: input-bound", [""], [[ib["hint"]]]))
+    head = summary.get("headline")
+    if head:
+        out.insert(0, ("What happened", [""], [[line] for line in head["lines"]]))
+    training = summary.get("training")
+    if training and training["sessions"] > 1:
+        out.insert(1, ("Training across sessions", [
+            "session", "start", "length", "steps", "checkpoints", "steps lost at its end",
+            "GPU idle", "idle cost", "ended"], [
+            [str(r["session"]), str(r["start_utc"] or "-"), human_duration(r["elapsed_s"]),
+             f"{'-' if r['first_step'] is None else r['first_step']} -> "
+             f"{'-' if r['last_step'] is None else r['last_step']}", str(r["checkpoints"]),
+             "-" if r["steps_lost"] is None else str(r["steps_lost"]),
+             human_duration(r["gpu_idle_s"]),
+             "-" if r["gpu_idle_cost"] is None else f"{r['gpu_idle_cost']:.2f}", r["ended"]]
+            for r in training["list"]]))
+    gaps = summary.get("monitoring_gaps")
+    if gaps and gaps["count"]:
+        out.append(("Monitoring gaps (no readings)", ["from", "to", "length"], [
+            [_clock(g["from_s"], sign=True), _clock(g["to_s"], sign=True),
+             human_duration(g["duration_s"])] for g in gaps["list"]]))
     skipped = [(inp["torn_lines"], "torn lines"), (inp["invalid_lines"], "invalid lines"),
                (inp["unknown_events"], "unknown events"), (inp["bad_events"], "events missing fields")]
     rows = [[str(n), what] for n, what in skipped if n]
