@@ -61,7 +61,7 @@ QUIET_EVENTS = frozenset({
     "signal_received", "signal_repeated", "state_quarantined", "state_reset", "config_not_applied",
     "notebook_hook_failed", "final_reading_failed", "scheduler_log", "session_clock_carried_over",
     "end_rearmed", "sd_notify_unsupported", "sd_notify_failed", "attached", "child_started",
-    "child_signalled", "child_killed", "child_interrupted", "child_escalated",
+    "child_exited", "child_signalled", "child_killed", "child_interrupted", "child_escalated",
     "preemption_notice", "preemption_cleared", "preemption_unavailable", "preemption_poll_failed",
     "preemption_poller_raised", "preemption_poll_recovered",
 })

@@ -236,7 +236,7 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
         title += " (no GPU readings)"
     if off_chart:
         title += f" (deadline at {_clock(min(off_chart), sign=True)}, off the chart)"
-    prog.set_title(title, pad=22)
+    prog.set_title(title, pad=34)
     for a in axes_list:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:

@@ -73,8 +73,13 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
         elif name == "daemon_started":
             start = _num(event.get("session_start"))
             known = current.session_start()
-            if start is not None and known is not None and abs(start - known) > SESSION_TOLERANCE_S \
-                    and not current.empty:
+            # A start far from the current one, or one after everything the current session
+            # logged (two short runtimes, like the demo's, start less than a minute apart).
+            seen_to = known + current.tl.elapsed_s[-1] if known is not None and \
+                current.tl.elapsed_s else None
+            if start is not None and known is not None and not current.empty and (
+                    abs(start - known) > SESSION_TOLERANCE_S
+                    or (seen_to is not None and start > seen_to and start - known > 1.0)):
                 current = _Session(start)
                 sessions.append(current)
             elif start is not None and current.start is None:
@@ -146,9 +151,16 @@ def training_across(sessions: Sequence[_Session], summaries: Sequence[Dict[str, 
             "last_step": s.trainer_step, "trainer_state": s.trainer_state,
             "checkpoints": summ["checkpoints"]["count"],
             "steps_lost": _steps_lost(s, following),
-            "gpu_idle_s": idle["idle_s"], "gpu_idle_cost": idle["cost"],
+            "gpu_idle_s": idle["idle_s"] if summ["gpus"] else None, "gpu_idle_cost": idle["cost"],
             "ended": summ["ended"]["code"],
         })
+    reasons: Dict[str, int] = {}
+    for s in sessions:
+        for reason, n in s.acked_reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    distinct = len({key for s in sessions for key in s.checkpoints})
+    if distinct > sum(reasons.values()):
+        reasons["by the trainer itself"] = distinct - sum(reasons.values())
     lost = [r["steps_lost"] for r in rows]
     costs = [r["gpu_idle_cost"] for r in rows]
     steps = [r["last_step"] for r in rows if r["last_step"] is not None]
@@ -159,7 +171,9 @@ def training_across(sessions: Sequence[_Session], summaries: Sequence[Dict[str, 
         "gpu_idle_s": _round(sum(r["gpu_idle_s"] or 0.0 for r in rows), 3),
         "gpu_idle_cost": None if all(c is None for c in costs)
         else round(sum(c for c in costs if c is not None), 4),
-        "checkpoints": sum(r["checkpoints"] for r in rows),
+        # A session's first reading repeats the checkpoint the one before took: count it once.
+        "checkpoints": len({key for s in sessions for key in s.checkpoints}),
+        "checkpoint_reasons": reasons,
         "list": rows,
     }
 
@@ -177,7 +191,7 @@ def headline(summary: Dict[str, Any], training: Dict[str, Any]) -> Dict[str, Any
     lost = training["steps_lost"]
     lines.append("Steps lost: " + ("unknown (no step reported)" if lost is None else str(lost)))
     why = ", ".join(f"{n} {reason}" if reason.startswith("by ") else f"{n} requested ({reason})"
-                    for reason, n in ck["reasons"].items())
+                    for reason, n in training["checkpoint_reasons"].items())
     lines.append(f"Checkpoints: {training['checkpoints']}" + (f" ({why})" if why else ""))
     lines.append(f"Ended: {ended['text']}")
     done = summary["completion"]
