@@ -176,7 +176,9 @@ class TestStitching:
                                  for t in range(10)]
         path = write_log(tmp_path / "log.jsonl", first + second)
         training = report.load([path]).summary["training"]
-        assert (training["sessions"], training["checkpoints"], training["steps_lost"]) == (2, 1, 19)
+        assert (training["sessions"], training["checkpoints"]) == (2, 1)
+        # 39 reached, resumed from 20; then the log stops at 29 with the checkpoint at 20
+        assert [r["steps_lost"] for r in training["list"]] == [19, 9]
 
     def test_the_figure_is_one_timeline_over_both_sessions(self, tmp_path):
         """One figure: the step line spans both runtimes on one wall-clock axis."""
