@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,8 +149,7 @@ def run_child(argv: List[str], stdout_path: Path) -> Tuple[float, float, float, 
 
 
 def median(values: List[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
+    return statistics.median(values)
 
 
 def main() -> int:

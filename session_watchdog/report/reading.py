@@ -29,6 +29,7 @@ import json
 import math
 import re
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -68,6 +69,7 @@ QUIET_EVENTS = frozenset({
 
 _ROTATED = re.compile(r"^(?P<base>.+?)\.(?P<index>\d+)(?:\.gz)?$")
 _GZIP_MAGIC = b"\x1f\x8b"
+NAN = math.nan
 
 
 class ReportError(Exception):
@@ -244,8 +246,10 @@ class Timeline:
 
     elapsed_s: List[float] = field(default_factory=list)
     gpu_names: Dict[int, Optional[str]] = field(default_factory=dict)
-    gpu_util: Dict[int, List[Optional[float]]] = field(default_factory=dict)
-    gpu_mem: Dict[int, List[Optional[int]]] = field(default_factory=dict)
+    # Per-GPU columns are the bulk of a long log (8 GPUs x 2 per sample): compact float arrays,
+    # NaN = unknown (8 bytes a value instead of a list slot and a boxed number; issue 17).
+    gpu_util: Dict[int, array[float]] = field(default_factory=dict)
+    gpu_mem: Dict[int, array[float]] = field(default_factory=dict)
     gpu_mem_total: Dict[int, Optional[int]] = field(default_factory=dict)
     gpu_max_util: List[Optional[float]] = field(default_factory=list)  # None if any GPU unknown
     gpu_mean_util: List[Optional[float]] = field(default_factory=list)  # over the known GPUs
@@ -377,14 +381,15 @@ class _Session:
             index = _int(gpu.get("index"))
             index = position if index is None else index
             if index not in tl.gpu_util:
-                tl.gpu_util[index] = [None] * n
-                tl.gpu_mem[index] = [None] * n
+                tl.gpu_util[index] = array("d", [NAN]) * n
+                tl.gpu_mem[index] = array("d", [NAN]) * n
                 tl.gpu_mem_total[index] = None
                 tl.gpu_names[index] = None
             util = _num(gpu.get("util_pct"))
             if len(tl.gpu_util[index]) == n:  # a repeated index counts once
-                tl.gpu_util[index].append(util)
-                tl.gpu_mem[index].append(_int(gpu.get("mem_used_bytes")))
+                mem = _int(gpu.get("mem_used_bytes"))
+                tl.gpu_util[index].append(NAN if util is None else util)
+                tl.gpu_mem[index].append(NAN if mem is None else float(mem))
                 utils.append(util)
             total = _int(gpu.get("mem_total_bytes"))
             if total is not None:
@@ -392,8 +397,8 @@ class _Session:
             tl.gpu_names[index] = _str(gpu.get("name")) or tl.gpu_names[index]
         for index, column in tl.gpu_util.items():
             if len(column) == n:
-                column.append(None)
-                tl.gpu_mem[index].append(None)
+                column.append(NAN)
+                tl.gpu_mem[index].append(NAN)
                 utils.append(None)
         known = [u for u in utils if u is not None]
         tl.gpu_max_util.append(max(known) if utils and len(known) == len(utils) else None)

@@ -6,11 +6,10 @@ import base64
 import html
 import io
 import math
+from array import array
 from typing import Any, Dict, List, Optional
 
-from session_watchdog.report.reading import (  # noqa: F401
-    ReportError,
-)
+from session_watchdog.report.reading import NAN, ReportError
 from session_watchdog.report.summary import Report, _clock, monitoring_gaps, tables
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +84,11 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
         xs, ys = [], []
         for off, (_, tl) in zip(offsets, parts):
             x = (np.asarray(tl.elapsed_s, dtype=float) + off) / scale
-            y = np.array([math.nan if v is None else v / div for v in get(tl)], dtype=float)
+            column = get(tl)
+            if isinstance(column, array):  # compact columns: NaN is already unknown
+                y = np.frombuffer(column, dtype=float) / div if len(column) else np.empty(0)
+            else:
+                y = np.array([math.nan if v is None else v / div for v in column], dtype=float)
             if len(x) > 2 * buckets:
                 starts = np.linspace(0, len(x), buckets + 1).astype(int)[:-1]
                 env = np.empty(2 * len(starts))
@@ -101,9 +104,9 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
         return [v for _, tl in parts for v in get(tl) if v is not None]
 
     gpu_indices = sorted({i for _, tl in parts for i in tl.gpu_util})
-    has_gpu = any(v is not None for _, tl in parts for i in tl.gpu_util
+    has_gpu = any(v == v for _, tl in parts for i in tl.gpu_util  # NaN = unknown
                   for v in tl.gpu_util[i]) or any(
-        v is not None for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i])
+        v == v for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i])
     names = ["progress"] + (["gpu_util", "gpu_mem"] if has_gpu else []) + ["ram", "disk"]
     heights = {"progress": 1.6, "gpu_util": 1.0, "gpu_mem": 1.0, "ram": 0.8, "disk": 0.8}
     fig = Figure(figsize=(12, 2.2 + 2.0 * sum(heights[n] for n in names)), dpi=dpi)
@@ -145,15 +148,14 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
 
     if has_gpu:
         for index in gpu_indices:
-            x, util = series(lambda tl, i=index: tl.gpu_util.get(i, [None] * len(tl.elapsed_s)))
+            x, util = series(lambda tl, i=index: tl.gpu_util.get(i, [NAN] * len(tl.elapsed_s)))
             ax["gpu_util"].plot(x, util, lw=0.9, label=f"GPU{index}")
         ax["gpu_util"].set_ylabel("GPU util (%)")
         ax["gpu_util"].set_ylim(-2, 102)
-        mems = [float(v) for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i]
-                if v is not None]
+        mems = [float(v) for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i] if v == v]
         div, name = _byte_unit(max(mems) if mems else 2.0**30)
         for index in gpu_indices:
-            x, mem = series(lambda tl, i=index: tl.gpu_mem.get(i, [None] * len(tl.elapsed_s)),
+            x, mem = series(lambda tl, i=index: tl.gpu_mem.get(i, [NAN] * len(tl.elapsed_s)),
                             div)
             ax["gpu_mem"].plot(x, mem, lw=0.9, label=f"GPU{index}")
         ax["gpu_mem"].set_ylabel(f"GPU memory ({name})")

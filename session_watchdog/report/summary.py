@@ -277,8 +277,8 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
 
     gpus = []
     for index in sorted(tl.gpu_util):
-        known = [u for u in tl.gpu_util[index] if u is not None]
-        mems = [m for m in tl.gpu_mem[index] if m is not None]
+        known = [u for u in tl.gpu_util[index] if u == u]  # NaN (unknown) is not equal to itself
+        mems = [int(m) for m in tl.gpu_mem[index] if m == m]
         gpus.append({
             "index": index, "name": tl.gpu_names[index], "samples": len(known),
             "unknown_samples": len(el) - len(known),
