@@ -996,16 +996,16 @@ def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], b
         return WaitResult(reason, shown.state if shown else None,
                           shown.step if shown else None, round(time.monotonic() - begun, 3))
 
-    def ours(found: Optional[channel.TrainerStatus], alive: bool
-             ) -> Optional[channel.TrainerStatus]:
+    def ours(found: Optional[channel.TrainerStatus]) -> Optional[channel.TrainerStatus]:
         """``found`` when it describes the trainer this wait() is for (issue 16)."""
         if found is None:
             return None
         if launched is not None:  # 1 s: the trainer's wall clock is ours, writes are not instant
             return found if found.heartbeat >= launched.started_wall - 1.0 else None
-        if found.state in _TERMINAL_STATES and not alive and found.heartbeat < begun_wall - 1.0 \
-                and not seen_alive:
-            return None  # ended before wait() was called: an earlier run, unless none follows
+        if found.state in _TERMINAL_STATES and found.heartbeat < begun_wall - 1.0:
+            # Ended before wait() was called: an earlier run's file, even while run.lock is held
+            # (a new trainer takes the lock before it writes its first trainer.json).
+            return None
         return found
 
     with handle.tracker.busy():
@@ -1020,7 +1020,7 @@ def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], b
                     found: Optional[channel.TrainerStatus] = run_dir.read_status()
                 except (channel.ChannelError, OSError):
                     found = status  # keep the last good one; the watchdog logs unreadable files
-                mine = ours(found, alive)
+                mine = ours(found)
                 if mine is None and found is not None and found is not status:
                     earlier = found
                 status = mine if mine is not None else status

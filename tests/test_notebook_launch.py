@@ -173,6 +173,22 @@ class TestLaunch:
             proc.wait(DEADLINE_S)
         assert (result.reason, result.state, result.step) == ("completed", "completed", 30)
 
+    def test_a_new_trainer_holding_run_lock_before_its_first_status_is_waited_for(
+            self, shell, cfg):
+        """run.lock held (a new trainer starting) beside the last run's completed trainer.json:
+        wait() waits for the new trainer's own status instead of reporting the old one."""
+        sw.start(**cfg)
+        run_dir = channel.RunDir(Path(cfg["run_dir"]))
+        run_dir.write_status(fake_status(state="completed", step=999, pid=1,
+                                         heartbeat=time.time() - 600))
+        lock = channel.FileLock(run_dir.file(channel.RUN_LOCK), shared=True)
+        lock.acquire()
+        try:
+            result = sw.wait(poll=0.05, view="text", file=io.StringIO(), timeout=0.5)
+        finally:
+            lock.release()
+        assert (result.reason, result.state) == ("timeout", None)
+
     def test_a_launched_trainer_that_exits_without_completing_ends_wait_with_its_code(
             self, shell, cfg, tmp_path, trainer_script, reap, monkeypatch):
         """Exit code 3 before complete(): wait() says so, names the output file, shows its tail."""
