@@ -7,7 +7,7 @@ import html
 import io
 import math
 from array import array
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from session_watchdog.report.reading import NAN, ReportError
 from session_watchdog.report.summary import Report, _clock, monitoring_gaps, tables
@@ -88,7 +88,8 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
             if isinstance(column, array):  # compact columns: NaN is already unknown
                 y = np.frombuffer(column, dtype=float) / div if len(column) else np.empty(0)
             else:
-                y = np.array([math.nan if v is None else v / div for v in column], dtype=float)
+                y = np.fromiter((math.nan if v is None else v / div for v in column),
+                                dtype=float, count=len(column))
             if len(x) > 2 * buckets:
                 starts = np.linspace(0, len(x), buckets + 1).astype(int)[:-1]
                 env = np.empty(2 * len(starts))
@@ -100,8 +101,14 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
             ys += [y, np.array([math.nan])]
         return np.concatenate(xs), np.concatenate(ys)
 
-    def known(get: Any) -> List[float]:
-        return [v for _, tl in parts for v in get(tl) if v is not None]
+    def peak(columns: Iterable[Any]) -> Optional[float]:
+        """The largest known value of the columns, without copying them (a week of samples)."""
+        best: Optional[float] = None
+        for column in columns:
+            for v in column:
+                if v is not None and v == v and (best is None or v > best):
+                    best = float(v)
+        return best
 
     gpu_indices = sorted({i for _, tl in parts for i in tl.gpu_util})
     has_gpu = any(v == v for _, tl in parts for i in tl.gpu_util  # NaN = unknown
@@ -122,14 +129,14 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
     x, steps = series(lambda tl: tl.step)
     prog.plot(x, steps, lw=1.4, color="tab:blue", label="step")
     prog.set_ylabel("trainer step")
-    step_times = known(lambda tl: tl.step_time_s)
-    if step_times:
+    step_peak = peak(tl.step_time_s for _, tl in parts)
+    if step_peak is not None:
         twin = prog.twinx()
-        st_div, st_unit = (1e-3, "ms") if max(step_times) < 1.0 else (1.0, "s")
+        st_div, st_unit = (1e-3, "ms") if step_peak < 1.0 else (1.0, "s")
         x2, st = series(lambda tl: tl.step_time_s, st_div)
         twin.plot(x2, st, lw=0.8, color="tab:orange", alpha=0.8)
         twin.set_ylabel(f"step time ({st_unit})", color="tab:orange")
-        twin.set_ylim(0, max(step_times) / st_div * 1.15)
+        twin.set_ylim(0, step_peak / st_div * 1.15)
         prog.plot([], [], lw=0.8, color="tab:orange", label="step time")
     ck_x, ck_y = [], []
     for off, (_, tl) in zip(offsets, parts):
@@ -142,7 +149,7 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
                      alpha=0.6, zorder=1)
         prog.plot(ck_x, ck_y, ls="", marker="D", ms=6, color="seagreen", zorder=5,
                   label="checkpoint")
-    if not known(lambda tl: tl.step):
+    if peak(tl.step for _, tl in parts) is None:
         prog.text(0.5, 0.5, "no trainer step reported", transform=prog.transAxes,
                   ha="center", va="center", color="gray")
 
@@ -152,34 +159,33 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
             ax["gpu_util"].plot(x, util, lw=0.9, label=f"GPU{index}")
         ax["gpu_util"].set_ylabel("GPU util (%)")
         ax["gpu_util"].set_ylim(-2, 102)
-        mems = [float(v) for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i] if v == v]
-        div, name = _byte_unit(max(mems) if mems else 2.0**30)
+        mem_peak = peak(column for _, tl in parts for column in tl.gpu_mem.values())
+        div, name = _byte_unit(mem_peak or 2.0**30)
         for index in gpu_indices:
             x, mem = series(lambda tl, i=index: tl.gpu_mem.get(i, [NAN] * len(tl.elapsed_s)),
                             div)
             ax["gpu_mem"].plot(x, mem, lw=0.9, label=f"GPU{index}")
         ax["gpu_mem"].set_ylabel(f"GPU memory ({name})")
-        ax["gpu_mem"].set_ylim(0, (max(mems) / div if mems else 1.0) * 1.15)
+        ax["gpu_mem"].set_ylim(0, (mem_peak / div if mem_peak else 1.0) * 1.15)
 
-    ram_values = [float(v) for v in known(lambda tl: tl.ram_total) + known(lambda tl: tl.ram_used)]
-    div, name = _byte_unit(max(ram_values) if ram_values else 2.0**30)
+    ram_peak = peak(column for _, tl in parts for column in (tl.ram_total, tl.ram_used))
+    div, name = _byte_unit(ram_peak or 2.0**30)
     x, used = series(lambda tl: tl.ram_used, div)
     ax["ram"].plot(x, used, lw=1.0, color="tab:purple", label="RAM used")
     x, limit = series(lambda tl: tl.ram_total, div)
     ax["ram"].plot(x, limit, lw=1.0, ls="--", color="gray", label="RAM limit")
     ax["ram"].set_ylabel(f"RAM ({name})")
     # Limits after the data, from the data: a flat line must not sit on the top border.
-    ax["ram"].set_ylim(0, (max(ram_values) / div if ram_values else 1.0) * 1.15)
+    ax["ram"].set_ylim(0, (ram_peak / div if ram_peak else 1.0) * 1.15)
 
     disk_paths = sorted({p for _, tl in parts for p in tl.disk_free})
-    free_values = [float(v) for _, tl in parts for col in tl.disk_free.values() for v in col
-                   if v is not None]
-    div, name = _byte_unit(max(free_values) if free_values else 2.0**30)
+    free_peak = peak(column for _, tl in parts for column in tl.disk_free.values())
+    div, name = _byte_unit(free_peak or 2.0**30)
     for path in disk_paths:
         x, free = series(lambda tl, p=path: tl.disk_free.get(p, [None] * len(tl.elapsed_s)), div)
         ax["disk"].plot(x, free, lw=1.0, label=path)
     ax["disk"].set_ylabel(f"disk free ({name})")
-    ax["disk"].set_ylim(0, (max(free_values) / div if free_values else 1.0) * 1.15)
+    ax["disk"].set_ylim(0, (free_peak / div if free_peak else 1.0) * 1.15)
     axes_list[-1].set_xlabel(("time since the first session started" if len(parts) > 1
                               else "session time") + f" ({unit})")
 
