@@ -251,15 +251,16 @@ class Timeline:
     gpu_util: Dict[int, array[float]] = field(default_factory=dict)
     gpu_mem: Dict[int, array[float]] = field(default_factory=dict)
     gpu_mem_total: Dict[int, Optional[int]] = field(default_factory=dict)
-    gpu_max_util: List[Optional[float]] = field(default_factory=list)  # None if any GPU unknown
-    gpu_mean_util: List[Optional[float]] = field(default_factory=list)  # over the known GPUs
-    ram_used: List[Optional[int]] = field(default_factory=list)
-    ram_total: List[Optional[int]] = field(default_factory=list)
-    disk_free: Dict[str, List[Optional[int]]] = field(default_factory=dict)
+    # The columns below are compact too (NaN = unknown); sizes in bytes are exact in a double.
+    gpu_max_util: array[float] = field(default_factory=lambda: array("d"))  # NaN: a GPU unknown
+    gpu_mean_util: array[float] = field(default_factory=lambda: array("d"))  # the known GPUs'
+    ram_used: array[float] = field(default_factory=lambda: array("d"))
+    ram_total: array[float] = field(default_factory=lambda: array("d"))
+    disk_free: Dict[str, array[float]] = field(default_factory=dict)
     disk_total: Dict[str, Optional[int]] = field(default_factory=dict)
     training: List[bool] = field(default_factory=list)  # trainer alive and state "running"
     step: List[Optional[int]] = field(default_factory=list)  # the trainer's global step
-    step_time_s: List[Optional[float]] = field(default_factory=list)  # its measured step time
+    step_time_s: array[float] = field(default_factory=lambda: array("d"))  # its step time
     markers: List[Marker] = field(default_factory=list)
     budget_s: Optional[float] = None
     interval_s: Optional[float] = None  # the nominal tick interval (daemon_started)
@@ -401,13 +402,14 @@ class _Session:
                 tl.gpu_mem[index].append(NAN)
                 utils.append(None)
         known = [u for u in utils if u is not None]
-        tl.gpu_max_util.append(max(known) if utils and len(known) == len(utils) else None)
-        tl.gpu_mean_util.append(sum(known) / len(known) if known else None)
+        tl.gpu_max_util.append(max(known) if utils and len(known) == len(utils) else NAN)
+        tl.gpu_mean_util.append(sum(known) / len(known) if known else NAN)
 
         ram = _dict(event.get("ram"))
         total, available = _int(ram.get("total_bytes")), _int(ram.get("available_bytes"))
-        tl.ram_total.append(total)
-        tl.ram_used.append(None if total is None or available is None else max(0, total - available))
+        tl.ram_total.append(NAN if total is None else float(total))
+        tl.ram_used.append(NAN if total is None or available is None
+                           else float(max(0, total - available)))
         self.ram_source = _str(ram.get("source")) or self.ram_source
         oom = _int(ram.get("oom_kills"))
         if oom is not None:
@@ -424,24 +426,26 @@ class _Session:
             if path is None:
                 continue
             if path not in tl.disk_free:
-                tl.disk_free[path] = [None] * n
+                tl.disk_free[path] = array("d", [NAN]) * n
                 tl.disk_total[path] = None
             free_column = tl.disk_free[path]
             if len(free_column) == n:
-                free_column.append(_int(disk.get("free_bytes")))
+                free = _int(disk.get("free_bytes"))
+                free_column.append(NAN if free is None else float(free))
             total_disk = _int(disk.get("total_bytes"))
             if total_disk is not None:
                 tl.disk_total[path] = total_disk
         for free_column in tl.disk_free.values():
             if len(free_column) == n:
-                free_column.append(None)
+                free_column.append(NAN)
 
         trainer = _dict(event.get("trainer"))
         state = _str(trainer.get("state"))
         tl.training.append(trainer.get("alive") is True and state == "running")
         step = _int(trainer.get("step")) if state is not None else None
         tl.step.append(step)
-        tl.step_time_s.append(_num(trainer.get("step_time_s")) if state is not None else None)
+        step_time = _num(trainer.get("step_time_s")) if state is not None else None
+        tl.step_time_s.append(NAN if step_time is None else step_time)
         if state is not None:
             self.trainer_state = state
             self.trainer_step = step

@@ -257,6 +257,15 @@ def monitoring_gaps(elapsed: Sequence[float], nominal: Optional[float]) -> List[
     return [(a, b) for a, b in zip(elapsed, elapsed[1:]) if b - a > cap]
 
 
+def _extreme(column: Sequence[float], pick: Any) -> Optional[int]:
+    """The index of the first max (``pick=max``) or min of the known (non-NaN) values, or None."""
+    best: Optional[int] = None
+    for i, v in enumerate(column):
+        if v == v and (best is None or pick(v, column[best]) != column[best]):
+            best = i
+    return best
+
+
 def _iso(epoch: Optional[float]) -> Optional[str]:
     if epoch is None:
         return None
@@ -289,8 +298,8 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
             "mem_total_bytes": tl.gpu_mem_total[index],
         })
 
-    idle_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u is not None and u < gpu_idle_pct)
-    known_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u is not None)
+    idle_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u < gpu_idle_pct)  # NaN: False
+    known_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u == u)
     price: Optional[float]
     price_source: Optional[str]
     if price_flag is not None:
@@ -301,18 +310,19 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
         price = PLATFORM_PRICE_PER_HOUR.get(s.platform or "")
         price_source = "platform" if price is not None else None
 
-    used = [u for u in tl.ram_used if u is not None]
-    totals = [t for t in tl.ram_total if t is not None]
-    peak_used = max(used) if used else None
-    limit = max(totals) if totals else None
-    peak_at = el[tl.ram_used.index(peak_used)] if peak_used is not None else None
+    peak_i = _extreme(tl.ram_used, max)
+    peak_used = int(tl.ram_used[peak_i]) if peak_i is not None else None
+    limit_i = _extreme(tl.ram_total, max)
+    limit = int(tl.ram_total[limit_i]) if limit_i is not None else None
+    peak_at = el[peak_i] if peak_i is not None else None
 
     disks = []
     for path, column in tl.disk_free.items():
-        known_free = [f for f in column if f is not None]
-        low = min(known_free) if known_free else None
-        disks.append({"path": path, "min_free_bytes": low, "total_bytes": tl.disk_total[path],
-                      "min_free_at_s": el[column.index(low)] if low is not None else None})
+        low_i = _extreme(column, min)
+        disks.append({"path": path,
+                      "min_free_bytes": int(column[low_i]) if low_i is not None else None,
+                      "total_bytes": tl.disk_total[path],
+                      "min_free_at_s": el[low_i] if low_i is not None else None})
 
     ckpts = list(s.checkpoints.values())
     durations = [c["duration_s"] for c in ckpts if c["duration_s"] is not None]
@@ -405,7 +415,8 @@ def input_bound(elapsed: Sequence[float], dt: Sequence[float], training: Sequenc
     """
     n = len(elapsed)
     training_s = sum(d for d, t in zip(dt, training) if t)
-    weighted = [(u * d, d) for u, d, t in zip(mean_util, dt, training) if t and u is not None]
+    weighted = [(u * d, d) for u, d, t in zip(mean_util, dt, training)
+                if t and u is not None and u == u]  # None or NaN: unknown
     known_s = sum(d for _, d in weighted)
     worst: Optional[Tuple[float, float, float]] = None  # (mean, from_s, to_s)
     first_at: Optional[float] = None
@@ -422,6 +433,7 @@ def input_bound(elapsed: Sequence[float], dt: Sequence[float], training: Sequenc
         cover, area, known = [0.0], [0.0], [0.0]  # prefix sums over the segment
         for j in range(a, b + 1):
             u = mean_util[j]
+            u = None if u is not None and u != u else u  # NaN: unknown
             cover.append(cover[-1] + dt[j])
             area.append(area[-1] + (u * dt[j] if u is not None else 0.0))
             known.append(known[-1] + (dt[j] if u is not None else 0.0))
