@@ -244,7 +244,7 @@ class Marker:
 class Timeline:
     """Per-sample columns, aligned with ``elapsed_s``; None = unknown."""
 
-    elapsed_s: List[float] = field(default_factory=list)
+    elapsed_s: array[float] = field(default_factory=lambda: array("d"))
     gpu_names: Dict[int, Optional[str]] = field(default_factory=dict)
     # Per-GPU columns are the bulk of a long log (8 GPUs x 2 per sample): compact float arrays,
     # NaN = unknown (8 bytes a value instead of a list slot and a boxed number; issue 17).
@@ -259,7 +259,7 @@ class Timeline:
     disk_free: Dict[str, array[float]] = field(default_factory=dict)
     disk_total: Dict[str, Optional[int]] = field(default_factory=dict)
     training: List[bool] = field(default_factory=list)  # trainer alive and state "running"
-    step: List[Optional[int]] = field(default_factory=list)  # the trainer's global step
+    step: array[float] = field(default_factory=lambda: array("d"))  # its global step, NaN: none
     step_time_s: array[float] = field(default_factory=lambda: array("d"))  # its step time
     markers: List[Marker] = field(default_factory=list)
     budget_s: Optional[float] = None
@@ -443,7 +443,7 @@ class _Session:
         state = _str(trainer.get("state"))
         tl.training.append(trainer.get("alive") is True and state == "running")
         step = _int(trainer.get("step")) if state is not None else None
-        tl.step.append(step)
+        tl.step.append(NAN if step is None else float(step))
         step_time = _num(trainer.get("step_time_s")) if state is not None else None
         tl.step_time_s.append(NAN if step_time is None else step_time)
         if state is not None:
