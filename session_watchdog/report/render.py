@@ -144,7 +144,9 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
             ck_x.append((at_s + off) / scale)
             ck_y.append(math.nan if step is None else float(step))
     if ck_x:
-        for a in axes_list:
+        # A line per checkpoint through every panel while they are few; hundreds (a week of
+        # periodic saves) would hide the data, so then only the marks on the step line.
+        for a in axes_list if len(ck_x) <= 40 else []:
             a.vlines(ck_x, 0, 1, transform=a.get_xaxis_transform(), colors="seagreen", lw=0.9,
                      alpha=0.6, zorder=1)
         prog.plot(ck_x, ck_y, ls="", marker="D", ms=6, color="seagreen", zorder=5,
