@@ -1,7 +1,7 @@
 """session-watchdog: keep GPU training safe on Colab, AutoDL and rented GPU hosts.
 
-The notebook API (``start``, ``stop``, ``status``, ``wait``, ``cancel``) is imported lazily so that
-``import session_watchdog`` stays cheap and does no I/O.
+The notebook API (``start``, ``stop``, ``status``, ``wait``, ``cancel``, ``launch``) is imported
+lazily so that ``import session_watchdog`` stays cheap and does no I/O.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_NOTEBOOK_API = ("start", "stop", "status", "wait", "cancel", "load_ipython_extension",
+_NOTEBOOK_API = ("start", "stop", "status", "wait", "cancel", "launch", "load_ipython_extension",
                  "unload_ipython_extension")
 
 __all__ = ["__version__", *_NOTEBOOK_API]

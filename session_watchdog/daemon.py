@@ -259,8 +259,11 @@ class Watchdog:
         if self.child_running is not None and self.child_running():
             changes["child_running"] = True
         status = sample.trainer.status
+        # A trainer this session's state already knows (a watchdog of this session saw it, e.g.
+        # before a quick stop() and start() in a notebook) is not an earlier run's (issue 16).
         if (status is not None and not sample.trainer.alive
-                and status.heartbeat < self.started_wall - 1.0):
+                and status.heartbeat < self.started_wall - 1.0
+                and status.pid != self.state.trainer_pid):
             changes["trainer"] = dataclasses.replace(
                 sample.trainer, status=None, status_error="stale trainer.json from an earlier run")
         return dataclasses.replace(sample, **changes) if changes else sample

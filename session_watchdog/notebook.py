@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from session_watchdog import channel, log, platforms
+from session_watchdog.background import Launched, default_output_path, start_process
 from session_watchdog.config import Config, ConfigError, format_duration, load_config
 from session_watchdog.log import get_logger
 
@@ -55,6 +56,7 @@ __all__ = [
     "Status",
     "WaitResult",
     "WatchdogHandle",
+    "launch",
     "load_ipython_extension",
     "start",
     "status",
@@ -101,13 +103,16 @@ class ActivityTracker:
         self._cell_running = False
         self._waits = 0
         self._last_activity = monotonic()
+        self._idle_before_cell = 0.0
         self.attached = attached
 
     def pre_run_cell(self, info: Any = None) -> None:
         """IPython ``pre_run_cell``: a cell starts executing."""
         with self._lock:
+            now = self._monotonic()
+            self._idle_before_cell = max(0.0, now - self._last_activity)
             self._cell_running = True
-            self._last_activity = self._monotonic()
+            self._last_activity = now
 
     def post_run_cell(self, result: Any = None) -> None:
         """IPython ``post_run_cell``: the cell finished (successfully or not)."""
@@ -132,6 +137,17 @@ class ActivityTracker:
         """True while a cell or ``wait()`` runs."""
         with self._lock:
             return self._cell_running or self._waits > 0
+
+    @property
+    def waiting(self) -> bool:
+        """True while ``wait()`` runs."""
+        with self._lock:
+            return self._waits > 0
+
+    def idle_before_cell_s(self) -> Optional[float]:
+        """While a cell runs: how long nothing ran before it started; else None."""
+        with self._lock:
+            return self._idle_before_cell if self._cell_running else None
 
     def idle_s(self) -> Optional[float]:
         """Seconds with nothing executing (0.0 while something does); None when detached."""
@@ -232,6 +248,7 @@ class WatchdogHandle:
         self._hooks: Tuple[Callable[[Any], None], Callable[[Any], None]] = (
             self._on_pre_run_cell, self._on_post_run_cell)
         self._stopped = False
+        self.launched: Optional[Launched] = None  # the trainer started with launch(), if any
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -288,9 +305,11 @@ class WatchdogHandle:
             _log.error("notebook_hook_failed", hook="pre_run_cell", error=repr(err))
 
     def _on_post_run_cell(self, result: Any) -> None:
+        # No notices here: post_run_cell runs at the end of whatever cell was executing, which
+        # would append them to an unrelated cell's output (issue 16). They print before the
+        # next cell runs, in status() and in wait().
         try:
             self.tracker.post_run_cell(result)
-            self.print_notices()
         except Exception as err:
             _log.error("notebook_hook_failed", hook="post_run_cell", error=repr(err))
 
@@ -324,6 +343,11 @@ class WatchdogHandle:
             return
         self._stopped = True
         self.detach()
+        _state()["last_run_dir"] = self.run_dir  # status() after stop() reads this run dir
+        try:
+            self._final_reading()
+        except Exception as err:  # stopping must not fail on a reading
+            _log.error("final_reading_failed", error=repr(err))
         try:
             self.watchdog.stop()  # joins the probe's worker threads (bounded)
         finally:
@@ -338,6 +362,28 @@ class WatchdogHandle:
             state = _state()
             if state.get("handle") is self:
                 state["handle"] = None
+
+    def _final_reading(self) -> None:
+        """Log one last ``sample`` (no decisions): the trainer may have finished since the last
+        tick, and the report must not depend on how soon the user stopped (issue 16)."""
+        from session_watchdog.log import sample_event
+        from session_watchdog.policy import remaining_s
+
+        wd = self.watchdog
+        if not wd.running:
+            return
+        with wd._tick_lock:  # never beside a tick: one reading at a time
+            sample = wd._judge(wd.probe.sample(wd.session.times()))
+            _log.info("sample", final=True,
+                      **sample_event(sample, remaining_s(wd.config, sample), wd.config.max_session))
+
+    def _track(self, launched: Launched) -> None:
+        """Watch ``launched`` like ``run`` watches its child: the end of the runtime waits for it,
+        its exit code counts, and a command that never builds a Session is named."""
+        self.launched = launched
+        self.watchdog.child_running = lambda: launched.running
+        if hasattr(self.watchdog.probe, "child_exit"):
+            self.watchdog.probe.child_exit = launched.exit_code
 
     def status(self) -> Status:
         """See :func:`status`."""
@@ -583,6 +629,8 @@ def status(run_dir: Optional[Path] = None) -> Status:
     handle = _running_handle()
     if handle is not None and (run_dir is None or Path(run_dir) == handle.run_dir):
         return handle.status()
+    if run_dir is None and _state().get("last_run_dir") is not None:
+        run_dir = _state()["last_run_dir"]  # the run dir of the watchdog stop() just stopped
     if run_dir is None:
         try:
             config = load_config()
@@ -628,7 +676,9 @@ def _build_status(run_dir: Path, handle: Optional[WatchdogHandle]) -> Status:
     _trainer_rows(add, info, now)
     if handle is not None and running:
         out = handle.watchdog.state.outstanding
-        if out is not None:
+        if out is not None and _request_settled(info, out.seq):
+            add("pending request", "none")
+        elif out is not None:
             elapsed = handle.watchdog.session.times().elapsed_s
             add("pending request", f"{out.action} #{out.seq} ({out.reason}), sent "
                 f"{format_duration(elapsed - out.sent_elapsed)} ago, not acknowledged yet", "warn")
@@ -641,7 +691,7 @@ def _build_status(run_dir: Path, handle: Optional[WatchdogHandle]) -> Status:
         handle._notices.take_unseen()  # shown here: the next cell does not print them again
         for notice in notices:
             add("notice", notice.text(), "warn" if notice.kind == "warn" else "")
-    elif info.get("outstanding"):
+    elif info.get("outstanding") and not _request_settled(info, info["outstanding"].get("seq")):
         out = info["outstanding"]
         add("pending request", f"{out.get('action')} #{out.get('seq')} ({out.get('reason')})",
             "warn")
@@ -652,6 +702,16 @@ def _build_status(run_dir: Path, handle: Optional[WatchdogHandle]) -> Status:
     for problem in info.get("errors", []):
         add("problem", str(problem), "warn")
     return Status(tuple(rows))
+
+
+def _request_settled(info: Dict[str, Any], seq: Any) -> bool:
+    """A request the trainer acknowledged already (the watchdog notices at its next tick), or
+    one no trainer will answer: it ended in a final state and holds no run.lock."""
+    trainer = info.get("trainer") or {}
+    acked = trainer.get("acked_seq")
+    if isinstance(acked, int) and isinstance(seq, int) and acked >= seq:
+        return True
+    return not info.get("trainer_alive") and trainer.get("state") in _TERMINAL_STATES
 
 
 def _session_rows(add: Callable[..., None], handle: WatchdogHandle) -> None:
@@ -679,7 +739,14 @@ def _session_rows(add: Callable[..., None], handle: WatchdogHandle) -> None:
             limits.append(f"warning at {format_duration(config.idle_warn)}")
         if config.idle_limit:
             limits.append(f"reclaim ~{format_duration(config.idle_limit)}")
-        text = "executing" if handle.tracker.executing else f"idle {format_duration(idle)}"
+        before = handle.tracker.idle_before_cell_s()
+        if handle.tracker.waiting:
+            text = "busy (wait() runs)"
+        elif before is not None:
+            # status() always runs in a cell: the idle time that matters is the one before it.
+            text = f"this cell runs; idle {format_duration(before)} before it"
+        else:
+            text = f"idle {format_duration(idle)}"
         level = "warn" if config.idle_warn and idle >= config.idle_warn else ""
         add("notebook", text + (f" ({', '.join(limits)})" if limits else ""), level)
 
@@ -826,31 +893,42 @@ def _make_view(view: str, file: Optional[IO[str]]) -> Any:
 
 
 def _progress_line(status: Optional[channel.TrainerStatus], left: Optional[float],
-                   now: float) -> Tuple[str, Any]:
+                   now: float, alive: bool = True) -> Tuple[str, Any]:
     parts = []
     key: Tuple[Any, ...] = ()
     if status is None:
         parts.append("waiting for the trainer")
     else:
-        parts.append(f"{status.state}, step {status.step}, epoch {status.epoch}")
+        if alive or status.state not in _ACTIVE_STATES:
+            parts.append(f"{status.state}, step {status.step}, epoch {status.epoch}")
+        else:  # never claim a dead trainer runs (issue 16)
+            parts.append(f"no live trainer (last report: {status.state}, step {status.step})")
         ckpt = status.last_checkpoint
         if ckpt is not None:
             parts.append(f"checkpoint step {ckpt.step} ({format_duration(now - ckpt.at)} ago)")
-        key = (status.state, status.epoch, ckpt.step if ckpt else None)
+        key = (status.state, status.epoch, ckpt.step if ckpt else None, alive)
     parts.append("session: no budget" if left is None else f"session: {format_duration(left)} left")
     return " | ".join(parts), key
 
 
+START_TIMEOUT_S = 30.0  # wait() gives a new trainer this long to appear after an ended one
+
+
 def wait(poll: float = 1.0, until: Optional[Callable[[], bool]] = None, *,
          timeout: Optional[float] = None, view: str = "auto",
-         file: Optional[IO[str]] = None) -> WaitResult:
+         file: Optional[IO[str]] = None, start_timeout: float = START_TIMEOUT_S) -> WaitResult:
     """Block with a live progress view until training ends or the session is about to end.
 
     This keeps the kernel busy, which is what Colab's idle reclaim looks at, while training
-    runs in a background process or thread. Returns when the trainer reports completed / failed /
-    stopped (or ends without saying so), when the session budget is within the stop lead, when
-    ``until()`` is true, after ``timeout`` seconds, or on KeyboardInterrupt ("interrupt the
-    kernel"), which stops neither the training nor the watchdog.
+    runs in a background process (:func:`launch`) or thread. Returns when the trainer reports
+    completed / failed / stopped (or ends without saying so), when the session budget is within
+    the stop lead, when ``until()`` is true, after ``timeout`` seconds, or on KeyboardInterrupt
+    ("interrupt the kernel"), which stops neither a launched trainer nor the watchdog.
+
+    Which trainer: the one :func:`launch` started, when there is one (a ``trainer.json`` older
+    than the launch is an earlier run's). Otherwise, a final ``trainer.json`` written before
+    ``wait()`` was called is an earlier run's: ``wait()`` gives a new trainer ``start_timeout``
+    seconds to appear before it reports that one.
 
     Args:
         poll: seconds between looks at the run directory.
@@ -858,6 +936,7 @@ def wait(poll: float = 1.0, until: Optional[Callable[[], bool]] = None, *,
         timeout: give up after this many seconds.
         view: "auto" (tqdm.auto when installed, else text), "tqdm" or "text".
         file: where the view writes (default: stdout for text, stderr for tqdm).
+        start_timeout: see above.
 
     Raises:
         RuntimeError: no watchdog runs in this kernel (call ``start()`` first).
@@ -866,49 +945,92 @@ def wait(poll: float = 1.0, until: Optional[Callable[[], bool]] = None, *,
     if handle is None:
         raise RuntimeError("no session-watchdog runs in this kernel; call "
                            "session_watchdog.start() first")
-    return _wait(handle, poll=poll, until=until, timeout=timeout, view=view, file=file)
+    return _wait(handle, poll=poll, until=until, timeout=timeout, view=view, file=file,
+                 start_timeout=start_timeout)
 
 
 def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], bool]],
-          timeout: Optional[float], view: str, file: Optional[IO[str]]) -> WaitResult:
+          timeout: Optional[float], view: str, file: Optional[IO[str]],
+          start_timeout: float = START_TIMEOUT_S) -> WaitResult:
     if not poll > 0:
         raise ValueError(f"wait(poll={poll!r}): expected a positive number of seconds")
     run_dir = channel.RunDir(handle.run_dir, create=False)
+    launched = handle.launched
     begun = time.monotonic()
-    status: Optional[channel.TrainerStatus] = None
+    begun_wall = time.time()
+    status: Optional[channel.TrainerStatus] = None  # the trainer this wait() watches
+    earlier: Optional[channel.TrainerStatus] = None  # a final state from before, not ours
     seen_alive = False
     gone_polls = 0
     out = _make_view(view, file)
 
-    def finish(reason: str, text: str) -> WaitResult:
+    def finish(reason: str, text: str, shown: Optional[channel.TrainerStatus] = None
+               ) -> WaitResult:
+        shown = shown if shown is not None else status
         out.close(f"session-watchdog: {text}")
-        return WaitResult(reason, status.state if status else None,
-                          status.step if status else None, round(time.monotonic() - begun, 3))
+        return WaitResult(reason, shown.state if shown else None,
+                          shown.step if shown else None, round(time.monotonic() - begun, 3))
+
+    def ours(found: Optional[channel.TrainerStatus]) -> Optional[channel.TrainerStatus]:
+        """``found`` when it describes the trainer this wait() is for (issue 16)."""
+        if found is None:
+            return None
+        if launched is not None:  # 1 s: the trainer's wall clock is ours, writes are not instant
+            return found if found.heartbeat >= launched.started_wall - 1.0 else None
+        if found.state in _TERMINAL_STATES and found.heartbeat < begun_wall - 1.0:
+            # Ended before wait() was called: an earlier run's file, even while run.lock is held
+            # (a new trainer takes the lock before it writes its first trainer.json).
+            return None
+        return found
 
     with handle.tracker.busy():
         try:
             while True:
                 # Liveness first, then the status: a trainer writes its final state before it
-                # releases run.lock, so "not alive" read first makes the status read final.
+                # releases run.lock (and before it exits), so "not alive" read first makes the
+                # status read final.
+                launched_running = launched is not None and launched.running
                 alive = run_dir.trainer_alive()
                 try:
-                    status = run_dir.read_status()
+                    found: Optional[channel.TrainerStatus] = run_dir.read_status()
                 except (channel.ChannelError, OSError):
-                    pass  # keep the last good one; the watchdog logs unreadable files
-                seen_alive = seen_alive or alive
+                    found = status  # keep the last good one; the watchdog logs unreadable files
+                mine = ours(found)
+                if mine is None and found is not None and found is not status:
+                    earlier = found
+                status = mine if mine is not None else status
+                seen_alive = seen_alive or (alive and status is not None)
                 for notice in handle._notices.take_unseen():
                     out.note(notice.text())
                 left = handle.remaining_s()
-                line, key = _progress_line(status, left, handle.watchdog.session.times().now)
+                line, key = _progress_line(status, left, handle.watchdog.session.times().now,
+                                           alive or launched_running)
                 out.update(status.step if status else None, line, key)
 
                 if status is not None and status.state in _TERMINAL_STATES:
                     return finish(status.state, f"training {status.state} at step {status.step}")
+                if launched is not None and not launched_running:
+                    code = launched.exit_code()
+                    for text in launched.tail(5):
+                        out.note(f"  | {text}")
+                    where = "" if status is None else f" at step {status.step}"
+                    return finish("trainer_gone", f"the launched trainer (pid {launched.pid}) "
+                                  f"exited with code {code}{where} without reporting "
+                                  f"completion; its output: {launched.output}")
                 active = status is not None and status.state in _ACTIVE_STATES
-                gone_polls = gone_polls + 1 if seen_alive and not alive and active else 0
+                # A launched trainer's end is its process's exit (its code says more).
+                gone_polls = gone_polls + 1 if seen_alive and not alive and active \
+                    and launched is None else 0
                 if gone_polls >= 2 and status is not None:
                     return finish("trainer_gone", f"the trainer ended at step {status.step} "
                                   "without reporting completion (crashed or closed?)")
+                if status is None and earlier is not None and launched is None and not alive \
+                        and time.monotonic() - begun >= start_timeout:
+                    return finish(earlier.state, f"no new trainer started in "
+                                  f"{format_duration(start_timeout)}; the last one "
+                                  f"{earlier.state} at step {earlier.step}, "
+                                  f"{format_duration(begun_wall - earlier.heartbeat)} before "
+                                  "wait() was called", earlier)
                 if left is not None and left <= handle.stop_lead_s():
                     return finish("session_ending", f"the session ends in {format_duration(left)}")
                 if until is not None and until():
@@ -917,8 +1039,56 @@ def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], b
                     return finish("timeout", f"stopped waiting (timeout {timeout:g}s)")
                 time.sleep(poll)
         except KeyboardInterrupt:
-            return finish("interrupted", "wait() interrupted; training and the watchdog keep "
-                          "running (session_watchdog.status() shows them)")
+            # Say only what is true now: is a trainer alive (issue 16)?
+            if launched is not None and launched.running:
+                text = (f"wait() interrupted; the launched trainer (pid {launched.pid}) and the "
+                        "watchdog keep running (session_watchdog.status() shows them)")
+            elif run_dir.trainer_alive():
+                text = ("wait() interrupted; training and the watchdog keep running "
+                        "(session_watchdog.status() shows them)")
+            else:
+                text = ("wait() interrupted; no trainer is running; the watchdog keeps running "
+                        "(session_watchdog.status() shows it)")
+            return finish("interrupted", text)
+
+
+# --------------------------------------------------------------------------------------------
+# launch(): a background trainer that survives Ctrl-C and kernel restarts
+
+
+def launch(argv: List[str], *, output: Optional[str] = None, cwd: Optional[str] = None,
+           env: Optional[Dict[str, str]] = None, **start_kwargs: Any) -> Launched:
+    """Start a training command in the background, in its own session, watched by the watchdog.
+
+    Use this instead of ``subprocess.Popen`` or ``!nohup ... &`` (IPython refuses background
+    processes): Jupyter's "interrupt" and "restart" signal the kernel's whole process group,
+    which a plain ``Popen`` child belongs to; this one has its own session and survives both.
+    Its stdout and stderr go to ``output`` (default ``train-<time>.log`` next to the watchdog's
+    log); the run directory reaches it in ``SESSION_WATCHDOG_RUN_DIR``. The watchdog tracks it like
+    ``session-watchdog run`` tracks its command: the runtime is not ended while it runs, and its
+    exit code counts. Starts the watchdog first when none runs (``start_kwargs`` as for
+    :func:`start`). Then ``wait()`` watches this trainer.
+
+    Raises:
+        RuntimeError: a trainer launched earlier in this kernel still runs.
+        ValueError: ``argv`` is not a non-empty list.
+        OSError: the command or the output file cannot be opened.
+    """
+    handle = _running_handle()
+    if handle is None or start_kwargs:
+        handle = _start(start_kwargs, stacklevel=3)
+    previous = handle.launched
+    if previous is not None and previous.running:
+        raise RuntimeError(f"the trainer launched earlier still runs (pid {previous.pid}); "
+                           "wait() for it, or end it first")
+    path = Path(output) if output else default_output_path(handle.log_file, handle.run_dir,
+                                                            time.time())
+    launched = start_process(argv, run_dir=handle.run_dir, output=path, cwd=cwd, env=env)
+    handle._track(launched)
+    _log.info("action", step="launch", pid=launched.pid, output=str(path),
+              message=f"started {' '.join(launched.argv)} (pid {launched.pid}) in its own "
+                      f"session; output {path}")
+    return launched
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ class PolicyState:
     progress_since: Optional[float] = None
     progress_skip: bool = True
     step_intervals: Tuple[float, ...] = ()
+    idle_requested_elapsed: Optional[float] = None  # elapsed of the last idle-reclaim request
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -142,6 +143,7 @@ class PolicyState:
             progress_since=_opt_float(obj.get("progress_since")),
             progress_skip=bool(obj.get("progress_skip", True)),
             step_intervals=tuple(float(x) for x in obj.get("step_intervals", ())),
+            idle_requested_elapsed=_opt_float(obj.get("idle_requested_elapsed")),
         )
 
 
@@ -353,13 +355,20 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
             t.warn_once("idle_warn", IDLE_RECLAIM,
                         f"no cell has run for {format_duration(idle)}; Colab may reclaim an idle runtime "
                         "- keep a cell running with session_watchdog.wait()", idle_s=round(idle, 1))
-        if config.idle_limit and idle >= config.idle_limit - lead.lead_s:
+        # One idle period, one request (issue 16): the period began at elapsed - idle; it is the
+        # one already asked for when it began before that request. The threshold alone is not
+        # enough: a fast first checkpoint shrinks the lead and moves the threshold past the idle
+        # time, which would end the episode and start a new one.
+        asked_at = t.state.idle_requested_elapsed
+        asked = asked_at is not None and elapsed - idle < asked_at
+        if config.idle_limit and (asked or idle >= config.idle_limit - lead.lead_s):
             t.episodes.add("idle_checkpoint")
-            if active and "idle_checkpoint" not in t.state.episodes:
+            if active and not asked and "idle_checkpoint" not in t.state.episodes:
                 t.request("checkpoint", IDLE_RECLAIM, elapsed,
                           f"idle for {format_duration(idle)}: checkpoint before an idle reclaim",
                           deadline=sample.now + max(0.0, config.idle_limit - idle),
                           idle_s=round(idle, 1))
+                t.update(idle_requested_elapsed=elapsed)
 
     # RAM pressure -> checkpoint now (once per episode).
     host = sample.host

@@ -308,6 +308,40 @@ class TestNotebookIdle:
                               at(3.0, notebook_idle_s=1800.0)])
         assert [len(d) for d in per_tick] == [1, 0, 1]
 
+    def test_one_idle_period_gets_one_checkpoint_request_even_when_the_lead_shrinks(self):
+        """A fast first checkpoint shrinks the lead (430 -> 310.5 s) and moves the threshold past
+        the idle time; the same idle period must not request a second checkpoint (issue 16)."""
+        c = cfg(max_session=OFF, idle_limit=5400.0)
+        fast = dict(step_time_s=0.5, ckpt_at=NOW + 80.0, ckpt_duration_s=5.0, acked_seq=1)
+
+        def tick(elapsed: float, idle: float, **kw):
+            return at(elapsed, notebook_idle_s=idle,
+                      trainer_status=status(heartbeat=NOW + elapsed, **kw))
+
+        _, per_tick = run(c, [
+            tick(70.0, 4970.0, step_time_s=None),  # lead 300 + 2 x 60 + 10 = 430: request
+            tick(85.0, 4985.0, **fast),            # acked; lead 310.5, threshold 5089.5
+            tick(190.0, 5090.0, **fast),           # same idle period: no second request
+            tick(200.0, 5100.0, **fast),
+        ])
+        assert [kinds(d) for d in per_tick] == [
+            [("request", "idle_reclaim", "checkpoint")], [("ack", "request_acked", "checkpoint")],
+            [], []]
+
+    def test_a_new_idle_period_after_a_request_gets_its_own_request(self):
+        """A cell that ran between two ticks starts a new idle period: it may be asked again."""
+        c = cfg(max_session=OFF, idle_limit=5400.0)
+
+        def tick(elapsed: float, idle: float, acked: int = 0):
+            return at(elapsed, notebook_idle_s=idle,
+                      trainer_status=status(heartbeat=NOW + elapsed, step_time_s=None,
+                                            acked_seq=acked))
+
+        _, per_tick = run(c, [tick(70.0, 4970.0), tick(80.0, 4980.0, 1), tick(90.0, 5.0, 1),
+                              tick(5055.0, 4970.0, 1)])
+        assert [[k for k, _, _ in kinds(d)] for d in per_tick] == [
+            ["request"], ["ack"], [], ["request"]]
+
 
 class TestNoTrainer:
     """A watched command that never builds a Session is named once, early (issue 11)."""

@@ -186,7 +186,7 @@ class TestGoldenSession:
         ck = summary_of(golden)["checkpoints"]
         assert {k: v for k, v in ck.items() if k != "list"} == {
             "count": 3, "duration_mean_s": 30.0, "duration_max_s": 40.0, "bytes_last": 3 * GiB,
-            "bytes_max": 3 * GiB}
+            "bytes_max": 3 * GiB, "reasons": {"session_limit": 2, "by the trainer itself": 1}}
         assert [(c["path"], c["at_s"], c["step"]) for c in ck["list"]] == [
             ("/ckpt/a.pt", 2300.0, 1000), ("/ckpt/b.pt", 3285.0, 1865), ("/ckpt/c.pt", 3530.0, 2115)]
 
@@ -203,6 +203,7 @@ class TestGoldenSession:
             (3510.0, "action", "request_written", "session_limit", "stop", 2),
             (3515.0, "decision", "ack", "request_acked", "stop", 2),
             (3530.0, "decision", "warn", "trainer_finished", None, None),
+            (3540.0, "decision", "info", "training_stopped", None, None),
         ]
 
     def test_input_bound_hint(self, golden):
@@ -228,9 +229,9 @@ class TestGoldenSession:
         }
 
     def test_input_counts(self, golden):
-        """Every line was read: start, 240 samples, 10 decisions/actions, stop."""
+        """Every line was read: start, 240 samples, 11 decisions/actions, stop."""
         inp = summary_of(golden)["input"]
-        assert inp == {"files": [str(golden)], "lines": 252, "events": 252, "samples": 240,
+        assert inp == {"files": [str(golden)], "lines": 253, "events": 253, "samples": 240,
                        "torn_lines": 0, "invalid_lines": 0, "unknown_events": 0,
                        "unknown_event_names": {}, "bad_events": 0, "sessions": 1, "session": 1}
 
@@ -262,9 +263,9 @@ class TestRobustInput:
         s = summary_of(golden)
         inp = s["input"]
         assert (inp["lines"], inp["events"], inp["invalid_lines"], inp["unknown_events"],
-                inp["bad_events"]) == (260, 258, 2, 3, 3)
+                inp["bad_events"]) == (261, 259, 2, 3, 3)
         assert inp["unknown_event_names"] == {"gpu_reset": 2, "notebook_cell": 1}
-        assert s["session"]["elapsed_s"] == 3595.0 and len(s["events"]) == 10
+        assert s["session"]["elapsed_s"] == 3595.0 and len(s["events"]) == 11
 
     def test_wrong_types_and_nulls_are_unknown(self, tmp_path):
         """Strings, booleans and nulls where numbers belong read as unknown, never as 0."""
