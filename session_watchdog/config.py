@@ -628,6 +628,37 @@ def validate(config: Config) -> None:
         )
 
 
+MAX_TOML_NESTING = 64  # our keys are flat; a list of lists is already more than any key takes
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether arrays/inline tables nest deeper than ``limit`` (strings and comments skipped)."""
+    depth = 0
+    quote = ""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 1  # an escaped character in a basic string
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return False
+
+
 def read_toml(path: Path) -> Dict[str, Any]:
     """Read a flat TOML table of config keys (``key = value``; ``[session-watchdog]`` also works)."""
     if sys.version_info >= (3, 11):
@@ -648,7 +679,12 @@ def read_toml(path: Path) -> Dict[str, Any]:
     except ValueError:  # a NUL byte in the name
         raise ConfigError(f"config file {path!r} is not a valid file name; check --config") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        if _nesting_exceeds(text, MAX_TOML_NESTING):
+            # Checked before parsing: whether the parser hits RecursionError depends on how deep
+            # the caller's stack already is (a depth of 1200 passed in one place, failed in another).
+            raise ConfigError(f"config file {path} is not valid TOML: nested too deeply")
+        data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:

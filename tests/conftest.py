@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import signal
@@ -81,6 +82,9 @@ def _reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     since = time.time()
     known = {(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)}
     yield
+    # DataLoader iterators a test left behind (an interrupted epoch) shut their workers down when
+    # collected; killed first, torch's SIGCHLD handler would fail the test at teardown.
+    gc.collect()
     left = _started_by(token, since, known)
     for proc in left:
         try:

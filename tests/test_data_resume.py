@@ -109,6 +109,49 @@ class TestExactResume:
         assert seen == expected
         assert_same(model.state_dict(), reference.state_dict(), "weights")
 
+    @pytest.mark.parametrize("kind", ["plain", "stateful"])
+    def test_a_checkpoint_after_an_epoch_resumes_at_the_next_epoch(self, tmp_path: Path,
+                                                                  kind: str) -> None:
+        """A run that saved after its epoch loop ended (complete() after 1 epoch) and is resumed
+        for 3 epochs trains epochs 1 and 2 only; a plain loader also sees an uninterrupted run's
+        order and ends with its weights (torchdata 0.11 itself draws another order for the epoch
+        after a state saved at an epoch's end, with or without a restart of ours)."""
+        def make(data: Indexed) -> Any:
+            if kind == "plain":
+                return plain_loader(data, workers=0)
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(data, batch_size=BATCH, shuffle=True, num_workers=0,
+                                      generator=torch.Generator().manual_seed(7))
+
+        def run(tmp: Path, epochs: int) -> Tuple[torch.nn.Module, List[int], int]:
+            model, opt = build(seed=0)
+            session = Session(tmp / "ckpt", model=model, optimizer=opt, run_dir=tmp / "run",
+                              checkpoint_every=None, handle_signals=False, keep=1)
+            seen: List[int] = []
+            with session:
+                loader = session.track(make(Indexed()))
+                start = session.resume()
+                for _epoch in session.epochs(epochs):
+                    for x, y, index in loader:
+                        seen.extend(int(i) for i in index)
+                        loss = torch.nn.functional.mse_loss(model(x), y)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                        session.step()
+                session.complete(end_runtime_after="complete")
+            return model, seen, start.epoch
+
+        steps = SAMPLES // BATCH
+        _, first, _ = run(tmp_path / "a", 1)
+        resumed, rest, start_epoch = run(tmp_path / "a", 3)
+        whole, everything, _ = run(tmp_path / "b", 3)
+        assert (len(first), len(rest), start_epoch) == (steps * BATCH, 2 * steps * BATCH, 1)
+        if kind == "plain":
+            assert first + rest == everything
+            assert_same(resumed.state_dict(), whole.state_dict(), "weights")
+
     def test_skipped_batches_are_never_loaded(self, tmp_path: Path) -> None:
         """Resuming at batch 7 of an epoch loads only the samples of batches 7 onwards."""
         train(tmp_path, lambda d: plain_loader(d, workers=0), 12 + 7)

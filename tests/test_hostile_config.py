@@ -342,6 +342,23 @@ class TestNamedCases:
         assert code == 2 and err.count("\n") == 1
         assert f"config file {tmp / 'c.toml'} is not valid TOML" in err
 
+    def test_nesting_is_refused_before_parsing_whatever_the_stack_depth(self, tmp: Path) -> None:
+        """65 levels are refused even with a huge recursion limit (the parser would accept them),
+        while brackets inside strings and comments do not count."""
+        import sys
+
+        (tmp / "c.toml").write_text("interval = " + "[" * 65 + "]" * 65 + "\n")
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(100_000)
+        try:
+            code, err = run_cli(["doctor", "--config", str(tmp / "c.toml")])
+        finally:
+            sys.setrecursionlimit(old)
+        assert code == 2 and f"config file {tmp / 'c.toml'} is not valid TOML: nested too deeply" in err
+        (tmp / "ok.toml").write_text('run_name = "' + "[" * 100 + '"  # ' + "{" * 100 + "\n")
+        code, err = run_cli(["doctor", "--config", str(tmp / "ok.toml"), "--run-dir", str(tmp / "r")])
+        assert "nested too deeply" not in err
+
     @pytest.mark.parametrize("name", ["fifo", "fifo-link", "directory", "big"])
     def test_a_config_that_is_not_a_small_regular_file_is_refused_at_once(
             self, tmp: Path, name: str) -> None:

@@ -141,6 +141,10 @@ class TrackedLoader:
         self._batch = int(state["batch"])
         self._finished = bool(state["finished"])
 
+    def epoch_finished(self) -> bool:
+        """After ``load_state_dict``: the saved position was past the end of its epoch."""
+        return self._finished
+
     def _replay(self, state: Dict[str, Any]) -> Iterator[Any]:
         """An iterator over the rest of the saved epoch: the order drawn again, nothing loaded."""
         start, done = state["epoch_start"], int(state["batch"])
@@ -213,9 +217,14 @@ class _StatefulEntry:
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
+        self._finished = False
 
     def state_dict(self) -> Dict[str, Any]:
         return {"format": _FORMAT, "kind": "stateful", "state": self.loader.state_dict()}
+
+    def epoch_finished(self) -> bool:
+        """After ``load_state_dict``: the saved iterator had run out (torchdata's own flag)."""
+        return self._finished
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("format") != _FORMAT or state.get("kind") != "stateful":
@@ -223,6 +232,8 @@ class _StatefulEntry:
                                  f"DataLoader (kind {state.get('kind')!r}), not for this "
                                  "StatefulDataLoader; track the same kind of loader")
         self.loader.load_state_dict(state["state"])
+        inner = state["state"]
+        self._finished = isinstance(inner, dict) and inner.get("_iterator_finished") is True
 
 
 Tracked = Any  # TrackedLoader or _StatefulEntry
@@ -263,3 +274,10 @@ def load_states(entries: List[Tracked], states: Any) -> None:
                              "same order, before resume()")
     for entry, state in zip(entries, states):
         entry.load_state_dict(state)
+
+
+def between_epochs(entries: List[Tracked]) -> bool:
+    """After :func:`load_states`: every loader had finished its epoch when the checkpoint was
+    taken (a save after the epoch's loop: ``complete()``, a checkpoint between epochs), so the
+    next epoch is the one to run, not the saved one again."""
+    return bool(entries) and all(entry.epoch_finished() for entry in entries)

@@ -668,6 +668,12 @@ class Session:
             from session_watchdog.trainer import data
 
             data.load_states(self._tracked, ours.get("loaders"))
+            if data.between_epochs(self._tracked):
+                # Saved after the epoch's loop ended: that epoch is done, resume at the next one
+                # (else epochs() would run the saved epoch a second time).
+                epoch += 1
+                self._epoch = epoch
+                self._epoch_start_step = step
         self._last_checkpoint = _info(saved, seq=None)
         if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
             self._mirror.catch_up(saved)  # resumed from a local copy the mirror never got
