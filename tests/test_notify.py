@@ -143,6 +143,29 @@ class TestGoldenSession:
                                                  "the runtime is left running\n"
                                                  "colab · session 0s · step 77")
 
+    def test_a_failed_trainer_sends_the_last_lines_of_its_traceback(self, tmp_path, servers):
+        """The traceback tail the trainer reported (trainer.json extra.traceback) is in the
+        failure message, after the error line."""
+        server = servers()
+        tail = 'File "train.py", line 9, in <module>\n    loss.backward()\nValueError: loss is nan'
+        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed",
+                                     extra={"error": "ValueError: loss is nan", "traceback": tail})
+        script = [sample(trainer_status=status(step=70, heartbeat=NOW)),
+                  sample(alive=False, trainer_status=failed, child_exit=1)]
+        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
+                       notify=f"json://127.0.0.1:{server.port}/hook")
+        dog.acquire()
+        try:
+            for _ in range(4):
+                dog.tick()
+        finally:
+            dog.release()
+        assert server.posts[0][1]["message"] == ("error: ValueError: loss is nan\n"
+                                                 "traceback (last lines):\n" + tail + "\n"
+                                                 "no checkpoint was reported\n"
+                                                 "the runtime is left running\n"
+                                                 "colab · session 0s · step 77")
+
     def test_oom_kills_disk_and_notify_on(self, tmp_path, servers):
         """An OOM kill and a critical disk are sent; kinds left out of notify_on are not."""
         server = servers()

@@ -747,6 +747,9 @@ class TestComplete:
         status = status_of(run_dir)
         assert status.state == "failed"
         assert status.extra["error"] == "RuntimeError: CUDA out of memory"
+        tail = status.extra["traceback"].splitlines()  # for the "training failed" notification
+        assert tail[-2:] == ['    raise RuntimeError("CUDA out of memory")',
+                             "RuntimeError: CUDA out of memory"] and len(tail) <= 6
         assert not lock_held(run_dir / RUN_LOCK)
 
     def test_complete_answers_an_open_request(self, make_session: Callable[..., Session],

@@ -160,8 +160,10 @@ class Hub:
             if status is not None:
                 ckpt = status.last_checkpoint
                 error = status.extra.get("error")
+                tb = status.extra.get("traceback")
                 fields.update(step=status.step, trainer_pid=status.pid, started=status.start_time,
                               error=str(error)[:300] if error else None,
+                              traceback=str(tb)[-1000:] if tb else None,
                               checkpoint=None if ckpt is None else {
                                   "path": ckpt.path, "step": ckpt.step, "bytes": ckpt.bytes})
         return Context(**fields)

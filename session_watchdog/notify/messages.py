@@ -48,6 +48,7 @@ class Context:
     now: Optional[float] = None
     checkpoint: Optional[Mapping[str, Any]] = None  # {path, step, bytes}
     error: Optional[str] = None  # the trainer's own last error ("ValueError: ...")
+    traceback: Optional[str] = None  # the last lines of its traceback, when it reported one
     child_exit: Optional[int] = None
     remote: bool = False  # remote commands are configured: say how to answer
 
@@ -100,6 +101,7 @@ def outcome_message(outcome: str, ctx: Context) -> Message:
     killed = " (SIGKILL: often an out-of-memory kill)" if ctx.child_exit == 137 else ""
     return _msg("failed", f"failed:{who}", f"training failed ({code}{killed})", ctx,
                 f"error: {ctx.error}" if ctx.error else "",
+                f"traceback (last lines):\n{ctx.traceback}" if ctx.traceback else "",
                 _checkpoint(ctx), "the runtime is left running")
 
 

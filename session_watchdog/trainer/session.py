@@ -103,6 +103,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -296,6 +297,17 @@ def _snapshot_every(value: Any) -> Tuple[Optional[int], Optional[float]]:
                              "duration like '1m'")
         return value, None
     return None, float(_seconds("snapshot_every", value, off="turn snapshots off"))
+
+
+TRACEBACK_LINES = 6
+TRACEBACK_MAX_CHARS = 1000
+
+
+def _traceback_tail(error: BaseException) -> str:
+    """The last :data:`TRACEBACK_LINES` lines of ``error``'s traceback, at most 1000 characters."""
+    lines = [line.rstrip() for chunk in traceback.format_exception(
+        type(error), error, error.__traceback__) for line in chunk.splitlines() if line.strip()]
+    return "\n".join(lines[-TRACEBACK_LINES:])[-TRACEBACK_MAX_CHARS:]
 
 
 class Session:
@@ -1271,8 +1283,10 @@ class Session:
         text = None if error is None else f"{type(error).__name__}: {error}"
         with self._status_lock:
             self._state = "failed"
-            if text is not None:
+            if error is not None:
                 self._extra["error"] = text
+                # The traceback's last lines, for the "training failed" notification (issue 15).
+                self._extra["traceback"] = _traceback_tail(error)
         self._write_status()
         _event(logging.ERROR, "failed", step=self._step, error=text)
 
