@@ -304,3 +304,34 @@ def test_kill9_during_directory_copies_the_newest_committed_mirror_directory_alw
         digest = hashlib.sha256((found.directory / COMMIT_MARKER).read_bytes()).hexdigest()
         assert digest == found.sha256
     assert torn_seen >= 1, "no kill landed inside a copy: the test did not test anything"
+
+
+# --------------------------------------------------------------------------------------------
+# Accelerate
+
+
+def test_accelerate_stop_waits_for_the_mirror_and_a_fresh_runtime_resumes_from_it(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """AcceleratorSession(..., mirror=...): a SIGTERM stop returns only once checkpoint-11 verified
+    on the mirror; with the local directory deleted, resume() restores it from there and the run
+    ends with the batches and weights of an uninterrupted run."""
+    if not other_fs:
+        pytest.skip("needs /dev/shm on another filesystem than the temp dir")
+    pytest.importorskip("accelerate")
+    from test_integrations_accelerate import run
+
+    mirror = shm / "m"
+    reference, expected, _ = run(tmp_path / "a", None)
+    _, first, stop = run(tmp_path / "b", 11, mirror=mirror)
+    assert stop is not None and stop.code == 75 and stop.checkpoint.step == 11
+    status = RunDir(tmp_path / "b" / "run").read_status()
+    assert status is not None and status.state == "stopped" and status.last_checkpoint is not None
+    last = status.extra["last_mirrored"]  # the stop waited for it
+    assert (last["step"], last["sha256"]) == (11, status.last_checkpoint.sha256)
+    assert tree(mirror / "checkpoint-11") == tree(tmp_path / "b" / "ckpt" / "checkpoint-11")
+
+    shutil.rmtree(tmp_path / "b" / "ckpt")
+    model, rest, stop = run(tmp_path / "b", None, mirror=mirror)
+    assert stop is None and first + rest == expected
+    assert_same(model.state_dict(), reference.state_dict(), "weights")
+    assert marked(mirror)[-1] == "checkpoint-24"
