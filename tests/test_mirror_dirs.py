@@ -26,6 +26,7 @@ import torch
 from ckpt_helpers import COMMITTED, fork_child, send
 from conftest import heavy_n
 from integration_helpers import SCRIPTS, finish, reap, spawn, wait_for_file
+from test_mirror import s3  # noqa: F401 - the moto S3 server fixture
 from torch_helpers import assert_same
 
 from session_watchdog.actions import EndTransaction
@@ -335,3 +336,40 @@ def test_accelerate_stop_waits_for_the_mirror_and_a_fresh_runtime_resumes_from_i
     assert stop is None and first + rest == expected
     assert_same(model.state_dict(), reference.state_dict(), "weights")
     assert marked(mirror)[-1] == "checkpoint-24"
+
+
+# --------------------------------------------------------------------------------------------
+# S3 (moto's server on 127.0.0.1, through s3fs)
+
+
+def test_directories_on_s3_are_identical_pruned_and_restored_and_the_marker_object_commits(
+        tmp_path: Path, s3: Any) -> None:  # noqa: F811
+    """Objects equal every file and the marker, keep=2 prunes on S3, a fresh directory restores
+    the newest; without its marker object that directory is skipped for the older one."""
+    import s3fs
+
+    _server, options, _stopped, url = s3
+    local = tmp_path / "ckpt"
+    mirror = DirMirror(url, storage_options=options, keep=2)
+    mirror.attach_dir(local, keep=2)
+    try:
+        for step in (10, 20, 30):
+            saved = commit_dir(_save_dir(local, step), step=step)
+            mirror.submit(saved)  # type: ignore[arg-type]
+            assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    fs = s3fs.S3FileSystem(**options)
+    root = url[len("s3://"):]
+    objects = {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+    expected = {f"checkpoint-{s}/{rel}": data for s in (20, 30)
+                for rel, data in tree(local / f"checkpoint-{s}").items()}
+    assert objects == expected  # checkpoint-10 pruned there; no temp objects
+
+    found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh")
+    assert found is not None and found.directory.name == "checkpoint-30"
+    assert _load_dir(found.directory) == 30
+    fs.rm_file(f"{root}/checkpoint-30/{COMMIT_MARKER}")  # as if the copy died before its commit
+    found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh2")
+    assert found is not None and found.directory.name == "checkpoint-20"
+    assert tree(found.directory) == tree(local / "checkpoint-20")
