@@ -373,3 +373,28 @@ def test_directories_on_s3_are_identical_pruned_and_restored_and_the_marker_obje
     found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh2")
     assert found is not None and found.directory.name == "checkpoint-20"
     assert tree(found.directory) == tree(local / "checkpoint-20")
+
+
+def test_the_same_commit_again_is_read_back_not_rewritten_and_a_damaged_copy_is_redone(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """Submitting a directory whose commit is on the mirror already leaves its files untouched
+    (same inodes); when a file there was damaged, that commit is undone and copied again."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    mirror = DirMirror(LocalTarget(mirror_dir), allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        saved = commit_dir(_save_dir(local, 5), step=5)
+        for _ in range(2):
+            mirror.submit(saved)  # type: ignore[arg-type]
+            assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+        inode = os.stat(mirror_dir / "checkpoint-5" / "weights.pt").st_ino
+        mirror.submit(saved)  # type: ignore[arg-type]
+        wait_until(lambda: mirror.report()["state"] == "ok", "the third copy")
+        assert os.stat(mirror_dir / "checkpoint-5" / "weights.pt").st_ino == inode
+        (mirror_dir / "checkpoint-5" / "sub" / "state.json").write_text('{"step": 6}')
+        mirror.submit(saved)  # type: ignore[arg-type]
+        wait_until(lambda: (mirror_dir / "checkpoint-5" / "sub" / "state.json").read_text()
+                   == '{"step": 5}' and marked(mirror_dir) == ["checkpoint-5"], "the copy redone")
+    finally:
+        mirror.close()
+    assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")

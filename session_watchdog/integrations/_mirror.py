@@ -126,18 +126,19 @@ class DirMirror(Mirror):
         return _Unit(name, files, self._marker_of(name), raw, self._marker_of(name),
                      saved.sha256, int(saved.bytes))
 
-    def _before_copy(self, unit: _Unit) -> None:
-        """A directory of that name on the mirror that is not this very commit goes first
-        (its marker before its files): what a copy cut short left, or an older save of that step."""
+    def _before_copy(self, unit: _Unit) -> bool:
+        """This very commit already there (the same marker bytes): True, it is only read back.
+        Else a directory of that name on the mirror goes first, its marker before its files:
+        what a copy cut short left, or another save of that step."""
         if self.target.exists(unit.marker_name):
             try:
-                same = b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes
+                if b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes:
+                    return True
             except Exception:
-                same = False
-            if same:
-                return  # files are replaced by identical bytes; the marker stays true
+                pass
             self.target.delete(unit.marker_name)
         self.target.delete_tree(unit.name)
+        return False
 
     def _delete_unit(self, name: str) -> None:
         self.target.delete_tree(name)

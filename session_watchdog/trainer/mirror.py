@@ -5,6 +5,10 @@ The runtime's own disk dies with the runtime; writing checkpoints straight into 
 the runtime is reclaimed mid-upload (googlecolab/colabtools#2161, #4314). A :class:`Mirror` lets
 the trainer save at local-disk speed and copies each committed checkpoint in a background thread:
 
+The unit of copy is a list of files and one marker: a checkpoint file and ``<name>.sha256`` here;
+every file of a committed directory and its ``WATCHDOG_COMMITTED.json`` for the framework
+callbacks (``integrations/_mirror.py``, :class:`DirMirror`). Steps 1-2 run for each file, 3 once:
+
 1. stream the file into the target (local: a temp file next to the final name, written through
    :meth:`LocalTarget.write_chunk`, fsynced where the filesystem supports it, renamed; object
    stores: one upload to the final key, which appears only when complete);
@@ -444,13 +448,15 @@ class Mirror:
                 os.close(fd)
             raise MirrorError(ERROR, f"{err.filename} is gone (pruned locally before it could "
                               "be mirrored)") from err
-        written = False
+        written = present = False
         try:
             try:
-                self._before_copy(unit)
+                present = self._before_copy(unit)
                 for item, fd in zip(unit.files, fds):
-                    written = True
+                    if present:
+                        break
                     size = target.write(item.name, fd)
+                    written = True
                     if size != item.bytes:
                         raise MirrorError(MISMATCH, f"{item.path} has {size} bytes, its marker "
                                           f"says {item.bytes} (changed since its commit)")
@@ -466,8 +472,14 @@ class Mirror:
                 if read != item.bytes or digest.hexdigest() != item.sha256:
                     raise MirrorError(MISMATCH, f"{target.join(item.name)} read back {read} bytes "
                                       f"that do not match {unit.name}'s marker: {HINTS[MISMATCH]}")
-            target.write_marker(unit.marker_name, unit.marker_bytes)
+            if not present:
+                target.write_marker(unit.marker_name, unit.marker_bytes)
         except BaseException:
+            if present:  # that commit is there but does not verify: uncommit it, copy again
+                try:
+                    target.delete(unit.marker_name)
+                except Exception:
+                    pass
             if written:  # uncommitted data must not linger under a final name
                 try:
                     self._delete_unit(unit.name)
@@ -501,8 +513,10 @@ class Mirror:
         return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), str(marker["sha256"]))],
                      name + MARKER_SUFFIX, data, name, saved.sha256, saved.bytes)
 
-    def _before_copy(self, unit: _Unit) -> None:
-        """Make room on the target for ``unit`` (a file is replaced by its rename: nothing)."""
+    def _before_copy(self, unit: _Unit) -> bool:
+        """Make room on the target for ``unit``; True: that very commit is there already (then
+        it is only read back). A file is replaced by its rename: nothing to do."""
+        return False
 
     def _delete_unit(self, name: str) -> None:
         self.target.delete(name)
