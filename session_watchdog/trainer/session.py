@@ -315,7 +315,8 @@ class Session:
         mirror: a second tier for every committed checkpoint (a Drive / autodl-fs / NFS path,
             an fsspec URL such as ``s3://bucket/run1``, or a ``trainer.mirror.Mirror``): copied
             and verified in the background (trainer/mirror.py); ``resume()`` looks there too.
-            Single-file checkpoints only (rank 0's under DDP; not with ``sharded=True``).
+            Rank 0's checkpoints under DDP; the framework sessions mirror their committed
+            directories (integrations/_mirror.py); not with ``sharded=True`` (``mirror_ignored``).
         mirror_wait_s: the most seconds ``complete()`` and a stop wait for the last checkpoint
             to verify on the mirror (said in the log either way).
     """
