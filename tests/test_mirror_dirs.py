@@ -398,3 +398,36 @@ def test_the_same_commit_again_is_read_back_not_rewritten_and_a_damaged_copy_is_
     finally:
         mirror.close()
     assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")
+
+
+def test_ranks_restoring_into_one_shared_directory_at_once_all_get_the_same_checkpoint(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """Four processes call restore_dir on the same empty directory at once (every rank of a job
+    on a shared disk): each gets checkpoint-20, which verifies, and no temp directory is left."""
+    local, mirror_dir, fresh = tmp_path / "ckpt", shm / "m", tmp_path / "fresh"
+    mirror = DirMirror(LocalTarget(mirror_dir), allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        for step in (10, 20):
+            saved = commit_dir(_save_dir(local, step), step=step)
+            mirror.submit(saved)  # type: ignore[arg-type]
+            assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    assert mirror._thread is not None
+    mirror._thread.join(WAIT_S)  # no thread of ours is forked mid-lock
+    go = tmp_path / "go"
+
+    def child(fd: int) -> None:  # no torch here: its thread pool does not survive a fork
+        wait_until(go.exists, "the start")
+        found = restore_dir(str(mirror_dir), fresh)
+        send(fd, COMMITTED, -1 if found is None else found.step)
+
+    children = [fork_child(child) for _ in range(4)]
+    try:
+        go.write_text("")
+    finally:
+        reports = [c.reap() for c in children]
+    assert reports == [[(COMMITTED, 20)]] * 4
+    assert os.listdir(fresh) == ["checkpoint-20"] and _load_dir(fresh / "checkpoint-20") == 20
+    assert tree(fresh / "checkpoint-20") == tree(mirror_dir / "checkpoint-20")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
+import psutil
+
 from session_watchdog import channel
 from session_watchdog.channel import fsync_dir
 from session_watchdog.integrations._core import (
@@ -155,7 +157,7 @@ class DirMirror(Mirror):
         parent: Path = manager.directory
         parent.mkdir(parents=True, exist_ok=True)
         _sweep_restores(parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cand.name}{_RESTORE_INFIX}", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(cand.name), dir=parent))
         try:
             raw = b"".join(self.target.read_chunks(self._marker_of(cand.name)))
             if len(raw) > _MARKER_MAX_BYTES:
@@ -185,11 +187,24 @@ class DirMirror(Mirror):
                         os.close(fd)
                 fsync_dir(Path(root))
             final = parent / cand.name
-            if final.exists():  # not committed (local_top is older): a save cut short
-                aside = Path(tempfile.mkdtemp(prefix=f".{cand.name}{_RESTORE_INFIX}", dir=parent))
-                os.rename(final, aside / "torn")
+            there = _same_commit(final, raw)
+            if there is None and final.exists():  # not committed: a save cut short
+                aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(cand.name), dir=parent))
+                try:
+                    os.rename(final, aside / "torn")
+                except FileNotFoundError:  # another rank moved it first
+                    pass
                 shutil.rmtree(aside, ignore_errors=True)
-            os.rename(tmp, final)
+            if there is None:
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another rank (same shared directory) restored it first
+                    there = _same_commit(final, raw)
+                    if there is None:
+                        raise
+            if there is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                found = there
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -216,11 +231,29 @@ def _loads(raw: bytes) -> Dict[str, Any]:
     return obj
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name}{_RESTORE_INFIX}{os.getpid()}-"
+
+
+def _same_commit(directory: Path, marker: bytes) -> Optional[CommittedDir]:
+    """``directory`` when it holds that very commit, verified (another rank restored it)."""
+    try:
+        if (directory / COMMIT_MARKER).read_bytes() != marker:
+            return None
+    except OSError:
+        return None
+    return verify_dir(directory)
+
+
 def _sweep_restores(parent: Path) -> None:
-    """Remove temp directories of copies down that a killed process left behind."""
+    """Remove temp directories of copies down whose process is gone (killed mid-copy)."""
     for name in os.listdir(parent):
-        if name.startswith(".") and _RESTORE_INFIX in name:
-            shutil.rmtree(parent / name, ignore_errors=True)
+        if not (name.startswith(".") and _RESTORE_INFIX in name):
+            continue
+        pid = name.split(_RESTORE_INFIX, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and psutil.pid_exists(int(pid)):
+            continue  # a copy down in progress (another rank): never touched
+        shutil.rmtree(parent / name, ignore_errors=True)
 
 
 def _as_dir_mirror(mirror: Union[str, os.PathLike[str], Mirror],
@@ -247,7 +280,8 @@ def restore_dir(mirror: Union[None, str, os.PathLike[str], Mirror],
     """The newest committed directory of both tiers, in ``directory`` (copied down if needed).
 
     Without a mirror: the local newest (``newest_committed``). A mirror that cannot be read is a
-    warning: the local newest is returned.
+    warning: the local newest is returned. Every rank may call it on a directory they share: a
+    copy down another rank finished first is taken as it is (all get the same checkpoint).
     """
     if directory is None:
         return None
