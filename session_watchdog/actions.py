@@ -354,6 +354,8 @@ class EndTransaction:
             raise EndAborted(_mirror_not_verified(ckpt, mirror))
         if mirror.local:
             problem = verify_checkpoint(mirror.last_path, ckpt.sha256, ckpt.bytes)
+            if problem is None and os.path.basename(mirror.last_path) == DIR_MARKER:
+                problem = _verify_dir_files(mirror.last_path)  # a committed directory's files
             if problem is not None:
                 raise EndAborted(f"on the mirror: {problem}")
         self._step("end_mirror", ok=True, path=mirror.last_path, checkpoint_step=ckpt.step,
@@ -451,9 +453,29 @@ def _mirror_not_verified(ckpt: channel.CheckpointInfo, mirror: channel.MirrorSta
             f"(mirror {why}; newest there: {newest}); not ending the runtime")
 
 
+DIR_MARKER = "WATCHDOG_COMMITTED.json"  # integrations/_core.py's COMMIT_MARKER (no torch here)
+
+
+def _verify_dir_files(marker: str) -> Optional[str]:
+    """None when every file a committed directory's marker lists has its size and sha256."""
+    directory = os.path.dirname(marker)
+    try:
+        files = channel.read_json(Path(marker))["files"]  # type: ignore[index]
+        entries = [(str(rel), str(e["sha256"]), int(e["bytes"])) for rel, e in files.items()]
+    except (channel.ChannelError, TypeError, KeyError, AttributeError, ValueError) as err:
+        return f"checkpoint marker {marker} is unreadable: {err}"
+    for rel, sha256, size in entries:
+        if ".." in rel.split("/") or rel.startswith("/"):
+            return f"checkpoint marker {marker} lists {rel!r} outside its directory"
+        problem = verify_checkpoint(os.path.join(directory, rel), sha256, size)
+        if problem is not None:
+            return problem
+    return None
+
+
 def _checkpoint_files(path: str) -> List[str]:
     """The files of a checkpoint: a file and its marker, or a sharded step directory's files."""
-    if os.path.basename(path) == "COMMITTED":  # DCP: <dir>/COMMITTED marks the whole directory
+    if os.path.basename(path) in ("COMMITTED", DIR_MARKER):  # the marker of a whole directory
         directory = os.path.dirname(path)
         try:
             return sorted(os.path.join(directory, n) for n in os.listdir(directory))

@@ -23,7 +23,8 @@ from session_watchdog.trainer import SessionExit  # noqa: E402
 EPOCHS, SAMPLES, BATCH = 3, 64, 8
 
 
-def run(tmp: Path, stop_at: Optional[int]) -> Tuple[Any, List[int], Optional[SessionExit]]:
+def run(tmp: Path, stop_at: Optional[int],
+        mirror: Optional[Path] = None) -> Tuple[Any, List[int], Optional[SessionExit]]:
     """Train (or resume); SIGTERM to ourselves after step ``stop_at``, as the end of a runtime would."""
     # A seedable sampler: each epoch's order is a function of (seed, epoch) (README's recipe).
     accelerator = Accelerator(cpu=True,
@@ -39,7 +40,7 @@ def run(tmp: Path, stop_at: Optional[int]) -> Tuple[Any, List[int], Optional[Ses
     model, opt, loader = accelerator.prepare(model, opt, loader)
     seen: List[int] = []
     session = AcceleratorSession(accelerator, tmp / "ckpt", run_dir=tmp / "run",
-                                 checkpoint_every=None, poll_interval=0.05)
+                                 checkpoint_every=None, poll_interval=0.05, mirror=mirror)
     try:
         with session:
             start = session.resume()

@@ -200,6 +200,13 @@ class FrameworkSession(Session):
         self._lock_held = False
         self._restore_hook: Optional[Callable[[], None]] = None
 
+    def _open_mirror(self, mirror: Any) -> Any:
+        """``mirror=``: the committed directories are copied (integrations/_mirror.py)."""
+        from session_watchdog.integrations._mirror import open_dir_mirror
+
+        return open_dir_mirror(mirror, self.checkpoint_dir, self.manager.keep,
+                               self._mirror_changed)
+
     # ---- step boundary -------------------------------------------------------------------
 
     def begin(self, step: int) -> None:
@@ -277,6 +284,9 @@ class FrameworkSession(Session):
                bytes=saved.total_bytes)
         if stop:
             self._stopped = True
+            deadline = flags.request.deadline if flags is not None and flags.request is not None else None
+            self._wait_mirror(saved, "stop", self.mirror_wait_s if deadline is None else  # type: ignore[arg-type]
+                              min(self.mirror_wait_s, deadline - time.time()))
             if self._dist is not None:
                 self._dist.barrier()  # every reporter acked before any rank leaves
             _event(logging.WARNING, "stopped", reason=reason, step=saved.step,
@@ -322,6 +332,7 @@ class FrameworkSession(Session):
         self._record(saved, seq=seq, state="completed")  # type: ignore[arg-type]
         _event(logging.INFO, "completed", path=str(saved.directory), step=saved.step,
                sha256=saved.sha256)
+        self._wait_mirror(saved, "complete", self.mirror_wait_s)  # type: ignore[arg-type]
         self.close()
 
     # ---- failures that never reach a callback --------------------------------------------

@@ -37,9 +37,9 @@ from session_watchdog.integrations._core import (
     COMMIT_MARKER,
     CommittedDir,
     FrameworkSession,
-    newest_committed,
     verify_dir,
 )
+from session_watchdog.integrations._mirror import restore_dir
 from session_watchdog.trainer.session import (
     SessionExit,
     Start,
@@ -83,7 +83,8 @@ class AcceleratorSession(FrameworkSession):
 
     def resume(self, map_location: Any = "cpu") -> Start:
         """Load the newest committed directory with ``accelerator.load_state``, or start fresh."""
-        found = newest_committed(self.checkpoint_dir, CHECKPOINT_PATTERN)
+        # With mirror=: a newer committed directory there comes down first (a new runtime).
+        found = restore_dir(self._mirror, self.checkpoint_dir, CHECKPOINT_PATTERN)
         if found is None:
             self.begin(self._step)
             _event(logging.INFO, "fresh_start", checkpoint_dir=str(self.checkpoint_dir))

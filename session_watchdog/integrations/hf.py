@@ -27,7 +27,10 @@ What happens:
   the notebook cell reports ``failed``, and the runtime is never ended for it.
 - ``watchdog_resume(output_dir)`` returns the newest *committed* ``checkpoint-N`` (one the process
   was killed in while the Trainer was writing it has no marker and is skipped), or None for a
-  fresh start.
+  fresh start;
+- ``WatchdogCallback(mirror="/content/drive/MyDrive/run1")`` copies every committed checkpoint
+  there in the background, verified; ``watchdog_resume(output_dir, mirror=...)`` then copies the
+  mirror's newest down when the local disk has nothing newer (a new runtime).
 
 Keep ``save_total_limit`` at 2 or more (or None): the Trainer deletes old checkpoints *before* the
 new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint.
@@ -40,10 +43,13 @@ from typing import Any, Optional, Union
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from session_watchdog.integrations._core import CommittedDir, FrameworkSession, newest_committed
+from session_watchdog.integrations._core import CommittedDir, FrameworkSession
+from session_watchdog.integrations._mirror import restore_dir
+from session_watchdog.trainer.mirror import Mirror
 from session_watchdog.trainer.session import (
     DEFAULT_CHECKPOINT_EVERY_S,
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_MIRROR_WAIT_S,
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_SYNC_EVERY,
     DEFAULT_SYNC_INTERVAL_S,
@@ -56,12 +62,15 @@ __all__ = ["EXIT_STOPPED", "WatchdogCallback", "watchdog_resume"]
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)$"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
-def watchdog_resume(output_dir: Union[str, os.PathLike[str], None]) -> Optional[str]:
+def watchdog_resume(output_dir: Union[str, os.PathLike[str], None],
+                    mirror: Union[None, str, os.PathLike[str], Mirror] = None) -> Optional[str]:
     """The newest committed ``checkpoint-N`` directory in ``output_dir``, or None (fresh start).
 
+    With ``mirror`` (the callback's): when the mirror has a committed checkpoint newer than every
+    local one (a new runtime's empty disk), it is copied down into ``output_dir`` first, verified.
     Pass it to ``trainer.train(resume_from_checkpoint=...)``; None starts from scratch.
     """
-    found = newest_committed(output_dir, CHECKPOINT_PATTERN)
+    found = restore_dir(mirror, output_dir, CHECKPOINT_PATTERN)
     return None if found is None else str(found.directory)
 
 
@@ -74,6 +83,10 @@ class WatchdogCallback(TrainerCallback):
         checkpoint_every: seconds between periodic checkpoints (None: off).
         poll_interval, heartbeat_interval, handle_signals, sync_every, sync_interval_s: as for
             :class:`~session_watchdog.trainer.Session`.
+        mirror: a second tier (a Drive / autodl-fs / NFS path, an fsspec URL, a ``Mirror``):
+            every committed ``checkpoint-N/`` is copied there in the background and verified
+            (integrations/_mirror.py); pass the same to ``watchdog_resume``.
+        mirror_wait_s: the most seconds the final checkpoint and a stop wait for the mirror.
 
     Attributes:
         stopped: True once training stopped on request or signal after a committed checkpoint.
@@ -91,11 +104,14 @@ class WatchdogCallback(TrainerCallback):
         handle_signals: bool = True,
         sync_every: int = DEFAULT_SYNC_EVERY,
         sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
+        mirror: Union[None, str, os.PathLike[str], Mirror] = None,
+        mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
     ) -> None:
         self._options = dict(run_dir=run_dir, checkpoint_every=checkpoint_every,
                              poll_interval=poll_interval, heartbeat_interval=heartbeat_interval,
                              handle_signals=handle_signals, sync_every=sync_every,
-                             sync_interval_s=sync_interval_s)
+                             sync_interval_s=sync_interval_s, mirror=mirror,
+                             mirror_wait_s=mirror_wait_s)
         self.session: Optional[FrameworkSession] = None
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None

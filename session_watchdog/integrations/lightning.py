@@ -45,12 +45,14 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from session_watchdog.integrations._core import (
     CommittedDir,
     FrameworkSession,
-    newest_committed,
     verify_dir,
 )
+from session_watchdog.integrations._mirror import restore_dir
+from session_watchdog.trainer.mirror import Mirror
 from session_watchdog.trainer.session import (
     DEFAULT_CHECKPOINT_EVERY_S,
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_MIRROR_WAIT_S,
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_SYNC_EVERY,
     DEFAULT_SYNC_INTERVAL_S,
@@ -77,12 +79,15 @@ CHECKPOINT_PATTERN = r"^checkpoint-(\d+)$"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def watchdog_resume(dirpath: Optional[PathLike]) -> Optional[str]:
+def watchdog_resume(dirpath: Optional[PathLike],
+                    mirror: Union[None, PathLike, Mirror] = None) -> Optional[str]:
     """The ``model.ckpt`` of the newest committed ``checkpoint-N`` in ``dirpath``, or None.
 
-    Pass it to ``trainer.fit(..., ckpt_path=...)``; None starts from scratch.
+    With ``mirror`` (the callback's): a newer committed checkpoint there is copied down into
+    ``dirpath`` first, verified. Pass it to ``trainer.fit(..., ckpt_path=...)``; None starts
+    from scratch.
     """
-    found = newest_committed(dirpath, CHECKPOINT_PATTERN)
+    found = restore_dir(mirror, dirpath, CHECKPOINT_PATTERN)
     if found is None or not (found.directory / CHECKPOINT_FILE).is_file():
         return None
     return str(found.directory / CHECKPOINT_FILE)
@@ -97,6 +102,10 @@ class WatchdogCallback(Callback):
         checkpoint_every: seconds between periodic checkpoints (None: off).
         poll_interval, heartbeat_interval, handle_signals, sync_every, sync_interval_s: as for
             :class:`~session_watchdog.trainer.Session`.
+        mirror: a second tier (a Drive / autodl-fs / NFS path, an fsspec URL, a ``Mirror``):
+            every committed ``checkpoint-N/`` is copied there in the background and verified
+            (integrations/_mirror.py); pass the same to ``watchdog_resume``.
+        mirror_wait_s: the most seconds the final checkpoint and a stop wait for the mirror.
 
     Attributes:
         stopped: True once training stopped on request or signal after a committed checkpoint.
@@ -115,13 +124,16 @@ class WatchdogCallback(Callback):
         handle_signals: bool = True,
         sync_every: int = DEFAULT_SYNC_EVERY,
         sync_interval_s: Optional[float] = DEFAULT_SYNC_INTERVAL_S,
+        mirror: Union[None, PathLike, Mirror] = None,
+        mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
     ) -> None:
         super().__init__()
         self.dirpath = Path(os.path.abspath(dirpath))
         self._options = dict(run_dir=run_dir, checkpoint_every=checkpoint_every,
                              poll_interval=poll_interval, heartbeat_interval=heartbeat_interval,
                              handle_signals=handle_signals, sync_every=sync_every,
-                             sync_interval_s=sync_interval_s)
+                             sync_interval_s=sync_interval_s, mirror=mirror,
+                             mirror_wait_s=mirror_wait_s)
         self.session: Optional[FrameworkSession] = None
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None

@@ -5,6 +5,10 @@ The runtime's own disk dies with the runtime; writing checkpoints straight into 
 the runtime is reclaimed mid-upload (googlecolab/colabtools#2161, #4314). A :class:`Mirror` lets
 the trainer save at local-disk speed and copies each committed checkpoint in a background thread:
 
+The unit of copy is a list of files and one marker: a checkpoint file and ``<name>.sha256`` here;
+every file of a committed directory and its ``WATCHDOG_COMMITTED.json`` for the framework
+callbacks (``integrations/_mirror.py``, :class:`DirMirror`). Steps 1-2 run for each file, 3 once:
+
 1. stream the file into the target (local: a temp file next to the final name, written through
    :meth:`LocalTarget.write_chunk`, fsynced where the filesystem supports it, renamed; object
    stores: one upload to the final key, which appears only when complete);
@@ -36,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from session_watchdog import channel
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for
@@ -117,6 +121,27 @@ class _Candidate:
     step: int
     name: str
     marker: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _File:
+    name: str  # on the target
+    path: Path  # local
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What one checkpoint is on the mirror: its files, then its marker (written last)."""
+
+    name: str  # the checkpoint's name (a file, or a directory for DirMirror)
+    files: List[_File]
+    marker_name: str
+    marker_bytes: bytes
+    report_name: str  # what trainer.json's last_mirrored points to (the daemon re-hashes it)
+    sha256: str
+    bytes: int
 
 
 class Mirror:
@@ -298,8 +323,7 @@ class Mirror:
             return None
         if self._manager is None:
             self._manager = manager
-        local = [manager.parse_name(s.path.name) for s in manager.list()]
-        local_top = max((p[0] for p in local if p is not None), default=0)
+        local_top = self._local_top(manager)
         try:
             candidates = self._committed()
         except Exception as err:
@@ -309,16 +333,15 @@ class Mirror:
             if cand.seq <= local_top:
                 break
             try:
-                self._copy_down(manager, cand)
+                report_name, sha256, size = self._copy_down(manager, cand)
             except Exception as err:
                 _event(logging.WARNING, "mirror_restore_skipped", target=self.location,
                        name=cand.name, problem=classify(err), error=str(err))
                 continue
             with self._cond:
                 self._last = MirroredCheckpoint(
-                    location=self.target.join(cand.name), name=cand.name, seq=cand.seq,
-                    step=cand.step, sha256=str(cand.marker["sha256"]),
-                    bytes=int(cand.marker["bytes"]), at=time.time(),
+                    location=self.target.join(report_name), name=cand.name, seq=cand.seq,
+                    step=cand.step, sha256=sha256, bytes=size, at=time.time(),
                     duration_s=0.0, copy_s=0.0)
                 self._reported = self._last
                 manager._last_seq = max(manager._last_seq, cand.seq)
@@ -328,7 +351,8 @@ class Mirror:
             return cand.name
         return None
 
-    def _copy_down(self, manager: CheckpointManager, cand: _Candidate) -> None:
+    def _copy_down(self, manager: CheckpointManager, cand: _Candidate) -> Tuple[str, str, int]:
+        """Copy ``cand`` down, verified; return what describes it (name, sha256, bytes)."""
         final = manager.directory / cand.name
         tmp = temp_path_for(final)
         fd = open_exclusive(tmp)
@@ -354,6 +378,7 @@ class Mirror:
             raise
         fsync_dir(manager.directory)
         channel.write_json(final.with_name(final.name + MARKER_SUFFIX), cand.marker)
+        return cand.name, str(cand.marker["sha256"]), int(cand.marker["bytes"])
 
     # ---- the worker ---------------------------------------------------------------------
 
@@ -408,103 +433,157 @@ class Mirror:
                 self._cond.notify_all()
 
     def _copy(self, saved: SavedCheckpoint, committed: float) -> MirroredCheckpoint:
-        """Copy one checkpoint; the module docstring's steps 1-4."""
+        """Copy one checkpoint; the module docstring's steps 1-4, for each of its files."""
         started = time.monotonic()
         target = self.target
-        name = saved.path.name
         seq = self._seq_of(saved)
-        marker_path = saved.path.with_name(name + MARKER_SUFFIX)
-        marker = channel.read_json(marker_path)
-        if marker is None:
-            raise MirrorError(ERROR, f"{marker_path} is gone (pruned locally before it could "
-                              "be mirrored)")
+        unit = self._unit(saved)
         target.check()
+        fds: List[int] = []
         try:
-            fd = os.open(saved.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            for item in unit.files:  # open all first: a local prune meanwhile cannot tear it
+                fds.append(os.open(item.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
         except FileNotFoundError as err:  # not the mirror's fault: say so
-            raise MirrorError(ERROR, f"{saved.path} is gone (pruned locally before it could "
+            for fd in fds:
+                os.close(fd)
+            raise MirrorError(ERROR, f"{err.filename} is gone (pruned locally before it could "
                               "be mirrored)") from err
-        written = False
+        written = present = False
         try:
             try:
-                size = target.write(name, fd)
-                written = True
+                present = self._before_copy(unit)
+                for item, fd in zip(unit.files, fds):
+                    if present:
+                        break
+                    size = target.write(item.name, fd)
+                    written = True
+                    if size != item.bytes:
+                        raise MirrorError(MISMATCH, f"{item.path} has {size} bytes, its marker "
+                                          f"says {item.bytes} (changed since its commit)")
             finally:
-                os.close(fd)
-            digest = hashlib.sha256()
-            read = 0
-            for block in target.read_chunks(name):  # from the target, never from the source
-                digest.update(block)
-                read += len(block)
-            if size != marker["bytes"] or read != marker["bytes"] \
-                    or digest.hexdigest() != marker["sha256"]:
-                raise MirrorError(MISMATCH, f"{target.join(name)} read back {read} bytes that do "
-                                  f"not match {marker_path}: {HINTS[MISMATCH]}")
-            target.write_marker(name + MARKER_SUFFIX,
-                                json.dumps(marker, separators=(",", ":"), sort_keys=True).encode())
+                for fd in fds:
+                    os.close(fd)
+            for item in unit.files:
+                digest = hashlib.sha256()
+                read = 0
+                for block in target.read_chunks(item.name):  # from the target, never the source
+                    digest.update(block)
+                    read += len(block)
+                if read != item.bytes or digest.hexdigest() != item.sha256:
+                    raise MirrorError(MISMATCH, f"{target.join(item.name)} read back {read} bytes "
+                                      f"that do not match {unit.name}'s marker: {HINTS[MISMATCH]}")
+            if not present:
+                target.write_marker(unit.marker_name, unit.marker_bytes)
         except BaseException:
+            if present:  # that commit is there but does not verify: uncommit it, copy again
+                try:
+                    target.delete(unit.marker_name)
+                except Exception:
+                    pass
             if written:  # uncommitted data must not linger under a final name
                 try:
-                    target.delete(name)
+                    self._delete_unit(unit.name)
                 except Exception:  # the mirror is failing anyway; the next prune retries
                     pass
             raise
         now = time.monotonic()
         result = MirroredCheckpoint(
-            location=target.join(name), name=name, seq=seq, step=saved.step,
-            sha256=saved.sha256, bytes=saved.bytes, at=time.time(),
+            location=target.join(unit.report_name), name=unit.name, seq=seq, step=saved.step,
+            sha256=unit.sha256, bytes=unit.bytes, at=time.time(),
             duration_s=now - committed, copy_s=now - started)
         self._prune(seq)
         return result
 
-    def _committed(self) -> List[_Candidate]:
-        """Checkpoints on the mirror whose marker is present and well-formed (files unread)."""
-        manager = self._manager
-        assert manager is not None
+    # ---- what a checkpoint is on the mirror (DirMirror: a committed directory) -------------
+
+    def accepts(self, saved: Any) -> bool:
+        """Whether ``saved`` is the kind of checkpoint this mirror copies."""
+        from session_watchdog.trainer.checkpoint import SavedCheckpoint
+
+        return isinstance(saved, SavedCheckpoint)
+
+    def _unit(self, saved: SavedCheckpoint) -> _Unit:
+        name = saved.path.name
+        marker_path = saved.path.with_name(name + MARKER_SUFFIX)
+        marker = channel.read_json(marker_path)
+        if marker is None:
+            raise MirrorError(ERROR, f"{marker_path} is gone (pruned locally before it could "
+                              "be mirrored)")
+        data = json.dumps(marker, separators=(",", ":"), sort_keys=True).encode()
+        return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), str(marker["sha256"]))],
+                     name + MARKER_SUFFIX, data, name, saved.sha256, saved.bytes)
+
+    def _before_copy(self, unit: _Unit) -> bool:
+        """Make room on the target for ``unit``; True: that very commit is there already (then
+        it is only read back). A file is replaced by its rename: nothing to do."""
+        return False
+
+    def _delete_unit(self, name: str) -> None:
+        self.target.delete(name)
+
+    def _marker_of(self, name: str) -> str:
+        return name + MARKER_SUFFIX
+
+    def _parse(self, name: str) -> Optional[Tuple[int, int]]:
+        """(sequence, step) of a checkpoint's name; None: not one of ours."""
+        assert self._manager is not None
+        return self._manager.parse_name(name)
+
+    def _marked(self, names: Set[str]) -> Set[str]:
+        """The checkpoints among ``names`` whose marker is there (not yet read)."""
+        return {n for n in names if self._parse(n) is not None and n + MARKER_SUFFIX in names}
+
+    def _valid_marker(self, obj: Dict[str, Any], name: str, step: int) -> bool:
         from session_watchdog.trainer.checkpoint import checkpoint_from_marker
 
+        return checkpoint_from_marker(obj, Path(name), step) is not None
+
+    def _local_top(self, manager: CheckpointManager) -> int:
+        """The newest committed sequence number on the local tier."""
+        local = [manager.parse_name(s.path.name) for s in manager.list()]
+        return max((p[0] for p in local if p is not None), default=0)
+
+    def _committed(self) -> List[_Candidate]:
+        """Checkpoints on the mirror whose marker is present and well-formed (files unread)."""
         names = set(self.target.names())
         found = []
-        for name in names:
-            parsed = manager.parse_name(name)
-            if parsed is None or name + MARKER_SUFFIX not in names:
-                continue
+        for name in self._marked(names):
+            parsed = self._parse(name)
+            assert parsed is not None
             try:
-                obj = json.loads(self.target.read_small(name + MARKER_SUFFIX))
+                obj = json.loads(self.target.read_small(self._marker_of(name)))
             except (ValueError, OSError, MirrorError, channel.ChannelError):
                 continue  # unreadable, not ours, or not JSON: never a resume candidate
             if not isinstance(obj, dict) or obj.get("v") != channel.SCHEMA_VERSION:
                 continue
-            if checkpoint_from_marker(obj, Path(name), parsed[1]) is None:
+            if not self._valid_marker(obj, name, parsed[1]):
                 continue
             found.append(_Candidate(parsed[0], parsed[1], name, obj))
         return found
 
     def _prune(self, newest_seq: int) -> None:
         """Keep the newest ``keep`` committed checkpoints; remove older ones and litter."""
-        manager = self._manager
-        assert manager is not None and self.keep is not None
+        assert self._manager is not None and self.keep is not None
         try:
             names = set(self.target.names())
-            committed = sorted((manager.parse_name(n) or (0, 0))[0] for n in names
-                               if manager.parse_name(n) and n + MARKER_SUFFIX in names)
+            marked = self._marked(names)
+            committed = sorted((self._parse(n) or (0, 0))[0] for n in marked)
             keep_from = committed[-self.keep] if len(committed) >= self.keep else 0
             doomed = []
             for name in names:
-                parsed = manager.parse_name(name)
+                parsed = self._parse(name)
                 if parsed is None or parsed[0] > newest_seq:
                     continue
-                if parsed[0] < keep_from or (name + MARKER_SUFFIX not in names
-                                             and parsed[0] < newest_seq):
+                if parsed[0] < keep_from or (name not in marked and parsed[0] < newest_seq):
                     doomed.append(name)
             for name in doomed:  # markers first: a cut-short prune leaves unmarked files only
-                if name + MARKER_SUFFIX in names:
-                    self.target.delete(name + MARKER_SUFFIX)
+                if name in marked:
+                    self.target.delete(self._marker_of(name))
             for name in doomed:
-                self.target.delete(name)
+                self._delete_unit(name)
             for name in names:  # markers whose file is gone (a prune cut short elsewhere)
                 stem = name[: -len(MARKER_SUFFIX)]
-                parsed = manager.parse_name(stem) if name.endswith(MARKER_SUFFIX) else None
+                parsed = self._parse(stem) if name.endswith(MARKER_SUFFIX) else None
                 if parsed is not None and stem not in names and parsed[0] < newest_seq:
                     self.target.delete(name)
             self.target.sweep()
@@ -516,7 +595,7 @@ class Mirror:
 
     def _seq_of(self, saved: SavedCheckpoint) -> int:
         assert self._manager is not None
-        parsed = self._manager.parse_name(saved.path.name)
+        parsed = self._parse(saved.path.name)
         return 0 if parsed is None else parsed[0]
 
     def _failed(self, err: BaseException, step: Optional[int]) -> None:

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional, Union
 
@@ -94,7 +95,8 @@ def classify(err: BaseException) -> str:
 
 
 class Target:
-    """Where mirrored files go. Names are plain file names inside one directory or prefix."""
+    """Where mirrored files go. Names are file names inside one directory or prefix; a name
+    with ``/`` (a committed checkpoint directory's file) is created under its sub-directory."""
 
     location: str = ""
     #: whether ``location`` is a path on this machine (the daemon may re-verify it there)
@@ -126,6 +128,13 @@ class Target:
         raise NotImplementedError
 
     def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def delete_tree(self, name: str) -> None:
+        """Remove the directory (prefix) ``name`` and everything under it."""
         raise NotImplementedError
 
     def sweep(self) -> None:
@@ -195,8 +204,23 @@ class LocalTarget(Target):
         """Write some of ``data`` to ``fd``; return how much (the boundary tests fake)."""
         return os.write(fd, data)
 
+    def _make_parents(self, final: Path) -> None:
+        """Create the sub-directories of ``final`` below the mirror directory (never the mirror
+        directory itself: a vanished one is not re-created), each fsynced into its parent."""
+        parent = self.path
+        for part in final.relative_to(self.path).parts[:-1]:
+            child = parent / part
+            try:
+                os.mkdir(child, 0o755)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir_if_supported(parent)
+            parent = child
+
     def write(self, name: str, source_fd: int) -> int:
         final = self.path / name
+        self._make_parents(final)
         tmp = temp_path_for(final)
         fd = self.open_temp(tmp)
         try:
@@ -211,7 +235,7 @@ class LocalTarget(Target):
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        _fsync_dir_if_supported(self.path)
+        _fsync_dir_if_supported(final.parent)
         return written
 
     def _chunk_copy(self, source_fd: int, fd: int) -> int:
@@ -264,6 +288,15 @@ class LocalTarget(Target):
 
     def delete(self, name: str) -> None:
         _unlink_quietly(self.path / name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.path / name)
+
+    def delete_tree(self, name: str) -> None:
+        try:
+            shutil.rmtree(self.path / name)
+        except FileNotFoundError:
+            pass
 
     def sweep(self) -> None:
         channel.sweep_temps(self.path)
@@ -345,6 +378,16 @@ class FsspecTarget(Target):
     def delete(self, name: str) -> None:
         try:
             self.fs.rm_file(self._key(name))
+        except FileNotFoundError:
+            pass
+
+    def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache(self._key(name))
+        return bool(self.fs.exists(self._key(name)))
+
+    def delete_tree(self, name: str) -> None:
+        try:
+            self.fs.rm(self._key(name), recursive=True)
         except FileNotFoundError:
             pass
 

@@ -341,7 +341,8 @@ class Session:
         mirror: a second tier for every committed checkpoint (a Drive / autodl-fs / NFS path,
             an fsspec URL such as ``s3://bucket/run1``, or a ``trainer.mirror.Mirror``): copied
             and verified in the background (trainer/mirror.py); ``resume()`` looks there too.
-            Single-file checkpoints only (rank 0's under DDP; not with ``sharded=True``).
+            Rank 0's checkpoints under DDP; the framework sessions mirror their committed
+            directories (integrations/_mirror.py); not with ``sharded=True`` (``mirror_ignored``).
         mirror_wait_s: the most seconds ``complete()`` and a stop wait for the last checkpoint
             to verify on the mirror (said in the log either way).
         snapshot_every: copy the training state into a shared-memory snapshot (``/dev/shm``)
@@ -531,9 +532,7 @@ class Session:
                 _event(logging.WARNING, "mirror_ignored", reason="sharded checkpoints are not "
                        "mirrored; use a checkpoint_dir on persistent storage")
         elif mirror is not None:  # last: its reports go to trainer.json (issue 14)
-            from session_watchdog.trainer import mirror as mirror_mod
-
-            self._mirror = mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
+            self._mirror = self._open_mirror(mirror)
 
     # ------------------------------------------------------------------------------------------
     # The training loop's side
@@ -1247,8 +1246,14 @@ class Session:
             if state is not None:
                 self._state = state
         self._write_status()
-        if self._mirror is not None and isinstance(saved, self._ckpt.SavedCheckpoint):
+        if self._mirror is not None and self._mirror.accepts(saved):
             self._mirror.submit(saved)
+
+    def _open_mirror(self, mirror: Union[str, os.PathLike[str], Mirror]) -> Optional[Mirror]:
+        """Build (for a path or URL), attach and start the mirror of this session's checkpoints."""
+        from session_watchdog.trainer import mirror as mirror_mod
+
+        return mirror_mod.open_mirror(mirror, self.manager, self._mirror_changed)
 
     def _mirror_changed(self, report: Dict[str, Any]) -> None:
         """The mirror's worker: report its state and newest verified copy in trainer.json."""
@@ -1263,7 +1268,7 @@ class Session:
     def _wait_mirror(self, saved: SavedCheckpoint, why: str, timeout: float) -> None:
         """Wait (bounded) for ``saved`` to verify on the mirror; say how it went."""
         mirror = self._mirror
-        if mirror is None or not isinstance(saved, self._ckpt.SavedCheckpoint):
+        if mirror is None or not mirror.accepts(saved):
             return
         started = time.monotonic()
         _event(logging.INFO, "mirror_wait", why=why, step=saved.step, target=mirror.location,

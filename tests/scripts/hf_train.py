@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--raise-at", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=float, default=0)
     parser.add_argument("--no-watchdog", action="store_true")
+    parser.add_argument("--mirror", default=None)
     opts = parser.parse_args()
 
     torch.manual_seed(0)
@@ -90,13 +91,13 @@ def main() -> int:
     callbacks = [Pace(opts)]
     # --- the watchdog's lines -------------------------------------------------------------
     watchdog = WatchdogCallback(checkpoint_every=opts.checkpoint_every or None,
-                                poll_interval=0.1, heartbeat_interval=0.5)
+                                poll_interval=0.1, heartbeat_interval=0.5, mirror=opts.mirror)
     if not opts.no_watchdog:
         callbacks.append(watchdog)
     trainer_class = HangingTrainer if opts.hang_save_at else Trainer
     HangingTrainer.hang_at, HangingTrainer.flag = opts.hang_save_at, opts.hang_flag
     trainer = trainer_class(model=model, args=args, train_dataset=Points(), callbacks=callbacks)
-    resume = watchdog_resume(opts.out)
+    resume = watchdog_resume(opts.out, mirror=opts.mirror)
     print(f"resume_from_checkpoint={resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if watchdog.stopped:

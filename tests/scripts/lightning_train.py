@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--raise-at", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=float, default=0)
     parser.add_argument("--no-watchdog", action="store_true")
+    parser.add_argument("--mirror", default=None)
     opts = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -95,14 +96,14 @@ def main() -> int:
     callbacks = [Pace(opts)]
     # --- the watchdog's lines -------------------------------------------------------------
     watchdog = WatchdogCallback(opts.out, checkpoint_every=opts.checkpoint_every or None,
-                                poll_interval=0.1, heartbeat_interval=0.5)
+                                poll_interval=0.1, heartbeat_interval=0.5, mirror=opts.mirror)
     if not opts.no_watchdog:
         callbacks.append(watchdog)
     trainer = L.Trainer(max_steps=opts.steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks,
                         plugins=[HangingIO(opts)] if opts.hang_save_at else None)
-    resume = watchdog_resume(opts.out)
+    resume = watchdog_resume(opts.out, mirror=opts.mirror)
     print(f"ckpt_path={resume}", flush=True)
     trainer.fit(model, loader, ckpt_path=resume)
     if watchdog.stopped:
