@@ -624,7 +624,7 @@ def test_ddp_rank0_mirrors_and_both_ranks_resume_from_the_mirror_alone(tmp_path,
     shutil.rmtree(tmp_path / "ckpt")
     out = run(2)
     for rank in (0, 1):
-        assert f"[rank {rank}] resumed from {tmp_path / 'ckpt' / 'ckpt-00000001-step10.pt'} at epoch 0 step 10" in out
+        assert f"[rank {rank}] resumed from {tmp_path / 'ckpt' / 'ckpt-00000001-step10.pt'} at epoch 1 step 10" in out
         assert f"[rank {rank}] completed at step 20: {tmp_path / 'ckpt' / 'ckpt-00000002-step20.pt'}" in out
     assert committed(shm / "m")[-1] == "ckpt-00000002-step20.pt"
     assert (shm / "m" / "ckpt-00000002-step20.pt").read_bytes() == \
