@@ -699,6 +699,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, UserError, channel.ChannelError, DaemonBusyError) as err:
         print(f"session-watchdog: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # before OSError, of which it is one
+        return _reader_gone()
     except OSError as err:
         # A path given by the user that the system refuses (a file where a directory belongs,
         # a name too long, ...): one line, not a traceback (issue 18).
@@ -708,8 +710,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return _reader_gone()
 
 
 def _reader_gone() -> int:
