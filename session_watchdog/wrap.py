@@ -92,7 +92,7 @@ class Child:
         for _ in range(8):  # a few nested shells at most
             try:
                 proc = psutil.Process(pid)
-                if proc.name() not in SHELLS:
+                if os.path.basename(proc.exe()) not in SHELLS:  # exe: `./train.sh` too
                     return pid
                 children = [c for c in proc.children()
                             if c.status() != psutil.STATUS_ZOMBIE and os.getpgid(c.pid) == self.pid]

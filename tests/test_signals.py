@@ -171,14 +171,22 @@ class TestStopSignals:
         assert wait_for(lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE)
         assert [e["event"] for e in events(tmp_path / "run.jsonl")].count("child_interrupted") == 1
 
-    def test_sigterm_reaches_a_dataloader_trainer_behind_a_shell(self, tmp_path, procs):
-        """`run -- bash -c "python train.py; ..."`: SIGTERM goes to the trainer the shell waits
-        on (not to the shell, which would die of it), so it checkpoints and the shell exits 75."""
+    @pytest.mark.parametrize("how", ["bash -c", "shebang script"])
+    def test_sigterm_reaches_a_dataloader_trainer_behind_a_shell(self, tmp_path, procs, how):
+        """`run -- bash -c "python train.py; ..."` or `run -- ./train.sh`: SIGTERM goes to the
+        trainer the shell waits on (not to the shell, which would die of it), so it checkpoints
+        and the shell exits 75."""
         script = tmp_path / "train.py"
         script.write_text(TRAINER)
         ckpt = tmp_path / "ckpt"
-        proc = watchdog(procs, tmp_path, "--kill-after", "120s", "--", "bash", "-c",
-                        f"{sys.executable} {script} {ckpt}; code=$?; echo after $code; exit $code")
+        line = f"{sys.executable} {script} {ckpt}; code=$?; echo after $code; exit $code"
+        command = ["bash", "-c", line]
+        if how == "shebang script":
+            wrapper = tmp_path / "train.sh"
+            wrapper.write_text(f"#!/bin/bash\n{line}\n")
+            wrapper.chmod(0o755)
+            command = [str(wrapper)]
+        proc = watchdog(procs, tmp_path, "--kill-after", "120s", "--", *command)
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         shell = psutil.Process(proc.pid).children()[0]
         trainer = shell.children()[0]
