@@ -51,6 +51,7 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
 KILL_GRACE_S = 10.0  # at most this long between SIGTERM and SIGKILL to the command's group
 
 
@@ -82,12 +83,25 @@ class Child:
         return None if code is None else exit_code(code)
 
     def trainer_pid(self) -> int:
-        """The process that gets the polite stop signal: our direct child (our own process).
-
-        One place to choose the target, so a proof of trainer identity (the holder of run.lock
-        within our child's process tree) can replace it without touching the signal logic.
+        """The process that gets the polite stop signal: our direct child, or, when that is a
+        shell (``run -- bash train.sh``) waiting on a single command, that command (followed down
+        through nested shells). A shell dies of SIGTERM without passing it on, which would leave
+        the trainer running until the group's SIGTERM kills its DataLoader workers first.
         """
-        return self.pid
+        pid = self.pid
+        for _ in range(8):  # a few nested shells at most
+            try:
+                proc = psutil.Process(pid)
+                if os.path.basename(proc.exe()) not in SHELLS:  # exe: `./train.sh` too
+                    return pid
+                children = [c for c in proc.children()
+                            if c.status() != psutil.STATUS_ZOMBIE and os.getpgid(c.pid) == self.pid]
+            except (psutil.Error, OSError):
+                return pid
+            if len(children) != 1:
+                return pid
+            pid = children[0].pid
+        return pid
 
     def forward(self, sig: int) -> None:
         """The user asked to stop (``sig`` is SIGTERM or SIGINT): stop politely, then escalate.

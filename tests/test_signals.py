@@ -171,15 +171,45 @@ class TestStopSignals:
         assert wait_for(lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE)
         assert [e["event"] for e in events(tmp_path / "run.jsonl")].count("child_interrupted") == 1
 
+    @pytest.mark.parametrize("how", ["bash -c", "shebang script"])
+    def test_sigterm_reaches_a_dataloader_trainer_behind_a_shell(self, tmp_path, procs, how):
+        """`run -- bash -c "python train.py; ..."` or `run -- ./train.sh`: SIGTERM goes to the
+        trainer the shell waits on (not to the shell, which would die of it), so it checkpoints
+        and the shell exits 75."""
+        script = tmp_path / "train.py"
+        script.write_text(TRAINER)
+        ckpt = tmp_path / "ckpt"
+        line = f"{sys.executable} {script} {ckpt}; code=$?; echo after $code; exit $code"
+        command = ["bash", "-c", line]
+        if how == "shebang script":
+            wrapper = tmp_path / "train.sh"
+            wrapper.write_text(f"#!/bin/bash\n{line}\n")
+            wrapper.chmod(0o755)
+            command = [str(wrapper)]
+        proc = watchdog(procs, tmp_path, "--kill-after", "120s", "--", *command)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        shell = psutil.Process(proc.pid).children()[0]
+        trainer = shell.children()[0]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=DEADLINE_S)
+        stderr = proc.stderr.read()
+        assert (code, proc.stdout.read().strip()) == (75, "after 75"), stderr[-2000:]
+        status = channel.RunDir(tmp_path / "run").read_status()
+        assert status.state == "stopped" and status.last_checkpoint is not None
+        assert "killed by signal" not in stderr
+        signalled = [e for e in events(tmp_path / "run.jsonl") if e["event"] == "child_signalled"]
+        assert [e["pid"] for e in signalled] == [trainer.pid]
+
     def test_nothing_of_a_stopped_shell_wrapper_is_left_behind(self, tmp_path, procs):
-        """A shell that dies of the polite SIGTERM leaves its own child in the group: the
-        watchdog escalates to the group after kill_after and exits only once it is gone."""
+        """A shell running two commands at once dies of the polite SIGTERM and leaves its
+        children in the group: the watchdog escalates to the group after kill_after and exits
+        only once they are gone."""
         inner = "import time; print('ready', flush=True); time.sleep(600)"
         proc = watchdog(procs, tmp_path, "--kill-after", "1s", "--", "bash", "-c",
-                        f"{sys.executable} -c \"{inner}\"; echo after")
+                        f"sleep 600 & {sys.executable} -c \"{inner}\"; echo after")
         assert proc.stdout.readline().strip() == "ready"
         shell = psutil.Process(proc.pid).children()[0]
-        python = shell.children()[0]
+        python = [c for c in shell.children() if c.name() != "sleep"][0]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=DEADLINE_S) == 128 + signal.SIGTERM  # the shell's own exit
         assert not python.is_running() or python.status() == psutil.STATUS_ZOMBIE
