@@ -215,6 +215,22 @@ def _pollers(config: Config, platform: Any, signal_notice: Any) -> List[Any]:
         raise UserError(f"--preemption: {err}") from None
 
 
+def _refuse_beside_orphan(run_dir: channel.RunDir) -> None:
+    """A trainer left running by a watchdog that was killed (kill -9) still holds run.lock: a
+    second one beside it would share its checkpoints and requests (issue 18)."""
+    status = None
+    try:
+        status = run_dir.read_status()
+    except channel.ChannelError:
+        pass
+    if status is not None and status.state in ("starting", "running", "saving", "stopping"):
+        raise UserError(f"a trainer (pid {status.pid}) still runs in {run_dir.path} without a "
+                        f"watchdog; stop it, or watch it with 'session-watchdog attach --pid "
+                        f"{status.pid}' instead of starting another")
+    raise UserError(f"a process still holds {run_dir.file(channel.RUN_LOCK)} (a trainer left "
+                    "running?); stop it before starting another command in this run dir")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from session_watchdog import daemon, log, wrap
 
@@ -246,6 +262,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                      lambda *a: None)(d, s))
         # Take the run dir before the command starts: a second `run` on a watched run dir must
         # fail without leaving a training process behind (issue 18).
+        if command and watchdog.run_dir.trainer_alive() \
+                and not watchdog.run_dir.lock_held(channel.DAEMON_LOCK):
+            _refuse_beside_orphan(watchdog.run_dir)
         watchdog.acquire()
         if command:
             if config.restarts:

@@ -274,6 +274,34 @@ class TestSecondRun:
         assert first.poll() is None  # the first watchdog goes on
 
 
+    def test_run_beside_an_orphaned_trainer_starts_nothing(self, tmp_path, procs):
+        """A trainer whose watchdog was killed still holds run.lock: `run -- CMD` on that run dir
+        exits 2 with one line naming it, and CMD never starts (two trainers would share it)."""
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(mode=0o700)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nfrom session_watchdog import channel\n"
+             "lock = channel.FileLock(sys.argv[1], shared=True)\nassert lock.acquire()\n"
+             "time.sleep(600)", str(run_dir / channel.RUN_LOCK)], start_new_session=True)
+        procs.append(holder)
+        assert wait_for(lambda: channel.lock_held(run_dir / channel.RUN_LOCK))
+        token = f"never-started-{uuid.uuid4().hex}"
+        second = subprocess.run(
+            [*CLI, "run", "--platform", "generic", "--run-dir", str(run_dir),
+             "--log-file", str(tmp_path / "second.jsonl"), "--",
+             sys.executable, "-c", "import time, sys; time.sleep(600)", token],
+            capture_output=True, text=True, timeout=DEADLINE_S)
+        running = [p for p in psutil.process_iter(["cmdline"]) if token in (p.info["cmdline"] or [])]
+        for p in running:
+            p.kill()
+        assert second.returncode == 2 and running == []
+        lines = second.stderr.strip().splitlines()
+        assert lines == [f"session-watchdog: error: a process still holds {run_dir / 'run.lock'} "
+                         "(a trainer left running?); stop it before starting another command in "
+                         "this run dir"]
+        assert holder.poll() is None  # the orphan is left alone
+
+
 class TestCancel:
     def test_cancel_without_a_watchdog_fails_in_one_line(self, tmp_path):
         """`cancel` with no watchdog running: exit 2, one line saying nothing is running."""
