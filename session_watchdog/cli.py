@@ -14,13 +14,14 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from session_watchdog import __version__, channel
+from session_watchdog.channel import DaemonBusyError  # not via daemon: --help stays light
 from session_watchdog.config import KEYS, Config, ConfigError, format_duration, load_config
-from session_watchdog.daemon import DaemonBusyError
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # doctor found something to fix
@@ -263,6 +264,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                       message="the command has ended; stopping the watchdog "
                                               "without ending the runtime")
                 watchdog.keep_runtime(f"signal {name}")
+                # stop now, not at the next tick (a thread: this runs in a signal handler)
+                threading.Thread(target=watchdog.check_stop, daemon=True).start()
 
             child.on_late_signal = on_late_signal
             child.install_forwarding(early)
