@@ -187,6 +187,7 @@ def _detach(args: argparse.Namespace, config: Config) -> int:
 def _configure_log(config: Config) -> None:
     from session_watchdog import log
 
+    log.import_structlog_without_rich()  # our own process: nobody needs rich's tracebacks here
     try:
         # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
         log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,

@@ -65,6 +65,23 @@ def get_logger(name: str = "session_watchdog") -> Any:
     return _Logger(name)
 
 
+def import_structlog_without_rich() -> None:
+    """Import structlog without letting it load rich (and pygments) for pretty tracebacks.
+
+    structlog.dev imports rich when it is installed (Colab has it): ~5 MB of the daemon's RSS
+    for a console renderer our Sink never uses (issue 17: RSS <= 2.5x a bare interpreter). Only
+    for the watchdog's own process (cli), never in a user's process (notebook, trainer), whose
+    structlog output must stay as the user configured it. rich stays importable afterwards.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # documented: import raises ImportError
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
 # --------------------------------------------------------------------------------------------
 # Where logs go
 

@@ -71,3 +71,30 @@ class TestStopCheck:
         flag.set()
         dog.check_stop()
         assert done.wait(120), "check_stop did not stop the watchdog"
+
+
+class TestCpuPercent:
+    def test_reads_proc_stat_at_most_every_window_and_repeats_the_figure(self):
+        """With every_s, /proc/stat is read once per window and the busy % is repeated in between;
+        the figure covers the whole window."""
+        reads: List[str] = []
+        texts = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  200 0 200 1400 0 0 0 0 0 0\n",
+                      "cpu  300 0 300 1500 0 0 0 0 0 0\n"])
+        now = [0.0]
+
+        def read(path: Path) -> str:
+            reads.append(str(path))
+            return next(texts)
+
+        from session_watchdog.probes import CpuPercent
+
+        cpu = CpuPercent(read, Path("/proc/stat"), every_s=30.0, monotonic=lambda: now[0])
+        assert cpu() is None  # the first read is the baseline
+        now[0] = 5.0
+        assert cpu() is None and len(reads) == 1
+        now[0] = 30.0
+        assert cpu() == 25.0  # (200 busy of 800) over the 30 s window
+        now[0] = 55.0
+        assert cpu() == 25.0 and len(reads) == 2
+        now[0] = 60.0
+        assert cpu() == 66.7 and len(reads) == 3
