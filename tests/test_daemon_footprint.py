@@ -98,3 +98,33 @@ class TestCpuPercent:
         assert cpu() == 25.0 and len(reads) == 2
         now[0] = 60.0
         assert cpu() == 66.7 and len(reads) == 3
+
+
+class TestLeanImports:
+    def test_the_cli_process_imports_structlog_without_rich_and_rich_stays_importable(self):
+        """import_structlog_without_rich() loads structlog but not rich; a later import of rich works."""
+        import subprocess
+        import sys
+
+        code = ("import sys\nfrom session_watchdog import log\nlog.import_structlog_without_rich()\n"
+                "print('structlog' in sys.modules, 'rich' in sys.modules)\n"
+                "import rich\nprint('rich' in sys.modules)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["True", "False", "True"]
+
+    def test_help_and_status_do_not_import_structlog_or_the_daemon(self, tmp_path: Path):
+        """`--help` and `status` load neither structlog nor the daemon module (start-up cost)."""
+        import subprocess
+        import sys
+
+        for argv in (["--help"], ["status", "--run-dir", str(tmp_path / "run")]):
+            code = ("import sys, contextlib, io\nfrom session_watchdog import cli\n"
+                    "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+                    f"    try:\n        cli.main({argv!r})\n    except SystemExit:\n        pass\n"
+                    "print(sorted(m for m in ('structlog', 'session_watchdog.daemon', 'apscheduler') "
+                    "if m in sys.modules))\n")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == "[]", argv
