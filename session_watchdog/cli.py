@@ -191,7 +191,7 @@ def _configure_log(config: Config) -> None:
     try:
         # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
         log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,
-                      bridge=("apscheduler",))
+                      bridge=("apscheduler",), compress=True)
     except OSError as err:
         raise UserError(f"cannot write the log file {config.log_file}: {err.strerror or err}; "
                         "choose another --log-file") from None

@@ -449,12 +449,13 @@ def _call_listeners(logger: Any, method: str, event: MutableMapping[str, Any]) -
 def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stderr,
               max_bytes: int = 20 * 2**20, backups: int = 5,
               env: Optional[Mapping[str, str]] = None,
-              bridge: Sequence[str] = (), compress: bool = True) -> Optional[RotatingJsonl]:
+              bridge: Sequence[str] = (), compress: bool = False) -> Optional[RotatingJsonl]:
     """Configure structlog for the process (call once from main() or start()).
 
     ``bridge``: stdlib loggers (e.g. ``apscheduler``) whose records go to this log until close().
-    Rotated log files are gzipped and kept within ``max_bytes * backups`` bytes of disk
-    (:class:`RotatingJsonl`); ``compress=False`` keeps ``backups`` plain files instead.
+    ``compress`` (the watchdog's own log: cli and notebook pass it): rotated files are gzipped
+    and kept within ``max_bytes * backups`` bytes of disk (:class:`RotatingJsonl`); without it
+    ``backups`` plain files are kept.
     """
     close()
     jsonl = RotatingJsonl(log_file, max_bytes, backups, compress=compress) \

@@ -297,10 +297,14 @@ class TestCompressedRotation:
         assert len(rotated) > 3
         assert sum((tmp_path / n).stat().st_size for n in rotated) <= 40 * 41 * 3
 
-    def test_configure_compresses_rotated_logs(self, tmp_path: Path) -> None:
-        """The watchdog's log (log.configure) gzips its rotated files by default."""
+    def test_the_watchdog_log_compresses_rotated_files(self, tmp_path: Path) -> None:
+        """The watchdog's own log (configured by the CLI) gzips its rotated files."""
+        from session_watchdog import cli
+        from session_watchdog.config import Config
+
         path = tmp_path / "run.jsonl"
-        sink = log.configure(path, console=None, max_bytes=2000, backups=2)
+        cli._configure_log(Config.build(log_file=str(path), log_max_bytes="2000", log_backups=2))
+        sink = log._current["jsonl"]
         try:
             assert sink is not None and sink.compress
             for i in range(100):
