@@ -14,8 +14,10 @@ Figures:
    a new file, (b) plain ``torch.save`` with torch's crc32 off + ``fsync``, (c) safetensors'
    ``save_file`` + ``fsync`` when safetensors is installed. Goals: >= 0.8x (a), >= 1.0x (b, c).
 2. async stall: how long ``save_async`` blocks the caller, on the first save of a fresh manager
-   and in the steady state (a later save reusing the snapshot buffers), against a sync save of
-   the same state. Goal: <= 0.1x both. ``--device cuda`` places the state on the GPU for this.
+   (cold: its snapshot buffers are allocated and paged in during the stall; prepared: after
+   ``prepare_async`` paged them in) and in the steady state (a later save reusing the buffers),
+   against a sync save of the same state. Goal: <= 0.1x. ``--device cuda`` places the state on
+   the GPU for this.
 
 Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--tensors 340] [--repeat 3]
 [--dir DIR] [--device cpu|cuda]``. Exit status is nonzero only when something crashes; missed
@@ -132,8 +134,9 @@ def safetensors_save(path: Path, state: Dict[str, Dict[str, torch.Tensor]]) -> N
         os.close(fd)
 
 
-def timed(fn: Callable[[], object]) -> Tuple[float, float]:
-    """(seconds, load average) of one call, caches dropped first."""
+def timed(fn: Callable[[], object], setup: Callable[[], object] = lambda: None) -> Tuple[float, float]:
+    """(seconds, load average) of one call, ``setup()`` run and caches dropped first."""
+    setup()
     drop_caches()
     before = load()
     started = time.perf_counter()
@@ -160,10 +163,11 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
     counter = iter(range(1, 1 << 30))
 
     def fresh(name: str) -> Path:
-        for old in scratch.iterdir():  # keep-last-1: the previous one goes after the new one
-            if not old.name.startswith(name):
-                old.unlink()
         return scratch / f"{name}-{next(counter)}"
+
+    def clear() -> None:  # outside the timing: only our save deletes its predecessor (keep=1)
+        for old in scratch.iterdir():
+            old.unlink()
 
     def raw() -> None:
         raw_write(fresh("raw"), state, size)
@@ -188,7 +192,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
     for r in range(repeat):
         order = blocks[r % len(blocks):] + blocks[: r % len(blocks)]
         for name, fn in order:
-            figures.setdefault(name, []).append(timed(fn))
+            figures.setdefault(name, []).append(timed(fn, clear))
     shutil.rmtree(scratch, ignore_errors=True)
 
     # async: a fresh manager's first save, then later saves (steady state), beside a sync save
@@ -196,6 +200,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
     if device != "cpu":
         gpu_state = {part: {k: t.to(device) for k, t in d.items()} for part, d in state.items()}
     first: List[Tuple[float, float]] = []
+    prepared: List[Tuple[float, float]] = []
     steady: List[Tuple[float, float]] = []
     sync_dev: List[Tuple[float, float]] = []
     for r in range(repeat):
@@ -206,6 +211,17 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
         pending = manager.save_async(gpu_state, step=1)
         first.append((time.perf_counter() - started, before))
         pending.result()
+        # the first save of a manager whose buffers prepare_async paged in while training ran
+        warm = CheckpointManager(directory / f"prepared{r}", keep=1)
+        warm.prepare_async(gpu_state)
+        warm._join_prepare()  # a training loop runs for a while before its first checkpoint
+        drop_caches()
+        before = load()
+        started = time.perf_counter()
+        pending_warm = warm.save_async(gpu_state, step=1)
+        prepared.append((time.perf_counter() - started, before))
+        pending_warm.result()
+        shutil.rmtree(directory / f"prepared{r}", ignore_errors=True)
         for s in (2, 3):
             drop_caches()
             before = load()
@@ -219,6 +235,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
         manager.wait()
         shutil.rmtree(directory / f"async{r}", ignore_errors=True)
     figures[f"save_async stall, first save, {device}"] = first
+    figures[f"save_async stall, first, prepared, {device}"] = prepared
     figures[f"save_async stall, steady, {device}"] = steady
     figures[f"sync save, {device} state"] = sync_dev
 
@@ -248,7 +265,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
             ratio = med[name] / ours_s
             print(f"  sync save vs {name:32} {ratio:6.2f}x  {verdict(ratio, goal, True)}")
     sync_s = med[f"sync save, {device} state"]
-    for kind in ("first save", "steady"):
+    for kind in ("first save", "first, prepared", "steady"):
         ratio = med[f"save_async stall, {kind}, {device}"] / sync_s
         print(f"  async stall ({kind:10}) vs sync save     {ratio:6.3f}x  {verdict(ratio, 0.1, False)}")
     if device == "cpu":
