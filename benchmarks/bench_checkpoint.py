@@ -1,21 +1,27 @@
-"""Checkpoint cost, as ratios measured side by side in one run on one disk.
+"""Checkpoint cost as ratios, measured side by side on one disk, on the state users save.
 
-1. Save throughput: ``CheckpointManager.save`` (temp file, hash while writing, fsync, rename,
-   marker, prune) against a raw ``write`` + ``fsync`` of the same number of bytes into the same
-   directory. Target: ratio >= 0.7. The raw baseline writes each file while its predecessor
-   still exists and deletes the predecessor afterwards, as keep-last-K must (the previous
-   checkpoint stays until the new one is committed). Writing right after deleting a file of the
-   same size is also shown: on some VMs the kernel then recycles the freed page-cache pages and
-   the write is several times faster, a shortcut no crash-safe save can take.
-2. Training stall: how long ``save_async`` blocks the training loop (the CPU snapshot) against
-   a synchronous save of the same state. Target: ratio <= 0.1. The first async save allocates
-   its snapshot buffers (page faults); later ones reuse them, which is the steady state a
-   training run sees, so the ratio uses the later ones and the first is shown alongside.
+The state is a model + Adam-like optimizer (params, exp_avg, exp_avg_sq): ``--tensors`` tensors
+(340 by default) of mixed sizes totalling ``--size-mb`` MiB of random (incompressible) float32.
+Before every measurement dirty pages are flushed (``sync``) and the page cache is dropped
+(``/proc/sys/vm/drop_caches``; the output says when that is not permitted). The figures run in
+alternating blocks (the order rotates each repeat), ``--repeat`` times, and the machine's 1-minute
+load average is printed beside each one: on a busy machine the ratios hold better than the times.
 
-Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--repeat 3] [--dir DIR]
-[--device cpu|cuda]`` (``--device`` places the state for the stall figures; the throughput
-figures always write CPU tensors, since they measure the disk path).
-Exit status is nonzero only when something crashes; missed targets are printed, not failed.
+Figures:
+
+1. sync save: ``CheckpointManager.save`` (temp file, checksum while writing, fsync, rename,
+   commit marker, prune) against (a) a raw ``write`` + ``fsync`` of the same number of bytes to
+   a new file, (b) plain ``torch.save`` with torch's crc32 off + ``fsync``, (c) safetensors'
+   ``save_file`` + ``fsync`` when safetensors is installed. Goals: >= 0.8x (a), >= 1.0x (b, c).
+2. async stall: how long ``save_async`` blocks the caller, on the first save of a fresh manager
+   (cold: its snapshot buffers are allocated and paged in during the stall; prepared: after
+   ``prepare_async`` paged them in) and in the steady state (a later save reusing the buffers),
+   against a sync save of the same state. Goal: <= 0.1x. ``--device cuda`` places the state on
+   the GPU for this.
+
+Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--tensors 340] [--repeat 3]
+[--dir DIR] [--device cpu|cuda]``. Exit status is nonzero only when something crashes; missed
+goals are printed, not failed.
 """
 
 from __future__ import annotations
@@ -28,110 +34,248 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
-TENSORS = 4  # "a few large float tensors", like the big layers of a model
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+_drop_note: List[str] = []
 
 
-def build_state(size_mb: int) -> Dict[str, torch.Tensor]:
-    """``TENSORS`` float32 tensors totalling ``size_mb`` MiB of random (incompressible) data."""
-    per = max(1, (size_mb << 20) // 4 // TENSORS)
+def drop_caches() -> None:
+    """Flush dirty pages and drop the page cache, so each figure starts from the same state."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("1\n")
+    except OSError as err:
+        if not _drop_note:
+            _drop_note.append(f"page cache NOT dropped ({DROP_CACHES}: {err.strerror}); sync only")
+    else:
+        if not _drop_note:
+            _drop_note.append("page cache dropped before each figure")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def build_state(size_mb: int, tensors: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A model + Adam-like optimizer state: ``tensors`` tensors (params, exp_avg, exp_avg_sq).
+
+    Layer sizes follow a transformer's shape: a few big matrices, many small biases and norms.
+    """
+    layers = max(1, tensors // 3)
     generator = torch.Generator().manual_seed(0)
-    return {f"layer{i}.weight": torch.rand(per, generator=generator) for i in range(TENSORS)}
+    # weights of the form: every 4th layer big (embedding/MLP), others medium, some tiny (norms)
+    weights = [16.0 if i % 4 == 0 else 4.0 if i % 4 in (1, 2) else 0.01 for i in range(layers)]
+    total = (size_mb << 20) // 4 // 3  # floats per third (params / exp_avg / exp_avg_sq)
+    scale = total / sum(weights)
+    sizes = [max(1, int(w * scale)) for w in weights]
+    sizes[0] += total - sum(sizes)
+    model = {f"layer{i}.weight": torch.rand(n, generator=generator) for i, n in enumerate(sizes)}
+    exp_avg = {f"{i}.exp_avg": torch.rand(n, generator=generator) for i, n in enumerate(sizes)}
+    exp_avg_sq = {f"{i}.exp_avg_sq": torch.rand(n, generator=generator) for i, n in enumerate(sizes)}
+    extra = tensors - 3 * layers  # 340 = 3 * 113 + 1: the step counter
+    opt: Dict[str, torch.Tensor] = {**exp_avg, **exp_avg_sq}
+    for i in range(extra):
+        opt[f"step{i}"] = torch.tensor(float(i))
+    return {"model": model, "optimizer": opt}
 
 
-def raw_write(path: Path, state: Dict[str, torch.Tensor], total: int) -> float:
-    """Seconds to write ``total`` bytes (the tensors' memory, then zero padding) and fsync them."""
-    started = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def tensors_of(state: Dict[str, Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+    return [t for part in state.values() for t in part.values()]
+
+
+def raw_write(path: Path, state: Dict[str, Dict[str, torch.Tensor]], total: int) -> None:
+    """Write ``total`` bytes (the tensors' memory, then zero padding) to a new file and fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         left = total
-        for tensor in state.values():
+        for tensor in tensors_of(state):
             view = memoryview(tensor.numpy()).cast("B")[:left]  # type: ignore[arg-type]
             left -= view.nbytes
             while view:
                 view = view[os.write(fd, view):]
-        pad = memoryview(bytes(min(left, 1 << 20)))
+        pad = memoryview(bytes(min(max(left, 0), 1 << 20)))
         while left > 0:
             left -= os.write(fd, pad[:left])
         os.fsync(fd)
     finally:
         os.close(fd)
-    return time.perf_counter() - started
 
 
-def run(size_mb: int, repeat: int, directory: Path, device: str) -> None:
-    state = build_state(size_mb)
-    payload = sum(t.nbytes for t in state.values())
-    manager = CheckpointManager(directory / "ckpt", keep=1)
-    warm = manager.save(state, step=0)  # warm-up; also gives the exact file size
-    raw_dir = directory / "raw"
-    raw_dir.mkdir()
-    raw_write(raw_dir / "raw-0.bin", state, warm.bytes)  # warm-up: a predecessor exists
-    raw_s: List[float] = []
-    recycled_s: List[float] = []
-    save_s: List[float] = []
-    for i in range(1, repeat + 1):
-        raw_s.append(raw_write(raw_dir / f"raw-{i}.bin", state, warm.bytes))
-        os.unlink(raw_dir / f"raw-{i - 1}.bin")  # like a prune: only after the new one is durable
-        started = time.perf_counter()
-        manager.save(state, step=i)
-        save_s.append(time.perf_counter() - started)
-        os.unlink(raw_dir / f"raw-{i}.bin")  # delete first, then write the same size
-        recycled_s.append(raw_write(raw_dir / f"raw-{i}.bin", state, warm.bytes))
+def plain_torch_save(path: Path, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    save_config = getattr(config, "save", None)
+    previous = getattr(save_config, "compute_crc32", None)
+    if save_config is not None and previous is not None:
+        save_config.compute_crc32 = False
+    try:
+        with open(path, "xb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        if save_config is not None and previous is not None:
+            save_config.compute_crc32 = previous
 
+
+def safetensors_save(path: Path, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{part}.{name}": t for part, tensors in state.items() for name, t in tensors.items()}
+    save_file(flat, str(path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], object], setup: Callable[[], object] = lambda: None) -> Tuple[float, float]:
+    """(seconds, load average) of one call, ``setup()`` run and caches dropped first."""
+    setup()
+    drop_caches()
+    before = load()
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started, max(before, load())
+
+
+def has_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -> None:
+    state = build_state(size_mb, tensors)
+    count = len(tensors_of(state))
+    payload = sum(t.nbytes for t in tensors_of(state))
+    sync_manager = CheckpointManager(directory / "sync", keep=1)
+    size = sync_manager.save(state, step=0).bytes  # warm-up; gives the exact file size
+    scratch = directory / "scratch"
+    scratch.mkdir()
+    counter = iter(range(1, 1 << 30))
+
+    def fresh(name: str) -> Path:
+        return scratch / f"{name}-{next(counter)}"
+
+    def clear() -> None:  # outside the timing: only our save deletes its predecessor (keep=1)
+        for old in scratch.iterdir():
+            old.unlink()
+
+    def raw() -> None:
+        raw_write(fresh("raw"), state, size)
+
+    def plain() -> None:
+        plain_torch_save(fresh("torch"), state)
+
+    def safe() -> None:
+        safetensors_save(fresh("safetensors"), state)
+
+    step = iter(range(1, 1 << 30))
+
+    def ours() -> None:
+        sync_manager.save(state, step=next(step))
+
+    figures: Dict[str, List[Tuple[float, float]]] = {}
+    blocks: List[Tuple[str, Callable[[], None]]] = [("raw write+fsync", raw),
+                                                     ("torch.save (crc32 off)+fsync", plain),
+                                                     ("CheckpointManager.save", ours)]
+    if has_safetensors():
+        blocks.append(("safetensors save_file+fsync", safe))
+    for r in range(repeat):
+        order = blocks[r % len(blocks):] + blocks[: r % len(blocks)]
+        for name, fn in order:
+            figures.setdefault(name, []).append(timed(fn, clear))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    # async: a fresh manager's first save, then later saves (steady state), beside a sync save
+    gpu_state = state
     if device != "cpu":
-        state = {name: tensor.to(device) for name, tensor in state.items()}
-    sync_s: List[float] = []
-    for i in range(repeat):
+        gpu_state = {part: {k: t.to(device) for k, t in d.items()} for part, d in state.items()}
+    first: List[Tuple[float, float]] = []
+    prepared: List[Tuple[float, float]] = []
+    steady: List[Tuple[float, float]] = []
+    sync_dev: List[Tuple[float, float]] = []
+    for r in range(repeat):
+        manager = CheckpointManager(directory / f"async{r}", keep=1)
+        drop_caches()
+        before = load()
         started = time.perf_counter()
-        manager.save(state, step=50 + i)
-        sync_s.append(time.perf_counter() - started)
-    stalls: List[float] = []
-    background: List[float] = []
-    for i in range(repeat + 1):
+        pending = manager.save_async(gpu_state, step=1)
+        first.append((time.perf_counter() - started, before))
+        pending.result()
+        # the first save of a manager whose buffers prepare_async paged in while training ran
+        warm = CheckpointManager(directory / f"prepared{r}", keep=1)
+        warm.prepare_async(gpu_state)
+        warm._join_prepare()  # a training loop runs for a while before its first checkpoint
+        drop_caches()
+        before = load()
         started = time.perf_counter()
-        pending = manager.save_async(state, step=100 + i)
-        stalls.append(time.perf_counter() - started)
-        background.append(pending.result().duration_s)
+        pending_warm = warm.save_async(gpu_state, step=1)
+        prepared.append((time.perf_counter() - started, before))
+        pending_warm.result()
+        shutil.rmtree(directory / f"prepared{r}", ignore_errors=True)
+        for s in (2, 3):
+            drop_caches()
+            before = load()
+            started = time.perf_counter()
+            pending = manager.save_async(gpu_state, step=s)
+            elapsed = time.perf_counter() - started
+            pending.result()
+            if s == 3:
+                steady.append((elapsed, max(before, load())))
+        sync_dev.append(timed(lambda m=manager: m.save(gpu_state, step=10)))
+        manager.wait()
+        shutil.rmtree(directory / f"async{r}", ignore_errors=True)
+    figures[f"save_async stall, first save, {device}"] = first
+    figures[f"save_async stall, first, prepared, {device}"] = prepared
+    figures[f"save_async stall, steady, {device}"] = steady
+    figures[f"sync save, {device} state"] = sync_dev
 
-    raw = statistics.median(raw_s)
-    recycled = statistics.median(recycled_s)
-    save = statistics.median(save_s)
-    sync = statistics.median(sync_s)
-    stall = statistics.median(stalls[1:])
-    mib = warm.bytes / (1 << 20)
-    print(f"state: {TENSORS} float32 tensors, {payload / (1 << 20):.0f} MiB payload, "
-          f"checkpoint file {warm.bytes} bytes; dir {directory}; median of {repeat}")
-    rows = [
-        ("raw write+fsync", raw, mib / raw),
-        ("raw, right after a delete", recycled, mib / recycled),
-        ("CheckpointManager.save", save, mib / save),
-        (f"save, {device} state", sync, mib / sync),
-        (f"save_async stall, first, {device}", stalls[0], None),
-        (f"save_async stall, {device}", stall, None),
-        ("save_async background write", statistics.median(background), None),
-    ]
-    print(f"{'':34} {'seconds':>9} {'MiB/s':>8}")
-    for name, seconds, rate in rows:
-        print(f"{name:34} {seconds:9.3f} {'' if rate is None else f'{rate:8.0f}'}")
-    throughput = raw / save
-    stall_ratio = stall / sync
-    print(f"save throughput / raw write+fsync: {throughput:.2f}  (target >= 0.7"
-          f"{'' if throughput >= 0.7 else ', MISSED'}; against the delete-then-write raw: "
-          f"{recycled / save:.2f})")
-    print(f"async stall / sync save:           {stall_ratio:.3f} (target <= 0.1"
-          f"{'' if stall_ratio <= 0.1 else ', MISSED'}; first async: "
-          f"{stalls[0] / sync:.3f})")
+    mib = size / (1 << 20)
+    print(f"state: {count} tensors ({tensors} asked), {payload / (1 << 20):.0f} MiB payload, "
+          f"file {size} bytes; dir {directory}; {repeat} repeats, alternating blocks; "
+          f"{_drop_note[0] if _drop_note else ''}")
+    if not has_safetensors():
+        print("safetensors is not installed: its baseline is skipped")
+    print(f"{'figure':40} {'median s':>9} {'MiB/s':>7}   each run (s @ load avg)")
+    med: Dict[str, float] = {}
+    for name, runs in figures.items():
+        med[name] = statistics.median(s for s, _ in runs)
+        rate = f"{mib / med[name]:7.0f}" if "stall" not in name else " " * 7
+        each = ", ".join(f"{s:.2f}@{ld:.1f}" for s, ld in runs)
+        print(f"{name:40} {med[name]:9.3f} {rate}   {each}")
+    ours_s = med["CheckpointManager.save"]
+
+    def verdict(ratio: float, goal: float, higher: bool) -> str:
+        ok = ratio >= goal if higher else ratio <= goal
+        return f"goal {'>=' if higher else '<='} {goal}{'' if ok else ' MISSED'}"
+
+    print("ratios (ours / baseline, as throughput for saves, as time for stalls):")
+    for name, goal in (("raw write+fsync", 0.8), ("torch.save (crc32 off)+fsync", 1.0),
+                       ("safetensors save_file+fsync", 1.0)):
+        if name in med:
+            ratio = med[name] / ours_s
+            print(f"  sync save vs {name:32} {ratio:6.2f}x  {verdict(ratio, goal, True)}")
+    sync_s = med[f"sync save, {device} state"]
+    for kind in ("first save", "first, prepared", "steady"):
+        ratio = med[f"save_async stall, {kind}, {device}"] / sync_s
+        print(f"  async stall ({kind:10}) vs sync save     {ratio:6.3f}x  {verdict(ratio, 0.1, False)}")
+    if device == "cpu":
+        print("  (CPU state: no GPU on this machine; rerun with --device cuda for the device->host stall)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mb", type=int, default=1024, help="state size in MiB (1024)")
+    parser.add_argument("--tensors", type=int, default=340, help="number of tensors (340)")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per figure (3)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where to write (default: a scratch dir under the current "
@@ -139,13 +283,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the state for the stall "
                         "figures: cpu (default) or cuda")
     args = parser.parse_args(argv)
-    if args.size_mb < 1 or args.repeat < 1:
-        parser.error("--size-mb and --repeat must be at least 1")
+    if args.size_mb < 1 or args.repeat < 1 or args.tensors < 3:
+        parser.error("--size-mb and --repeat must be at least 1, --tensors at least 3")
     base = args.dir if args.dir is not None else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=base))
     try:
-        run(args.size_mb, args.repeat, scratch, args.device)
+        run(args.size_mb, args.tensors, args.repeat, scratch, args.device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

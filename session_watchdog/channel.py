@@ -500,6 +500,10 @@ class Request:
         )
 
 
+class DaemonBusyError(RuntimeError):
+    """Another watchdog already holds this run directory (raised by daemon.Watchdog)."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What the trainer reports about a committed checkpoint."""

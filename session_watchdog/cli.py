@@ -14,13 +14,14 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from session_watchdog import __version__, channel
+from session_watchdog.channel import DaemonBusyError  # not via daemon: --help stays light
 from session_watchdog.config import KEYS, Config, ConfigError, format_duration, load_config
-from session_watchdog.daemon import DaemonBusyError
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # doctor found something to fix
@@ -186,10 +187,11 @@ def _detach(args: argparse.Namespace, config: Config) -> int:
 def _configure_log(config: Config) -> None:
     from session_watchdog import log
 
+    log.import_structlog_without_rich()  # our own process: nobody needs rich's tracebacks here
     try:
         # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
         log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,
-                      bridge=("apscheduler",))
+                      bridge=("apscheduler",), compress=True)
     except OSError as err:
         raise UserError(f"cannot write the log file {config.log_file}: {err.strerror or err}; "
                         "choose another --log-file") from None
@@ -282,6 +284,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                       message="the command has ended; stopping the watchdog "
                                               "without ending the runtime")
                 watchdog.keep_runtime(f"signal {name}")
+                # stop now, not at the next tick (a thread: this runs in a signal handler)
+                threading.Thread(target=watchdog.check_stop, daemon=True).start()
 
             child.on_late_signal = on_late_signal
             child.install_forwarding(early)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, cancel_requested, end_action_for
+from session_watchdog.channel import DaemonBusyError  # defined there: the CLI catches it unloaded
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
@@ -75,10 +76,6 @@ class SessionClock:
     def times(self) -> Times:
         elapsed = self._elapsed0 + (self.clock.monotonic() - self._mono0)
         return Times(now=self.start_wall + elapsed, elapsed_s=elapsed)
-
-
-class DaemonBusyError(RuntimeError):
-    """Another watchdog already holds this run directory."""
 
 
 class Watchdog:
@@ -174,6 +171,7 @@ class Watchdog:
             from session_watchdog.notify import Hub
 
             self.notify = Hub(self)
+        self._stop_check: Optional[Callable[[], None]] = None  # run()'s stop_when/run_for test
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -434,6 +432,13 @@ class Watchdog:
                       traceback=traceback.format_exc(limit=8))
         finally:
             self._notify_systemd()
+            self.check_stop()
+
+    def check_stop(self) -> None:
+        """Stop :meth:`run` now if its ``stop_when``/``run_for`` says so (no-op otherwise)."""
+        check = self._stop_check
+        if check is not None:
+            check()
 
     def _notify_systemd(self) -> None:
         """READY after the first tick, then WATCHDOG=1 at half the unit's WatchdogSec.
@@ -623,14 +628,26 @@ class Watchdog:
             given = stop_when
             stop_when = lambda: time.monotonic() >= deadline or bool(given and given())  # noqa: E731
         if stop_when is not None:
+            condition = stop_when
+            stopping = threading.Event()  # after each tick and at the deadline: stop only once
+
             def check() -> None:
-                if stop_when():
+                if not stopping.is_set() and condition():
+                    stopping.set()
                     threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
-            # checked every second (or every tick if faster): `--for 1s` must not wait a 30 s tick
-            scheduler.add_job(check, "interval", seconds=min(self.config.interval, 1.0), id="stop_when")
+            # Checked right after each tick (what it waits for - the child's exit - is seen by a
+            # tick), not by a job of its own every second: that job was 60 % of an idle daemon's
+            # CPU (issue 17). `--for` gets a job that first runs at its deadline: `--for 1s` must not wait
+            # a 30 s tick. check_stop() lets a caller ask between ticks (a signal after the end).
+            self._stop_check = check
+            if run_for is not None:
+                # an interval job whose first run is the deadline: a one-off "date" job would be
+                # removed by the scheduler after it ran, racing the shutdown it starts
+                scheduler.add_job(check, "interval", id="stop_for", seconds=max(run_for, 0.001))
         try:
             scheduler.start()
         finally:
+            self._stop_check = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.end_running():

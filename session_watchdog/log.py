@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence
 
-import structlog
-
 SCHEMA_VERSION = 1
 # scheduler_log: APScheduler's own records ("... skipped: maximum number of running instances
 # reached", common on a busy machine) are kept in the JSONL log; the console shows our own
@@ -35,8 +33,53 @@ _SECRET_NAME = re.compile(
 REDACTED = "[redacted]"
 
 
+class _Logger:
+    """A logger that imports structlog at its first event, not at import.
+
+    Modules keep a module-level ``log = get_logger()``; importing structlog (with rich and
+    pygments behind ``structlog.dev`` when installed) made every command, ``--help`` and
+    ``status`` included, start ~0.5 s slower (issue 17). Each call goes through
+    ``structlog.get_logger`` so the configuration in force (``configure``, ``capture_logs``)
+    applies, as with structlog's own lazy proxy.
+    """
+
+    __slots__ = ("_name", "_context")
+
+    def __init__(self, name: str, context: Optional[Dict[str, Any]] = None) -> None:
+        self._name = name
+        self._context = context or {}
+
+    def bind(self, **values: Any) -> _Logger:
+        return _Logger(self._name, {**self._context, **values})
+
+    def __getattr__(self, method: str) -> Any:
+        import structlog
+
+        logger = structlog.get_logger(self._name)
+        if self._context:
+            logger = logger.bind(**self._context)
+        return getattr(logger, method)
+
+
 def get_logger(name: str = "session_watchdog") -> Any:
-    return structlog.get_logger(name)
+    return _Logger(name)
+
+
+def import_structlog_without_rich() -> None:
+    """Import structlog without letting it load rich (and pygments) for pretty tracebacks.
+
+    structlog.dev imports rich when it is installed (Colab has it): ~5 MB of the daemon's RSS
+    for a console renderer our Sink never uses (issue 17: RSS <= 2.5x a bare interpreter). Only
+    for the watchdog's own process (cli), never in a user's process (notebook, trainer), whose
+    structlog output must stay as the user configured it. rich stays importable afterwards.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # documented: import raises ImportError
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,16 +101,26 @@ def default_log_file(run_name: str, persistent_dirs: Iterable[Path] = (),
 
 
 class RotatingJsonl:
-    """Append JSON lines to a file; rotate to ``.1`` .. ``.N`` past ``max_bytes``. Thread-safe."""
+    """Append JSON lines to a file; rotate to ``.1`` .. ``.N`` past ``max_bytes``. Thread-safe.
 
-    def __init__(self, path: Path, max_bytes: int = 20 * 2**20, backups: int = 5) -> None:
+    With ``compress`` a rotated file is gzipped (``.1.gz``, ...) in a background thread, and the
+    rotated files are kept by the disk they take instead of by count: as many as fit in
+    ``max_bytes * backups`` bytes. JSONL samples compress ~10x, so the default budget (20 MiB x
+    5) keeps weeks of an 8-GPU log instead of ~3.4 days, and a week-long run keeps its whole
+    history (issue 17). ``report`` and ``tail`` read ``.gz`` rotated files.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 20 * 2**20, backups: int = 5,
+                 compress: bool = False) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
+        self.compress = compress
         self._lock = threading.Lock()
         self._fh: Optional[IO[str]] = None
         self._size = 0
         self._regular = True  # a FIFO or a device (/dev/stdout) is written to, never rotated
+        self._compressor: Optional[threading.Thread] = None
 
     def _open(self) -> IO[str]:
         if self._fh is None:
@@ -92,16 +145,70 @@ class RotatingJsonl:
             self._size = st.st_size if self._regular else 0
         return self._fh
 
+    def _rotated(self) -> Dict[int, List[str]]:
+        """Rotation index -> names of our rotated files with that index (plain and/or .gz)."""
+        found: Dict[int, List[str]] = {}
+        prefix = self.path.name + "."
+        try:
+            names = os.listdir(self.path.parent)
+        except OSError:
+            return found
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):]
+            index = rest[:-3] if rest.endswith(".gz") else rest
+            if index.isdigit() and int(index) > 0:
+                found.setdefault(int(index), []).append(name)
+        return found
+
     def _rotate(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        for index in range(self.backups - 1, 0, -1):
-            src = self.path.with_name(f"{self.path.name}.{index}")
-            if src.exists():
-                os.replace(src, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if not self.compress:
+            for index in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{index}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{index + 1}"))
+            if self.path.exists():
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            return
+        self._join_compressor()  # it works on .1, which is about to move
+        for index, names in sorted(self._rotated().items(), reverse=True):
+            for name in names:
+                os.replace(self.path.parent / name,
+                           self.path.with_name(_shifted(name, self.path.name, index)))
         if self.path.exists():
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        # Not a daemon thread: an exiting process finishes the file it started compressing.
+        self._compressor = threading.Thread(target=self._compress_and_prune,
+                                            name="session-watchdog-log-gzip")
+        self._compressor.start()
+
+    def _compress_and_prune(self) -> None:
+        """gzip every plain rotated file, then drop the oldest beyond the disk budget."""
+        for _, names in sorted(self._rotated().items()):
+            for name in names:
+                if not name.endswith(".gz"):
+                    _gzip_file(self.path.parent / name)
+        budget = self.max_bytes * self.backups
+        used = 0
+        for index, names in sorted(self._rotated().items()):
+            for name in names:
+                path = self.path.parent / name
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                used += size
+                if used > budget and index > 1:
+                    _unlink_quietly(path)
+
+    def _join_compressor(self) -> None:
+        worker, self._compressor = self._compressor, None
+        if worker is not None:
+            worker.join()
 
     def open(self) -> None:
         with self._lock:
@@ -122,6 +229,36 @@ class RotatingJsonl:
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
+            self._join_compressor()
+
+
+def _shifted(name: str, base: str, index: int) -> str:
+    """``base.<index>[.gz]`` -> ``base.<index+1>[.gz]``."""
+    suffix = ".gz" if name.endswith(".gz") else ""
+    return f"{base}.{index + 1}{suffix}"
+
+
+def _gzip_file(path: Path) -> None:
+    """Replace ``path`` with ``path.gz`` (temp file, then rename: never a half-written .gz)."""
+    import gzip
+    import shutil
+
+    target = path.with_name(path.name + ".gz")
+    temp = path.with_name(f".{path.name}.gz.tmp")
+    try:
+        with open(path, "rb") as src, gzip.open(temp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(temp, target)
+        os.unlink(path)
+    except OSError:  # a full disk: keep the plain file, try again at the next rotation
+        _unlink_quietly(temp)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +361,8 @@ class Sink:
                     print(line, file=self.console, flush=True)
                 except (OSError, ValueError):  # a closed terminal must not stop the watchdog
                     pass
+        import structlog
+
         raise structlog.DropEvent
 
 
@@ -310,16 +449,22 @@ def _call_listeners(logger: Any, method: str, event: MutableMapping[str, Any]) -
 def configure(log_file: Optional[Path], *, console: Optional[IO[str]] = sys.stderr,
               max_bytes: int = 20 * 2**20, backups: int = 5,
               env: Optional[Mapping[str, str]] = None,
-              bridge: Sequence[str] = ()) -> Optional[RotatingJsonl]:
+              bridge: Sequence[str] = (), compress: bool = False) -> Optional[RotatingJsonl]:
     """Configure structlog for the process (call once from main() or start()).
 
     ``bridge``: stdlib loggers (e.g. ``apscheduler``) whose records go to this log until close().
+    ``compress`` (the watchdog's own log: cli and notebook pass it): rotated files are gzipped
+    and kept within ``max_bytes * backups`` bytes of disk (:class:`RotatingJsonl`); without it
+    ``backups`` plain files are kept.
     """
     close()
-    jsonl = RotatingJsonl(log_file, max_bytes, backups) if log_file is not None else None
+    jsonl = RotatingJsonl(log_file, max_bytes, backups, compress=compress) \
+        if log_file is not None else None
     if jsonl is not None:
         jsonl.open()  # fail here, with the path, not at the first event
     redactor = Redactor(sorted(set(secret_values(env)) | set(_extra_secrets), key=len, reverse=True))
+    import structlog
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -489,7 +489,7 @@ def _start(overrides: Dict[str, Any], *, clock: Any = None, platform: Any = None
         # console=None: a background thread must never print into whatever cell is running.
         try:
             log.configure(resolved.log_file, console=None, max_bytes=resolved.log_max_bytes,
-                          backups=resolved.log_backups)
+                          backups=resolved.log_backups, compress=True)
         except OSError as err:
             structlog.configure(**structlog_before)
             raise ConfigError(f"cannot write the log file {resolved.log_file}: "

@@ -30,12 +30,9 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Set
 
@@ -114,16 +111,26 @@ class _BackoffPoller:
 # HTTP: standard library only, bounded, no proxies, no redirects
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        # Returning None makes urllib raise HTTPError(3xx): the token never follows a redirect.
-        return None
+_openers: List[Any] = []  # built at the first request: urllib.request pulls in ssl, http, email
 
 
-# ProxyHandler({}) ignores http_proxy/HTTP_PROXY: a metadata request (and its token) must go to
-# the link-local service itself, never to a proxy (botocore does the same for IMDS).
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+def _opener() -> Any:
+    """The opener every metadata request uses (imported lazily: ~7 MB of a daemon that may never
+    poll a cloud, issue 17)."""
+    if not _openers:
+        import urllib.request
+
+        class _NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                                 newurl: str) -> None:
+                # Returning None makes urllib raise HTTPError(3xx): the token never follows a
+                # redirect.
+                return None
+
+        # ProxyHandler({}) ignores http_proxy/HTTP_PROXY: a metadata request (and its token)
+        # must go to the link-local service itself, never to a proxy (botocore does the same).
+        _openers.append(urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect))
+    return _openers[0]
 
 
 @dataclass(frozen=True)
@@ -139,11 +146,16 @@ def http_request(method: str, url: str, headers: Mapping[str, str], timeout_s: f
     ``timeout_s`` bounds the connect and every read, and the body is read against a deadline of
     ``timeout_s`` after the request started (a server that trickles bytes is cut off).
     """
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
+    opener = _opener()
     data = b"" if method in ("PUT", "POST") else None
     request = urllib.request.Request(url, data=data, headers=dict(headers), method=method)
     deadline = time.monotonic() + timeout_s
     try:
-        response = _OPENER.open(request, timeout=timeout_s)
+        response = opener.open(request, timeout=timeout_s)
     except urllib.error.HTTPError as err:
         err.close()
         return HttpAnswer(err.code, b"", dict(err.headers or {}))

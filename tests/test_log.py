@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -260,3 +261,55 @@ class TestDefaultLogFile:
         """Choosing the file creates no directory (importing/configuring is where I/O happens)."""
         log.default_log_file("exp1", (), {"XDG_STATE_HOME": str(tmp_path / "state")})
         assert os.listdir(tmp_path) == []
+
+
+class TestCompressedRotation:
+    def write_rotations(self, path: Path, count: int, per_file: int = 40) -> list:
+        sink = log.RotatingJsonl(path, max_bytes=per_file * 41, backups=3, compress=True)
+        lines = [json.dumps({"event": "sample", "i": i, "pad": "x" * 24}) for i in range(count)]
+        for line in lines:
+            sink.write(line)
+        sink.close()
+        return lines
+
+    def test_rotated_files_are_gzipped_and_hold_every_line_in_order(self, tmp_path: Path) -> None:
+        """With compress, rotated files become .N.gz; together with the live file they hold
+        every line written, oldest in the highest index."""
+        path = tmp_path / "run.jsonl"
+        lines = self.write_rotations(path, 200)
+        names = sorted(os.listdir(tmp_path))
+        assert "run.jsonl" in names
+        rotated = sorted((n for n in names if n != "run.jsonl"),
+                         key=lambda n: int(n.split(".")[2]), reverse=True)
+        assert rotated and all(n.endswith(".gz") for n in rotated)
+        read: list = []
+        for name in rotated:
+            with gzip.open(tmp_path / name, "rt", encoding="utf-8") as fh:
+                read.extend(fh.read().splitlines())
+        read.extend(path.read_text().splitlines())
+        assert read == lines
+
+    def test_compressed_backups_are_kept_by_disk_budget_not_count(self, tmp_path: Path) -> None:
+        """More than ``backups`` compressed files are kept while they fit in max_bytes x backups."""
+        path = tmp_path / "run.jsonl"
+        self.write_rotations(path, 400)
+        rotated = [n for n in os.listdir(tmp_path) if n.endswith(".gz")]
+        assert len(rotated) > 3
+        assert sum((tmp_path / n).stat().st_size for n in rotated) <= 40 * 41 * 3
+
+    def test_the_watchdog_log_compresses_rotated_files(self, tmp_path: Path) -> None:
+        """The watchdog's own log (configured by the CLI) gzips its rotated files."""
+        from session_watchdog import cli
+        from session_watchdog.config import Config
+
+        path = tmp_path / "run.jsonl"
+        cli._configure_log(Config.build(log_file=str(path), log_max_bytes="2000", log_backups=2))
+        sink = log._current["jsonl"]
+        try:
+            assert sink is not None and sink.compress
+            for i in range(100):
+                log.get_logger().info("sample", i=i)
+        finally:
+            log.close()
+        assert (tmp_path / "run.jsonl.1.gz").exists()
+        assert not (tmp_path / "run.jsonl.1").exists()

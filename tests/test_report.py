@@ -78,10 +78,10 @@ class SessionProbe:
 
 
 def run_daemon(tmp: Path, probe: Any, ticks: int, *, stop: bool = True, max_bytes: int = 20 * 2**20,
-               name: str = "log.jsonl") -> Path:
+               name: str = "log.jsonl", compress: bool = False) -> Path:
     """Drive the real Watchdog ``ticks`` times, 5 s apart; return the JSONL log it wrote."""
     path = tmp / name
-    log.configure(path, console=None, max_bytes=max_bytes, backups=100)
+    log.configure(path, console=None, max_bytes=max_bytes, backups=100, compress=compress)
     try:
         config = Config.build(run_dir=str(tmp / "run"), max_session="1h", interval="5s",
                               checkpoint_every="off", log_file=str(path))
@@ -370,6 +370,19 @@ class TestLogFiles:
         got = summary_of(path)
         assert without_files(got) == without_files(summary_of(golden_log))
         assert got["input"]["files"][0].endswith(".gz") and got["input"]["files"][-1] == str(path)
+
+    def test_logs_the_daemon_rotated_and_gzipped_itself_report_the_whole_session(
+            self, golden_log, tmp_path, capsys):
+        """``report`` over a log whose rotated files the log itself gzipped (.N.gz) gives the
+        summary of the unrotated log, every rotated file read, oldest first."""
+        path = run_daemon(tmp_path, SessionProbe(), TICKS, max_bytes=50_000, compress=True)
+        rotated = sorted(p.name for p in tmp_path.glob("log.jsonl.*"))
+        assert len(rotated) >= 3 and all(name.endswith(".gz") for name in rotated)
+        assert report.run(parse(["report", str(path), "--json"])) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert without_files(got) == without_files(summary_of(golden_log))
+        oldest_first = [str(tmp_path / f"log.jsonl.{i}.gz") for i in range(len(rotated), 0, -1)]
+        assert got["input"]["files"] == oldest_first + [str(path)]
 
     def test_glob_order_is_put_in_rotation_order(self, tmp_path):
         """``x.jsonl x.jsonl.1 x.jsonl.2`` (a shell glob) is read as .2, .1, base."""

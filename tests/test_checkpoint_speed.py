@@ -1,0 +1,133 @@
+"""The mechanisms behind checkpoint speed (issue 17), as behaviour: what an async save copies and
+reuses, what prepare_async pages in, and that a large save starts the disk before its fsync.
+No test asserts on time; benchmarks/bench_checkpoint.py measures the speed itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+
+from session_watchdog.trainer import checkpoint
+from session_watchdog.trainer.checkpoint import CheckpointManager
+
+
+def odd_state() -> Dict[str, Any]:
+    """Tensors of every shape the snapshot copy must handle: contiguous, views with a storage
+    offset, transposed (non-contiguous), bfloat16, int64, empty, a 0-d scalar, tied twice."""
+    base = torch.arange(4096, dtype=torch.float32)
+    matrix = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32)
+    tied = torch.linspace(-1, 1, 300)
+    return {
+        "model": {
+            "plain": base.clone(),
+            "offset_view": base[100:900],
+            "transposed": matrix.t(),
+            "bf16": torch.linspace(0, 5, 777).to(torch.bfloat16),
+            "ints": torch.arange(50, dtype=torch.int64) * 7,
+            "empty": torch.empty(0),
+            "scalar": torch.tensor(3.5),
+            "tied_a": tied,
+            "tied_b": tied,
+        },
+        "optimizer": {"state": [torch.full((1000,), 0.25), torch.full((3, 5), -2.0)]},
+        "step": 12,
+    }
+
+
+def assert_same(loaded: Any, expected: Any) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(loaded, torch.Tensor)
+        assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+        assert torch.equal(loaded, expected)
+    elif isinstance(expected, dict):
+        assert set(loaded) == set(expected)
+        for key in expected:
+            assert_same(loaded[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(loaded) == len(expected)
+        for a, b in zip(loaded, expected):
+            assert_same(a, b)
+    else:
+        assert loaded == expected
+
+
+def buffer_addresses(manager: CheckpointManager) -> Dict[Tuple[Any, ...], int]:
+    return {path: buf.data_ptr() for path, buf in manager._spare.items()}
+
+
+class TestAsyncSnapshot:
+    def test_async_save_of_odd_tensors_loads_back_equal(self, tmp_path: Path):
+        """Views, transposed, bfloat16, int, empty and 0-d tensors come back bit-identical."""
+        state = odd_state()
+        expected = {"model": {k: v.clone() for k, v in state["model"].items()},
+                    "optimizer": {"state": [t.clone() for t in state["optimizer"]["state"]]},
+                    "step": 12}
+        manager = CheckpointManager(tmp_path, keep=2)
+        pending = manager.save_async(state, step=1)
+        for tensor in state["model"].values():  # training goes on at once: mutate everything
+            tensor.add_(1)
+        saved = pending.result()
+        assert_same(manager.load(saved), expected)
+
+    def test_later_async_saves_reuse_the_snapshot_buffers(self, tmp_path: Path):
+        """The second async save copies into the first one's buffers, and writes the new values."""
+        state = {"w": torch.zeros(10_000), "b": torch.zeros(10)}
+        manager = CheckpointManager(tmp_path, keep=2)
+        manager.save_async(state, step=1).result()
+        first = buffer_addresses(manager)
+        state["w"].fill_(7.0)
+        saved = manager.save_async(state, step=2).result()
+        assert buffer_addresses(manager) == first
+        assert torch.equal(manager.load(saved)["w"], torch.full((10_000,), 7.0))
+
+    def test_prepare_async_pages_in_the_buffers_the_first_save_uses(self, tmp_path: Path):
+        """After prepare_async, the first async save writes through the buffers it prepared."""
+        state = odd_state()
+        manager = CheckpointManager(tmp_path, keep=2)
+        manager.prepare_async(state)
+        prepared = buffer_addresses(manager)
+        assert prepared  # one buffer per strided tensor
+        saved = manager.save_async(state, step=1).result()
+        assert buffer_addresses(manager) == prepared
+        assert_same(manager.load(saved), odd_state())
+
+    def test_prepare_async_then_a_sync_save_is_unaffected(self, tmp_path: Path):
+        """A sync save right after prepare_async writes the live state, not the zeroed buffers."""
+        state = {"w": torch.full((50_000,), 3.0)}
+        manager = CheckpointManager(tmp_path, keep=2)
+        manager.prepare_async(state)
+        saved = manager.save(state, step=1)
+        assert torch.equal(manager.load(saved)["w"], torch.full((50_000,), 3.0))
+        saved = manager.save_async(state, step=2).result()
+        assert torch.equal(manager.load(saved)["w"], torch.full((50_000,), 3.0))
+
+
+class TestEarlyWriteback:
+    def test_a_large_save_starts_writeback_of_what_is_written(self, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+        """A save larger than the writeback stride asks the kernel to write each finished stride
+        while it goes on serializing, covering the file from byte 0 without gaps or overlaps."""
+        calls: List[Tuple[int, int]] = []
+        real = checkpoint._start_writeback
+
+        def recording(fd: int, offset: int, nbytes: int) -> None:
+            calls.append((offset, nbytes))
+            real(fd, offset, nbytes)
+
+        monkeypatch.setattr(checkpoint, "_start_writeback", recording)
+        stride = checkpoint._WRITEBACK_EVERY
+        state = {f"t{i}": torch.full((stride // 4 // 3,), float(i)) for i in range(8)}  # ~2.7 strides
+        manager = CheckpointManager(tmp_path, keep=1)
+        saved = manager.save(state, step=1)
+        assert len(calls) >= 2
+        position = 0
+        for offset, nbytes in calls:
+            assert offset == position and nbytes >= stride
+            position += nbytes
+        assert position <= saved.bytes
+        assert manager.verify(saved.path)
+        assert torch.equal(manager.load(saved)["t7"], torch.full((stride // 4 // 3,), 7.0))
