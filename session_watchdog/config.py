@@ -372,8 +372,8 @@ KEYS: Tuple[Key, ...] = (
     Key("run_name", _non_empty_name, "name of the run (default 'default')", "NAME"),
     Key("log_file", parse_abs_path, "JSONL log file (default: persistent storage)", "PATH"),
     Key("log_max_bytes", parse_size, "rotate the log past this size (default 20MiB)", "SIZE"),
-    Key("log_backups", parse_log_backups, "rotated log files kept (default 5, at most 1000)",
-        "N"),
+    Key("log_backups", parse_log_backups, "rotated logs (gzipped) are kept within log_max_bytes x "
+        "N of disk (default 5, at most 1000)", "N"),
     Key("dry_run", parse_bool, "say what would be done, end nothing", is_flag=True),
     Key("checkpoint_every", parse_duration_or_off,
         "periodic checkpoint request interval (default 30m; 'off')", "DURATION"),
