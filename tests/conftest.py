@@ -92,3 +92,13 @@ def _reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         except psutil.Error:
             pass
     psutil.wait_procs(left, timeout=30)  # reaps our own children; others are waited for
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt for the test, then the previous handler is back. Python
+    keeps SIGINT ignored when it starts with it ignored (nohup, `cmd &`): without this a test that
+    interrupts itself would wait forever for an interrupt that never comes (issue 11)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

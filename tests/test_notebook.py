@@ -65,16 +65,6 @@ def shell(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def sigint_raises():
-    """SIGINT raises KeyboardInterrupt for the test, then the previous handler is back. Python
-    keeps SIGINT ignored when it starts with it ignored (nohup, `cmd &`): without this the test
-    would wait forever for an interrupt that never comes."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-@pytest.fixture
 def cfg(tmp_path) -> Dict[str, Any]:
     """Config keys every test passes: its own run dir and log, a fast tick."""
     return {"run_dir": str(tmp_path / "run"), "log_file": str(tmp_path / "log.jsonl"),

@@ -226,7 +226,7 @@ class TestLaunch:
 
 class TestWaitClaims:
     def test_an_interrupted_wait_without_a_live_trainer_does_not_claim_training_runs(
-            self, shell, cfg):
+            self, shell, cfg, sigint_raises):
         """Ctrl-C with no trainer alive: wait() says no trainer is running."""
         handle = sw.start(**cfg)
         main = threading.main_thread().ident
