@@ -3,11 +3,13 @@ from __future__ import annotations
 import gc
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Set, Tuple
+from typing import Any, Iterator, List, Set, Tuple
 
 import psutil
 import pytest
@@ -102,3 +104,39 @@ def sigint_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory on another filesystem than tmp_path (tmpfs /dev/shm when it is one)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = Path(tempfile.mkdtemp(prefix="sw-mirror-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path, shm: Path) -> bool:
+    """Whether ``shm`` really is another filesystem (else tests use the testing override)."""
+    return os.stat(shm).st_dev != os.stat(tmp_path).st_dev
+
+
+@pytest.fixture
+def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real InteractiveShell (history in memory: no saving thread, nothing in $HOME); the
+    notebook watchdog it started is stopped and forgotten afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config as TraitletsConfig
+
+    from session_watchdog import notebook
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    config = TraitletsConfig()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
+    yield ip
+    notebook.stop()
+    notebook._state().pop("last_run_dir", None)
+    InteractiveShell.clear_instance()

@@ -18,7 +18,6 @@ import random
 import resource
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -83,23 +82,6 @@ def committed(directory: Path) -> List[str]:
     """Checkpoint names with their marker next to them, oldest first."""
     names = set(os.listdir(directory))
     return sorted(n for n in names if n.endswith(".pt") and n + ".sha256" in names)
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory on another filesystem than tmp_path (tmpfs /dev/shm when it is one)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = Path(tempfile.mkdtemp(prefix="sw-mirror-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def other_fs(tmp_path: Path, shm: Path) -> bool:
-    """Whether ``shm`` really is another filesystem (else tests use the testing override)."""
-    return os.stat(shm).st_dev != os.stat(tmp_path).st_dev
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -36,23 +35,6 @@ from session_watchdog.integrations._mirror import DirMirror, restore_dir
 from session_watchdog.trainer.mirror import LocalTarget
 
 WAIT_S = 120.0
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory on another filesystem than tmp_path (tmpfs /dev/shm when it is one)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = Path(tempfile.mkdtemp(prefix="sw-mirror-dirs-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def other_fs(tmp_path: Path, shm: Path) -> bool:
-    """Whether ``shm`` really is another filesystem (else in-process tests use the override)."""
-    return os.stat(shm).st_dev != os.stat(tmp_path).st_dev
 
 
 def wait_until(predicate: Any, what: str, timeout: float = WAIT_S) -> None:

@@ -17,8 +17,6 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 from fakes import FakeClock
 from fakes import status as fake_status
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config as TraitletsConfig
 
 import session_watchdog as sw
 from session_watchdog import channel, notebook
@@ -50,18 +48,6 @@ def watchdog_threads() -> List[str]:
 def _no_watchdog_left():
     yield
     notebook.stop()
-
-
-@pytest.fixture
-def shell(tmp_path, monkeypatch):
-    """A real InteractiveShell (history in memory: no saving thread, nothing in $HOME)."""
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    config = TraitletsConfig()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    notebook.stop()
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture

@@ -19,8 +19,6 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 from fakes import FakeClock
 from fakes import status as fake_status
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config as TraitletsConfig
 
 import session_watchdog as sw
 from session_watchdog import channel, notebook, report
@@ -75,19 +73,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest.fixture
-def shell(tmp_path, monkeypatch) -> Iterator[InteractiveShell]:
-    """A real InteractiveShell (history in memory)."""
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    config = TraitletsConfig()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    yield ip
-    notebook.stop()
-    notebook._state().pop("last_run_dir", None)
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture
