@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -203,3 +205,21 @@ class TestExactResume:
         loader = plain_loader(Indexed(), workers=0)
         tracked = TrackedLoader(loader)
         assert (len(tracked), tracked.batch_size, tracked.dataset) == (12, BATCH, loader.dataset)
+
+    def test_a_closed_session_keeps_no_loader_alive(self, tmp_path: Path) -> None:
+        """After close(), a tracked StatefulDataLoader (and its live iterator with worker processes)
+        is freed as soon as the caller drops it, not at a later garbage collection that waits for
+        its workers."""
+        stateful = pytest.importorskip("torchdata.stateful_dataloader")
+        session = Session(tmp_path / "ckpt", run_dir=tmp_path / "run", checkpoint_every=None,
+                          handle_signals=False)
+        loader = session.track(stateful.StatefulDataLoader(Indexed(), batch_size=BATCH))
+        next(iter(loader))  # the loader now holds its iterator
+        session.close()
+        ref = weakref.ref(loader)
+        gc.disable()
+        try:
+            del loader
+            assert ref() is None
+        finally:
+            gc.enable()

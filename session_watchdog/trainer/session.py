@@ -847,6 +847,10 @@ class Session:
             else:
                 self._snapshots.wait(10.0)  # a crash: the newest snapshot completes for the daemon
         self._restore_signal_handlers()
+        # The loaders are the caller's: a closed session keeps none, so a StatefulDataLoader (which
+        # holds its live iterator and worker processes) shuts down as soon as the caller drops it,
+        # not at some later garbage collection (where torchdata waits 5 s per worker to join).
+        self._tracked = []
         if self._stacks is not None:
             self._stacks.unregister()
             self._extra.pop("stacks", None)
