@@ -18,6 +18,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -161,6 +162,28 @@ class TestTee:
         finally:
             os.close(write_end)
         assert tee.text() == "z" * TAIL_BYTES
+
+    def test_a_blocked_destination_never_holds_a_drain_past_its_bound(self, tmp_path):
+        """Our stderr stopped taking bytes (a terminal paused with Ctrl-S): drain() still returns
+        (a tick calls it), and the tail holds what was read."""
+        read_end, write_end = os.pipe()  # nobody reads it: full after 64 KiB
+        tee = Tee(write_end, tty=False)
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('q' * 400000)"],
+                                stderr=tee.child_fd)
+        tee.started()
+        try:
+            assert wait_until(lambda: len(tee._tail) > 0, 120)
+            done = threading.Event()
+            drainer = threading.Thread(target=lambda: (tee.drain(timeout_s=0.5), done.set()), daemon=True)
+            drainer.start()
+            assert done.wait(60)
+            assert set(tee.text()) == {"q"}
+        finally:
+            proc.kill()
+            proc.wait()
+            os.close(read_end)  # the copying thread's write fails (EPIPE): it reads to the end
+            tee.close()
+            os.close(write_end)
 
     def test_a_regular_file_is_read_back_instead_of_piped(self, tmp_path):
         """Our stderr is a file: the command inherits it, and the tail is what it added to it."""

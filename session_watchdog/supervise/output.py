@@ -106,10 +106,10 @@ class Tee:
             if not data:
                 self._eof = True
                 return
-            self._forward(data)
-            self._tail += data
+            self._tail += data  # kept before it is copied: a stuck destination loses no tail
             if len(self._tail) > TAIL_BYTES:
                 del self._tail[:len(self._tail) - TAIL_BYTES]
+            self._forward(data)
 
     def _forward(self, data: bytes) -> None:
         view = memoryview(data)
@@ -124,20 +124,32 @@ class Tee:
                 self._forwarding = False
 
     def drain(self, timeout_s: float = DRAIN_S) -> None:
-        """Copy everything the pipe holds now; after the command exited, that is all it wrote."""
-        with self._lock:
+        """Copy everything the pipe holds now; after the command exited, that is all it wrote.
+
+        Bounded by ``timeout_s`` even when our stderr blocks (a terminal paused with Ctrl-S
+        holds the copying thread in a write): a tick calls this.
+        """
+        if not self._lock.acquire(timeout=timeout_s):
+            return
+        try:
             if not self._closed:
                 self._pump(time.monotonic() + timeout_s)
+        finally:
+            self._lock.release()
 
     def text(self) -> str:
         """The kept tail, decoded."""
-        with self._lock:
-            return bytes(self._tail).decode("utf-8", "replace")
+        return bytes(self._tail).decode("utf-8", "replace")  # bytes(): one copy, GIL-atomic
 
     def close(self) -> None:
-        """Drain, stop the thread, close our end (the command's later writes fail)."""
+        """Drain, stop the thread, close our end (the command's later writes fail).
+
+        A copying thread stuck on a blocked stderr is left to the interpreter's exit.
+        """
         self.drain()
-        with self._lock:
+        if not self._lock.acquire(timeout=DRAIN_S):
+            return
+        try:
             if self._closed:
                 return
             self._closed = True
@@ -145,6 +157,8 @@ class Tee:
             if self._child_open:  # the command never started
                 os.close(self.child_fd)
                 self._child_open = False
+        finally:
+            self._lock.release()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(1.0)
 
