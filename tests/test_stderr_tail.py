@@ -6,6 +6,7 @@ watchdog itself under a pseudo-terminal where a terminal matters.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from fakes import sample
 from notify_servers import Recorder, wait_until
 
+from session_watchdog.config import Config
+from session_watchdog.policy import PolicyState, decide
 from session_watchdog.supervise import output
 from session_watchdog.supervise.output import TAIL_BYTES, Tee, screen_lines, traceback_tail
 
@@ -124,6 +128,25 @@ class TestTracebackTail:
         assert len(tail) <= 2000 and "pw@" not in tail
         assert tail.startswith("Traceback (most recent call last):\n...\n")
         assert tail.endswith("OSError: https://***@h.example/p")
+
+
+class TestFailureDecision:
+    @pytest.mark.parametrize("end_on_failure, kind", [(False, "warn"), (True, "end")])
+    def test_the_training_failed_decision_carries_the_commands_traceback(self, end_on_failure, kind):
+        """PURE: a failed command's stderr tail in the sample is in the training_failed decision."""
+        config = Config.build(max_session="off", end_when_done=True, end_on_failure=end_on_failure)
+        failed = dataclasses.replace(sample(alive=False, child_exit=1),
+                                     child_traceback="Traceback (most recent call last):\nValueError: x")
+        _, decisions = decide(config, PolicyState(), failed)
+        assert [(d.kind, d.reason, d.data) for d in decisions] == [
+            (kind, "training_failed", {"child_exit": 1,
+                                       "traceback": "Traceback (most recent call last):\nValueError: x"})]
+
+    def test_without_a_tail_the_decision_is_as_before(self):
+        """No stderr tail (attach, a notebook): the decision has no traceback field."""
+        _, decisions = decide(Config.build(max_session="off"), PolicyState(),
+                              sample(alive=False, child_exit=1))
+        assert [d.data for d in decisions if d.reason == "training_failed"] == [{"child_exit": 1}]
 
 
 class TestTee:
