@@ -248,6 +248,23 @@ class TestWrappedCommand:
         decisions = failed_decisions(tmp_path)
         assert [d["traceback"] for d in decisions] == [boom_traceback(script)]
 
+    def test_a_flood_of_output_before_the_crash_loses_nothing(self, tmp_path):
+        """2 MB of stderr written just before the exception: every byte reaches our stderr and the
+        training_failed event still has the traceback (the pipe is drained before the report)."""
+        code = ("import sys; sys.stderr.write(('x' * 99 + '\\n') * 20000); "
+                "raise KeyError('flood-end')")
+        proc = subprocess.Popen([*run_argv(tmp_path), "--", sys.executable, "-c", code],
+                                env=env(), start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=180)
+        finally:
+            kill_group(proc)
+        assert proc.returncode == 1, err.decode(errors="replace")[-2000:]
+        assert (b"x" * 99 + b"\n") * 20000 + b"Traceback (most recent call last):\n" in err
+        assert [d["traceback"].splitlines()[-1] for d in failed_decisions(tmp_path)] == [
+            "KeyError: 'flood-end'"]
+
     def test_a_session_reported_traceback_wins_over_stderr(self, tmp_path, server):
         """A trainer that reported its own traceback in trainer.json: that one is sent."""
         script = tmp_path / "reported.py"

@@ -14,8 +14,9 @@ methods), and restarts the command behind it:
   not advanced across ``restart_no_progress`` restarts, or when ``restart_storm`` restarts came
   within ``restart_storm_window``: never a loop that burns GPU hours.
 
-Each failure, restart and give-up is a logged event (``child_failed``, ``child_restarted``,
-``restarts_given_up``, ``restarts_exhausted``); ``session-watchdog report`` lists them. Nothing
+Each failure, restart and give-up is a logged event (``child_failed``, with the traceback of the
+command's stderr when it printed one, ``child_restarted``, ``restarts_given_up``,
+``restarts_exhausted``); ``session-watchdog report`` lists them. Nothing
 here blocks: :meth:`Supervisor.exit_status` advances the state on every call (the daemon's
 ``stop_when`` polls it every second).
 """
