@@ -209,7 +209,8 @@ class TestTee:
             os.close(write_end)
 
     def test_a_regular_file_is_read_back_instead_of_piped(self, tmp_path):
-        """Our stderr is a file: the command inherits it, and the tail is what it added to it."""
+        """Our stderr is a file: the command inherits it, and the tail is what it added (our own
+        console lines left out)."""
         fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, b"an earlier run's output\n")
@@ -218,6 +219,7 @@ class TestTee:
             proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('mine\\n')"],
                                     stderr=fd)
             assert proc.wait(timeout=120) == 0
+            os.write(fd, b"[session-watchdog 10:00:00] child_exited exit_code=0\n")  # our own line
             assert kept.text() == "mine\n"
         finally:
             os.close(fd)

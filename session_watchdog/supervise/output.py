@@ -38,6 +38,7 @@ LAST_LINES = 5  # without a traceback: this many last non-empty lines
 DRAIN_S = 2.0  # at most this long reading what the pipe still holds (a grandchild may keep writing)
 READ_BYTES = 64 * 1024
 HEADER = "Traceback (most recent call last):"
+OWN_LINES = ("[session-watchdog ", "session-watchdog: ")  # what the watchdog itself prints
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 _URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 
@@ -186,9 +187,11 @@ class FileTail:
         try:
             size = os.fstat(fd).st_size
             begin = max(self.start, size - TAIL_BYTES)
-            return os.pread(fd, max(0, size - begin), begin).decode("utf-8", "replace")
+            text = os.pread(fd, max(0, size - begin), begin).decode("utf-8", "replace")
         finally:
             os.close(fd)
+        # the file is ours too: our own console lines (log.console_line) are not the command's
+        return "".join(line for line in text.splitlines(keepends=True) if not line.startswith(OWN_LINES))
 
     def close(self) -> None:
         pass
