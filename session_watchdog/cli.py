@@ -274,7 +274,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
                 child = restarts.supervisor_for(command, watchdog)
             else:
-                child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after)
+                child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after,
+                                   capture_stderr=True)
+            watchdog.child_stderr_tail = child.stderr_tail  # its traceback, for the failure message
 
             def on_late_signal(signum: int) -> None:
                 # The command has ended: Ctrl-C (or SIGTERM) is for us, and cancels a pending end.
@@ -332,6 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     finally:
         if child is not None:
+            child.close_output()  # the rest of its stderr, before we exit
             child.restore()
         elif early is not None:
             early.restore()

@@ -25,6 +25,7 @@ from session_watchdog.channel import DaemonBusyError  # defined there: the CLI c
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
+    EXIT_STOPPED,
     IDLE_END,
     TRAINER_SCOPED,
     Decision,
@@ -146,6 +147,9 @@ class Watchdog:
         self.confirm_after_s = confirm_after_s
         self.on_end = on_end
         self.child_running = child_running
+        # run -- CMD: the failed command's traceback from its stderr (supervise.output); set by
+        # the front-end once the command started
+        self.child_stderr_tail: Optional[Callable[[], Optional[str]]] = None
         self.started_wall = self.clock.wall()
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
@@ -256,6 +260,8 @@ class Watchdog:
         changes: Dict[str, Any] = {}
         if self.child_running is not None and self.child_running():
             changes["child_running"] = True
+        if self.child_stderr_tail is not None and sample.child_exit not in (None, 0, EXIT_STOPPED):
+            changes["child_traceback"] = self.child_stderr_tail()
         status = sample.trainer.status
         # A trainer this session's state already knows (a watchdog of this session saw it, e.g.
         # before a quick stop() and start() in a notebook) is not an earlier run's (issue 16).

@@ -601,6 +601,11 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
     return None
 
 
+def _traceback(sample: Sample) -> Dict[str, str]:
+    """The failed wrapped command's stderr tail, for the training_failed event (issue 15)."""
+    return {"traceback": sample.child_traceback} if sample.child_traceback else {}
+
+
 def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool]) -> None:
     """When to end the runtime (issue: release the runtime only when it is safe).
 
@@ -617,13 +622,13 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
             if "end" not in t.state.done:
                 t.decisions.append(Decision(
                     "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
-                    data={"child_exit": sample.child_exit}))
+                    data={"child_exit": sample.child_exit, **_traceback(sample)}))
                 t.mark_done("end")
         else:
             t.warn_once("training_failed", TRAINING_FAILED,
                         "training failed: the runtime is left running"
                         + ("" if not config.end_when_done else " (set end_on_failure to end it anyway)"),
-                        child_exit=sample.child_exit)
+                        child_exit=sample.child_exit, **_traceback(sample))
         return
     if outcome == "stopped" and status is not None:
         # Said once, so that a planned stop never reads as a failure; the rules below still

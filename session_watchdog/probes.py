@@ -86,6 +86,7 @@ class Sample:
     notebook_idle_s: Optional[float] = None  # seconds with no cell running; None outside notebooks
     child_exit: Optional[int] = None  # wrapped/attached process exit code once it ended
     child_running: bool = False  # a wrapped/attached process is still running
+    child_traceback: Optional[str] = None  # a failed wrapped command's stderr tail (issue 15)
     notice_deadline: Optional[float] = None  # a preemption notice's deadline (wall clock)
     notice_source: Optional[str] = None  # aws-spot | gcp | slurm | slurm-signal
 

@@ -1,7 +1,9 @@
 """Long runs outside notebooks: wrap a command, attach to a process, detach from the terminal.
 
 ``session-watchdog run -- python train.py`` starts the command as a child in its own session
-(its own process group) with the run dir in its environment; stdout/stderr pass straight through.
+(its own process group) with the run dir in its environment; stdout passes straight through,
+stderr too, or through :mod:`session_watchdog.supervise.output` (``capture_stderr``), which keeps
+its tail for the failure message.
 The watchdog's exit code is the child's.
 
 Stopping (issue 18): SIGTERM or a first Ctrl-C (SIGINT) to the watchdog becomes one SIGTERM to the
@@ -59,17 +61,32 @@ class Child:
     """The wrapped command: started in its own session; stopped politely, escalated after a deadline."""
 
     def __init__(self, argv: Sequence[str], run_dir: Path, kill_after_s: float = 30.0,
-                 popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen) -> None:
+                 popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+                 capture_stderr: bool = False) -> None:
         if not argv:
             raise WrapError("no command given: use `session-watchdog run [options] -- python train.py`")
         self.argv = list(argv)
         self.kill_after_s = kill_after_s
+        # capture_stderr: its stderr passes through us and its tail is kept, so that a failure
+        # message can quote the traceback (issue 15; supervise.output)
+        self.output: Any = None
+        extra: Dict[str, Any] = {}
+        if capture_stderr:
+            from session_watchdog.supervise import output
+
+            self.output = output.capture()
+            if self.output.child_fd is not None:
+                extra["stderr"] = self.output.child_fd
         try:
-            self.proc = popen(self.argv, env=child_env(run_dir), start_new_session=True)
+            self.proc = popen(self.argv, env=child_env(run_dir), start_new_session=True, **extra)
         except FileNotFoundError:
+            self.close_output()
             raise WrapError(f"command not found: {self.argv[0]!r}") from None
         except PermissionError:
+            self.close_output()
             raise WrapError(f"command is not executable: {self.argv[0]!r}") from None
+        if self.output is not None:
+            self.output.started()
         self.pid = self.proc.pid
         self._escalation: Optional[threading.Timer] = None
         self._previous: Dict[int, Any] = {}
@@ -81,6 +98,20 @@ class Child:
         """The child's exit code once it ended (shell style), else None. Never blocks."""
         code = self.proc.poll()
         return None if code is None else exit_code(code)
+
+    def stderr_tail(self) -> Optional[str]:
+        """Once it ended: the traceback (or last lines) of its stderr, else None."""
+        if self.output is None or self.proc.poll() is None:
+            return None
+        from session_watchdog.supervise.output import traceback_tail
+
+        self.output.drain()  # whatever it wrote before it exited is in the pipe: read it all
+        return traceback_tail(self.output.text())
+
+    def close_output(self) -> None:
+        """Copy the rest of its stderr and stop (before we exit: nothing is lost)."""
+        if self.output is not None:
+            self.output.close()
 
     def trainer_pid(self) -> int:
         """The process that gets the polite stop signal: our direct child, or, when that is a

@@ -135,8 +135,10 @@ class Hub:
         ctx = self.context()
         for event in pending:
             child_exit = event.get("child_exit")
-            for message in compose(event, ctx if child_exit is None else
-                                   dataclasses.replace(ctx, child_exit=child_exit)):
+            event_ctx = ctx if child_exit is None else dataclasses.replace(ctx, child_exit=child_exit)
+            if event.get("traceback") and not ctx.traceback:  # the trainer's own report wins
+                event_ctx = dataclasses.replace(event_ctx, traceback=str(event["traceback"]))
+            for message in compose(event, event_ctx):
                 self.offer(message)
 
     def offer(self, message: Message) -> None:

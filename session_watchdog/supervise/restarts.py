@@ -14,8 +14,9 @@ methods), and restarts the command behind it:
   not advanced across ``restart_no_progress`` restarts, or when ``restart_storm`` restarts came
   within ``restart_storm_window``: never a loop that burns GPU hours.
 
-Each failure, restart and give-up is a logged event (``child_failed``, ``child_restarted``,
-``restarts_given_up``, ``restarts_exhausted``); ``session-watchdog report`` lists them. Nothing
+Each failure, restart and give-up is a logged event (``child_failed``, with the traceback of the
+command's stderr when it printed one, ``child_restarted``, ``restarts_given_up``,
+``restarts_exhausted``); ``session-watchdog report`` lists them. Nothing
 here blocks: :meth:`Supervisor.exit_status` advances the state on every call (the daemon's
 ``stop_when`` polls it every second).
 """
@@ -23,6 +24,7 @@ here blocks: :meth:`Supervisor.exit_status` advances the state on every call (th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -209,6 +211,14 @@ class Supervisor:
     def wait_group(self) -> None:
         self.child.wait_group()
 
+    def stderr_tail(self) -> Optional[str]:
+        """The traceback (or last lines) of the current command's stderr once it ended."""
+        tail: Optional[str] = getattr(self.child, "stderr_tail", lambda: None)()
+        return tail
+
+    def close_output(self) -> None:
+        getattr(self.child, "close_output", lambda: None)()
+
     # ---- hangs -------------------------------------------------------------------------------
 
     def on_decisions(self, decisions: Sequence[Any], sample: Any) -> None:
@@ -283,9 +293,11 @@ class Supervisor:
             self._progress_step is None or failure.newest_step > self._progress_step)
         self.no_progress = 0 if progressed else self.no_progress + 1
         self._progress_step = failure.newest_step
+        tail = self.stderr_tail()
         log.warning("child_failed", pid=self.child.pid, exit_code=code, cause=cause,
                     newest_checkpoint_step=failure.newest_step, snapshot_step=persisted,
-                    restarts=self.restarts, message=f"the command ended ({cause}, exit {code})")
+                    restarts=self.restarts, message=f"the command ended ({cause}, exit {code})",
+                    **({"traceback": tail} if tail else {}))
         now = self._monotonic()
         window = [t for t in self.restart_times if now - t < self.config.restart_storm_window]
         if self.restarts >= self.config.restarts:
@@ -339,6 +351,7 @@ class Supervisor:
         self.restart_times.append(now)
         self._pending = None
         old = self.child
+        self.close_output()  # the dead command's stderr: copied to the end, our pipe closed
         try:
             self.child = self._launch()
         except wrap.WrapError as err:  # the command vanished since (a deleted venv, say)
@@ -388,4 +401,5 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
 
     return Supervisor(argv, watchdog.run_dir.path, watchdog.config, newest_step=newest_step,
                       oom_kills=oom_kills, persist_snapshot=persist, read_gpu_pids=nvml_gpu_pids(),
-                      trainer_alive=trainer_alive)
+                      trainer_alive=trainer_alive,
+                      start=functools.partial(wrap.Child, capture_stderr=True))
