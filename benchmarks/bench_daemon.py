@@ -4,7 +4,8 @@
 
 - the real ``session-watchdog run`` process (default 5 s interval, a scratch run dir and log):
   RSS after ``--watch-s`` seconds vs a bare ``python`` sleeping (goal <= 2.5x), and its CPU share
-  over that window (utime+stime from /proc, goal <= 0.1 % of a core);
+  over that window (utime+stime from /proc, goal <= 0.1 % of a core), beside a naive poller
+  that spawns an nvidia-smi stand-in every 5 s over the same window (goal <= 0.5x);
 - start-up of ``session-watchdog --help`` and ``session-watchdog status`` vs a bare interpreter
   (``python -c pass``): goal <= +0.15 s; the heaviest imports of each (``-X importtime``) are listed;
 - one tick with a stand-in NVML of 8 GPUs (its state parsed once, injected where the probes take
@@ -46,10 +47,30 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of ``pid`` (with ``children``: plus those of its reaped children)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime + cstime
+    return ticks / CLK_TCK
+
+
+# The naive poller users write instead: every 5 s spawn nvidia-smi, parse its CSV. The stand-in
+# for nvidia-smi is `cat` of the CSV an 8-GPU machine prints (one exec, the floor of the real
+# binary, which also starts NVML); its CPU counts for the poller (reaped children's time).
+NAIVE_POLLER = r"""
+import subprocess, sys, time
+csv = sys.argv[1]
+while True:
+    out = subprocess.run(["cat", csv], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(", ") for line in out.splitlines()]
+    busy = [float(r[2]) for r in rows]
+    time.sleep(5.0)
+"""
+SMI_CSV = "".join(f"{i}, NVIDIA H100 80GB HBM3, {90 + i}, {(10 + i) * 1024}, 81559, {60 + i}, "
+                  f"{300 + i}.00\n" for i in range(8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +87,9 @@ def watch_daemon(seconds: float, scratch: Path) -> Dict[str, float]:
                             stderr=subprocess.PIPE, start_new_session=True)
     bare = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(3600)"],
                             start_new_session=True)
+    (scratch / "smi.csv").write_text(SMI_CSV)
+    naive = subprocess.Popen([PYTHON, "-c", NAIVE_POLLER, str(scratch / "smi.csv")],
+                             start_new_session=True)
     try:
         log = scratch / "log.jsonl"
         deadline = time.monotonic() + 60
@@ -74,13 +98,16 @@ def watch_daemon(seconds: float, scratch: Path) -> Dict[str, float]:
                 raise RuntimeError(f"the daemon exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
         cpu0, t0, load0 = cpu_seconds(proc.pid), time.monotonic(), load()
+        naive0 = cpu_seconds(naive.pid, children=True)
         time.sleep(seconds)
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        naive1 = cpu_seconds(naive.pid, children=True)
         return {"rss": rss_bytes(proc.pid), "bare_rss": rss_bytes(bare.pid),
                 "cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "window_s": t1 - t0,
+                "naive_cpu_pct": 100.0 * (naive1 - naive0) / (t1 - t0),
                 "load": max(load0, load())}
     finally:
-        for p in (proc, bare):
+        for p in (proc, bare, naive):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -249,6 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "<= 2.5x", daemon["load"]))
     rows.append(("`run` CPU at the 5 s interval", f"{daemon['cpu_pct']:.3f} % of a core", daemon["cpu_pct"],
                  "<= 0.1 (% of a core)", daemon["load"]))
+    naive = daemon["naive_cpu_pct"]
+    rows.append(("`run` CPU vs a naive smi poller", f"{daemon['cpu_pct']:.3f} % vs {naive:.3f} %",
+                 daemon["cpu_pct"] / naive if naive else float("nan"), "<= 0.5x", daemon["load"]))
 
     print(f"tick nvml: {nvml}")
     width = max(len(r[0]) for r in rows)
