@@ -69,13 +69,15 @@ def get_logger(name: str = "session_watchdog") -> Any:
 # 2.5x a bare interpreter): rich (and pygments) for structlog.dev's pretty tracebacks, ~5 MB when
 # installed (Colab has it); colorama (and ctypes) for ANSI colours on Windows consoles; ssl, which
 # asyncio imports for TLS transports (structlog.stdlib imports asyncio): libssl + libcrypto, ~4 MB.
-# The watchdog never runs an asyncio transport; its HTTPS clients (urllib, apprise) import ssl
-# themselves when they are used, and then get it: only asyncio's own reference stays empty.
+# Without notifications the watchdog runs no asyncio transport, and its plain HTTPS clients
+# (urllib) import ssl themselves when used; only asyncio's own reference would stay empty, so
+# with notifications (Apprise: some channels run TLS over asyncio) ssl is left alone.
 _NOT_FOR_STRUCTLOG = ("rich", "colorama", "ssl")
 
 
-def import_structlog_without_rich() -> None:
-    """Import structlog without letting it load rich, colorama or ssl (:data:`_NOT_FOR_STRUCTLOG`).
+def import_structlog_without_rich(keep_ssl: bool = False) -> None:
+    """Import structlog without letting it load rich, colorama or ssl (:data:`_NOT_FOR_STRUCTLOG`;
+    ``keep_ssl``: ssl as usual, for a process that sends notifications).
 
     Only for the watchdog's own process (cli), never in a user's process (notebook, trainer),
     whose structlog output (and asyncio) must stay as the user configured it. Each of those
@@ -83,7 +85,8 @@ def import_structlog_without_rich() -> None:
     """
     if "structlog" in sys.modules:
         return
-    blocked = [name for name in _NOT_FOR_STRUCTLOG if name not in sys.modules]  # loaded: in use
+    blocked = [name for name in _NOT_FOR_STRUCTLOG  # one already loaded is in use: left alone
+               if name not in sys.modules and not (keep_ssl and name == "ssl")]
     for name in blocked:
         sys.modules[name] = None  # type: ignore[assignment]  # documented: import raises ImportError
     try:

@@ -199,3 +199,28 @@ class TestModulesLoaded:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split("\n")[:2] == ["[]", "True"]
+
+    def test_with_notifications_asyncio_keeps_its_tls(self, tmp_path: Path):
+        """A watchdog with a notification channel imports structlog with ssl as usual: asyncio's
+        TLS transports (some Apprise channels use them) work; without one they are left out."""
+        import os
+        import subprocess
+        import sys
+
+        def sslproto_has_ssl(extra: List[str]) -> str:
+            argv = ["run", "--for", "1s", "--log-file", str(tmp_path / "log.jsonl"),
+                    "--max-session", "1h", "--watch-paths", str(tmp_path), *extra]
+            code = ("import sys, contextlib, io\nfrom session_watchdog import cli\n"
+                    "with contextlib.redirect_stdout(io.StringIO()), "
+                    "contextlib.redirect_stderr(io.StringIO()):\n"
+                    f"    assert cli.main({argv!r}) == 0\n"
+                    "print(sys.modules['asyncio.sslproto'].ssl is not None)\n")
+            env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=240, env=env)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        # an unreachable hook (discard port): sending fails quietly, the watchdog runs on
+        assert sslproto_has_ssl(["--notify", "json://127.0.0.1:9/hook"]) == "True"
+        assert sslproto_has_ssl([]) == "False"
