@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 from fakes import FakeClock, ScriptedProbe, sample
 
-from session_watchdog import platforms
+from session_watchdog import channel, platforms
 from session_watchdog.config import Config
 from session_watchdog.daemon import Watchdog
 
@@ -170,13 +170,17 @@ class TestModulesLoaded:
         names = modules_after(["--help"], tmp_path / "run")
         assert loaded(names, REPORT_MODULES + DAEMON_MODULES + HEAVY_LIBRARIES) == []
 
-    def test_status_loads_no_report_scheduler_or_heavy_library(self, tmp_path: Path):
-        """`status` reads the run dir without the report, the daemon, structlog or APScheduler."""
+    def test_status_loads_no_report_probe_scheduler_or_heavy_library(self, tmp_path: Path):
+        """`status` of a run dir a real watchdog filled (its policy state included) reads it
+        without the report, the daemon, the probes (psutil, NVML), structlog or APScheduler."""
         run_dir = tmp_path / "run"
-        run_dir.mkdir(mode=0o700)
+        modules_after(["run", "--for", "1s", "--log-file", str(tmp_path / "log.jsonl"),
+                       "--max-session", "1h", "--watch-paths", str(tmp_path)], run_dir)
+        assert (run_dir / channel.STATE_FILE).exists()
         names = modules_after(["status", "--run-dir", str(run_dir)], run_dir)
-        assert loaded(names, REPORT_MODULES + ("session_watchdog.daemon", "apscheduler",
-                                               "structlog") + HEAVY_LIBRARIES) == []
+        assert "session_watchdog.policy" in names  # it read the policy state
+        assert loaded(names, REPORT_MODULES + DAEMON_MODULES[2:] + ("session_watchdog.daemon",)
+                      + HEAVY_LIBRARIES) == []
 
     def test_the_watchdog_process_loads_neither_the_report_nor_rich_colorama_or_ssl(
             self, tmp_path: Path):
