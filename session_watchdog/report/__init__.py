@@ -2,18 +2,20 @@
 
 ``session-watchdog report LOG... [--json] [--out report.html|report.png]`` reads one or more
 JSONL files written by :mod:`session_watchdog.log` (rotated siblings and gzip included) in one
-pass, keeping a few columns per sample (never the parsed lines), and summarises the session: time
-used against the budget, GPU utilisation and memory, GPU-idle time and its cost, RAM, disks,
-checkpoints, every decision and action, how the session ended, and an input-bound hint.
+pass, keeping nothing per sample (figures streamed, the timeline downsampled while reading: a
+week's log takes the memory of a day's), and summarises the session: time used against the
+budget, GPU utilisation and memory, GPU-idle time and its cost, RAM, disks, checkpoints, every
+decision and action, how the session ended, and an input-bound hint.
 ``session-watchdog tail LOG [--follow]`` prints one compact line per new sample.
 
 Reading rules: see :mod:`.reading`.
 
 matplotlib is imported only to draw (the optional ``plot`` extra) and only through the Agg canvas.
 
-The package: :mod:`.reading` (files, lines, one session's columns), :mod:`.summary` (columns in,
-summary dict and text tables out, pure), :mod:`.render` (figure and HTML), :mod:`.tail`; this
-module holds the command line and re-exports the public names.
+The package: :mod:`.reading` (files, lines, one session's streamed figures), :mod:`.aggregate`
+(the streaming aggregates, pure), :mod:`.summary` (figures in, summary dict and text tables out,
+pure), :mod:`.render` (figure and HTML), :mod:`.tail`; this module holds the command line and
+re-exports the public names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Reading JSONL logs into one session's columns (a few columns per sample, never the lines).
+"""Reading JSONL logs into one session's figures, streamed: nothing per sample or per line is
+kept (issue 17); the statistics are aggregated as the samples go by and the plot columns are
+downsampled while reading (:mod:`.aggregate`).
 
 Reading rules (issue 6):
 
@@ -11,7 +13,9 @@ Reading rules (issue 6):
   (wall clock, which jumps; DESIGN.md). A decision or action is placed at the tick that produced
   it: the daemon logs each tick's ``sample`` before the tick's decisions and actions.
 - A reading holds until the next one: sample *i* stands for ``[elapsed_i, elapsed_i+1)``. Gaps
-  longer than :data:`GAP_FACTOR` intervals (the watchdog was down) count as unknown time.
+  longer than :data:`GAP_FACTOR` intervals (the watchdog was down) count as unknown time; the
+  interval is the one logged by the watchdog's start before them (without one in the log, the
+  median of the first samples' intervals).
 - Rotated files: a base path ``x.jsonl`` is expanded to the siblings that exist
   (``x.jsonl.3`` .. ``x.jsonl.1``, each possibly ``.gz``, then ``x.jsonl``, oldest first) unless
   ``--no-rotated`` is given; a rotated file named on its own (``x.jsonl.2``) is read on its own.

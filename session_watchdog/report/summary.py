@@ -1,4 +1,4 @@
-"""The summary: one session's columns in, a dict out (pure), and its text tables."""
+"""The summary: one session's streamed figures in, a dict out (pure), and its text tables."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from session_watchdog.report.reading import (  # noqa: F401
 
 @dataclass
 class Report:
-    """The summary, the chosen session's columns, and every session's (for a stitched view).
+    """The summary, the chosen session's timeline, and every session's (for a stitched view).
 
     ``sessions``: (session start, columns) per session in time order; ``stitched``: draw them as
     one training on one wall-clock axis (the default when no ``--session`` was asked for).
