@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -218,7 +217,7 @@ def fsync_dir(directory: Path, dir_fd: Optional[int] = None) -> None:
 
 def temp_path_for(path: Path) -> Path:
     """A fresh, unpredictable temp name next to ``path`` (same directory, same filesystem)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{os.getpid()}.{_token_hex(4)}{_TMP_SUFFIX}")
 
 
 def open_exclusive(path: Path, dir_fd: Optional[int] = None) -> int:
@@ -458,7 +457,13 @@ def _rid(obj: Mapping[str, Any], key: str) -> Optional[str]:
 
 def new_rid_prefix() -> str:
     """A random prefix for request ids: one per daemon state (``<prefix>.<seq>``)."""
-    return secrets.token_hex(8)
+    return _token_hex(8)
+
+
+def _token_hex(nbytes: int) -> str:
+    """``secrets.token_hex`` (it is ``os.urandom(n).hex()``) without importing ``secrets``: that
+    pulls in hmac and OpenSSL's libcrypto, ~3.5 MB of every command's RSS (issue 17)."""
+    return os.urandom(nbytes).hex()
 
 
 @dataclass(frozen=True)

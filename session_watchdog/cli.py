@@ -187,7 +187,9 @@ def _detach(args: argparse.Namespace, config: Config) -> int:
 def _configure_log(config: Config) -> None:
     from session_watchdog import log
 
-    log.import_structlog_without_rich()  # our own process: nobody needs rich's tracebacks here
+    # Our own process: nobody needs rich's tracebacks here, nor asyncio's TLS unless a
+    # notification channel may run it.
+    log.import_structlog_without_rich(keep_ssl=bool(config.notify or config.remote))
     try:
         # APScheduler's own warnings go to the JSONL log, not raw onto the console (issue 11)
         log.configure(config.log_file, max_bytes=config.log_max_bytes, backups=config.log_backups,

@@ -38,7 +38,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from session_watchdog import channel
 from session_watchdog.config import format_duration
-from session_watchdog.policy import EXIT_STOPPED, TRAINING_FAILED, TRAINING_STOPPED
 
 MARKER = ".session-watchdog-demo"
 STEPS_PER_EPOCH = 60
@@ -173,6 +172,10 @@ def summarize(log_file: Path, session_s: float, codes: List[int]) -> List[str]:
 
     ``codes``: the trainer's exit code in each runtime (the demo started those processes).
     """
+    # Here, not at the top: every command builds the demo's subparser, and the policy (psutil,
+    # the probes) is start-up time `--help` and `status` need not pay (issue 17).
+    from session_watchdog.policy import EXIT_STOPPED, TRAINING_FAILED, TRAINING_STOPPED
+
     sessions = _sessions(_events(log_file))
     if len(sessions) != len(codes):
         raise AssertionError(f"expected {len(codes)} watchdog sessions in the log, found {len(sessions)}")
@@ -360,6 +363,8 @@ def _prepare_dir(raw: Optional[str]) -> Path:
 
 def _train(base: Path, session_s: float, steps: int, step_sleep: float) -> List[int]:
     """Runtimes until training completes; the trainer's exit code in each."""
+    from session_watchdog.policy import EXIT_STOPPED
+
     log_file = base / "watchdog.jsonl"
     codes: List[int] = []
     budget = session_s

@@ -65,21 +65,35 @@ def get_logger(name: str = "session_watchdog") -> Any:
     return _Logger(name)
 
 
-def import_structlog_without_rich() -> None:
-    """Import structlog without letting it load rich (and pygments) for pretty tracebacks.
+# What structlog's import pulls in that the watchdog's own process never uses (issue 17: RSS <=
+# 2.5x a bare interpreter): rich (and pygments) for structlog.dev's pretty tracebacks, ~5 MB when
+# installed (Colab has it); colorama (and ctypes) for ANSI colours on Windows consoles; ssl, which
+# asyncio imports for TLS transports (structlog.stdlib imports asyncio): libssl + libcrypto, ~4 MB.
+# Without notifications the watchdog runs no asyncio transport, and its plain HTTPS clients
+# (urllib) import ssl themselves when used; only asyncio's own reference would stay empty, so
+# with notifications (Apprise: some channels run TLS over asyncio) ssl is left alone.
+_NOT_FOR_STRUCTLOG = ("rich", "colorama", "ssl")
 
-    structlog.dev imports rich when it is installed (Colab has it): ~5 MB of the daemon's RSS
-    for a console renderer our Sink never uses (issue 17: RSS <= 2.5x a bare interpreter). Only
-    for the watchdog's own process (cli), never in a user's process (notebook, trainer), whose
-    structlog output must stay as the user configured it. rich stays importable afterwards.
+
+def import_structlog_without_rich(keep_ssl: bool = False) -> None:
+    """Import structlog without letting it load rich, colorama or ssl (:data:`_NOT_FOR_STRUCTLOG`;
+    ``keep_ssl``: ssl as usual, for a process that sends notifications).
+
+    Only for the watchdog's own process (cli), never in a user's process (notebook, trainer),
+    whose structlog output (and asyncio) must stay as the user configured it. Each of those
+    modules stays importable afterwards.
     """
-    if "structlog" in sys.modules or "rich" in sys.modules:
+    if "structlog" in sys.modules:
         return
-    sys.modules["rich"] = None  # type: ignore[assignment]  # documented: import raises ImportError
+    blocked = [name for name in _NOT_FOR_STRUCTLOG  # one already loaded is in use: left alone
+               if name not in sys.modules and not (keep_ssl and name == "ssl")]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # documented: import raises ImportError
     try:
         import structlog  # noqa: F401
     finally:
-        del sys.modules["rich"]
+        for name in blocked:
+            del sys.modules[name]
 
 
 # --------------------------------------------------------------------------------------------

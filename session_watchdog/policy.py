@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from session_watchdog.channel import MAX_INT, MirrorStatus, TrainerStatus
 from session_watchdog.config import Config, format_duration
-from session_watchdog.probes import Sample, gpus_all_idle
+
+if TYPE_CHECKING:  # the probes (psutil, thread pools) at run time only: `status` reads
+    from session_watchdog.probes import Sample  # PolicyState without them (start-up, issue 17)
 
 # Reason codes (also used by the log and the report).
 SESSION_LIMIT = "session_limit"
@@ -411,6 +413,8 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # GPU idle: every GPU known and below the threshold; an unknown reading resets the timer.
     # A hung trainer is not "idle": while a live trainer's step stands still and a hang timeout
     # is learned, the hang rule speaks for its idle GPUs (issue 13).
+    from session_watchdog.probes import gpus_all_idle
+
     all_idle = gpus_all_idle(sample.gpus, config.gpu_idle_pct)
     if all_idle:
         since = t.state.gpu_idle_since if t.state.gpu_idle_since is not None else elapsed
@@ -596,6 +600,8 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
         return "no fresh reading after the grace period; not ending the runtime"
     if training_outcome(sample) == "failed" and not config.end_on_failure:
         return "training failed during the grace period; the runtime is left running"
+    from session_watchdog.probes import gpus_all_idle
+
     if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
     return None

@@ -8,11 +8,11 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from fakes import FakeClock, ScriptedProbe, sample
 
-from session_watchdog import platforms
+from session_watchdog import channel, platforms
 from session_watchdog.config import Config
 from session_watchdog.daemon import Watchdog
 
@@ -128,3 +128,103 @@ class TestLeanImports:
                                   timeout=120)
             assert done.returncode == 0, done.stderr
             assert done.stdout.strip() == "[]", argv
+
+
+# What each command must not load (issue 17): the report's modules and plotting, the daemon's
+# scheduler and logging, and the libraries behind them (rich, colorama, ssl/libcrypto).
+REPORT_MODULES = ("session_watchdog.report.reading", "session_watchdog.report.summary",
+                  "session_watchdog.report.render", "session_watchdog.report.tail",
+                  "session_watchdog.report.aggregate", "matplotlib", "numpy")
+DAEMON_MODULES = ("session_watchdog.daemon", "session_watchdog.policy", "session_watchdog.probes",
+                  "apscheduler", "structlog", "psutil", "pynvml")
+HEAVY_LIBRARIES = ("rich", "colorama", "_ssl", "_hashlib", "hmac", "torch")
+
+
+def modules_after(argv: List[str], env_run_dir: Path) -> List[str]:
+    """The modules a fresh interpreter holds after ``cli.main(argv)`` returns."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom session_watchdog import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            f"    code = cli.main({argv!r})\n"
+            "print(code)\nprint(' '.join(sorted(sys.modules)))\n")
+    env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(env_run_dir))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    code_line, names = done.stdout.splitlines()[-2:]
+    assert code_line == "0", (argv, done.stdout[-2000:])
+    return names.split()
+
+
+def loaded(names: List[str], prefixes: Tuple[str, ...]) -> List[str]:
+    return sorted(n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes))
+
+
+class TestModulesLoaded:
+    def test_help_loads_no_report_daemon_or_heavy_library(self, tmp_path: Path):
+        """`session-watchdog --help` builds every subparser without the report's modules, the
+        daemon's, structlog or APScheduler (start-up time, issue 17)."""
+        names = modules_after(["--help"], tmp_path / "run")
+        assert loaded(names, REPORT_MODULES + DAEMON_MODULES + HEAVY_LIBRARIES) == []
+
+    def test_status_loads_no_report_probe_scheduler_or_heavy_library(self, tmp_path: Path):
+        """`status` of a run dir a real watchdog filled (its policy state included) reads it
+        without the report, the daemon, the probes (psutil, NVML), structlog or APScheduler."""
+        run_dir = tmp_path / "run"
+        modules_after(["run", "--for", "1s", "--log-file", str(tmp_path / "log.jsonl"),
+                       "--max-session", "1h", "--watch-paths", str(tmp_path)], run_dir)
+        assert (run_dir / channel.STATE_FILE).exists()
+        names = modules_after(["status", "--run-dir", str(run_dir)], run_dir)
+        assert "session_watchdog.policy" in names  # it read the policy state
+        assert loaded(names, REPORT_MODULES + DAEMON_MODULES[2:] + ("session_watchdog.daemon",)
+                      + HEAVY_LIBRARIES) == []
+
+    def test_the_watchdog_process_loads_neither_the_report_nor_rich_colorama_or_ssl(
+            self, tmp_path: Path):
+        """A real `run --for 1s` holds the daemon and structlog, but not the report's modules,
+        plotting, rich, colorama, ssl or OpenSSL's hashes (RSS, issue 17)."""
+        names = modules_after(["run", "--for", "1s", "--log-file", str(tmp_path / "log.jsonl"),
+                               "--max-session", "1h", "--watch-paths", str(tmp_path)],
+                              tmp_path / "run")
+        assert "session_watchdog.daemon" in names and "structlog" in names  # it did run
+        assert loaded(names, REPORT_MODULES + HEAVY_LIBRARIES + ("ssl", "secrets")) == []
+
+    def test_the_lean_structlog_import_leaves_ssl_and_colorama_importable(self):
+        """After import_structlog_without_rich(), ssl (with TLS contexts) still imports."""
+        import subprocess
+        import sys
+
+        code = ("import sys\nfrom session_watchdog import log\nlog.import_structlog_without_rich()\n"
+                "print(sorted(m for m in ('ssl', 'colorama', 'rich') if m in sys.modules))\n"
+                "import ssl\nprint(ssl.create_default_context().protocol is not None)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n")[:2] == ["[]", "True"]
+
+    def test_with_notifications_asyncio_keeps_its_tls(self, tmp_path: Path):
+        """A watchdog with a notification channel imports structlog with ssl as usual: asyncio's
+        TLS transports (some Apprise channels use them) work; without one they are left out."""
+        import os
+        import subprocess
+        import sys
+
+        def sslproto_has_ssl(extra: List[str]) -> str:
+            argv = ["run", "--for", "1s", "--log-file", str(tmp_path / "log.jsonl"),
+                    "--max-session", "1h", "--watch-paths", str(tmp_path), *extra]
+            code = ("import sys, contextlib, io\nfrom session_watchdog import cli\n"
+                    "with contextlib.redirect_stdout(io.StringIO()), "
+                    "contextlib.redirect_stderr(io.StringIO()):\n"
+                    f"    assert cli.main({argv!r}) == 0\n"
+                    "print(sys.modules['asyncio.sslproto'].ssl is not None)\n")
+            env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=240, env=env)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        # an unreachable hook (discard port): sending fails quietly, the watchdog runs on
+        assert sslproto_has_ssl(["--notify", "json://127.0.0.1:9/hook"]) == "True"
+        assert sslproto_has_ssl([]) == "False"

@@ -2,18 +2,20 @@
 
 ``session-watchdog report LOG... [--json] [--out report.html|report.png]`` reads one or more
 JSONL files written by :mod:`session_watchdog.log` (rotated siblings and gzip included) in one
-pass, keeping a few columns per sample (never the parsed lines), and summarises the session: time
-used against the budget, GPU utilisation and memory, GPU-idle time and its cost, RAM, disks,
-checkpoints, every decision and action, how the session ended, and an input-bound hint.
+pass, keeping nothing per sample (figures streamed, the timeline downsampled while reading: a
+week's log takes the memory of a day's), and summarises the session: time used against the
+budget, GPU utilisation and memory, GPU-idle time and its cost, RAM, disks, checkpoints, every
+decision and action, how the session ended, and an input-bound hint.
 ``session-watchdog tail LOG [--follow]`` prints one compact line per new sample.
 
 Reading rules: see :mod:`.reading`.
 
 matplotlib is imported only to draw (the optional ``plot`` extra) and only through the Agg canvas.
 
-The package: :mod:`.reading` (files, lines, one session's columns), :mod:`.summary` (columns in,
-summary dict and text tables out, pure), :mod:`.render` (figure and HTML), :mod:`.tail`; this
-module holds the command line and re-exports the public names.
+The package: :mod:`.reading` (files, lines, one session's streamed figures), :mod:`.aggregate`
+(the streaming aggregates, pure), :mod:`.summary` (figures in, summary dict and text tables out,
+pure), :mod:`.render` (figure and HTML), :mod:`.tail`; this module holds the command line and
+re-exports the public names.
 """
 
 from __future__ import annotations
@@ -23,60 +25,101 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-from session_watchdog.report.reading import (  # noqa: F401
-    EXIT_OK,
-    EXIT_USAGE,
-    GAP_FACTOR,
-    GPU_IDLE_PCT,
-    HANDLED_EVENTS,
-    INPUT_BOUND_PCT,
-    INPUT_BOUND_WINDOW_S,
-    PLATFORM_PRICE_PER_HOUR,
-    QUIET_EVENTS,
-    REPORT_VERSION,
-    SESSION_TOLERANCE_S,
-    SUPERVISE_EVENTS,
-    InputStats,
-    Marker,
-    ReportError,
-    Timeline,
-    _dict,
-    _int,
-    _list,
-    _num,
-    _open_log,
-    _rotation_key,
-    _round,
-    _Session,
-    _str,
-    expand_paths,
-    read_events,
-)
-from session_watchdog.report.render import (  # noqa: F401
-    PlotUnavailable,
-    render_html,
-    render_png,
-    timeline_figure,
-)
-from session_watchdog.report.summary import (  # noqa: F401
-    Report,
-    Table,
-    _clock,
-    _ending,
-    _intervals,
-    _summarize,
-    input_bound,
-    load,
-    percentile,
-    render_text,
-    tables,
-)
-from session_watchdog.report.tail import (  # noqa: F401
-    format_sample,
-    tail,
-)
+# The names below are re-exported lazily (PEP 562): `session-watchdog --help` and every other
+# command build this package's subparsers, and reading/summary/render/tail (gzip, html, datetime,
+# the report's dataclasses) cost start-up time and RSS that only `report` and `tail` need
+# (issue 17). `from session_watchdog.report import load` and `report.load` work as before.
+_LAZY = {
+    "reading": (
+        "EXIT_OK", "EXIT_USAGE", "GAP_FACTOR", "GPU_IDLE_PCT", "HANDLED_EVENTS", "INPUT_BOUND_PCT",
+        "INPUT_BOUND_WINDOW_S", "PLATFORM_PRICE_PER_HOUR", "QUIET_EVENTS", "REPORT_VERSION",
+        "SESSION_TOLERANCE_S", "SUPERVISE_EVENTS", "InputStats", "Marker", "ReportError",
+        "Timeline", "_dict", "_int", "_list", "_num", "_open_log", "_rotation_key", "_round",
+        "_Session", "_str", "expand_paths", "read_events"),
+    "render": ("PlotUnavailable", "render_html", "render_png", "timeline_figure"),
+    "summary": ("Report", "Table", "_clock", "_ending", "_summarize", "input_bound", "load",
+                "percentile", "render_text", "tables"),
+    "tail": ("format_sample", "tail"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+if TYPE_CHECKING:
+    from session_watchdog.report.reading import (  # noqa: F401
+        EXIT_OK,
+        EXIT_USAGE,
+        GAP_FACTOR,
+        GPU_IDLE_PCT,
+        HANDLED_EVENTS,
+        INPUT_BOUND_PCT,
+        INPUT_BOUND_WINDOW_S,
+        PLATFORM_PRICE_PER_HOUR,
+        QUIET_EVENTS,
+        REPORT_VERSION,
+        SESSION_TOLERANCE_S,
+        SUPERVISE_EVENTS,
+        InputStats,
+        Marker,
+        ReportError,
+        Timeline,
+        _dict,
+        _int,
+        _list,
+        _num,
+        _open_log,
+        _rotation_key,
+        _round,
+        _Session,
+        _str,
+        expand_paths,
+        read_events,
+    )
+    from session_watchdog.report.render import (  # noqa: F401
+        PlotUnavailable,
+        render_html,
+        render_png,
+        timeline_figure,
+    )
+    from session_watchdog.report.summary import (  # noqa: F401
+        Report,
+        Table,
+        _clock,
+        _ending,
+        _summarize,
+        input_bound,
+        load,
+        percentile,
+        render_text,
+        tables,
+    )
+    from session_watchdog.report.tail import (  # noqa: F401
+        format_sample,
+        tail,
+    )
+
+
+def _load(module: str) -> Any:
+    """Import the submodule ``module`` and bind its re-exported names here.
+
+    All of them, after the import: importing ``.tail`` sets this package's ``tail`` to the
+    submodule, and the re-exported ``tail`` is the function.
+    """
+    import importlib
+
+    imported = importlib.import_module(f"{__name__}.{module}")
+    for name in _LAZY[module]:
+        globals()[name] = getattr(imported, name)  # the next access is a plain global
+    return imported
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _load(module)
+    return globals()[name]
+
 
 # --------------------------------------------------------------------------------------------
 # CLI (wired into cli.py as the `report` and `tail` subcommands)
@@ -104,8 +147,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser.add_argument("--price-per-hour", type=_non_negative, metavar="PRICE",
                         help="runtime price per hour for the cost of GPU-idle time "
                              "(default: from the log, else the platform's where known)")
-    parser.add_argument("--gpu-idle-pct", type=_non_negative, default=GPU_IDLE_PCT, metavar="PCT",
-                        help=f"every GPU below this is idle (default {GPU_IDLE_PCT:g})")
+    # The watchdog's own default (reading.GPU_IDLE_PCT is the same figure): config is imported
+    # by every command already, reading is not (start-up, issue 17).
+    from session_watchdog.config import Config
+
+    idle_pct = Config.gpu_idle_pct
+    parser.add_argument("--gpu-idle-pct", type=_non_negative, default=idle_pct, metavar="PCT",
+                        help=f"every GPU below this is idle (default {idle_pct:g})")
     parser.add_argument("--session", type=int, default=-1, metavar="N",
                         help="which session of the log to report: 1 = first, -1 = last (default)")
     parser.add_argument("--no-rotated", dest="rotated", action="store_false",
@@ -114,6 +162,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: summary on stdout, the figure/HTML to ``--out``; 2 on bad input."""
+    from session_watchdog.report.reading import EXIT_OK, EXIT_USAGE, ReportError
+    from session_watchdog.report.render import render_html, render_png
+    from session_watchdog.report.summary import load, render_text
+
     try:
         if args.session == 0:
             raise ReportError("--session 0 is invalid: 1 is the first session, -1 the last")
@@ -151,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
 def _refuse_no_log(inp: Dict[str, Any]) -> None:
     """An empty file, or one with no watchdog event in it, is a wrong path, not an empty report
     (issue 11: `report notes.txt` said exit 0 with an empty report)."""
+    from session_watchdog.report.reading import ReportError
+
     names = ", ".join(inp["files"]) or "the files given"
     fix = "give the watchdog's JSONL log (`session-watchdog status` prints its path)"
     if inp["lines"] == 0:
@@ -179,7 +233,10 @@ def add_tail_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_tail(args: argparse.Namespace) -> int:
     """The ``tail`` subcommand."""
     from session_watchdog.config import parse_duration
+    from session_watchdog.report.reading import EXIT_USAGE, ReportError
+    from session_watchdog.report.tail import tail
 
+    _load("tail")  # this package's `tail` is the function again, not the submodule
     try:
         for_s = None
         if args.tail_for:

@@ -1,4 +1,6 @@
-"""Reading JSONL logs into one session's columns (a few columns per sample, never the lines).
+"""Reading JSONL logs into one session's figures, streamed: nothing per sample or per line is
+kept (issue 17); the statistics are aggregated as the samples go by and the plot columns are
+downsampled while reading (:mod:`.aggregate`).
 
 Reading rules (issue 6):
 
@@ -11,7 +13,9 @@ Reading rules (issue 6):
   (wall clock, which jumps; DESIGN.md). A decision or action is placed at the tick that produced
   it: the daemon logs each tick's ``sample`` before the tick's decisions and actions.
 - A reading holds until the next one: sample *i* stands for ``[elapsed_i, elapsed_i+1)``. Gaps
-  longer than :data:`GAP_FACTOR` intervals (the watchdog was down) count as unknown time.
+  longer than :data:`GAP_FACTOR` intervals (the watchdog was down) count as unknown time; the
+  interval is the one logged by the watchdog's start before them (without one in the log, the
+  median of the first samples' intervals).
 - Rotated files: a base path ``x.jsonl`` is expanded to the siblings that exist
   (``x.jsonl.3`` .. ``x.jsonl.1``, each possibly ``.gz``, then ``x.jsonl``, oldest first) unless
   ``--no-rotated`` is given; a rotated file named on its own (``x.jsonl.2``) is read on its own.
@@ -29,20 +33,26 @@ import json
 import math
 import re
 import zlib
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from session_watchdog.report.aggregate import GAP_FACTOR as GAP_FACTOR  # re-exported
+from session_watchdog.report.aggregate import INPUT_BOUND_PCT as INPUT_BOUND_PCT
+from session_watchdog.report.aggregate import INPUT_BOUND_WINDOW_S as INPUT_BOUND_WINDOW_S
+from session_watchdog.report.aggregate import (
+    Buckets,
+    Column,
+    Distribution,
+    SampleFlow,
+)
 
 REPORT_VERSION = 1
 EXIT_OK = 0
 EXIT_USAGE = 2
 
 GPU_IDLE_PCT = 5.0  # the policy's default gpu_idle_pct: below this every GPU is idle
-GAP_FACTOR = 3.0  # an interval longer than this many nominal intervals is a gap (watchdog down)
 SESSION_TOLERANCE_S = 60.0  # session starts closer than this are the same session
-INPUT_BOUND_PCT = 40.0  # issue 6: training under 40 % mean GPU utilisation ...
-INPUT_BOUND_WINDOW_S = 600.0  # ... for 10+ minutes suggests a data-loading bottleneck
 
 # Price per GPU-runtime hour by platform, used when --price-per-hour is not given and the log does
 # not carry a price. None = unknown: Colab bills compute units at a rate that depends on the GPU
@@ -256,35 +266,53 @@ class Marker:
 
 @dataclass
 class Timeline:
-    """Per-sample columns, aligned with ``elapsed_s``; None = unknown."""
+    """One session's plot columns, downsampled while reading (issue 17: memory does not grow with
+    the log's length): each :class:`Column` keeps the min and max of buckets of ``buckets.width``
+    consecutive samples (1 while the log is short), at ``buckets.x``; NaN = unknown."""
 
-    elapsed_s: array[float] = field(default_factory=lambda: array("d"))
+    buckets: Buckets = field(default_factory=Buckets)
+    samples: int = 0
+    first_s: Optional[float] = None  # elapsed of the first and the last sample
+    last_s: Optional[float] = None
     gpu_names: Dict[int, Optional[str]] = field(default_factory=dict)
-    # Per-GPU columns are the bulk of a long log (8 GPUs x 2 per sample): compact float arrays,
-    # NaN = unknown (8 bytes a value instead of a list slot and a boxed number; issue 17).
-    gpu_util: Dict[int, array[float]] = field(default_factory=dict)
-    gpu_mem: Dict[int, array[float]] = field(default_factory=dict)
+    gpu_util: Dict[int, Column] = field(default_factory=dict)
+    gpu_mem: Dict[int, Column] = field(default_factory=dict)
     gpu_mem_total: Dict[int, Optional[int]] = field(default_factory=dict)
-    # The columns below are compact too (NaN = unknown); sizes in bytes are exact in a double.
-    gpu_max_util: array[float] = field(default_factory=lambda: array("d"))  # NaN: a GPU unknown
-    gpu_mean_util: array[float] = field(default_factory=lambda: array("d"))  # the known GPUs'
-    ram_used: array[float] = field(default_factory=lambda: array("d"))
-    ram_total: array[float] = field(default_factory=lambda: array("d"))
-    disk_free: Dict[str, array[float]] = field(default_factory=dict)
+    ram_used: Column = field(default_factory=Column)
+    ram_total: Column = field(default_factory=Column)
+    disk_free: Dict[str, Column] = field(default_factory=dict)
     disk_total: Dict[str, Optional[int]] = field(default_factory=dict)
-    training: List[bool] = field(default_factory=list)  # trainer alive and state "running"
-    step: array[float] = field(default_factory=lambda: array("d"))  # its global step, NaN: none
-    step_time_s: array[float] = field(default_factory=lambda: array("d"))  # its step time
+    step: Column = field(default_factory=Column)  # the trainer's global step
+    step_time_s: Column = field(default_factory=Column)  # its step time
     markers: List[Marker] = field(default_factory=list)
     budget_s: Optional[float] = None
     interval_s: Optional[float] = None  # the nominal tick interval (daemon_started)
     checkpoints: List[Tuple[float, Optional[int]]] = field(default_factory=list)  # (at_s, step)
+    gaps: List[Tuple[float, float]] = field(default_factory=list)  # (from_s, to_s): no readings
+
+    def columns(self) -> List[Column]:
+        return [self.ram_used, self.ram_total, self.step, self.step_time_s,
+                *self.gpu_util.values(), *self.gpu_mem.values(), *self.disk_free.values()]
+
+    def new_column(self) -> Column:
+        """A column that starts late (a GPU or disk first seen now): unknown before."""
+        return Column(len(self.buckets.x), self.buckets.open)
+
+
+@dataclass
+class GpuStats:
+    """One GPU's statistics over a session, streamed (its samples are not kept)."""
+
+    known: int = 0  # samples with a utilisation reading
+    util_sum: float = 0.0
+    util: Distribution = field(default_factory=Distribution)
+    mem_peak: Optional[int] = None
 
 
 class _Session:
     """Accumulates one session from its events, one event at a time."""
 
-    def __init__(self, start: Optional[float]) -> None:
+    def __init__(self, start: Optional[float], gpu_idle_pct: float = GPU_IDLE_PCT) -> None:
         self.start = start
         self.start_derived: Optional[float] = None  # ts - elapsed of the first sample
         self.platform: Optional[str] = None
@@ -313,17 +341,23 @@ class _Session:
         self.completed_at_s: Optional[float] = None  # first sample with the trainer completed
         self.released_at_s: Optional[float] = None  # the end action ran (runtime released)
         self.acked_reasons: Dict[str, int] = {}  # acknowledged requests by the request's reason
+        # Streamed statistics (issue 17: nothing per sample is kept beyond the plot's buckets).
+        self.flow = SampleFlow(gpu_idle_pct)
+        self.gpus: Dict[int, GpuStats] = {}
+        self.ram_peak: Optional[Tuple[float, float]] = None  # (used bytes, at_s), the first max
+        self.ram_limit: Optional[float] = None
+        self.disk_low: Dict[str, Tuple[float, float]] = {}  # path -> (free bytes, at_s), first min
 
     @property
     def empty(self) -> bool:
-        return not self.tl.elapsed_s and not self.tl.markers and self.daemon_starts == 0
+        return not self.tl.samples and not self.tl.markers and self.daemon_starts == 0
 
     def session_start(self) -> Optional[float]:
         return self.start if self.start is not None else self.start_derived
 
     def _now_s(self, event: Dict[str, Any]) -> Optional[float]:
-        if self.tl.elapsed_s:
-            return self.tl.elapsed_s[-1]
+        if self.tl.last_s is not None:
+            return self.tl.last_s
         start, ts = self.session_start(), _num(event.get("ts"))
         return None if start is None or ts is None else ts - start
 
@@ -333,7 +367,10 @@ class _Session:
         self.daemon_starts += 1
         self.last_lifecycle = "daemon_started"
         self.platform = _str(event.get("platform")) or self.platform
-        self.interval_s = _num(event.get("interval_s")) or self.interval_s
+        interval = _num(event.get("interval_s"))
+        if interval:
+            self.interval_s = interval
+            self.flow.set_interval(interval)
         self.tl.budget_s = _num(event.get("budget_s")) or self.tl.budget_s
         # Forward-compatible: a later schema may log the configured price with the start.
         self.price_per_hour = _num(event.get("price_per_hour")) or self.price_per_hour
@@ -391,8 +428,7 @@ class _Session:
             if self.start_derived is None:
                 self.start_derived = ts - elapsed
         self.samples_after_end += 1
-        n = len(tl.elapsed_s)
-        tl.elapsed_s.append(elapsed)
+        n = tl.buckets.open  # values already in each column's open bucket
         tl.budget_s = _num(event.get("budget_s")) or tl.budget_s
         self.last_remaining = _num(event.get("remaining_s"))
         if self.last_lifecycle == "daemon_stopped":
@@ -408,34 +444,47 @@ class _Session:
             index = _int(gpu.get("index"))
             index = position if index is None else index
             if index not in tl.gpu_util:
-                tl.gpu_util[index] = array("d", [NAN]) * n
-                tl.gpu_mem[index] = array("d", [NAN]) * n
+                tl.gpu_util[index] = tl.new_column()
+                tl.gpu_mem[index] = tl.new_column()
                 tl.gpu_mem_total[index] = None
                 tl.gpu_names[index] = None
+                self.gpus[index] = GpuStats()
             util = _num(gpu.get("util_pct"))
-            if len(tl.gpu_util[index]) == n:  # a repeated index counts once
+            if len(tl.gpu_util[index].raw) == n:  # a repeated index counts once
                 mem = _int(gpu.get("mem_used_bytes"))
-                tl.gpu_util[index].append(NAN if util is None else util)
-                tl.gpu_mem[index].append(NAN if mem is None else float(mem))
+                tl.gpu_util[index].raw.append(NAN if util is None else util)
+                tl.gpu_mem[index].raw.append(NAN if mem is None else float(mem))
                 utils.append(util)
+                stats = self.gpus[index]
+                if util is not None:
+                    stats.known += 1
+                    stats.util_sum += util
+                    stats.util.add(util)
+                if mem is not None and (stats.mem_peak is None or mem > stats.mem_peak):
+                    stats.mem_peak = mem
             total = _int(gpu.get("mem_total_bytes"))
             if total is not None:
                 tl.gpu_mem_total[index] = total
             tl.gpu_names[index] = _str(gpu.get("name")) or tl.gpu_names[index]
         for index, column in tl.gpu_util.items():
-            if len(column) == n:
-                column.append(NAN)
-                tl.gpu_mem[index].append(NAN)
+            if len(column.raw) == n:
+                column.raw.append(NAN)
+                tl.gpu_mem[index].raw.append(NAN)
                 utils.append(None)
         known = [u for u in utils if u is not None]
-        tl.gpu_max_util.append(max(known) if utils and len(known) == len(utils) else NAN)
-        tl.gpu_mean_util.append(sum(known) / len(known) if known else NAN)
 
         ram = _dict(event.get("ram"))
         total, available = _int(ram.get("total_bytes")), _int(ram.get("available_bytes"))
-        tl.ram_total.append(NAN if total is None else float(total))
-        tl.ram_used.append(NAN if total is None or available is None
-                           else float(max(0, total - available)))
+        tl.ram_total.raw.append(NAN if total is None else float(total))
+        if total is not None and (self.ram_limit is None or total > self.ram_limit):
+            self.ram_limit = float(total)
+        if total is None or available is None:
+            tl.ram_used.raw.append(NAN)
+        else:
+            used = float(max(0, total - available))
+            tl.ram_used.raw.append(used)
+            if self.ram_peak is None or used > self.ram_peak[0]:
+                self.ram_peak = (used, elapsed)
         self.ram_source = _str(ram.get("source")) or self.ram_source
         oom = _int(ram.get("oom_kills"))
         if oom is not None:
@@ -452,26 +501,29 @@ class _Session:
             if path is None:
                 continue
             if path not in tl.disk_free:
-                tl.disk_free[path] = array("d", [NAN]) * n
+                tl.disk_free[path] = tl.new_column()
                 tl.disk_total[path] = None
-            free_column = tl.disk_free[path]
+            free_column = tl.disk_free[path].raw
             if len(free_column) == n:
                 free = _int(disk.get("free_bytes"))
                 free_column.append(NAN if free is None else float(free))
+                low = self.disk_low.get(path)
+                if free is not None and (low is None or free < low[0]):
+                    self.disk_low[path] = (float(free), elapsed)
             total_disk = _int(disk.get("total_bytes"))
             if total_disk is not None:
                 tl.disk_total[path] = total_disk
-        for free_column in tl.disk_free.values():
-            if len(free_column) == n:
-                free_column.append(NAN)
+        for disk_column in tl.disk_free.values():
+            if len(disk_column.raw) == n:
+                disk_column.raw.append(NAN)
 
         trainer = _dict(event.get("trainer"))
         state = _str(trainer.get("state"))
-        tl.training.append(trainer.get("alive") is True and state == "running")
+        training = trainer.get("alive") is True and state == "running"
         step = _int(trainer.get("step")) if state is not None else None
-        tl.step.append(NAN if step is None else float(step))
+        tl.step.raw.append(NAN if step is None else float(step))
         step_time = _num(trainer.get("step_time_s")) if state is not None else None
-        tl.step_time_s.append(NAN if step_time is None else step_time)
+        tl.step_time_s.raw.append(NAN if step_time is None else step_time)
         if state is not None:
             self.trainer_state = state
             self.trainer_step = step
@@ -482,6 +534,17 @@ class _Session:
                 self.completed_at_s = elapsed
             elif state != "completed":
                 self.completed_at_s = None
+
+        self.flow.add(elapsed,
+                      max(known) if utils and len(known) == len(utils) else NAN,  # NaN: one unknown
+                      sum(known) / len(known) if known else NAN,  # the known GPUs' mean
+                      training)
+        tl.samples += 1
+        if tl.first_s is None:
+            tl.first_s = elapsed
+        tl.last_s = elapsed
+        if tl.buckets.sampled(elapsed):
+            tl.buckets.close(tl.columns())
         ckpt = _dict(trainer.get("checkpoint"))
         if ckpt:
             key = (ckpt.get("path"), ckpt.get("at"))
@@ -491,5 +554,11 @@ class _Session:
                     "path": _str(ckpt.get("path")), "duration_s": _num(ckpt.get("duration_s")),
                     "bytes": _int(ckpt.get("bytes"))}
         return True
+
+    def finish(self) -> None:
+        """The session's events are all read: account the last samples, close the last bucket."""
+        self.flow.finish()
+        self.tl.buckets.close(self.tl.columns())
+        self.tl.gaps = self.flow.gaps
 
 

@@ -6,11 +6,11 @@ import base64
 import html
 import io
 import math
-from array import array
 from typing import Any, Dict, Iterable, List, Optional
 
-from session_watchdog.report.reading import NAN, ReportError
-from session_watchdog.report.summary import Report, _clock, monitoring_gaps, tables
+from session_watchdog.report.aggregate import Column
+from session_watchdog.report.reading import ReportError
+from session_watchdog.report.summary import Report, _clock, tables
 
 # --------------------------------------------------------------------------------------------
 # Figure and HTML (matplotlib only here)
@@ -72,48 +72,43 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
         parts = [(start, report.timeline)]
     origin = next((s for s, _ in parts if s is not None), None)
     offsets = [0.0 if s is None or origin is None else s - origin for s, _ in parts]
-    last = max([off + (tl.elapsed_s[-1] if tl.elapsed_s else 0.0)
+    last = max([off + (tl.last_s or 0.0)
                 for off, (_, tl) in zip(offsets, parts)] + [0.0])
     budget_end = max([off + (tl.budget_s or 0.0) for off, (_, tl) in zip(offsets, parts)] + [0.0])
     hours = max(last, budget_end if budget_end <= 1.25 * max(last, 1.0) else 0.0) > 3 * 3600
     scale, unit = (3600.0, "h") if hours else (60.0, "min")
-    buckets = 1000  # more points than pixels only costs drawing time: draw a min/max envelope
 
     def series(get: Any, div: float = 1.0) -> Any:
-        """x and y over every part, NaN between parts (a line never bridges two sessions)."""
+        """x and y over every part, NaN between parts (a line never bridges two sessions).
+
+        The columns come downsampled (:class:`.aggregate.Column`): a bucket of one sample is a
+        point, a wider one its min and max at its first sample's time (an envelope).
+        """
         xs, ys = [], []
         for off, (_, tl) in zip(offsets, parts):
-            x = (np.asarray(tl.elapsed_s, dtype=float) + off) / scale
+            x = (np.asarray(tl.buckets.x, dtype=float) + off) / scale
             column = get(tl)
-            if isinstance(column, array):  # compact columns: NaN is already unknown
-                y = np.frombuffer(column, dtype=float) / div if len(column) else np.empty(0)
+            if column is None:  # a GPU or disk this session never saw
+                y = np.full(len(x), math.nan)
+            elif tl.buckets.width == 1:
+                y = np.frombuffer(column.lo, dtype=float) / div if len(x) else np.empty(0)
             else:
-                y = np.fromiter((math.nan if v is None else v / div for v in column),
-                                dtype=float, count=len(column))
-            if len(x) > 2 * buckets:
-                starts = np.linspace(0, len(x), buckets + 1).astype(int)[:-1]
-                env = np.empty(2 * len(starts))
-                with np.errstate(invalid="ignore"):
-                    env[0::2] = np.fmin.reduceat(y, starts)  # fmin/fmax skip NaN; an all-NaN
-                    env[1::2] = np.fmax.reduceat(y, starts)  # bucket stays NaN: gaps stay gaps
-                x, y = np.repeat(x[starts], 2), env
+                y = np.empty(2 * len(x))
+                y[0::2] = np.frombuffer(column.lo, dtype=float) / div
+                y[1::2] = np.frombuffer(column.hi, dtype=float) / div
+                x = np.repeat(x, 2)
             xs += [x, np.array([math.nan])]
             ys += [y, np.array([math.nan])]
         return np.concatenate(xs), np.concatenate(ys)
 
-    def peak(columns: Iterable[Any]) -> Optional[float]:
-        """The largest known value of the columns, without copying them (a week of samples)."""
-        best: Optional[float] = None
-        for column in columns:
-            for v in column:
-                if v is not None and v == v and (best is None or v > best):
-                    best = float(v)
-        return best
+    def peak(columns: Iterable[Column]) -> Optional[float]:
+        """The largest known value of the columns."""
+        known = [p for p in (column.peak() for column in columns) if p is not None]
+        return max(known) if known else None
 
     gpu_indices = sorted({i for _, tl in parts for i in tl.gpu_util})
-    has_gpu = any(v == v for _, tl in parts for i in tl.gpu_util  # NaN = unknown
-                  for v in tl.gpu_util[i]) or any(
-        v == v for _, tl in parts for i in tl.gpu_mem for v in tl.gpu_mem[i])
+    has_gpu = any(column.known() for _, tl in parts
+                  for column in (*tl.gpu_util.values(), *tl.gpu_mem.values()))
     names = ["progress"] + (["gpu_util", "gpu_mem"] if has_gpu else []) + ["ram", "disk"]
     heights = {"progress": 1.6, "gpu_util": 1.0, "gpu_mem": 1.0, "ram": 0.8, "disk": 0.8}
     fig = Figure(figsize=(12, 2.2 + 2.0 * sum(heights[n] for n in names)), dpi=dpi)
@@ -157,15 +152,14 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
 
     if has_gpu:
         for index in gpu_indices:
-            x, util = series(lambda tl, i=index: tl.gpu_util.get(i, [NAN] * len(tl.elapsed_s)))
+            x, util = series(lambda tl, i=index: tl.gpu_util.get(i))
             ax["gpu_util"].plot(x, util, lw=0.9, label=f"GPU{index}")
         ax["gpu_util"].set_ylabel("GPU util (%)")
         ax["gpu_util"].set_ylim(-2, 102)
         mem_peak = peak(column for _, tl in parts for column in tl.gpu_mem.values())
         div, name = _byte_unit(mem_peak or 2.0**30)
         for index in gpu_indices:
-            x, mem = series(lambda tl, i=index: tl.gpu_mem.get(i, [NAN] * len(tl.elapsed_s)),
-                            div)
+            x, mem = series(lambda tl, i=index: tl.gpu_mem.get(i), div)
             ax["gpu_mem"].plot(x, mem, lw=0.9, label=f"GPU{index}")
         ax["gpu_mem"].set_ylabel(f"GPU memory ({name})")
         ax["gpu_mem"].set_ylim(0, (mem_peak / div if mem_peak else 1.0) * 1.15)
@@ -184,7 +178,7 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
     free_peak = peak(column for _, tl in parts for column in tl.disk_free.values())
     div, name = _byte_unit(free_peak or 2.0**30)
     for path in disk_paths:
-        x, free = series(lambda tl, p=path: tl.disk_free.get(p, [None] * len(tl.elapsed_s)), div)
+        x, free = series(lambda tl, p=path: tl.disk_free.get(p), div)
         ax["disk"].plot(x, free, lw=1.0, label=path)
     ax["disk"].set_ylabel(f"disk free ({name})")
     ax["disk"].set_ylim(0, (free_peak / div if free_peak else 1.0) * 1.15)
@@ -193,8 +187,7 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
 
     # Monitoring gaps: no readings between two samples far apart (shaded, said once).
     shaded = False
-    for off, gaps in zip(offsets, [monitoring_gaps(tl.elapsed_s, tl.interval_s)
-                                   for _, tl in parts]):
+    for off, gaps in zip(offsets, [tl.gaps for _, tl in parts]):
         for a_s, b_s in gaps:
             for a in axes_list:
                 a.axvspan((a_s + off) / scale, (b_s + off) / scale, color="0.85", zorder=0)
@@ -213,7 +206,7 @@ def timeline_figure(report: Report, dpi: int = 100) -> Any:
     for off, (_, tl) in zip(offsets, parts):
         if not tl.budget_s:
             continue
-        end = tl.elapsed_s[-1] if tl.elapsed_s else 0.0
+        end = tl.last_s or 0.0
         if tl.budget_s <= 1.25 * max(end, 1.0):
             for a in axes_list:
                 a.axvline((tl.budget_s + off) / scale, color="black", lw=1.2, ls="--")

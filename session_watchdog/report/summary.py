@@ -1,13 +1,13 @@
-"""The summary: one session's columns in, a dict out (pure), and its text tables."""
+"""The summary: one session's streamed figures in, a dict out (pure), and its text tables."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from session_watchdog.report.aggregate import InputBound, percentile_of_counts
 from session_watchdog.report.reading import (  # noqa: F401
     EXIT_OK,
     EXIT_USAGE,
@@ -42,7 +42,7 @@ from session_watchdog.report.reading import (  # noqa: F401
 
 @dataclass
 class Report:
-    """The summary, the chosen session's columns, and every session's (for a stitched view).
+    """The summary, the chosen session's timeline, and every session's (for a stitched view).
 
     ``sessions``: (session start, columns) per session in time order; ``stitched``: draw them as
     one training on one wall-clock axis (the default when no ``--session`` was asked for).
@@ -59,7 +59,7 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
     """Read the logs and summarise one session (the last by default; 1-based, negative from the end)."""
     files = expand_paths(paths, rotated)
     stats = InputStats()
-    sessions: List[_Session] = [_Session(None)]
+    sessions: List[_Session] = [_Session(None, gpu_idle_pct)]
     for event in read_events(files, stats):
         name = event.get("event")
         current = sessions[-1]
@@ -76,12 +76,12 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
             known = current.session_start()
             # A start far from the current one, or one after everything the current session
             # logged (two short runtimes, like the demo's, start less than a minute apart).
-            seen_to = known + current.tl.elapsed_s[-1] if known is not None and \
-                current.tl.elapsed_s else None
+            seen_to = known + current.tl.last_s if known is not None and \
+                current.tl.last_s is not None else None
             if start is not None and known is not None and not current.empty and (
                     abs(start - known) > SESSION_TOLERANCE_S
                     or (seen_to is not None and start > seen_to and start - known > 1.0)):
-                current = _Session(start)
+                current = _Session(start, gpu_idle_pct)
                 sessions.append(current)
             elif start is not None and current.start is None:
                 current.start = start
@@ -98,6 +98,7 @@ def load(paths: Sequence[Path], *, rotated: bool = True, session: int = -1,
             stats.unknown_events += 1
             stats.unknown_names[name] = stats.unknown_names.get(name, 0) + 1
     for s in sessions:  # what the figure needs besides the columns
+        s.finish()
         start_s = s.session_start()
         s.tl.interval_s = s.interval_s
         s.tl.checkpoints = [(c["at"] - start_s, c["step"]) for c in s.checkpoints.values()
@@ -228,45 +229,10 @@ def headline(summary: Dict[str, Any], training: Dict[str, Any]) -> Dict[str, Any
 
 def percentile(values: Sequence[float], pct: float) -> Optional[float]:
     """Linear interpolation between closest ranks (numpy's default, Excel's PERCENTILE.INC)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * pct / 100.0
-    low = int(math.floor(pos))
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def _intervals(elapsed: Sequence[float], nominal: Optional[float]) -> List[float]:
-    """Seconds each sample stands for: up to the next sample; gaps and the last sample count 0."""
-    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
-    if nominal is None:
-        positive = sorted(d for d in diffs if d > 0)
-        nominal = positive[len(positive) // 2] if positive else None
-    cap = GAP_FACTOR * nominal if nominal else math.inf
-    return [d if 0 < d <= cap else 0.0 for d in diffs] + ([0.0] if elapsed else [])
-
-
-def monitoring_gaps(elapsed: Sequence[float], nominal: Optional[float]) -> List[Tuple[float, float]]:
-    """(from_s, to_s) where consecutive samples are more than GAP_FACTOR intervals apart: the
-    watchdog was down, or ticks were held up (a GIL-holding cell in a notebook, issue 16)."""
-    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
-    if nominal is None:
-        positive = sorted(d for d in diffs if d > 0)
-        nominal = positive[len(positive) // 2] if positive else None
-    if not nominal:
-        return []
-    cap = GAP_FACTOR * nominal
-    return [(a, b) for a, b in zip(elapsed, elapsed[1:]) if b - a > cap]
-
-
-def _extreme(column: Sequence[float], pick: Any) -> Optional[int]:
-    """The index of the first max (``pick=max``) or min of the known (non-NaN) values, or None."""
-    best: Optional[int] = None
-    for i, v in enumerate(column):
-        if v == v and (best is None or pick(v, column[best]) != column[best]):
-            best = i
-    return best
+    counts: Dict[float, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return percentile_of_counts(counts, pct)
 
 
 def _iso(epoch: Optional[float]) -> Optional[str]:
@@ -278,31 +244,27 @@ def _iso(epoch: Optional[float]) -> Optional[str]:
 def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
                price_flag: Optional[float], gpu_idle_pct: float, torn_end: bool) -> Dict[str, Any]:
     tl = s.tl
-    el = tl.elapsed_s
-    dt = _intervals(el, s.interval_s)
     start = s.session_start()
-    last_s = el[-1] if el else None
+    last_s = tl.last_s
     budget = tl.budget_s
     remaining = s.last_remaining
     if remaining is None and budget is not None and last_s is not None:
         remaining = budget - last_s
 
     gpus = []
-    for index in sorted(tl.gpu_util):
-        known = [u for u in tl.gpu_util[index] if u == u]  # NaN (unknown) is not equal to itself
-        mems = [int(m) for m in tl.gpu_mem[index] if m == m]
+    for index in sorted(s.gpus):
+        gpu = s.gpus[index]
         gpus.append({
-            "index": index, "name": tl.gpu_names[index], "samples": len(known),
-            "unknown_samples": len(el) - len(known),
-            "util_mean_pct": _round(sum(known) / len(known)) if known else None,
-            "util_p50_pct": _round(percentile(known, 50)),
-            "util_p95_pct": _round(percentile(known, 95)),
-            "mem_peak_bytes": max(mems) if mems else None,
+            "index": index, "name": tl.gpu_names[index], "samples": gpu.known,
+            "unknown_samples": tl.samples - gpu.known,
+            "util_mean_pct": _round(gpu.util_sum / gpu.known) if gpu.known else None,
+            "util_p50_pct": _round(gpu.util.percentile(50)),
+            "util_p95_pct": _round(gpu.util.percentile(95)),
+            "mem_peak_bytes": gpu.mem_peak,
             "mem_total_bytes": tl.gpu_mem_total[index],
         })
 
-    idle_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u < gpu_idle_pct)  # NaN: False
-    known_s = sum(d for d, u in zip(dt, tl.gpu_max_util) if u == u)
+    idle_s, known_s = s.flow.idle_s, s.flow.known_s  # gpu_idle_pct: the session's (load())
     price: Optional[float]
     price_source: Optional[str]
     if price_flag is not None:
@@ -313,25 +275,23 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
         price = PLATFORM_PRICE_PER_HOUR.get(s.platform or "")
         price_source = "platform" if price is not None else None
 
-    peak_i = _extreme(tl.ram_used, max)
-    peak_used = int(tl.ram_used[peak_i]) if peak_i is not None else None
-    limit_i = _extreme(tl.ram_total, max)
-    limit = int(tl.ram_total[limit_i]) if limit_i is not None else None
-    peak_at = el[peak_i] if peak_i is not None else None
+    peak_used = int(s.ram_peak[0]) if s.ram_peak is not None else None
+    limit = int(s.ram_limit) if s.ram_limit is not None else None
+    peak_at = s.ram_peak[1] if s.ram_peak is not None else None
 
     disks = []
-    for path, column in tl.disk_free.items():
-        low_i = _extreme(column, min)
+    for path in tl.disk_free:
+        low = s.disk_low.get(path)
         disks.append({"path": path,
-                      "min_free_bytes": int(column[low_i]) if low_i is not None else None,
+                      "min_free_bytes": int(low[0]) if low is not None else None,
                       "total_bytes": tl.disk_total[path],
-                      "min_free_at_s": el[low_i] if low_i is not None else None})
+                      "min_free_at_s": low[1] if low is not None else None})
 
     ckpts = list(s.checkpoints.values())
     durations = [c["duration_s"] for c in ckpts if c["duration_s"] is not None]
     sizes = [c["bytes"] for c in ckpts if c["bytes"] is not None]
 
-    gaps = monitoring_gaps(el, s.interval_s)
+    gaps = s.flow.gaps
     requested = sum(s.acked_reasons.values())
     reasons = dict(sorted(s.acked_reasons.items()))
     if len(ckpts) > requested:
@@ -344,7 +304,7 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
         "report_version": REPORT_VERSION,
         "input": {
             "files": stats.files, "lines": stats.lines, "events": stats.events,
-            "samples": len(el), "torn_lines": stats.torn_lines,
+            "samples": tl.samples, "torn_lines": stats.torn_lines,
             "invalid_lines": stats.invalid_lines, "unknown_events": stats.unknown_events,
             "unknown_event_names": dict(sorted(stats.unknown_names.items())),
             "bad_events": stats.bad_events, "sessions": count, "session": ordinal,
@@ -354,7 +314,7 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
             "start": _round(start, 3), "start_utc": _iso(start),
             "end": _round(None if start is None or last_s is None else start + last_s, 3),
             "end_utc": _iso(None if start is None or last_s is None else start + last_s),
-            "first_sample_s": _round(el[0], 3) if el else None,
+            "first_sample_s": _round(tl.first_s, 3),
             "elapsed_s": _round(last_s, 3), "budget_s": budget,
             "used_pct": _round(100.0 * last_s / budget) if budget and last_s is not None else None,
             "remaining_s": _round(remaining, 3),
@@ -399,7 +359,7 @@ def _summarize(s: _Session, stats: InputStats, ordinal: int, count: int,
             "held_after_s": _round(held, 3) if s.released_at_s is None else None,
         },
         "trainer": {"state": s.trainer_state, "step": s.trainer_step, "epoch": s.trainer_epoch},
-        "input_bound": input_bound(el, dt, tl.training, tl.gpu_mean_util),
+        "input_bound": _input_bound_summary(s.flow.bound),
         "events": [m.to_json() for m in tl.markers],
         "ended": _ending(s, stats, last_s, remaining, torn_end),
     }
@@ -411,49 +371,18 @@ def input_bound(elapsed: Sequence[float], dt: Sequence[float], training: Sequenc
                 window_s: float = INPUT_BOUND_WINDOW_S) -> Dict[str, Any]:
     """Is training input-bound (issue 6: under 40 % mean GPU utilisation for 10+ minutes)?
 
-    A window is a run of training samples without a gap covering at least ``window_s`` (sample
-    *i* covers ``dt[i]``, up to the next sample). It is low when its time-weighted mean GPU
-    utilisation, over the samples with a known reading (at least half its time), is under
-    ``threshold_pct``. The lowest window is reported, with the hint.
+    The columns of a session (sample *i* covers ``dt[i]``, up to the next sample) through
+    :class:`.aggregate.InputBound`, which the report feeds one sample at a time.
     """
-    n = len(elapsed)
-    training_s = sum(d for d, t in zip(dt, training) if t)
-    weighted = [(u * d, d) for u, d, t in zip(mean_util, dt, training)
-                if t and u is not None and u == u]  # None or NaN: unknown
-    known_s = sum(d for _, d in weighted)
-    worst: Optional[Tuple[float, float, float]] = None  # (mean, from_s, to_s)
-    first_at: Optional[float] = None
-    k = 0
-    while k < n:
-        if not training[k]:
-            k += 1
-            continue
-        a = k  # a segment: consecutive training samples, no gap between them (dt > 0)
-        while k + 1 < n and training[k + 1] and dt[k] > 0:
-            k += 1
-        b = k
-        k += 1
-        cover, area, known = [0.0], [0.0], [0.0]  # prefix sums over the segment
-        for j in range(a, b + 1):
-            u = mean_util[j]
-            u = None if u is not None and u != u else u  # NaN: unknown
-            cover.append(cover[-1] + dt[j])
-            area.append(area[-1] + (u * dt[j] if u is not None else 0.0))
-            known.append(known[-1] + (dt[j] if u is not None else 0.0))
-        i = 0  # window [i, j] in segment positions
-        for j in range(b - a + 1):
-            while i < j and cover[j + 1] - cover[i + 1] >= window_s:
-                i += 1
-            span = cover[j + 1] - cover[i]
-            seen = known[j + 1] - known[i]
-            if span < window_s or seen <= 0 or 2 * seen < span:
-                continue
-            mean = (area[j + 1] - area[i]) / seen
-            if mean < threshold_pct:
-                if first_at is None:
-                    first_at = elapsed[a + i]
-                if worst is None or mean < worst[0]:
-                    worst = (mean, elapsed[a + i], elapsed[a + i] + span)
+    bound = InputBound(threshold_pct, window_s)
+    for row in zip(elapsed, dt, training, mean_util):
+        bound.add(*row)
+    return _input_bound_summary(bound)
+
+
+def _input_bound_summary(bound: InputBound) -> Dict[str, Any]:
+    """The lowest window, with the hint."""
+    worst = bound.worst
     hint = None
     if worst is not None:
         hint = (f"training ran {_clock(worst[2] - worst[1])} at a mean GPU utilization of "
@@ -461,10 +390,11 @@ def input_bound(elapsed: Sequence[float], dt: Sequence[float], training: Sequenc
                 "Try more DataLoader workers (num_workers), pin_memory=True, "
                 "persistent_workers=True, and data on the local disk")
     return {
-        "suspected": worst is not None, "threshold_pct": threshold_pct, "window_s": window_s,
-        "training_s": _round(training_s, 3),
-        "training_util_mean_pct": _round(sum(w for w, _ in weighted) / known_s) if known_s else None,
-        "first_at_s": first_at,
+        "suspected": worst is not None, "threshold_pct": bound.threshold_pct,
+        "window_s": bound.window_s, "training_s": _round(bound.training_s, 3),
+        "training_util_mean_pct": _round(bound.weighted / bound.known_s) if bound.known_s
+        else None,
+        "first_at_s": bound.first_at,
         "worst_window_util_pct": _round(worst[0]) if worst else None,
         "worst_window_from_s": worst[1] if worst else None,
         "worst_window_to_s": worst[2] if worst else None,
