@@ -22,10 +22,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.log import get_logger
+
+if TYPE_CHECKING:
+    from session_watchdog.probes import Sample
 
 log = get_logger()
 
@@ -51,6 +54,38 @@ def persist_after_death(run_dir: channel.RunDir) -> Optional[int]:
             return None
         return persist_ranks(Path(info["ranks_dir"]), ranks, world_size)
     return persist_newest(Path(info["dir"]))
+
+
+class AfterDeath:
+    """For a trainer the watchdog did not start (``attach``, notebook ``launch()`` or a Session in
+    the kernel): persist its snapshot once it is gone without having saved, as ``run`` does when
+    its child exits. Called with every tick's sample (``Watchdog.after_tick``).
+
+    Once per trainer (pid + start time): when no process holds run.lock any more and its last
+    state is neither ``completed`` nor ``stopped`` (those saved a checkpoint of their end).
+    """
+
+    def __init__(self, run_dir: channel.RunDir) -> None:
+        self.run_dir = run_dir
+        self._done: Set[Tuple[int, float]] = set()
+        self.persisted: List[int] = []  # steps committed (for status and tests)
+
+    def observe(self, sample: Sample) -> None:
+        reading = sample.trainer
+        status = reading.status
+        if reading.alive or status is None or status.state in ("completed", "stopped"):
+            return
+        identity = (status.pid, status.start_time)
+        if identity in self._done or not isinstance(status.extra.get("snapshot"), dict):
+            return
+        self._done.add(identity)
+        try:
+            step = persist_after_death(self.run_dir)
+        except Exception as err:  # never let it fail the tick: the next tick must still run
+            log.error("snapshot_persist_failed", error=f"{type(err).__name__}: {err}")
+            return
+        if step is not None:
+            self.persisted.append(step)
 
 
 def persist_newest(directory: Path) -> Optional[int]:
