@@ -1,7 +1,7 @@
 """A tiny DDP trainer (gloo, CPU) for the distributed snapshot tests; run it under torchrun.
 
     torchrun --nproc_per_node=2 ddp_snapshot_trainer.py CKPT_DIR OUT --steps N
-        [--snapshot-every E] [--kill-at S] [--step-sleep SECONDS]
+        [--snapshot-every E|DURATION] [--kill-at S] [--step-sleep SECONDS]
 
 Each rank's batch is a pure function of (step, rank) plus noise from torch's global generator,
 seeded differently per rank, so a resumed run equals an uninterrupted one only when every rank's
@@ -28,10 +28,12 @@ def main() -> int:
     parser.add_argument("ckpt")
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--snapshot-every", type=int, default=None)
+    parser.add_argument("--snapshot-every", default=None, help="steps (4) or a duration (0.3s)")
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     args = parser.parse_args()
+    every = args.snapshot_every
+    snapshot_every = int(every) if every is not None and every.isdigit() else every
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -41,7 +43,7 @@ def main() -> int:
     try:
         with Session(args.ckpt, model=model, optimizer=opt, checkpoint_every=None,
                      poll_interval=0.1, heartbeat_interval=0.1, sync_every=5,
-                     sync_interval_s=None, snapshot_every=args.snapshot_every) as session:
+                     sync_interval_s=None, snapshot_every=snapshot_every) as session:
             start = session.resume()
             print(f"[rank {rank}] starts at step {start.step}", flush=True)
             for step in range(start.step + 1, args.steps + 1):

@@ -216,6 +216,32 @@ class TestDdpUnderTorchrun:
         assert not snapshot_slots.ranks_root(ckpt).exists()
 
 
+    def test_a_duration_becomes_the_same_steps_on_every_rank(self, tmp_path, shm_cleanup):
+        """snapshot_every="0.3s" under DDP: the ranks snapshot at the same steps (taken from
+        their agreed step time, so no rank waits alone in the gather), and after both are
+        SIGKILLed the newest generation complete on both is committed from rank 0."""
+        ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+        shm_cleanup.append(snapshot_slots.ranks_root(ckpt))
+        run.mkdir(mode=0o700)
+        proc = subprocess.Popen(
+            torchrun(ckpt, tmp_path / "out.pt", "--steps", "1000", "--snapshot-every", "0.3s",
+                     "--kill-at", "80", "--step-sleep", "0.02"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env(SESSION_WATCHDOG_RUN_DIR=str(run)), start_new_session=True)
+        code, out, err = finish(proc)
+        assert code != 0 and "[rank 0] SIGKILLed at step 80" in out, err[-3000:]
+        steps = {}  # rank -> {generation: step} of its complete slots
+        for rank in (0, 1):
+            headers = [snapshot_slots.read_header(snapshot_slots.rank_dir(
+                snapshot_slots.ranks_root(ckpt), rank) / name) for name in snapshot_slots.SLOTS]
+            steps[rank] = {h["gen"]: h["step"] for h in headers if h is not None}
+        common = set(steps[0]) & set(steps[1])
+        assert common and all(steps[0][g] == steps[1][g] for g in common), steps
+        step = persist_after_death(channel.RunDir(run))
+        assert step == steps[0][max(common)] and 0 < step < 80
+        assert committed(ckpt)[1] == step
+
+
 # ---- attach and the notebook: a trainer the watchdog did not start -------------------------
 
 
