@@ -242,6 +242,31 @@ class TestDdpUnderTorchrun:
         assert committed(ckpt)[1] == step
 
 
+    def test_ranks_with_different_snapshot_every_refuse_to_start(self, tmp_path):
+        """snapshot_every 4 on rank 0 and off on rank 1 would leave rank 0 alone in the
+        snapshot's gather: both ranks raise DistributedError at Session() instead."""
+        import textwrap
+
+        from test_distributed import _PRELUDE, results, spawn_ranks
+
+        script = _PRELUDE + textwrap.indent(textwrap.dedent("""
+            from session_watchdog.trainer import Session
+            from session_watchdog.trainer.distributed import DistributedError
+            try:
+                Session(base / "ckpt", run_dir=base / f"run{rank}", handle_signals=False,
+                        snapshot_every=4 if rank == 0 else None)
+            except DistributedError as err:
+                refused = str(err)
+            else:
+                refused = None
+            leave()
+            print(json.dumps({"rank": rank, "refused": refused}))
+        """), "    ")  # the prelude's indentation: spawn_ranks dedents the whole
+        reports = results(spawn_ranks(script, str(tmp_path)))
+        assert [r["rank"] for r in reports] == [0, 1]
+        assert all("snapshot_every" in (r["refused"] or "") for r in reports), reports
+
+
 # ---- attach and the notebook: a trainer the watchdog did not start -------------------------
 
 

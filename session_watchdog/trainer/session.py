@@ -474,7 +474,9 @@ class Session:
             # Collective: every rank builds its Session here, with the same settings.
             self._dist = distributed.setup(self.run_dir.path, {
                 "sync_every": self.sync_every, "sync_interval_s": self.sync_interval_s,
-                "sharded": self.sharded})
+                "sharded": self.sharded,
+                # a snapshot is a collective too (trainer/snapshot.py): the same on every rank
+                "snapshot_every": [snap_steps, snap_s]})
             self._reporter = self._dist.reporter
             self._schedule_sync()
             self._extra["distributed"] = self._dist.describe()
