@@ -363,6 +363,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
                                    child_exit=attached.exit_status,
                                    child_running=lambda: not attached.gone(),
                                    new_session=args.new_session)
+        from session_watchdog.supervise.snapshots import AfterDeath
+
+        # it died without saving: its newest snapshot becomes a checkpoint, as under run (#13)
+        watchdog.after_tick.append(AfterDeath(watchdog.run_dir).observe)
         print(f"session-watchdog: attached to pid {args.pid}; run dir {run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 

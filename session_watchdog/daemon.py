@@ -143,6 +143,8 @@ class Watchdog:
         self._ready_sent = False
         self.actions = actions or Actions(self.run_dir, dry_run=self.config.dry_run)
         self.on_decisions = on_decisions
+        # Called with each tick's sample before it is published (supervise/snapshots.AfterDeath).
+        self.after_tick: List[Callable[[Sample], None]] = []
         self.end_action = end_action or end_action_for(self.platform, self.config)
         self.confirm_after_s = confirm_after_s
         self.on_end = on_end
@@ -243,6 +245,8 @@ class Watchdog:
             if state != self.state:
                 self.state = state
                 self._save_state()
+            for hook in self.after_tick:
+                hook(sample)
             self.last_sample = sample
             self.last_decisions = decisions
             self.ticks += 1

@@ -502,6 +502,11 @@ def _start(overrides: Dict[str, Any], *, clock: Any = None, platform: Any = None
                 dataclasses.replace(requested, run_dir=run_dir_path), platform=plat, clock=clock,
                 session_start=session_start, notebook_idle=tracker.idle_s,
                 on_decisions=notices.on_decisions)
+            from session_watchdog.supervise.snapshots import AfterDeath
+
+            # a trainer (launch() or a Session in this kernel) that died without saving: its
+            # newest snapshot becomes a checkpoint, as under `session-watchdog run` (issue 13)
+            watchdog.after_tick.append(AfterDeath(watchdog.run_dir).observe)
             watchdog.start()
         except BaseException:
             if watchdog is not None:

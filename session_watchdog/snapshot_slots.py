@@ -30,6 +30,22 @@ def snapshot_dir(run_dir: Path, shm_root: Path = SHM_ROOT) -> Path:
     return shm_root / f"session-watchdog-{os.getuid()}" / key
 
 
+def ranks_root(checkpoint_dir: Path, shm_root: Path = SHM_ROOT) -> Path:
+    """``<shm>/session-watchdog-<uid>/ddp-<key of the checkpoint dir>``: the ranks' slot dirs.
+
+    Keyed by the checkpoint directory, which every rank shares (``resume()`` needs it), not by
+    the run dir: ranks may have one run dir each (``--run-dir-per-rank``), and the daemon must
+    still find every rank of its node in one place.
+    """
+    key = hashlib.sha256(str(Path(checkpoint_dir).absolute()).encode()).hexdigest()[:16]
+    return shm_root / f"session-watchdog-{os.getuid()}" / f"ddp-{key}"
+
+
+def rank_dir(root: Path, rank: int) -> Path:
+    """One rank's two slots under :func:`ranks_root`."""
+    return root / f"rank{rank}"
+
+
 def slot_size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -86,6 +102,15 @@ def _read_header(fh: Any) -> Optional[Dict[str, Any]]:
         if not isinstance(header.get(key), int) or isinstance(header.get(key), bool):
             return None
     return header if isinstance(header.get("sha256"), str) else None
+
+
+def read_header(path: Path) -> Optional[Dict[str, Any]]:
+    """The slot's header when it says complete (the payload is not read nor checked)."""
+    try:
+        with open(path, "rb") as fh:
+            return _read_header(fh)
+    except OSError:
+        return None
 
 
 def read_slot(path: Path) -> Optional[Snapshot]:

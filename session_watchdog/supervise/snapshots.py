@@ -8,6 +8,12 @@ fsync -> rename to ``<prefix>-<seq>-step<step>.pt`` -> fsync dir -> marker (ckpt
 restarted trainer's ``resume()`` then finds it like any checkpoint. Never while a trainer holds
 run.lock (it may be writing); only a snapshot newer than the newest committed checkpoint.
 No torch here: the bytes are copied, never unpickled.
+
+Distributed (DDP): each rank has its own two slots under ``ranks_dir/rank<N>`` and the reporter
+names the ranks of this node in ``extra["snapshot"]["ranks"]``. Rank 0's payload is the whole
+checkpoint; it is committed only for a generation (job token, generation, step) that every one
+of those ranks has complete and intact - the newest such one - never a mix of ranks at different
+steps, never a slot an earlier run left behind (another job token), or nothing at all.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.log import get_logger
+
+if TYPE_CHECKING:
+    from session_watchdog.probes import Sample
 
 log = get_logger()
 
@@ -37,7 +46,46 @@ def persist_after_death(run_dir: channel.RunDir) -> Optional[int]:
     if alive:
         log.info("snapshot_not_persisted", reason="a trainer holds run.lock (it may be writing)")
         return None
+    ranks = info.get("ranks")
+    if isinstance(ranks, list) and isinstance(info.get("ranks_dir"), str):
+        world_size = info.get("world_size")
+        if not all(isinstance(r, int) for r in ranks) or not isinstance(world_size, int):
+            log.warning("snapshot_not_persisted", reason="trainer.json names no valid ranks")
+            return None
+        return persist_ranks(Path(info["ranks_dir"]), ranks, world_size)
     return persist_newest(Path(info["dir"]))
+
+
+class AfterDeath:
+    """For a trainer the watchdog did not start (``attach``, notebook ``launch()`` or a Session in
+    the kernel): persist its snapshot once it is gone without having saved, as ``run`` does when
+    its child exits. Called with every tick's sample (``Watchdog.after_tick``).
+
+    Once per trainer (pid + start time): when no process holds run.lock any more and its last
+    state is neither ``completed`` nor ``stopped`` (those saved a checkpoint of their end).
+    """
+
+    def __init__(self, run_dir: channel.RunDir) -> None:
+        self.run_dir = run_dir
+        self._done: Set[Tuple[int, float]] = set()
+        self.persisted: List[int] = []  # steps committed (for status and tests)
+
+    def observe(self, sample: Sample) -> None:
+        reading = sample.trainer
+        status = reading.status
+        if reading.alive or status is None or status.state in ("completed", "stopped"):
+            return
+        identity = (status.pid, status.start_time)
+        if identity in self._done or not isinstance(status.extra.get("snapshot"), dict):
+            return
+        self._done.add(identity)
+        try:
+            step = persist_after_death(self.run_dir)
+        except Exception as err:  # never let it fail the tick: the next tick must still run
+            log.error("snapshot_persist_failed", error=f"{type(err).__name__}: {err}")
+            return
+        if step is not None:
+            self.persisted.append(step)
 
 
 def persist_newest(directory: Path) -> Optional[int]:
@@ -47,6 +95,59 @@ def persist_newest(directory: Path) -> Optional[int]:
     if snap is None:
         log.info("snapshot_not_persisted", reason="no complete snapshot", dir=str(directory))
         return None
+    return _persist(snap, directory, started)
+
+
+_Key = Tuple[Any, int, int]  # (job token, generation, step): one snapshot of the whole job
+
+
+def persist_ranks(root: Path, ranks: List[int], world_size: int) -> Optional[int]:
+    """Commit rank 0's snapshot of the newest generation complete on every rank in ``ranks``.
+
+    Headers are read first (small); only the candidate generation's payloads are read and
+    checked, one rank at a time, so the daemon never holds more than two payloads.
+    """
+    started = time.monotonic()
+    if 0 not in ranks:
+        log.info("snapshot_not_persisted", reason="rank 0's snapshot is on another node "
+                 "(its watchdog persists it)", ranks=sorted(ranks))
+        return None
+    slots: Dict[int, Dict[_Key, Path]] = {}
+    for rank in ranks:
+        found: Dict[_Key, Path] = {}
+        for name in snapshot_slots.SLOTS:
+            path = snapshot_slots.rank_dir(root, rank) / name
+            header = snapshot_slots.read_header(path)
+            if header is not None and header.get("rank") == rank \
+                    and header.get("world_size") == world_size:
+                found[(header.get("job"), header["gen"], header["step"])] = path
+        slots[rank] = found
+    newest = {rank: max((k[2] for k in found), default=None) for rank, found in slots.items()}
+    common = sorted(set.intersection(*(set(found) for found in slots.values())),
+                    key=lambda k: (k[2], k[1]), reverse=True)
+    for key in common:
+        # every other rank's slot must still verify (sha256), then rank 0's payload is the one
+        if all(_verified(slots[rank][key], key) is not None for rank in ranks if rank != 0):
+            snap = _verified(slots[0][key], key)
+            if snap is not None:
+                if any(step != key[2] for step in newest.values()):
+                    log.info("snapshot_generation_chosen", step=key[2], gen=key[1],
+                             newest_per_rank={str(r): s for r, s in sorted(newest.items())},
+                             reason="the newest generation every rank has complete")
+                return _persist(snap, snapshot_slots.rank_dir(root, 0), started)
+    log.warning("snapshot_not_persisted", reason="no generation is complete on every rank",
+                newest_per_rank={str(r): s for r, s in sorted(newest.items())}, dir=str(root))
+    return None
+
+
+def _verified(path: Path, key: _Key) -> Optional[snapshot_slots.Snapshot]:
+    snap = snapshot_slots.read_slot(path)  # rewritten since the header was read: not the same
+    if snap is None or (snap.header.get("job"), snap.gen, snap.step) != key:
+        return None
+    return snap
+
+
+def _persist(snap: snapshot_slots.Snapshot, directory: Path, started: float) -> Optional[int]:
     ckpt_dir = Path(str(snap.header.get("checkpoint_dir", "")))
     prefix = str(snap.header.get("prefix", "ckpt"))
     if not ckpt_dir.is_absolute() or not ckptfile.PREFIX_RE.match(prefix):

@@ -348,8 +348,9 @@ class Session:
         snapshot_every: copy the training state into a shared-memory snapshot (``/dev/shm``)
             every N steps (an int) or every duration (``"1m"``); when the trainer dies without
             saving, the watchdog of ``session-watchdog run`` commits the newest snapshot as a
-            checkpoint, so a restart loses at most this much (trainer/snapshot.py). Single
-            process only for now; None: off.
+            checkpoint, so a restart loses at most this much (trainer/snapshot.py). Under
+            DDP every rank snapshots at the same steps (a duration becomes a step count from
+            the ranks' agreed step time); not with ``sharded=True``. None: off.
     """
 
     def __init__(
@@ -473,7 +474,9 @@ class Session:
             # Collective: every rank builds its Session here, with the same settings.
             self._dist = distributed.setup(self.run_dir.path, {
                 "sync_every": self.sync_every, "sync_interval_s": self.sync_interval_s,
-                "sharded": self.sharded})
+                "sharded": self.sharded,
+                # a snapshot is a collective too (trainer/snapshot.py): the same on every rank
+                "snapshot_every": [snap_steps, snap_s]})
             self._reporter = self._dist.reporter
             self._schedule_sync()
             self._extra["distributed"] = self._dist.describe()
@@ -486,15 +489,20 @@ class Session:
                    "are collective and synchronous")
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:
-            if self._dist is not None or self.sharded:
-                _event(logging.WARNING, "snapshot_ignored", reason="snapshots are single-process "
-                       "for now (not under torch.distributed or with sharded=True)")
+            if self.sharded:
+                _event(logging.WARNING, "snapshot_ignored", reason="snapshots are not taken "
+                       "with sharded=True (every rank's shards would have to be committed alike)")
             else:
                 from session_watchdog.trainer.snapshot import Snapshotter
 
-                self._snapshots = Snapshotter(self.run_dir.path, self.manager.directory,
-                                              self.manager.prefix, snap_steps, snap_s,
-                                              self._snapshot_changed)
+                dist_ = self._dist
+                here = None if dist_ is None else dist_.members[dist_.rank].host
+                self._snapshots = Snapshotter(
+                    self.run_dir.path, self.manager.directory, self.manager.prefix, snap_steps,
+                    snap_s, self._snapshot_changed, rank=None if dist_ is None else dist_.rank,
+                    world_size=None if dist_ is None else dist_.world_size,
+                    local_ranks=() if dist_ is None else
+                    [m.rank for m in dist_.members if m.host == here])
                 self._snap_at = snap_steps if snap_steps is not None else _NEVER
         self._mirror: Optional[Mirror] = None
         self._pid = os.getpid()
@@ -893,10 +901,14 @@ class Session:
         """
         # Clear first, read the reasons after: a flag set meanwhile is then seen now or next step.
         self._pending = False
-        if self._closed or (self._dist is not None and self._step < self._sync_at):
-            return None  # distributed: flags wait for the agreed step (never act alone)
-        if self._snapshots is not None and (self._snap_due or self._step >= self._snap_at):
+        if self._closed:
+            return None
+        # Distributed: only the step count decides (the same on every rank: a collective follows).
+        if self._snapshots is not None and (self._step >= self._snap_at
+                                            or (self._snap_due and self._dist is None)):
             self._take_snapshot()
+        if self._dist is not None and self._step < self._sync_at:
+            return None  # distributed: flags wait for the agreed step (never act alone)
         stop_reason: Optional[str] = None
         if self._sigterm:
             self._sigterm = False
@@ -982,9 +994,52 @@ class Session:
         self._snap_due = False
         if snapshots.every_steps is not None:
             self._snap_at = (self._step // snapshots.every_steps + 1) * snapshots.every_steps
+        elif self._dist is not None:
+            self._snap_at = _NEVER  # the next agreement schedules the next one (_agree)
+        if self._dist is not None:
+            self._take_rank_snapshot(snapshots)  # a failed collective must not be swallowed
+            return
         try:
             snapshots.take(self._capture(), step=self._step, epoch=self._epoch)
         except Exception as err:  # a snapshot is a bonus: never let it stop training
+            _event(logging.WARNING, "snapshot_failed", error=f"{type(err).__name__}: {err}")
+
+    def _take_rank_snapshot(self, snapshots: Snapshotter) -> None:
+        """Distributed: every rank snapshots this step, after one all-gather (a collective).
+
+        The gather brings rank 0 every rank's RNG states (its payload is then the checkpoint it
+        would write: ``_write``) and tells every rank whether all have room, so they stay or
+        stop together. Each rank first waits for its previous write: once any rank passes the
+        gather, every rank's previous generation is complete, so the daemon always finds one
+        generation complete on every rank (supervise/snapshots.py).
+        """
+        agreement = self._dist
+        assert agreement is not None
+        rank = agreement.rank
+        snapshots.wait(None)
+        state: Dict[str, Any] = {}
+        rng: Optional[Dict[str, Any]] = None
+        try:  # never raise before the gather: the other ranks would wait in it forever
+            rng = self._rng_state()
+            state = self._capture() if rank == 0 else {"rank": rank, "rng": rng}
+            problem = snapshots.check_room(state)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        gathered = agreement.all_gather((rng, problem, snapshots.token if rank == 0 else None))
+        problems = [(r, why) for r, (_, why, _) in enumerate(gathered) if why is not None]
+        if problems:
+            self._snap_at = _NEVER  # on every rank alike: no more snapshot collectives
+            snapshots.disable(f"rank {problems[0][0]}: {problems[0][1]}", self._step)
+            return
+        if rank == 0:
+            state["extras"] = self._extras_to_save(rank_rng=[g[0] for g in gathered])
+        else:
+            state.update(step=self._step, epoch=self._epoch)
+        try:
+            snapshots.take(state, step=self._step, epoch=self._epoch, room_checked=True,
+                           header={"rank": rank, "world_size": agreement.world_size,
+                                   "job": gathered[0][2]})
+        except Exception as err:  # this rank's copy failed: the daemon finds no equal generation
             _event(logging.WARNING, "snapshot_failed", error=f"{type(err).__name__}: {err}")
 
     def _snapshot_changed(self, report: Dict[str, Any]) -> None:
@@ -1013,6 +1068,11 @@ class Session:
                    hint="every rank must call step() once per optimizer step")
         self._agreed_step_time_s = agreed.step_time_s
         self._schedule_sync()
+        snap = self._snapshots
+        if snap is not None and snap.every_s is not None and self._snap_at == _NEVER \
+                and snap.disabled is None and agreed.step_time_s:
+            # A duration as a step count from the agreed step time: the same on every rank.
+            self._snap_at = self._step + max(1, int(snap.every_s // agreed.step_time_s))
         dm = self._distmod
         if agreed.code == dm.NOTHING:
             return _Flags(save=False, stop=False, request=None, reason="", code=dm.NOTHING)
@@ -1396,7 +1456,7 @@ class Session:
             self._pending = True
         snap = self._snapshots
         if snap is not None and snap.every_s is not None and not self._snap_due \
-                and snap.due(self._step, now):
+                and self._dist is None and snap.due(self._step, now):
             self._snap_due = True
             self._pending = True
         self._update_step_time(now)

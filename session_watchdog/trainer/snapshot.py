@@ -14,6 +14,14 @@ header (JSON, space-padded) followed by the payload. A write goes: header ``comp
 reader takes a slot only when the header is complete and the payload's sha256 matches, so a
 trainer killed mid-write never yields half a snapshot.
 
+Under torch.distributed (DDP, not ``sharded=True``) every rank writes its own two slots in
+``/dev/shm/session-watchdog-<uid>/ddp-<checkpoint dir key>/rank<N>`` at the same steps, after
+one small all-gather (each rank's RNG states; whether each has room): rank 0's payload is the
+checkpoint rank 0 would write (model, optimizer, every rank's RNG states), the others' hold their
+own RNG states and step. Each header names the rank, the world size and a job token from rank 0,
+so the daemon commits rank 0's payload only for a generation every rank of the node has complete
+(supervise/snapshots.py), never a mix, never a slot left by an earlier run.
+
 Memory: a snapshot occupies RAM twice over at most (two slots) plus the CPU copy. It is skipped
 with a logged reason when ``/dev/shm`` has not room for both slots, or when it would leave less
 than the snapshot's size of available RAM. tmpfs pages are charged to the cgroup like any memory,
@@ -28,12 +36,13 @@ import hashlib
 import io
 import logging
 import os
+import secrets
 import shutil
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,8 +111,15 @@ class Snapshotter:
     def __init__(self, run_dir: Path, checkpoint_dir: Path, prefix: str,
                  every_steps: Optional[int], every_s: Optional[float],
                  on_report: Callable[[Dict[str, Any]], None],
-                 shm_root: Path = fmt.SHM_ROOT) -> None:
-        self.directory = fmt.snapshot_dir(run_dir, shm_root)
+                 shm_root: Path = fmt.SHM_ROOT, *, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, local_ranks: Sequence[int] = ()) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.local_ranks = sorted(local_ranks)
+        if rank is None:
+            self.directory = fmt.snapshot_dir(run_dir, shm_root)
+        else:  # distributed: one slot dir per rank, all of them where the daemon looks
+            self.directory = fmt.rank_dir(fmt.ranks_root(Path(checkpoint_dir), shm_root), rank)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.prefix = prefix
         self.every_steps = every_steps
@@ -117,6 +133,7 @@ class Snapshotter:
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._disabled: Optional[str] = None
         self._waited = 0  # snapshots that waited for the previous write
+        self.token = secrets.token_hex(8)  # distributed: rank 0's names the job in every header
         self.last_stall_s: Optional[float] = None
         self.last_error: Optional[str] = None
 
@@ -127,8 +144,13 @@ class Snapshotter:
             return True
         return self.every_s is not None and now - self._last_mono >= self.every_s
 
-    def take(self, state: Dict[str, Any], *, step: int, epoch: int) -> Optional[float]:
-        """Copy ``state`` now and write it in the background; the stall in seconds, or None."""
+    def take(self, state: Dict[str, Any], *, step: int, epoch: int,
+             header: Optional[Dict[str, Any]] = None, room_checked: bool = False) -> Optional[float]:
+        """Copy ``state`` now and write it in the background; the stall in seconds, or None.
+
+        ``header``: more fields for the slot header (distributed: rank, world size, job).
+        ``room_checked``: the caller ran :meth:`check_room` (the ranks agreed on its answer).
+        """
         self._last_mono = time.monotonic()
         self._last_step = step
         started = time.perf_counter()
@@ -143,11 +165,9 @@ class Snapshotter:
                        waited_s=round(time.perf_counter() - started, 6),
                        reason="writing a snapshot takes longer than snapshot_every; the loop "
                               "waits for it (choose a longer snapshot_every)")
-        problem = self._room_for(state)
+        problem = None if room_checked else self.check_room(state)
         if problem is not None:
-            self._disabled = problem
-            _event(logging.WARNING, "snapshot_skipped", reason=problem, directory=str(self.directory))
-            self._report(step)
+            self.disable(problem, step)
             return None
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         copied = _copy_state(state, self._spare, used)
@@ -156,18 +176,32 @@ class Snapshotter:
         stall = time.perf_counter() - started
         self.last_stall_s = stall
         self._gen += 1
-        self._thread = threading.Thread(target=self._write, args=(copied, used, self._gen, step, epoch),
+        self._thread = threading.Thread(target=self._write,
+                                        args=(copied, used, self._gen, step, epoch, header or {}),
                                         name=f"sw-snapshot-{step}", daemon=True)
         self._thread.start()
         return stall
 
-    def _room_for(self, state: Dict[str, Any]) -> Optional[str]:
+    def disable(self, reason: str, step: int) -> None:
+        """No more snapshots from this Session (said once, in the log and in trainer.json)."""
+        self._disabled = reason
+        _event(logging.WARNING, "snapshot_skipped", reason=reason, directory=str(self.directory))
+        self._report(step)
+
+    @property
+    def disabled(self) -> Optional[str]:
+        return self._disabled
+
+    def check_room(self, state: Dict[str, Any]) -> Optional[str]:
         """Why a snapshot must not be taken (no /dev/shm, too small, RAM too tight), or None."""
         need = _tensor_bytes(state) + fmt.HEADER_BYTES
+        # every directory from <shm>/session-watchdog-<uid> down to ours
+        parts = self.directory.relative_to(self.shm_root).parts
+        chain = [self.shm_root.joinpath(*parts[:n]) for n in range(1, len(parts) + 1)]
         try:
-            self.directory.parent.mkdir(exist_ok=True, mode=0o700)
-            self.directory.mkdir(exist_ok=True, mode=0o700)
-            for path in (self.directory.parent, self.directory):
+            for path in chain:
+                path.mkdir(exist_ok=True, mode=0o700)
+            for path in chain:
                 # /dev/shm is world-writable: a directory planted there by someone else (or a
                 # symlink) must not receive our training state.
                 st = os.lstat(path)
@@ -193,7 +227,7 @@ class Snapshotter:
         return None
 
     def _write(self, copied: Dict[str, Any], used: Dict[Tuple[Any, ...], torch.Tensor],
-               gen: int, step: int, epoch: int) -> None:
+               gen: int, step: int, epoch: int, header: Dict[str, Any]) -> None:
         started = time.perf_counter()
         try:
             buffer = io.BytesIO()
@@ -202,7 +236,7 @@ class Snapshotter:
             digest = hashlib.sha256(payload).hexdigest()
             slot = self.directory / fmt.SLOTS[gen % 2]
             fmt.write_slot(slot, payload, {
-                "gen": gen, "step": step, "epoch": epoch, "sha256": digest,
+                **header, "gen": gen, "step": step, "epoch": epoch, "sha256": digest,
                 "checkpoint_dir": str(self.checkpoint_dir), "prefix": self.prefix, "at": time.time()})
             self.last_error = None
         except Exception as err:  # a background thread: report, never raise into training
@@ -221,13 +255,17 @@ class Snapshotter:
     def _report(self, step: int, gen: Optional[int] = None, size: Optional[int] = None) -> None:
         report: Dict[str, Any] = {"dir": str(self.directory), "checkpoint_dir": str(self.checkpoint_dir),
                                   "prefix": self.prefix, "disabled": self._disabled}
+        if self.rank is not None:
+            # the daemon persists only a generation every rank of this node has complete
+            report.update(rank=self.rank, world_size=self.world_size, ranks=self.local_ranks,
+                          ranks_dir=str(self.directory.parent))
         if gen is not None:
             report.update(gen=gen, step=step, bytes=size,
                           stall_s=None if self.last_stall_s is None else round(self.last_stall_s, 6),
                           waited_for_previous=self._waited)
         self._on_report(report)
 
-    def wait(self, timeout: float = 60.0) -> None:
+    def wait(self, timeout: Optional[float] = 60.0) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -235,3 +273,8 @@ class Snapshotter:
         """Training ended with its own checkpoint: the slots are no longer needed (RAM back)."""
         self.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.rank is not None:
+            try:
+                self.directory.parent.rmdir()  # the last rank to finish removes the ranks' dir
+            except OSError:
+                pass
