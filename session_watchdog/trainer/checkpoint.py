@@ -6,17 +6,19 @@ On-disk protocol, per save (all files in the checkpoint directory itself, never 
 rename is only atomic within one filesystem):
 
 1. ``torch.save`` into a fresh temp file next to the target (``channel.temp_path_for`` +
-   ``channel.open_exclusive``: O_EXCL|O_NOFOLLOW, mode 0600), hashing every byte on its way out so
-   the sha256 costs no second read; every 32 MiB written, writeback of what is written is
-   started (sync_file_range), so the disk works while torch serializes the rest;
+   ``channel.open_exclusive``: O_EXCL|O_NOFOLLOW, mode 0600), checksumming every byte on its way
+   out so the checksum (CRC32C, ``session_watchdog.checksum``) costs no second read; every 32 MiB
+   written, writeback of what is written is started (sync_file_range), so the disk works while
+   torch serializes the rest;
 2. fsync the temp file, ``os.replace`` it to its final, never-reused name
    ``<prefix>-<seq:08d>-step<step>.pt`` and fsync the directory;
-3. commit: write the marker ``<name>.sha256`` (JSON ``{v, file, sha256, bytes, step, epoch, at,
-   duration_s}``) with ``channel.write_json`` (the same temp -> fsync -> replace way);
+3. commit: write the marker ``<name>.sha256`` (JSON ``{v, file, checksum, bytes, step, epoch,
+   at, duration_s}``; the name predates checksums, and older markers with a ``sha256`` field
+   instead of ``checksum`` still verify) with ``channel.write_json`` (temp -> fsync -> replace);
 4. only then delete checkpoints beyond the newest ``keep``: marker first, so that a deletion cut
    short leaves an *unmarked* file (ignored), never a marker whose file is gone or half-deleted.
 
-A checkpoint exists for resuming only once its marker does and the marker's size and sha256
+A checkpoint exists for resuming only once its marker does and the marker's size and checksum
 match the file. Anything else (torn, unmarked, empty, bad marker) is set aside as ``.broken``
 (one kept, for a post-mortem) by :meth:`CheckpointManager.latest`. A failed save removes its temp
 file and leaves every committed checkpoint as it was; a failed fsync is never retried on the same
@@ -33,7 +35,6 @@ import collections
 import copy
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import pickle
@@ -51,7 +52,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from session_watchdog import channel, ckptfile, mounts
+from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
 
 __all__ = [
@@ -82,7 +83,6 @@ MARKER_SUFFIX = ckptfile.MARKER_SUFFIX
 BROKEN_SUFFIX = ".broken"
 # channel owns the temp-name format; learn its suffix from it instead of copying a private name.
 _TEMP_SUFFIX = temp_path_for(Path("x")).suffix
-_HASH_CHUNK = 8 << 20  # read size for verify(); large enough to keep the disk streaming
 _COALESCE = 1 << 20  # torch.save emits many tiny zip headers: batch them into one write()
 _WRITEBACK_EVERY = 32 << 20  # start the disk on what is written so far, every this many bytes
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -215,9 +215,14 @@ class SavedCheckpoint:
     step: int
     epoch: int
     bytes: int
-    sha256: str
+    sha256: str  # the sha256 of checkpoints written before checksums; "" for newer ones
     duration_s: float
     at: float
+    checksum: str = ""  # "<algorithm>:<hex>" (session_watchdog/checksum.py): what verifies
+
+    def __post_init__(self) -> None:
+        if not self.checksum and self.sha256:
+            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
 
 
 class PendingSave:
@@ -398,7 +403,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def _skip_torch_crc32() -> Callable[[], None]:
     """Turn off torch.save's per-record crc32 until the returned callable is called.
 
-    The sha256 of the whole file already covers every byte, and zip crc32 (miniz, one core)
+    The checksum of the whole file already covers every byte, and zip crc32 (miniz, one core)
     costs about 0.3 s per GB on the critical path. torch documents that files saved without it
     still load with torch.load (``torch.serialization.set_crc32_options``). The setting is
     process-wide and read when torch.save opens its writer, so it is restored at our writer's
@@ -427,7 +432,7 @@ class _HashingWriter:
     """A write-only file object over a raw fd that hashes and counts what passes through.
 
     Every byte is hashed by one helper thread, in order (a FIFO queue), while this thread goes
-    on writing: ``os.write`` and ``hashlib`` both release the GIL. torch.save hands each tensor
+    on writing: ``os.write`` and the checksum functions release the GIL. torch.save hands each tensor
     storage to ``write`` as one memoryview of the storage's own memory. When that memory is a CPU
     storage of the state being saved (``stable``: alive and unchanged until the save returns), the
     hash may lag behind and finishes while torch serializes the next record and while the file
@@ -447,7 +452,8 @@ class _HashingWriter:
         # Deliberately not an io.RawIOBase: its finalizer would flush() into an fd we closed.
         self._fd = fd
         self._on_first_write = on_first_write
-        self._sha = hashlib.sha256()
+        self.algorithm = checksum.preferred()
+        self._sha = checksum.new(self.algorithm)
         self._pending = bytearray()
         self._stable = sorted(stable)
         self._starts = [start for start, _ in self._stable]
@@ -489,7 +495,7 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         self.settle()
-        return self._sha.hexdigest()
+        return f"{self.algorithm}:{self._sha.hexdigest()}"
 
     def _hash(self, view: memoryview) -> Future[None]:
         self._last = _hasher_thread().submit(self._sha.update, view)
@@ -624,6 +630,8 @@ class CheckpointManager:
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
         self._prepare_thread: Optional[threading.Thread] = None  # prepare_async's page-in
         self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
+        self._verified: Dict[Path, Tuple[float, int]] = {}  # verify() passes: (at, mtime_ns)
+        self._verified_lock = threading.Lock()
         _open_directory(self.directory, mount_roots)
         self._sweep_temps()
 
@@ -886,8 +894,8 @@ class CheckpointManager:
         try:
             fsync_dir(self.directory)
             saved = SavedCheckpoint(
-                path=final, step=step, epoch=epoch, bytes=writer.count, sha256=digest,
-                duration_s=time.monotonic() - started, at=time.time(),
+                path=final, step=step, epoch=epoch, bytes=writer.count, sha256="",
+                duration_s=time.monotonic() - started, at=time.time(), checksum=digest,
             )
             write_json(marker, self._marker_json(saved))  # the commit point
         except BaseException as err:
@@ -901,9 +909,9 @@ class CheckpointManager:
         return saved
 
     def _marker_json(self, saved: SavedCheckpoint) -> Dict[str, Any]:
-        return ckptfile.marker_json(file=saved.path.name, sha256=saved.sha256, size=saved.bytes,
-                                    step=saved.step, epoch=saved.epoch, at=saved.at,
-                                    duration_s=saved.duration_s)
+        return ckptfile.marker_json(file=saved.path.name, checksum=saved.checksum,
+                                    size=saved.bytes, step=saved.step, epoch=saved.epoch,
+                                    at=saved.at, duration_s=saved.duration_s)
 
     def _free_bytes(self) -> Optional[int]:
         try:
@@ -976,7 +984,7 @@ class CheckpointManager:
             return found
 
     def latest(self) -> Optional[SavedCheckpoint]:
-        """The newest checkpoint whose marker verifies (size and sha256), or None.
+        """The newest checkpoint whose marker verifies (size and checksum), or None.
 
         Newer files that fail (torn, unmarked, empty, bad marker) are set aside as
         ``<name>.broken``; only the most recent ``.broken`` file is kept. Call it at resume
@@ -987,18 +995,26 @@ class CheckpointManager:
             for entry in sorted(self._scan(), key=lambda e: e.seq, reverse=True):
                 saved = self._read_marker(entry, check_size=True)
                 try:
-                    if saved is not None and _sha256_of(entry.path, saved.bytes) == saved.sha256:
+                    if saved is not None and checksum.matches(entry.path, saved.checksum,
+                                                              saved.bytes):
                         found = saved
                         break
                     self._set_aside(entry)
-                except OSError as err:  # unreadable (EIO): fall back to an older one
+                except (OSError, checksum.ChecksumError) as err:
+                    # unreadable (EIO), or a checksum this install cannot compute (crc32c without
+                    # its package): fall back to an older one, never set aside a file that may
+                    # well be intact
                     _event(logging.WARNING, "checkpoint_unreadable", path=str(entry.path),
                            error=str(err))
             self._drop_orphan_markers()
             return found
 
     def verify(self, path: Union[Path, str]) -> bool:
-        """Whether ``path`` is a committed checkpoint whose size and sha256 match its marker."""
+        """Whether ``path`` is a committed checkpoint whose size and checksum match its marker.
+
+        Reads the file back from the disk (its cached pages dropped first); when it matches and
+        did not change meanwhile, :meth:`verification` tells when and at which mtime.
+        """
         path = Path(path)
         match = self._final_re.match(path.name)
         if match is None:
@@ -1008,9 +1024,27 @@ class CheckpointManager:
         if saved is None:
             return False
         try:
-            return _sha256_of(path, saved.bytes) == saved.sha256
-        except OSError:
+            before = os.stat(path)
+            if not checksum.matches(path, saved.checksum, saved.bytes, cold=True):
+                return False
+            after = os.stat(path)
+        except (OSError, checksum.ChecksumError):
             return False
+        if (after.st_ino, after.st_size, after.st_mtime_ns) \
+                == (before.st_ino, before.st_size, before.st_mtime_ns):
+            with self._verified_lock:
+                self._verified = {p: v for p, v in self._verified.items() if p.exists()}
+                self._verified[path] = (time.time(), after.st_mtime_ns)
+        return True
+
+    def verification(self, path: Union[Path, str]) -> Optional[Tuple[float, int]]:
+        """``(verified_at, mtime_ns)`` of the last :meth:`verify` of ``path`` that passed, if any.
+
+        The Session reports it in ``trainer.json``, so the end of the runtime checks the file's
+        size and mtime instead of re-reading it whole (actions.verify_checkpoint, issue 17).
+        """
+        with self._verified_lock:
+            return self._verified.get(Path(path))
 
     def load(
         self, saved: Optional[SavedCheckpoint] = None, map_location: Any = "cpu"
@@ -1177,21 +1211,23 @@ def checkpoint_from_marker(obj: Dict[str, Any], path: Path, step: int) -> Option
     None when the marker is malformed or names another file or step. The file itself is not
     looked at (the mirror reads markers of files on other tiers with this, trainer/mirror.py).
     """
+    recorded = checksum.for_record(obj)  # "checksum", or "sha256" of older markers
+    if recorded is None or ("checksum" in obj and "sha256" in obj):
+        return None  # none, malformed, or two that could disagree
     try:
         saved = SavedCheckpoint(
             path=path,
             step=_field(obj, "step", int),
             epoch=_field(obj, "epoch", int),
             bytes=_field(obj, "bytes", int),
-            sha256=_field(obj, "sha256", str),
+            sha256=recorded[len("sha256:"):] if recorded.startswith("sha256:") else "",
             duration_s=float(_field(obj, "duration_s", (int, float), default=0.0)),
             at=float(_field(obj, "at", (int, float))),
+            checksum=recorded,
         )
     except (KeyError, TypeError):
         return None
-    if obj.get("file", path.name) != path.name or saved.step != step:
-        return None
-    if not re.fullmatch(r"[0-9a-f]{64}", saved.sha256) or saved.bytes <= 0:
+    if obj.get("file", path.name) != path.name or saved.step != step or saved.bytes <= 0:
         return None
     return saved
 
@@ -1220,21 +1256,6 @@ def _open_regular(path: Path) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
-
-
-def _sha256_of(path: Path, limit: Optional[int] = None) -> str:
-    """sha256 of a regular file (see _open_regular); reads at most ``limit`` + 1 bytes."""
-    digest = hashlib.sha256()
-    left = None if limit is None else limit + 1  # one more byte shows a file that grew
-    with _open_regular(path) as fh:
-        while left is None or left > 0:
-            chunk = fh.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return digest.hexdigest()
 
 
 def _is_regular_or_missing(path: Path) -> bool:

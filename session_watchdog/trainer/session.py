@@ -798,7 +798,7 @@ class Session:
             if self._dist is None and self._sharded_ckpt is None \
                     and not self.manager.verify(saved.path):
                 raise self._ckpt.CheckpointError(
-                    f"final checkpoint {saved.path} failed verification (size or sha256)")
+                    f"final checkpoint {saved.path} failed verification (size or checksum)")
         except BaseException as err:
             self._fail(err)
             self.close()
@@ -808,7 +808,8 @@ class Session:
             end_runtime_after = "complete" if _process_outlives_training() else "exit"
         self._keep_run_lock = end_runtime_after == "exit"
         _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
-               sha256=saved.sha256, end_runtime_after=end_runtime_after)
+               checksum=getattr(saved, "checksum", "") or f"sha256:{saved.sha256}",
+               end_runtime_after=end_runtime_after)
         self._wait_mirror(saved, "complete", self.mirror_wait_s)
         self.close()
         return saved
@@ -1091,7 +1092,7 @@ class Session:
                                           epoch=self._epoch)
                 if final and not self.manager.verify(saved.path):
                     raise self._ckpt.CheckpointError(
-                        f"final checkpoint {saved.path} failed verification (size or sha256)")
+                        f"final checkpoint {saved.path} failed verification (size or checksum)")
                 outcome = ("ok", saved)
             except Exception as err:  # every rank must hear of it, or the others wait forever
                 error = err
@@ -1230,7 +1231,9 @@ class Session:
                 state: Optional[str]) -> None:
         """Report a durable checkpoint (and the ack of ``seq``) in one ``trainer.json`` write."""
         with self._status_lock:
-            self._last_checkpoint = _info(saved, seq=seq)
+            verification = getattr(self.manager, "verification", None)
+            self._last_checkpoint = _info(
+                saved, seq=seq, verified=verification(saved.path) if verification else None)
             self._extra["checkpoint_duration_s"] = round(float(saved.duration_s), 6)
             total = getattr(saved, "total_bytes", None)
             if total is not None:
@@ -1587,8 +1590,12 @@ def _world_size() -> int:
     return int(dist.get_world_size())
 
 
-def _info(saved: Union[SavedCheckpoint, ShardedCheckpoint], *,
-          seq: Optional[int]) -> CheckpointInfo:
+def _info(saved: Union[SavedCheckpoint, ShardedCheckpoint], *, seq: Optional[int],
+          verified: Optional[Tuple[float, int]] = None) -> CheckpointInfo:
+    """``verified``: ``(verified_at, mtime_ns)`` of the trainer's read-back of the file, if any."""
     return CheckpointInfo(path=os.path.abspath(saved.path), seq=seq, step=int(saved.step),
                           at=float(saved.at), duration_s=float(saved.duration_s),
-                          bytes=int(saved.bytes), sha256=str(saved.sha256))
+                          bytes=int(saved.bytes), sha256=str(saved.sha256),
+                          checksum=str(getattr(saved, "checksum", "") or ""),
+                          verified_at=verified[0] if verified else None,
+                          mtime_ns=verified[1] if verified else None)
