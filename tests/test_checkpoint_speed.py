@@ -131,3 +131,42 @@ class TestEarlyWriteback:
         assert position <= saved.bytes
         assert manager.verify(saved.path)
         assert torch.equal(manager.load(saved)["t7"], torch.full((stride // 4 // 3,), 7.0))
+
+
+class TestSessionPreparesAsyncBuffers:
+    def test_first_step_pages_in_the_buffers_the_first_async_save_uses(self, tmp_path: Path):
+        """With async_save, the Session prepares the snapshot buffers at its first step boundary,
+        and its first async checkpoint is written through exactly those buffers."""
+        from session_watchdog.trainer.session import Session
+
+        model = torch.nn.Linear(64, 32)
+        optimizer = torch.optim.Adam(model.parameters())
+        session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
+                          optimizer=optimizer, async_save=True, exit_on_stop=False,
+                          handle_signals=False)
+        try:
+            assert buffer_addresses(session.manager) == {}
+            model(torch.randn(4, 64)).sum().backward()
+            optimizer.step()
+            session.step()
+            prepared = buffer_addresses(session.manager)
+            assert ("model", "weight") in prepared
+            assert ("optimizer", "state", 0, "exp_avg") in prepared
+            saved = session.manager.save_async(session._capture(), step=1).result()
+            assert buffer_addresses(session.manager) == prepared
+            assert torch.equal(session.manager.load(saved)["model"]["weight"], model.weight.detach())
+        finally:
+            session.close()
+
+    def test_a_sync_session_prepares_nothing(self, tmp_path: Path):
+        """Without async_save no snapshot buffers are allocated (no second copy of the state)."""
+        from session_watchdog.trainer.session import Session
+
+        model = torch.nn.Linear(8, 4)
+        session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
+                          exit_on_stop=False, handle_signals=False)
+        try:
+            session.step()
+            assert buffer_addresses(session.manager) == {}
+        finally:
+            session.close()

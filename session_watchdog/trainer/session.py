@@ -326,6 +326,8 @@ class Session:
             ``"off"`` (where None is allowed); a string without a unit is refused.
         async_save: write requested and periodic checkpoints in the background (the ack goes
             out when the file is durable); stop and final checkpoints are always synchronous.
+            The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
+            first step boundary, so that even the first save stalls only for a memory copy.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -484,6 +486,10 @@ class Session:
             self.async_save = False
             _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
                    "are collective and synchronous")
+        # Async saves: allocate and page in the snapshot buffers at the first step boundary, so
+        # the first save's stall is a memory copy like every later one (issue 17).
+        self._prepare_snapshot = self.async_save
+        self._pending = self._pending or self.async_save
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:
             if self._dist is not None or self.sharded:
@@ -892,6 +898,12 @@ class Session:
         self._pending = False
         if self._closed or (self._dist is not None and self._step < self._sync_at):
             return None  # distributed: flags wait for the agreed step (never act alone)
+        if self._prepare_snapshot:
+            self._prepare_snapshot = False
+            try:
+                self.manager.prepare_async(self._capture())
+            except Exception as err:  # an optimization only: the first save allocates instead
+                _event(logging.WARNING, "snapshot_prepare_failed", error=str(err))
         if self._snapshots is not None and (self._snap_due or self._step >= self._snap_at):
             self._take_snapshot()
         stop_reason: Optional[str] = None
