@@ -5,6 +5,8 @@ No test asserts on time; benchmarks/bench_checkpoint.py measures the speed itsel
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -170,3 +172,35 @@ class TestSessionPreparesAsyncBuffers:
             assert buffer_addresses(session.manager) == {}
         finally:
             session.close()
+
+
+class TestPruneOffTheCallersThread:
+    def test_large_pruned_files_are_unlinked_by_a_helper_thread(self, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+        """A pruned file of _UNLINK_AHEAD_BYTES or more is unlinked by a helper thread: save()
+        returns with its marker already gone, and list() (like the next save) waits for the file."""
+        monkeypatch.setattr(checkpoint, "_UNLINK_AHEAD_BYTES", 1000)
+        release = threading.Event()
+        real_remove = checkpoint._remove_any
+
+        def remove_when_released(path: Path) -> None:
+            if path.suffix == ".pt":
+                release.wait(120)
+            real_remove(path)
+
+        monkeypatch.setattr(checkpoint, "_remove_any", remove_when_released)
+        manager = CheckpointManager(tmp_path, keep=1)
+        first = manager.save({"w": torch.ones(10_000)}, step=1)
+        second = manager.save({"w": torch.full((10_000,), 2.0)}, step=2)
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            [first.path.name, second.path.name, second.path.name + ".sha256"])
+        release.set()
+        assert manager.list() == [second]
+        assert sorted(os.listdir(tmp_path)) == [second.path.name, second.path.name + ".sha256"]
+
+    def test_small_pruned_files_are_gone_when_save_returns(self, tmp_path: Path):
+        """Below the threshold nothing changes: the pruned checkpoint is gone when save() returns."""
+        manager = CheckpointManager(tmp_path, keep=1)
+        manager.save({"w": torch.ones(10)}, step=1)
+        second = manager.save({"w": torch.ones(10)}, step=2)
+        assert sorted(os.listdir(tmp_path)) == [second.path.name, second.path.name + ".sha256"]
