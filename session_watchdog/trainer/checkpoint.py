@@ -962,6 +962,8 @@ class CheckpointManager:
 
     def _remove_all(self, paths: List[Path]) -> None:
         """Remove each of ``paths`` (see _remove_any), then fsync the directory; errors are logged."""
+        if not paths:
+            return
         for path in paths:
             try:
                 _remove_any(path)
