@@ -183,6 +183,15 @@ class TestVerifiedRecord:
         assert mtime_ns == saved.path.stat().st_mtime_ns and isinstance(verified_at, float)
         assert marker.read_bytes() == before
 
+    def test_a_warm_verify_is_not_remembered(self, tmp_path: Path):
+        """verify(cold=False) (what load() does) reads through the page cache and records nothing."""
+        manager = CheckpointManager(tmp_path)
+        saved = manager.save({"w": torch.ones(1000)}, step=1)
+        assert manager.verify(saved.path, cold=False)
+        assert manager.verification(saved.path) is None
+        assert torch.equal(manager.load(saved)["w"], torch.ones(1000))
+        assert manager.verification(saved.path) is None
+
     def test_a_failed_verify_is_not_remembered(self, tmp_path: Path):
         """A file that fails verification has no verification to report."""
         manager = CheckpointManager(tmp_path)

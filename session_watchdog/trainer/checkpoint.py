@@ -1039,11 +1039,12 @@ class CheckpointManager:
             self._drop_orphan_markers()
             return found
 
-    def verify(self, path: Union[Path, str]) -> bool:
+    def verify(self, path: Union[Path, str], *, cold: bool = True) -> bool:
         """Whether ``path`` is a committed checkpoint whose size and checksum match its marker.
 
-        Reads the file back from the disk (its cached pages dropped first); when it matches and
-        did not change meanwhile, :meth:`verification` tells when and at which mtime.
+        ``cold`` (default): read the file back from the disk, its cached pages dropped first;
+        when it matches and did not change meanwhile, :meth:`verification` tells when and at
+        which mtime. ``cold=False`` reads through the page cache and records nothing.
         """
         path = Path(path)
         match = self._final_re.match(path.name)
@@ -1055,12 +1056,12 @@ class CheckpointManager:
             return False
         try:
             before = os.stat(path)
-            if not checksum.matches(path, saved.checksum, saved.bytes, cold=True):
+            if not checksum.matches(path, saved.checksum, saved.bytes, cold=cold):
                 return False
             after = os.stat(path)
         except (OSError, checksum.ChecksumError):
             return False
-        if (after.st_ino, after.st_size, after.st_mtime_ns) \
+        if cold and (after.st_ino, after.st_size, after.st_mtime_ns) \
                 == (before.st_ino, before.st_size, before.st_mtime_ns):
             with self._verified_lock:
                 self._verified = {p: v for p, v in self._verified.items() if p.exists()}
@@ -1089,7 +1090,7 @@ class CheckpointManager:
             saved = self.latest()
             if saved is None:
                 raise CheckpointError(f"no committed checkpoint in {self.directory}")
-        elif not self.verify(saved.path):
+        elif not self.verify(saved.path, cold=False):  # torch.load reads it next: keep it cached
             raise CheckpointError(
                 f"checkpoint {saved.path} does not match its marker (torn, changed or uncommitted)"
             )
