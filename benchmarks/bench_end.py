@@ -62,8 +62,12 @@ def main() -> int:
     # ends nothing, so the watchdog is still alive a minute later and says so)
     calls = (tmp / "ended_at").read_text().split() if (tmp / "ended_at").exists() else []
     ended = float(calls[0]) if calls else None
-    steps = [json.loads(line).get("step") for line in (tmp / "log.jsonl").read_text().splitlines()
-             if '"event":"action"' in line]
+    actions = [json.loads(line) for line in (tmp / "log.jsonl").read_text().splitlines()
+               if '"event":"action"' in line]
+    steps = [a.get("step") for a in actions]
+    verify = [a for a in actions if a.get("step") == "end_verify"]
+    if verify:
+        print(f"end_verify: trusted the trainer's read-back (no re-read): {verify[0].get('trusted')}")
     print(f"watchdog exit code {proc.returncode}; end steps: {', '.join(s for s in steps if s)}; "
           f"end command calls: {len(calls)}")
     if ended is None:

@@ -386,12 +386,15 @@ class EndTransaction:
             if ckpt is None:
                 self._step("end_verify", ok=None, message="no checkpoint was reported (plain command)")
             else:
-                problem = verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes,
-                                            ckpt.mtime_ns if ckpt.verified_at else None)
+                read_back = ckpt.mtime_ns if ckpt.verified_at else None
+                problem = verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes, read_back)
                 if problem is not None:
                     raise EndAborted(problem)
                 verified = _identity(ckpt.path)
-                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes)
+                # trusted: the trainer's read-back stands (file unchanged), so no re-read here
+                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes,
+                           trusted=read_back is not None and verified is not None
+                           and verified[2] == read_back)
         # 3. the persistent copy is safe: Drive uploads asynchronously, so the checkpoint's size
         # must have settled (no unmount yet: the user may still cancel and go on training)
         paths = _checkpoint_files(ckpt.path) if ckpt is not None else []
