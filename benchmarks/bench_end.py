@@ -66,6 +66,16 @@ def main() -> int:
                if '"event":"action"' in line]
     steps = [a.get("step") for a in actions]
     verify = [a for a in actions if a.get("step") == "end_verify"]
+    try:
+        done_at = float((tmp / "done_at").read_text())
+        events = [json.loads(line) for line in (tmp / "log.jsonl").read_text().splitlines()]
+        marks = [(e.get("step") or e.get("event"), e.get("ts"))
+                 for e in events if e.get("event") in ("child_exited", "decision", "action")]
+        print("after completion: " + ", ".join(
+            f"{name} +{float(at) - done_at:.1f}s" for name, at in marks
+            if isinstance(at, (int, float)) and float(at) >= done_at - 1))
+    except (OSError, ValueError):
+        pass
     if verify:
         print(f"end_verify: trusted the trainer's read-back (no re-read): {verify[0].get('trusted')}")
     print(f"watchdog exit code {proc.returncode}; end steps: {', '.join(s for s in steps if s)}; "
