@@ -4,8 +4,7 @@
 
 Each benchmark prints its figures as ours/baseline ratios with the machine load beside them;
 see bench_checkpoint.py, bench_daemon.py and bench_end.py for what is measured. ``--quick`` uses a
-256 MiB state
-and a 20 s daemon window.
+256 MiB state and a 20 s daemon window.
 """
 
 from __future__ import annotations
