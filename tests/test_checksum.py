@@ -248,3 +248,32 @@ class TestVerifiedRecord:
                              CheckpointInfo("/c/x.pt", None, 2, 3.0, 4.0, 5, "ab" * 32), 7.0)
         last = bare.to_json()["last_checkpoint"]
         assert set(last) == {"path", "seq", "step", "at", "duration_s", "bytes", "sha256"}
+
+
+class TestWithoutTheCrc32cPackage:
+    """An install without the crc32c package (no torch extra): our lookup of it answers None."""
+
+    @pytest.fixture
+    def no_crc32c(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(checksum, "_crc32c_module", lambda: None)
+
+    def test_new_checkpoints_use_zlib_crc32_and_verify(self, tmp_path: Path, no_crc32c: None):
+        """Without crc32c, saves record zlib's CRC-32, which verifies and resumes like any other."""
+        manager = CheckpointManager(tmp_path)
+        saved = manager.save({"w": torch.ones(1000)}, step=1)
+        assert saved.checksum == f"crc32:{zlib.crc32(saved.path.read_bytes()):08x}"
+        assert manager.verify(saved.path) and CheckpointManager(tmp_path).latest() == saved
+        assert verify_checkpoint(str(saved.path), saved.checksum, saved.bytes) is None
+
+    def test_a_crc32c_checkpoint_is_kept_not_set_aside(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        """A CRC32C checkpoint this install cannot check is passed over for an older one it can, but
+        never renamed .broken (it may well be intact); the daemon's check names the fix."""
+        manager = CheckpointManager(tmp_path, keep=3)
+        older = old_style_commit(manager, 1)
+        newer = manager.save({"w": torch.ones(10)}, step=2)
+        monkeypatch.setattr(checksum, "_crc32c_module", lambda: None)
+        found = CheckpointManager(tmp_path).latest()
+        assert found is not None and found.path == older
+        assert newer.path.exists() and not (tmp_path / (newer.path.name + ".broken")).exists()
+        problem = verify_checkpoint(str(newer.path), newer.checksum, newer.bytes)
+        assert problem is not None and "install the crc32c package" in problem
