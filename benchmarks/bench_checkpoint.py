@@ -258,6 +258,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
                 steady.append((elapsed, max(before, load())))
         sync_dev.append(timed(lambda m=manager: m.save(gpu_state, step=10)))
         manager.wait()
+        manager.list()  # also waits for the helper that unlinks pruned files
         shutil.rmtree(directory / f"async{r}", ignore_errors=True)
     figures[f"save_async stall, first, cold, {device}"] = first
     figures[f"save_async stall, first, prepared, {device}"] = prepared
