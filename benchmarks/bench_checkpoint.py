@@ -233,6 +233,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
         for name, fn in order:
             figures.setdefault(name, []).append(timed(fn, clear))
     shutil.rmtree(scratch, ignore_errors=True)
+    sync_manager.list()  # waits for the helper that unlinks pruned files
 
     # async: a fresh manager's first save, then later saves (steady state), beside a sync save
     gpu_state = state
