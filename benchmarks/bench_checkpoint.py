@@ -13,11 +13,11 @@ Figures:
    commit marker, prune) against (a) a raw ``write`` + ``fsync`` of the same number of bytes to
    a new file, (b) plain ``torch.save`` with torch's crc32 off + ``fsync``, (c) safetensors'
    ``save_file`` + ``fsync`` when safetensors is installed. Goals: >= 0.8x (a), >= 1.0x (b, c).
-2. async stall: how long ``save_async`` blocks the caller, on the first save of a fresh manager
+2. async stall: how long ``save_async`` blocks the caller, on the first save of a fresh process
    (cold: its snapshot buffers are allocated and paged in during the stall; prepared: after
-   ``prepare_async`` paged them in) and in the steady state (a later save reusing the buffers),
-   against a sync save of the same state. Goal: <= 0.1x. ``--device cuda`` places the state on
-   the GPU for this.
+   ``prepare_async`` paged them in, as a ``Session(async_save=True)`` does at its first step) and
+   in the steady state (a later save reusing the buffers), against a sync save of the same state.
+   Goal: <= 0.1x. ``--device cuda`` places the state on the GPU for this.
 
 Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--tensors 340] [--repeat 3]
 [--dir DIR] [--device cpu|cuda]``. Exit status is nonzero only when something crashes; missed
@@ -27,6 +27,8 @@ goals are printed, not failed.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import shutil
 import statistics
@@ -144,6 +146,43 @@ def timed(fn: Callable[[], object], setup: Callable[[], object] = lambda: None) 
     return time.perf_counter() - started, max(before, load())
 
 
+def first_save_in_child(size_mb: int, tensors: int, directory: Path, device: str,
+                        prepared: bool) -> Tuple[float, float]:
+    """(stall, load) of the first save_async of a fresh process: in this one, freed snapshot
+    buffers would come back from the allocator already paged in. ``prepared``: after
+    prepare_async paged its buffers in (as Session(async_save=True) does at its first step)."""
+    import subprocess
+
+    argv = [sys.executable, __file__, "--child-first-save", str(directory), "--size-mb",
+            str(size_mb), "--tensors", str(tensors), "--device", device]
+    done = subprocess.run(argv + (["--prepared"] if prepared else []), capture_output=True,
+                          text=True, check=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["stall"]), max(float(result["load"]), load())
+
+
+def child_first_save(directory: Path, size_mb: int, tensors: int, device: str,
+                     prepared: bool) -> None:
+    state = build_state(size_mb, tensors)
+    if device != "cpu":
+        state = {part: {k: t.to(device) for k, t in d.items()} for part, d in state.items()}
+    manager = CheckpointManager(directory, keep=1)
+    if prepared:
+        manager.prepare_async(state)
+        manager._join_prepare()  # a training loop runs a while before its first checkpoint
+    # A training loop has run (and its garbage collections with it) before its first checkpoint;
+    # without this the fresh state just built makes a full collection fall into the stall.
+    gc.collect()
+    drop_caches()
+    before = load()
+    started = time.perf_counter()
+    pending = manager.save_async(state, step=1)
+    stall = time.perf_counter() - started
+    pending.result()
+    print(json.dumps({"stall": stall, "load": before}))
+
+
 def has_safetensors() -> bool:
     try:
         import safetensors.torch  # noqa: F401
@@ -194,6 +233,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
         for name, fn in order:
             figures.setdefault(name, []).append(timed(fn, clear))
     shutil.rmtree(scratch, ignore_errors=True)
+    sync_manager.list()  # waits for the helper that unlinks pruned files
 
     # async: a fresh manager's first save, then later saves (steady state), beside a sync save
     gpu_state = state
@@ -204,24 +244,10 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
     steady: List[Tuple[float, float]] = []
     sync_dev: List[Tuple[float, float]] = []
     for r in range(repeat):
+        first.append(first_save_in_child(size_mb, tensors, directory / f"first{r}", device, False))
+        prepared.append(first_save_in_child(size_mb, tensors, directory / f"prep{r}", device, True))
         manager = CheckpointManager(directory / f"async{r}", keep=1)
-        drop_caches()
-        before = load()
-        started = time.perf_counter()
-        pending = manager.save_async(gpu_state, step=1)
-        first.append((time.perf_counter() - started, before))
-        pending.result()
-        # the first save of a manager whose buffers prepare_async paged in while training ran
-        warm = CheckpointManager(directory / f"prepared{r}", keep=1)
-        warm.prepare_async(gpu_state)
-        warm._join_prepare()  # a training loop runs for a while before its first checkpoint
-        drop_caches()
-        before = load()
-        started = time.perf_counter()
-        pending_warm = warm.save_async(gpu_state, step=1)
-        prepared.append((time.perf_counter() - started, before))
-        pending_warm.result()
-        shutil.rmtree(directory / f"prepared{r}", ignore_errors=True)
+        manager.save_async(gpu_state, step=1).result()
         for s in (2, 3):
             drop_caches()
             before = load()
@@ -233,8 +259,9 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
                 steady.append((elapsed, max(before, load())))
         sync_dev.append(timed(lambda m=manager: m.save(gpu_state, step=10)))
         manager.wait()
+        manager.list()  # also waits for the helper that unlinks pruned files
         shutil.rmtree(directory / f"async{r}", ignore_errors=True)
-    figures[f"save_async stall, first save, {device}"] = first
+    figures[f"save_async stall, first, cold, {device}"] = first
     figures[f"save_async stall, first, prepared, {device}"] = prepared
     figures[f"save_async stall, steady, {device}"] = steady
     figures[f"sync save, {device} state"] = sync_dev
@@ -265,7 +292,7 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -
             ratio = med[name] / ours_s
             print(f"  sync save vs {name:32} {ratio:6.2f}x  {verdict(ratio, goal, True)}")
     sync_s = med[f"sync save, {device} state"]
-    for kind in ("first save", "first, prepared", "steady"):
+    for kind in ("first, cold", "first, prepared", "steady"):
         ratio = med[f"save_async stall, {kind}, {device}"] / sync_s
         print(f"  async stall ({kind:10}) vs sync save     {ratio:6.3f}x  {verdict(ratio, 0.1, False)}")
     if device == "cpu":
@@ -282,7 +309,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "directory, so it is the disk checkpoints would use, not /tmp)")
     parser.add_argument("--device", default="cpu", help="device of the state for the stall "
                         "figures: cpu (default) or cuda")
+    parser.add_argument("--child-first-save", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_first_save is not None:
+        child_first_save(args.child_first_save, args.size_mb, args.tensors, args.device,
+                         args.prepared)
+        return 0
     if args.size_mb < 1 or args.repeat < 1 or args.tensors < 3:
         parser.error("--size-mb and --repeat must be at least 1, --tensors at least 3")
     base = args.dir if args.dir is not None else Path.cwd()

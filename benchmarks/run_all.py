@@ -3,8 +3,8 @@
     python benchmarks/run_all.py [--size-mb 1024] [--watch-s 60]
 
 Each benchmark prints its figures as ours/baseline ratios with the machine load beside them;
-see bench_checkpoint.py, bench_daemon.py and bench_report.py for what is measured. ``--quick``
-uses a 256 MiB state, a 20 s daemon window and a 1-day log (7 days otherwise).
+see bench_checkpoint.py, bench_daemon.py, bench_report.py and bench_end.py for what is measured.
+``--quick`` uses a 256 MiB state, a 20 s daemon window and a 1-day log (7 days otherwise).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     failed = 0
     for name, extra in (("bench_checkpoint.py", ["--size-mb", str(size), "--device", args.device]),
                         ("bench_daemon.py", ["--watch-s", str(watch)]),
-                        ("bench_report.py", [] if args.quick else ["--full"])):
+                        ("bench_report.py", [] if args.quick else ["--full"]),
+                        ("bench_end.py", ["--grace", "5s", "--size-mb", str(size)])):
         print(f"== {name} {' '.join(extra)}", flush=True)
         started = time.monotonic()
         done = subprocess.run([sys.executable, str(HERE / name), *extra], check=False)

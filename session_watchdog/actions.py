@@ -115,13 +115,24 @@ class EndAborted(Exception):
     """The end transaction stopped before the end action; the message says why."""
 
 
-def verify_checkpoint(path: str, sha256: str, size: int) -> Optional[str]:
-    """None when the file at ``path`` has ``size`` bytes and ``sha256``; else what is wrong.
+def verify_checkpoint(path: str, checksum: str, size: int,
+                      verified_mtime_ns: Optional[int] = None) -> Optional[str]:
+    """None when the file at ``path`` has ``size`` bytes and ``checksum``; else what is wrong.
 
-    The checkpoint's commit marker (``<path>.sha256``), when present, must agree as well.
+    ``checksum`` is ``"<algorithm>:<hex>"`` (session_watchdog/checksum.py) or, as reported before
+    checksums, a bare sha256 hex. The checkpoint's commit marker (``<path>.sha256``), when
+    present, must agree as well. ``verified_mtime_ns``: the file's mtime when its trainer read it
+    back from disk and found it whole (``trainer.json``); while the file still has that mtime
+    (and ``size``), it is not read again.
     """
-    import hashlib
     import stat
+
+    from session_watchdog import checksum as checksums
+
+    try:
+        expected = checksums.normalize(checksum)
+    except checksums.ChecksumError as err:
+        return f"checkpoint {path}: {err}"
 
     # Never follow a symlink put in the checkpoint's place, never wait on a FIFO, never read a
     # device without end (issue 18): a regular file, read up to the reported size.
@@ -141,19 +152,23 @@ def verify_checkpoint(path: str, sha256: str, size: int) -> Optional[str]:
             marker = channel.read_json(Path(path + ".sha256"))
         except (channel.ChannelError, RecursionError) as err:
             return f"checkpoint marker is unreadable: {err}"
-        if marker is not None and (marker.get("sha256") != sha256 or marker.get("bytes") != size):
+        if marker is not None and (checksums.for_record(marker) != expected
+                                   or marker.get("bytes") != size):
             return f"checkpoint marker {path}.sha256 does not match the trainer's report"
+        if verified_mtime_ns is not None and st.st_mtime_ns == verified_mtime_ns:
+            # Its trainer read it back from disk after the commit (CheckpointManager.verify) and
+            # it has not changed since: no cold re-read of many GB at the end (issue 17).
+            return None
+        algorithm = checksums.parse(expected)[0]
         os.set_blocking(fd, True)
-        digest = hashlib.sha256()
-        left = size + 1  # one byte more shows a file that grew
-        while left > 0:
-            block = fh.read(min(1 << 20, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    if left <= 0 or digest.hexdigest() != sha256:
-        return f"checkpoint {path} does not match its sha256 (torn or changed)"
+        try:
+            actual, read = checksums.of_stream(fh, algorithm, size)
+        except OSError as err:
+            return f"checkpoint {path} cannot be read: {err.strerror or err}"
+        except checksums.ChecksumError as err:
+            return f"checkpoint {path}: {err}"
+    if read != size or actual != expected:
+        return f"checkpoint {path} does not match its {algorithm} (torn or changed)"
     return None
 
 
@@ -349,11 +364,11 @@ class EndTransaction:
         mirror = channel.MirrorStatus.from_status(self.status)
         if mirror is None or ckpt is None or not self.check_checkpoint:
             return None
-        if mirror.last_sha256 != ckpt.sha256 or mirror.last_step != ckpt.step \
+        if mirror.last_checksum != ckpt.checksum or mirror.last_step != ckpt.step \
                 or mirror.last_path is None:
             raise EndAborted(_mirror_not_verified(ckpt, mirror))
         if mirror.local:
-            problem = verify_checkpoint(mirror.last_path, ckpt.sha256, ckpt.bytes)
+            problem = verify_checkpoint(mirror.last_path, ckpt.checksum, ckpt.bytes)
             if problem is None and os.path.basename(mirror.last_path) == DIR_MARKER:
                 problem = _verify_dir_files(mirror.last_path)  # a committed directory's files
             if problem is not None:
@@ -364,18 +379,22 @@ class EndTransaction:
 
     def _run(self) -> str:
         started_wall = time.time()
-        # 1-2. the last checkpoint verifies (size + sha256, marker agrees)
+        # 1-2. the last checkpoint verifies (size + checksum, marker agrees)
         ckpt = self.status.last_checkpoint if self.status is not None else None
         verified: Optional[Tuple[int, int, int]] = None
         if self.check_checkpoint:
             if ckpt is None:
                 self._step("end_verify", ok=None, message="no checkpoint was reported (plain command)")
             else:
-                problem = verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes)
+                read_back = ckpt.mtime_ns if ckpt.verified_at else None
+                problem = verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes, read_back)
                 if problem is not None:
                     raise EndAborted(problem)
                 verified = _identity(ckpt.path)
-                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes)
+                # trusted: the trainer's read-back stands (file unchanged), so no re-read here
+                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes,
+                           trusted=read_back is not None and verified is not None
+                           and verified[2] == read_back)
         # 3. the persistent copy is safe: Drive uploads asynchronously, so the checkpoint's size
         # must have settled (no unmount yet: the user may still cancel and go on training)
         paths = _checkpoint_files(ckpt.path) if ckpt is not None else []
@@ -414,7 +433,7 @@ class EndTransaction:
         if ckpt is not None and verified is not None and _identity(ckpt.path) != verified:
             # The file changed since it was verified (we hold save.lock, so not by our trainer):
             # verify it again right before the point of no return.
-            problem = verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes)
+            problem = verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes)
             if problem is not None:
                 raise EndAborted(f"{problem} (changed during the grace period)")
         # 6. the end action

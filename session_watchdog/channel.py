@@ -519,7 +519,26 @@ class CheckpointInfo:
     at: float
     duration_s: float
     bytes: int
-    sha256: str
+    sha256: str  # checkpoints written before checksums; "" for newer ones
+    checksum: str = ""  # "<algorithm>:<hex>" (session_watchdog/checksum.py): what verifies
+    # When the trainer last read the file back from disk and found it whole, and the file's
+    # mtime then: the end of the runtime checks size + mtime instead of re-reading it (issue 17).
+    verified_at: Optional[float] = None
+    mtime_ns: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.checksum and self.sha256:
+            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
+
+    def to_json(self) -> Dict[str, Any]:
+        """The ``last_checkpoint`` object: a sha256 as before checksums, unset fields omitted."""
+        obj = asdict(self)
+        if self.checksum == f"sha256:{self.sha256}":
+            del obj["checksum"]
+        for key in ("verified_at", "mtime_ns"):
+            if obj[key] is None:
+                del obj[key]
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> Optional[CheckpointInfo]:
@@ -534,8 +553,21 @@ class CheckpointInfo:
             at=_num(obj, "at") or 0.0,
             duration_s=_num(obj, "duration_s") or 0.0,
             bytes=_int(obj, "bytes") or 0,
-            sha256=_str(obj, "sha256") or "",
+            sha256=_str(obj, "sha256", optional="checksum" in obj) or "",
+            checksum=_str(obj, "checksum", optional=True) or "",
+            verified_at=_num(obj, "verified_at", optional=True),
+            mtime_ns=_mtime_ns(obj),
         )
+
+
+def _mtime_ns(obj: Mapping[str, Any]) -> Optional[int]:
+    """A file's st_mtime_ns: nanoseconds since 1970 exceed the bound of other integers."""
+    value = obj.get("mtime_ns")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ChannelError(f"field 'mtime_ns' is {value!r}, expected nanoseconds since 1970")
+    return value
 
 
 @dataclass(frozen=True)
@@ -561,6 +593,8 @@ class TrainerStatus:
         obj["v"] = SCHEMA_VERSION
         if self.acked_rid is None:
             del obj["acked_rid"]
+        if self.last_checkpoint is not None:
+            obj["last_checkpoint"] = self.last_checkpoint.to_json()
         return obj
 
     @classmethod
@@ -609,6 +643,7 @@ class MirrorStatus:
     last_bytes: Optional[int] = None
     last_at: Optional[float] = None
     last_duration_s: Optional[float] = None
+    last_checksum: Optional[str] = None  # "<algorithm>:<hex>"; from last_sha256 for old records
 
     @classmethod
     def from_status(cls, status: Optional[TrainerStatus]) -> Optional[MirrorStatus]:
@@ -632,6 +667,8 @@ class MirrorStatus:
                 last_bytes=_int(last, "bytes", optional=True),
                 last_at=_num(last, "at", optional=True),
                 last_duration_s=_num(last, "duration_s", optional=True),
+                last_checksum=_str(last, "checksum", optional=True) or (
+                    f"sha256:{last['sha256']}" if isinstance(last.get("sha256"), str) else None),
             )
         except ChannelError:
             return None

@@ -6,8 +6,8 @@ trainer's snapshot bytes as a checkpoint and must never import torch). One defin
 checkpoint the daemon writes is one the trainer resumes from.
 
 A checkpoint is ``<prefix>-<seq:08d>-step<step>.pt``; it counts once its marker
-``<name>.sha256`` (JSON ``{v, file, sha256, bytes, step, epoch, at, duration_s}``) exists and
-agrees with the file.
+``<name>.sha256`` (JSON ``{v, file, checksum, bytes, step, epoch, at, duration_s}``; markers of
+older versions hold ``sha256`` instead of ``checksum``) exists and agrees with the file.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Pattern, Tuple
 
 from session_watchdog import channel
+from session_watchdog import checksum as checksums
 
 MARKER_SUFFIX = ".sha256"
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -36,9 +37,12 @@ def owned_re(prefix: str) -> Pattern[str]:
     return re.compile(rf"^\.?{re.escape(prefix)}-(\d{{8,}})-step\d+\.pt")
 
 
-def marker_json(*, file: str, sha256: str, size: int, step: int, epoch: int, at: float,
-                duration_s: float) -> Dict[str, Any]:
-    return {"v": channel.SCHEMA_VERSION, "file": file, "sha256": sha256, "bytes": size,
+def marker_json(*, file: str, size: int, step: int, epoch: int, at: float, duration_s: float,
+                sha256: str = "", checksum: str = "") -> Dict[str, Any]:
+    """A commit marker recording ``checksum`` (``"crc32c:<hex>"``, session_watchdog/checksum.py)
+    or, as markers did before checksums, a bare ``sha256`` hex."""
+    return {"v": channel.SCHEMA_VERSION, "file": file,
+            **checksums.record_fields(checksum or sha256), "bytes": size,
             "step": step, "epoch": epoch, "at": at, "duration_s": duration_s}
 
 

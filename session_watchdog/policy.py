@@ -657,7 +657,7 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
             "end", TRAINING_COMPLETE,
             "training completed" + (f" at step {status.step}" if status is not None else ""),
             data={} if ckpt is None else {"checkpoint": ckpt.path, "sha256": ckpt.sha256,
-                                          "bytes": ckpt.bytes}))
+                                          "checksum": ckpt.checksum, "bytes": ckpt.bytes}))
         t.mark_done("end")
         return
     # A forgotten runtime: no live trainer, every GPU known and idle for idle_end_after.

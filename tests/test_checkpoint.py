@@ -34,6 +34,7 @@ from session_watchdog.trainer.checkpoint import (
 )
 
 np = pytest.importorskip("numpy")
+crc32c = pytest.importorskip("crc32c")
 
 
 def names(directory: Path) -> List[str]:
@@ -76,22 +77,22 @@ class TestCheckpointManagerInit:
 
 class TestSave:
     def test_saved_checkpoint_describes_the_file_exactly(self, tmp_path: Path):
-        """bytes and sha256 of the result are those of the file on disk; step and epoch as given."""
+        """bytes and CRC32C of the result are those of the file on disk; step and epoch as given."""
         saved = CheckpointManager(tmp_path).save(stamped(1), step=7, epoch=2)
         data = saved.path.read_bytes()
         assert saved.path == tmp_path / "ckpt-00000001-step7.pt"
         assert (saved.step, saved.epoch) == (7, 2)
         assert saved.bytes == len(data)
-        assert saved.sha256 == hashlib.sha256(data).hexdigest()
+        assert saved.checksum == f"crc32c:{crc32c.crc32c(data):08x}" and saved.sha256 == ""
         assert saved.duration_s > 0
 
     def test_hash_covers_large_records_exactly(self, tmp_path: Path):
-        """The sha256 matches the file when big tensors and a big pickle are hashed in the helper."""
+        """The checksum matches the file when big tensors and a big pickle are hashed in the helper."""
         state = {"a": torch.randn(1 << 20), "view": torch.randn(1 << 20)[::2],
                  "pickle": list(range(300_000))}  # data.pkl > 1 MiB: memory torch owns
         manager = CheckpointManager(tmp_path)
         for saved in (manager.save(state, step=1), manager.save_async(state, step=2).result()):
-            assert saved.sha256 == hashlib.sha256(saved.path.read_bytes()).hexdigest()
+            assert saved.checksum == f"crc32c:{crc32c.crc32c(saved.path.read_bytes()):08x}"
             assert saved.bytes == saved.path.stat().st_size
 
     @pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"),
@@ -111,11 +112,11 @@ class TestSave:
             torch.serialization.set_crc32_options(before)
 
     def test_marker_is_json_with_the_documented_fields(self, tmp_path: Path):
-        """The commit marker <name>.sha256 holds {v, file, sha256, bytes, step, epoch, at, duration_s}."""
+        """The commit marker <name>.sha256 holds {v, file, checksum, bytes, step, epoch, at, duration_s}."""
         saved = CheckpointManager(tmp_path).save(stamped(1), step=7, epoch=2)
         marker = json.loads(Path(str(saved.path) + ".sha256").read_text())
         assert marker == {
-            "v": 1, "file": "ckpt-00000001-step7.pt", "sha256": saved.sha256,
+            "v": 1, "file": "ckpt-00000001-step7.pt", "checksum": saved.checksum,
             "bytes": saved.bytes, "step": 7, "epoch": 2, "at": saved.at,
             "duration_s": saved.duration_s,
         }
@@ -200,7 +201,8 @@ def damage(manager: CheckpointManager, saved: SavedCheckpoint, kind: str, cut: f
     elif kind in ("bad_sha", "bad_size"):
         obj = json.loads(marker.read_text())
         if kind == "bad_sha":
-            obj["sha256"] = ("0" if obj["sha256"][0] != "0" else "1") + obj["sha256"][1:]
+            algorithm, digest = obj["checksum"].split(":")
+            obj["checksum"] = f"{algorithm}:{'0' if digest[0] != '0' else '1'}{digest[1:]}"
         else:
             obj["bytes"] += 1
         channel.write_json(marker, obj)

@@ -118,8 +118,13 @@ def resume_and_save_forever(directory: Path, fd: int) -> None:
 
 @pytest.mark.heavy
 class TestKillDuringSave:
-    def test_latest_is_always_the_last_reported_generation_or_the_next(self, tmp_path: Path):
-        """After SIGKILL at a random instant the latest checkpoint loads and is generation k or k+1."""
+    @pytest.mark.parametrize("unlink_ahead", [False, True], ids=["prune-inline", "prune-helper"])
+    def test_latest_is_always_the_last_reported_generation_or_the_next(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unlink_ahead: bool):
+        """After SIGKILL at a random instant the latest checkpoint loads and is generation k or k+1,
+        also when pruned files are unlinked by the helper thread (large checkpoints)."""
+        if unlink_ahead:  # set before the fork: the child prunes every file off its save thread
+            monkeypatch.setattr(checkpoint, "_UNLINK_AHEAD_BYTES", 1)
         rng = random.Random(SEED)
         interrupted = 0
         for cycle in range(HEAVY_N):

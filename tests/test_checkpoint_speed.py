@@ -5,6 +5,8 @@ No test asserts on time; benchmarks/bench_checkpoint.py measures the speed itsel
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -131,3 +133,74 @@ class TestEarlyWriteback:
         assert position <= saved.bytes
         assert manager.verify(saved.path)
         assert torch.equal(manager.load(saved)["t7"], torch.full((stride // 4 // 3,), 7.0))
+
+
+class TestSessionPreparesAsyncBuffers:
+    def test_first_step_pages_in_the_buffers_the_first_async_save_uses(self, tmp_path: Path):
+        """With async_save, the Session prepares the snapshot buffers at its first step boundary,
+        and its first async checkpoint is written through exactly those buffers."""
+        from session_watchdog.trainer.session import Session
+
+        model = torch.nn.Linear(64, 32)
+        optimizer = torch.optim.Adam(model.parameters())
+        session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
+                          optimizer=optimizer, async_save=True, exit_on_stop=False,
+                          handle_signals=False)
+        try:
+            assert buffer_addresses(session.manager) == {}
+            model(torch.randn(4, 64)).sum().backward()
+            optimizer.step()
+            session.step()
+            prepared = buffer_addresses(session.manager)
+            assert ("model", "weight") in prepared
+            assert ("optimizer", "state", 0, "exp_avg") in prepared
+            saved = session.manager.save_async(session._capture(), step=1).result()
+            assert buffer_addresses(session.manager) == prepared
+            assert torch.equal(session.manager.load(saved)["model"]["weight"], model.weight.detach())
+        finally:
+            session.close()
+
+    def test_a_sync_session_prepares_nothing(self, tmp_path: Path):
+        """Without async_save no snapshot buffers are allocated (no second copy of the state)."""
+        from session_watchdog.trainer.session import Session
+
+        model = torch.nn.Linear(8, 4)
+        session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
+                          exit_on_stop=False, handle_signals=False)
+        try:
+            session.step()
+            assert buffer_addresses(session.manager) == {}
+        finally:
+            session.close()
+
+
+class TestPruneOffTheCallersThread:
+    def test_large_pruned_files_are_unlinked_by_a_helper_thread(self, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+        """A pruned file of _UNLINK_AHEAD_BYTES or more is unlinked by a helper thread: save()
+        returns with its marker already gone, and list() (like the next save) waits for the file."""
+        monkeypatch.setattr(checkpoint, "_UNLINK_AHEAD_BYTES", 1000)
+        release = threading.Event()
+        real_remove = checkpoint._remove_any
+
+        def remove_when_released(path: Path) -> None:
+            if path.suffix == ".pt":
+                release.wait(120)
+            real_remove(path)
+
+        monkeypatch.setattr(checkpoint, "_remove_any", remove_when_released)
+        manager = CheckpointManager(tmp_path, keep=1)
+        first = manager.save({"w": torch.ones(10_000)}, step=1)
+        second = manager.save({"w": torch.full((10_000,), 2.0)}, step=2)
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            [first.path.name, second.path.name, second.path.name + ".sha256"])
+        release.set()
+        assert manager.list() == [second]
+        assert sorted(os.listdir(tmp_path)) == [second.path.name, second.path.name + ".sha256"]
+
+    def test_small_pruned_files_are_gone_when_save_returns(self, tmp_path: Path):
+        """Below the threshold nothing changes: the pruned checkpoint is gone when save() returns."""
+        manager = CheckpointManager(tmp_path, keep=1)
+        manager.save({"w": torch.ones(10)}, step=1)
+        second = manager.save({"w": torch.ones(10)}, step=2)
+        assert sorted(os.listdir(tmp_path)) == [second.path.name, second.path.name + ".sha256"]

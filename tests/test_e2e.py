@@ -49,7 +49,7 @@ class TestDemo:
                 and e["reason"].startswith("training_")] == [("info", "training_stopped")]
         stopped = samples[-1]["trainer"]["checkpoint"]
         # Runtime 2 saves too and keeps the last 2: runtime 1's file may be gone by now. Runtime
-        # 2's resume, which verifies size and sha256 before loading, is the proof that it was valid.
+        # 2's resume, which verifies size and checksum before loading, is the proof that it was valid.
         # ("resumed from PATH at epoch ..." from the example, "resumed path=PATH" from its log)
         resumed = re.findall(r"resumed (?:from |path=)(\S+)", proc.stdout + proc.stderr)
         assert stopped["path"] in resumed, resumed
@@ -88,4 +88,4 @@ class TestSlurmSignal:
         final = run_dir.read_status()
         assert (final.state, final.acked_seq) == ("stopped", stop[0]["seq"])
         ckpt = final.last_checkpoint
-        assert verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes) is None
+        assert verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -178,6 +179,21 @@ class TestTransaction:
             assert transaction(tmp_path, ckpt=ckpt, action=rec).run() == "aborted"
         assert rec.calls == []
         assert "does not match its sha256" in [e for e in events if e.get("step") == "end_aborted"][0]["message"]
+
+    @pytest.mark.parametrize("read_back", [True, False])
+    def test_the_trainers_read_back_is_trusted_while_the_file_is_unchanged(self, tmp_path, read_back):
+        """A checkpoint the trainer read back from disk (verified_at + mtime_ns) ends without a
+        re-read, logged as trusted; without that report the file is re-read (trusted False)."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        if read_back:
+            ckpt = dataclasses.replace(ckpt, verified_at=NOW,
+                                       mtime_ns=os.stat(ckpt.path).st_mtime_ns)
+        rec = Recorder()
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec).run() == "ended"
+        verify = [e for e in events if e.get("step") == "end_verify"]
+        assert [(e["ok"], e["trusted"]) for e in verify] == [(True, read_back)]
+        assert len(rec.calls) == 1
 
     def test_a_marker_that_disagrees_aborts(self, tmp_path):
         """The commit marker must agree with the trainer's report."""

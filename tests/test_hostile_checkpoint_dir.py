@@ -316,7 +316,7 @@ class TestEndVerifiesWithoutFollowing:
 
         saves = three_saves(tmp_path / "ckpt")
         corrupt_marker("nested-5000", marker_of(saves[2]))
-        problem = verify_checkpoint(str(saves[2].path), saves[2].sha256, saves[2].bytes)
+        problem = verify_checkpoint(str(saves[2].path), saves[2].checksum, saves[2].bytes)
         assert problem is not None and problem.startswith("checkpoint marker is unreadable")
 
     def test_a_good_checkpoint_still_verifies(self, tmp_path: Path) -> None:
@@ -324,4 +324,4 @@ class TestEndVerifiesWithoutFollowing:
         from session_watchdog.actions import verify_checkpoint
 
         saves = three_saves(tmp_path / "ckpt")
-        assert verify_checkpoint(str(saves[2].path), saves[2].sha256, saves[2].bytes) is None
+        assert verify_checkpoint(str(saves[2].path), saves[2].checksum, saves[2].bytes) is None

@@ -197,8 +197,8 @@ class TestLocalMirror:
                     (tmp_path / "ckpt" / (name + suffix)).read_bytes()
         assert sorted(os.listdir(shm / "m")) == sorted(mirrored + [n + ".sha256" for n in mirrored])
         last = status_of(tmp_path / "run").extra["last_mirrored"]
-        assert (last["step"], last["sha256"], last["path"]) == (
-            12, saved.sha256, str(shm / "m" / "ckpt-00000004-step12.pt"))
+        assert (last["step"], last["checksum"], last["path"]) == (
+            12, saved.checksum, str(shm / "m" / "ckpt-00000004-step12.pt"))
 
     def test_the_marker_is_written_last_after_reading_the_copy_back_from_the_target(
             self, make_session, shm, other_fs):

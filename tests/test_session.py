@@ -5,7 +5,6 @@ Real processes (exit codes, kill -9, bit-identical resume) are in test_trainer_e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from session_watchdog import channel
+from session_watchdog import channel, checksum
 from session_watchdog.channel import (
     DAEMON_LOCK,
     RUN_LOCK,
@@ -113,8 +112,8 @@ def status_of(run_dir: Path) -> TrainerStatus:
     return found
 
 
-def sha256_of(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def checksum_of(path: str) -> str:
+    return checksum.of_file(path, "crc32c")
 
 
 @pytest.fixture
@@ -285,7 +284,7 @@ class TestStep:
 class TestRequests:
     def test_checkpoint_request_is_acked_with_the_file_on_disk(
             self, make_session: Callable[..., Session], run_dir: Path) -> None:
-        """A checkpoint request is saved at a step boundary and acked: seq, path, step, bytes, sha256."""
+        """A checkpoint request is saved at a step boundary and acked: seq, path, step, bytes, checksum."""
         session = make_session()
         step_until(session, lambda: session.global_step >= 5)
         RunDir(run_dir).write_request(request(1))
@@ -296,7 +295,7 @@ class TestRequests:
         assert status.acked_seq == 1 and ckpt.seq == 1
         assert Path(ckpt.path).is_file() and Path(ckpt.path).is_absolute()
         assert ckpt.bytes == os.path.getsize(ckpt.path)
-        assert ckpt.sha256 == sha256_of(ckpt.path)
+        assert ckpt.checksum == checksum_of(ckpt.path)
         assert ckpt.step == session.global_step  # saved at the boundary of the step that acked
         assert ckpt.duration_s > 0 and ckpt.at == pytest.approx(time.time(), abs=5.0)
         assert status.extra["checkpoint_duration_s"] == pytest.approx(ckpt.duration_s, abs=1e-5)
@@ -432,7 +431,7 @@ class TestRequests:
         wait_until(lambda: status_of(run_dir).acked_seq == 1)
         ckpt = status_of(run_dir).last_checkpoint
         assert ckpt is not None and ckpt.step == at_snapshot and ckpt.seq == 1
-        assert ckpt.sha256 == sha256_of(ckpt.path)
+        assert ckpt.checksum == checksum_of(ckpt.path)
         assert session.manager.verify(ckpt.path)
         assert not lock_held(run_dir / SAVE_LOCK)
         assert len(session.manager.list()) == 1  # the request was not answered twice
@@ -701,7 +700,10 @@ class TestComplete:
         assert status.state == "completed" and status.step == 7
         assert status.last_checkpoint is not None
         assert status.last_checkpoint.path == str(saved.path)
-        assert status.last_checkpoint.sha256 == sha256_of(str(saved.path))
+        assert status.last_checkpoint.checksum == checksum_of(str(saved.path))
+        # complete() read it back from disk: the end of the runtime need not (issue 17)
+        assert status.last_checkpoint.mtime_ns == os.stat(saved.path).st_mtime_ns
+        assert status.last_checkpoint.verified_at is not None
         assert not lock_held(run_dir / RUN_LOCK)
 
     def test_failed_final_save_is_not_completed(self, make_session: Callable[..., Session],

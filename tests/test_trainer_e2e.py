@@ -5,7 +5,6 @@ Each child imports torch (about 3 s), so the scenarios are few and each checks a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ import pytest
 import torch
 from torch_helpers import assert_same
 
+from session_watchdog import checksum
 from session_watchdog.channel import RUN_LOCK, Request, RunDir, TrainerStatus, lock_held
 from session_watchdog.trainer.checkpoint import CheckpointManager
 from session_watchdog.trainer.session import EXIT_STOPPED
@@ -92,7 +92,7 @@ def assert_matches_file(status: TrainerStatus) -> None:
     ckpt = status.last_checkpoint
     assert ckpt is not None
     data = Path(ckpt.path).read_bytes()
-    assert (ckpt.bytes, ckpt.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (ckpt.bytes, ckpt.checksum) == (len(data), checksum.of_file(ckpt.path, "crc32c"))
 
 
 class TestStopInAChild:

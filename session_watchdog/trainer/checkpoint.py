@@ -6,17 +6,19 @@ On-disk protocol, per save (all files in the checkpoint directory itself, never 
 rename is only atomic within one filesystem):
 
 1. ``torch.save`` into a fresh temp file next to the target (``channel.temp_path_for`` +
-   ``channel.open_exclusive``: O_EXCL|O_NOFOLLOW, mode 0600), hashing every byte on its way out so
-   the sha256 costs no second read; every 32 MiB written, writeback of what is written is
-   started (sync_file_range), so the disk works while torch serializes the rest;
+   ``channel.open_exclusive``: O_EXCL|O_NOFOLLOW, mode 0600), checksumming every byte on its way
+   out so the checksum (CRC32C, ``session_watchdog.checksum``) costs no second read; every 32 MiB
+   written, writeback of what is written is started (sync_file_range), so the disk works while
+   torch serializes the rest;
 2. fsync the temp file, ``os.replace`` it to its final, never-reused name
    ``<prefix>-<seq:08d>-step<step>.pt`` and fsync the directory;
-3. commit: write the marker ``<name>.sha256`` (JSON ``{v, file, sha256, bytes, step, epoch, at,
-   duration_s}``) with ``channel.write_json`` (the same temp -> fsync -> replace way);
+3. commit: write the marker ``<name>.sha256`` (JSON ``{v, file, checksum, bytes, step, epoch,
+   at, duration_s}``; the name predates checksums, and older markers with a ``sha256`` field
+   instead of ``checksum`` still verify) with ``channel.write_json`` (temp -> fsync -> replace);
 4. only then delete checkpoints beyond the newest ``keep``: marker first, so that a deletion cut
    short leaves an *unmarked* file (ignored), never a marker whose file is gone or half-deleted.
 
-A checkpoint exists for resuming only once its marker does and the marker's size and sha256
+A checkpoint exists for resuming only once its marker does and the marker's size and checksum
 match the file. Anything else (torn, unmarked, empty, bad marker) is set aside as ``.broken``
 (one kept, for a post-mortem) by :meth:`CheckpointManager.latest`. A failed save removes its temp
 file and leaves every committed checkpoint as it was; a failed fsync is never retried on the same
@@ -33,7 +35,6 @@ import collections
 import copy
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import pickle
@@ -51,7 +52,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from session_watchdog import channel, ckptfile, mounts
+from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
 
 __all__ = [
@@ -82,9 +83,9 @@ MARKER_SUFFIX = ckptfile.MARKER_SUFFIX
 BROKEN_SUFFIX = ".broken"
 # channel owns the temp-name format; learn its suffix from it instead of copying a private name.
 _TEMP_SUFFIX = temp_path_for(Path("x")).suffix
-_HASH_CHUNK = 8 << 20  # read size for verify(); large enough to keep the disk streaming
 _COALESCE = 1 << 20  # torch.save emits many tiny zip headers: batch them into one write()
 _WRITEBACK_EVERY = 32 << 20  # start the disk on what is written so far, every this many bytes
+_UNLINK_AHEAD_BYTES = 64 << 20  # pruned files this large are unlinked by a helper thread
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -215,9 +216,14 @@ class SavedCheckpoint:
     step: int
     epoch: int
     bytes: int
-    sha256: str
+    sha256: str  # the sha256 of checkpoints written before checksums; "" for newer ones
     duration_s: float
     at: float
+    checksum: str = ""  # "<algorithm>:<hex>" (session_watchdog/checksum.py): what verifies
+
+    def __post_init__(self) -> None:
+        if not self.checksum and self.sha256:
+            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
 
 
 class PendingSave:
@@ -398,7 +404,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def _skip_torch_crc32() -> Callable[[], None]:
     """Turn off torch.save's per-record crc32 until the returned callable is called.
 
-    The sha256 of the whole file already covers every byte, and zip crc32 (miniz, one core)
+    The checksum of the whole file already covers every byte, and zip crc32 (miniz, one core)
     costs about 0.3 s per GB on the critical path. torch documents that files saved without it
     still load with torch.load (``torch.serialization.set_crc32_options``). The setting is
     process-wide and read when torch.save opens its writer, so it is restored at our writer's
@@ -427,7 +433,7 @@ class _HashingWriter:
     """A write-only file object over a raw fd that hashes and counts what passes through.
 
     Every byte is hashed by one helper thread, in order (a FIFO queue), while this thread goes
-    on writing: ``os.write`` and ``hashlib`` both release the GIL. torch.save hands each tensor
+    on writing: ``os.write`` and the checksum functions release the GIL. torch.save hands each tensor
     storage to ``write`` as one memoryview of the storage's own memory. When that memory is a CPU
     storage of the state being saved (``stable``: alive and unchanged until the save returns), the
     hash may lag behind and finishes while torch serializes the next record and while the file
@@ -447,7 +453,8 @@ class _HashingWriter:
         # Deliberately not an io.RawIOBase: its finalizer would flush() into an fd we closed.
         self._fd = fd
         self._on_first_write = on_first_write
-        self._sha = hashlib.sha256()
+        self.algorithm = checksum.preferred()
+        self._sha = checksum.new(self.algorithm)
         self._pending = bytearray()
         self._stable = sorted(stable)
         self._starts = [start for start, _ in self._stable]
@@ -489,7 +496,7 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         self.settle()
-        return self._sha.hexdigest()
+        return f"{self.algorithm}:{self._sha.hexdigest()}"
 
     def _hash(self, view: memoryview) -> Future[None]:
         self._last = _hasher_thread().submit(self._sha.update, view)
@@ -623,7 +630,10 @@ class CheckpointManager:
         self._pending: Optional[PendingSave] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
         self._prepare_thread: Optional[threading.Thread] = None  # prepare_async's page-in
+        self._pruner: Optional[threading.Thread] = None  # unlinks large pruned files (_prune)
         self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
+        self._verified: Dict[Path, Tuple[float, int]] = {}  # verify() passes: (at, mtime_ns)
+        self._verified_lock = threading.Lock()
         _open_directory(self.directory, mount_roots)
         self._sweep_temps()
 
@@ -811,6 +821,7 @@ class CheckpointManager:
         stable: Sequence[Tuple[int, int]],
     ) -> SavedCheckpoint:
         """The save protocol (module docstring); the caller holds ``self._lock``."""
+        self._join_pruner()  # the space of the files pruned last time is free before we write
         started = time.monotonic()
         seq = max(self._last_seq, self._max_owned_seq()) + 1  # names are never reused
         self._last_seq = seq
@@ -886,8 +897,8 @@ class CheckpointManager:
         try:
             fsync_dir(self.directory)
             saved = SavedCheckpoint(
-                path=final, step=step, epoch=epoch, bytes=writer.count, sha256=digest,
-                duration_s=time.monotonic() - started, at=time.time(),
+                path=final, step=step, epoch=epoch, bytes=writer.count, sha256="",
+                duration_s=time.monotonic() - started, at=time.time(), checksum=digest,
             )
             write_json(marker, self._marker_json(saved))  # the commit point
         except BaseException as err:
@@ -901,9 +912,9 @@ class CheckpointManager:
         return saved
 
     def _marker_json(self, saved: SavedCheckpoint) -> Dict[str, Any]:
-        return ckptfile.marker_json(file=saved.path.name, sha256=saved.sha256, size=saved.bytes,
-                                    step=saved.step, epoch=saved.epoch, at=saved.at,
-                                    duration_s=saved.duration_s)
+        return ckptfile.marker_json(file=saved.path.name, checksum=saved.checksum,
+                                    size=saved.bytes, step=saved.step, epoch=saved.epoch,
+                                    at=saved.at, duration_s=saved.duration_s)
 
     def _free_bytes(self) -> Optional[int]:
         try:
@@ -932,18 +943,43 @@ class CheckpointManager:
         # Markers first: a cut-short prune leaves unmarked files only. Each name on its own, and
         # whatever kind of file it is (a marker made a directory stopped every later prune:
         # issue 18); the new checkpoint is committed, so failing the save now would misreport it.
-        for group in ([entry.marker for entry in doomed], [entry.path for entry in doomed]):
-            for path in group:
-                try:
-                    _remove_any(path)
-                except OSError as err:
-                    _event(logging.WARNING, "checkpoint_prune_failed", path=str(path),
-                           error=str(err), errno=err.errno)
+        self._remove_all([entry.marker for entry in doomed])
+        # Freeing a large file's blocks takes the filesystem a while (0.2 s per GiB on ext4): on
+        # the caller's time that was a fifth of a 1 GiB save (issue 17). Unmarked now, those
+        # files are litter that a later prune would remove anyway, so a helper thread unlinks
+        # them; the next save (and list/latest) waits for it, so space and listings are as before.
+        large = [entry.path for entry in doomed if _regular_size(entry.path) >= _UNLINK_AHEAD_BYTES]
+        self._remove_all([entry.path for entry in doomed if entry.path not in large])
+        if large:
+            worker = threading.Thread(target=self._remove_all, args=(large,),
+                                      name="sw-checkpoint-prune")
             try:
-                fsync_dir(self.directory)
+                worker.start()
+            except RuntimeError:  # "can't start new thread": do it here
+                self._remove_all(large)
+            else:
+                self._pruner = worker
+
+    def _remove_all(self, paths: List[Path]) -> None:
+        """Remove each of ``paths`` (see _remove_any), then fsync the directory; errors are logged."""
+        if not paths:
+            return
+        for path in paths:
+            try:
+                _remove_any(path)
             except OSError as err:
-                _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
+                _event(logging.WARNING, "checkpoint_prune_failed", path=str(path),
                        error=str(err), errno=err.errno)
+        try:
+            fsync_dir(self.directory)
+        except OSError as err:
+            _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
+                   error=str(err), errno=err.errno)
+
+    def _join_pruner(self) -> None:
+        worker, self._pruner = self._pruner, None
+        if worker is not None:
+            worker.join()
 
     def keep_ahead_of(self, step: int) -> List[SavedCheckpoint]:
         """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
@@ -968,6 +1004,7 @@ class CheckpointManager:
         :meth:`latest`, it first waits for this manager's own save in flight, if any.
         """
         with self._lock:
+            self._join_pruner()
             found = []
             for entry in sorted(self._scan(), key=lambda e: e.seq):
                 saved = self._read_marker(entry, check_size=True)
@@ -976,29 +1013,39 @@ class CheckpointManager:
             return found
 
     def latest(self) -> Optional[SavedCheckpoint]:
-        """The newest checkpoint whose marker verifies (size and sha256), or None.
+        """The newest checkpoint whose marker verifies (size and checksum), or None.
 
         Newer files that fail (torn, unmarked, empty, bad marker) are set aside as
         ``<name>.broken``; only the most recent ``.broken`` file is kept. Call it at resume
         time: a save running in another process would look unmarked.
         """
         with self._lock:
+            self._join_pruner()
             found: Optional[SavedCheckpoint] = None
             for entry in sorted(self._scan(), key=lambda e: e.seq, reverse=True):
                 saved = self._read_marker(entry, check_size=True)
                 try:
-                    if saved is not None and _sha256_of(entry.path, saved.bytes) == saved.sha256:
+                    if saved is not None and checksum.matches(entry.path, saved.checksum,
+                                                              saved.bytes):
                         found = saved
                         break
                     self._set_aside(entry)
-                except OSError as err:  # unreadable (EIO): fall back to an older one
+                except (OSError, checksum.ChecksumError) as err:
+                    # unreadable (EIO), or a checksum this install cannot compute (crc32c without
+                    # its package): fall back to an older one, never set aside a file that may
+                    # well be intact
                     _event(logging.WARNING, "checkpoint_unreadable", path=str(entry.path),
                            error=str(err))
             self._drop_orphan_markers()
             return found
 
-    def verify(self, path: Union[Path, str]) -> bool:
-        """Whether ``path`` is a committed checkpoint whose size and sha256 match its marker."""
+    def verify(self, path: Union[Path, str], *, cold: bool = True) -> bool:
+        """Whether ``path`` is a committed checkpoint whose size and checksum match its marker.
+
+        ``cold`` (default): read the file back from the disk, its cached pages dropped first;
+        when it matches and did not change meanwhile, :meth:`verification` tells when and at
+        which mtime. ``cold=False`` reads through the page cache and records nothing.
+        """
         path = Path(path)
         match = self._final_re.match(path.name)
         if match is None:
@@ -1008,9 +1055,27 @@ class CheckpointManager:
         if saved is None:
             return False
         try:
-            return _sha256_of(path, saved.bytes) == saved.sha256
-        except OSError:
+            before = os.stat(path)
+            if not checksum.matches(path, saved.checksum, saved.bytes, cold=cold):
+                return False
+            after = os.stat(path)
+        except (OSError, checksum.ChecksumError):
             return False
+        if cold and (after.st_ino, after.st_size, after.st_mtime_ns) \
+                == (before.st_ino, before.st_size, before.st_mtime_ns):
+            with self._verified_lock:
+                self._verified = {p: v for p, v in self._verified.items() if p.exists()}
+                self._verified[path] = (time.time(), after.st_mtime_ns)
+        return True
+
+    def verification(self, path: Union[Path, str]) -> Optional[Tuple[float, int]]:
+        """``(verified_at, mtime_ns)`` of the last :meth:`verify` of ``path`` that passed, if any.
+
+        The Session reports it in ``trainer.json``, so the end of the runtime checks the file's
+        size and mtime instead of re-reading it whole (actions.verify_checkpoint, issue 17).
+        """
+        with self._verified_lock:
+            return self._verified.get(Path(path))
 
     def load(
         self, saved: Optional[SavedCheckpoint] = None, map_location: Any = "cpu"
@@ -1025,7 +1090,7 @@ class CheckpointManager:
             saved = self.latest()
             if saved is None:
                 raise CheckpointError(f"no committed checkpoint in {self.directory}")
-        elif not self.verify(saved.path):
+        elif not self.verify(saved.path, cold=False):  # torch.load reads it next: keep it cached
             raise CheckpointError(
                 f"checkpoint {saved.path} does not match its marker (torn, changed or uncommitted)"
             )
@@ -1177,21 +1242,23 @@ def checkpoint_from_marker(obj: Dict[str, Any], path: Path, step: int) -> Option
     None when the marker is malformed or names another file or step. The file itself is not
     looked at (the mirror reads markers of files on other tiers with this, trainer/mirror.py).
     """
+    recorded = checksum.for_record(obj)  # "checksum", or "sha256" of older markers
+    if recorded is None or ("checksum" in obj and "sha256" in obj):
+        return None  # none, malformed, or two that could disagree
     try:
         saved = SavedCheckpoint(
             path=path,
             step=_field(obj, "step", int),
             epoch=_field(obj, "epoch", int),
             bytes=_field(obj, "bytes", int),
-            sha256=_field(obj, "sha256", str),
+            sha256=recorded[len("sha256:"):] if recorded.startswith("sha256:") else "",
             duration_s=float(_field(obj, "duration_s", (int, float), default=0.0)),
             at=float(_field(obj, "at", (int, float))),
+            checksum=recorded,
         )
     except (KeyError, TypeError):
         return None
-    if obj.get("file", path.name) != path.name or saved.step != step:
-        return None
-    if not re.fullmatch(r"[0-9a-f]{64}", saved.sha256) or saved.bytes <= 0:
+    if obj.get("file", path.name) != path.name or saved.step != step or saved.bytes <= 0:
         return None
     return saved
 
@@ -1222,19 +1289,13 @@ def _open_regular(path: Path) -> IO[bytes]:
         raise
 
 
-def _sha256_of(path: Path, limit: Optional[int] = None) -> str:
-    """sha256 of a regular file (see _open_regular); reads at most ``limit`` + 1 bytes."""
-    digest = hashlib.sha256()
-    left = None if limit is None else limit + 1  # one more byte shows a file that grew
-    with _open_regular(path) as fh:
-        while left is None or left > 0:
-            chunk = fh.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return digest.hexdigest()
+def _regular_size(path: Path) -> int:
+    """The size of a regular file at ``path`` (never followed); 0 for anything else or nothing."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def _is_regular_or_missing(path: Path) -> bool:

@@ -284,7 +284,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world: int,
         final = session.complete()
         agreement = session.agreement
         agreements = f" after {agreement.agreements} agreements" if agreement else ""
-        print(f"{prefix}completed at step {final.step}: {final.path} sha256 {final.sha256[:16]}"
+        print(f"{prefix}completed at step {final.step}: {final.path} "
+              f"{getattr(final, 'checksum', '') or 'sha256:' + final.sha256[:16]}"
               f"{agreements}", flush=True)
     return 0
 

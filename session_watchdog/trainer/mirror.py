@@ -12,7 +12,7 @@ callbacks (``integrations/_mirror.py``, :class:`DirMirror`). Steps 1-2 run for e
 1. stream the file into the target (local: a temp file next to the final name, written through
    :meth:`LocalTarget.write_chunk`, fsynced where the filesystem supports it, renamed; object
    stores: one upload to the final key, which appears only when complete);
-2. read it back *from the target* and compare size and sha256 with the local commit marker;
+2. read it back *from the target* and compare size and checksum with the local commit marker;
 3. only then write the marker (the same JSON as the local one, checkpoint.py): the commit. On an
    object store, where there is no rename, the marker object is the commit;
 4. keep the newest ``keep`` committed checkpoints there (markers deleted first, as locally). The
@@ -32,7 +32,6 @@ copy - and on Colab it is what an unmounted ``/content/drive/MyDrive/...`` path 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
-from session_watchdog import channel
+from session_watchdog import channel, checksum
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for
 from session_watchdog.trainer.mirror_targets import (
     ERROR,
@@ -96,16 +95,23 @@ class MirroredCheckpoint:
     name: str
     seq: int
     step: int
-    sha256: str
+    sha256: str  # checkpoints written before checksums; "" for newer ones
     bytes: int
     at: float
     duration_s: float
     copy_s: float
+    checksum: str = ""  # "<algorithm>:<hex>", as in the commit marker (session_watchdog/checksum.py)
+
+    def __post_init__(self) -> None:
+        if not self.checksum and self.sha256:
+            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
 
     def to_json(self) -> Dict[str, Any]:
         """The ``last_mirrored`` object of ``trainer.json``."""
         obj = asdict(self)
         obj["path"] = obj.pop("location")
+        if self.checksum == f"sha256:{self.sha256}":
+            del obj["checksum"]  # a sha256 is recorded as before checksums existed
         obj["duration_s"] = round(self.duration_s, 6)
         obj["copy_s"] = round(self.copy_s, 6)
         return obj
@@ -128,7 +134,7 @@ class _File:
     name: str  # on the target
     path: Path  # local
     bytes: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex>", or a bare sha256 hex (directory commits, older markers)
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ class _Unit:
     marker_name: str
     marker_bytes: bytes
     report_name: str  # what trainer.json's last_mirrored points to (the daemon re-hashes it)
-    sha256: str
+    checksum: str  # as _File.checksum
     bytes: int
 
 
@@ -333,16 +339,16 @@ class Mirror:
             if cand.seq <= local_top:
                 break
             try:
-                report_name, sha256, size = self._copy_down(manager, cand)
+                report_name, recorded, size = self._copy_down(manager, cand)
             except Exception as err:
                 _event(logging.WARNING, "mirror_restore_skipped", target=self.location,
                        name=cand.name, problem=classify(err), error=str(err))
                 continue
             with self._cond:
                 self._last = MirroredCheckpoint(
-                    location=self.target.join(report_name), name=cand.name, seq=cand.seq,
-                    step=cand.step, sha256=sha256, bytes=size, at=time.time(),
-                    duration_s=0.0, copy_s=0.0)
+                    location=self.target.join(report_name), name=cand.name, seq=cand.seq, step=cand.step,
+                    sha256=_sha256_of(recorded), bytes=size, at=time.time(), duration_s=0.0,
+                    copy_s=0.0, checksum=checksum.normalize(recorded))
                 self._reported = self._last
                 manager._last_seq = max(manager._last_seq, cand.seq)
             _event(logging.INFO, "mirror_restored", target=self.location, name=cand.name,
@@ -352,11 +358,14 @@ class Mirror:
         return None
 
     def _copy_down(self, manager: CheckpointManager, cand: _Candidate) -> Tuple[str, str, int]:
-        """Copy ``cand`` down, verified; return what describes it (name, sha256, bytes)."""
+        """Copy ``cand`` down, verified; return what describes it (name, checksum, bytes)."""
         final = manager.directory / cand.name
+        expected = checksum.for_record(cand.marker)
+        if expected is None:
+            raise MirrorError(MISMATCH, f"{self.target.join(cand.name)}'s marker has no checksum")
         tmp = temp_path_for(final)
         fd = open_exclusive(tmp)
-        digest = hashlib.sha256()
+        digest = checksum.new(checksum.parse(expected)[0])
         size = 0
         try:
             try:
@@ -369,7 +378,7 @@ class Mirror:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if size != cand.marker["bytes"] or digest.hexdigest() != cand.marker["sha256"]:
+            if size != cand.marker["bytes"] or not _same(digest, expected):
                 raise MirrorError(MISMATCH, f"{self.target.join(cand.name)} does not match its "
                                   "marker (torn or changed on the mirror)")
             os.replace(tmp, final)
@@ -378,7 +387,7 @@ class Mirror:
             raise
         fsync_dir(manager.directory)
         channel.write_json(final.with_name(final.name + MARKER_SUFFIX), cand.marker)
-        return cand.name, str(cand.marker["sha256"]), int(cand.marker["bytes"])
+        return cand.name, expected, int(cand.marker["bytes"])
 
     # ---- the worker ---------------------------------------------------------------------
 
@@ -464,12 +473,12 @@ class Mirror:
                 for fd in fds:
                     os.close(fd)
             for item in unit.files:
-                digest = hashlib.sha256()
+                digest = checksum.new(checksum.parse(item.checksum)[0])
                 read = 0
                 for block in target.read_chunks(item.name):  # from the target, never the source
                     digest.update(block)
                     read += len(block)
-                if read != item.bytes or digest.hexdigest() != item.sha256:
+                if read != item.bytes or not _same(digest, item.checksum):
                     raise MirrorError(MISMATCH, f"{target.join(item.name)} read back {read} bytes "
                                       f"that do not match {unit.name}'s marker: {HINTS[MISMATCH]}")
             if not present:
@@ -489,8 +498,9 @@ class Mirror:
         now = time.monotonic()
         result = MirroredCheckpoint(
             location=target.join(unit.report_name), name=unit.name, seq=seq, step=saved.step,
-            sha256=unit.sha256, bytes=unit.bytes, at=time.time(),
-            duration_s=now - committed, copy_s=now - started)
+            sha256=_sha256_of(unit.checksum), bytes=unit.bytes, at=time.time(),
+            duration_s=now - committed, copy_s=now - started,
+            checksum=checksum.normalize(unit.checksum))
         self._prune(seq)
         return result
 
@@ -510,8 +520,11 @@ class Mirror:
             raise MirrorError(ERROR, f"{marker_path} is gone (pruned locally before it could "
                               "be mirrored)")
         data = json.dumps(marker, separators=(",", ":"), sort_keys=True).encode()
-        return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), str(marker["sha256"]))],
-                     name + MARKER_SUFFIX, data, name, saved.sha256, saved.bytes)
+        recorded = checksum.for_record(marker)
+        if recorded is None:
+            raise MirrorError(ERROR, f"{marker_path} records no checksum (changed locally)")
+        return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), recorded)],
+                     name + MARKER_SUFFIX, data, name, saved.checksum, saved.bytes)
 
     def _before_copy(self, unit: _Unit) -> bool:
         """Make room on the target for ``unit``; True: that very commit is there already (then
@@ -615,6 +628,18 @@ class Mirror:
             self._on_change(self.report())
         except Exception as err:  # reporting must never break the copy
             _event(logging.WARNING, "mirror_report_failed", error=str(err))
+
+
+def _same(digest: Any, expected: str) -> bool:
+    """Whether a running checksum of ``checksum.new`` ended at ``expected`` (any spelling)."""
+    algorithm = checksum.parse(expected)[0]
+    return f"{algorithm}:{digest.hexdigest()}" == checksum.normalize(expected)
+
+
+def _sha256_of(recorded: str) -> str:
+    """``MirroredCheckpoint.sha256`` of a checksum in any spelling: its hex for a sha256, else ""."""
+    algorithm, digest = checksum.parse(recorded)
+    return digest if algorithm == "sha256" else ""
 
 
 def _unlink_quietly(path: Path) -> None:

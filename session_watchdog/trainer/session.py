@@ -326,6 +326,8 @@ class Session:
             ``"off"`` (where None is allowed); a string without a unit is refused.
         async_save: write requested and periodic checkpoints in the background (the ack goes
             out when the file is durable); stop and final checkpoints are always synchronous.
+            The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
+            first step boundary, so that even the first save stalls only for a memory copy.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -487,6 +489,10 @@ class Session:
             self.async_save = False
             _event(logging.INFO, "async_save_ignored", reason="distributed or sharded: saves "
                    "are collective and synchronous")
+        # Async saves: allocate and page in the snapshot buffers at the first step boundary, so
+        # the first save's stall is a memory copy like every later one (issue 17).
+        self._prepare_snapshot = self.async_save
+        self._pending = self._pending or self.async_save
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:
             if self.sharded:
@@ -806,7 +812,7 @@ class Session:
             if self._dist is None and self._sharded_ckpt is None \
                     and not self.manager.verify(saved.path):
                 raise self._ckpt.CheckpointError(
-                    f"final checkpoint {saved.path} failed verification (size or sha256)")
+                    f"final checkpoint {saved.path} failed verification (size or checksum)")
         except BaseException as err:
             self._fail(err)
             self.close()
@@ -816,7 +822,8 @@ class Session:
             end_runtime_after = "complete" if _process_outlives_training() else "exit"
         self._keep_run_lock = end_runtime_after == "exit"
         _event(logging.INFO, "completed", path=str(saved.path), step=saved.step,
-               sha256=saved.sha256, end_runtime_after=end_runtime_after)
+               checksum=getattr(saved, "checksum", "") or f"sha256:{saved.sha256}",
+               end_runtime_after=end_runtime_after)
         self._wait_mirror(saved, "complete", self.mirror_wait_s)
         self.close()
         return saved
@@ -903,6 +910,12 @@ class Session:
         self._pending = False
         if self._closed:
             return None
+        if self._prepare_snapshot:
+            self._prepare_snapshot = False
+            try:
+                self.manager.prepare_async(self._capture())
+            except Exception as err:  # an optimization only: the first save allocates instead
+                _event(logging.WARNING, "snapshot_prepare_failed", error=str(err))
         # Distributed: only the step count decides (the same on every rank: a collective follows).
         if self._snapshots is not None and (self._step >= self._snap_at
                                             or (self._snap_due and self._dist is None)):
@@ -1155,7 +1168,7 @@ class Session:
                                           epoch=self._epoch)
                 if final and not self.manager.verify(saved.path):
                     raise self._ckpt.CheckpointError(
-                        f"final checkpoint {saved.path} failed verification (size or sha256)")
+                        f"final checkpoint {saved.path} failed verification (size or checksum)")
                 outcome = ("ok", saved)
             except Exception as err:  # every rank must hear of it, or the others wait forever
                 error = err
@@ -1294,7 +1307,9 @@ class Session:
                 state: Optional[str]) -> None:
         """Report a durable checkpoint (and the ack of ``seq``) in one ``trainer.json`` write."""
         with self._status_lock:
-            self._last_checkpoint = _info(saved, seq=seq)
+            verification = getattr(self.manager, "verification", None)
+            self._last_checkpoint = _info(
+                saved, seq=seq, verified=verification(saved.path) if verification else None)
             self._extra["checkpoint_duration_s"] = round(float(saved.duration_s), 6)
             total = getattr(saved, "total_bytes", None)
             if total is not None:
@@ -1651,8 +1666,12 @@ def _world_size() -> int:
     return int(dist.get_world_size())
 
 
-def _info(saved: Union[SavedCheckpoint, ShardedCheckpoint], *,
-          seq: Optional[int]) -> CheckpointInfo:
+def _info(saved: Union[SavedCheckpoint, ShardedCheckpoint], *, seq: Optional[int],
+          verified: Optional[Tuple[float, int]] = None) -> CheckpointInfo:
+    """``verified``: ``(verified_at, mtime_ns)`` of the trainer's read-back of the file, if any."""
     return CheckpointInfo(path=os.path.abspath(saved.path), seq=seq, step=int(saved.step),
                           at=float(saved.at), duration_s=float(saved.duration_s),
-                          bytes=int(saved.bytes), sha256=str(saved.sha256))
+                          bytes=int(saved.bytes), sha256=str(saved.sha256),
+                          checksum=str(getattr(saved, "checksum", "") or ""),
+                          verified_at=verified[0] if verified else None,
+                          mtime_ns=verified[1] if verified else None)
