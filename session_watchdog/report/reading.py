@@ -82,7 +82,7 @@ QUIET_EVENTS = frozenset({
     "remote_poll_failed", "remote_poll_recovered", "budget_extended",
     # restarts whose outcome the supervise events below carry (issue 13)
     "restart_cancelled", "restart_failed", "restart_gpu_busy", "snapshot_not_persisted",
-    "snapshot_persist_failed",
+    "snapshot_persist_failed", "snapshot_generation_chosen",
 })
 # run --restarts and snapshots (issue 13): listed with the decisions and actions; the cause of a
 # failure or restart is their reason.
