@@ -232,3 +232,28 @@ class TestSharedMemorySafety:
         snap.wait()
         assert snapshot_slots.newest(snap.directory).step == 1
         assert oct(os.stat(snap.directory).st_mode & 0o777) == "0o700"
+
+
+class TestAfterARestart:
+    def test_a_restarted_trainers_first_snapshot_outranks_the_crashed_attempts(self, tmp_path):
+        """A Snapshotter over slots an earlier attempt left (generations 7 and 8) numbers its
+        first snapshot 9, so the newest complete snapshot is the restarted trainer's own."""
+        import torch
+
+        from session_watchdog.trainer.snapshot import Snapshotter
+
+        shm = tmp_path / "shm"
+        shm.mkdir()
+        first = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", 1, None, lambda r: None,
+                            shm_root=shm)
+        for step in range(1, 9):  # the crashed attempt: generations 1..8, steps 1..8
+            first.take({"w": torch.full((4,), float(step))}, step=step, epoch=0)
+            first.wait()
+        assert [snapshot_slots.read_header(first.directory / n)["gen"]
+                for n in snapshot_slots.SLOTS] == [8, 7]
+        again = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", 1, None, lambda r: None,
+                            shm_root=shm)
+        again.take({"w": torch.full((4,), 6.0)}, step=6, epoch=0)  # resumed from step 5
+        again.wait()
+        newest = snapshot_slots.newest(again.directory)
+        assert (newest.gen, newest.step) == (9, 6)

@@ -126,7 +126,11 @@ class Snapshotter:
         self.every_s = every_s
         self.shm_root = shm_root
         self._on_report = on_report
-        self._gen = 0
+        # Numbering goes on from the slots an earlier attempt left (a restart after a crash): a
+        # new snapshot always outranks theirs, so the daemon never prefers the older one.
+        self._gen = 0 if rank is not None else max(
+            (int(h["gen"]) for h in (fmt.read_header(self.directory / n) for n in fmt.SLOTS)
+             if h is not None and isinstance(h.get("gen"), int)), default=0)
         self._last_mono = time.monotonic()
         self._last_step = -1
         self._thread: Optional[threading.Thread] = None
