@@ -203,7 +203,8 @@ class TestHuggingFaceUnderTorchrun:
             code, stdout, stderr = finish(proc)
         finally:
             reap(proc)
-        assert code != 0 and "exitcode  : 75" in stderr  # torchrun reports a worker's 75 as failed
+        # torchrun reports a worker's 75 as failed
+        assert code != 0 and "exitcode  : 75" in stderr, stdout[-3000:] + stderr[-6000:]
         steps = re.findall(r"stopped at step (\d+)", stdout)
         assert len(steps) == 2 and steps[0] == steps[1], stdout
         status = RunDir(run_dir).read_status()

@@ -100,6 +100,9 @@ def main() -> int:
     resume = watchdog_resume(opts.out, mirror=opts.mirror)
     print(f"resume_from_checkpoint={resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
+    if torch.distributed.is_initialized():  # torchrun: every rank leaves together, cleanly
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if watchdog.stopped:
         print(f"stopped at step {trainer.state.global_step}", flush=True)
         sys.exit(75)
