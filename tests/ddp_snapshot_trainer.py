@@ -63,6 +63,7 @@ def main() -> int:
         if rank == 0:
             torch.save(model.module.state_dict(), args.out)
         print(f"[rank {rank}] done", flush=True)
+        dist.barrier()  # leave together: no rank tears its group down while a peer still works
     finally:
         dist.destroy_process_group()
     return 0

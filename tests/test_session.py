@@ -660,8 +660,8 @@ class TestPeriodic:
     def test_periodic_checkpoints_without_a_daemon(self, make_session: Callable[..., Session],
                                                    run_dir: Path) -> None:
         """checkpoint_every=0.2 s: checkpoints keep coming, no sooner than 0.2 s apart, with no request."""
+        began = time.monotonic()  # before the session: its period counts from its creation
         session = make_session(checkpoint_every=0.2, keep=10)
-        began = time.monotonic()
         step_until(session, lambda: len(session.manager.list()) >= 3, pause=0.005)
         assert time.monotonic() - began >= 0.6
         saved = session.manager.list()
