@@ -1095,7 +1095,7 @@ class CheckpointManager:
                 f"checkpoint {saved.path} does not match its marker (torn, changed or uncommitted)"
             )
         try:
-            with _open_regular(saved.path) as fh:
+            with checksum.open_regular(saved.path) as fh:
                 state = torch.load(fh, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -1268,25 +1268,6 @@ def _field(obj: Dict[str, Any], key: str, kind: Any, default: Any = None) -> Any
     if value is None or isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(key)
     return value
-
-
-def _open_regular(path: Path) -> IO[bytes]:
-    """Open ``path`` for reading only if it is a regular file: never follows a symlink, never
-    blocks on a FIFO (O_NONBLOCK), refuses devices and directories (fstat after open).
-
-    Raises:
-        OSError: ELOOP for a symlink, EINVAL for anything but a regular file.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _regular_size(path: Path) -> int:
