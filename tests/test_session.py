@@ -413,9 +413,9 @@ class TestRequests:
             def __init__(self, pending: Any) -> None:
                 self.pending = pending
 
-            def result(self) -> Any:
+            def result(self, **kwargs: Any) -> Any:
                 gate.wait(WAIT_S)
-                return self.pending.result()
+                return self.pending.result(**kwargs)
 
         session.manager.save_async = (  # type: ignore[method-assign]
             lambda state, **kw: GatedPending(real_save_async(state, **kw)))
