@@ -18,10 +18,18 @@ Figures:
    ``prepare_async`` paged them in, as a ``Session(async_save=True)`` does at its first step) and
    in the steady state (a later save reusing the buffers), against a sync save of the same state.
    Goal: <= 0.1x. ``--device cuda`` places the state on the GPU for this.
+3. training time lost to a save: a CPU-bound training loop (torch matmuls on all of torch's
+   intra-op threads, i.e. every core) runs the same number of steps (about ``--lost-loop``
+   sync saves long) with no save, with one ``save`` in the middle, with one ``save_async`` in
+   the middle (its writer at idle priority, as shipped), and with one ``save_async`` whose writer
+   runs at normal priority (as before issue 17's priority change). Lost = loop time with the
+   save - loop time without (blocks alternate, the no-save loop beside each); the async figures
+   also say how long after the loop's last step the write became durable. Goal: async lost <=
+   0.2x sync lost.
 
 Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--tensors 340] [--repeat 3]
-[--dir DIR] [--device cpu|cuda]``. Exit status is nonzero only when something crashes; missed
-goals are printed, not failed.
+[--dir DIR] [--device cpu|cuda] [--figures save,stall,lost] [--lost-loop 3]``. Exit status is
+nonzero only when something crashes; missed goals are printed, not failed.
 """
 
 from __future__ import annotations
@@ -36,10 +44,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from session_watchdog.trainer import priority
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -183,6 +192,127 @@ def child_first_save(directory: Path, size_mb: int, tensors: int, device: str,
     print(json.dumps({"stall": stall, "load": before}))
 
 
+class TrainingLoop:
+    """A CPU-bound stand-in for training: chained matmuls that keep every intra-op thread busy."""
+
+    def __init__(self, width: int = 512) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.weight = torch.rand(width, width, generator=generator) / width
+        self.x = torch.rand(width, width, generator=generator)
+
+    def step(self) -> None:
+        self.x = torch.tanh(self.x @ self.weight) + 0.5
+
+    def steps_for(self, seconds: float) -> int:
+        """How many steps take about ``seconds`` now (measured over a short run)."""
+        for _ in range(5):
+            self.step()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.0:
+            self.step()
+            count += 1
+        return max(10, int(count * seconds / (time.perf_counter() - started)))
+
+    def run(self, steps: int, save_at: int, save: Optional[Callable[[], object]]
+            ) -> Tuple[float, float, Optional[float]]:
+        """(seconds for ``steps`` steps, their excess over ``steps`` median steps, seconds from
+        the last step until the save's write was durable: None for no save or a sync one, 0
+        when it was durable before the loop ended).
+
+        The excess is what a save adds (its stall, the steps it slows) plus what other
+        processes took; the median step is the loop's own pace under the load of the moment,
+        so comparing excesses cancels a load that drifts between runs (this machine is shared).
+        """
+        pending: Any = None
+        times: List[float] = []
+        started = last = time.perf_counter()
+        for i in range(steps):
+            if i == save_at and save is not None:
+                pending = save()
+            self.step()
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        elapsed = last - started
+        excess = elapsed - steps * statistics.median(times)
+        if pending is None or not hasattr(pending, "result"):
+            return elapsed, excess, None
+        if pending.done():
+            return elapsed, excess, 0.0
+        pending.result()
+        return elapsed, excess, time.perf_counter() - started - elapsed
+
+
+def lost_time(state: Dict[str, Dict[str, torch.Tensor]], directory: Path, repeat: int,
+              loop_syncs: float) -> None:
+    """Figure 3: training time lost to a sync save, an async save, an async save at normal
+    priority; printed with the machine load."""
+    manager = CheckpointManager(directory / "lost", keep=1)
+    loop = TrainingLoop()
+    drop_caches()
+    started = time.perf_counter()
+    manager.save(state, step=0)
+    sync_s = time.perf_counter() - started
+    manager.save_async(state, step=1).result()  # its snapshot buffers exist from now on
+    steps = loop.steps_for(max(4.0, loop_syncs * sync_s))
+    step = iter(range(2, 1 << 30))
+    original_lower = priority.Yielding.lower
+
+    def sync() -> object:
+        return manager.save(state, step=next(step))
+
+    def background() -> object:
+        return manager.save_async(state, step=next(step))
+
+    # The writer thread calls Yielding.lower when it starts, after save_async returned: the
+    # patch stays until the loop is over (restored in the loop's finally below).
+    def background_normal() -> object:
+        priority.Yielding.lower = lambda self: None  # type: ignore[method-assign]
+        return manager.save_async(state, step=next(step))
+
+    variants: List[Tuple[str, Optional[Callable[[], object]]]] = [
+        ("sync save", sync), ("async save, idle-priority writer", background),
+        ("async save, normal-priority writer", background_normal)]
+    # Each variant: a loop without a save, one with, one without (their mean is the baseline).
+    rows: Dict[str, List[Tuple[float, float, float, Optional[float]]]] = {}
+    for r in range(repeat):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for name, save in order:
+            for label, fn in (("before", None), (name, save), ("after", None)):
+                manager.wait()
+                drop_caches()
+                gc.collect()
+                before = load()
+                try:
+                    elapsed, excess, tail = loop.run(steps, steps // 2, fn)
+                finally:
+                    priority.Yielding.lower = original_lower  # type: ignore[method-assign]
+                rows.setdefault(f"{label}|{name}", []).append(
+                    (elapsed, excess, max(before, load()), tail))
+    manager.wait()
+    print(f"training time lost to one save in a CPU-bound loop of {steps} steps "
+          f"(~{loop_syncs:g} sync saves long; sync save {sync_s:.2f} s when measured), "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, {repeat} repeats:")
+    print("  lost = loop time with the save - mean of the loops before and after without; each "
+          "run: lost s (loop s with / without) [excess over median step, with - without] @ load")
+    lost: Dict[str, float] = {}
+    for name, _ in variants:
+        runs = list(zip(rows[f"{name}|{name}"], rows[f"before|{name}"], rows[f"after|{name}"]))
+        diffs = [w[0] - (b[0] + a[0]) / 2 for w, b, a in runs]
+        lost[name] = statistics.median(diffs)
+        tails = [w[3] for w, _, _ in runs if w[3] is not None]
+        each = ", ".join(f"{d:.2f} ({w[0]:.1f}/{(b[0] + a[0]) / 2:.1f}) "
+                         f"[{w[1] - (b[1] + a[1]) / 2:.2f}]@{w[2]:.1f}"
+                         for d, (w, b, a) in zip(diffs, runs))
+        tail = (f"; durable {statistics.median(tails):.2f} s after the loop (median)"
+                if tails else "")
+        print(f"  {name:36} lost {lost[name]:6.2f} s (median)   {each}{tail}")
+    for name in ("async save, idle-priority writer", "async save, normal-priority writer"):
+        ratio = lost[name] / lost["sync save"] if lost["sync save"] > 0 else float("nan")
+        ok = "" if ratio <= 0.2 else " MISSED"
+        print(f"  lost: {name} vs sync save {ratio:6.3f}x  goal <= 0.2{ok}")
+
+
 def has_safetensors() -> bool:
     try:
         import safetensors.torch  # noqa: F401
@@ -191,8 +321,13 @@ def has_safetensors() -> bool:
     return True
 
 
-def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str) -> None:
+def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str,
+        figures_wanted: Sequence[str] = ("save", "stall", "lost"), loop_syncs: float = 3.0) -> None:
     state = build_state(size_mb, tensors)
+    if "lost" in figures_wanted:
+        lost_time(state, directory, repeat, loop_syncs)
+        if not {"save", "stall"} & set(figures_wanted):
+            return
     count = len(tensors_of(state))
     payload = sum(t.nbytes for t in tensors_of(state))
     sync_manager = CheckpointManager(directory / "sync", keep=1)
@@ -309,6 +444,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "directory, so it is the disk checkpoints would use, not /tmp)")
     parser.add_argument("--device", default="cpu", help="device of the state for the stall "
                         "figures: cpu (default) or cuda")
+    parser.add_argument("--figures", default="save,stall,lost",
+                        help="which figures, comma-separated: save,stall,lost (all)")
+    parser.add_argument("--lost-loop", type=float, default=3.0,
+                        help="training loop length for the lost-time figure, in sync saves (3)")
     parser.add_argument("--child-first-save", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -322,7 +461,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=base))
     try:
-        run(args.size_mb, args.tensors, args.repeat, scratch, args.device)
+        run(args.size_mb, args.tensors, args.repeat, scratch, args.device,
+            [f for f in args.figures.split(",") if f], args.lost_loop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -413,9 +413,9 @@ class TestRequests:
             def __init__(self, pending: Any) -> None:
                 self.pending = pending
 
-            def result(self) -> Any:
+            def result(self, **kwargs: Any) -> Any:
                 gate.wait(WAIT_S)
-                return self.pending.result()
+                return self.pending.result(**kwargs)
 
         session.manager.save_async = (  # type: ignore[method-assign]
             lambda state, **kw: GatedPending(real_save_async(state, **kw)))
@@ -435,6 +435,41 @@ class TestRequests:
         assert session.manager.verify(ckpt.path)
         assert not lock_held(run_dir / SAVE_LOCK)
         assert len(session.manager.list()) == 1  # the request was not answered twice
+
+    def test_async_write_yields_to_training_until_the_session_waits(
+            self, make_session: Callable[..., Session], run_dir: Path) -> None:
+        """The write keeps its idle priority while training goes on; close() restores it."""
+        session = make_session(async_save=True)
+        pendings: List[Any] = []
+        real_save_async = session.manager.save_async
+
+        def save_async(state: Any, **kw: Any) -> Any:
+            pendings.append(real_save_async(state, **kw))
+            return pendings[-1]
+
+        session.manager.save_async = save_async  # type: ignore[method-assign]
+        gate = threading.Event()
+        real_write = session.manager._write
+
+        def gated_write(*args: Any, **kw: Any) -> Any:  # the writer waits until the test says
+            gate.wait(WAIT_S)
+            return real_write(*args, **kw)
+
+        session.manager._write = gated_write  # type: ignore[method-assign]
+        closer = threading.Thread(target=session.close)
+        try:
+            RunDir(run_dir).write_request(request(1))
+            step_until(session, lambda: bool(pendings))
+            for _ in range(20):
+                train_step(session)
+            assert not pendings[0]._yielding.hurried  # the ack thread waits without hurrying
+            closer.start()
+            wait_until(lambda: pendings[0]._yielding.hurried)
+        finally:
+            gate.set()
+        closer.join(WAIT_S)
+        assert not closer.is_alive()
+        assert status_of(run_dir).acked_seq == 1
 
     def test_failed_requested_save_is_reported_and_not_acked(
             self, make_session: Callable[..., Session], run_dir: Path) -> None:

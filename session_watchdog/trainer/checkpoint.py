@@ -45,6 +45,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ import torch
 
 from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
+from session_watchdog.trainer.priority import Yielding
 
 __all__ = [
     "CheckpointDirError",
@@ -233,17 +235,28 @@ class PendingSave:
         self.step = step
         self._future: Future[SavedCheckpoint] = Future()
         self._reported = False  # its error was raised to someone: the next save must not repeat it
+        self._yielding = Yielding()  # the writer runs at idle priority until someone waits
+
+    def hurry(self) -> None:
+        """Let the write run at normal priority from now on (someone waits for it)."""
+        self._yielding.hurry()
 
     def done(self) -> bool:
         """Whether the background write has finished (committed or failed)."""
         return self._future.done()
 
-    def result(self, timeout: Optional[float] = None) -> SavedCheckpoint:
+    def result(self, timeout: Optional[float] = None, *, hurry: bool = True) -> SavedCheckpoint:
         """Wait for the write; return its checkpoint or raise its ``CheckpointWriteError``.
+
+        The write runs at idle CPU priority so that it does not slow training down; waiting for
+        it with ``hurry`` (the default) restores its normal priority first, so a busy machine
+        cannot starve it. A watcher thread that waits while training goes on passes False.
 
         Raises:
             TimeoutError: (``concurrent.futures.TimeoutError``) when ``timeout`` passes first.
         """
+        if hurry:
+            self.hurry()
         try:
             return self._future.result(timeout)
         except CheckpointError:
@@ -358,6 +371,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+_in_flight: weakref.WeakSet[PendingSave] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _hurry_at_exit(pending: PendingSave) -> None:
+    """At interpreter exit, run ``pending``'s write at normal priority while it is joined.
+
+    The writer is not a daemon thread: the interpreter joins it before exiting, and a write at
+    idle priority on a busy machine would keep the process alive that much longer. Hooks from
+    ``threading._register_atexit`` run before that join (``atexit`` ones only after it).
+    """
+    global _exit_hook_registered
+    _in_flight.add(pending)
+    if not _exit_hook_registered:
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            try:
+                register(_hurry_all)
+            except RuntimeError:  # already shutting down: nothing left to hurry for
+                return
+        _exit_hook_registered = True
+
+
+def _hurry_all() -> None:
+    for pending in list(_in_flight):
+        pending.hurry()
+
+
 def _hasher_thread() -> ThreadPoolExecutor:
     global _hash_pool
     with _hash_pool_lock:
@@ -449,9 +490,13 @@ class _HashingWriter:
         fd: int,
         stable: Sequence[Tuple[int, int]] = (),
         on_first_write: Optional[Callable[[], None]] = None,
+        inline_hash: bool = False,
     ) -> None:
         # Deliberately not an io.RawIOBase: its finalizer would flush() into an fd we closed.
         self._fd = fd
+        # An async save's writer runs at idle priority (priority.py): the shared helper thread
+        # would hash its bytes at normal priority, taking the CPU from training. Hash here.
+        self._inline_hash = inline_hash
         self._on_first_write = on_first_write
         self.algorithm = checksum.preferred()
         self._sha = checksum.new(self.algorithm)
@@ -499,6 +544,11 @@ class _HashingWriter:
         return f"{self.algorithm}:{self._sha.hexdigest()}"
 
     def _hash(self, view: memoryview) -> Future[None]:
+        if self._inline_hash:
+            self._sha.update(view)
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
         self._last = _hasher_thread().submit(self._sha.update, view)
         return self._last
 
@@ -682,7 +732,14 @@ class CheckpointManager:
             self._pending = None
             self._spare = buffers
             raise CheckpointWriteError(self.directory, err) from err
+        _hurry_at_exit(pending)
         return pending
+
+    def hurry(self) -> None:
+        """Let the async save in flight, if any, run at normal CPU priority from now on."""
+        pending = self._pending
+        if pending is not None:
+            pending.hurry()
 
     def wait(self) -> Optional[SavedCheckpoint]:
         """Wait for the most recent async save; None when there was none (or its error was raised).
@@ -703,6 +760,7 @@ class CheckpointManager:
         pending = self._pending
         if pending is None:
             return
+        pending.hurry()  # the caller is blocked on it: let it have the CPU
         try:
             pending._future.result()
         except CheckpointError:
@@ -720,17 +778,20 @@ class CheckpointManager:
         payload: int,
         pending: PendingSave,
     ) -> None:
+        pending._yielding.lower()  # training has the CPU first (priority.py)
         try:
             stable = _inspect_state(snapshot)[1]  # the snapshot is ours: its memory stays put
             with self._lock:
                 saved = self._write(snapshot, step=step, epoch=epoch, payload=payload,
-                                    stable=stable)
+                                    stable=stable, inline_hash=True)
         except BaseException as err:  # the thread's only way out: hand everything to the caller
+            pending._yielding.finished()
             self._spare = buffers
             if not isinstance(err, CheckpointError):
                 err = CheckpointWriteError(self.directory, err, errno=getattr(err, "errno", None))
             pending._future.set_exception(err)
             return
+        pending._yielding.finished()
         self._spare = buffers  # before set_result: the next snapshot happens after it
         pending._future.set_result(saved)
 
@@ -819,6 +880,7 @@ class CheckpointManager:
         epoch: int,
         payload: int,
         stable: Sequence[Tuple[int, int]],
+        inline_hash: bool = False,
     ) -> SavedCheckpoint:
         """The save protocol (module docstring); the caller holds ``self._lock``."""
         self._join_pruner()  # the space of the files pruned last time is free before we write
@@ -855,7 +917,7 @@ class CheckpointManager:
         except OSError as err:
             raise fail(err) from err
         restore_crc32 = _skip_torch_crc32()
-        writer = _HashingWriter(fd, stable, on_first_write=restore_crc32)
+        writer = _HashingWriter(fd, stable, on_first_write=restore_crc32, inline_hash=inline_hash)
         try:
             try:
                 try:

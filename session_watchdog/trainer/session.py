@@ -1270,7 +1270,8 @@ class Session:
         completes or closes, so a failure is reported exactly once, here.
         """
         try:
-            saved: Optional[SavedCheckpoint] = pending.result()
+            # hurry=False: training goes on meanwhile; the write keeps its idle priority
+            saved: Optional[SavedCheckpoint] = pending.result(hurry=False)
         except BaseException as err:
             self._save_lock.release()
             self._save_failed(err, seq, reason, None)
@@ -1287,6 +1288,7 @@ class Session:
     def _join_async(self) -> None:
         thread = self._async_thread
         if thread is not None and thread is not threading.current_thread():
+            self.manager.hurry()  # training waits for the write now: normal CPU priority
             thread.join()
             self._async_thread = None
 
