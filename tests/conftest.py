@@ -17,6 +17,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py and helpers import as top-level
 
 
+# Tests that start torchrun jobs (gloo rendezvous, ports, several ranks each) run on one xdist
+# worker, one job at a time ("--dist loadgroup" in pyproject.toml): two DDP jobs of different
+# tests side by side once aborted a rank at exit on a loaded machine.
+TORCHRUN = pytest.mark.xdist_group("torchrun")
+
+
 def heavy_n(default: int) -> int:
     """N for fault-injection loops: small by default, SW_HEAVY_N=200 for the full run."""
     return int(os.environ.get("SW_HEAVY_N", default))

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
-from conftest import heavy_n
+from conftest import TORCHRUN, heavy_n
 from torch_helpers import assert_same
 
 from session_watchdog import channel
@@ -63,6 +63,9 @@ def child_env(**extra: str) -> Dict[str, str]:
     # One intra-op thread: identical float reductions in every run, no oversubscription.
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+pytestmark = TORCHRUN
 
 
 def torchrun_example(run_dir: Path, ckpt_dir: Path, *extra: str) -> subprocess.Popen[str]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TORCHRUN
 
 pytest.importorskip("transformers")
 import torch  # noqa: E402
@@ -178,6 +179,7 @@ class TestKilledDuringTheTrainersOwnSave:
         assert verify_dir(directory) is None and watchdog_resume(tmp_path) is None
 
 
+@TORCHRUN
 class TestHuggingFaceUnderTorchrun:
     def test_both_ranks_stop_at_the_same_step_with_one_committed_checkpoint(
             self, tmp_path: Path) -> None:

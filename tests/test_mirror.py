@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 import torch
 from ckpt_helpers import COMMITTED, fork_child, run_child, send
-from conftest import heavy_n
+from conftest import TORCHRUN, heavy_n
 from torch_helpers import assert_same
 
 from session_watchdog import channel
@@ -586,6 +586,7 @@ def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always
 # DDP under torchrun: rank 0 mirrors and restores for all ranks
 
 
+@TORCHRUN
 def test_ddp_rank0_mirrors_and_both_ranks_resume_from_the_mirror_alone(tmp_path, shm, other_fs):
     """torchrun, 2 ranks: rank 0's checkpoints reach the mirror; with the local dir gone both ranks resume from it."""
     if not other_fs:

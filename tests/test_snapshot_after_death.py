@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
+from conftest import TORCHRUN
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.supervise.snapshots import persist_after_death, persist_ranks
@@ -172,6 +173,7 @@ def finish(proc: subprocess.Popen, timeout: float = DEADLINE_S) -> tuple:
     return proc.returncode, out, err
 
 
+@TORCHRUN
 class TestDdpUnderTorchrun:
     def test_killed_ranks_resume_from_their_equal_snapshot_with_identical_weights(
             self, tmp_path, shm_cleanup):
