@@ -272,18 +272,28 @@ class TestWrappedCommand:
         script = tmp_path / "reported.py"
         script.write_text(textwrap.dedent('''\
             import os, sys, time
+            import psutil
             from session_watchdog import channel
             run = channel.RunDir(os.environ["SESSION_WATCHDOG_RUN_DIR"])
-            status = channel.TrainerStatus(
-                os.getpid(), time.time(), "failed", 3, 0, None, 0, None, time.time(),
+            status = channel.TrainerStatus(  # the start time a Session reports: the process's
+                os.getpid(), psutil.Process().create_time(), "failed", 3, 0, None, 0, None,
+                time.time(),
                 extra={"error": "KeyError: 'reported'", "traceback": "KeyError: 'reported-by-session'"})
             run.write(channel.TRAINER_FILE, status.to_json())
+            # like a real trainer, alive while a tick reads its status (on a loaded machine the
+            # first tick may come late)
+            log, deadline = sys.argv[1], time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if os.path.exists(log) and any(
+                        '"sample"' in line and '"failed"' in line for line in open(log)):
+                    break
+                time.sleep(0.05)
             sys.stderr.write("Traceback (most recent call last):\\nKeyError: 'from-stderr'\\n")
             sys.exit(1)
         '''))
         proc = subprocess.Popen(
             [*run_argv(tmp_path, "--notify", f"json://127.0.0.1:{server.port}/hook"), "--",
-             sys.executable, str(script)],
+             sys.executable, str(script), str(tmp_path / "log.jsonl")],
             env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             _, err = proc.communicate(timeout=180)
