@@ -141,6 +141,9 @@ class Watchdog:
         self.notifier = notifier or sdnotify.Notifier.from_env()
         self.heartbeat = sdnotify.Heartbeat.from_env(self.notifier)
         self._ready_sent = False
+        # STOPPING=1 is the last message: a tick still finishing never pings after it
+        self._sd_lock = threading.Lock()
+        self._sd_stopping = False
         self.actions = actions or Actions(self.run_dir, dry_run=self.config.dry_run)
         self.on_decisions = on_decisions
         # Called with each tick's sample before it is published (supervise/snapshots.AfterDeath).
@@ -457,10 +460,13 @@ class Watchdog:
         """
         if not self.notifier.enabled:
             return
-        if not self._ready_sent:
-            self._ready_sent = self.notifier.ready(f"watching {self.platform.name} session")
-        if self.heartbeat.maybe_ping(self.clock.monotonic()):
-            self.notifier.status(self.status_line())
+        with self._sd_lock:
+            if self._sd_stopping:
+                return
+            if not self._ready_sent:
+                self._ready_sent = self.notifier.ready(f"watching {self.platform.name} session")
+            if self.heartbeat.maybe_ping(self.clock.monotonic()):
+                self.notifier.status(self.status_line())
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= and the console: time left, trainer step."""
@@ -571,7 +577,9 @@ class Watchdog:
         if self.notify is not None:
             self.notify.close()  # bounded: the last messages (training completed) go out first
         if self.notifier.enabled:
-            self.notifier.stopping()
+            with self._sd_lock:
+                self._sd_stopping = True
+                self.notifier.stopping()
         if self._lock.held:
             # daemon.json stays (status shows the last budget); the released lock says "stopped".
             self._lock.release()

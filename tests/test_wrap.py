@@ -231,7 +231,7 @@ class TestSdNotify:
         assert messages[0].startswith("READY=1\nSTATUS=watching generic session")
         pings = [m for m in messages if m.startswith("WATCHDOG=1")]
         assert len(pings) >= 4 and any("STATUS=" in m for m in messages[1:])
-        assert messages[-1].startswith("STOPPING=1")
+        assert messages[-1].startswith("STOPPING=1"), messages
 
 
 class _Poller:

@@ -130,13 +130,22 @@ class Tee:
         Bounded by ``timeout_s`` even when our stderr blocks (a terminal paused with Ctrl-S
         holds the copying thread in a write): a tick calls this.
         """
-        if not self._lock.acquire(timeout=timeout_s):
-            return
+        # The copying thread does every read and write: a drain that wrote itself could block in
+        # that write for as long as our stderr does. It waits until the pipe is empty; the tail
+        # takes each chunk before the chunk is forwarded, under the lock.
+        deadline = time.monotonic() + timeout_s
+        while (self._thread.is_alive() and not self._eof and not self._closed
+               and self._unread() > 0 and time.monotonic() < deadline):
+            time.sleep(0.01)
+        if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._lock.release()  # a chunk the thread had just read is in the tail now
+
+    def _unread(self) -> int:
+        """Bytes the pipe or pseudo-terminal holds (0 once it is closed or at its end)."""
         try:
-            if not self._closed:
-                self._pump(time.monotonic() + timeout_s)
-        finally:
-            self._lock.release()
+            return int(struct.unpack("i", fcntl.ioctl(self.read_fd, termios.FIONREAD, b"\0" * 4))[0])
+        except OSError:
+            return 0
 
     def text(self) -> str:
         """The kept tail, decoded."""
