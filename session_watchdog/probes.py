@@ -113,6 +113,9 @@ class Nvml:
         self.state = "not started"
         self._unsupported: Set[str] = set()
         self._on_unsupported = on_unsupported
+        # index -> (name, uuid): fixed while NVML stays initialised, so read once, not per tick
+        # (issue 17); a field that could not be read is asked again at the next read
+        self._static: Dict[int, Tuple[Optional[str], Optional[str]]] = {}
 
     @property
     def ready(self) -> bool:
@@ -148,6 +151,7 @@ class Nvml:
         return True
 
     def shutdown(self) -> None:
+        self._static.clear()
         if self._ready:
             self._ready = False
             try:
@@ -155,9 +159,9 @@ class Nvml:
             except Exception:
                 pass
 
-    def _query(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _query(self, what: str, function: str, *args: Any) -> Any:
         try:
-            return fn()
+            return getattr(self._module, function)(*args)
         except Exception as err:
             text = _nvml_error_text(err)
             if "Not Supported" in text and what not in self._unsupported:
@@ -182,21 +186,23 @@ class Nvml:
             return GpuReading(index, error=_nvml_error_text(err))
 
     def _read_one_unguarded(self, index: int, with_processes: bool) -> GpuReading:
-        m = self._module
         try:
-            handle = m.nvmlDeviceGetHandleByIndex(index)
+            handle = self._module.nvmlDeviceGetHandleByIndex(index)
         except Exception as err:
             return GpuReading(index, error=_nvml_error_text(err))
-        util = self._query("utilization", lambda: m.nvmlDeviceGetUtilizationRates(handle))
-        mem = self._query("memory", lambda: m.nvmlDeviceGetMemoryInfo(handle))
-        power_mw = self._query("power", lambda: m.nvmlDeviceGetPowerUsage(handle))
-        temp = self._query(
-            "temperature", lambda: m.nvmlDeviceGetTemperature(handle, 0)  # NVML_TEMPERATURE_GPU
-        )
+        util = self._query("utilization", "nvmlDeviceGetUtilizationRates", handle)
+        mem = self._query("memory", "nvmlDeviceGetMemoryInfo", handle)
+        power_mw = self._query("power", "nvmlDeviceGetPowerUsage", handle)
+        temp = self._query("temperature", "nvmlDeviceGetTemperature", handle, 0)  # NVML_TEMPERATURE_GPU
+        name, uuid = self._static.get(index, (None, None))
+        if name is None or uuid is None:
+            name = name or _text(self._query("name", "nvmlDeviceGetName", handle))
+            uuid = uuid or _text(self._query("uuid", "nvmlDeviceGetUUID", handle))
+            self._static[index] = (name, uuid)
         return GpuReading(
             index=index,
-            name=_text(self._query("name", lambda: m.nvmlDeviceGetName(handle))),
-            uuid=_text(self._query("uuid", lambda: m.nvmlDeviceGetUUID(handle))),
+            name=name,
+            uuid=uuid,
             utilization_pct=None if util is None else float(util.gpu),
             memory_used_bytes=None if mem is None else int(mem.used),
             memory_total_bytes=None if mem is None else int(mem.total),
@@ -206,7 +212,7 @@ class Nvml:
         )
 
     def _pids(self, handle: Any) -> Optional[Tuple[int, ...]]:
-        procs = self._query("processes", lambda: self._module.nvmlDeviceGetComputeRunningProcesses(handle))
+        procs = self._query("processes", "nvmlDeviceGetComputeRunningProcesses", handle)
         if procs is None:
             return None
         return tuple(sorted({int(p.pid) for p in procs if getattr(p, "pid", None) is not None}))
