@@ -7,8 +7,8 @@ on one worker thread and is bounded by a timeout; a call still pending is report
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+import queue
 import re
 import shutil
 import threading
@@ -508,6 +508,67 @@ class Times:
     elapsed_s: float
 
 
+class _Call:
+    """One call handed to a :class:`_Worker`; ``wait`` returns whether it finished in time."""
+
+    __slots__ = ("fn", "finished", "value", "error", "_done")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.finished = False
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released by the worker when the call returns
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as err:  # handed to the waiter, as a Future would
+            self.error = err
+        self.finished = True
+        self._done.release()
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.finished:
+            return True
+        if not self._done.acquire(timeout=timeout_s):
+            return False
+        self._done.release()  # a later waiter (the next tick) finds it done too
+        return True
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Worker:
+    """One daemon thread running calls in order: the lightest hand-off between two threads (a
+    queue and a lock; a ThreadPoolExecutor's Future and work item cost twice the CPU per tick,
+    issue 17). A daemon thread, so a call hung in the driver never holds up the exit."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Optional[_Call]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            call.run()
+
+    def submit(self, fn: Callable[[], Any]) -> _Call:
+        call = _Call(fn)
+        self._calls.put(call)
+        return call
+
+    def stop(self) -> None:
+        self._calls.put(None)  # after the calls already queued
+
+
 class SystemProbe:
     """Reads the real machine. ``sample(times)`` never raises for a missing GPU or a bad file."""
 
@@ -533,37 +594,35 @@ class SystemProbe:
         self.child_exit = child_exit
         self.processes_every = processes_every  # GPU process lists: every Nth sample (slow call)
         self._samples = 0
-        self._pools: Dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-        self._pending: Dict[str, concurrent.futures.Future[Any]] = {}
+        self._workers: Dict[str, _Worker] = {}
+        self._pending: Dict[str, _Call] = {}
         self._lock = threading.Lock()
         self._cgroup_files = locate_cgroup(cgroup_root, proc_self_cgroup)  # found once
         self._kernel_files = KernelFiles()
         self._cpu = CpuPercent(self._kernel_files, every_s=CPU_EVERY_S)
         self._remote = bool(remote_paths(self.watch_paths))
 
-    def _submit(self, name: str, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def _submit(self, name: str, fn: Callable[[], Any]) -> _Call:
         """Start ``fn`` on worker ``name``, unless that worker's previous call still runs.
 
         One worker per kind (gpu, disk): a hung NVML call must not blind the disk readings.
         """
         with self._lock:
-            pool = self._pools.get(name)
-            if pool is None:
-                pool = self._pools[name] = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"session-watchdog-{name}")
+            worker = self._workers.get(name)
+            if worker is None:
+                worker = self._workers[name] = _Worker(f"session-watchdog-{name}")
             pending = self._pending.get(name)
-            if pending is None or pending.done():
-                pending = self._pending[name] = pool.submit(fn)
+            if pending is None or pending.finished:
+                pending = self._pending[name] = worker.submit(fn)
             return pending
 
-    def _result(self, future: Optional[concurrent.futures.Future[Any]], inline: Callable[[], Any],
+    def _result(self, call: Optional[_Call], inline: Callable[[], Any],
                 timed_out: Callable[[], Any]) -> Any:
-        if future is None:
+        if call is None:
             return inline()
-        try:
-            return future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
+        if not call.wait(self.timeout_s):
             return timed_out()
+        return call.result()
 
     def _read_disks(self) -> Tuple[DiskReading, ...]:
         return read_disks(self.watch_paths)
@@ -580,14 +639,16 @@ class SystemProbe:
 
     def sample(self, times: Times) -> Sample:
         # Calls that can hang (a live NVML, statvfs on a network/FUSE mount) run on workers,
-        # started first so they overlap with the fast reads here, and bounded by timeout_s.
-        # Without them (no driver, local disks) a hand-off would cost more than the reads.
-        nvml_live = self.nvml.ready or self.nvml.retry_due()
-        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
-        disk_job = self._submit("disk", self._read_disks) if self._remote else None
+        # bounded by timeout_s. Without them (no driver, local disks) a hand-off would cost more
+        # than the reads. The fast reads come first and the GPU worker runs while this thread
+        # waits: run side by side, the two threads passed the GIL back and forth at every
+        # syscall, which cost more CPU than the overlap saved time (issue 17).
         host = read_host(cgroup_files=self._cgroup_files, locate=False, read=self._kernel_files,
                          cpu=self._cpu)
         trainer = read_trainer(self.run_dir)
+        nvml_live = self.nvml.ready or self.nvml.retry_due()
+        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
+        disk_job = self._submit("disk", self._read_disks) if self._remote else None
         nvml_state, gpus = self._result(gpu_job, self._read_gpus, lambda: ("timeout", ()))
         disks = self._result(disk_job, self._read_disks, lambda: tuple(
             DiskReading(str(p), None, None, "timeout") for p in self.watch_paths))
@@ -606,13 +667,13 @@ class SystemProbe:
     def close(self, wait_s: float = 0.0) -> None:
         """Stop the workers; wait up to ``wait_s`` for them (a hung NVML call keeps its thread)."""
         with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        threads = [t for pool in pools for t in list(getattr(pool, "_threads", ()))]
-        for pool in pools:
-            pool.shutdown(wait=False)
+            workers, self._workers = list(self._workers.values()), {}
+            self._pending.clear()
+        for worker in workers:
+            worker.stop()
         deadline = time.monotonic() + wait_s
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
         self.nvml.shutdown()
         self._kernel_files.close()
 
