@@ -290,6 +290,7 @@ class _Encoded(Dict[str, Any]):
     writes it instead of encoding the event a second time)."""
 
     __slots__ = ("json",)
+    json: str
 
 
 def _encode(event: Mapping[str, Any]) -> str:
@@ -337,10 +338,11 @@ class Redactor:
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if not self._secrets:
             return event
+        line: Optional[str] = None
         try:
             line = _encode(event)
         except (TypeError, ValueError):  # not encodable as it stands: the walk, then the sink, say so
-            line = None
+            pass
         if line is not None and not any(secret in line for secret in self._encoded):
             clean = _Encoded(event)
             clean.json = line
@@ -391,8 +393,7 @@ class Sink:
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if self.jsonl is not None:
             try:
-                line = event.json if isinstance(event, _Encoded) else _encode(event)
-                self.jsonl.write(line)
+                self.jsonl.write(event.json if isinstance(event, _Encoded) else _encode(event))
             except (OSError, ValueError) as err:
                 # A full disk must not stop the watchdog from acting (it matters most then):
                 # count the lost lines, say so once on the console.

@@ -76,7 +76,7 @@ SLOW_TICKS = textwrap.dedent("""
 """)
 
 
-def run_script(script: str, tmp_path: Path) -> "tuple[subprocess.CompletedProcess[str], list]":
+def run_script(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], list]:
     log_file = tmp_path / "log.jsonl"
     proc = subprocess.run([sys.executable, "-c", script, str(TESTS), str(tmp_path / "run"),
                            str(log_file)], capture_output=True, text=True, timeout=120)
