@@ -351,8 +351,10 @@ def read_cgroup_files(files: Optional[CgroupFiles], read: Reader = read_text) ->
     if files is None:
         return None
     limit = _read_int(files.limit, read)
+    if limit is None or limit >= _V1_UNLIMITED:  # no limit: the usage is not read at all
+        return None
     usage = _read_int(files.usage, read)
-    if limit is None or usage is None or limit >= _V1_UNLIMITED:
+    if usage is None:
         return None
     stat = _read_keyed(files.stat, read)
     inactive = next((stat[k] for k in files.inactive_keys if k in stat), 0)
