@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -516,7 +517,7 @@ class _Call:
     __slots__ = ("fn", "finished", "value", "error", "_done")
 
     def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
+        self.fn: Optional[Callable[[], Any]] = fn
         self.finished = False
         self.value: Any = None
         self.error: Optional[BaseException] = None
@@ -524,8 +525,9 @@ class _Call:
         self._done.acquire()  # released by the worker when the call returns
 
     def run(self) -> None:
+        fn, self.fn = self.fn, None  # the probe is not kept alive by a finished call
         try:
-            self.value = self.fn()
+            self.value = fn() if fn is not None else None
         except BaseException as err:  # handed to the waiter, as a Future would
             self.error = err
         self.finished = True
@@ -545,22 +547,28 @@ class _Call:
         return self.value
 
 
+def _run_calls(calls: queue.SimpleQueue[Optional[_Call]]) -> None:
+    while True:
+        call = calls.get()
+        if call is None:
+            return
+        call.run()
+        del call  # not held while waiting for the next one
+
+
 class _Worker:
     """One daemon thread running calls in order: the lightest hand-off between two threads (a
     queue and a lock; a ThreadPoolExecutor's Future and work item cost twice the CPU per tick,
-    issue 17). A daemon thread, so a call hung in the driver never holds up the exit."""
+    issue 17). A daemon thread, so a call hung in the driver never holds up the exit. The
+    thread holds only the queue: a worker (and its probe) never closed still ends its thread
+    once it is garbage, as a ThreadPoolExecutor's does."""
 
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue[Optional[_Call]] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread = threading.Thread(target=_run_calls, args=(self._calls,), name=name,
+                                       daemon=True)
         self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            call = self._calls.get()
-            if call is None:
-                return
-            call.run()
+        weakref.finalize(self, self._calls.put, None)
 
     def submit(self, fn: Callable[[], Any]) -> _Call:
         call = _Call(fn)
