@@ -596,10 +596,19 @@ class Watchdog:
             from apscheduler.schedulers.blocking import BlockingScheduler as Scheduler
         else:
             from apscheduler.schedulers.background import BackgroundScheduler as Scheduler
+        from apscheduler.executors.debug import DebugExecutor
+        from apscheduler.executors.pool import ThreadPoolExecutor
+
         interval = self.config.interval
         # APScheduler 3.x drops a run that starts > 1 s late by default; a busy training process
         # makes ticks late, so the grace is at least one interval (DESIGN.md, Scheduler notes).
-        scheduler = Scheduler(timezone=timezone.utc, job_defaults={
+        # The tick (and the stop check) run in the scheduler's own thread ("debug": APScheduler's
+        # inline executor): handing each tick to a pool thread cost more CPU than the tick itself
+        # (issue 17), and an inline tick can never overlap the next - a slow one delays it, and
+        # coalesce folds the missed runs into one. The preemption poll (a metadata request can
+        # take a second) keeps a thread of its own so it never delays a tick.
+        scheduler = Scheduler(timezone=timezone.utc, executors={
+            "default": DebugExecutor(), "poll": ThreadPoolExecutor(max_workers=1)}, job_defaults={
             "coalesce": True, "max_instances": 1,
             "misfire_grace_time": max(1, int(interval) + 1)})
         if not blocking:
@@ -616,7 +625,7 @@ class Watchdog:
         scheduler.add_job(self.safe_tick, "interval", seconds=interval, id="tick",
                           next_run_time=datetime.now(timezone.utc))
         if self.preemption.pollers:
-            scheduler.add_job(self.poll_preemption, "interval", id="preemption",
+            scheduler.add_job(self.poll_preemption, "interval", id="preemption", executor="poll",
                               seconds=self.config.preemption_poll_every,
                               next_run_time=datetime.now(timezone.utc))
         return scheduler

@@ -7,12 +7,13 @@ on one worker thread and is bounded by a timeout; a call still pending is report
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+import queue
 import re
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -113,6 +114,9 @@ class Nvml:
         self.state = "not started"
         self._unsupported: Set[str] = set()
         self._on_unsupported = on_unsupported
+        # index -> (name, uuid): fixed while NVML stays initialised, so read once, not per tick
+        # (issue 17); a field that could not be read is asked again at the next read
+        self._static: Dict[int, Tuple[Optional[str], Optional[str]]] = {}
 
     @property
     def ready(self) -> bool:
@@ -148,6 +152,7 @@ class Nvml:
         return True
 
     def shutdown(self) -> None:
+        self._static.clear()
         if self._ready:
             self._ready = False
             try:
@@ -155,9 +160,9 @@ class Nvml:
             except Exception:
                 pass
 
-    def _query(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _query(self, what: str, function: str, *args: Any) -> Any:
         try:
-            return fn()
+            return getattr(self._module, function)(*args)
         except Exception as err:
             text = _nvml_error_text(err)
             if "Not Supported" in text and what not in self._unsupported:
@@ -182,21 +187,23 @@ class Nvml:
             return GpuReading(index, error=_nvml_error_text(err))
 
     def _read_one_unguarded(self, index: int, with_processes: bool) -> GpuReading:
-        m = self._module
         try:
-            handle = m.nvmlDeviceGetHandleByIndex(index)
+            handle = self._module.nvmlDeviceGetHandleByIndex(index)
         except Exception as err:
             return GpuReading(index, error=_nvml_error_text(err))
-        util = self._query("utilization", lambda: m.nvmlDeviceGetUtilizationRates(handle))
-        mem = self._query("memory", lambda: m.nvmlDeviceGetMemoryInfo(handle))
-        power_mw = self._query("power", lambda: m.nvmlDeviceGetPowerUsage(handle))
-        temp = self._query(
-            "temperature", lambda: m.nvmlDeviceGetTemperature(handle, 0)  # NVML_TEMPERATURE_GPU
-        )
+        util = self._query("utilization", "nvmlDeviceGetUtilizationRates", handle)
+        mem = self._query("memory", "nvmlDeviceGetMemoryInfo", handle)
+        power_mw = self._query("power", "nvmlDeviceGetPowerUsage", handle)
+        temp = self._query("temperature", "nvmlDeviceGetTemperature", handle, 0)  # NVML_TEMPERATURE_GPU
+        name, uuid = self._static.get(index, (None, None))
+        if name is None or uuid is None:
+            name = name or _text(self._query("name", "nvmlDeviceGetName", handle))
+            uuid = uuid or _text(self._query("uuid", "nvmlDeviceGetUUID", handle))
+            self._static[index] = (name, uuid)
         return GpuReading(
             index=index,
-            name=_text(self._query("name", lambda: m.nvmlDeviceGetName(handle))),
-            uuid=_text(self._query("uuid", lambda: m.nvmlDeviceGetUUID(handle))),
+            name=name,
+            uuid=uuid,
             utilization_pct=None if util is None else float(util.gpu),
             memory_used_bytes=None if mem is None else int(mem.used),
             memory_total_bytes=None if mem is None else int(mem.total),
@@ -206,7 +213,7 @@ class Nvml:
         )
 
     def _pids(self, handle: Any) -> Optional[Tuple[int, ...]]:
-        procs = self._query("processes", lambda: self._module.nvmlDeviceGetComputeRunningProcesses(handle))
+        procs = self._query("processes", "nvmlDeviceGetComputeRunningProcesses", handle)
         if procs is None:
             return None
         return tuple(sorted({int(p.pid) for p in procs if getattr(p, "pid", None) is not None}))
@@ -345,8 +352,10 @@ def read_cgroup_files(files: Optional[CgroupFiles], read: Reader = read_text) ->
     if files is None:
         return None
     limit = _read_int(files.limit, read)
+    if limit is None or limit >= _V1_UNLIMITED:  # no limit: the usage is not read at all
+        return None
     usage = _read_int(files.usage, read)
-    if limit is None or usage is None or limit >= _V1_UNLIMITED:
+    if usage is None:
         return None
     stat = _read_keyed(files.stat, read)
     inactive = next((stat[k] for k in files.inactive_keys if k in stat), 0)
@@ -502,6 +511,74 @@ class Times:
     elapsed_s: float
 
 
+class _Call:
+    """One call handed to a :class:`_Worker`; ``wait`` returns whether it finished in time."""
+
+    __slots__ = ("fn", "finished", "value", "error", "_done")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn: Optional[Callable[[], Any]] = fn
+        self.finished = False
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released by the worker when the call returns
+
+    def run(self) -> None:
+        fn, self.fn = self.fn, None  # the probe is not kept alive by a finished call
+        try:
+            self.value = fn() if fn is not None else None
+        except BaseException as err:  # handed to the waiter, as a Future would
+            self.error = err
+        self.finished = True
+        self._done.release()
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.finished:
+            return True
+        if not self._done.acquire(timeout=timeout_s):
+            return False
+        self._done.release()  # a later waiter (the next tick) finds it done too
+        return True
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _run_calls(calls: queue.SimpleQueue[Optional[_Call]]) -> None:
+    while True:
+        call = calls.get()
+        if call is None:
+            return
+        call.run()
+        del call  # not held while waiting for the next one
+
+
+class _Worker:
+    """One daemon thread running calls in order: the lightest hand-off between two threads (a
+    queue and a lock; a ThreadPoolExecutor's Future and work item cost twice the CPU per tick,
+    issue 17). A daemon thread, so a call hung in the driver never holds up the exit. The
+    thread holds only the queue: a worker (and its probe) never closed still ends its thread
+    once it is garbage, as a ThreadPoolExecutor's does."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Optional[_Call]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=_run_calls, args=(self._calls,), name=name,
+                                       daemon=True)
+        self.thread.start()
+        weakref.finalize(self, self._calls.put, None)
+
+    def submit(self, fn: Callable[[], Any]) -> _Call:
+        call = _Call(fn)
+        self._calls.put(call)
+        return call
+
+    def stop(self) -> None:
+        self._calls.put(None)  # after the calls already queued
+
+
 class SystemProbe:
     """Reads the real machine. ``sample(times)`` never raises for a missing GPU or a bad file."""
 
@@ -527,37 +604,35 @@ class SystemProbe:
         self.child_exit = child_exit
         self.processes_every = processes_every  # GPU process lists: every Nth sample (slow call)
         self._samples = 0
-        self._pools: Dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-        self._pending: Dict[str, concurrent.futures.Future[Any]] = {}
+        self._workers: Dict[str, _Worker] = {}
+        self._pending: Dict[str, _Call] = {}
         self._lock = threading.Lock()
         self._cgroup_files = locate_cgroup(cgroup_root, proc_self_cgroup)  # found once
         self._kernel_files = KernelFiles()
         self._cpu = CpuPercent(self._kernel_files, every_s=CPU_EVERY_S)
         self._remote = bool(remote_paths(self.watch_paths))
 
-    def _submit(self, name: str, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def _submit(self, name: str, fn: Callable[[], Any]) -> _Call:
         """Start ``fn`` on worker ``name``, unless that worker's previous call still runs.
 
         One worker per kind (gpu, disk): a hung NVML call must not blind the disk readings.
         """
         with self._lock:
-            pool = self._pools.get(name)
-            if pool is None:
-                pool = self._pools[name] = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"session-watchdog-{name}")
+            worker = self._workers.get(name)
+            if worker is None:
+                worker = self._workers[name] = _Worker(f"session-watchdog-{name}")
             pending = self._pending.get(name)
-            if pending is None or pending.done():
-                pending = self._pending[name] = pool.submit(fn)
+            if pending is None or pending.finished:
+                pending = self._pending[name] = worker.submit(fn)
             return pending
 
-    def _result(self, future: Optional[concurrent.futures.Future[Any]], inline: Callable[[], Any],
+    def _result(self, call: Optional[_Call], inline: Callable[[], Any],
                 timed_out: Callable[[], Any]) -> Any:
-        if future is None:
+        if call is None:
             return inline()
-        try:
-            return future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
+        if not call.wait(self.timeout_s):
             return timed_out()
+        return call.result()
 
     def _read_disks(self) -> Tuple[DiskReading, ...]:
         return read_disks(self.watch_paths)
@@ -574,14 +649,16 @@ class SystemProbe:
 
     def sample(self, times: Times) -> Sample:
         # Calls that can hang (a live NVML, statvfs on a network/FUSE mount) run on workers,
-        # started first so they overlap with the fast reads here, and bounded by timeout_s.
-        # Without them (no driver, local disks) a hand-off would cost more than the reads.
-        nvml_live = self.nvml.ready or self.nvml.retry_due()
-        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
-        disk_job = self._submit("disk", self._read_disks) if self._remote else None
+        # bounded by timeout_s. Without them (no driver, local disks) a hand-off would cost more
+        # than the reads. The fast reads come first and the GPU worker runs while this thread
+        # waits: run side by side, the two threads passed the GIL back and forth at every
+        # syscall, which cost more CPU than the overlap saved time (issue 17).
         host = read_host(cgroup_files=self._cgroup_files, locate=False, read=self._kernel_files,
                          cpu=self._cpu)
         trainer = read_trainer(self.run_dir)
+        nvml_live = self.nvml.ready or self.nvml.retry_due()
+        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
+        disk_job = self._submit("disk", self._read_disks) if self._remote else None
         nvml_state, gpus = self._result(gpu_job, self._read_gpus, lambda: ("timeout", ()))
         disks = self._result(disk_job, self._read_disks, lambda: tuple(
             DiskReading(str(p), None, None, "timeout") for p in self.watch_paths))
@@ -600,13 +677,13 @@ class SystemProbe:
     def close(self, wait_s: float = 0.0) -> None:
         """Stop the workers; wait up to ``wait_s`` for them (a hung NVML call keeps its thread)."""
         with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        threads = [t for pool in pools for t in list(getattr(pool, "_threads", ()))]
-        for pool in pools:
-            pool.shutdown(wait=False)
+            workers, self._workers = list(self._workers.values()), {}
+            self._pending.clear()
+        for worker in workers:
+            worker.stop()
         deadline = time.monotonic() + wait_s
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
         self.nvml.shutdown()
         self._kernel_files.close()
 

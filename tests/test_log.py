@@ -194,6 +194,33 @@ class TestRedaction:
         assert event["error"] == "ValueError('bad key [redacted]')"
         assert event["headers"] == {"[redacted]": 1}
 
+    def test_secret_that_json_escapes_is_redacted(self, tmp_path: Path) -> None:
+        """A secret with quotes, backslashes, non-ASCII and control characters (which a JSON line
+        writes escaped) is still found and written as [redacted]."""
+        secret = 'pa"ss\\w\u00f6rd\t\U0001f511-42'
+        path = tmp_path / "run.jsonl"
+        log.configure(path, console=None, env={"DB_PASSWORD": secret})
+        log.get_logger().info("action", message=f"login {secret} ok", extra={secret: [secret]})
+        [event] = read_events(path)
+        assert event["message"] == "login [redacted] ok"
+        assert event["extra"] == {"[redacted]": ["[redacted]"]}
+        assert secret not in path.read_text(encoding="utf-8")
+
+    def test_event_without_a_secret_is_written_as_without_redaction(self, tmp_path: Path) -> None:
+        """With secrets configured, an event that holds none is written exactly as it would be with
+        no secrets at all (tuples, Paths, numbers and nesting alike)."""
+        fields = {"gpus": [{"index": 0, "util_pct": 91.5, "pids": (4242, 17)}],
+                  "path": Path("/tmp/run"), "n": None, "ok": True}
+        lines = []
+        for env in ({}, SECRET_ENV):
+            path = tmp_path / f"run-{len(env)}.jsonl"
+            log.configure(path, console=None, env=env)
+            log.get_logger().info("sample", ts=1.5, **fields)
+            log.close()
+            lines.append(path.read_text())
+        assert lines[0] == lines[1]
+        assert json.loads(lines[1])["gpus"] == [{"index": 0, "util_pct": 91.5, "pids": [4242, 17]}]
+
     def test_console_is_redacted_too(self, tmp_path: Path) -> None:
         """The console line carries [redacted], never the secret."""
         console = io.StringIO()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import threading
@@ -471,6 +472,21 @@ class TestSystemProbe:
         finally:
             probe.close()
         assert (sample.nvml, sample.gpus) == ("unavailable: Unknown Error", ())
+
+    def test_a_probe_dropped_without_close_leaves_no_worker_thread(self, tmp_path: Path) -> None:
+        """The GPU worker thread ends once its probe is garbage, closed or not (a Watchdog driven
+        by tick() alone never closes its probe)."""
+        before = set(threading.enumerate())
+        probe = SystemProbe(nvml=Nvml(module=FakeNvmlModule(three_gpus())), **no_cgroup(tmp_path))
+        assert probe.sample(Times(now=1.0, elapsed_s=1.0)).gpus == EXPECTED_THREE
+        [worker] = [t for t in threading.enumerate() if t not in before]
+        assert worker.name == "session-watchdog-gpu"
+        del probe
+        deadline = time.monotonic() + 60
+        while worker.is_alive() and time.monotonic() < deadline:
+            gc.collect()
+            worker.join(0.05)
+        assert not worker.is_alive()
 
     def test_hung_nvml_call_times_out_then_recovers(self, tmp_path: Path) -> None:
         """A call slower than timeout_s gives nvml 'timeout' quickly, is not piled up while it
