@@ -361,7 +361,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
         if dir_fd is None:
             fd = os.open(path, flags)
         else:
-            fd = os.open(Path(path).name, flags, dir_fd=dir_fd)
+            fd = os.open(os.path.basename(path), flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
@@ -824,7 +824,7 @@ class FileLock:
 def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
     """Whether another open file description holds any flock on ``path`` (non-blocking probe)."""
     try:
-        os.lstat(Path(path).name if dir_fd is not None else path, dir_fd=dir_fd)
+        os.lstat(os.path.basename(path) if dir_fd is not None else path, dir_fd=dir_fd)
     except (OSError, ValueError):
         return False
     probe = FileLock(path, dir_fd=dir_fd)

@@ -236,7 +236,9 @@ class _Tick:
         self.episodes = set()  # type: set[str]
 
     def update(self, **changes: Any) -> None:
-        self.state = dataclasses.replace(self.state, **changes)
+        state = self.state
+        if any(getattr(state, name) != value for name, value in changes.items()):
+            self.state = dataclasses.replace(state, **changes)
 
     def warn_once(self, key: str, reason: str, message: str, **data: Any) -> None:
         """Warn when the condition ``key`` starts; stay quiet while it lasts."""

@@ -120,6 +120,23 @@ class TestConfigure:
                              "remaining_s": 812, "log_level": "info"}]
         assert (tmp_path / "run.jsonl").read_text() == ""  # captured instead of written
 
+    def test_one_logger_follows_every_reconfiguration(self, tmp_path: Path) -> None:
+        """A module-level logger reused across configure() and capture_logs writes where the
+        configuration in force says, each time (it caches its bound logger per configuration)."""
+        logger = log.get_logger()
+        log.configure(tmp_path / "a.jsonl", console=None, env={})
+        logger.info("first")
+        with structlog.testing.capture_logs() as captured:
+            logger.info("captured", n=1)
+        logger.info("second")
+        log.configure(tmp_path / "b.jsonl", console=None, env={})
+        logger.bind(run="r1").info("third")
+        logger.info("fourth")
+        assert [e["event"] for e in read_events(tmp_path / "a.jsonl")] == ["first", "second"]
+        assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
+        assert [(e["event"], e.get("run")) for e in read_events(tmp_path / "b.jsonl")] == [
+            ("third", "r1"), ("fourth", None)]
+
 
 class TestRotatingJsonl:
     def test_rotates_past_max_bytes_and_keeps_backups(self, tmp_path: Path) -> None:

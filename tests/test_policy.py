@@ -261,6 +261,13 @@ class TestGpuIdle:
         state, _ = run(cfg(max_session=OFF), [at(0.0, gpus=[]), at(10_000.0, gpus=[])])
         assert state.gpu_idle_since is None
 
+    def test_a_tick_that_changes_nothing_returns_the_same_state(self):
+        """A steady busy tick rebuilds no state: decide() hands back the very object it got."""
+        busy = [gpu(0, util=90.0)]
+        state, _ = run(cfg(max_session=OFF), [at(0.0, gpus=busy), at(5.0, gpus=busy)])
+        again, decisions = decide(cfg(max_session=OFF), state, at(5.0, gpus=busy))
+        assert decisions == [] and again is state
+
 
 class TestPeriodicAndStall:
     def test_periodic_checkpoint_every_interval(self):

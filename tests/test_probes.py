@@ -351,6 +351,24 @@ class TestReadHost:
         assert (host.ram_total_bytes, host.ram_source, host.oom_kills) == (
             psutil.virtual_memory().total, "host", None)
 
+    def test_meminfo_fields_parsed_from_the_kernel_text(self) -> None:
+        """The four lines free(1) needs are read, in KiB, wherever they sit in /proc/meminfo."""
+        text = ("MemTotal:       24684092 kB\nMemFree:         9000000 kB\n"
+                "MemAvailable:   22620756 kB\nBuffers:  1 kB\nSwapCached: 0 kB\n"
+                "SwapTotal:       2097148 kB\nSwapFree:        1048576 kB\nHugePages_Total: 0")
+        assert probes.read_meminfo(read=lambda _: text) == {
+            "total": 24684092 * 1024, "available": 22620756 * 1024,
+            "swap_total": 2097148 * 1024, "swap_free": 1048576 * 1024}
+
+    @pytest.mark.parametrize("text", [
+        "", "MemTotal: 100 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n",  # no MemAvailable (old kernel)
+        "MemTotal: x kB\nMemAvailable: 5 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB",
+        "XMemTotal: 1 kB\nMemAvailable: 5 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB",
+    ])
+    def test_meminfo_missing_or_malformed_line_is_none(self, text: str) -> None:
+        """A missing or malformed line gives None (read_host then asks psutil), never a guess."""
+        assert probes.read_meminfo(read=lambda _: text) is None
+
 
 # --------------------------------------------------------------------------------------------
 # Disks and the trainer
