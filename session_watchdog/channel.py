@@ -346,6 +346,18 @@ def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def _read_fd(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd`` (read until EOF or the limit; no file object)."""
+    chunks = []
+    while limit > 0:
+        chunk = os.read(fd, limit)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
               dir_fd: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """Read a protocol file; None when it does not exist.
@@ -374,8 +386,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
             raise ChannelError(f"{path} is not a regular file")
         if st.st_size > max_bytes:
             raise ChannelError(f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        raw = _read_fd(fd, max_bytes + 1)
     finally:
         os.close(fd)
     if len(raw) > max_bytes:
@@ -768,7 +779,7 @@ def _open_lock_file(path: Path, dir_fd: Optional[int] = None) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         if dir_fd is not None:
-            return os.open(Path(path).name, flags, 0o600, dir_fd=dir_fd)
+            return os.open(os.path.basename(path), flags, 0o600, dir_fd=dir_fd)
         return os.open(path, flags, 0o600)
     except OSError as err:
         if err.errno == errno.ELOOP:
@@ -780,7 +791,7 @@ class FileLock:
     """An flock on ``path``; ``acquire`` returns False instead of blocking when ``blocking`` is off."""
 
     def __init__(self, path: Path, *, shared: bool = False, dir_fd: Optional[int] = None) -> None:
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else Path(path)  # Path(a Path) parses it again
         self.shared = shared
         self.dir_fd = dir_fd  # open path's name in this directory (openat), see RunDir.lock
         self.dir_owner: Any = None
