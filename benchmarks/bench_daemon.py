@@ -12,6 +12,10 @@
 - one tick with a stand-in NVML of 8 GPUs (its state parsed once, injected where the probes take
   their NVML entry point, ``probes.Nvml(module=...)``) vs one ``subprocess.run(["true"])``, the
   floor of any nvidia-smi poll: goal <= 0.25x. CPU time (``time.process_time``), not wall time.
+  Also reported: the same tick with a trainer attached (``run.lock`` held, ``trainer.json`` read
+  and parsed each tick) and with 64 GPUs. The real daemon above runs with a trainer attached
+  too (a process holding ``run.lock`` and rewriting ``trainer.json`` every 5 s, as a training
+  ``Session`` does; ``--no-trainer`` leaves it out).
 
 Figures alternate in blocks, ``--repeat`` times, with the 1-minute load average beside each.
 """
@@ -91,10 +95,36 @@ SMI_CSV = "".join(f"{i}, NVIDIA H100 80GB HBM3, {90 + i}, {(10 + i) * 1024}, 815
 # The real daemon process
 
 
-def watch_daemon(seconds: float, scratch: Path) -> Dict[str, float]:
-    """Start ``session-watchdog run``, let it run ``seconds``, read RSS and CPU, stop it."""
+# A trainer as the daemon sees one (what the trainer side does through its Session, without torch):
+# it holds run.lock for its life and rewrites trainer.json every 5 s (the default heartbeat).
+HEARTBEAT_TRAINER = r"""
+import os, sys, time
+from pathlib import Path
+from session_watchdog import channel
+run_dir = channel.RunDir(Path(sys.argv[1]), create=True)
+lock = run_dir.lock(channel.RUN_LOCK)
+lock.acquire()
+start, step = time.time(), 0
+while True:
+    now = time.time()
+    step += 12
+    run_dir.write_status(channel.TrainerStatus(
+        pid=os.getpid(), start_time=start, state="training", step=step, epoch=0, step_time_s=0.41,
+        acked_seq=0, heartbeat=now, extra={}, last_checkpoint=None))
+    time.sleep(5.0)
+"""
+
+
+def watch_daemon(seconds: float, scratch: Path, trainer: bool = True) -> Dict[str, float]:
+    """Start ``session-watchdog run``, let it run ``seconds``, read RSS and CPU, stop it.
+
+    ``trainer``: a heartbeat-writing trainer is attached (its own CPU is not counted)."""
     env = dict(os.environ)
     env["SESSION_WATCHDOG_RUN_DIR"] = str(scratch / "run")
+    helpers = []
+    if trainer:
+        helpers.append(subprocess.Popen([PYTHON, "-c", HEARTBEAT_TRAINER, str(scratch / "run")],
+                                        env=env, start_new_session=True))
     argv = [*CLI, "run", "--log-file", str(scratch / "log.jsonl"), "--watch-paths", str(scratch),
             "--max-session", "12h"]
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -133,7 +163,7 @@ def watch_daemon(seconds: float, scratch: Path) -> Dict[str, float]:
                 "naive_cpu_pct": 100.0 * (naive1 - naive0) / (t1 - t0),
                 "load": max(load0, load())}
     finally:
-        for p in (proc, bare, naive):
+        for p in (proc, bare, naive, *helpers):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -229,8 +259,14 @@ def children_and_self_cpu() -> float:
                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8) -> Tuple[float, float, float, str]:
-    """CPU seconds of one tick (``gpus`` stand-in GPUs) and of one subprocess.run(["true"])."""
+def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8,
+                 trainer: bool = False) -> Tuple[float, float, float, str]:
+    """CPU seconds of one tick (``gpus`` stand-in GPUs) and of one subprocess.run(["true"]).
+
+    ``trainer``: a trainer is attached, as while training: ``run.lock`` held (through another
+    open file description, as a trainer process holds it) and a ``trainer.json`` with a
+    checkpoint, read and parsed on every tick as the daemon does.
+    """
     from session_watchdog import channel, log, platforms, probes
     from session_watchdog.config import Config
     from session_watchdog.daemon import Watchdog
@@ -242,6 +278,18 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8) -> Tuple[float, float
     probe = probes.SystemProbe(channel.RunDir(Path(cfg.run_dir)), cfg.watch_paths,
                                nvml=probes.Nvml(module=StandInNvml(gpu_state(gpus))))
     dog = Watchdog(cfg, platform=platforms.Platform("generic", ("bench",)), probe=probe)
+    held = None
+    if trainer:
+        run_dir = channel.RunDir(Path(cfg.run_dir))
+        held = run_dir.lock(channel.RUN_LOCK)
+        held.acquire()
+        now = time.time()
+        run_dir.write_status(channel.TrainerStatus(
+            pid=os.getpid(), start_time=now, state="training", step=12_000, epoch=3,
+            step_time_s=0.41, acked_seq=0, heartbeat=now, extra={},
+            last_checkpoint=channel.CheckpointInfo(
+                path=str(scratch / "ckpt" / "step-12000.pt"), seq=None, step=12_000, at=now,
+                duration_s=2.1, bytes=1 << 30, sha256="", checksum="crc32c:0a1b2c3d")))
     try:
         for _ in range(20):
             dog.tick()
@@ -272,6 +320,8 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8) -> Tuple[float, float
         return statistics.median(tick_s), statistics.median(true_s), max(load0, load()), \
             f"{nvml}, {gpus} GPUs"
     finally:
+        if held is not None:
+            held.release()
         dog.probe.close()  # type: ignore[attr-defined]
         log.close()
 
@@ -282,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="how long the real daemon runs before RSS/CPU are read (60)")
     parser.add_argument("--repeat", type=int, default=3, help="start-up measurements x5 (3)")
     parser.add_argument("--ticks", type=int, default=400, help="ticks per tick figure (400)")
+    parser.add_argument("--no-trainer", action="store_true",
+                        help="watch the real daemon with no trainer attached")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(scratch / "status-run"))
@@ -310,11 +362,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     tick, true, tick_load, nvml = tick_vs_true(args.ticks, scratch)
     rows.append(("tick CPU, 8 GPUs (stand-in NVML)", f"{tick * 1e3:.3f} ms vs true {true * 1e3:.3f} ms",
                  tick / true, "<= 0.25x", tick_load))
+    tick, true, tick_load, _ = tick_vs_true(args.ticks, scratch, trainer=True)
+    rows.append(("tick CPU, 8 GPUs + a trainer attached", f"{tick * 1e3:.3f} ms vs true {true * 1e3:.3f} ms",
+                 tick / true, "(reported)", tick_load))
     tick, true, tick_load, _ = tick_vs_true(args.ticks, scratch, gpus=64)
     rows.append(("tick CPU, 64 GPUs (stand-in NVML)", f"{tick * 1e3:.3f} ms vs true {true * 1e3:.3f} ms",
                  tick / true, "(reported)", tick_load))
 
-    daemon = watch_daemon(args.watch_s, scratch)
+    daemon = watch_daemon(args.watch_s, scratch, trainer=not args.no_trainer)
     rows.append((f"`run` RSS after {daemon['window_s']:.0f} s", f"{daemon['rss'] / 2**20:.1f} MiB vs "
                  f"bare {daemon['bare_rss'] / 2**20:.1f} MiB", daemon["rss"] / daemon["bare_rss"],
                  "<= 2.5x", daemon["load"]))
