@@ -834,9 +834,13 @@ class FileLock:
 
 def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
     """Whether another open file description holds any flock on ``path`` (non-blocking probe)."""
+    # faccessat, not lstat: a missing lock file (no trainer, or not saving: every tick) answers
+    # False instead of raising; a symlink still counts as there, and the open below refuses it.
     try:
-        os.lstat(os.path.basename(path) if dir_fd is not None else path, dir_fd=dir_fd)
-    except (OSError, ValueError):
+        if not os.access(os.path.basename(path) if dir_fd is not None else path, os.F_OK,
+                         dir_fd=dir_fd, follow_symlinks=False):
+            return False
+    except ValueError:  # a NUL in the name
         return False
     probe = FileLock(path, dir_fd=dir_fd)
     if probe.acquire(blocking=False):
