@@ -137,6 +137,9 @@ class _FlagsMixin(_SavingMixin):
         self._sync_at = self._step + self._window
         self._sync_anchor = (time.monotonic(), self._step)
 
+    # ------------------------------------------------------------------------------------------
+    # Requests (request.json): which still need an answer
+
     def _answered(self, request: Request) -> bool:
         """Whether ``request`` was acknowledged or skipped as stale (by rid when it has one)."""
         if request.rid is not None:

@@ -595,7 +595,7 @@ class Session(_ResumingMixin):
         return False
 
     # ------------------------------------------------------------------------------------------
-    # Step boundary (main thread)
+    # Step boundary (main thread); what the flags mean: _decide (flags.py); saves: saving.py
 
     def _service(self) -> None:
         """Act on whatever set the flag. Runs in the training thread, between two steps."""
