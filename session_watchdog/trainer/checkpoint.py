@@ -55,6 +55,7 @@ import torch
 
 from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
+from session_watchdog.trainer.buffers import copy_all, is_plain
 from session_watchdog.trainer.priority import Yielding
 
 __all__ = [
@@ -834,6 +835,11 @@ class CheckpointManager:
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         memo: Dict[int, torch.Tensor] = {}  # the same tensor twice (tied weights) stays shared
         cuda_devices: Set[torch.device] = set()
+        # Plain memmoves, copied after the walk: into fresh buffers on several threads (their
+        # page faults are most of a first save's stall), into reused ones on this thread alone
+        # (memory bandwidth bounds that copy; a helper gained nothing there). buffers.py.
+        fresh: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        reused: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
         def tensor_copy(src: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
             if id(src) in memo:
@@ -843,9 +849,14 @@ class CheckpointManager:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
                 buf = spare.get(path)
+                plain = reused
                 if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
                     buf = _new_buffer(data)
-                _copy_into(buf, data)
+                    plain = fresh
+                if is_plain(buf, data):
+                    plain.append((buf, data))
+                else:
+                    _copy_into(buf, data)
                 if data.is_cuda:
                     cuda_devices.add(data.device)
                 used[path] = buf
@@ -868,6 +879,8 @@ class CheckpointManager:
             return copy.deepcopy(obj)
 
         snapshot = walk(state, ())
+        copy_all(reused, threads=1)
+        copy_all(fresh)
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used
