@@ -98,6 +98,20 @@ class TestCopyAll:
             for blocker in blockers:
                 blocker.result(timeout=120)
 
+    def test_page_in_zeroes_every_byte_once_across_threads(self, small_chunks: None):
+        """Three threads running one page-in work zero every byte and do each piece once."""
+        bufs = [torch.full((100_003,), 7.0), torch.full((33, 65), 9, dtype=torch.int16)]
+        work = buffers.page_in(bufs)
+        counts: List[int] = []
+        threads = [threading.Thread(target=lambda: counts.append(work.run())) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        counts.append(work.run())
+        for thread in threads:
+            thread.join(120)
+        assert sum(counts) == len(work) == 98 + 2  # 400012 B and 4290 B in 4100 B pieces
+        assert all(int(buf.count_nonzero()) == 0 for buf in bufs)
+
     def test_copy_threads_follows_torch_thread_count(self):
         """torch.set_num_threads(1) makes the copy single-threaded; the count is at least 1."""
         previous = torch.get_num_threads()
@@ -152,6 +166,19 @@ class TestManagerSnapshot:
             assert saved.path.read_bytes() == reference.save(state, step=step).path.read_bytes()
         assert len(addresses[0]) == 4
         assert addresses[0] == addresses[1] == addresses[2]
+
+    def test_a_save_right_after_prepare_async_uses_the_prepared_buffers(self, tmp_path: Path,
+                                                                         parallel_copy: None):
+        """A save_async that comes while prepare_async may still be paging in copies into the
+        prepared buffers and writes what a sync save writes."""
+        state = big_state(8)
+        manager = CheckpointManager(tmp_path / "async")
+        manager.prepare_async(state)
+        prepared = {path: buf.data_ptr() for path, buf in manager._spare.items()}
+        saved = manager.save_async(state, step=1).result()
+        assert {path: buf.data_ptr() for path, buf in manager._spare.items()} == prepared
+        synced = CheckpointManager(tmp_path / "sync").save(state, step=1)
+        assert saved.path.read_bytes() == synced.path.read_bytes()
 
     def test_a_tensor_mutated_right_after_save_async_is_saved_as_it_was(self, tmp_path: Path,
                                                                         parallel_copy: None):

@@ -39,7 +39,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "PARALLEL_FROM_BYTES", "copy_all", "copy_threads", "is_plain"]
+__all__ = ["CHUNK_BYTES", "PARALLEL_FROM_BYTES", "Work", "copy_all", "copy_threads", "is_plain",
+           "page_in"]
 
 CHUNK_BYTES = 8 << 20  # a helper that stalls holds up the caller by at most one chunk's copy
 PARALLEL_FROM_BYTES = 64 << 20  # below this, waking helpers costs about what they would save
@@ -91,26 +92,43 @@ def _chunks(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     return pieces
 
 
-class _Work:
-    """Pieces handed out one at a time to whichever thread asks next."""
+class Work:
+    """Pieces of memory work handed out one at a time to whichever thread asks next: copies
+    (:func:`copy_all`) or zero fills (:func:`page_in`). Any number of threads may :meth:`run`
+    the same work; each piece is done exactly once."""
 
-    def __init__(self, pieces: List[Tuple[int, int, int]]) -> None:
-        self._pieces = pieces
+    def __init__(self, pieces: List[Tuple[int, int, int]], zero: bool = False) -> None:
+        self._pieces = pieces  # (destination, source, bytes); the source is unused to zero
+        self._zero = zero
         self._next = 0
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._pieces)
+
     def run(self) -> int:
-        """Copy pieces until none is left; how many this thread copied."""
-        copied = 0
+        """Do pieces until none is left (ctypes releases the GIL for each); how many this
+        thread did."""
+        done = 0
         while True:
             with self._lock:
                 index = self._next
                 self._next += 1
             if index >= len(self._pieces):
-                return copied
+                return done
             dst, src, nbytes = self._pieces[index]
-            ctypes.memmove(dst, src, nbytes)
-            copied += 1
+            if self._zero:
+                ctypes.memset(dst, 0, nbytes)
+            else:
+                ctypes.memmove(dst, src, nbytes)
+            done += 1
+
+
+def page_in(bufs: Sequence[torch.Tensor]) -> Work:
+    """Work that writes zeros over every byte of ``bufs`` (CPU memory), so that every page is
+    faulted in before a copy needs it. Run it on a background thread, and on the thread that
+    then needs the buffers (it helps with what is left rather than waiting for it)."""
+    return Work(_chunks([(buf, buf) for buf in bufs], max(1, CHUNK_BYTES)), zero=True)
 
 
 def _helpers() -> ThreadPoolExecutor:
@@ -137,9 +155,9 @@ def copy_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], threads: int = 
     Returns:
         How many threads copied at least one piece.
     """
-    work = _Work(_chunks(pairs, max(1, CHUNK_BYTES)))
+    work = Work(_chunks(pairs, max(1, CHUNK_BYTES)))
     total = sum(data.numel() * data.element_size() for _, data in pairs)
-    threads = min(threads or copy_threads(), _MAX_THREADS, len(work._pieces))
+    threads = min(threads or copy_threads(), _MAX_THREADS, len(work))
     helpers: List[Future[int]] = []
     if threads > 1 and total >= PARALLEL_FROM_BYTES:
         pool = _helpers()
