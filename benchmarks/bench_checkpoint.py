@@ -13,11 +13,13 @@ Figures:
    commit marker, prune) against (a) a raw ``write`` + ``fsync`` of the same number of bytes to
    a new file, (b) plain ``torch.save`` with torch's crc32 off + ``fsync``, (c) safetensors'
    ``save_file`` + ``fsync`` when safetensors is installed. Goals: >= 0.8x (a), >= 1.0x (b, c).
-2. async stall: how long ``save_async`` blocks the caller, on the first save of a fresh process
-   (cold: its snapshot buffers are allocated and paged in during the stall; prepared: after
-   ``prepare_async`` paged them in, as a ``Session(async_save=True)`` does at its first step) and
-   in the steady state (a later save reusing the buffers), against a sync save of the same state.
-   Goal: <= 0.1x. ``--device cuda`` places the state on the GPU for this.
+2. async stall: how long ``save_async`` blocks the caller, in four blocks whose order rotates
+   each repeat: the first save of a fresh process with a bare ``CheckpointManager`` (cold: its
+   snapshot buffers are allocated and faulted in during the stall), the same after
+   ``prepare_async`` paged them in (as a ``Session(async_save=True)`` does at its first step),
+   a later save reusing the buffers (steady), and a sync ``save`` of the same state, the
+   baseline. Each stall is printed as a ratio to the sync save, as medians and repeat by
+   repeat. Goal: <= 0.1x. ``--device cuda`` places the state on the GPU for this.
 3. training time lost to a save: a CPU-bound training loop (torch matmuls on all of torch's
    intra-op threads, i.e. every core) runs the same number of steps (about ``--lost-loop``
    sync saves long) with no save, with one ``save`` in the middle, with one ``save_async`` in
@@ -330,6 +332,58 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str,
             return
     count = len(tensors_of(state))
     payload = sum(t.nbytes for t in tensors_of(state))
+    figures: Dict[str, List[Tuple[float, float]]] = {}
+    size = 0
+    if "save" in figures_wanted:
+        size = save_figures(state, directory, repeat, figures)
+    if "stall" in figures_wanted:
+        size = stall_figures(state, size_mb, tensors, directory, repeat, device, figures)
+
+    mib = size / (1 << 20)
+    print(f"state: {count} tensors ({tensors} asked), {payload / (1 << 20):.0f} MiB payload, "
+          f"file {size} bytes; dir {directory}; {repeat} repeats, alternating blocks; "
+          f"{_drop_note[0] if _drop_note else ''}")
+    if "save" in figures_wanted and not has_safetensors():
+        print("safetensors is not installed: its baseline is skipped")
+    print(f"{'figure':40} {'median s':>9} {'MiB/s':>7}   each run (s @ load avg)")
+    med: Dict[str, float] = {}
+    for name, runs in figures.items():
+        med[name] = statistics.median(s for s, _ in runs)
+        rate = f"{mib / med[name]:7.0f}" if "stall" not in name else " " * 7
+        each = ", ".join(f"{s:.2f}@{ld:.1f}" for s, ld in runs)
+        print(f"{name:40} {med[name]:9.3f} {rate}   {each}")
+
+    def verdict(ratio: float, goal: float, higher: bool) -> str:
+        ok = ratio >= goal if higher else ratio <= goal
+        return f"goal {'>=' if higher else '<='} {goal}{'' if ok else ' MISSED'}"
+
+    print("ratios (ours / baseline, as throughput for saves, as time for stalls):")
+    if "save" in figures_wanted:
+        ours_s = med["CheckpointManager.save"]
+        for name, goal in (("raw write+fsync", 0.8), ("torch.save (crc32 off)+fsync", 1.0),
+                           ("safetensors save_file+fsync", 1.0)):
+            if name in med:
+                ratio = med[name] / ours_s
+                print(f"  sync save vs {name:32} {ratio:6.2f}x  {verdict(ratio, goal, True)}")
+    if "stall" in figures_wanted:
+        sync_name = f"sync save, {device} state"
+        sync_s = med[sync_name]
+        for kind in STALL_KINDS:
+            name = f"save_async stall, {kind}, {device}"
+            ratio = med[name] / sync_s
+            # The same repeat's stall over its sync save: the load of the moment cancels out.
+            each = ", ".join(f"{a / b:.3f}" for (a, _), (b, _) in zip(figures[name],
+                                                                     figures[sync_name]))
+            print(f"  async stall ({kind:15}) vs sync save {ratio:6.3f}x  "
+                  f"{verdict(ratio, 0.1, False)}   each repeat: {each}")
+        if device == "cpu":
+            print("  (CPU state: no GPU on this machine; rerun with --device cuda for the "
+                  "device->host stall)")
+
+
+def save_figures(state: Dict[str, Dict[str, torch.Tensor]], directory: Path, repeat: int,
+                 figures: Dict[str, List[Tuple[float, float]]]) -> int:
+    """Figure 1 into ``figures``: our sync save and its baselines; returns the file's size."""
     sync_manager = CheckpointManager(directory / "sync", keep=1)
     size = sync_manager.save(state, step=0).bytes  # warm-up; gives the exact file size
     scratch = directory / "scratch"
@@ -357,7 +411,6 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str,
     def ours() -> None:
         sync_manager.save(state, step=next(step))
 
-    figures: Dict[str, List[Tuple[float, float]]] = {}
     blocks: List[Tuple[str, Callable[[], None]]] = [("raw write+fsync", raw),
                                                      ("torch.save (crc32 off)+fsync", plain),
                                                      ("CheckpointManager.save", ours)]
@@ -369,69 +422,58 @@ def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str,
             figures.setdefault(name, []).append(timed(fn, clear))
     shutil.rmtree(scratch, ignore_errors=True)
     sync_manager.list()  # waits for the helper that unlinks pruned files
+    shutil.rmtree(directory / "sync", ignore_errors=True)
+    return size
 
-    # async: a fresh manager's first save, then later saves (steady state), beside a sync save
-    gpu_state = state
+
+STALL_KINDS = ("first, cold", "first, prepared", "steady")
+
+
+def stall_figures(state: Dict[str, Dict[str, torch.Tensor]], size_mb: int, tensors: int,
+                  directory: Path, repeat: int, device: str,
+                  figures: Dict[str, List[Tuple[float, float]]]) -> int:
+    """Figure 2 into ``figures``, four blocks in an order that rotates each repeat: the first
+    save_async of a fresh process with a bare manager (cold: its buffers are allocated and
+    faulted in during the stall), the same after prepare_async (as a Session does at its first
+    step), a later save_async of a manager whose buffers exist (steady), and a sync save of the
+    same state; returns the checkpoint file's size."""
     if device != "cpu":
-        gpu_state = {part: {k: t.to(device) for k, t in d.items()} for part, d in state.items()}
-    first: List[Tuple[float, float]] = []
-    prepared: List[Tuple[float, float]] = []
-    steady: List[Tuple[float, float]] = []
-    sync_dev: List[Tuple[float, float]] = []
+        state = {part: {k: t.to(device) for k, t in d.items()} for part, d in state.items()}
+    sync_manager = CheckpointManager(directory / "stall-sync", keep=1)
+    size = sync_manager.save(state, step=0).bytes  # warm-up, as the steady manager's below
+    async_manager = CheckpointManager(directory / "stall-async", keep=1)
+    async_manager.save_async(state, step=0).result()
+    step = iter(range(1, 1 << 30))
+    children = iter(range(1 << 30))
+
+    def child(prepared: bool) -> Tuple[float, float]:
+        return first_save_in_child(size_mb, tensors, directory / f"child{next(children)}",
+                                   device, prepared)
+
+    def steady() -> Tuple[float, float]:
+        drop_caches()
+        before = load()
+        started = time.perf_counter()
+        pending = async_manager.save_async(state, step=next(step))
+        elapsed = time.perf_counter() - started
+        pending.result()
+        async_manager.list()  # also waits for the helper that unlinks pruned files
+        return elapsed, max(before, load())
+
+    def sync() -> Tuple[float, float]:
+        result = timed(lambda: sync_manager.save(state, step=next(step)))
+        sync_manager.list()
+        return result
+
+    blocks: List[Tuple[str, Callable[[], Tuple[float, float]]]] = [
+        (f"save_async stall, first, cold, {device}", lambda: child(False)),
+        (f"save_async stall, first, prepared, {device}", lambda: child(True)),
+        (f"save_async stall, steady, {device}", steady),
+        (f"sync save, {device} state", sync)]
     for r in range(repeat):
-        first.append(first_save_in_child(size_mb, tensors, directory / f"first{r}", device, False))
-        prepared.append(first_save_in_child(size_mb, tensors, directory / f"prep{r}", device, True))
-        manager = CheckpointManager(directory / f"async{r}", keep=1)
-        manager.save_async(gpu_state, step=1).result()
-        for s in (2, 3):
-            drop_caches()
-            before = load()
-            started = time.perf_counter()
-            pending = manager.save_async(gpu_state, step=s)
-            elapsed = time.perf_counter() - started
-            pending.result()
-            if s == 3:
-                steady.append((elapsed, max(before, load())))
-        sync_dev.append(timed(lambda m=manager: m.save(gpu_state, step=10)))
-        manager.wait()
-        manager.list()  # also waits for the helper that unlinks pruned files
-        shutil.rmtree(directory / f"async{r}", ignore_errors=True)
-    figures[f"save_async stall, first, cold, {device}"] = first
-    figures[f"save_async stall, first, prepared, {device}"] = prepared
-    figures[f"save_async stall, steady, {device}"] = steady
-    figures[f"sync save, {device} state"] = sync_dev
-
-    mib = size / (1 << 20)
-    print(f"state: {count} tensors ({tensors} asked), {payload / (1 << 20):.0f} MiB payload, "
-          f"file {size} bytes; dir {directory}; {repeat} repeats, alternating blocks; "
-          f"{_drop_note[0] if _drop_note else ''}")
-    if not has_safetensors():
-        print("safetensors is not installed: its baseline is skipped")
-    print(f"{'figure':40} {'median s':>9} {'MiB/s':>7}   each run (s @ load avg)")
-    med: Dict[str, float] = {}
-    for name, runs in figures.items():
-        med[name] = statistics.median(s for s, _ in runs)
-        rate = f"{mib / med[name]:7.0f}" if "stall" not in name else " " * 7
-        each = ", ".join(f"{s:.2f}@{ld:.1f}" for s, ld in runs)
-        print(f"{name:40} {med[name]:9.3f} {rate}   {each}")
-    ours_s = med["CheckpointManager.save"]
-
-    def verdict(ratio: float, goal: float, higher: bool) -> str:
-        ok = ratio >= goal if higher else ratio <= goal
-        return f"goal {'>=' if higher else '<='} {goal}{'' if ok else ' MISSED'}"
-
-    print("ratios (ours / baseline, as throughput for saves, as time for stalls):")
-    for name, goal in (("raw write+fsync", 0.8), ("torch.save (crc32 off)+fsync", 1.0),
-                       ("safetensors save_file+fsync", 1.0)):
-        if name in med:
-            ratio = med[name] / ours_s
-            print(f"  sync save vs {name:32} {ratio:6.2f}x  {verdict(ratio, goal, True)}")
-    sync_s = med[f"sync save, {device} state"]
-    for kind in ("first, cold", "first, prepared", "steady"):
-        ratio = med[f"save_async stall, {kind}, {device}"] / sync_s
-        print(f"  async stall ({kind:10}) vs sync save     {ratio:6.3f}x  {verdict(ratio, 0.1, False)}")
-    if device == "cpu":
-        print("  (CPU state: no GPU on this machine; rerun with --device cuda for the device->host stall)")
+        for name, fn in blocks[r % len(blocks):] + blocks[: r % len(blocks)]:
+            figures.setdefault(name, []).append(fn())
+    return size
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -55,6 +55,7 @@ import torch
 
 from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
+from session_watchdog.trainer.buffers import Work, copy_all, is_plain, page_in
 from session_watchdog.trainer.priority import Yielding
 
 __all__ = [
@@ -621,14 +622,6 @@ def _copy_into(buf: torch.Tensor, data: torch.Tensor) -> None:
     buf.copy_(data, non_blocking=data.is_cuda)
 
 
-def _page_in(buffers: Sequence[torch.Tensor]) -> None:
-    """Touch every page of ``buffers`` (memset releases the GIL: training goes on meanwhile)."""
-    for buf in buffers:
-        nbytes = buf.numel() * buf.element_size()
-        if nbytes and not buf.is_pinned():
-            ctypes.memset(buf.data_ptr(), 0, nbytes)
-
-
 # --------------------------------------------------------------------------------------------
 # The manager
 
@@ -680,6 +673,7 @@ class CheckpointManager:
         self._pending: Optional[PendingSave] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
         self._prepare_thread: Optional[threading.Thread] = None  # prepare_async's page-in
+        self._prepare_work = Work([])  # what that thread pages in (buffers.page_in)
         self._pruner: Optional[threading.Thread] = None  # unlinks large pruned files (_prune)
         self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
         self._verified: Dict[Path, Tuple[float, int]] = {}  # verify() passes: (at, mtime_ns)
@@ -800,7 +794,8 @@ class CheckpointManager:
 
         The first :meth:`save_async` then only copies into memory that is already mapped, as
         every later one does: first-touch page faults (the kernel zero-fills each page) cost
-        several times the copy itself. Idempotent; a save that comes first simply waits for it.
+        several times the copy itself. Idempotent; a save that comes before the page-in is done
+        pages in what is left alongside the background thread, then copies.
         """
         self._join_prepare()
         if self._spare:
@@ -814,15 +809,18 @@ class CheckpointManager:
             data = tensor.detach()
             if data.layout == torch.strided and not data.is_quantized:
                 buffers[path] = _new_buffer(data)
-        worker = threading.Thread(target=_page_in, args=(list(buffers.values()),),
-                                  name="sw-checkpoint-prepare", daemon=True)
+        # Pinned buffers (for CUDA state) are resident from the start: nothing to fault in.
+        work = page_in([buf for buf in buffers.values() if not buf.is_pinned()])
+        worker = threading.Thread(target=work.run, name="sw-checkpoint-prepare", daemon=True)
         self._spare = buffers
-        self._prepare_thread = worker
+        self._prepare_work = work
         worker.start()
+        self._prepare_thread = worker  # only once started: _join_prepare joins it
 
     def _join_prepare(self) -> None:
         worker, self._prepare_thread = self._prepare_thread, None
         if worker is not None:
+            self._prepare_work.run()  # a save that comes early pages in the rest alongside it
             worker.join()  # its memset must not race our copy into the same buffers
 
     def _snapshot(
@@ -834,6 +832,11 @@ class CheckpointManager:
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         memo: Dict[int, torch.Tensor] = {}  # the same tensor twice (tied weights) stays shared
         cuda_devices: Set[torch.device] = set()
+        # Plain memmoves, copied after the walk: into fresh buffers on several threads (their
+        # page faults are most of a first save's stall), into reused ones on this thread alone
+        # (memory bandwidth bounds that copy; a helper gained nothing there). buffers.py.
+        fresh: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        reused: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
         def tensor_copy(src: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
             if id(src) in memo:
@@ -843,9 +846,14 @@ class CheckpointManager:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
                 buf = spare.get(path)
+                plain = reused
                 if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
                     buf = _new_buffer(data)
-                _copy_into(buf, data)
+                    plain = fresh
+                if is_plain(buf, data):
+                    plain.append((buf, data))
+                else:
+                    _copy_into(buf, data)
                 if data.is_cuda:
                     cuda_devices.add(data.device)
                 used[path] = buf
@@ -868,6 +876,8 @@ class CheckpointManager:
             return copy.deepcopy(obj)
 
         snapshot = walk(state, ())
+        copy_all(reused, threads=1)
+        copy_all(fresh)
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used

@@ -1,0 +1,181 @@
+"""The copy of a state into an async save's snapshot buffers: the whole stall (issue 17).
+
+``save_async`` blocks training only while it copies every tensor into CPU memory it owns. Into
+buffers a previous save already used, that copy runs at memory speed. Into fresh buffers (the
+first save of a :class:`CheckpointManager` nobody prepared) each page is first faulted in, and
+the kernel's fault path, which finds a free page, zeroes it and maps it, is the larger part of
+the stall: measured on a 2-core VM (benchmarks/bench_checkpoint.py, ``--figures stall``), 1 GiB
+in 340 tensors copies in 0.055 s into used buffers and in 0.39 s into fresh ones, of which
+0.33 s is the faults.
+
+Measured there too, and left out for that reason:
+
+- faulting the pages in up front, as one large mapping with ``MAP_POPULATE`` or
+  ``madvise(MADV_POPULATE_WRITE)``: the same 0.33 s per GiB; the cost is the kernel's per page
+  work, not the trap into it;
+- transparent huge pages (``MADV_HUGEPAGE``): 0.045 s per GiB only when just-freed huge pages
+  are at hand, 2.3-2.5 s per GiB otherwise (with no compaction counted: the VM's free page
+  reporting had handed the free huge pages back to its host; on a kernel with
+  ``defrag=madvise``, the common default, a fragmented machine also compacts memory for them on
+  the caller's thread); where THP is enabled for every mapping, ``torch.empty`` gets them
+  anyway, without that stall.
+
+What does help is doing the faults on more than one core, which here is doing the copy on more
+than one: :func:`copy_all` splits the bytes into chunks that the caller and up to
+``copy_threads() - 1`` helper threads take in turn (``ctypes.memmove`` releases the GIL). The
+caller copies too, so a helper the scheduler does not run soon costs at most the one chunk it
+holds, never its share. Measured side by side (alternating, machine load 1.8-2.0): 0.24-0.26 s
+instead of 0.44 s for the first save, in 3 of 4 runs; in the 4th the helper got no core and the
+caller did it all (0.44 s). Into reused buffers the copy is bound by memory bandwidth, and a
+helper did not clearly help (medians of 30 alternating copies: 0.055 against 0.061 s at load
+1.5, 0.058 against 0.062 s at 1.3, 0.103 against 0.102 s at 2.5): the manager copies into those
+on its own thread (``threads=1``).
+
+:func:`page_in` is the same work as zero fills, for ``CheckpointManager.prepare_async``: its
+background thread pages the buffers in, and a save that comes before it is done takes pieces
+too instead of waiting (measured: 0.27 s instead of 0.47-0.50 s for a save of 1 GiB right
+after ``prepare_async``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["CHUNK_BYTES", "PARALLEL_FROM_BYTES", "Work", "copy_all", "copy_threads", "is_plain",
+           "page_in"]
+
+CHUNK_BYTES = 8 << 20  # a helper that stalls holds up the caller by at most one chunk's copy
+PARALLEL_FROM_BYTES = 64 << 20  # below this, waking helpers costs about what they would save
+_MAX_THREADS = 8  # memory bandwidth, not cores, bounds a copy long before this
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # A forked child (DataLoader worker, a test's child) inherits the pool object but not its
+    # threads: a task submitted to it would never run. Start over in the child.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def copy_threads() -> int:
+    """How many threads copy a snapshot: the CPUs this process may run on, no more than torch's
+    intra-op thread count (a user who set ``torch.set_num_threads(1)`` meant it), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, torch.get_num_threads(), _MAX_THREADS))
+
+
+def is_plain(buf: torch.Tensor, data: torch.Tensor) -> bool:
+    """Whether ``data`` copies into ``buf`` as one ``memmove``: both contiguous in CPU memory,
+    same dtype and element count."""
+    return (data.device.type == "cpu" and buf.device.type == "cpu" and data.is_contiguous()
+            and buf.is_contiguous() and data.dtype == buf.dtype
+            and data.numel() == buf.numel())
+
+
+def _chunks(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+            chunk_bytes: int) -> List[Tuple[int, int, int]]:
+    """``(destination, source, bytes)`` pieces of at most ``chunk_bytes`` covering every pair."""
+    pieces: List[Tuple[int, int, int]] = []
+    for buf, data in pairs:
+        nbytes = data.numel() * data.element_size()
+        dst, src = buf.data_ptr(), data.data_ptr()
+        for offset in range(0, nbytes, chunk_bytes):
+            pieces.append((dst + offset, src + offset, min(chunk_bytes, nbytes - offset)))
+    return pieces
+
+
+class Work:
+    """Pieces of memory work handed out one at a time to whichever thread asks next: copies
+    (:func:`copy_all`) or zero fills (:func:`page_in`). Any number of threads may :meth:`run`
+    the same work; each piece is done exactly once."""
+
+    def __init__(self, pieces: List[Tuple[int, int, int]], zero: bool = False) -> None:
+        self._pieces = pieces  # (destination, source, bytes); the source is unused to zero
+        self._zero = zero
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def run(self) -> int:
+        """Do pieces until none is left (ctypes releases the GIL for each); how many this
+        thread did."""
+        done = 0
+        while True:
+            with self._lock:
+                index = self._next
+                self._next += 1
+            if index >= len(self._pieces):
+                return done
+            dst, src, nbytes = self._pieces[index]
+            if self._zero:
+                ctypes.memset(dst, 0, nbytes)
+            else:
+                ctypes.memmove(dst, src, nbytes)
+            done += 1
+
+
+def page_in(bufs: Sequence[torch.Tensor]) -> Work:
+    """Work that writes zeros over every byte of ``bufs`` (CPU memory), so that every page is
+    faulted in before a copy needs it. Run it on a background thread, and on the thread that
+    then needs the buffers (it helps with what is left rather than waiting for it)."""
+    return Work(_chunks([(buf, buf) for buf in bufs], max(1, CHUNK_BYTES)), zero=True)
+
+
+def _helpers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # Threads inherit the nice value of the thread that starts them: the training
+            # thread, which is the one waiting for this copy (not the idle-priority writer).
+            _pool = ThreadPoolExecutor(max_workers=_MAX_THREADS - 1,
+                                       thread_name_prefix="sw-ckpt-copy")
+        return _pool
+
+
+def copy_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], threads: int = 0) -> int:
+    """Copy every ``(buf, data)`` pair, each :func:`is_plain`, and return when all are copied.
+
+    Pieces are :data:`CHUNK_BYTES` long; a copy under :data:`PARALLEL_FROM_BYTES` in all runs on
+    the caller's thread alone (both are read at each call).
+
+    Args:
+        pairs: destination and source, same dtype and element count, contiguous CPU memory.
+        threads: threads to copy with, the caller's included; 0 means :func:`copy_threads`.
+
+    Returns:
+        How many threads copied at least one piece.
+    """
+    work = Work(_chunks(pairs, max(1, CHUNK_BYTES)))
+    total = sum(data.numel() * data.element_size() for _, data in pairs)
+    threads = min(threads or copy_threads(), _MAX_THREADS, len(work))
+    helpers: List[Future[int]] = []
+    if threads > 1 and total >= PARALLEL_FROM_BYTES:
+        pool = _helpers()
+        helpers = [pool.submit(work.run) for _ in range(threads - 1)]
+    copied: List[int] = []
+    try:
+        copied.append(work.run())
+    finally:
+        # Even when the caller is interrupted (KeyboardInterrupt between two pieces): the
+        # buffers may be freed once this returns, so no helper may still be copying then. One
+        # that has not started is cancelled; one that has finishes its piece and finds none left.
+        copied += [helper.result() for helper in helpers if not helper.cancel()]
+    return sum(1 for count in copied if count)
