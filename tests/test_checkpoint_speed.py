@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
-from session_watchdog.trainer import checkpoint
+from session_watchdog.trainer import checkpoint, checkpoint_write
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
 
@@ -114,14 +114,14 @@ class TestEarlyWriteback:
         """A save larger than the writeback stride asks the kernel to write each finished stride
         while it goes on serializing, covering the file from byte 0 without gaps or overlaps."""
         calls: List[Tuple[int, int]] = []
-        real = checkpoint._start_writeback
+        real = checkpoint_write._start_writeback
 
         def recording(fd: int, offset: int, nbytes: int) -> None:
             calls.append((offset, nbytes))
             real(fd, offset, nbytes)
 
-        monkeypatch.setattr(checkpoint, "_start_writeback", recording)
-        stride = checkpoint._WRITEBACK_EVERY
+        monkeypatch.setattr(checkpoint_write, "_start_writeback", recording)
+        stride = checkpoint_write._WRITEBACK_EVERY
         state = {f"t{i}": torch.full((stride // 4 // 3,), float(i)) for i in range(8)}  # ~2.7 strides
         manager = CheckpointManager(tmp_path, keep=1)
         saved = manager.save(state, step=1)

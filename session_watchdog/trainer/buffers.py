@@ -43,7 +43,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -179,3 +179,43 @@ def copy_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], threads: int = 
         # that has not started is cancelled; one that has finishes its piece and finds none left.
         copied += [helper.result() for helper in helpers if not helper.cancel()]
     return sum(1 for count in copied if count)
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshot buffers for async saves
+
+
+def _tensor_leaves(obj: Any, path: Tuple[Any, ...]) -> List[Tuple[Tuple[Any, ...], torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in ``obj``, keyed as ``_snapshot`` keys its buffers."""
+    if isinstance(obj, torch.Tensor):
+        return [(path, obj)]
+    found: List[Tuple[Tuple[Any, ...], torch.Tensor]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found.extend(_tensor_leaves(value, (*path, key)))
+    elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        for index, value in enumerate(obj):
+            found.extend(_tensor_leaves(value, (*path, index)))
+    return found
+
+
+def _new_buffer(data: torch.Tensor) -> torch.Tensor:
+    pin = data.is_cuda  # pinned host memory makes the device-to-host copy async
+    return torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
+
+
+def _copy_into(buf: torch.Tensor, data: torch.Tensor) -> None:
+    """Copy ``data`` into the CPU buffer ``buf`` (same shape and dtype).
+
+    Contiguous CPU memory is one ``memmove`` on this thread: torch's ``copy_`` splits large
+    copies over its intra-op thread pool, whose barrier waits for the slowest thread, and on a
+    busy machine (the training loop, DataLoader workers) that made a 256 MiB copy take 0.3-1.5 s
+    instead of 20 ms (benchmarks/bench_checkpoint.py, issue 17).
+    """
+    if data.device.type == "cpu" and data.is_contiguous() and buf.is_contiguous() \
+            and data.dtype == buf.dtype and data.numel() == buf.numel():
+        nbytes = data.numel() * data.element_size()
+        if nbytes:
+            ctypes.memmove(buf.data_ptr(), data.data_ptr(), nbytes)
+        return
+    buf.copy_(data, non_blocking=data.is_cuda)

@@ -26,37 +26,73 @@ file (its dirty pages may already be dropped: "fsyncgate", https://lwn.net/Artic
 the next save starts over with a fresh temp file.
 
 Loading always uses ``torch.load(weights_only=True)``: a checkpoint is data, never code.
+
+The manager is here; its parts live next to it, and every public name is importable from here
+as before: errors and results (checkpoint_types.py), what may be saved (state_check.py), the
+write pass (checkpoint_write.py), async snapshot buffers (buffers.py), markers and the
+directory's files (checkpoint_files.py), training state <-> dict (training_state.py).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import copy
-import ctypes
-import errno
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import stat
-import sys
 import threading
 import time
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union, cast
+from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple, Union, cast
 
 import torch
 
 from session_watchdog import channel, checksum, ckptfile, mounts
 from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, write_json
-from session_watchdog.trainer.buffers import Work, copy_all, is_plain, page_in
-from session_watchdog.trainer.priority import Yielding
+
+# Names imported `X as X` are re-exported: defined in the modules this one is split into, and
+# importable from here as before.
+from session_watchdog.trainer.buffers import (
+    Work,
+    _copy_into,
+    _new_buffer,
+    _tensor_leaves,
+    copy_all,
+    is_plain,
+    page_in,
+)
+from session_watchdog.trainer.checkpoint_files import (
+    MARKER_SUFFIX,
+    _close_and_unlink,
+    _Entry,
+    _is_regular_or_missing,
+    _open_directory,
+    _regular_size,
+    _remove_any,
+    _rename_quietly,
+    _unlink_quietly,
+)
+from session_watchdog.trainer.checkpoint_files import checkpoint_from_marker as checkpoint_from_marker
+from session_watchdog.trainer.checkpoint_types import CheckpointDirError as CheckpointDirError
+from session_watchdog.trainer.checkpoint_types import CheckpointError as CheckpointError
+from session_watchdog.trainer.checkpoint_types import CheckpointStateError as CheckpointStateError
+from session_watchdog.trainer.checkpoint_types import CheckpointWriteError as CheckpointWriteError
+from session_watchdog.trainer.checkpoint_types import PendingSave as PendingSave
+from session_watchdog.trainer.checkpoint_types import SavedCheckpoint as SavedCheckpoint
+from session_watchdog.trainer.checkpoint_types import _find_oserror
+from session_watchdog.trainer.checkpoint_write import (
+    _HashingWriter,
+    _hurry_at_exit,
+    _skip_torch_crc32,
+)
+from session_watchdog.trainer.state_check import _inspect_state
+from session_watchdog.trainer.state_check import check_state as check_state
+from session_watchdog.trainer.training_state import STATE_FORMAT as STATE_FORMAT
+from session_watchdog.trainer.training_state import capture_state as capture_state
+from session_watchdog.trainer.training_state import restore_state as restore_state
 
 __all__ = [
     "CheckpointDirError",
@@ -73,21 +109,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_TORCH_SAVE_CONFIG: Any
-try:  # torch >= 2.6
-    import torch.utils.serialization as _torch_serialization
-
-    _TORCH_SAVE_CONFIG = _torch_serialization.config.save
-except (ImportError, AttributeError):  # pragma: no cover - older torch always writes crc32
-    _TORCH_SAVE_CONFIG = None
-
-STATE_FORMAT = 1  # version of the dict built by capture_state
-MARKER_SUFFIX = ckptfile.MARKER_SUFFIX
 BROKEN_SUFFIX = ".broken"
 # channel owns the temp-name format; learn its suffix from it instead of copying a private name.
 _TEMP_SUFFIX = temp_path_for(Path("x")).suffix
-_COALESCE = 1 << 20  # torch.save emits many tiny zip headers: batch them into one write()
-_WRITEBACK_EVERY = 32 << 20  # start the disk on what is written so far, every this many bytes
 _UNLINK_AHEAD_BYTES = 64 << 20  # pruned files this large are unlinked by a helper thread
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -102,541 +126,7 @@ def _event(level: int, event: str, **fields: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
-
-
-class CheckpointError(Exception):
-    """Base class of every checkpoint error."""
-
-
-class CheckpointStateError(CheckpointError):
-    """The state holds an object that cannot be pickled or would not load with weights_only."""
-
-
-class CheckpointDirError(CheckpointError):
-    """The checkpoint directory cannot be used: not creatable or writable, or on storage that is
-    not mounted (Drive, AutoDL file storage). The message is one line naming the fix."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A save failed; the temp file is gone and every committed checkpoint is intact.
-
-    Attributes:
-        path: the checkpoint file that was being written.
-        errno: the OS error number (ENOSPC, EFBIG, EIO, EROFS, ...) when the cause is an OSError.
-        cause: the underlying exception (the real OSError, dug out of torch's RuntimeError).
-        needed_bytes: the size the checkpoint needs (exact when serialization finished, else an
-            estimate from the tensor payload or the previous checkpoint), when known.
-        free_bytes: free space on the checkpoint filesystem after the failure, when known.
-        previous: the newest committed checkpoint, untouched by the failed save, if any.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        cause: BaseException,
-        *,
-        errno: Optional[int] = None,
-        needed_bytes: Optional[int] = None,
-        free_bytes: Optional[int] = None,
-        previous: Optional[Path] = None,
-    ) -> None:
-        self.path = path
-        self.cause = cause
-        self.errno = errno
-        self.needed_bytes = needed_bytes
-        self.free_bytes = free_bytes
-        self.previous = previous
-        super().__init__(_describe_write_error(path, cause, errno, needed_bytes, free_bytes,
-                                               previous))
-
-
-def _describe_write_error(
-    path: Path,
-    cause: BaseException,
-    err_no: Optional[int],
-    needed: Optional[int],
-    free: Optional[int],
-    previous: Optional[Path],
-) -> str:
-    if err_no is not None:
-        name = errno.errorcode.get(err_no, str(err_no))
-        reason = f"{name} ({os.strerror(err_no)})"
-    else:
-        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    parts = [f"cannot save checkpoint {path}: {reason}"]
-    space = []
-    if err_no not in (errno.ENOSPC, errno.EDQUOT):
-        # Bytes needed vs free explain a full disk only; after EINTR (a signal) or EIO they
-        # would send the user looking for space that is there (issue 18).
-        needed = free = None
-    if needed is not None:
-        space.append(f"needs {_human(needed)}")
-    if free is not None:
-        space.append(f"{_human(free)} free")
-    if space:
-        parts.append(", ".join(space))
-    if previous is not None:
-        parts.append(f"previous checkpoint {previous} is intact")
-    return "; ".join(parts)
-
-
-def _human(n: int) -> str:
-    """``1048576 bytes (1.0 MiB)``: exact for scripts, readable for people."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} bytes ({size:.1f} {unit})" if unit != "B" else f"{n} bytes"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _find_oserror(exc: BaseException) -> Optional[OSError]:
-    """The first OSError with an errno in ``exc``'s cause/context chain (torch hides it there)."""
-    seen: Set[int] = set()
-    current: Optional[BaseException] = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """A committed checkpoint, as described by its marker.
-
-    ``at`` is wall-clock time (``time.time()``) of the commit; ``duration_s`` is how long the
-    save took (for an async save: the background write, not the snapshot).
-    """
-
-    path: Path
-    step: int
-    epoch: int
-    bytes: int
-    sha256: str  # the sha256 of checkpoints written before checksums; "" for newer ones
-    duration_s: float
-    at: float
-    checksum: str = ""  # "<algorithm>:<hex>" (session_watchdog/checksum.py): what verifies
-
-    def __post_init__(self) -> None:
-        if not self.checksum and self.sha256:
-            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
-
-
-class PendingSave:
-    """An async save in flight: ``done()`` polls, ``result()`` waits (and raises its error)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self._future: Future[SavedCheckpoint] = Future()
-        self._reported = False  # its error was raised to someone: the next save must not repeat it
-        self._yielding = Yielding()  # the writer runs at idle priority until someone waits
-
-    def hurry(self) -> None:
-        """Let the write run at normal priority from now on (someone waits for it)."""
-        self._yielding.hurry()
-
-    def done(self) -> bool:
-        """Whether the background write has finished (committed or failed)."""
-        return self._future.done()
-
-    def result(self, timeout: Optional[float] = None, *, hurry: bool = True) -> SavedCheckpoint:
-        """Wait for the write; return its checkpoint or raise its ``CheckpointWriteError``.
-
-        The write runs at idle CPU priority so that it does not slow training down; waiting for
-        it with ``hurry`` (the default) restores its normal priority first, so a busy machine
-        cannot starve it. A watcher thread that waits while training goes on passes False.
-
-        Raises:
-            TimeoutError: (``concurrent.futures.TimeoutError``) when ``timeout`` passes first.
-        """
-        if hurry:
-            self.hurry()
-        try:
-            return self._future.result(timeout)
-        except CheckpointError:
-            self._reported = True
-            raise
-
-
-# --------------------------------------------------------------------------------------------
-# What may go into a checkpoint
-
-
-def _exact_allowed_types() -> Tuple[type, ...]:
-    # Mirrors torch's weights-only allow-list (torch/_weights_only_unpickler.py) for the types a
-    # state can hold; checked up front so a save cannot succeed and then fail at resume time.
-    return (
-        dict, collections.OrderedDict, collections.Counter, list, tuple, set,
-        str, bytes, bytearray, int, float, complex, bool, type(None),
-        torch.Size, torch.device, torch.dtype, torch.Tensor, torch.nn.Parameter,
-    )
-
-
-def _safe_globals() -> Set[Any]:
-    # Classes the user registered with torch.serialization.add_safe_globals() load fine too.
-    getter = getattr(torch.serialization, "get_safe_globals", None)
-    if getter is None:
-        return set()
-    found: Set[Any] = set()
-    for entry in getter():
-        found.add(entry[0] if isinstance(entry, tuple) else entry)
-    return found
-
-
-def _render(path: Tuple[Any, ...]) -> str:
-    return "state" + "".join(f"[{key!r}]" for key in path)
-
-
-def check_state(state: Any) -> int:
-    """Check that ``state`` would load with ``torch.load(weights_only=True)``.
-
-    Returns the tensor payload in bytes (each storage counted once), the bulk of the file size.
-
-    Raises:
-        CheckpointStateError: naming the first offending object and where it sits.
-    """
-    return _inspect_state(state)[0]
-
-
-def _inspect_state(state: Any) -> Tuple[int, List[Tuple[int, int]]]:
-    """:func:`check_state`, plus the address ranges of the state's CPU tensor storages."""
-    allowed = _exact_allowed_types()
-    registered = _safe_globals()
-    storages: Dict[Tuple[str, int], int] = {}
-    on_path: Set[int] = set()
-
-    def visit(obj: Any, path: Tuple[Any, ...]) -> None:
-        kind = type(obj)
-        if kind in (torch.Tensor, torch.nn.Parameter):
-            try:
-                storage = obj.untyped_storage()
-                storages[(obj.device.type, storage.data_ptr())] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # sparse / exotic layouts: no estimate
-                pass
-            return
-        if kind not in allowed and kind not in registered:
-            raise CheckpointStateError(
-                f"{_render(path)} is a {kind.__module__}.{kind.__qualname__}, which "
-                "torch.load(weights_only=True) would refuse; store plain tensors, numbers, "
-                "strings, lists and dicts (or register the class with "
-                "torch.serialization.add_safe_globals)"
-            )
-        if kind in (dict, collections.OrderedDict, collections.Counter, list, tuple, set):
-            if id(obj) in on_path:
-                raise CheckpointStateError(f"{_render(path)} contains itself (a reference cycle)")
-            on_path.add(id(obj))
-            if isinstance(obj, dict):
-                for key, value in obj.items():
-                    visit(key, (*path, key))
-                    visit(value, (*path, key))
-            else:
-                for index, value in enumerate(obj):
-                    visit(value, (*path, index))
-            on_path.discard(id(obj))
-
-    if not isinstance(state, dict):
-        raise CheckpointStateError(f"a checkpoint state must be a dict, not {type(state).__name__}")
-    visit(state, ())
-    cpu = [(ptr, ptr + size) for (device, ptr), size in storages.items()
-           if device == "cpu" and ptr != 0]
-    return sum(storages.values()), cpu
-
-
-# --------------------------------------------------------------------------------------------
-# Writing: one pass that writes, counts and hashes
-
-
-_hash_pool: Optional[ThreadPoolExecutor] = None
-_hash_pool_lock = threading.Lock()
-_crc32_lock = threading.Lock()  # our saves take turns on torch's process-wide crc32 setting
-
-
-def _reset_after_fork() -> None:
-    # A forked child (DataLoader worker, a test's child) inherits the pool object but not its
-    # thread: submitting to it would wait forever. Locks held by a parent thread at fork time
-    # would never be released in the child. Start over in the child.
-    global _hash_pool, _hash_pool_lock, _crc32_lock
-    _hash_pool = None
-    _hash_pool_lock = threading.Lock()
-    _crc32_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-_in_flight: weakref.WeakSet[PendingSave] = weakref.WeakSet()
-_exit_hook_registered = False
-
-
-def _hurry_at_exit(pending: PendingSave) -> None:
-    """At interpreter exit, run ``pending``'s write at normal priority while it is joined.
-
-    The writer is not a daemon thread: the interpreter joins it before exiting, and a write at
-    idle priority on a busy machine would keep the process alive that much longer. Hooks from
-    ``threading._register_atexit`` run before that join (``atexit`` ones only after it).
-    """
-    global _exit_hook_registered
-    _in_flight.add(pending)
-    if not _exit_hook_registered:
-        register = getattr(threading, "_register_atexit", None)
-        if register is not None:
-            try:
-                register(_hurry_all)
-            except RuntimeError:  # already shutting down: nothing left to hurry for
-                return
-        _exit_hook_registered = True
-
-
-def _hurry_all() -> None:
-    for pending in list(_in_flight):
-        pending.hurry()
-
-
-def _hasher_thread() -> ThreadPoolExecutor:
-    global _hash_pool
-    with _hash_pool_lock:
-        if _hash_pool is None:
-            _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sw-ckpt-hash")
-        return _hash_pool
-
-
-def _address_of(view: memoryview) -> Optional[int]:
-    """Where a (read-only) buffer's bytes live, or None when that cannot be told cheaply."""
-    np = _numpy()
-    if np is None:
-        return None
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-_sync_file_range: Any = None  # resolved once: the libc function, or False where there is none
-
-
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset+nbytes)`` of ``fd`` to disk now.
-
-    Without it the disk idles while torch serializes and the final fsync writes the whole file;
-    with it the fsync waits only for the tail. Linux only (sync_file_range(2), not in ``os``);
-    elsewhere, and on any error, it does nothing: the fsync that follows is what reports errors
-    and what makes the file durable (a writeback error stays recorded for it, errseq).
-    """
-    global _sync_file_range
-    if _sync_file_range is None:
-        _sync_file_range = False
-        if sys.platform.startswith("linux"):
-            try:
-                function = ctypes.CDLL(None, use_errno=True).sync_file_range
-                function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                function.restype = ctypes.c_int
-                _sync_file_range = function
-            except (OSError, AttributeError):
-                pass
-    if _sync_file_range:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
-def _skip_torch_crc32() -> Callable[[], None]:
-    """Turn off torch.save's per-record crc32 until the returned callable is called.
-
-    The checksum of the whole file already covers every byte, and zip crc32 (miniz, one core)
-    costs about 0.3 s per GB on the critical path. torch documents that files saved without it
-    still load with torch.load (``torch.serialization.set_crc32_options``). The setting is
-    process-wide and read when torch.save opens its writer, so it is restored at our writer's
-    first write (or when torch.save ends), and our own saves take turns on it.
-    """
-    save_config = _TORCH_SAVE_CONFIG
-    if save_config is None or not hasattr(save_config, "compute_crc32"):
-        return lambda: None
-    lock = _crc32_lock
-    lock.acquire()
-    previous = save_config.compute_crc32
-    save_config.compute_crc32 = False
-    restored = False
-
-    def restore() -> None:
-        nonlocal restored
-        if not restored:
-            restored = True
-            save_config.compute_crc32 = previous
-            lock.release()
-
-    return restore
-
-
-class _HashingWriter:
-    """A write-only file object over a raw fd that hashes and counts what passes through.
-
-    Every byte is hashed by one helper thread, in order (a FIFO queue), while this thread goes
-    on writing: ``os.write`` and the checksum functions release the GIL. torch.save hands each tensor
-    storage to ``write`` as one memoryview of the storage's own memory. When that memory is a CPU
-    storage of the state being saved (``stable``: alive and unchanged until the save returns), the
-    hash may lag behind and finishes while torch serializes the next record and while the file
-    is fsynced; any other memory (torch's temporary copies of GPU storages) is hashed before
-    ``write`` returns, since torch may free it right after. Small writes (zip headers) are
-    batched into a private buffer first.
-
-    :meth:`settle` must run before the save returns or raises: the helper reads caller memory.
-    """
-
-    def __init__(
-        self,
-        fd: int,
-        stable: Sequence[Tuple[int, int]] = (),
-        on_first_write: Optional[Callable[[], None]] = None,
-        inline_hash: bool = False,
-    ) -> None:
-        # Deliberately not an io.RawIOBase: its finalizer would flush() into an fd we closed.
-        self._fd = fd
-        # An async save's writer runs at idle priority (priority.py): the shared helper thread
-        # would hash its bytes at normal priority, taking the CPU from training. Hash here.
-        self._inline_hash = inline_hash
-        self._on_first_write = on_first_write
-        self.algorithm = checksum.preferred()
-        self._sha = checksum.new(self.algorithm)
-        self._pending = bytearray()
-        self._stable = sorted(stable)
-        self._starts = [start for start, _ in self._stable]
-        self._last: Optional[Future[None]] = None  # FIFO: when it is done, all before it are
-        self._written = 0  # bytes on their way to the file (count lags for big writes)
-        self._writeback_from = 0  # first byte not yet handed to _start_writeback
-        self.count = 0
-        self.error: Optional[OSError] = None  # the OSError we raised, if torch wraps it
-
-    def write(self, data: Any) -> int:
-        callback = self._on_first_write
-        if callback is not None:
-            self._on_first_write = None
-            callback()
-        view = memoryview(data).cast("B")
-        size = view.nbytes
-        if size < _COALESCE:
-            self._pending += view
-            if len(self._pending) >= _COALESCE:
-                self._drain()
-        else:
-            self._drain()
-            hashed = self._hash(view)
-            try:
-                self._write_all(view)
-            finally:
-                if not self._is_stable(view, size):
-                    hashed.result()
-        self.count += size
-        return size
-
-    def flush(self) -> None:
-        self._drain()
-
-    def settle(self) -> None:
-        """Wait until every byte written so far has been hashed."""
-        if self._last is not None:
-            self._last.result()
-
-    def hexdigest(self) -> str:
-        self.settle()
-        return f"{self.algorithm}:{self._sha.hexdigest()}"
-
-    def _hash(self, view: memoryview) -> Future[None]:
-        if self._inline_hash:
-            self._sha.update(view)
-            done: Future[None] = Future()
-            done.set_result(None)
-            return done
-        self._last = _hasher_thread().submit(self._sha.update, view)
-        return self._last
-
-    def _is_stable(self, view: memoryview, size: int) -> bool:
-        if not self._stable:
-            return False
-        address = _address_of(view)
-        if address is None:
-            return False
-        index = bisect.bisect_right(self._starts, address) - 1
-        return index >= 0 and address + size <= self._stable[index][1]
-
-    def _drain(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, bytearray()  # ours alone: hash may lag
-            self._hash(memoryview(pending))
-            self._write_all(memoryview(pending))
-
-    def _write_all(self, view: memoryview) -> None:
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-                self._written += written
-        except OSError as err:
-            self.error = err
-            raise
-        if self._written - self._writeback_from >= _WRITEBACK_EVERY:
-            _start_writeback(self._fd, self._writeback_from, self._written - self._writeback_from)
-            self._writeback_from = self._written
-
-
-# --------------------------------------------------------------------------------------------
-# Snapshot buffers for async saves
-
-
-def _tensor_leaves(obj: Any, path: Tuple[Any, ...]) -> List[Tuple[Tuple[Any, ...], torch.Tensor]]:
-    """``(path, tensor)`` for every tensor in ``obj``, keyed as ``_snapshot`` keys its buffers."""
-    if isinstance(obj, torch.Tensor):
-        return [(path, obj)]
-    found: List[Tuple[Tuple[Any, ...], torch.Tensor]] = []
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            found.extend(_tensor_leaves(value, (*path, key)))
-    elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        for index, value in enumerate(obj):
-            found.extend(_tensor_leaves(value, (*path, index)))
-    return found
-
-
-def _new_buffer(data: torch.Tensor) -> torch.Tensor:
-    pin = data.is_cuda  # pinned host memory makes the device-to-host copy async
-    return torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
-
-
-def _copy_into(buf: torch.Tensor, data: torch.Tensor) -> None:
-    """Copy ``data`` into the CPU buffer ``buf`` (same shape and dtype).
-
-    Contiguous CPU memory is one ``memmove`` on this thread: torch's ``copy_`` splits large
-    copies over its intra-op thread pool, whose barrier waits for the slowest thread, and on a
-    busy machine (the training loop, DataLoader workers) that made a 256 MiB copy take 0.3-1.5 s
-    instead of 20 ms (benchmarks/bench_checkpoint.py, issue 17).
-    """
-    if data.device.type == "cpu" and data.is_contiguous() and buf.is_contiguous() \
-            and data.dtype == buf.dtype and data.numel() == buf.numel():
-        nbytes = data.numel() * data.element_size()
-        if nbytes:
-            ctypes.memmove(buf.data_ptr(), data.data_ptr(), nbytes)
-        return
-    buf.copy_(data, non_blocking=data.is_cuda)
-
-
-# --------------------------------------------------------------------------------------------
 # The manager
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A file in the checkpoint directory that has a checkpoint's final name."""
-
-    seq: int
-    step: int
-    path: Path
-
-    @property
-    def marker(self) -> Path:
-        return self.path.with_name(self.path.name + MARKER_SUFFIX)
 
 
 class CheckpointManager:
@@ -1285,218 +775,3 @@ class CheckpointManager:
                 _remove_any(self.directory / name)
                 removed += 1
         return removed
-
-
-def _open_directory(directory: Path, mount_roots: Sequence[mounts.MountRoot]) -> None:
-    """Create ``directory`` (0700) unless it is on unmounted storage; errors are one line."""
-    root = mounts.unmounted_root(directory, mount_roots)
-    if root is not None:
-        raise CheckpointDirError(mounts.unmounted_message(directory, root))
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as err:  # EACCES, EROFS, ENOTDIR, ENOSPC: say which and what to do
-        raise CheckpointDirError(f"cannot create {directory}: {err.strerror or err}; choose a "
-                                 "directory you can write") from None
-    if not directory.is_dir():
-        raise CheckpointDirError(f"{directory} is not a directory; choose a directory for the "
-                                 "checkpoints")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CheckpointDirError(f"cannot write to {directory}: Permission denied; choose a "
-                                 "directory you can write")
-
-
-def checkpoint_from_marker(obj: Dict[str, Any], path: Path, step: int) -> Optional[SavedCheckpoint]:
-    """The checkpoint a marker's JSON describes for the file ``path`` (named for ``step``).
-
-    None when the marker is malformed or names another file or step. The file itself is not
-    looked at (the mirror reads markers of files on other tiers with this, trainer/mirror.py).
-    """
-    recorded = checksum.for_record(obj)  # "checksum", or "sha256" of older markers
-    if recorded is None or ("checksum" in obj and "sha256" in obj):
-        return None  # none, malformed, or two that could disagree
-    try:
-        saved = SavedCheckpoint(
-            path=path,
-            step=_field(obj, "step", int),
-            epoch=_field(obj, "epoch", int),
-            bytes=_field(obj, "bytes", int),
-            sha256=recorded[len("sha256:"):] if recorded.startswith("sha256:") else "",
-            duration_s=float(_field(obj, "duration_s", (int, float), default=0.0)),
-            at=float(_field(obj, "at", (int, float))),
-            checksum=recorded,
-        )
-    except (KeyError, TypeError):
-        return None
-    if obj.get("file", path.name) != path.name or saved.step != step or saved.bytes <= 0:
-        return None
-    return saved
-
-
-def _field(obj: Dict[str, Any], key: str, kind: Any, default: Any = None) -> Any:
-    value = obj.get(key, default)
-    if value is None or isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(key)
-    return value
-
-
-def _regular_size(path: Path) -> int:
-    """The size of a regular file at ``path`` (never followed); 0 for anything else or nothing."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
-
-
-def _is_regular_or_missing(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return True
-
-
-def _remove_any(path: Path) -> None:
-    """Remove a file, symlink, FIFO or directory tree at ``path`` (never following links)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        # rmtree works on directory fds here (shutil.rmtree.avoids_symlink_attacks): a symlink
-        # planted inside is removed, never followed.
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        _unlink_quietly(path)
-
-
-def _rename_quietly(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-    except FileNotFoundError:
-        pass
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _close_and_unlink(fd: int, path: Path) -> None:
-    try:
-        os.close(fd)
-    finally:
-        _unlink_quietly(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Training state <-> checkpoint dict
-
-
-def _numpy() -> Any:
-    try:
-        import numpy
-    except ImportError:  # numpy is optional for the trainer
-        return None
-    return numpy
-
-
-def capture_state(
-    *,
-    model: Any = None,
-    optimizer: Any = None,
-    scheduler: Any = None,
-    scaler: Any = None,
-    epoch: int,
-    step: int,
-    elapsed_s: float,
-    extras: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Everything needed to resume training bit-identically, as weights-only-loadable data.
-
-    State dicts of the given objects (None ones omitted) and the RNG states of Python, numpy
-    (when importable), torch CPU and every CUDA device (when available). Python's and numpy's
-    RNG states are tuples with numpy arrays, which ``weights_only`` loading refuses, so they are
-    stored as plain ints and lists and converted back by :func:`restore_state`.
-    """
-    state: Dict[str, Any] = {"format": STATE_FORMAT}
-    for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
-                     ("scaler", scaler)):
-        if obj is not None:
-            state[key] = obj.state_dict()
-    version, internal, gauss = random.getstate()
-    rng: Dict[str, Any] = {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "torch": torch.get_rng_state(),
-    }
-    np = _numpy()
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        rng["numpy"] = {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    # Only when this process has used CUDA: querying the states would otherwise create a CUDA
-    # context (hundreds of MB per GPU) in a run that trains on the CPU.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state["rng"] = rng
-    state["epoch"] = int(epoch)
-    state["step"] = int(step)
-    state["elapsed_s"] = float(elapsed_s)
-    state["extras"] = dict(extras) if extras else {}
-    return state
-
-
-def restore_state(
-    state: Dict[str, Any],
-    *,
-    model: Any = None,
-    optimizer: Any = None,
-    scheduler: Any = None,
-    scaler: Any = None,
-) -> Dict[str, Any]:
-    """Load the given objects' state dicts and every RNG state from a :func:`capture_state` dict.
-
-    Returns:
-        ``{"epoch", "step", "elapsed_s", "extras"}`` from the checkpoint.
-
-    Raises:
-        CheckpointError: the dict is not from capture_state, or lacks a requested part.
-    """
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(
-            f"checkpoint state format {state.get('format')!r} is not {STATE_FORMAT}; "
-            "it was not written by capture_state()"
-        )
-    for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
-                     ("scaler", scaler)):
-        if obj is None:
-            continue
-        if key not in state:
-            raise CheckpointError(f"the checkpoint has no {key} state to restore")
-        obj.load_state_dict(state[key])
-    rng = state.get("rng", {})
-    if "python" in rng:
-        py = rng["python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"].cpu())
-    np = _numpy()
-    if np is not None and "numpy" in rng:
-        nps = rng["numpy"]
-        np.random.set_state((nps["kind"], np.array(nps["keys"], dtype=np.uint32), nps["pos"],
-                             nps["has_gauss"], nps["cached_gaussian"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        states = [s.cpu() for s in rng["cuda"]][: torch.cuda.device_count()]
-        for index, cuda_state in enumerate(states):
-            torch.cuda.set_rng_state(cuda_state, index)
-    return {
-        "epoch": state["epoch"],
-        "step": state["step"],
-        "elapsed_s": state["elapsed_s"],
-        "extras": state.get("extras", {}),
-    }
-

@@ -1,0 +1,189 @@
+"""What the checkpoint API hands its callers: the errors (with the one-line description of a
+failed write) and the results of a save, :class:`SavedCheckpoint` and :class:`PendingSave`.
+
+Importable from ``session_watchdog.trainer.checkpoint`` as before; this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Set
+
+from session_watchdog.trainer.priority import Yielding
+
+__all__ = [
+    "CheckpointDirError",
+    "CheckpointError",
+    "CheckpointStateError",
+    "CheckpointWriteError",
+    "PendingSave",
+    "SavedCheckpoint",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class CheckpointError(Exception):
+    """Base class of every checkpoint error."""
+
+
+class CheckpointStateError(CheckpointError):
+    """The state holds an object that cannot be pickled or would not load with weights_only."""
+
+
+class CheckpointDirError(CheckpointError):
+    """The checkpoint directory cannot be used: not creatable or writable, or on storage that is
+    not mounted (Drive, AutoDL file storage). The message is one line naming the fix."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed; the temp file is gone and every committed checkpoint is intact.
+
+    Attributes:
+        path: the checkpoint file that was being written.
+        errno: the OS error number (ENOSPC, EFBIG, EIO, EROFS, ...) when the cause is an OSError.
+        cause: the underlying exception (the real OSError, dug out of torch's RuntimeError).
+        needed_bytes: the size the checkpoint needs (exact when serialization finished, else an
+            estimate from the tensor payload or the previous checkpoint), when known.
+        free_bytes: free space on the checkpoint filesystem after the failure, when known.
+        previous: the newest committed checkpoint, untouched by the failed save, if any.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        cause: BaseException,
+        *,
+        errno: Optional[int] = None,
+        needed_bytes: Optional[int] = None,
+        free_bytes: Optional[int] = None,
+        previous: Optional[Path] = None,
+    ) -> None:
+        self.path = path
+        self.cause = cause
+        self.errno = errno
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        self.previous = previous
+        super().__init__(_describe_write_error(path, cause, errno, needed_bytes, free_bytes,
+                                               previous))
+
+
+def _describe_write_error(
+    path: Path,
+    cause: BaseException,
+    err_no: Optional[int],
+    needed: Optional[int],
+    free: Optional[int],
+    previous: Optional[Path],
+) -> str:
+    if err_no is not None:
+        name = errno.errorcode.get(err_no, str(err_no))
+        reason = f"{name} ({os.strerror(err_no)})"
+    else:
+        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    parts = [f"cannot save checkpoint {path}: {reason}"]
+    space = []
+    if err_no not in (errno.ENOSPC, errno.EDQUOT):
+        # Bytes needed vs free explain a full disk only; after EINTR (a signal) or EIO they
+        # would send the user looking for space that is there (issue 18).
+        needed = free = None
+    if needed is not None:
+        space.append(f"needs {_human(needed)}")
+    if free is not None:
+        space.append(f"{_human(free)} free")
+    if space:
+        parts.append(", ".join(space))
+    if previous is not None:
+        parts.append(f"previous checkpoint {previous} is intact")
+    return "; ".join(parts)
+
+
+def _human(n: int) -> str:
+    """``1048576 bytes (1.0 MiB)``: exact for scripts, readable for people."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} bytes ({size:.1f} {unit})" if unit != "B" else f"{n} bytes"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _find_oserror(exc: BaseException) -> Optional[OSError]:
+    """The first OSError with an errno in ``exc``'s cause/context chain (torch hides it there)."""
+    seen: Set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A committed checkpoint, as described by its marker.
+
+    ``at`` is wall-clock time (``time.time()``) of the commit; ``duration_s`` is how long the
+    save took (for an async save: the background write, not the snapshot).
+    """
+
+    path: Path
+    step: int
+    epoch: int
+    bytes: int
+    sha256: str  # the sha256 of checkpoints written before checksums; "" for newer ones
+    duration_s: float
+    at: float
+    checksum: str = ""  # "<algorithm>:<hex>" (session_watchdog/checksum.py): what verifies
+
+    def __post_init__(self) -> None:
+        if not self.checksum and self.sha256:
+            object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
+
+
+class PendingSave:
+    """An async save in flight: ``done()`` polls, ``result()`` waits (and raises its error)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self._future: Future[SavedCheckpoint] = Future()
+        self._reported = False  # its error was raised to someone: the next save must not repeat it
+        self._yielding = Yielding()  # the writer runs at idle priority until someone waits
+
+    def hurry(self) -> None:
+        """Let the write run at normal priority from now on (someone waits for it)."""
+        self._yielding.hurry()
+
+    def done(self) -> bool:
+        """Whether the background write has finished (committed or failed)."""
+        return self._future.done()
+
+    def result(self, timeout: Optional[float] = None, *, hurry: bool = True) -> SavedCheckpoint:
+        """Wait for the write; return its checkpoint or raise its ``CheckpointWriteError``.
+
+        The write runs at idle CPU priority so that it does not slow training down; waiting for
+        it with ``hurry`` (the default) restores its normal priority first, so a busy machine
+        cannot starve it. A watcher thread that waits while training goes on passes False.
+
+        Raises:
+            TimeoutError: (``concurrent.futures.TimeoutError``) when ``timeout`` passes first.
+        """
+        if hurry:
+            self.hurry()
+        try:
+            return self._future.result(timeout)
+        except CheckpointError:
+            self._reported = True
+            raise
