@@ -1,6 +1,7 @@
 """Crash-safe checkpoints: save, verify, keep-last-K, resume.
 
-The only module of the package that imports torch at import time (DESIGN.md, "Layout").
+Trainer side: imports torch at import time, as do its buffer, data and snapshot siblings; the
+daemon never imports it (DESIGN.md, "Layout").
 
 On-disk protocol, per save (all files in the checkpoint directory itself, never ``$TMPDIR``: a
 rename is only atomic within one filesystem):
