@@ -311,8 +311,11 @@ def lost_time(state: Dict[str, Dict[str, torch.Tensor]], directory: Path, repeat
         print(f"  {name:36} lost {lost[name]:6.2f} s (median)   {each}{tail}")
     for name in ("async save, idle-priority writer", "async save, normal-priority writer"):
         ratio = lost[name] / lost["sync save"] if lost["sync save"] > 0 else float("nan")
-        ok = "" if ratio <= 0.2 else " MISSED"
-        print(f"  lost: {name} vs sync save {ratio:6.3f}x  goal <= 0.2{ok}")
+        if name.endswith("idle-priority writer"):  # as shipped: the goal is this one's
+            verdict = "goal <= 0.2" + ("" if ratio <= 0.2 else " MISSED")
+        else:
+            verdict = "(reference: the writer's priority before issue 17, no goal)"
+        print(f"  lost: {name} vs sync save {ratio:6.3f}x  {verdict}")
 
 
 def has_safetensors() -> bool:
