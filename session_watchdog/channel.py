@@ -346,11 +346,14 @@ def json_depth_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def _read_fd(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes from ``fd`` (read until EOF or the limit; no file object)."""
+def _read_fd(fd: int, limit: int, first: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd`` (read until EOF or the limit; no file object), asking
+    for ``first`` bytes first (the size fstat gave: one read, no 64 KiB buffer per read)."""
     chunks = []
+    ask = max(1, min(first, limit))
     while limit > 0:
-        chunk = os.read(fd, limit)
+        chunk = os.read(fd, ask)
+        ask = min(limit - len(chunk), 4096)  # then: EOF (or what was written since) in small reads
         if not chunk:
             break
         chunks.append(chunk)
@@ -386,7 +389,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
             raise ChannelError(f"{path} is not a regular file")
         if st.st_size > max_bytes:
             raise ChannelError(f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit")
-        raw = _read_fd(fd, max_bytes + 1)
+        raw = _read_fd(fd, max_bytes + 1, first=st.st_size + 1)
     finally:
         os.close(fd)
     if len(raw) > max_bytes:

@@ -589,15 +589,13 @@ class Watchdog:
             # wait (bounded) for the probe's workers, so no thread outlives stop()
             close(wait_s=2 * float(getattr(self.probe, "timeout_s", 2.0)))
 
-    def _make_scheduler(self, blocking: bool) -> Any:
+    def _make_scheduler(self) -> Any:
+        """APScheduler's background scheduler: its own daemon thread runs the ticks (``run``
+        waits for it to stop, ``start`` returns at once)."""
         from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
-
-        if blocking:
-            from apscheduler.schedulers.blocking import BlockingScheduler as Scheduler
-        else:
-            from apscheduler.schedulers.background import BackgroundScheduler as Scheduler
         from apscheduler.executors.debug import DebugExecutor
         from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
 
         interval = self.config.interval
         # APScheduler 3.x drops a run that starts > 1 s late by default; a busy training process
@@ -607,26 +605,29 @@ class Watchdog:
         # (issue 17), and an inline tick can never overlap the next - a slow one delays it, and
         # coalesce folds the missed runs into one. The preemption poll (a metadata request can
         # take a second) keeps a thread of its own so it never delays a tick.
-        scheduler = Scheduler(timezone=timezone.utc, executors={
+        scheduler = BackgroundScheduler(timezone=timezone.utc, executors={
             "default": DebugExecutor(), "poll": ThreadPoolExecutor(max_workers=1)}, job_defaults={
             "coalesce": True, "max_instances": 1,
             "misfire_grace_time": max(1, int(interval) + 1)})
-        if not blocking:
-            scheduler._daemon = True  # the kernel must be able to exit with the thread running
+        scheduler._daemon = True  # a notebook's kernel must be able to exit with it running
 
         def on_event(event: Any) -> None:
             if getattr(event, "exception", None) is not None:
                 log.error("tick_failed", error=repr(event.exception),
                           traceback=getattr(event, "traceback", None))
             else:
-                log.warning("tick_missed", scheduled=str(event.scheduled_run_time))
+                log.warning("tick_missed", job=getattr(event, "job_id", None),
+                            scheduled=str(event.scheduled_run_time))
 
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
         scheduler.add_job(self.safe_tick, "interval", seconds=interval, id="tick",
                           next_run_time=datetime.now(timezone.utc))
         if self.preemption.pollers:
+            # its own grace: a poll that falls due during a slow tick (the scheduler's thread
+            # hands it out only after the tick) is late, not missed
+            every = self.config.preemption_poll_every
             scheduler.add_job(self.poll_preemption, "interval", id="preemption", executor="poll",
-                              seconds=self.config.preemption_poll_every,
+                              seconds=every, misfire_grace_time=max(1, int(every) + 1),
                               next_run_time=datetime.now(timezone.utc))
         return scheduler
 
@@ -638,14 +639,26 @@ class Watchdog:
         them to its child and ends when the child does).
         """
         self.acquire()
-        scheduler = self._make_scheduler(blocking=True)
+        # The ticks run in the scheduler's own thread, never in this one: this thread only waits,
+        # so a signal handler (ours, or a caller's that forwards to a child) always runs between
+        # ticks, never inside one - in the middle of a log write it would wait forever for the
+        # log's lock, which its own thread holds (issue 17 review).
+        scheduler = self._make_scheduler()
         self._scheduler = scheduler
         previous = {}
+        shutting = threading.Lock()
+
+        def shutdown() -> None:
+            """Stop the scheduler once, from a thread of its own (it joins the scheduler's
+            thread, which may be running a tick): a signal and --for may both ask."""
+            with shutting:
+                if scheduler.running:
+                    scheduler.shutdown(wait=False)
 
         def handle(signum: int, frame: Any) -> None:
             log.info("signal_received", signal=signal.Signals(signum).name)
             self.keep_runtime(f"signal {signal.Signals(signum).name}")  # Ctrl-C in the grace
-            threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
+            threading.Thread(target=shutdown).start()
 
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -661,7 +674,7 @@ class Watchdog:
             def check() -> None:
                 if not stopping.is_set() and condition():
                     stopping.set()
-                    threading.Thread(target=scheduler.shutdown, kwargs={"wait": False}).start()
+                    threading.Thread(target=shutdown).start()
             # Checked right after each tick (what it waits for - the child's exit - is seen by a
             # tick), not by a job of its own every second: that job was 60 % of an idle daemon's
             # CPU (issue 17). `--for` gets a job that first runs at its deadline: `--for 1s` must not wait
@@ -673,6 +686,14 @@ class Watchdog:
                 scheduler.add_job(check, "interval", id="stop_for", seconds=max(run_for, 0.001))
         try:
             scheduler.start()
+            thread = scheduler._thread  # APScheduler 3.x keeps it private (see start())
+            thread.name = THREAD_NAME
+            # Until the scheduler's thread ends (after a shutdown, a tick under way included):
+            # a signal's handler runs here, between two ticks (joins are interruptible).
+            thread.join()
+        except BaseException:  # KeyboardInterrupt with handle_signals=False: stop, then re-raise
+            shutdown()  # joins the scheduler's thread: a tick under way finishes first
+            raise
         finally:
             self._stop_check = None
             for sig, handler in previous.items():
@@ -689,7 +710,7 @@ class Watchdog:
     def start(self) -> None:
         """Run in a background daemon thread (notebooks); returns at once."""
         self.acquire()
-        self._scheduler = self._make_scheduler(blocking=False)
+        self._scheduler = self._make_scheduler()
         self._scheduler.start()
         thread = getattr(self._scheduler, "_thread", None)  # APScheduler 3.x keeps it private
         if isinstance(thread, threading.Thread):

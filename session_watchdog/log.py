@@ -312,10 +312,12 @@ def _encode(event: Mapping[str, Any]) -> str:
 class Redactor:
     """Replace known secret values anywhere in an event (nested dicts/lists included).
 
-    The event's JSON line is searched first, for each secret as JSON writes it (escaping is per
-    character, so a secret inside any key, value or ``repr`` text shows up there). Only an event
-    that holds a secret is walked and rebuilt: a ``sample`` event of 8 GPUs cost a 27 us walk per
-    tick whenever HF_TOKEN was set (issue 17); the search costs one encode, which the sink reuses.
+    For the events the console does not print (``sample``, every tick), the event's JSON line is
+    searched first, for each secret as JSON writes it (escaping is per character, so a secret
+    inside any key, value or ``repr`` text shows up there), and only an event that holds a secret
+    is walked and rebuilt: a ``sample`` event of 8 GPUs cost a 27 us walk per tick whenever
+    HF_TOKEN was set (issue 17); the search costs one encode, which the sink reuses. Every other
+    event is walked: the console prints its values with ``str()``.
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
@@ -327,12 +329,16 @@ class Redactor:
 
     @secrets.setter
     def secrets(self, values: List[str]) -> None:
-        self._secrets = values
-        self._encoded = [json.dumps(v)[1:-1] for v in values]  # as they appear in a JSON line
+        # Each secret also as repr() writes it (a backslash doubled): an object's text in an
+        # event is its repr (an exception's message in quotes), see _json_default.
+        variants = [form for v in values for form in dict.fromkeys((v, repr(v)[1:-1]))]
+        self._variants = variants
+        self._encoded = [json.dumps(v)[1:-1] for v in variants]  # as they appear in a JSON line
+        self._secrets = values  # last: a concurrent event never searches for fewer than these
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self.secrets:
+            for secret in self._variants:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
             return value
@@ -350,6 +356,10 @@ class Redactor:
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if not self._secrets:
             return event
+        if event.get("event") not in CONSOLE_EVENTS_SKIPPED:
+            # The console prints str() of the values, which the JSON line (repr() for objects)
+            # does not show the same way: events it prints are cleaned value by value.
+            return {k: self._clean(v) for k, v in event.items()}
         line: Optional[str] = None
         try:
             line = _encode(event)

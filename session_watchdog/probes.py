@@ -389,7 +389,7 @@ def read_meminfo(path: Path = Path("/proc/meminfo"), read: Reader = read_text) -
         at += len(needle)
         end = text.find("\n", at)
         value = text[at:end if end >= 0 else len(text)].split()
-        if not value or not value[0].isdigit():
+        if not value or not value[0].isdecimal():
             return None
         out[name] = int(value[0]) * 1024
     return out

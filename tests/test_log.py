@@ -247,6 +247,21 @@ class TestRedaction:
         assert "- using [redacted]" in console.getvalue()
 
 
+    def test_a_secret_with_a_backslash_inside_an_exception_reaches_neither_file_nor_console(
+            self, tmp_path: Path) -> None:
+        """An exception object carrying a token with a backslash is redacted on the console
+        (which prints str()) and in the file (which holds its repr, the backslash doubled)."""
+        secret = "hf_ab\\cd1234"
+        console = io.StringIO()
+        log.configure(tmp_path / "run.jsonl", console=console, env={"HF_TOKEN": secret})
+        log.get_logger().error("notify_failed", error=OSError(f"auth {secret} refused"))
+        log.close()
+        [event] = read_events(tmp_path / "run.jsonl")
+        assert event["error"] == "OSError('auth [redacted] refused')"
+        assert console.getvalue().rstrip().endswith("error=OSError('auth [redacted] refused')")
+        assert "cd1234" not in (tmp_path / "run.jsonl").read_text() + console.getvalue()
+
+
 class TestConsoleLine:
     def test_sample_events_are_not_shown(self) -> None:
         """sample events have no console line."""

@@ -253,6 +253,68 @@ class TestStopSignals:
         assert "end_dry_run" not in steps(tmp_path / "run.jsonl")
 
 
+SIGNAL_MID_TICK = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from pathlib import Path
+    from fakes import sample
+    from session_watchdog import log, platforms
+    from session_watchdog.config import Config
+    from session_watchdog.daemon import Watchdog
+
+    tmp, how = Path(sys.argv[1]), sys.argv[2]
+    jsonl = log.configure(tmp / "log.jsonl", console=None)
+    lock = jsonl._lock  # RotatingJsonl's own lock, held by whoever writes a line
+
+    class Probe:
+        samples = 0
+
+        def sample(self, times):
+            Probe.samples += 1
+            if Probe.samples == 2:
+                with lock:  # as a tick writing (or rotating) the log when the signal lands
+                    os.kill(os.getpid(), signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+                    time.sleep(0.2)
+            return sample(now=times.now, elapsed=times.elapsed_s)
+
+    cfg = Config.build(run_dir=str(tmp / "run"), log_file=str(tmp / "log.jsonl"), interval=0.2)
+    dog = Watchdog(cfg, platform=platforms.Platform("generic", ("test",)), probe=Probe(),
+                   session_start=time.time())
+    try:
+        dog.run(handle_signals=how == "sigterm")
+        print("returned", Probe.samples, threading.active_count(), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", Probe.samples, dog.running, flush=True)
+""")
+
+
+class TestSignalDuringATick:
+    def test_sigterm_landing_while_a_tick_writes_the_log_stops_the_watchdog(self, tmp_path, procs):
+        """A SIGTERM that arrives while a tick holds the log's lock is handled between ticks:
+        the watchdog logs it and stops (its handler never waits on a lock its own thread holds)."""
+        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_TICK, str(tmp_path), "sigterm"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        procs.append(proc)
+        out, err = proc.communicate(timeout=DEADLINE_S)
+        assert (proc.returncode, out.split()[0]) == (0, "returned"), err[-2000:]
+        assert int(out.split()[1]) >= 2  # the tick the signal interrupted, maybe one more
+        names = [e["event"] for e in events(tmp_path / "log.jsonl")]
+        assert names.count("signal_received") == 1 and "tick_failed" not in names, names
+
+    def test_ctrl_c_left_to_the_caller_interrupts_run_and_stops_the_scheduler(self, tmp_path, procs):
+        """With handle_signals=False and Python's own SIGINT handler, a Ctrl-C during a tick
+        raises KeyboardInterrupt out of run(), with the scheduler stopped - not a failed tick."""
+        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_TICK, str(tmp_path), "sigint"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        procs.append(proc)
+        out, err = proc.communicate(timeout=DEADLINE_S)
+        assert (proc.returncode, out.split()) == (0, ["interrupted", "2", "False"]), err[-2000:]
+        assert "tick_failed" not in [e["event"] for e in events(tmp_path / "log.jsonl")]
+
+
 class TestSecondRun:
     def test_a_second_run_on_a_watched_run_dir_starts_nothing(self, tmp_path, procs):
         """`run -- CMD` on a run dir another watchdog holds: exit 2, one line, CMD never started."""
