@@ -835,15 +835,31 @@ class FileLock:
         self.release()
 
 
+def _access_nofollow_works() -> bool:
+    """Whether ``os.access(..., follow_symlinks=False)`` answers here: a C library without the
+    faccessat2 fallback (musl on a kernel before 5.8) fails every such call with EINVAL, which
+    os.access reports as False - every lock would look free."""
+    try:
+        return os.access("/", os.F_OK, follow_symlinks=False)
+    except (NotImplementedError, OSError):
+        return False
+
+
+_ACCESS_NOFOLLOW = _access_nofollow_works()
+
+
 def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
     """Whether another open file description holds any flock on ``path`` (non-blocking probe)."""
     # faccessat, not lstat: a missing lock file (no trainer, or not saving: every tick) answers
     # False instead of raising; a symlink still counts as there, and the open below refuses it.
+    name = os.path.basename(path) if dir_fd is not None else path
     try:
-        if not os.access(os.path.basename(path) if dir_fd is not None else path, os.F_OK,
-                         dir_fd=dir_fd, follow_symlinks=False):
-            return False
-    except ValueError:  # a NUL in the name
+        if _ACCESS_NOFOLLOW:
+            if not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
+                return False
+        else:
+            os.lstat(name, dir_fd=dir_fd)
+    except (OSError, ValueError):  # missing (lstat), or a NUL in the name
         return False
     probe = FileLock(path, dir_fd=dir_fd)
     if probe.acquire(blocking=False):

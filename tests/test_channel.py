@@ -581,6 +581,26 @@ class TestLockHeld:
         assert not target.exists()
 
 
+    @pytest.mark.parametrize("access_nofollow", [True, False])
+    def test_same_answers_with_and_without_faccessat_nofollow(
+            self, tmp_path: Path, run_dir: RunDir, holders: Holders,
+            monkeypatch: pytest.MonkeyPatch, access_nofollow: bool) -> None:
+        """Where os.access(follow_symlinks=False) cannot answer (musl before Linux 5.8), lstat
+        decides whether the lock file is there: missing, free, held and planted answer alike."""
+        monkeypatch.setattr(channel, "_ACCESS_NOFOLLOW", access_nofollow)
+        assert run_dir.trainer_saving() is False  # no save.lock yet
+        run_dir.file(channel.SAVE_LOCK).touch()
+        assert run_dir.trainer_saving() is False  # there, nobody holds it
+        child = holders.spawn(run_dir.file(channel.RUN_LOCK), "shared")
+        assert child.reported == "held"
+        assert run_dir.trainer_alive() is True
+        run_dir.file(channel.SAVE_LOCK).unlink()
+        run_dir.file(channel.SAVE_LOCK).symlink_to(tmp_path / "elsewhere.lock")
+        with pytest.raises(ChannelError, match="is a symlink"):
+            run_dir.trainer_saving()
+        assert not (tmp_path / "elsewhere.lock").exists()
+
+
 class TestFileLock:
     def test_shared_locks_in_two_processes_both_succeed(self, run_dir: RunDir,
                                                         holders: Holders) -> None:
