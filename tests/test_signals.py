@@ -287,16 +287,22 @@ SIGNAL_MID_TICK = textwrap.dedent("""
 """)
 
 
+def run_mid_tick(procs: List[subprocess.Popen], tmp_path: Path, how: str):
+    """Run SIGNAL_MID_TICK in a child of its own; (process, stdout, stderr) once it exited."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_TICK, str(tmp_path), how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    procs.append(proc)
+    out, err = proc.communicate(timeout=DEADLINE_S)
+    return proc, out, err
+
+
 class TestSignalDuringATick:
     def test_sigterm_landing_while_a_tick_writes_the_log_stops_the_watchdog(self, tmp_path, procs):
         """A SIGTERM that arrives while a tick holds the log's lock is handled between ticks:
         the watchdog logs it and stops (its handler never waits on a lock its own thread holds)."""
-        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_TICK, str(tmp_path), "sigterm"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        procs.append(proc)
-        out, err = proc.communicate(timeout=DEADLINE_S)
+        proc, out, err = run_mid_tick(procs, tmp_path, "sigterm")
         assert (proc.returncode, out.split()[0]) == (0, "returned"), err[-2000:]
         assert int(out.split()[1]) >= 2  # the tick the signal interrupted, maybe one more
         names = [e["event"] for e in events(tmp_path / "log.jsonl")]
@@ -305,12 +311,7 @@ class TestSignalDuringATick:
     def test_ctrl_c_left_to_the_caller_interrupts_run_and_stops_the_scheduler(self, tmp_path, procs):
         """With handle_signals=False and Python's own SIGINT handler, a Ctrl-C during a tick
         raises KeyboardInterrupt out of run(), with the scheduler stopped - not a failed tick."""
-        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_TICK, str(tmp_path), "sigint"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        procs.append(proc)
-        out, err = proc.communicate(timeout=DEADLINE_S)
+        proc, out, err = run_mid_tick(procs, tmp_path, "sigint")
         assert (proc.returncode, out.split()) == (0, ["interrupted", "2", "False"]), err[-2000:]
         assert "tick_failed" not in [e["event"] for e in events(tmp_path / "log.jsonl")]
 
