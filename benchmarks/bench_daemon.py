@@ -17,6 +17,11 @@
   too (a process holding ``run.lock`` and rewriting ``trainer.json`` every 5 s, as a training
   ``Session`` does; ``--no-trainer`` leaves it out).
 
+On a machine with an NVIDIA driver (``--nvml auto``, the default, finds it; ``--nvml live``
+insists) the tick is also measured with the live NVML against one real ``nvidia-smi --query-gpu``
+run, the way nvidia-smi pollers read the same fields, and the naive poller spawns the real
+nvidia-smi; the GPUs' persistence mode is printed as found (it is left as it is).
+
 Figures alternate in blocks, ``--repeat`` times, with the 1-minute load average beside each.
 """
 
@@ -70,8 +75,8 @@ def cpu_seconds(pid: int) -> float:
 # binary, which also starts NVML); its CPU counts for the poller. On SIGUSR1 the poller writes
 # its own and its reaped children's CPU time (getrusage: not rounded to clock ticks) to a file.
 NAIVE_POLLER = r"""
-import os, resource, signal, subprocess, sys, time
-csv, report = sys.argv[1], sys.argv[2]
+import json, os, resource, signal, subprocess, sys, time
+command, report = json.loads(sys.argv[1]), sys.argv[2]
 
 def cpu(signum, frame):
     used = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
@@ -82,13 +87,44 @@ def cpu(signum, frame):
 
 signal.signal(signal.SIGUSR1, cpu)
 while True:
-    out = subprocess.run(["cat", csv], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rows = [line.split(", ") for line in out.splitlines()]
-    busy = [float(r[2]) for r in rows]
+    busy = [float(r[3]) for r in rows]
     time.sleep(5.0)
 """
-SMI_CSV = "".join(f"{i}, NVIDIA H100 80GB HBM3, {90 + i}, {(10 + i) * 1024}, 81559, {60 + i}, "
-                  f"{300 + i}.00\n" for i in range(8))
+SMI_CSV = "".join(f"{i}, NVIDIA H100 80GB HBM3, GPU-{i:04d}, {90 + i}, {(10 + i) * 1024}, 81559, "
+                  f"{60 + i}, {300 + i}.00\n" for i in range(8))
+# What the real nvidia-smi is asked for: the fields a tick reads, as a poller asks for them.
+SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,uuid,utilization.gpu,memory.used,memory.total,"
+             "temperature.gpu,power.draw", "--format=csv,noheader,nounits"]
+
+
+NVML_USER = r"""
+import time, pynvml
+pynvml.nvmlInit()
+for i in range(pynvml.nvmlDeviceGetCount()):
+    gpu = pynvml.nvmlDeviceGetHandleByIndex(i)
+    pynvml.nvmlDeviceGetUtilizationRates(gpu), pynvml.nvmlDeviceGetMemoryInfo(gpu)
+time.sleep(3600)
+"""
+
+
+def live_nvml() -> Optional[str]:
+    """``"N GPUs, persistence mode on/off/mixed"`` when NVML starts here, else None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        modes = {int(pynvml.nvmlDeviceGetPersistenceMode(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                 for i in range(count)}
+        mode = {frozenset({1}): "on", frozenset({0}): "off"}.get(frozenset(modes), "mixed")
+        return f"{count} GPUs, persistence mode {mode}"
+    finally:
+        pynvml.nvmlShutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,10 +151,12 @@ while True:
 """
 
 
-def watch_daemon(seconds: float, scratch: Path, trainer: bool = True) -> Dict[str, float]:
+def watch_daemon(seconds: float, scratch: Path, trainer: bool = True,
+                 live: bool = False) -> Dict[str, float]:
     """Start ``session-watchdog run``, let it run ``seconds``, read RSS and CPU, stop it.
 
-    ``trainer``: a heartbeat-writing trainer is attached (its own CPU is not counted)."""
+    ``trainer``: a heartbeat-writing trainer is attached (its own CPU is not counted).
+    ``live``: the naive poller runs the real nvidia-smi (the daemon reads the live NVML anyway)."""
     env = dict(os.environ)
     env["SESSION_WATCHDOG_RUN_DIR"] = str(scratch / "run")
     helpers = []
@@ -131,9 +169,13 @@ def watch_daemon(seconds: float, scratch: Path, trainer: bool = True) -> Dict[st
                             stderr=subprocess.PIPE, start_new_session=True)
     bare = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(3600)"],
                             start_new_session=True)
+    # With a live NVML, also a bare python holding NVML as any NVML user does (nvidia-ml-py
+    # imported, nvmlInit, every GPU read once): the library's own share of the daemon's RSS.
+    nvml_user = subprocess.Popen([PYTHON, "-c", NVML_USER], start_new_session=True) if live else None
     (scratch / "smi.csv").write_text(SMI_CSV)
     naive_cpu = scratch / "naive-cpu"
-    naive = subprocess.Popen([PYTHON, "-c", NAIVE_POLLER, str(scratch / "smi.csv"), str(naive_cpu)],
+    command = SMI_QUERY if live else ["cat", str(scratch / "smi.csv")]
+    naive = subprocess.Popen([PYTHON, "-c", NAIVE_POLLER, json.dumps(command), str(naive_cpu)],
                              start_new_session=True)
 
     def naive_seconds() -> float:
@@ -159,11 +201,12 @@ def watch_daemon(seconds: float, scratch: Path, trainer: bool = True) -> Dict[st
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         naive1 = naive_seconds()
         return {"rss": rss_bytes(proc.pid), "bare_rss": rss_bytes(bare.pid),
+                "nvml_user_rss": rss_bytes(nvml_user.pid) if nvml_user is not None else 0,
                 "cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "window_s": t1 - t0,
                 "naive_cpu_pct": 100.0 * (naive1 - naive0) / (t1 - t0),
                 "load": max(load0, load())}
     finally:
-        for p in (proc, bare, naive, *helpers):
+        for p in (proc, bare, naive, *helpers, *([nvml_user] if nvml_user is not None else [])):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -259,24 +302,27 @@ def children_and_self_cpu() -> float:
                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8,
-                 trainer: bool = False) -> Tuple[float, float, float, str]:
-    """CPU seconds of one tick (``gpus`` stand-in GPUs) and of one subprocess.run(["true"]).
+def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8, trainer: bool = False,
+                 live: bool = False,
+                 baseline: Tuple[str, ...] = ("true",)) -> Tuple[float, float, float, str]:
+    """CPU seconds of one tick (``gpus`` stand-in GPUs) and of one ``subprocess.run(baseline)``.
 
     ``trainer``: a trainer is attached, as while training: ``run.lock`` held (through another
     open file description, as a trainer process holds it) and a ``trainer.json`` with a
     checkpoint, read and parsed on every tick as the daemon does.
+    ``live``: the tick reads this machine's GPUs through the real NVML (``gpus`` is ignored).
     """
     from session_watchdog import channel, log, platforms, probes
     from session_watchdog.config import Config
     from session_watchdog.daemon import Watchdog
 
-    cfg = Config.build(run_dir=str(scratch / f"tick-run-{gpus}"),
-                       log_file=str(scratch / f"tick-{gpus}.jsonl"),
+    name = f"{'live' if live else gpus}-{'trainer' if trainer else 'alone'}-{baseline[0]}"
+    cfg = Config.build(run_dir=str(scratch / f"tick-run-{name}"),
+                       log_file=str(scratch / f"tick-{name}.jsonl"),
                        max_session="12h", watch_paths=str(scratch))
     log.configure(cfg.log_file, console=None)
-    probe = probes.SystemProbe(channel.RunDir(Path(cfg.run_dir)), cfg.watch_paths,
-                               nvml=probes.Nvml(module=StandInNvml(gpu_state(gpus))))
+    nvml = probes.Nvml() if live else probes.Nvml(module=StandInNvml(gpu_state(gpus)))
+    probe = probes.SystemProbe(channel.RunDir(Path(cfg.run_dir)), cfg.watch_paths, nvml=nvml)
     dog = Watchdog(cfg, platform=platforms.Platform("generic", ("bench",)), probe=probe)
     held = None
     if trainer:
@@ -301,7 +347,7 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8,
             return (time.process_time() - started) / n
 
         def true() -> None:
-            subprocess.run(["true"], check=True)
+            subprocess.run(baseline, check=True, stdout=subprocess.DEVNULL)
 
         load0 = load()
         tick_s, true_s = [], []
@@ -315,10 +361,10 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8,
             for _ in range(n):
                 true()
             true_s.append((children_and_self_cpu() - c0) / n)
-        nvml = dog.last_sample.nvml if dog.last_sample is not None else "?"
+        state = dog.last_sample.nvml if dog.last_sample is not None else "?"
         gpus = len(dog.last_sample.gpus) if dog.last_sample is not None else 0
         return statistics.median(tick_s), statistics.median(true_s), max(load0, load()), \
-            f"{nvml}, {gpus} GPUs"
+            f"{state}, {gpus} GPUs"
     finally:
         if held is not None:
             held.release()
@@ -334,7 +380,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ticks", type=int, default=400, help="ticks per tick figure (400)")
     parser.add_argument("--no-trainer", action="store_true",
                         help="watch the real daemon with no trainer attached")
+    parser.add_argument("--nvml", choices=("auto", "live", "stand-in"), default="auto",
+                        help="live NVML and the real nvidia-smi where a driver answers (auto), "
+                             "always (live) or never (stand-in)")
     args = parser.parse_args(argv)
+    found = live_nvml() if args.nvml != "stand-in" else None
+    if args.nvml == "live" and found is None:
+        print("error: --nvml live, but NVML does not start on this machine (no NVIDIA driver); "
+              "use --nvml stand-in", file=sys.stderr)
+        return 2
+    live = found is not None
     scratch = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(scratch / "status-run"))
     os.makedirs(scratch / "status-run", mode=0o700)
@@ -369,14 +424,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows.append(("tick CPU, 64 GPUs (stand-in NVML)", f"{tick * 1e3:.3f} ms vs true {true * 1e3:.3f} ms",
                  tick / true, "(reported)", tick_load))
 
-    daemon = watch_daemon(args.watch_s, scratch, trainer=not args.no_trainer)
+    if live:
+        for trainer in (False, True):
+            attached = " + a trainer attached" if trainer else ""
+            for baseline in (tuple(SMI_QUERY), ("true",)):
+                tick, base, tick_load, state = tick_vs_true(args.ticks, scratch, trainer=trainer,
+                                                            live=True, baseline=baseline)
+                label = "nvidia-smi" if baseline[0] == "nvidia-smi" else "true"
+                rows.append((f"tick CPU, live NVML ({found}){attached}, vs {label}",
+                             f"{tick * 1e3:.3f} ms vs {label} {base * 1e3:.3f} ms", tick / base,
+                             "<= 0.25x" if label == "nvidia-smi" and not trainer else "(reported)",
+                             tick_load))
+        print(f"live tick nvml: {state}")
+
+    daemon = watch_daemon(args.watch_s, scratch, trainer=not args.no_trainer, live=live)
     rows.append((f"`run` RSS after {daemon['window_s']:.0f} s", f"{daemon['rss'] / 2**20:.1f} MiB vs "
                  f"bare {daemon['bare_rss'] / 2**20:.1f} MiB", daemon["rss"] / daemon["bare_rss"],
                  "<= 2.5x", daemon["load"]))
+    if daemon["nvml_user_rss"]:
+        rows.append(("`run` RSS vs a bare python holding NVML", f"{daemon['rss'] / 2**20:.1f} MiB vs "
+                     f"{daemon['nvml_user_rss'] / 2**20:.1f} MiB",
+                     daemon["rss"] / daemon["nvml_user_rss"], "(reported)", daemon["load"]))
     rows.append(("`run` CPU at the 5 s interval", f"{daemon['cpu_pct']:.3f} % of a core", daemon["cpu_pct"],
                  "<= 0.1 (% of a core)", daemon["load"]))
     naive = daemon["naive_cpu_pct"]
-    rows.append(("`run` CPU vs a naive smi poller", f"{daemon['cpu_pct']:.3f} % vs {naive:.3f} %",
+    poller = "the real nvidia-smi" if live else "an smi stand-in"
+    rows.append((f"`run` CPU vs a naive poller of {poller}", f"{daemon['cpu_pct']:.3f} % vs {naive:.3f} %",
                  daemon["cpu_pct"] / naive if naive else float("nan"), "<= 0.5x", daemon["load"]))
 
     print(f"tick nvml: {nvml}")

@@ -91,6 +91,26 @@ class Sample:
     notice_source: Optional[str] = None  # aws-spot | gcp | slurm | slurm-signal
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the kernel (glibc ``malloc_trim``); False where the C
+    library has no such call (musl, macOS). For after a one-off burst of allocations."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None  # glibc's malloc_trim once looked up; False: this C library has none
+
+
 # --------------------------------------------------------------------------------------------
 # NVML: one entry point (nvitop's libnvml.nvmlQuery is the model)
 
@@ -148,6 +168,9 @@ class Nvml:
         self._ready = True
         self._failed_at = None
         self.state = "ok"
+        # Importing nvidia-ml-py and nvmlInit leave ~10 MiB freed but still held by the C heap
+        # (measured on an H200 machine: 50 -> 40 MiB): give it back once, not on every tick.
+        trim_heap()
         return True
 
     def shutdown(self) -> None:

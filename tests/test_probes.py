@@ -164,6 +164,55 @@ def no_cgroup(tmp_path: Path) -> Dict[str, Path]:
 # NVML
 
 
+def rss_anon_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+class TestTrimHeap:
+    def test_freed_heap_pages_go_back_to_the_kernel(self) -> None:
+        """64 MiB of small blocks freed below one still in use stay resident (the heap cannot
+        shrink past the live block) until trim_heap gives their pages back."""
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        blocks = []
+        for _ in range(64 * 1024):  # 1 KiB each: from the heap, not mmap
+            block = libc.malloc(1024)
+            libc.memset(block, 1, 1024)
+            blocks.append(block)
+        live = blocks.pop()  # the newest block pins the top of the heap
+        for block in blocks:
+            libc.free(block)
+        try:
+            before = rss_anon_bytes()
+            assert probes.trim_heap() is True
+            after = rss_anon_bytes()
+        finally:
+            libc.free(live)
+        assert before - after >= 32 << 20, (before, after)
+
+    def test_nvml_trims_once_per_successful_start(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A start that initialises NVML trims the heap once; a start of a ready NVML or one
+        that fails does not."""
+        trims: List[int] = []
+        monkeypatch.setattr(probes, "trim_heap", lambda: trims.append(1) or True)
+        fake = FakeNvmlModule(three_gpus())
+        nvml = Nvml(module=fake)
+        assert (nvml.start(), nvml.start(), len(trims)) == (True, True, 1)
+        nvml.shutdown()
+        assert (nvml.start(), len(trims)) == (True, 2)
+        failing = Nvml(module=FakeNvmlModule(three_gpus(), init_error=nvml_error(
+            pynvml.NVML_ERROR_DRIVER_NOT_LOADED)))
+        assert (failing.start(), len(trims)) == (False, 2)
+
+
 class TestNvml:
     def test_reads_exact_values_of_every_gpu(self) -> None:
         """Each GPU's util, memory bytes, temperature, power (mW / 1000) and name/uuid are exact."""
