@@ -25,6 +25,8 @@ from session_watchdog.probes import (
     Times,
     TrainerReading,
 )
+from session_watchdog.probes import nvml as probes_nvml
+from session_watchdog.probes import system as probes_system
 
 GiB = 2**30
 FIXTURES = Path(__file__).parent / "fixtures" / "cgroup"
@@ -202,7 +204,7 @@ class TestTrimHeap:
         """A start that initialises NVML trims the heap once; a start of a ready NVML or one
         that fails does not."""
         trims: List[int] = []
-        monkeypatch.setattr(probes, "trim_heap", lambda: trims.append(1) or True)
+        monkeypatch.setattr(probes_nvml, "trim_heap", lambda: trims.append(1) or True)
         fake = FakeNvmlModule(three_gpus())
         nvml = Nvml(module=fake)
         assert (nvml.start(), nvml.start(), len(trims)) == (True, True, 1)
@@ -584,10 +586,10 @@ class TestSystemProbe:
             release.wait(timeout=30)
             return ()
 
-        monkeypatch.setattr(probes, "read_disks", hanging_read_disks)
+        monkeypatch.setattr(probes_system, "read_disks", hanging_read_disks)  # SystemProbe's lookup
         # Only network/FUSE mounts are read on the bounded worker (local ones inline, cheaper):
         # these two paths stand for a stale Drive mount.
-        monkeypatch.setattr(probes, "remote_paths", lambda paths: tuple(paths))
+        monkeypatch.setattr(probes_system, "remote_paths", lambda paths: tuple(paths))
         probe = SystemProbe(nvml=Nvml(module=FakeNvmlModule([])), watch_paths=[tmp_path, Path("/")],
                             timeout_s=0.2, **no_cgroup(tmp_path))
         try:
