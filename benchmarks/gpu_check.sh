@@ -40,4 +40,4 @@ df -h . | tail -n 1
 step tests 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/test_cuda.py tests/test_probes.py
 step checkpoint 240 python3 benchmarks/bench_checkpoint.py --device cuda --figures save,stall \
     --repeat 3
-step daemon 200 python3 benchmarks/bench_daemon.py --watch-s 60 --ticks 200 --repeat 1
+step daemon 200 python3 benchmarks/bench_daemon.py --watch-s 60 --ticks 400 --repeat 1
