@@ -33,11 +33,8 @@ from session_watchdog import channel
 from session_watchdog.channel import Request, RunDir, TrainerStatus
 from session_watchdog.probes import ranks_on_gpus
 from session_watchdog.trainer.checkpoint import CheckpointManager
-from session_watchdog.trainer.distributed import (
-    COMMIT_MARKER,
-    ShardedCheckpointer,
-    next_window,
-)
+from session_watchdog.trainer.distributed import next_window
+from session_watchdog.trainer.sharded import COMMIT_MARKER, ShardedCheckpointer
 
 START_S = 240.0  # a torchrun launch on 2 loaded cores: agent + 2 workers importing torch (80 s each)
 EPOCHS, STEPS_PER_EPOCH = 4, 25
@@ -281,7 +278,7 @@ SHARDED_SESSION = _PRELUDE + """
 """
 
 SAVE_FOREVER = _PRELUDE + """
-    from session_watchdog.trainer.distributed import ShardedCheckpointer
+    from session_watchdog.trainer.sharded import ShardedCheckpointer
     ckpt = ShardedCheckpointer(base / "ckpt", keep=1000)
     for step in range(1, 10_000):
         # Each rank owns a distinct 8 MB entry, so both ranks write shards in every save.
@@ -333,6 +330,16 @@ def committed_names(directory: Path) -> List[str]:
 
 
 class TestShardedCheckpointer:
+    def test_its_names_stay_importable_from_distributed(self) -> None:
+        """Every public name of sharded.py is the same object when imported from distributed."""
+        from session_watchdog.trainer import distributed, sharded
+
+        assert sharded.__all__ == ["COMMIT_MARKER", "ShardedCheckpoint", "ShardedCheckpointer",
+                                   "ShardedCheckpointError", "is_initialized"]
+        for name in sharded.__all__:
+            assert name in distributed.__all__
+            assert getattr(distributed, name) is getattr(sharded, name)
+
     def test_save_commits_a_step_directory_with_the_marker_last(self, tmp_path: Path) -> None:
         """A save leaves step-0000000007/ with DCP's files and a COMMITTED marker listing them."""
         ckpt = ShardedCheckpointer(tmp_path / "ckpt")
@@ -404,7 +411,7 @@ class TestShardedCheckpointer:
 
     def test_a_pickled_object_in_a_checkpoint_is_refused(self, tmp_path: Path) -> None:
         """Non-tensor entries load with weights_only rules: a pickled callable is never run."""
-        from session_watchdog.trainer.distributed import ShardedCheckpointError
+        from session_watchdog.trainer.sharded import ShardedCheckpointError
 
         ckpt = ShardedCheckpointer(tmp_path / "ckpt")
         ckpt.save({"w": torch.ones(2), "evil": os.getcwd}, step=1)

@@ -286,7 +286,7 @@ class TestHostileShardedMarkers:
                                                   no_hang: None) -> None:
         """A sharded step directory whose COMMITTED marker is hostile is skipped: the previous
         step is the latest, without a hang or a RecursionError."""
-        from session_watchdog.trainer.distributed import COMMIT_MARKER, ShardedCheckpointer
+        from session_watchdog.trainer.sharded import COMMIT_MARKER, ShardedCheckpointer
 
         ckpt = ShardedCheckpointer(tmp_path / "ckpt")
         ckpt.save({"w": torch.ones(8)}, step=1)

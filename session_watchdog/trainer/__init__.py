@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         capture_state,
         restore_state,
     )
-    from session_watchdog.trainer.distributed import DistributedError, ShardedCheckpointer
+    from session_watchdog.trainer.distributed import DistributedError
     from session_watchdog.trainer.session import (
         EXIT_STOPPED,
         Session,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         Start,
         StopTraining,
     )
+    from session_watchdog.trainer.sharded import ShardedCheckpointer
 
 _EXPORTS: Dict[str, str] = {
     "EXIT_STOPPED": "session",
@@ -44,7 +45,7 @@ _EXPORTS: Dict[str, str] = {
     "SavedCheckpoint": "checkpoint",
     "capture_state": "checkpoint",
     "restore_state": "checkpoint",
-    "ShardedCheckpointer": "distributed",
+    "ShardedCheckpointer": "sharded",
     "DistributedError": "distributed",
 }
 

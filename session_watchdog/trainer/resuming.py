@@ -19,7 +19,7 @@ from session_watchdog.trainer.status import _info
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import SavedCheckpoint
-    from session_watchdog.trainer.distributed import ShardedCheckpoint
+    from session_watchdog.trainer.sharded import ShardedCheckpoint
 
 
 class _ResumingMixin(_FlagsMixin):

@@ -23,8 +23,8 @@ from session_watchdog.trainer.status import _info, _StatusMixin
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import PendingSave, SavedCheckpoint
-    from session_watchdog.trainer.distributed import ShardedCheckpoint
     from session_watchdog.trainer.mirror import Mirror
+    from session_watchdog.trainer.sharded import ShardedCheckpoint
     from session_watchdog.trainer.snapshot import Snapshotter
 
 

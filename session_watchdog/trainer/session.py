@@ -85,7 +85,7 @@ take the same decision at the same step; see ``session_watchdog.trainer.distribu
   together; ``resume()`` loads the file rank 0 chose on every rank (a shared filesystem);
 - sharded (``sharded=True``, FSDP or any DCP user): every rank writes its shards with
   ``torch.distributed.checkpoint`` into a fresh step directory committed by a marker written last
-  (:class:`~session_watchdog.trainer.distributed.ShardedCheckpointer`).
+  (:class:`~session_watchdog.trainer.sharded.ShardedCheckpointer`).
 
 ``resume()``, ``checkpoint()`` and ``complete()`` are collectives then: call them on every rank.
 ``async_save`` is ignored (a background thread cannot join the ranks' collectives safely).
@@ -138,8 +138,9 @@ from session_watchdog.trainer.status import TRACEBACK_MAX_CHARS as TRACEBACK_MAX
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import CheckpointManager, SavedCheckpoint
-    from session_watchdog.trainer.distributed import Agreement, ShardedCheckpointer
+    from session_watchdog.trainer.distributed import Agreement
     from session_watchdog.trainer.mirror import Mirror
+    from session_watchdog.trainer.sharded import ShardedCheckpointer
     from session_watchdog.trainer.snapshot import Snapshotter
 
 __all__ = [

@@ -23,8 +23,9 @@ from session_watchdog.trainer.stacks import StackDump
 
 if TYPE_CHECKING:  # torch is imported with the checkpoint module, only when a Session is built
     from session_watchdog.trainer.checkpoint import CheckpointManager, SavedCheckpoint
-    from session_watchdog.trainer.distributed import Agreement, ShardedCheckpoint, ShardedCheckpointer
+    from session_watchdog.trainer.distributed import Agreement
     from session_watchdog.trainer.mirror import Mirror
+    from session_watchdog.trainer.sharded import ShardedCheckpoint, ShardedCheckpointer
     from session_watchdog.trainer.snapshot import Snapshotter
 
 TRACEBACK_LINES = 6
