@@ -32,6 +32,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -89,7 +90,7 @@ signal.signal(signal.SIGUSR1, cpu)
 while True:
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rows = [line.split(", ") for line in out.splitlines()]
-    busy = [float(r[3]) for r in rows]
+    busy = [float(r[3]) if r[3].strip().isdigit() else None for r in rows]  # "[N/A]" on MIG
     time.sleep(5.0)
 """
 SMI_CSV = "".join(f"{i}, NVIDIA H100 80GB HBM3, GPU-{i:04d}, {90 + i}, {(10 + i) * 1024}, 81559, "
@@ -100,11 +101,12 @@ SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,uuid,utilization.gpu,memory.u
 
 
 NVML_USER = r"""
-import time, pynvml
+import ctypes, time, pynvml
 pynvml.nvmlInit()
 for i in range(pynvml.nvmlDeviceGetCount()):
     gpu = pynvml.nvmlDeviceGetHandleByIndex(i)
     pynvml.nvmlDeviceGetUtilizationRates(gpu), pynvml.nvmlDeviceGetMemoryInfo(gpu)
+ctypes.CDLL(None).malloc_trim(0)
 time.sleep(3600)
 """
 
@@ -119,9 +121,12 @@ def live_nvml() -> Optional[str]:
         return None
     try:
         count = pynvml.nvmlDeviceGetCount()
-        modes = {int(pynvml.nvmlDeviceGetPersistenceMode(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                 for i in range(count)}
-        mode = {frozenset({1}): "on", frozenset({0}): "off"}.get(frozenset(modes), "mixed")
+        try:
+            modes = {int(pynvml.nvmlDeviceGetPersistenceMode(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                     for i in range(count)}
+        except pynvml.NVMLError:  # not supported on this GPU or platform
+            modes = set()
+        mode = {frozenset({1}): "on", frozenset({0}): "off"}.get(frozenset(modes), "unknown")
         return f"{count} GPUs, persistence mode {mode}"
     finally:
         pynvml.nvmlShutdown()
@@ -159,24 +164,43 @@ def watch_daemon(seconds: float, scratch: Path, trainer: bool = True,
     ``live``: the naive poller runs the real nvidia-smi (the daemon reads the live NVML anyway)."""
     env = dict(os.environ)
     env["SESSION_WATCHDOG_RUN_DIR"] = str(scratch / "run")
-    helpers = []
+    started: List[subprocess.Popen[bytes]] = []  # every process, reaped in the finally below
+
+    def start(argv: List[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen(argv, start_new_session=True, **kwargs))
+        return started[-1]
+    try:
+        return _watch(seconds, scratch, trainer, live, env, start)
+    finally:
+        for p in started:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _watch(seconds: float, scratch: Path, trainer: bool, live: bool, env: Dict[str, str],
+           start: Callable[..., subprocess.Popen[bytes]]) -> Dict[str, float]:
     if trainer:
-        helpers.append(subprocess.Popen([PYTHON, "-c", HEARTBEAT_TRAINER, str(scratch / "run")],
-                                        env=env, start_new_session=True))
+        start([PYTHON, "-c", HEARTBEAT_TRAINER, str(scratch / "run")], env=env)
     argv = [*CLI, "run", "--log-file", str(scratch / "log.jsonl"), "--watch-paths", str(scratch),
             "--max-session", "12h"]
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    bare = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(3600)"],
-                            start_new_session=True)
+    proc = start(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE)
+    bare = start([PYTHON, "-c", "import time; time.sleep(3600)"])
     # With a live NVML, also a bare python holding NVML as any NVML user does (nvidia-ml-py
-    # imported, nvmlInit, every GPU read once): the library's own share of the daemon's RSS.
-    nvml_user = subprocess.Popen([PYTHON, "-c", NVML_USER], start_new_session=True) if live else None
+    # imported, nvmlInit, every GPU read once, the C heap trimmed as the daemon trims it): the
+    # library's own share of the daemon's RSS.
+    nvml_user = start([PYTHON, "-c", NVML_USER]) if live else None
     (scratch / "smi.csv").write_text(SMI_CSV)
     naive_cpu = scratch / "naive-cpu"
     command = SMI_QUERY if live else ["cat", str(scratch / "smi.csv")]
-    naive = subprocess.Popen([PYTHON, "-c", NAIVE_POLLER, json.dumps(command), str(naive_cpu)],
-                             start_new_session=True)
+    naive = start([PYTHON, "-c", NAIVE_POLLER, json.dumps(command), str(naive_cpu)])
 
     def naive_seconds() -> float:
         """Ask the poller for its CPU time (SIGUSR1) and read it."""
@@ -188,34 +212,22 @@ def watch_daemon(seconds: float, scratch: Path, trainer: bool = True,
                 raise RuntimeError("the naive poller did not report its CPU time")
             time.sleep(0.05)
         return float(naive_cpu.read_text())
-    try:
-        log = scratch / "log.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (log.exists() and b'"sample"' in log.read_bytes()):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-        cpu0, t0, load0 = cpu_seconds(proc.pid), time.monotonic(), load()
-        naive0 = naive_seconds()
-        time.sleep(seconds)
-        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
-        naive1 = naive_seconds()
-        return {"rss": rss_bytes(proc.pid), "bare_rss": rss_bytes(bare.pid),
-                "nvml_user_rss": rss_bytes(nvml_user.pid) if nvml_user is not None else 0,
-                "cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "window_s": t1 - t0,
-                "naive_cpu_pct": 100.0 * (naive1 - naive0) / (t1 - t0),
-                "load": max(load0, load())}
-    finally:
-        for p in (proc, bare, naive, *helpers, *([nvml_user] if nvml_user is not None else [])):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    log = scratch / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and b'"sample"' in log.read_bytes()):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    cpu0, t0, load0 = cpu_seconds(proc.pid), time.monotonic(), load()
+    naive0 = naive_seconds()
+    time.sleep(seconds)
+    cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+    naive1 = naive_seconds()
+    return {"rss": rss_bytes(proc.pid), "bare_rss": rss_bytes(bare.pid),
+            "nvml_user_rss": rss_bytes(nvml_user.pid) if nvml_user is not None else 0,
+            "cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "window_s": t1 - t0,
+            "naive_cpu_pct": 100.0 * (naive1 - naive0) / (t1 - t0),
+            "load": max(load0, load())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,11 +397,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "always (live) or never (stand-in)")
     args = parser.parse_args(argv)
     found = live_nvml() if args.nvml != "stand-in" else None
-    if args.nvml == "live" and found is None:
-        print("error: --nvml live, but NVML does not start on this machine (no NVIDIA driver); "
-              "use --nvml stand-in", file=sys.stderr)
+    smi = shutil.which("nvidia-smi")
+    if args.nvml == "live" and (found is None or smi is None):
+        why = "NVML does not start" if found is None else "nvidia-smi is not on PATH"
+        print(f"error: --nvml live, but {why} on this machine; use --nvml stand-in",
+              file=sys.stderr)
         return 2
-    live = found is not None
+    live = found is not None and smi is not None
+    # A timeout's SIGTERM ends the run through the finally blocks that reap every child.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     scratch = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=str(scratch / "status-run"))
     os.makedirs(scratch / "status-run", mode=0o700)

@@ -16,8 +16,9 @@ import torch
 from session_watchdog.probes import SystemProbe, Times
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")]
 
 
 def cuda_state(seed: int = 5) -> Dict[str, Any]:
@@ -68,7 +69,10 @@ def test_an_async_save_of_cuda_state_holds_what_a_sync_save_holds(tmp_path: Path
 def test_a_cuda_tensor_changed_right_after_save_async_is_saved_as_it_was(tmp_path: Path,
                                                                         prepared: bool) -> None:
     """Kernels queued on the GPU as soon as save_async returns (every tensor overwritten in place)
-    do not reach the checkpoint: it holds the values of the moment of the call."""
+    do not reach the checkpoint: it holds the values of the moment of the call. The GPU is kept
+    busy for ~0.5 s before each save, so the device->host copies land long after save_async's
+    own work: a writer that read the pinned buffers without waiting for them (no synchronize)
+    would write the previous round's or uninitialised bytes."""
     state = cuda_state(seed=9)
     expected = {part: {k: t.clone() for k, t in state[part].items()}
                 for part in ("model", "optimizer")}
@@ -77,6 +81,7 @@ def test_a_cuda_tensor_changed_right_after_save_async_is_saved_as_it_was(tmp_pat
     if prepared:
         manager.prepare_async(state)
     for step in (1, 2):
+        torch.cuda._sleep(1_000_000_000)  # type: ignore[no-untyped-call]  # ~0.5-1 s of GPU cycles
         pending = manager.save_async(state, step=step)
         for part in ("model", "optimizer"):
             for tensor in state[part].values():
@@ -89,19 +94,27 @@ def test_a_cuda_tensor_changed_right_after_save_async_is_saved_as_it_was(tmp_pat
 
 
 def test_the_probe_reads_this_machines_gpus(tmp_path: Path) -> None:
-    """A real SystemProbe over NVML: one reading per CUDA device, named as CUDA names it, with
-    memory that counts 1 GiB this process holds on device 0."""
+    """A real SystemProbe over NVML reads CUDA device 0 (found by its UUID: NVML lists GPUs in
+    PCI order and ignores CUDA_VISIBLE_DEVICES) under its CUDA name, with memory that counts
+    1 GiB this process holds on it."""
     held = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
-    probe = SystemProbe(watch_paths=[tmp_path])
+    probe = SystemProbe(watch_paths=[tmp_path], timeout_s=60.0)  # a first nvmlInit may be slow
     try:
         sample = probe.sample(Times(now=1_800_000_000.0, elapsed_s=1.0))
     finally:
         probe.close()
         del held
     assert sample.nvml == "ok"
-    assert len(sample.gpus) == torch.cuda.device_count()
-    first = sample.gpus[0]
+    assert len(sample.gpus) >= torch.cuda.device_count()
+    def bare(uuid: object) -> str:  # NVML writes "GPU-<uuid>"; torch's str may leave it out
+        text = str(uuid).lower()
+        return text[4:] if text.startswith("gpu-") else text
+
+    uuid = bare(torch.cuda.get_device_properties(0).uuid)
+    matching = [gpu for gpu in sample.gpus if gpu.uuid is not None and bare(gpu.uuid) == uuid]
+    assert len(matching) == 1, (uuid, [gpu.uuid for gpu in sample.gpus])
+    first = matching[0]
     assert first.error is None
     assert first.name == torch.cuda.get_device_name(0)
     assert first.memory_total_bytes is not None and first.memory_used_bytes is not None

@@ -18,9 +18,12 @@ def trim_heap() -> bool:
         import ctypes
 
         try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
+            function = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) off POSIX
             _malloc_trim = False
+        else:
+            function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
+            _malloc_trim = function
     if _malloc_trim is False:
         return False
     _malloc_trim(0)

@@ -285,7 +285,8 @@ class CheckpointManager:
         pending._future.set_result(saved)
 
     def prepare_async(self, state: Dict[str, Any]) -> None:
-        """Allocate and page in the snapshot buffers for ``state`` now, in a background thread.
+        """Allocate the snapshot buffers for ``state`` now and page them in in a background
+        thread (pinned buffers, for CUDA state, are allocated resident on this thread).
 
         The first :meth:`save_async` then only copies into memory that is already mapped, as
         every later one does: first-touch page faults (the kernel zero-fills each page) cost
