@@ -23,7 +23,7 @@ import ckpt_helpers as helpers  # tests/ is on sys.path (conftest.py)
 import pytest
 import torch
 
-from session_watchdog.trainer import checkpoint
+from session_watchdog.trainer import checkpoint, checkpoint_dir
 from session_watchdog.trainer.checkpoint import (
     CheckpointManager,
     CheckpointStateError,
@@ -124,7 +124,7 @@ class TestKillDuringSave:
         """After SIGKILL at a random instant the latest checkpoint loads and is generation k or k+1,
         also when pruned files are unlinked by the helper thread (large checkpoints)."""
         if unlink_ahead:  # set before the fork: the child prunes every file off its save thread
-            monkeypatch.setattr(checkpoint, "_UNLINK_AHEAD_BYTES", 1)
+            monkeypatch.setattr(checkpoint_dir, "_UNLINK_AHEAD_BYTES", 1)
         rng = random.Random(SEED)
         interrupted = 0
         for cycle in range(HEAVY_N):

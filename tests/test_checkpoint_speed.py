@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
-from session_watchdog.trainer import checkpoint, checkpoint_write
+from session_watchdog.trainer import checkpoint_dir, checkpoint_write
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
 
@@ -179,16 +179,16 @@ class TestPruneOffTheCallersThread:
                                                                 monkeypatch: pytest.MonkeyPatch):
         """A pruned file of _UNLINK_AHEAD_BYTES or more is unlinked by a helper thread: save()
         returns with its marker already gone, and list() (like the next save) waits for the file."""
-        monkeypatch.setattr(checkpoint, "_UNLINK_AHEAD_BYTES", 1000)
+        monkeypatch.setattr(checkpoint_dir, "_UNLINK_AHEAD_BYTES", 1000)
         release = threading.Event()
-        real_remove = checkpoint._remove_any
+        real_remove = checkpoint_dir._remove_any
 
         def remove_when_released(path: Path) -> None:
             if path.suffix == ".pt":
                 release.wait(120)
             real_remove(path)
 
-        monkeypatch.setattr(checkpoint, "_remove_any", remove_when_released)
+        monkeypatch.setattr(checkpoint_dir, "_remove_any", remove_when_released)
         manager = CheckpointManager(tmp_path, keep=1)
         first = manager.save({"w": torch.ones(10_000)}, step=1)
         second = manager.save({"w": torch.full((10_000,), 2.0)}, step=2)

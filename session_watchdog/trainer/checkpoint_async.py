@@ -1,0 +1,235 @@
+"""Async saves: the snapshot of the state into reusable buffers, the background write, the
+save in flight (wait, hurry, its failure reported once) and the first save's buffers made ahead.
+
+A part of :class:`~session_watchdog.trainer.checkpoint.CheckpointManager` (checkpoint.py), which
+writes each snapshot with the same save protocol as a sync save. Trainer side: imports torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+
+from session_watchdog.trainer.buffers import (
+    Work,
+    _copy_into,
+    _new_buffer,
+    _tensor_leaves,
+    copy_all,
+    is_plain,
+    page_in,
+)
+from session_watchdog.trainer.checkpoint_dir import _DirectoryMixin
+from session_watchdog.trainer.checkpoint_types import (
+    CheckpointError,
+    CheckpointWriteError,
+    PendingSave,
+    SavedCheckpoint,
+)
+from session_watchdog.trainer.checkpoint_write import _hurry_at_exit
+from session_watchdog.trainer.state_check import _inspect_state, check_state
+
+
+class _AsyncSaveMixin(_DirectoryMixin):
+    """Snapshot the state, write it in a background thread, and track the save in flight."""
+
+    # Set by CheckpointManager.__init__ (checkpoint.py); _write is its save protocol.
+    _pending: Optional[PendingSave]
+    _spare: Dict[Tuple[Any, ...], torch.Tensor]  # snapshot buffers to reuse
+    _prepare_thread: Optional[threading.Thread]  # prepare_async's page-in
+    _prepare_work: Work  # what that thread pages in (buffers.page_in)
+    _write: Callable[..., SavedCheckpoint]
+
+    def save_async(self, state: Dict[str, Any], *, step: int, epoch: int = 0) -> PendingSave:
+        """Copy ``state``'s tensors to CPU memory now and write them in a background thread.
+
+        Training may mutate the model as soon as this returns. The snapshot buffers are kept
+        and reused by the next async save (first-touch page faults cost more than the copy).
+        The first save allocates them during the call: pinned host memory for CUDA state costs
+        ~0.4-0.7 s per GiB to allocate, CPU memory ~0.3 s per GiB to page in, against ~0.02-0.06 s
+        for the copy itself. Call :meth:`prepare_async` once the state exists (after the first
+        optimizer step) to move that cost out of the first save; a ``Session`` does.
+
+        Raises:
+            CheckpointWriteError: an unreported failure of the previous async save.
+            CheckpointStateError: as for :meth:`save`, raised here, before anything is written.
+        """
+        self._drain_pending()
+        payload = check_state(state)
+        snapshot, buffers = self._snapshot(state)
+        pending = PendingSave(step)
+        self._pending = pending
+        # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
+        # training loop asked for still lands when the script ends right after asking.
+        worker = threading.Thread(
+            target=self._write_in_background,
+            args=(snapshot, buffers, step, epoch, payload, pending),
+            name=f"sw-checkpoint-save-{step}",
+        )
+        try:
+            worker.start()
+        except RuntimeError as err:  # "can't start new thread": nothing is in flight then
+            self._pending = None
+            self._spare = buffers
+            raise CheckpointWriteError(self.directory, err) from err
+        _hurry_at_exit(pending)
+        return pending
+
+    def hurry(self) -> None:
+        """Let the async save in flight, if any, run at normal CPU priority from now on."""
+        pending = self._pending
+        if pending is not None:
+            pending.hurry()
+
+    def wait(self) -> Optional[SavedCheckpoint]:
+        """Wait for the most recent async save; None when there was none (or its error was raised).
+
+        Raises:
+            CheckpointWriteError: that save failed (raised once).
+        """
+        pending = self._pending
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except CheckpointError:
+            self._pending = None
+            raise
+
+    def _drain_pending(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        pending.hurry()  # the caller is blocked on it: let it have the CPU
+        try:
+            pending._future.result()
+        except CheckpointError:
+            if not pending._reported:
+                pending._reported = True
+                self._pending = None
+                raise
+
+    def _write_in_background(
+        self,
+        snapshot: Dict[str, Any],
+        buffers: Dict[Tuple[Any, ...], torch.Tensor],
+        step: int,
+        epoch: int,
+        payload: int,
+        pending: PendingSave,
+    ) -> None:
+        pending._yielding.lower()  # training has the CPU first (priority.py)
+        try:
+            stable = _inspect_state(snapshot)[1]  # the snapshot is ours: its memory stays put
+            with self._lock:
+                saved = self._write(snapshot, step=step, epoch=epoch, payload=payload,
+                                    stable=stable, inline_hash=True)
+        except BaseException as err:  # the thread's only way out: hand everything to the caller
+            pending._yielding.finished()
+            self._spare = buffers
+            if not isinstance(err, CheckpointError):
+                err = CheckpointWriteError(self.directory, err, errno=getattr(err, "errno", None))
+            pending._future.set_exception(err)
+            return
+        pending._yielding.finished()
+        self._spare = buffers  # before set_result: the next snapshot happens after it
+        pending._future.set_result(saved)
+
+    def prepare_async(self, state: Dict[str, Any]) -> None:
+        """Allocate the snapshot buffers for ``state`` now and page them in in a background
+        thread (pinned buffers, for CUDA state, are allocated resident on this thread).
+
+        The first :meth:`save_async` then only copies into memory that is already mapped, as
+        every later one does: first-touch page faults (the kernel zero-fills each page) cost
+        several times the copy itself. Idempotent; a save that comes before the page-in is done
+        pages in what is left alongside the background thread, then copies.
+        """
+        self._join_prepare()
+        if self._spare:
+            return
+        buffers: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        seen: Set[int] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
+        for path, tensor in _tensor_leaves(state, ()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            data = tensor.detach()
+            if data.layout == torch.strided and not data.is_quantized:
+                buffers[path] = _new_buffer(data)
+        # Pinned buffers (for CUDA state) are resident from the start: nothing to fault in.
+        work = page_in([buf for buf in buffers.values() if not buf.is_pinned()])
+        worker = threading.Thread(target=work.run, name="sw-checkpoint-prepare", daemon=True)
+        self._spare = buffers
+        self._prepare_work = work
+        worker.start()
+        self._prepare_thread = worker  # only once started: _join_prepare joins it
+
+    def _join_prepare(self) -> None:
+        worker, self._prepare_thread = self._prepare_thread, None
+        if worker is not None:
+            self._prepare_work.run()  # a save that comes early pages in the rest alongside it
+            worker.join()  # its memset must not race our copy into the same buffers
+
+    def _snapshot(
+        self, state: Dict[str, Any]
+    ) -> Tuple[Dict[str, Any], Dict[Tuple[Any, ...], torch.Tensor]]:
+        """Deep-copy ``state`` with every tensor copied into CPU memory (reusing old buffers)."""
+        self._join_prepare()
+        spare, self._spare = self._spare, {}
+        used: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        memo: Dict[int, torch.Tensor] = {}  # the same tensor twice (tied weights) stays shared
+        cuda_devices: Set[torch.device] = set()
+        # Plain memmoves, copied after the walk: into fresh buffers on several threads (their
+        # page faults are most of a first save's stall), into reused ones on this thread alone
+        # (memory bandwidth bounds that copy; a helper gained nothing there). buffers.py.
+        fresh: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        reused: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+        def tensor_copy(src: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
+            if id(src) in memo:
+                return memo[id(src)]
+            data = src.detach()
+            if data.layout != torch.strided or data.is_quantized:
+                out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
+            else:
+                buf = spare.get(path)
+                plain = reused
+                if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
+                    buf = _new_buffer(data)
+                    plain = fresh
+                if is_plain(buf, data):
+                    plain.append((buf, data))
+                else:
+                    _copy_into(buf, data)
+                if data.is_cuda:
+                    cuda_devices.add(data.device)
+                used[path] = buf
+                out = buf
+            if type(src) is torch.nn.Parameter:
+                out = torch.nn.Parameter(out, requires_grad=src.requires_grad)
+            memo[id(src)] = out
+            return out
+
+        def walk(obj: Any, path: Tuple[Any, ...]) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return tensor_copy(obj, path)
+            if isinstance(obj, dict):
+                items = [(key, walk(value, (*path, key))) for key, value in obj.items()]
+                if type(obj) is collections.Counter:
+                    return collections.Counter(dict(items))
+                return type(obj)(items)
+            if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+                return type(obj)(walk(value, (*path, i)) for i, value in enumerate(obj))
+            return copy.deepcopy(obj)
+
+        snapshot = walk(state, ())
+        copy_all(reused, threads=1)
+        copy_all(fresh)
+        for device in cuda_devices:
+            torch.cuda.synchronize(device)
+        return snapshot, used
+
