@@ -48,7 +48,6 @@ def _event(level: int, event: str, **fields: Any) -> None:
         _log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
 
 
-
 class _DirectoryMixin:
     """Find, read, verify, load and prune the checkpoints in one directory."""
 
