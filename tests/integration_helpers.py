@@ -1,4 +1,5 @@
-"""Helpers for the framework integration tests: a real daemon wrapping a real training script."""
+"""Helpers for tests that run real processes: a real daemon wrapping a real training script,
+reaping a child's process group, and waiting on a condition with a generous deadline."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ROOT = Path(__file__).resolve().parent.parent
 START_S = 120.0  # importing transformers/lightning on a loaded machine takes a while
+WAIT_S = 120.0  # generous: the machine running the tests may be shared and very busy
+
+T = TypeVar("T")
 
 
 def child_env(**extra: str) -> Dict[str, str]:
@@ -58,7 +62,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240.0) -> tuple[int, st
     return proc.returncode, out, err
 
 
-def reap(proc: subprocess.Popen[str]) -> None:
+def reap(proc: subprocess.Popen[Any]) -> None:
     """Kill the child's whole process group (it was started in a session of its own)."""
     if proc.poll() is None:
         try:
@@ -69,6 +73,20 @@ def reap(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         pass
+
+
+def wait_for(condition: Callable[[], T], what: str = "the condition", *, timeout: float = WAIT_S,
+             poll: float = 0.02) -> T:
+    """Poll ``condition`` until it returns something truthy and return that value; raise
+    AssertionError naming ``what`` when it is still falsy after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:  # checked after a last look, so a late success counts
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[str], timeout: float = START_S) -> None:

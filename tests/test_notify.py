@@ -11,7 +11,8 @@ from typing import Any, Dict, List
 
 import pytest
 from fakes import FakeClock, ScriptedProbe, sample, status
-from notify_servers import Recorder, wait_until
+from integration_helpers import reap, wait_for
+from notify_servers import Recorder
 
 from session_watchdog import channel, cli, log, platforms
 from session_watchdog.config import Config, ConfigError, load_config
@@ -293,7 +294,7 @@ class TestDeadNetwork:
                 started = time.monotonic()
                 dog.tick()
                 durations.append(time.monotonic() - started)
-            assert wait_until(lambda: len(server.posts) >= 1)
+            assert wait_for(lambda: len(server.posts) >= 1)
         finally:
             server.release()
             dog.release()
@@ -320,7 +321,7 @@ class TestDeadNetwork:
         worker.start()
         try:
             assert worker.submit(Message("disk", "a", "first", "b"))
-            assert wait_until(lambda: len(server.posts) == 1)  # the worker is stuck in this one
+            assert wait_for(lambda: len(server.posts) == 1)  # the worker is stuck in this one
             results = [worker.submit(Message("disk", k, k, "b")) for k in ("b", "c", "d")]
         finally:
             server.release()
@@ -358,7 +359,7 @@ class TestSecrets:
         try:
             dog.tick()
             log.get_logger().error("tick_failed", error=f"boom at {urls[0]} with {TOKEN}")
-            assert wait_until(lambda: any(e["event"] == "notify_failed" for e in events(tmp_path)))
+            assert wait_for(lambda: any(e["event"] == "notify_failed" for e in events(tmp_path)))
         finally:
             dog.release()
         text = (tmp_path / "log.jsonl").read_text()
@@ -472,8 +473,8 @@ class TestCommands:
         dog.acquire()
         try:
             dog.tick()
-            assert wait_until(lambda: any(e["event"] == "action" and e.get("step") == "end_grace"
-                                          for e in events(tmp_path)))
+            assert wait_for(lambda: any(e["event"] == "action" and e.get("step") == "end_grace"
+                                        for e in events(tmp_path)))
             ntfy.say(f"{TOKEN} cancel", NOW + 5)
             dog.notify.remote.poll_once()
             assert dog.wait_end(60) == "cancelled"
@@ -648,7 +649,6 @@ class TestWrappedCommand:
     def test_a_wrapped_command_that_fails_is_reported_before_the_watchdog_exits(self, tmp_path, servers):
         """`run --notify URL -- cmd` exiting 3 sends "training failed (exit code 3)" before it exits 3."""
         import os
-        import signal
         import subprocess
         import sys
 
@@ -663,9 +663,7 @@ class TestWrappedCommand:
         try:
             proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            reap(proc)
         assert proc.returncode == 3
         assert server.titles() == ["training failed (exit code 3)"]
         body = server.posts[0][1]["message"]
