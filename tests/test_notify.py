@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from fakes import FakeClock, ScriptedProbe, sample, status
+from fakes import FakeClock, ScriptedProbe, sample, status, write_checkpoint
 from integration_helpers import reap, wait_for
 from notify_servers import Recorder
 
@@ -47,17 +46,6 @@ def servers():
     yield make
     for server in made:
         server.close()
-
-
-def write_checkpoint(directory: Path, step: int = 500) -> channel.CheckpointInfo:
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = b"weights" * 1000
-    path = directory / f"ckpt-{step:010d}.pt"
-    path.write_bytes(payload)
-    digest = hashlib.sha256(payload).hexdigest()
-    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
-                                                     "bytes": len(payload), "step": step})
-    return channel.CheckpointInfo(str(path), None, step, NOW, 1.0, len(payload), digest)
 
 
 def watchdog(tmp_path: Path, probe: Any, clock: FakeClock, end_calls: List[str], **keys: Any) -> Watchdog:
