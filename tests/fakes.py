@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from session_watchdog import channel
@@ -89,3 +91,15 @@ def sample(*, now: float = 1_800_000_000.0, elapsed: float = 0.0,
                   host=host_reading if host_reading is not None else host(),
                   disks=tuple(disks), trainer=TrainerReading(alive, saving, trainer_status),
                   notebook_idle_s=notebook_idle_s, child_exit=child_exit)
+
+
+def write_checkpoint(directory: Path, payload: bytes = b"weights" * 1000, step: int = 500,
+                     at: float = 1_800_000_000.0) -> channel.CheckpointInfo:
+    """A checkpoint file and its commit marker, as the trainer side writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt-{step:010d}.pt"
+    path.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
+                                                     "bytes": len(payload), "step": step})
+    return channel.CheckpointInfo(str(path), None, step, at, 1.0, len(payload), digest)

@@ -87,12 +87,3 @@ class Recorder:
         self.released.set()
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()

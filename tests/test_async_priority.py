@@ -12,12 +12,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 import torch
+from integration_helpers import wait_for
 
 from session_watchdog.trainer import priority
 from session_watchdog.trainer.checkpoint import CheckpointManager, PendingSave
@@ -39,14 +39,6 @@ def lowered(tid: int) -> bool:
 def normal(tid: int) -> bool:
     return (os.sched_getscheduler(tid) == os.SCHED_OTHER
             and os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0))
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def writer_tid(pending: PendingSave) -> int:

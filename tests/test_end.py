@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import pytest
 import structlog
-from fakes import FakeClock, ScriptedProbe, gpu, sample, status
+from fakes import FakeClock, ScriptedProbe, gpu, sample, status, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,17 +42,6 @@ def cfg(**kw) -> Config:
                 checkpoint_every=OFF)
     base.update(kw)
     return Config(**base)
-
-
-def write_checkpoint(directory: Path, payload: bytes = b"weights" * 1000, step: int = 500) -> channel.CheckpointInfo:
-    """A checkpoint file and its commit marker, as the trainer side writes them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"ckpt-{step:010d}.pt"
-    path.write_bytes(payload)
-    digest = hashlib.sha256(payload).hexdigest()
-    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
-                                                     "bytes": len(payload), "step": step})
-    return channel.CheckpointInfo(str(path), None, step, NOW, 1.0, len(payload), digest)
 
 
 def done_status(ckpt: Optional[channel.CheckpointInfo], state: str = "completed") -> channel.TrainerStatus:

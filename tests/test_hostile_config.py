@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from integration_helpers import reap
 
 from session_watchdog.cli import main
 from session_watchdog.config import KEYS, ConfigError, load_config, parse_duration
@@ -482,8 +483,6 @@ class TestRealProcesses:
         try:
             out, err = proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            reap(proc)
         assert proc.returncode == 2, err
         assert err.count("\n") == 1 and err.startswith("session-watchdog"), err

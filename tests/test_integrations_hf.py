@@ -14,30 +14,22 @@ import pytest
 from conftest import TORCHRUN
 
 pytest.importorskip("transformers")
-import torch  # noqa: E402
 from integration_helpers import (  # noqa: E402
     SCRIPTS,
-    end_steps,
-    events,
+    check_failed_run_is_not_ended,
+    check_stop_then_resume,
     finish,
     free_port,
     reap,
-    requests_and_acks,
-    session_clock,
     spawn,
     wait_for_file,
-    watchdog_argv,
 )
-from torch_helpers import assert_same  # noqa: E402
 
-from session_watchdog.actions import verify_checkpoint  # noqa: E402
 from session_watchdog.channel import Request, RunDir  # noqa: E402
 from session_watchdog.integrations._core import COMMIT_MARKER, verify_dir  # noqa: E402
 from session_watchdog.integrations.hf import watchdog_resume  # noqa: E402
 
 SCRIPT = [sys.executable, str(SCRIPTS / "hf_train.py")]
-SESSION_S = 40.0
-STEPS = 240  # 0.25 s per step in the first runtime: 60 s of steps, longer than its session
 
 
 class TestHuggingFaceUnderTheDaemon:
@@ -47,68 +39,14 @@ class TestHuggingFaceUnderTheDaemon:
         exits 75 with a committed checkpoint-N; the next runtime resumes from it, completes, the
         end transaction verifies the final committed checkpoint, and the weights equal an
         uninterrupted run's bit for bit."""
-        out, ref = tmp_path / "out", tmp_path / "ref"
-        reference = spawn([*SCRIPT, "--out", str(ref), "--steps", str(STEPS), "--no-watchdog"],
-                          SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "ref-run"))
-        first = spawn([*watchdog_argv(tmp_path, "run-1", SESSION_S), "--", *SCRIPT, "--out",
-                       str(out), "--steps", str(STEPS), "--step-sleep", "0.25"])
-        try:
-            code, stdout, stderr = finish(first)
-            assert code == 75, stdout[-3000:] + stderr[-3000:]
-            evs = events(tmp_path / "run-1.jsonl")
-            requests, acks = requests_and_acks(evs)
-            assert [r["action"] for r in requests] == ["checkpoint", "stop"]
-            assert sorted(a["seq"] for a in acks) == [r["seq"] for r in requests]
-            assert max(session_clock(evs, e) for e in requests + acks) < SESSION_S
-            status = RunDir(tmp_path / "run-1").read_status()
-            assert status is not None and (status.state, status.acked_seq) == (
-                "stopped", requests[-1]["seq"])
-            ckpt = status.last_checkpoint
-            assert ckpt is not None and ckpt.seq == requests[-1]["seq"]
-            assert ckpt.path == str(out / f"checkpoint-{ckpt.step}" / COMMIT_MARKER)
-            assert verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes) is None
-            assert 0 < ckpt.step < STEPS and f"stopped at step {ckpt.step}" in stdout
-            assert status.step_time_s is not None and status.step_time_s > 0.2  # 0.25 s sleeps
-            assert watchdog_resume(out) == str(out / f"checkpoint-{ckpt.step}")
-
-            second = spawn([*watchdog_argv(tmp_path, "run-2", 3 * SESSION_S, end=True), "--",
-                            *SCRIPT, "--out", str(out), "--steps", str(STEPS)])
-            code, stdout, stderr = finish(second)
-            assert code == 0, stdout[-3000:] + stderr[-3000:]
-            assert f"resume_from_checkpoint={out / f'checkpoint-{ckpt.step}'}" in stdout
-            final = RunDir(tmp_path / "run-2").read_status()
-            assert final is not None and final.state == "completed" and final.step == STEPS
-            assert final.last_checkpoint is not None
-            assert final.last_checkpoint.path == str(out / f"checkpoint-{STEPS}" / COMMIT_MARKER)
-            evs2 = events(tmp_path / "run-2.jsonl")
-            verified = [e for e in evs2 if e.get("step") == "end_verify"]
-            assert verified and verified[0]["ok"] is True
-            assert verified[0]["path"] == final.last_checkpoint.path
-            assert end_steps(evs2).index("end_verify") < end_steps(evs2).index("end_dry_run")
-
-            code, stdout, stderr = finish(reference)
-            assert code == 0, stderr[-3000:]
-            assert_same(torch.load(out / "final.pt"), torch.load(ref / "final.pt"), "weights")
-        finally:
-            for proc in (reference, first):
-                reap(proc)
+        check_stop_then_resume(tmp_path, SCRIPT, watchdog_resume=watchdog_resume,
+                               resume_target=lambda checkpoint: checkpoint,
+                               resume_arg="resume_from_checkpoint")
 
     def test_a_run_that_raised_is_failed_and_the_runtime_is_not_ended(self, tmp_path: Path) -> None:
         """An exception inside trainer.train() reports state=failed in trainer.json (the script's
         excepthook), and the end transaction never runs."""
-        proc = spawn([*watchdog_argv(tmp_path, "run", 60.0, end=True), "--", *SCRIPT, "--out",
-                      str(tmp_path / "out"), "--steps", "50", "--raise-at", "7"])
-        try:
-            code, stdout, stderr = finish(proc)
-        finally:
-            reap(proc)
-        assert code == 1, stdout[-3000:] + stderr[-3000:]
-        assert "RuntimeError: boom at step 7" in stderr
-        status = RunDir(tmp_path / "run").read_status()
-        assert status is not None and status.state == "failed"
-        assert "boom at step 7" in status.extra["error"]
-        steps = end_steps(events(tmp_path / "run.jsonl"))
-        assert not [s for s in steps if s and s.startswith("end_")], steps
+        check_failed_run_is_not_ended(tmp_path, SCRIPT)
 
 
 class TestKilledDuringTheTrainersOwnSave:

@@ -27,6 +27,7 @@ import pytest
 import torch
 from ckpt_helpers import COMMITTED, fork_child, run_child, send
 from conftest import TORCHRUN, heavy_n
+from integration_helpers import wait_for
 from torch_helpers import assert_same
 
 from session_watchdog import channel
@@ -40,14 +41,6 @@ WAIT_S = 60.0  # generous: the machine running the tests may be very busy
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.01)
 
 
 def model_and_optimizer(seed: int = 0) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -223,7 +216,7 @@ class TestLocalMirror:
         for _ in range(4):
             train(session, 1)
             saved.append(session.checkpoint())
-            wait_until(target.started.is_set, what="first copy started")
+            wait_for(target.started.is_set, what="first copy started")
         assert not target.gate.is_set()  # all four saves returned while the mirror was stuck
         assert [e["skipped_step"] for e in events(caplog, "mirror_skipped")] == [2, 3]
         assert mirror_report(tmp_path / "run")["pending_step"] == 4
@@ -243,7 +236,7 @@ class TestLocalMirror:
             train(session, 1)
             time.sleep(0.005)
         name = Path(session.last_checkpoint.path).name
-        wait_until(lambda: committed(shm / "m") == [name], what="async checkpoint mirrored")
+        wait_for(lambda: committed(shm / "m") == [name], what="async checkpoint mirrored")
         assert (shm / "m" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes()
 
     def test_complete_waits_for_the_mirror_only_as_long_as_allowed_and_says_so(
@@ -259,9 +252,9 @@ class TestLocalMirror:
         assert [(e["why"], e["step"]) for e in timeouts] == [("complete", 2)]
         assert committed(shm / "m") == []
         target.gate.set()  # the closed session's worker still copies what was queued
-        wait_until(lambda: committed(shm / "m") == [final.path.name], what="final copy")
-        wait_until(lambda: status_of(tmp_path / "run").extra.get("last_mirrored", {}).get("step") == 2,
-                   what="trainer.json reports it")
+        wait_for(lambda: committed(shm / "m") == [final.path.name], what="final copy")
+        wait_for(lambda: status_of(tmp_path / "run").extra.get("last_mirrored", {}).get("step") == 2,
+                 what="trainer.json reports it")
 
     def test_resume_from_the_mirror_alone_is_bit_identical(self, make_session, tmp_path, shm, other_fs):
         """With the local directory gone, resume() copies the newest mirrored checkpoint down and loads it."""
@@ -291,7 +284,7 @@ class TestLocalMirror:
         second = make_session(local_mirror(shm / "m", other_fs))
         start = second.resume()
         assert start.path == final.path
-        wait_until(lambda: committed(shm / "m") == [final.path.name], what="copy after resume")
+        wait_for(lambda: committed(shm / "m") == [final.path.name], what="copy after resume")
         assert (shm / "m" / final.path.name).read_bytes() == final.path.read_bytes()
 
     def test_a_torn_or_unmarked_copy_on_the_mirror_is_never_resumed_from(
@@ -346,7 +339,7 @@ class TestFaults:
         session = make_session(local_mirror(shm / "m", other_fs, target=target))
         train(session, 2)
         first = session.checkpoint()
-        wait_until(lambda: mirror_report(tmp_path / "run").get("problem") == "missing", what="warning")
+        wait_for(lambda: mirror_report(tmp_path / "run").get("problem") == "missing", what="warning")
         assert not (shm / "m").exists()  # never re-created: it could be the local disk under a dead mount
         assert checkpoint.CheckpointManager(tmp_path / "ckpt").verify(first.path)
         train(session, 2)  # training goes on
@@ -369,7 +362,7 @@ class TestFaults:
         session = make_session(local_mirror(shm / "m", other_fs, target=target), mirror_wait_s=0.5)
         train(session, 2)
         session.checkpoint()
-        wait_until(lambda: mirror_report(tmp_path / "run").get("problem") == problem, what="warning")
+        wait_for(lambda: mirror_report(tmp_path / "run").get("problem") == problem, what="warning")
         assert mirror_report(tmp_path / "run")["state"] == "failing"
         train(session, 3)
         channel.RunDir(tmp_path / "run").write_request(channel.Request(1, "stop", "test", None, time.time()))
@@ -394,7 +387,7 @@ class TestFaults:
         target.error_no = errno.ENOSPC
         train(session, 1)
         second = session.checkpoint()
-        wait_until(lambda: session._mirror.problem == "full", what="failure")
+        wait_for(lambda: session._mirror.problem == "full", what="failure")
         assert committed(shm / "m") == [first.path.name]
         target.error_no = None  # space freed: the retry goes through
         assert session._mirror.wait(second, WAIT_S) is not None
@@ -411,7 +404,7 @@ class TestFaults:
             mirror = local_mirror(shm / "m", other_fs)
             mirror.attach(checkpoint.CheckpointManager(tmp_path / "ckpt"))
             mirror.submit(saved)
-            wait_until(lambda: mirror.problem is not None, what="failure")
+            wait_for(lambda: mirror.problem is not None, what="failure")
             os.write(fd, json.dumps(mirror.report()).encode())
 
         code, out = run_child(child)
@@ -513,7 +506,7 @@ class TestS3Mirror:
         stopped[0] = True
         train(session, 2)
         failed = session.checkpoint()
-        wait_until(lambda: mirror_report(tmp_path / "run").get("state") == "failing", what="failure")
+        wait_for(lambda: mirror_report(tmp_path / "run").get("state") == "failing", what="failure")
         assert mirror_report(tmp_path / "run")["problem"] == "unreachable"
         train(session, 2)  # training goes on
         final = session.complete()
@@ -568,8 +561,8 @@ def test_kill9_during_mirror_copies_the_newest_verified_mirror_checkpoint_always
 
         proc = fork_child(child)
         try:
-            wait_until(lambda: committed(shm / "m") != [] if (shm / "m").exists() else False,
-                       what="a first mirrored checkpoint")
+            wait_for(lambda: committed(shm / "m") != [] if (shm / "m").exists() else False,
+                     what="a first mirrored checkpoint")
             time.sleep(rng.uniform(0.0, 0.5))
         finally:
             proc.kill_and_collect()

@@ -24,7 +24,7 @@ import pytest
 import torch
 from ckpt_helpers import COMMITTED, fork_child, send
 from conftest import heavy_n
-from integration_helpers import SCRIPTS, finish, reap, spawn, wait_for_file
+from integration_helpers import SCRIPTS, finish, reap, spawn, wait_for, wait_for_file
 from test_mirror import s3  # noqa: F401 - the moto S3 server fixture
 from torch_helpers import assert_same
 
@@ -35,14 +35,6 @@ from session_watchdog.integrations._mirror import DirMirror, restore_dir
 from session_watchdog.trainer.mirror import LocalTarget
 
 WAIT_S = 120.0
-
-
-def wait_until(predicate: Any, what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
 
 
 def marked(mirror: Path) -> List[str]:
@@ -95,7 +87,7 @@ def test_hf_mirror_then_a_fresh_runtime_resumes_from_the_mirror_with_identical_w
                   SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run-1"))
     try:
         wait_for_file(flag, first)  # hangs inside its save of step 30
-        wait_until(lambda: mirrored_step(tmp_path / "run-1") == 20, "checkpoint-20 mirrored")
+        wait_for(lambda: mirrored_step(tmp_path / "run-1") == 20, "checkpoint-20 mirrored")
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
     finally:
@@ -269,8 +261,8 @@ def test_kill9_during_directory_copies_the_newest_committed_mirror_directory_alw
         proc = fork_child(child)
         try:
             before = marked(mirror_dir)[-1] if mirror_dir.exists() and marked(mirror_dir) else None
-            wait_until(lambda: mirror_dir.exists() and marked(mirror_dir) != []
-                       and marked(mirror_dir)[-1] != before, "a new mirrored directory")
+            wait_for(lambda: mirror_dir.exists() and marked(mirror_dir) != []
+                     and marked(mirror_dir)[-1] != before, "a new mirrored directory")
             time.sleep(rng.uniform(0.0, 0.5))
         finally:
             proc.kill_and_collect()
@@ -371,12 +363,12 @@ def test_the_same_commit_again_is_read_back_not_rewritten_and_a_damaged_copy_is_
             assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
         inode = os.stat(mirror_dir / "checkpoint-5" / "weights.pt").st_ino
         mirror.submit(saved)  # type: ignore[arg-type]
-        wait_until(lambda: mirror.report()["state"] == "ok", "the third copy")
+        wait_for(lambda: mirror.report()["state"] == "ok", "the third copy")
         assert os.stat(mirror_dir / "checkpoint-5" / "weights.pt").st_ino == inode
         (mirror_dir / "checkpoint-5" / "sub" / "state.json").write_text('{"step": 6}')
         mirror.submit(saved)  # type: ignore[arg-type]
-        wait_until(lambda: (mirror_dir / "checkpoint-5" / "sub" / "state.json").read_text()
-                   == '{"step": 5}' and marked(mirror_dir) == ["checkpoint-5"], "the copy redone")
+        wait_for(lambda: (mirror_dir / "checkpoint-5" / "sub" / "state.json").read_text()
+                 == '{"step": 5}' and marked(mirror_dir) == ["checkpoint-5"], "the copy redone")
     finally:
         mirror.close()
     assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")
@@ -401,7 +393,7 @@ def test_ranks_restoring_into_one_shared_directory_at_once_all_get_the_same_chec
     go = tmp_path / "go"
 
     def child(fd: int) -> None:  # no torch here: its thread pool does not survive a fork
-        wait_until(go.exists, "the start")
+        wait_for(go.exists, "the start")
         found = restore_dir(str(mirror_dir), fresh)
         send(fd, COMMITTED, -1 if found is None else found.step)
 

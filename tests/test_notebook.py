@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 from fakes import FakeClock
 from fakes import status as fake_status
+from integration_helpers import wait_for
 
 import session_watchdog as sw
 from session_watchdog import channel, notebook
@@ -26,17 +27,6 @@ from session_watchdog.daemon import DaemonBusyError
 POLL = 0.05  # trainer poll interval and wait() poll, seconds
 WATCHDOG_THREADS = ("session-watchdog", "APScheduler")
 PROBE_THREADS = ("session-watchdog-gpu", "session-watchdog-disk")  # SystemProbe's workers
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 120.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def watchdog_threads() -> List[str]:

@@ -14,11 +14,12 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 from fakes import FakeClock
 from fakes import status as fake_status
+from integration_helpers import wait_for
 
 import session_watchdog as sw
 from session_watchdog import channel, notebook, report
@@ -55,16 +56,6 @@ TRAINER = textwrap.dedent("""
         sys.exit(code)
     session.complete()
 """)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout:g}s")
 
 
 def alive(pid: int) -> bool:

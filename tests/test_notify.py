@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from fakes import FakeClock, ScriptedProbe, sample, status
-from notify_servers import Recorder, wait_until
+from fakes import FakeClock, ScriptedProbe, sample, status, write_checkpoint
+from integration_helpers import reap, wait_for
+from notify_servers import Recorder
 
 from session_watchdog import channel, cli, log, platforms
 from session_watchdog.config import Config, ConfigError, load_config
@@ -46,17 +46,6 @@ def servers():
     yield make
     for server in made:
         server.close()
-
-
-def write_checkpoint(directory: Path, step: int = 500) -> channel.CheckpointInfo:
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = b"weights" * 1000
-    path = directory / f"ckpt-{step:010d}.pt"
-    path.write_bytes(payload)
-    digest = hashlib.sha256(payload).hexdigest()
-    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
-                                                     "bytes": len(payload), "step": step})
-    return channel.CheckpointInfo(str(path), None, step, NOW, 1.0, len(payload), digest)
 
 
 def watchdog(tmp_path: Path, probe: Any, clock: FakeClock, end_calls: List[str], **keys: Any) -> Watchdog:
@@ -293,7 +282,7 @@ class TestDeadNetwork:
                 started = time.monotonic()
                 dog.tick()
                 durations.append(time.monotonic() - started)
-            assert wait_until(lambda: len(server.posts) >= 1)
+            assert wait_for(lambda: len(server.posts) >= 1)
         finally:
             server.release()
             dog.release()
@@ -320,7 +309,7 @@ class TestDeadNetwork:
         worker.start()
         try:
             assert worker.submit(Message("disk", "a", "first", "b"))
-            assert wait_until(lambda: len(server.posts) == 1)  # the worker is stuck in this one
+            assert wait_for(lambda: len(server.posts) == 1)  # the worker is stuck in this one
             results = [worker.submit(Message("disk", k, k, "b")) for k in ("b", "c", "d")]
         finally:
             server.release()
@@ -358,7 +347,7 @@ class TestSecrets:
         try:
             dog.tick()
             log.get_logger().error("tick_failed", error=f"boom at {urls[0]} with {TOKEN}")
-            assert wait_until(lambda: any(e["event"] == "notify_failed" for e in events(tmp_path)))
+            assert wait_for(lambda: any(e["event"] == "notify_failed" for e in events(tmp_path)))
         finally:
             dog.release()
         text = (tmp_path / "log.jsonl").read_text()
@@ -472,8 +461,8 @@ class TestCommands:
         dog.acquire()
         try:
             dog.tick()
-            assert wait_until(lambda: any(e["event"] == "action" and e.get("step") == "end_grace"
-                                          for e in events(tmp_path)))
+            assert wait_for(lambda: any(e["event"] == "action" and e.get("step") == "end_grace"
+                                        for e in events(tmp_path)))
             ntfy.say(f"{TOKEN} cancel", NOW + 5)
             dog.notify.remote.poll_once()
             assert dog.wait_end(60) == "cancelled"
@@ -648,7 +637,6 @@ class TestWrappedCommand:
     def test_a_wrapped_command_that_fails_is_reported_before_the_watchdog_exits(self, tmp_path, servers):
         """`run --notify URL -- cmd` exiting 3 sends "training failed (exit code 3)" before it exits 3."""
         import os
-        import signal
         import subprocess
         import sys
 
@@ -663,9 +651,7 @@ class TestWrappedCommand:
         try:
             proc.communicate(timeout=120)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            reap(proc)
         assert proc.returncode == 3
         assert server.titles() == ["training failed (exit code 3)"]
         body = server.posts[0][1]["message"]

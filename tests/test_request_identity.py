@@ -4,8 +4,6 @@ the trainer echoes, so a stale ``acked_seq`` from before a reboot acknowledges n
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from typing import Iterator, List, Optional
 import psutil
 import pytest
 import torch
+from integration_helpers import reap
 
 from session_watchdog import channel
 from session_watchdog.channel import Request, RunDir, TrainerStatus
@@ -164,9 +163,7 @@ class TestRebootWithAStaleAckStillStopsBeforeTheDeadline:
         try:
             out, err = proc.communicate(timeout=240)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            reap(proc)
         assert proc.returncode == 75, err[-3000:]
         events = [json.loads(line) for line in log_file.read_text().splitlines()]
         requests = [e for e in events if e["event"] == "decision" and e["kind"] == "request"]

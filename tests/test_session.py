@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import numpy as np
 import pytest
 import torch
+from integration_helpers import wait_for
 
 from session_watchdog import channel, checksum
 from session_watchdog.channel import (
@@ -92,14 +93,6 @@ def step_until(session: Session, predicate: Callable[[], bool], timeout: float =
         steps += 1
         time.sleep(pause)
     return steps
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 def request(seq: int, action: str = "checkpoint", reason: str = "test") -> Request:
@@ -272,7 +265,7 @@ class TestStep:
         for _ in range(20):
             session.step()
             time.sleep(0.01)
-        wait_until(lambda: status_of(run_dir).step == 20)
+        wait_for(lambda: status_of(run_dir).step == 20)
         status = status_of(run_dir)
         assert (status.state, status.epoch) == ("running", 3)
         # Steps are >= 10 ms apart; on a loaded machine one can take up to the whole run's time.
@@ -428,7 +421,7 @@ class TestRequests:
         assert status_of(run_dir).acked_seq == 0  # not durable yet (as far as we know)
         assert lock_held(run_dir / SAVE_LOCK)
         gate.set()
-        wait_until(lambda: status_of(run_dir).acked_seq == 1)
+        wait_for(lambda: status_of(run_dir).acked_seq == 1)
         ckpt = status_of(run_dir).last_checkpoint
         assert ckpt is not None and ckpt.step == at_snapshot and ckpt.seq == 1
         assert ckpt.checksum == checksum_of(ckpt.path)
@@ -464,7 +457,7 @@ class TestRequests:
                 train_step(session)
             assert not pendings[0]._yielding.hurried  # the ack thread waits without hurrying
             closer.start()
-            wait_until(lambda: pendings[0]._yielding.hurried)
+            wait_for(lambda: pendings[0]._yielding.hurried)
         finally:
             gate.set()
         closer.join(WAIT_S)
@@ -794,7 +787,7 @@ class TestComplete:
         """A request the poller saw but no step answered yet is acked by the final checkpoint."""
         session = make_session()
         RunDir(run_dir).write_request(request(3))
-        wait_until(lambda: session._request is not None)
+        wait_for(lambda: session._request is not None)
         session.complete()
         status = status_of(run_dir)
         assert (status.state, status.acked_seq) == ("completed", 3)

@@ -18,12 +18,13 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import psutil
 import pytest
 import structlog
 from fakes import FakeClock
+from integration_helpers import wait_for
 
 from session_watchdog import channel, platforms
 from session_watchdog.config import Config
@@ -62,16 +63,6 @@ TRAINER = textwrap.dedent("""
                     print("ready", flush=True)
                 time.sleep(0.005)
 """)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, poll: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    return predicate()
 
 
 def events(log_file: Path) -> List[Dict[str, Any]]:

@@ -21,15 +21,6 @@ from session_watchdog.supervise.snapshots import persist_after_death, persist_ne
 REPO = str(Path(__file__).resolve().parent.parent)
 
 
-def wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 class TestSlots:
     def test_a_complete_slot_reads_back(self, tmp_path):
         """Header last, sha256 checked: the payload and its step come back exactly."""

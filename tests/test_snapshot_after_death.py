@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from conftest import TORCHRUN
+from integration_helpers import wait_for
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.supervise.snapshots import persist_after_death, persist_ranks
@@ -40,16 +41,6 @@ def events(path: Path) -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout:g} s")
 
 
 @pytest.fixture
@@ -310,14 +301,15 @@ class TestAttach:
         shm_cleanup.append(snapshot_slots.snapshot_dir(tmp_path / "run"))
         trainer = start_trainer(tmp_path)
         try:
-            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3)
+            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3, "snapshot 3", timeout=DEADLINE_S)
             attach = subprocess.Popen(
                 [*CLI, "attach", "--pid", str(trainer.pid), "--interval", "0.2s", "--platform",
                  "generic", "--run-dir", str(tmp_path / "run"), "--log-file",
                  str(tmp_path / "log.jsonl")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
                 start_new_session=True)
-            wait_for(lambda: any(e["event"] == "sample" for e in events(tmp_path / "log.jsonl")))
+            wait_for(lambda: any(e["event"] == "sample" for e in events(tmp_path / "log.jsonl")),
+                     "the first sample", timeout=DEADLINE_S)
         finally:
             trainer.send_signal(signal.SIGKILL)
             trainer.wait()
@@ -339,7 +331,7 @@ class TestAttach:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=env(SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run")), start_new_session=True)
         try:
-            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3)
+            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3, "snapshot 3", timeout=DEADLINE_S)
             attach = subprocess.run(
                 [*CLI, "attach", "--pid", str(trainer.pid), "--interval", "0.2s", "--platform",
                  "generic", "--run-dir", str(tmp_path / "run"), "--log-file",
@@ -368,11 +360,12 @@ class TestNotebookLaunch:
             run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "log.jsonl"), interval="0.2s",
             platform="generic")
         try:
-            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3)
+            wait_for(lambda: snapshot_step(tmp_path / "run") >= 3, "snapshot 3", timeout=DEADLINE_S)
         finally:
             os.killpg(launched.pid, signal.SIGKILL)
         persisted = wait_for(lambda: [e for e in events(tmp_path / "log.jsonl")
-                                      if e["event"] == "snapshot_persisted"])
+                                      if e["event"] == "snapshot_persisted"],
+                             "snapshot_persisted", timeout=DEADLINE_S)
         sw.stop()
         newest = snapshot_slots.newest(snapshot_slots.snapshot_dir(tmp_path / "run"))
         assert newest is not None and [e["step"] for e in persisted] == [newest.step]

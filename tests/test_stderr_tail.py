@@ -26,7 +26,8 @@ from typing import Any, Dict, List
 
 import pytest
 from fakes import sample
-from notify_servers import Recorder, wait_until
+from integration_helpers import reap, wait_for
+from notify_servers import Recorder
 
 from session_watchdog.config import Config
 from session_watchdog.policy import PolicyState, decide
@@ -73,12 +74,6 @@ def events(tmp_path: Path) -> List[Dict[str, Any]]:
 def failed_decisions(tmp_path: Path) -> List[Dict[str, Any]]:
     return [e for e in events(tmp_path)
             if e.get("event") == "decision" and e.get("reason") == "training_failed"]
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture
@@ -195,7 +190,7 @@ class TestTee:
                                 stderr=tee.child_fd)
         tee.started()
         try:
-            assert wait_until(lambda: len(tee._tail) > 0, 120)
+            assert wait_for(lambda: len(tee._tail) > 0, "the tail to fill", timeout=120)
             done = threading.Event()
             drainer = threading.Thread(target=lambda: (tee.drain(timeout_s=0.5), done.set()), daemon=True)
             drainer.start()
@@ -238,7 +233,7 @@ class TestWrappedCommand:
         try:
             _, err = proc.communicate(timeout=180)
         finally:
-            kill_group(proc)
+            reap(proc)
         assert proc.returncode == 1, err.decode(errors="replace")[-2000:]
         assert b"step 1\rstep 2\rdone\n" in err
         assert boom_traceback(script, "https://alice:s3cret-pw@data.example/x").encode() + b"\n" in err
@@ -261,7 +256,7 @@ class TestWrappedCommand:
         try:
             _, err = proc.communicate(timeout=180)
         finally:
-            kill_group(proc)
+            reap(proc)
         assert proc.returncode == 1, err.decode(errors="replace")[-2000:]
         assert (b"x" * 99 + b"\n") * 20000 + b"Traceback (most recent call last):\n" in err
         assert [d["traceback"].splitlines()[-1] for d in failed_decisions(tmp_path)] == [
@@ -298,7 +293,7 @@ class TestWrappedCommand:
         try:
             _, err = proc.communicate(timeout=180)
         finally:
-            kill_group(proc)
+            reap(proc)
         assert proc.returncode == 1, err.decode(errors="replace")[-2000:]
         message = server.wait_posts(1)[0][1]["message"]
         assert "KeyError: 'reported-by-session'" in message and "from-stderr" not in message
@@ -335,7 +330,7 @@ class TestWrappedCommand:
                     break
             assert proc.wait(timeout=60) == 1, bytes(data)[-2000:]
         finally:
-            kill_group(proc)
+            reap(proc)
             os.close(master)
         isatty, size, name = seen.read_text().split("|")
         assert (isatty, size) == ("True", "(101, 33)")
@@ -360,7 +355,7 @@ class TestWrappedCommand:
         try:
             _, err = proc.communicate(timeout=300)
         finally:
-            kill_group(proc)
+            reap(proc)
         assert proc.returncode == 1, err.decode(errors="replace")[-2000:]
         crashes = [e for e in events(tmp_path) if e.get("event") == "child_failed"]
         assert [c["traceback"].splitlines()[-1] for c in crashes] == ["RuntimeError: crash-0",
@@ -385,8 +380,9 @@ class TestDetached:
         pid = int(re.search(r"detached \(pid (\d+)\)", detached.stdout).group(1))
         try:
             posts = server.wait_posts(1, timeout_s=180)
-            assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
-                              open(f"/proc/{pid}/stat").read().split()[2] == "Z", 120)
+            assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                            open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                            "the detached daemon to exit", timeout=120)
         finally:
             try:
                 os.killpg(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import pytest
 from conftest import heavy_n
+from integration_helpers import reap
 
 from session_watchdog.config import Config
 from session_watchdog.supervise.restarts import EXIT_GAVE_UP, Supervisor, backoff_s, classify
@@ -187,9 +188,7 @@ def run_watched(tmp_path: Path, trainer_args: List[str], *flags: str, timeout: f
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        reap(proc)
         try:  # the trainer runs in its own session: kill whatever the watchdog left
             for e in events(tmp_path / "log.jsonl"):
                 if e.get("event") == "child_started":

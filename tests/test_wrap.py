@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fakes import FakeClock, ScriptedProbe, sample, status
+from integration_helpers import wait_for
 
 from session_watchdog import channel, platforms
 from session_watchdog.config import Config
@@ -32,15 +33,6 @@ def cli_run(tmp_path: Path, *args: str, timeout: float = 180, **kw) -> subproces
 
 def events(tmp_path: Path) -> list:
     return [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-
-
-def wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class TestWrap:
