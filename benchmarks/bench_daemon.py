@@ -150,7 +150,7 @@ while True:
     now = time.time()
     step += 12
     run_dir.write_status(channel.TrainerStatus(
-        pid=os.getpid(), start_time=start, state="training", step=step, epoch=0, step_time_s=0.41,
+        pid=os.getpid(), start_time=start, state="running", step=step, epoch=0, step_time_s=0.41,
         acked_seq=0, heartbeat=now, extra={}, last_checkpoint=None))
     time.sleep(5.0)
 """
@@ -223,6 +223,11 @@ def _watch(seconds: float, scratch: Path, trainer: bool, live: bool, env: Dict[s
     time.sleep(seconds)
     cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
     naive1 = naive_seconds()
+    if trainer:  # the daemon must have read the trainer's status, not failed on it
+        last = [json.loads(line) for line in log.read_text().splitlines()
+                if '"event":"sample"' in line.replace(" ", "")][-1]["trainer"]
+        if not last["alive"] or last["state"] != "running" or last["error"] is not None:
+            raise RuntimeError(f"the daemon did not read the trainer's status: {last}")
     return {"rss": rss_bytes(proc.pid), "bare_rss": rss_bytes(bare.pid),
             "nvml_user_rss": rss_bytes(nvml_user.pid) if nvml_user is not None else 0,
             "cpu_pct": 100.0 * (cpu1 - cpu0) / (t1 - t0), "window_s": t1 - t0,
@@ -343,7 +348,7 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8, trainer: bool = False
         held.acquire()
         now = time.time()
         run_dir.write_status(channel.TrainerStatus(
-            pid=os.getpid(), start_time=now, state="training", step=12_000, epoch=3,
+            pid=os.getpid(), start_time=now, state="running", step=12_000, epoch=3,
             step_time_s=0.41, acked_seq=0, heartbeat=now, extra={},
             last_checkpoint=channel.CheckpointInfo(
                 path=str(scratch / "ckpt" / "step-12000.pt"), seq=None, step=12_000, at=now,
@@ -373,6 +378,10 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8, trainer: bool = False
             for _ in range(n):
                 true()
             true_s.append((children_and_self_cpu() - c0) / n)
+        if trainer:  # the tick must read the trainer's status, not fail on it
+            reading = dog.last_sample.trainer if dog.last_sample is not None else None
+            if reading is None or reading.status is None or reading.status_error is not None:
+                raise RuntimeError(f"the tick did not read the trainer's status: {reading}")
         state = dog.last_sample.nvml if dog.last_sample is not None else "?"
         gpus = len(dog.last_sample.gpus) if dog.last_sample is not None else 0
         return statistics.median(tick_s), statistics.median(true_s), max(load0, load()), \

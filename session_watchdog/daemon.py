@@ -163,6 +163,11 @@ class Watchdog:
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
         self.state = self._load_state()
+        # state.json is rewritten (two fsyncs) when the state changes; a change of the hang
+        # detector's progress fields alone - every tick while training - waits until
+        # PROGRESS_SAVE_EVERY_S passed since the last write, or the daemon stops (issue 17).
+        self._state_saved_at = -math.inf
+        self._state_unsaved = False
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
@@ -204,7 +209,9 @@ class Watchdog:
                 self.budget_extension_s = float(extension)
                 self.config = dataclasses.replace(
                     self.config, max_session=self.config.max_session + self.budget_extension_s)
-            return PolicyState.from_json(obj["policy"])
+            # The interval that spans the restart (and the up to PROGRESS_SAVE_EVERY_S the saved
+            # progress may lag) is not a step interval: not learned from, as after a save.
+            return dataclasses.replace(PolicyState.from_json(obj["policy"]), progress_skip=True)
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = self.run_dir.quarantine(channel.STATE_FILE)
             log.warning("state_quarantined", path=str(path), moved_to=str(moved), error=str(err),
@@ -212,6 +219,8 @@ class Watchdog:
             return PolicyState()
 
     def _save_state(self) -> None:
+        self._state_saved_at = self.clock.monotonic()
+        self._state_unsaved = False
         self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json(),
@@ -246,8 +255,13 @@ class Watchdog:
                 if decision.kind == "end":
                     self._start_end(decision, sample)
             if state != self.state:
+                progress_only = _only_progress_changed(self.state, state)
                 self.state = state
-                self._save_state()
+                if not progress_only or \
+                        self.clock.monotonic() - self._state_saved_at >= PROGRESS_SAVE_EVERY_S:
+                    self._save_state()
+                else:
+                    self._state_unsaved = True
             for hook in self.after_tick:
                 hook(sample)
             self.last_sample = sample
@@ -574,6 +588,15 @@ class Watchdog:
         })
 
     def release(self) -> None:
+        # The hang detector's latest progress, for the next daemon of this session; not behind a
+        # tick that hangs (its thread is a daemon thread that the exit leaves behind).
+        if self._state_unsaved and self._lock.held and self._tick_lock.acquire(timeout=5.0):
+            try:
+                self._save_state()
+            except (channel.ChannelError, OSError) as err:
+                log.warning("state_not_saved", error=str(err))
+            finally:
+                self._tick_lock.release()
         if self.notify is not None:
             self.notify.close()  # bounded: the last messages (training completed) go out first
         if self.notifier.enabled:
@@ -733,6 +756,14 @@ class Watchdog:
 
 # A remote `extend` read back from state.json is bounded like any protocol number (#18).
 MAX_EXTENSION_S = 365 * 86400.0
+# How stale state.json's hang-detection progress may be (a restart does not learn from it).
+PROGRESS_SAVE_EVERY_S = 60.0
+_PROGRESS_FIELDS = ("progress_step", "progress_since", "progress_skip", "step_intervals")
+
+
+def _only_progress_changed(old: PolicyState, new: PolicyState) -> bool:
+    """Whether ``new`` differs from ``old`` in the hang detector's progress fields alone."""
+    return dataclasses.replace(old, **{f: getattr(new, f) for f in _PROGRESS_FIELDS}) == new
 
 LOCK_PROBE_WAIT_S = 1.0  # how long another process's lock_held() probe may hold daemon.lock
 

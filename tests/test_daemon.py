@@ -234,6 +234,66 @@ class TestTick:
         assert "not one of" in dog.last_sample.trainer.status_error
 
 
+class TestStateWrites:
+    """state.json is rewritten (two fsyncs) when the policy state changes; the hang detector's
+    progress, which changes at every tick while training, is written at most once a minute and
+    when the daemon stops (issue 17)."""
+
+    @staticmethod
+    def saved(dog: Watchdog) -> dict:
+        return json.loads((Path(dog.run_dir.path) / "state.json").read_text())["policy"]
+
+    def progressing(self, tmp_path, clock, ticks: int) -> Watchdog:
+        """A daemon whose trainer advances one step per 5 s tick, ``ticks`` times."""
+        script = [sample(trainer_status=status(step=100 + i, heartbeat=START + 1e6))
+                  for i in range(ticks)]
+        dog = make(tmp_path, script, clock, max_session="12h")
+        for i in range(ticks):
+            if i:
+                clock.advance(5.0)
+            dog.tick()
+        return dog
+
+    def test_progress_alone_is_written_at_most_once_a_minute(self, tmp_path):
+        """The first tick writes the state; the next eleven (55 s) change only the progress and
+        leave the file as it was; the tick 60 s after the write writes it again."""
+        clock = FakeClock(START)
+        dog = self.progressing(tmp_path, clock, 12)
+        assert (dog.state.progress_step, self.saved(dog)["progress_step"]) == (111, 100)
+        clock.advance(5.0)  # 60 s after the first write
+        dog.probe.script.append(sample(trainer_status=status(step=112, heartbeat=START + 1e6)))
+        dog.tick()
+        assert self.saved(dog)["progress_step"] == 112
+        assert self.saved(dog)["step_intervals"] == [5.0] * len(dog.state.step_intervals)
+
+    def test_any_other_change_is_written_at_once(self, tmp_path):
+        """A request due between two progress writes is in state.json after its own tick."""
+        clock = FakeClock(START)
+        dog = make(tmp_path, [sample(trainer_status=status(step=100 + i, heartbeat=START + 1e6))
+                              for i in range(3)], clock, max_session="1h")
+        dog.tick()
+        clock.advance(3300.0)  # the session limit's checkpoint falls due (lead 5 min)
+        dog.tick()
+        assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
+
+    def test_stopping_writes_the_progress_not_yet_written(self, tmp_path):
+        """release() writes the state the last ticks changed; a daemon that starts from it does
+        not learn from the interval that spans the restart."""
+        clock = FakeClock(START)
+        dog = self.progressing(tmp_path, clock, 4)
+        dog.acquire()
+        assert self.saved(dog)["progress_step"] == 100
+        dog.release()
+        assert self.saved(dog)["progress_step"] == 103
+        assert self.saved(dog)["progress_skip"] is False
+        again = make(tmp_path, [sample(trainer_status=status(step=150, heartbeat=START + 1e6))],
+                     clock, max_session="12h")
+        assert (again.state.progress_step, again.state.progress_skip) == (103, True)
+        clock.advance(40.0)
+        again.tick()
+        assert again.state.step_intervals == dog.state.step_intervals  # the gap was not learned
+
+
 class TestStartupSweep:
     def test_temps_of_a_writer_killed_mid_write_are_swept_when_the_daemon_starts(self, tmp_path):
         """A .sw-tmp left by a dead writer in the run dir is removed when the daemon takes it."""
