@@ -69,7 +69,8 @@ HANDLED_EVENTS = frozenset({
 # Events this version writes and does not summarise: not "unknown" (issue 16: the report called
 # this version's own config_not_applied an unknown input).
 QUIET_EVENTS = frozenset({
-    "signal_received", "signal_repeated", "state_quarantined", "state_reset", "config_not_applied",
+    "signal_received", "signal_repeated", "state_quarantined", "state_reset", "state_not_saved",
+    "config_not_applied",
     "notebook_hook_failed", "final_reading_failed", "scheduler_log", "session_clock_carried_over",
     "end_rearmed", "sd_notify_unsupported", "sd_notify_failed", "attached", "child_started",
     "child_exited", "child_signalled", "child_killed", "child_interrupted", "child_escalated",
