@@ -232,8 +232,7 @@ class Watchdog:
     def tick(self) -> List[Decision]:
         """Probe, decide, act, log. Never overlaps itself."""
         with self._tick_lock:
-            sample = self.probe.sample(self.session.times())
-            sample = self._judge(sample)
+            sample = self._judged_sample()
             if self.end is not None and self.end.holds_locks():
                 # The locks are ours (the end transaction took them), so no one else holds
                 # them: the trainer is not alive and not saving, whatever the probe saw.
@@ -271,15 +270,28 @@ class Watchdog:
                 self.on_decisions(decisions, sample)
             return decisions
 
-    def _judge(self, sample: Sample) -> Sample:
-        """What the probe cannot know: is our child still running, and is trainer.json stale?
+    def _judged_sample(self) -> Sample:
+        """One reading of the probe, judged (the caller holds ``_tick_lock``).
+
+        Whether our command runs is asked before the probe reads trainer.json: a command that
+        ends during the sample counts as running for this reading, so an outcome is judged only
+        from a sample taken wholly after it ended - one that holds the final status it wrote
+        before exiting. (Asked after, a stop's exit 75 beside the status written before the stop
+        read as a failure, and a failure is sticky.)
+        """
+        running = self.child_running is not None and self.child_running()
+        return self._judge(self.probe.sample(self.session.times()), running)
+
+    def _judge(self, sample: Sample, child_running: bool) -> Sample:
+        """What the probe cannot know: is our child still running (``child_running``: asked
+        before the sample was taken), and is trainer.json stale?
 
         A trainer.json that no live process holds and whose heartbeat predates this daemon is
         evidence from an earlier run (the default run dir is shared by every run): it must not
         end this runtime, so it is dropped from the sample.
         """
         changes: Dict[str, Any] = {}
-        if self.child_running is not None and self.child_running():
+        if child_running:
             changes["child_running"] = True
         if self.child_stderr_tail is not None and sample.child_exit not in (None, 0, EXIT_STOPPED):
             changes["child_traceback"] = self.child_stderr_tail()
@@ -333,7 +345,7 @@ class Watchdog:
         """Probe now, judged as a tick would; None when the probe fails (the end then stops)."""
         with self._tick_lock:
             try:
-                sample = self._judge(self.probe.sample(self.session.times()))
+                sample = self._judged_sample()
             except Exception as err:  # a failing probe blocks the end; it never kills the thread
                 log.warning("end_probe_failed", error=f"{type(err).__name__}: {err}")
                 return None
@@ -709,11 +721,16 @@ class Watchdog:
                 scheduler.add_job(check, "interval", id="stop_for", seconds=max(run_for, 0.001))
         try:
             scheduler.start()
-            thread = scheduler._thread  # APScheduler 3.x keeps it private (see start())
-            thread.name = THREAD_NAME
-            # Until the scheduler's thread ends (after a shutdown, a tick under way included):
-            # a signal's handler runs here, between two ticks (joins are interruptible).
-            thread.join()
+            # APScheduler 3.x keeps its thread private (see start()). A short --for can stop the
+            # scheduler before this line runs (on a busy machine): its shutdown joins the thread
+            # and deletes the attribute, and then there is nothing left to wait for.
+            thread = getattr(scheduler, "_thread", None)
+            if thread is not None:
+                thread.name = THREAD_NAME
+                # Until the scheduler's thread ends (after a shutdown, a tick under way
+                # included): a signal's handler runs here, between two ticks (joins are
+                # interruptible).
+                thread.join()
         except BaseException:  # KeyboardInterrupt with handle_signals=False: stop, then re-raise
             shutdown()  # joins the scheduler's thread: a tick under way finishes first
             raise

@@ -294,6 +294,36 @@ class TestStateWrites:
         assert again.state.step_intervals == dog.state.step_intervals  # the gap was not learned
 
 
+class TestCommandEndsDuringASample:
+    def test_a_stop_whose_exit_lands_mid_sample_is_not_a_failure(self, tmp_path):
+        """The wrapped command writes its final ``stopped`` status and exits 75 while a tick's
+        sample is taken (the sample holds the status from before the stop beside exit 75): that
+        tick judges no outcome, the next says training_stopped, and no failure is recorded."""
+        ended: list = []
+
+        class EndsDuringTheFirstSample(ScriptedProbe):
+            def sample(self, times):
+                reading = super().sample(times)
+                ended.append(True)  # the command is gone by the time the sample is returned
+                return reading
+
+        before = status(state="running", step=197, heartbeat=START + 1e6)
+        final = status(state="stopped", step=198, heartbeat=START + 1e6, ckpt_at=START)
+        probe = EndsDuringTheFirstSample([sample(trainer_status=before, alive=False, child_exit=75),
+                                          sample(trainer_status=final, alive=False, child_exit=75)])
+        cfg = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "log.jsonl"),
+                           max_session="1h")
+        dog = Watchdog(cfg, platform=GENERIC, probe=probe, clock=FakeClock(START),
+                       session_start=START, child_running=lambda: not ended)
+        with structlog.testing.capture_logs() as events:
+            dog.tick()
+            dog.tick()
+        outcomes = [e["reason"] for e in events
+                    if e["event"] == "decision" and e["reason"].startswith("training_")]
+        assert outcomes == ["training_stopped"]
+        assert dog.state.failed is False
+
+
 class TestStartupSweep:
     def test_temps_of_a_writer_killed_mid_write_are_swept_when_the_daemon_starts(self, tmp_path):
         """A .sw-tmp left by a dead writer in the run dir is removed when the daemon takes it."""
@@ -370,6 +400,31 @@ class TestScheduler:
         assert events[0] == "daemon_started" and events[-1] == "daemon_stopped"
         assert "signal_received" in events
         assert not channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK)
+
+    def test_a_run_that_ends_before_its_caller_looks_at_the_scheduler_ends_cleanly(self, tmp_path):
+        """run(run_for=...) whose scheduler has already stopped, and dropped its thread, by the
+        time start() returns (a busy machine gave the scheduler's threads the CPU first)
+        returns 0 instead of failing on the missing thread."""
+        dog = make(tmp_path, [trainer_sample()])
+        make_scheduler = dog._make_scheduler
+
+        def scheduler_that_outruns_its_caller():
+            scheduler = make_scheduler()
+            start = scheduler.start
+
+            def start_then_lose_the_cpu(*args, **kwargs):
+                start(*args, **kwargs)
+                deadline = time.monotonic() + 120
+                while getattr(scheduler, "_thread", None) is not None:  # stopped and joined
+                    assert time.monotonic() < deadline, "the --for deadline never stopped it"
+                    time.sleep(0.01)
+
+            scheduler.start = start_then_lose_the_cpu
+            return scheduler
+
+        dog._make_scheduler = scheduler_that_outruns_its_caller
+        assert dog.run(run_for=0.001, handle_signals=False) == 0
+        assert dog.ticks >= 1 and not dog._lock.held
 
     def test_run_for_stops_by_itself(self, tmp_path):
         """`run --for 1s` ends on its own with exit code 0."""

@@ -188,7 +188,7 @@ class WatchdogHandle:
         if not wd.running:
             return
         with wd._tick_lock:  # never beside a tick: one reading at a time
-            sample = wd._judge(wd.probe.sample(wd.session.times()))
+            sample = wd._judged_sample()
             _log.info("sample", final=True,
                       **sample_event(sample, remaining_s(wd.config, sample), wd.config.max_session))
 
