@@ -301,9 +301,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return False
             if late_signals:
                 return True
-            # the child ended: stop once a tick has seen it and no end of the runtime is under way
+            # the child ended: stop once a tick has judged it - a sample taken wholly after the
+            # exit (one taken while it ended still counts it as running) - and no end of the
+            # runtime is under way
             last = watchdog.last_sample
-            if last is None or last.child_exit is None or watchdog.end_running():
+            if last is None or last.child_exit is None or last.child_running \
+                    or watchdog.end_running():
                 return False
             # run.lock still held a moment after the exit (forked DataLoader workers share the
             # trainer's lock until they are gone): the end waits for that, so we do too (bounded)
