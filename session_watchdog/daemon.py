@@ -167,7 +167,8 @@ class Watchdog:
         # detector's progress fields alone - every tick while training - waits until
         # PROGRESS_SAVE_EVERY_S passed since the last write, or the daemon stops (issue 17).
         self._state_saved_at = -math.inf
-        self._state_unsaved = False
+        self._state_unsaved = False  # self.state differs from state.json
+        self._state_urgent = False  # ... in more than the progress fields: write at the next tick
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
@@ -219,13 +220,15 @@ class Watchdog:
             return PolicyState()
 
     def _save_state(self) -> None:
-        self._state_saved_at = self.clock.monotonic()
-        self._state_unsaved = False
+        """Write state.json now; until a write succeeds, the next tick (or release) tries again."""
+        self._state_unsaved = self._state_urgent = True
         self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json(),
                             **({"budget_extension_s": self.budget_extension_s}
                                if self.budget_extension_s else {})})
+        self._state_saved_at = self.clock.monotonic()
+        self._state_unsaved = self._state_urgent = False
 
     # ---- the loop body ----------------------------------------------------------------------
 
@@ -254,13 +257,12 @@ class Watchdog:
                 if decision.kind == "end":
                     self._start_end(decision, sample)
             if state != self.state:
-                progress_only = _only_progress_changed(self.state, state)
+                self._state_urgent |= not _only_progress_changed(self.state, state)
+                self._state_unsaved = True
                 self.state = state
-                if not progress_only or \
-                        self.clock.monotonic() - self._state_saved_at >= PROGRESS_SAVE_EVERY_S:
-                    self._save_state()
-                else:
-                    self._state_unsaved = True
+            if self._state_unsaved and (self._state_urgent or self.clock.monotonic()
+                                        - self._state_saved_at >= PROGRESS_SAVE_EVERY_S):
+                self._save_state()
             for hook in self.after_tick:
                 hook(sample)
             self.last_sample = sample

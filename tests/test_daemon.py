@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -274,6 +275,43 @@ class TestStateWrites:
         dog.tick()
         clock.advance(3300.0)  # the session limit's checkpoint falls due (lead 5 min)
         dog.tick()
+        assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
+
+    def test_progress_that_stopped_changing_is_written_a_minute_after_the_last_write(
+            self, tmp_path):
+        """Steps 100, 101, 102, then the step stands still (the state no longer changes): the
+        progress of step 102 is in state.json by the tick 60 s after the first write."""
+        clock = FakeClock(START)
+        steps = [100, 101, 102] + [102] * 10
+        dog = make(tmp_path, [sample(trainer_status=status(step=n, heartbeat=START + 1e6))
+                              for n in steps], clock, max_session="12h")
+        for i in range(len(steps)):
+            if i:
+                clock.advance(5.0)
+            dog.tick()
+            assert self.saved(dog)["progress_step"] == (102 if i >= 12 else 100), i
+
+    def test_a_write_that_failed_is_tried_again_by_the_next_tick(self, tmp_path, monkeypatch):
+        """The session limit's request goes out but its state.json write fails (disk full): the
+        next tick, which changes nothing, writes it."""
+        clock = FakeClock(START)
+        dog = make(tmp_path, [sample(trainer_status=status(step=100, heartbeat=START + 1e6))],
+                   clock, max_session="1h")
+        dog.tick()
+        write, failed = dog.run_dir.write, []
+
+        def disk_full_once(name, obj):
+            if name == channel.STATE_FILE and not failed:
+                failed.append(name)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(name, obj)
+
+        monkeypatch.setattr(dog.run_dir, "write", disk_full_once)
+        clock.advance(3300.0)  # the limit's checkpoint falls due
+        dog.safe_tick()
+        assert failed and dog.state.seq == 1 and self.saved(dog)["seq"] == 0
+        clock.advance(5.0)
+        dog.safe_tick()
         assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
 
     def test_stopping_writes_the_progress_not_yet_written(self, tmp_path):
