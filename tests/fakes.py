@@ -94,10 +94,12 @@ def sample(*, now: float = 1_800_000_000.0, elapsed: float = 0.0,
 
 
 def write_checkpoint(directory: Path, payload: bytes = b"weights" * 1000, step: int = 500,
-                     at: float = 1_800_000_000.0) -> channel.CheckpointInfo:
-    """A checkpoint file and its commit marker, as the trainer side writes them."""
+                     at: float = 1_800_000_000.0,
+                     name: Optional[str] = None) -> channel.CheckpointInfo:
+    """A checkpoint file (``name``, default ``ckpt-<step>.pt``) and its commit marker, as the
+    trainer side writes them."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"ckpt-{step:010d}.pt"
+    path = directory / (name or f"ckpt-{step:010d}.pt")
     path.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,

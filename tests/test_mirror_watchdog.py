@@ -7,13 +7,12 @@ No torch here: the daemon reads the mirror only through ``trainer.json`` (``extr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-from fakes import sample, status
+from fakes import sample, status, write_checkpoint
 
 from session_watchdog import channel
 from session_watchdog.actions import EndTransaction
@@ -110,13 +109,8 @@ class TestWarnings:
 
 
 def _checkpoint(directory: Path, payload: bytes, step: int) -> channel.CheckpointInfo:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"ckpt-00000001-step{step}.pt"
-    path.write_bytes(payload)
-    digest = hashlib.sha256(payload).hexdigest()
-    channel.write_json(Path(str(path) + ".sha256"), {"v": 1, "file": path.name, "sha256": digest,
-                                                     "bytes": len(payload), "step": step})
-    return channel.CheckpointInfo(str(path), None, step, NOW, 1.0, len(payload), digest)
+    """A committed checkpoint under the name CheckpointManager gives its first save."""
+    return write_checkpoint(directory, payload, step, NOW, name=f"ckpt-00000001-step{step}.pt")
 
 
 class TestEnd:
