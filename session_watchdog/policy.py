@@ -108,6 +108,10 @@ class PolicyState:
     progress_skip: bool = True
     step_intervals: Tuple[float, ...] = ()
     idle_requested_elapsed: Optional[float] = None  # elapsed of the last idle-reclaim request
+    # Elapsed when the runtime was last seen fall out of use (no live trainer, no save, no
+    # watched command running); None while in use. The idle end counts from the later of this
+    # and gpu_idle_since: a command's CPU-only stage is not a forgotten runtime.
+    unused_since: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
         obj = dataclasses.asdict(self)
@@ -146,6 +150,7 @@ class PolicyState:
             progress_skip=bool(obj.get("progress_skip", True)),
             step_intervals=tuple(float(x) for x in obj.get("step_intervals", ())),
             idle_requested_elapsed=_opt_float(obj.get("idle_requested_elapsed")),
+            unused_since=_opt_float(obj.get("unused_since")),
         )
 
 
@@ -431,6 +436,14 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     else:
         t.update(gpu_idle_since=None)
 
+    # In use: a live trainer, a save under way, or a watched command still running (a wrapped
+    # script tokenizing its data on the CPU keeps every GPU idle, and ending the runtime then
+    # would lose that work). Written on a change only, as gpu_idle_since is.
+    if sample.trainer.alive or sample.trainer.saving or sample.child_running:
+        t.update(unused_since=None)
+    elif t.state.unused_since is None:
+        t.update(unused_since=elapsed)
+
     # A trainer whose heartbeat stopped.
     if active and status is not None and sample.now - status.heartbeat > config.trainer_stall_after:
         t.warn_once("trainer_stalled", TRAINER_STALLED,
@@ -594,7 +607,8 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
 
     The end transaction asks this with a sample taken after the grace period, right before the
     point of no return: a failure that came after the decision, or a GPU that woke up or became
-    unknown on the idle path, stops it. The idle path needs a known, idle reading of every GPU;
+    unknown on the idle path, stops it. The idle path needs a known, idle reading of every GPU
+    and no watched command running (one launched from a notebook during the grace period);
     a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
     stop it here: the transaction holds both locks.)
     """
@@ -606,6 +620,8 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
 
     if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
+    if reason == IDLE_END and sample.child_running:
+        return "a watched command is running; not ending an idle runtime"
     return None
 
 
@@ -662,12 +678,13 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
                                           "checksum": ckpt.checksum, "bytes": ckpt.bytes}))
         t.mark_done("end")
         return
-    # A forgotten runtime: no live trainer, every GPU known and idle for idle_end_after.
-    if (config.idle_end_after and not trainer.alive and all_idle
-            and t.state.gpu_idle_since is not None
-            and sample.elapsed_s - t.state.gpu_idle_since >= config.idle_end_after):
-        t.decisions.append(Decision(
-            "end", IDLE_END,
-            f"no trainer and every GPU idle for {format_duration(sample.elapsed_s - t.state.gpu_idle_since)}",
-            data={"idle_s": round(sample.elapsed_s - t.state.gpu_idle_since, 1)}))
-        t.mark_done("end")
+    # A forgotten runtime: for idle_end_after, no live trainer, no watched command running and
+    # every GPU known and idle.
+    if (config.idle_end_after and not trainer.alive and not sample.child_running and all_idle
+            and t.state.gpu_idle_since is not None and t.state.unused_since is not None):
+        idle_s = sample.elapsed_s - max(t.state.gpu_idle_since, t.state.unused_since)
+        if idle_s >= config.idle_end_after:
+            t.decisions.append(Decision(
+                "end", IDLE_END, f"no trainer and every GPU idle for {format_duration(idle_s)}",
+                data={"idle_s": round(idle_s, 1)}))
+            t.mark_done("end")

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -132,6 +133,44 @@ class TestEndDecisions:
         assert ends == [2800.0]
 
 
+    def test_a_running_command_keeps_an_idle_runtime(self):
+        """A wrapped command on the CPU with every GPU idle for 4000 s is not a forgotten runtime:
+        the idle end comes idle_end_after (1800 s) after the tick that saw it end."""
+        state, ends = PolicyState(), []
+        for elapsed, running, child_exit in [(0.0, True, None), (1800.0, True, None),
+                                             (4000.0, True, None), (4001.0, False, 0),
+                                             (5800.0, False, 0), (5801.0, False, 0)]:
+            s = dataclasses.replace(sample(now=NOW + elapsed, elapsed=elapsed, alive=False,
+                                           gpus=[gpu(0, 0.0)], child_exit=child_exit),
+                                    child_running=running)
+            state, decisions = decide(cfg(end_when_done=False), state, s)
+            ends += [(elapsed, d.reason, d.data["idle_s"]) for d in decisions if d.kind == "end"]
+        assert ends == [(5801.0, "idle_end", 1800.0)]
+
+    def test_an_idle_end_counts_from_when_the_trainer_left(self):
+        """A live trainer with idle GPUs for 3000 s, then gone after a planned stop: the idle
+        end waits a full idle_end_after from the first tick without it."""
+        stopped = done_status(None, "stopped")
+        state, ends = PolicyState(), []
+        for elapsed, alive in [(0.0, True), (3000.0, True), (3001.0, False), (4800.0, False),
+                               (4801.0, False)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=alive, gpus=[gpu(0, 0.0)],
+                       trainer_status=done_status(None, "running") if alive else stopped)
+            state, decisions = decide(cfg(), state, s)
+            ends += [(elapsed, d.data["idle_s"]) for d in decisions if d.kind == "end"]
+        assert ends == [(4801.0, 1800.0)]
+        assert state.unused_since == 3001.0
+
+    def test_unused_since_is_kept_in_the_saved_state(self):
+        """A restarted daemon goes on counting from the saved moment; a state saved before the
+        field existed starts counting at its first tick."""
+        state, _ = decide(cfg(), PolicyState(), sample(now=NOW + 50.0, elapsed=50.0, alive=False,
+                                                       gpus=[gpu(0, 0.0)]))
+        assert PolicyState.from_json(state.to_json()).unused_since == 50.0
+        old = {k: v for k, v in state.to_json().items() if k != "unused_since"}
+        assert PolicyState.from_json(old).unused_since is None
+
+
 class TestEndBlocker:
     @pytest.mark.parametrize("reason, kw, config_kw, expected", [
         ("training_complete", dict(trainer_status=done_status(None)), {}, None),
@@ -145,6 +184,15 @@ class TestEndBlocker:
         """Right before the action: a new failure or a woken/unknown GPU (idle path) stops the end."""
         got = end_blocker(cfg(**config_kw), reason, sample(now=NOW, alive=False, **kw))
         assert (got is None) if expected is None else got.startswith(expected)
+
+    def test_a_command_started_during_the_grace_stops_an_idle_end(self):
+        """The idle path's last check refuses while a watched command runs; the training-complete
+        path does not look at it."""
+        running = dataclasses.replace(sample(now=NOW, alive=False, gpus=[gpu(0, 0.0)],
+                                             trainer_status=done_status(None)), child_running=True)
+        assert end_blocker(cfg(), "idle_end", running) == \
+            "a watched command is running; not ending an idle runtime"
+        assert end_blocker(cfg(), "training_complete", running) is None
 
 
 class TestTransaction:
@@ -642,6 +690,64 @@ class TestEndReviewRegressions:
             clock.advance(60.0)
         assert ends == [10, 21]
         assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
+
+    def test_a_wrapped_command_on_the_cpu_keeps_its_idle_runtime(self, tmp_path):
+        """A real command running with every GPU idle for 15 min keeps the runtime; once it has
+        exited, the idle end comes 10 min (idle_end_after) later and the end action runs."""
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                 start_new_session=True)
+        try:
+            probe = ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])])
+            clock = FakeClock(NOW)
+            rec = Recorder()
+            config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
+                                  platform="colab", idle_end_after="10m", grace="1ms")
+            dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
+                           session_start=NOW, probe=probe, end_action=("recorder", rec),
+                           confirm_after_s=0.0, child_running=lambda: child.poll() is None)
+            ends = []
+            for minute in range(0, 15):
+                dog.tick()
+                ends += [minute for d in dog.last_decisions if d.kind == "end"]
+                clock.advance(60.0)
+            assert ends == [] and dog.last_sample.child_running
+            child.kill()
+            child.wait(60)
+            for minute in range(15, 27):
+                dog.tick()
+                ends += [minute for d in dog.last_decisions if d.kind == "end"]
+                clock.advance(60.0)
+            assert ends == [25]
+            # the action, and its one retry: the fake end action leaves this process alive
+            assert dog.wait_end(120) == "ended" and len(rec.calls) == 2
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(60)
+
+    def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
+        """A command that starts after the idle end was decided (a notebook launch in the grace
+        period) is seen by the last check: the end is aborted and no action runs."""
+        probe = ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])])
+        clock = FakeClock(NOW)
+        rec = Recorder()
+        asked: List[int] = []
+
+        def running() -> bool:  # not running for the 11 ticks, running from the last check on
+            asked.append(1)
+            return len(asked) > 11
+        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
+                              platform="colab", idle_end_after="10m", grace="1ms")
+        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
+                       session_start=NOW, probe=probe, end_action=("recorder", rec),
+                       confirm_after_s=0.0, child_running=running)
+        ends = []
+        for minute in range(0, 11):
+            dog.tick()
+            ends += [minute for d in dog.last_decisions if d.kind == "end"]
+            clock.advance(60.0)
+        assert ends == [10]
+        assert dog.wait_end(120) == "aborted" and rec.calls == []
 
     def test_a_failing_log_never_stops_a_tick(self, tmp_path, monkeypatch):
         """A full disk under the log: the request is still written, the loss said once."""
