@@ -410,8 +410,8 @@ KEYS: Tuple[Key, ...] = (
     Key("grace", parse_duration,
         "cancellable wait before ending (default 2m on Colab/AutoDL, 1m elsewhere)", "DURATION"),
     Key("idle_end_after", parse_duration_or_off,
-        "end a runtime whose GPUs idled this long with no trainer or running command (default "
-        "30m on Colab/AutoDL)",
+        "end a runtime whose GPUs idled this long with no trainer, command or cell running "
+        "(default 30m on Colab/AutoDL)",
         "DURATION"),
     Key("end_command", parse_argv,
         'argv that ends a generic host, e.g. ["sudo","shutdown","-h","now"]', "ARGV"),

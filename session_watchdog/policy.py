@@ -436,10 +436,8 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     else:
         t.update(gpu_idle_since=None)
 
-    # In use: a live trainer, a save under way, or a watched command still running (a wrapped
-    # script tokenizing its data on the CPU keeps every GPU idle, and ending the runtime then
-    # would lose that work). Written on a change only, as gpu_idle_since is.
-    if sample.trainer.alive or sample.trainer.saving or sample.child_running:
+    # Written on a change only, as gpu_idle_since is.
+    if sample.trainer.alive or sample.trainer.saving or running_work(sample):
         t.update(unused_since=None)
     elif t.state.unused_since is None:
         t.update(unused_since=elapsed)
@@ -602,13 +600,21 @@ def training_outcome(sample: Sample) -> Optional[str]:
     return None
 
 
+def running_work(sample: Sample) -> bool:
+    """Whether work the watchdog can see runs without a trainer: a watched command, or a notebook
+    cell (or ``wait()``). A script tokenizing its data on the CPU keeps every GPU idle; its
+    runtime is not forgotten, and ending it would lose that work."""
+    return sample.child_running or (sample.notebook_idle_s is not None
+                                    and sample.notebook_idle_s <= 0.0)
+
+
 def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Optional[str]:
     """Why an end decided earlier must not happen now (the last check before the end action).
 
     The end transaction asks this with a sample taken after the grace period, right before the
     point of no return: a failure that came after the decision, or a GPU that woke up or became
     unknown on the idle path, stops it. The idle path needs a known, idle reading of every GPU
-    and no watched command running (one launched from a notebook during the grace period);
+    and no :func:`running_work` (a cell or a command started during the grace period);
     a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
     stop it here: the transaction holds both locks.)
     """
@@ -620,8 +626,8 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
 
     if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
-    if reason == IDLE_END and sample.child_running:
-        return "a watched command is running; not ending an idle runtime"
+    if reason == IDLE_END and running_work(sample):
+        return "a watched command or a notebook cell is running; not ending an idle runtime"
     return None
 
 
@@ -678,9 +684,9 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
                                           "checksum": ckpt.checksum, "bytes": ckpt.bytes}))
         t.mark_done("end")
         return
-    # A forgotten runtime: for idle_end_after, no live trainer, no watched command running and
-    # every GPU known and idle.
-    if (config.idle_end_after and not trainer.alive and not sample.child_running and all_idle
+    # A forgotten runtime: for idle_end_after, no live trainer, no running_work and every GPU
+    # known and idle.
+    if (config.idle_end_after and not trainer.alive and not running_work(sample) and all_idle
             and t.state.gpu_idle_since is not None and t.state.unused_since is not None):
         idle_s = sample.elapsed_s - max(t.state.gpu_idle_since, t.state.unused_since)
         if idle_s >= config.idle_end_after:

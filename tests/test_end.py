@@ -147,6 +147,18 @@ class TestEndDecisions:
             ends += [(elapsed, d.reason, d.data["idle_s"]) for d in decisions if d.kind == "end"]
         assert ends == [(5801.0, "idle_end", 1800.0)]
 
+    def test_a_running_notebook_cell_keeps_an_idle_runtime(self):
+        """A cell preprocessing on the CPU for 3000 s (notebook idle 0) with idle GPUs: the idle
+        end comes 1800 s after the cell finished, counted from the tick that saw it finished."""
+        state, ends = PolicyState(), []
+        for elapsed, notebook_idle in [(0.0, 0.0), (3000.0, 0.0), (3005.0, 4.0),
+                                       (4804.0, 1803.0), (4805.0, 1804.0)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=False, gpus=[gpu(0, 0.0)],
+                       notebook_idle_s=notebook_idle)
+            state, decisions = decide(cfg(), state, s)
+            ends += [(elapsed, d.data["idle_s"]) for d in decisions if d.kind == "end"]
+        assert ends == [(4805.0, 1800.0)]
+
     def test_an_idle_end_counts_from_when_the_trainer_left(self):
         """A live trainer with idle GPUs for 3000 s, then gone after a planned stop: the idle
         end waits a full idle_end_after from the first tick without it."""
@@ -186,13 +198,17 @@ class TestEndBlocker:
         assert (got is None) if expected is None else got.startswith(expected)
 
     def test_a_command_started_during_the_grace_stops_an_idle_end(self):
-        """The idle path's last check refuses while a watched command runs; the training-complete
-        path does not look at it."""
+        """The idle path's last check refuses while a watched command or a notebook cell runs;
+        the training-complete path does not look at them."""
         running = dataclasses.replace(sample(now=NOW, alive=False, gpus=[gpu(0, 0.0)],
                                              trainer_status=done_status(None)), child_running=True)
-        assert end_blocker(cfg(), "idle_end", running) == \
-            "a watched command is running; not ending an idle runtime"
+        refused = "a watched command or a notebook cell is running; not ending an idle runtime"
+        assert end_blocker(cfg(), "idle_end", running) == refused
         assert end_blocker(cfg(), "training_complete", running) is None
+        cell = dataclasses.replace(running, child_running=False, notebook_idle_s=0.0)
+        assert end_blocker(cfg(), "idle_end", cell) == refused
+        idle_kernel = dataclasses.replace(cell, notebook_idle_s=30.0)
+        assert end_blocker(cfg(), "idle_end", idle_kernel) is None
 
 
 class TestTransaction:
