@@ -200,8 +200,13 @@ def _tensor_leaves(obj: Any, path: Tuple[Any, ...]) -> List[Tuple[Tuple[Any, ...
 
 
 def _new_buffer(data: torch.Tensor) -> torch.Tensor:
-    pin = data.is_cuda  # pinned host memory makes the device-to-host copy async
-    return torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=pin)
+    return _allocate(data.shape, data.dtype, data.is_cuda)
+
+
+def _allocate(shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A snapshot buffer in CPU memory: pinned for CUDA state (the device-to-host copy into
+    pinned memory is async), pageable and not yet touched otherwise."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
 
 
 def _copy_into(buf: torch.Tensor, data: torch.Tensor) -> None:

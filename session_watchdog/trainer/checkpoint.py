@@ -57,14 +57,13 @@ from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for, w
 # Names imported `X as X` are re-exported: defined in the modules this one is split into, and
 # importable from here as before. Tests that patch a module-level name patch it where it is
 # looked up: the pruning's _UNLINK_AHEAD_BYTES and _remove_any in checkpoint_dir, say.
-from session_watchdog.trainer.buffers import Work
 from session_watchdog.trainer.buffers import _copy_into as _copy_into
 from session_watchdog.trainer.buffers import _new_buffer as _new_buffer
 from session_watchdog.trainer.buffers import _tensor_leaves as _tensor_leaves
 from session_watchdog.trainer.buffers import copy_all as copy_all
 from session_watchdog.trainer.buffers import is_plain as is_plain
 from session_watchdog.trainer.buffers import page_in as page_in
-from session_watchdog.trainer.checkpoint_async import _AsyncSaveMixin
+from session_watchdog.trainer.checkpoint_async import _AsyncSaveMixin, _Prepare
 from session_watchdog.trainer.checkpoint_dir import _UNLINK_AHEAD_BYTES as _UNLINK_AHEAD_BYTES
 from session_watchdog.trainer.checkpoint_dir import BROKEN_SUFFIX as BROKEN_SUFFIX
 from session_watchdog.trainer.checkpoint_dir import _event as _event
@@ -154,8 +153,8 @@ class CheckpointManager(_AsyncSaveMixin):
         self._last_seq = 0
         self._pending: Optional[PendingSave] = None
         self._spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # snapshot buffers to reuse
-        self._prepare_thread: Optional[threading.Thread] = None  # prepare_async's page-in
-        self._prepare_work = Work([])  # what that thread pages in (buffers.page_in)
+        self._prepare_thread: Optional[threading.Thread] = None  # prepare_async's thread
+        self._prepare = _Prepare([], {})  # what that thread does
         self._pruner: Optional[threading.Thread] = None  # unlinks large pruned files (_prune)
         self._kept_ahead: Set[int] = set()  # seqs exempt from pruning (keep_ahead_of)
         self._verified: Dict[Path, Tuple[float, int]] = {}  # verify() passes: (at, mtime_ns)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
+from session_watchdog.trainer import buffers
 from session_watchdog.trainer.buffers import (
     Work,
     _copy_into,
@@ -40,8 +41,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
     # Set by CheckpointManager.__init__ (checkpoint.py); _write is its save protocol.
     _pending: Optional[PendingSave]
     _spare: Dict[Tuple[Any, ...], torch.Tensor]  # snapshot buffers to reuse
-    _prepare_thread: Optional[threading.Thread]  # prepare_async's page-in
-    _prepare_work: Work  # what that thread pages in (buffers.page_in)
+    _prepare_thread: Optional[threading.Thread]  # prepare_async's allocation and page-in
+    _prepare: _Prepare  # what that thread does
     _write: Callable[..., SavedCheckpoint]
 
     def save_async(self, state: Dict[str, Any], *, step: int, epoch: int = 0) -> PendingSave:
@@ -140,18 +141,21 @@ class _AsyncSaveMixin(_DirectoryMixin):
         pending._future.set_result(saved)
 
     def prepare_async(self, state: Dict[str, Any]) -> None:
-        """Allocate the snapshot buffers for ``state`` now and page them in in a background
-        thread (pinned buffers, for CUDA state, are allocated resident on this thread).
+        """Allocate the snapshot buffers for ``state`` and page them in, in a background thread.
 
         The first :meth:`save_async` then only copies into memory that is already mapped, as
         every later one does: first-touch page faults (the kernel zero-fills each page) cost
-        several times the copy itself. Idempotent; a save that comes before the page-in is done
-        pages in what is left alongside the background thread, then copies.
+        several times the copy itself, and pinned host memory for CUDA state costs ~0.4-0.8 s
+        per GiB to allocate. This call only reads the tensors' shapes and dtypes; allocating
+        (pinned included) and paging in happen on the background thread, so the training loop
+        does not wait for them at the step where a ``Session`` calls this. Idempotent; a save
+        that comes before the thread is done waits for the allocation, pages in what is left
+        alongside it, then copies.
         """
         self._join_prepare()
         if self._spare:
             return
-        buffers: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        wanted: List[Tuple[Tuple[Any, ...], torch.Size, torch.dtype, bool]] = []
         seen: Set[int] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
         for path, tensor in _tensor_leaves(state, ()):
             if id(tensor) in seen:
@@ -159,19 +163,21 @@ class _AsyncSaveMixin(_DirectoryMixin):
             seen.add(id(tensor))
             data = tensor.detach()
             if data.layout == torch.strided and not data.is_quantized:
-                buffers[path] = _new_buffer(data)
-        # Pinned buffers (for CUDA state) are resident from the start: nothing to fault in.
-        work = page_in([buf for buf in buffers.values() if not buf.is_pinned()])
-        worker = threading.Thread(target=work.run, name="sw-checkpoint-prepare", daemon=True)
-        self._spare = buffers
-        self._prepare_work = work
+                # what _new_buffer reads, not the tensor: the thread must not keep the state alive
+                wanted.append((path, data.shape, data.dtype, data.is_cuda))
+        spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # filled by the thread
+        prepare = _Prepare(wanted, spare)
+        worker = threading.Thread(target=prepare.run, name="sw-checkpoint-prepare", daemon=True)
+        self._spare = spare  # read by _snapshot only after _join_prepare
+        self._prepare = prepare
         worker.start()
         self._prepare_thread = worker  # only once started: _join_prepare joins it
 
     def _join_prepare(self) -> None:
         worker, self._prepare_thread = self._prepare_thread, None
         if worker is not None:
-            self._prepare_work.run()  # a save that comes early pages in the rest alongside it
+            self._prepare.allocated.wait()
+            self._prepare.work.run()  # a save that comes early pages in the rest alongside it
             worker.join()  # its memset must not race our copy into the same buffers
 
     def _snapshot(
@@ -233,3 +239,30 @@ class _AsyncSaveMixin(_DirectoryMixin):
             torch.cuda.synchronize(device)
         return snapshot, used
 
+
+class _Prepare:
+    """``prepare_async``'s background work: allocate the buffers, then page in the pageable ones.
+
+    ``allocated`` is set once every buffer exists (or the allocation failed: a save then
+    allocates what is missing itself, as without a prepare), and ``work`` is the page-in that
+    any thread may then help with (buffers.Work).
+    """
+
+    def __init__(self, wanted: List[Tuple[Tuple[Any, ...], torch.Size, torch.dtype, bool]],
+                 into: Dict[Tuple[Any, ...], torch.Tensor]) -> None:
+        self._wanted = wanted
+        self._buffers = into
+        self.allocated = threading.Event()
+        self.work: Work = page_in([])
+
+    def run(self) -> None:
+        try:
+            for path, shape, dtype, pin in self._wanted:
+                self._buffers[path] = buffers._allocate(shape, dtype, pin)
+        except Exception:  # out of (pinned) memory: an optimization only, the save allocates
+            pass
+        finally:
+            # Pinned buffers are resident from the start: nothing to fault in.
+            self.work = page_in([buf for buf in self._buffers.values() if not buf.is_pinned()])
+            self.allocated.set()
+        self.work.run()
