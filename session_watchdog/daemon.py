@@ -168,6 +168,7 @@ class Watchdog:
         # PROGRESS_SAVE_EVERY_S passed since the last write, or the daemon stops (issue 17).
         self._state_saved_at = -math.inf
         self._state_unsaved = False  # self.state differs from state.json
+        self._state_write_failed = False  # state_not_saved said; quiet until a write succeeds
         self._state_urgent = False  # ... in more than the progress fields: write at the next tick
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
@@ -229,6 +230,20 @@ class Watchdog:
                                if self.budget_extension_s else {})})
         self._state_saved_at = self.clock.monotonic()
         self._state_unsaved = self._state_urgent = False
+        self._state_write_failed = False
+
+    def _save_state_or_say(self) -> None:
+        """:meth:`_save_state` where its failure (a full disk) must not cost the tick: the
+        sample is still published, the decisions still reach the notebook, and the next tick
+        tries again. Said once until a write succeeds (a full disk fails every tick)."""
+        try:
+            self._save_state()
+        except (channel.ChannelError, OSError) as err:
+            if not self._state_write_failed:
+                self._state_write_failed = True
+                log.warning("state_not_saved", error=str(err),
+                            message="cannot write the daemon state (state.json); trying again "
+                                    "at every tick")
 
     # ---- the loop body ----------------------------------------------------------------------
 
@@ -262,7 +277,7 @@ class Watchdog:
                 self.state = state
             if self._state_unsaved and (self._state_urgent or self.clock.monotonic()
                                         - self._state_saved_at >= PROGRESS_SAVE_EVERY_S):
-                self._save_state()
+                self._save_state_or_say()
             for hook in self.after_tick:
                 hook(sample)
             self.last_sample = sample
@@ -376,7 +391,7 @@ class Watchdog:
                 self._end_retry = EndRetry(self.clock.monotonic() + delay, delay,
                                            _end_fingerprint(sample) if sample is not None else None)
                 self.state = dataclasses.replace(self.state, gpu_idle_since=None)
-                self._save_state()
+                self._save_state_or_say()
             log.info("end_rearmed", reason=reason, outcome=outcome, retry_in_s=delay,
                      message=f"trying again in {delay:g}s, or sooner when the trainer's checkpoint "
                              "or lock changes")
@@ -384,7 +399,7 @@ class Watchdog:
         with self._tick_lock:
             self.state = dataclasses.replace(
                 self.state, done=frozenset(self.state.done - {"end"}), gpu_idle_since=None)
-            self._save_state()
+            self._save_state_or_say()
         log.info("end_rearmed", reason=reason, outcome=outcome)
 
     def _maybe_rearm_end(self, sample: Sample) -> None:
@@ -398,7 +413,7 @@ class Watchdog:
         if changed:
             self._end_retry = None  # a new situation: the next abort waits the first delay again
         self.state = dataclasses.replace(self.state, done=frozenset(self.state.done - {"end"}))
-        self._save_state()
+        self._save_state_or_say()
 
     def keep_runtime(self, by: str) -> None:
         """Never end the runtime from now on in this watchdog (a stop signal); cancel a pending end."""

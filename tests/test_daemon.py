@@ -314,6 +314,38 @@ class TestStateWrites:
         dog.safe_tick()
         assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
 
+    def test_a_full_disk_under_the_state_does_not_cost_the_ticks(self, tmp_path, monkeypatch):
+        """state.json cannot be written for three ticks (disk full): each tick still publishes
+        its sample and hands its decisions on (the notebook shows them), the failure is logged
+        once, and the first tick after space comes back writes the state."""
+        clock = FakeClock(START)
+        dog = make(tmp_path, [sample(trainer_status=status(step=100 + i, heartbeat=START + 1e6))
+                              for i in range(5)], clock, max_session="1h")
+        handed: list = []
+        dog.on_decisions = lambda decisions, s: handed.append([d.reason for d in decisions])
+        dog.tick()
+        write, full = dog.run_dir.write, [True]
+
+        def disk_full(name, obj):
+            if name == channel.STATE_FILE and full[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(name, obj)
+
+        monkeypatch.setattr(dog.run_dir, "write", disk_full)
+        clock.advance(3300.0)  # the session limit's checkpoint falls due: the state changes
+        with structlog.testing.capture_logs() as events:
+            for _ in range(3):
+                dog.safe_tick()
+                clock.advance(5.0)
+        assert [e["event"] for e in events].count("tick_failed") == 0
+        assert [e["event"] for e in events].count("state_not_saved") == 1
+        assert dog.ticks == 4 and dog.last_sample.trainer.status.step == 103
+        assert "session_limit" in handed[1] and dog.state.seq == 1
+        assert self.saved(dog)["seq"] == 0
+        full[0] = False
+        dog.safe_tick()
+        assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
+
     def test_stopping_writes_the_progress_not_yet_written(self, tmp_path):
         """release() writes the state the last ticks changed; a daemon that starts from it does
         not learn from the interval that spans the restart."""

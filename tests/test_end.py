@@ -765,6 +765,32 @@ class TestEndReviewRegressions:
         assert ends == [10]
         assert dog.wait_end(120) == "aborted" and rec.calls == []
 
+    def test_an_aborted_end_on_a_full_disk_is_still_reported(self, tmp_path, monkeypatch):
+        """The idle end aborts (a GPU woke up in the grace period) while state.json cannot be
+        written: the outcome still reaches on_end (the caller that waits for it), and the end is
+        armed again for later."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe = ScriptedProbe([idle] * 11 + [busy])
+        clock = FakeClock(NOW)
+        rec, outcomes = Recorder(), []
+        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
+                              platform="colab", idle_end_after="10m", grace="1ms")
+        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
+                       session_start=NOW, probe=probe, end_action=("recorder", rec),
+                       confirm_after_s=0.0, on_end=outcomes.append)
+        write = dog.run_dir.write
+
+        def disk_full(name, obj):
+            if name == channel.STATE_FILE:
+                raise OSError(28, "No space left on device")
+            write(name, obj)
+        monkeypatch.setattr(dog.run_dir, "write", disk_full)
+        for _ in range(11):
+            dog.safe_tick()
+            clock.advance(60.0)
+        assert dog.wait_end(120) == "aborted" and rec.calls == []
+        assert outcomes == ["aborted"] and dog._end_retry is not None
+
     def test_a_failing_log_never_stops_a_tick(self, tmp_path, monkeypatch):
         """A full disk under the log: the request is still written, the loss said once."""
         import io
