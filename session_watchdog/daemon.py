@@ -169,6 +169,7 @@ class Watchdog:
         self._state_saved_at = -math.inf
         self._state_unsaved = False  # self.state differs from state.json
         self._state_write_failed = False  # state_not_saved said; quiet until a write succeeds
+        self._released = False  # release() ran: state.json belongs to the next daemon now
         self._state_urgent = False  # ... in more than the progress fields: write at the next tick
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
@@ -221,7 +222,13 @@ class Watchdog:
             return PolicyState()
 
     def _save_state(self) -> None:
-        """Write state.json now; until a write succeeds, the next tick (or release) tries again."""
+        """Write state.json now; until a write succeeds, the next tick (or release) tries again.
+
+        Not after :meth:`release`: an end thread that outlived its daemon (a notebook's stop()
+        and start() in one kernel) must not overwrite the state of the daemon started since.
+        """
+        if self._released:
+            return
         self._state_unsaved = self._state_urgent = True
         self.run_dir.write(channel.STATE_FILE,
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
@@ -565,6 +572,7 @@ class Watchdog:
             raise DaemonBusyError(
                 f"another session-watchdog (pid {pid}) is already watching {self.run_dir.path}; "
                 "stop it first or choose another --run-dir")
+        self._released = False  # the state is ours again
         channel.sweep_temps(self.run_dir.path)  # litter of writers killed mid-write
         try:  # a `cancel` told the previous watchdog to keep its runtime; a new run undoes it
             os.unlink(self.run_dir.file(channel.CANCEL_FILE))
@@ -633,6 +641,12 @@ class Watchdog:
                 self._sd_stopping = True
                 self.notifier.stopping()
         if self._lock.held:
+            # No state write after this one (an end thread writes under the tick lock): the next
+            # daemon may start as soon as the lock is free. Not behind a tick that hangs.
+            locked = self._tick_lock.acquire(timeout=5.0)
+            self._released = True
+            if locked:
+                self._tick_lock.release()
             # daemon.json stays (status shows the last budget); the released lock says "stopped".
             self._lock.release()
             log.info("daemon_stopped", ticks=self.ticks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -345,6 +346,25 @@ class TestStateWrites:
         full[0] = False
         dog.safe_tick()
         assert self.saved(dog)["seq"] == 1 and self.saved(dog)["outstanding"]["seq"] == 1
+
+    def test_no_state_write_after_release(self, tmp_path):
+        """After release() (the next daemon may own state.json now), a late write - an end
+        thread that outlived its daemon - leaves the file as release() left it; acquiring the
+        run dir again makes the state this daemon's again."""
+        clock = FakeClock(START)
+        dog = make(tmp_path, [sample(trainer_status=status(step=100, heartbeat=START + 1e6))],
+                   clock, max_session="1h")
+        dog.acquire()
+        dog.tick()
+        dog.release()
+        left = self.saved(dog)
+        dog.state = dataclasses.replace(dog.state, seq=7)
+        dog._save_state_or_say()
+        assert self.saved(dog) == left
+        dog.acquire()
+        dog._save_state_or_say()
+        assert self.saved(dog)["seq"] == 7
+        dog.release()
 
     def test_stopping_writes_the_progress_not_yet_written(self, tmp_path):
         """release() writes the state the last ticks changed; a daemon that starts from it does
