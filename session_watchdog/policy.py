@@ -602,8 +602,9 @@ def training_outcome(sample: Sample) -> Optional[str]:
 
 def running_work(sample: Sample) -> bool:
     """Whether work the watchdog can see runs without a trainer: a watched command, or a notebook
-    cell (or ``wait()``). A script tokenizing its data on the CPU keeps every GPU idle; its
-    runtime is not forgotten, and ending it would lose that work."""
+    cell (or ``wait()``). No end while it runs: a script tokenizing its data on the CPU keeps
+    every GPU idle, and a cell after ``trainer.train()`` may be uploading the model; ending the
+    runtime then would lose that work."""
     return sample.child_running or (sample.notebook_idle_s is not None
                                     and sample.notebook_idle_s <= 0.0)
 
@@ -613,9 +614,9 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
 
     The end transaction asks this with a sample taken after the grace period, right before the
     point of no return: a failure that came after the decision, or a GPU that woke up or became
-    unknown on the idle path, stops it. The idle path needs a known, idle reading of every GPU
-    and no :func:`running_work` (a cell or a command started during the grace period);
-    a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
+    unknown on the idle path, stops it, and so does any :func:`running_work` (a cell or a
+    command started during the grace period). The idle path needs a known, idle reading of
+    every GPU; a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
     stop it here: the transaction holds both locks.)
     """
     if sample is None:
@@ -626,8 +627,8 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
 
     if reason == IDLE_END and not gpus_all_idle(sample.gpus, config.gpu_idle_pct):
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
-    if reason == IDLE_END and running_work(sample):
-        return "a watched command or a notebook cell is running; not ending an idle runtime"
+    if running_work(sample):
+        return "a watched command or a notebook cell is running; not ending the runtime"
     return None
 
 
@@ -649,7 +650,7 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         t.update(failed=True)
     if outcome == "failed":
         if config.end_when_done and config.end_on_failure and not trainer.alive:
-            if "end" not in t.state.done:
+            if "end" not in t.state.done and not running_work(sample):
                 t.decisions.append(Decision(
                     "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
                     data={"child_exit": sample.child_exit, **_traceback(sample)}))
@@ -675,7 +676,9 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         return
     if t.state.failed and not config.end_on_failure:
         return
-    if outcome == "completed" and config.end_when_done and not trainer.alive and not trainer.saving:
+    # Work after the training (an evaluation, an upload in the next cell) is waited for.
+    if (outcome == "completed" and config.end_when_done and not trainer.alive
+            and not trainer.saving and not running_work(sample)):
         ckpt = status.last_checkpoint if status is not None else None
         t.decisions.append(Decision(
             "end", TRAINING_COMPLETE,

@@ -159,6 +159,21 @@ class TestEndDecisions:
             ends += [(elapsed, d.data["idle_s"]) for d in decisions if d.kind == "end"]
         assert ends == [(4805.0, 1800.0)]
 
+    @pytest.mark.parametrize("state, kw, reason", [
+        ("completed", {}, "training_complete"),
+        ("failed", {"end_on_failure": True}, "training_failed")])
+    def test_a_cell_still_running_after_the_training_delays_its_end(self, state, kw, reason):
+        """A notebook Session completed (or failed, with end_on_failure) while a cell still runs
+        (an evaluation, an upload): no end until a tick sees no cell running."""
+        ends = []
+        state_, done = PolicyState(), done_status(None, state)
+        for elapsed, notebook_idle in [(10.0, 0.0), (600.0, 0.0), (605.0, 3.0)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=False, trainer_status=done,
+                       notebook_idle_s=notebook_idle)
+            state_, decisions = decide(cfg(**kw), state_, s)
+            ends += [(elapsed, d.reason) for d in decisions if d.kind == "end"]
+        assert ends == [(605.0, reason)]
+
     def test_an_idle_end_counts_from_when_the_trainer_left(self):
         """A live trainer with idle GPUs for 3000 s, then gone after a planned stop: the idle
         end waits a full idle_end_after from the first tick without it."""
@@ -197,18 +212,18 @@ class TestEndBlocker:
         got = end_blocker(cfg(**config_kw), reason, sample(now=NOW, alive=False, **kw))
         assert (got is None) if expected is None else got.startswith(expected)
 
-    def test_a_command_started_during_the_grace_stops_an_idle_end(self):
-        """The idle path's last check refuses while a watched command or a notebook cell runs;
-        the training-complete path does not look at them."""
+    @pytest.mark.parametrize("reason", ["idle_end", "training_complete"])
+    def test_work_started_during_the_grace_stops_the_end(self, reason):
+        """The last check refuses while a watched command or a notebook cell runs (a command
+        launched from the notebook, an upload cell started in the grace period), on either path."""
         running = dataclasses.replace(sample(now=NOW, alive=False, gpus=[gpu(0, 0.0)],
                                              trainer_status=done_status(None)), child_running=True)
-        refused = "a watched command or a notebook cell is running; not ending an idle runtime"
-        assert end_blocker(cfg(), "idle_end", running) == refused
-        assert end_blocker(cfg(), "training_complete", running) is None
+        refused = "a watched command or a notebook cell is running; not ending the runtime"
+        assert end_blocker(cfg(), reason, running) == refused
         cell = dataclasses.replace(running, child_running=False, notebook_idle_s=0.0)
-        assert end_blocker(cfg(), "idle_end", cell) == refused
+        assert end_blocker(cfg(), reason, cell) == refused
         idle_kernel = dataclasses.replace(cell, notebook_idle_s=30.0)
-        assert end_blocker(cfg(), "idle_end", idle_kernel) is None
+        assert end_blocker(cfg(), reason, idle_kernel) is None
 
 
 class TestTransaction:

@@ -595,6 +595,39 @@ class TestTrainingInTheSameKernel:
         wait_for(lambda: handle.watchdog.state.outstanding is None)
 
 
+class TestEndAfterTraining:
+    def test_a_cell_that_goes_on_after_the_training_is_not_cut_off(self, shell, cfg, tmp_path):
+        """A Session completes in a cell that then goes on working (an evaluation, an upload):
+        ticks that see the completed training while the cell runs end nothing; once the cell
+        has finished, the end runs."""
+        handle = sw.start(**cfg, grace="0.1s", end_when_done=True, end_command="/bin/false")
+        calls: List[int] = []
+        handle.watchdog.end_action = ("recorder", lambda: calls.append(1) or "ok")
+        handle.watchdog.confirm_after_s = 0.0
+        shell.user_ns.update(training=TinyTraining(tmp_path, cfg["run_dir"]), handle=handle,
+                             wait_for=wait_for)
+        result = shell.run_cell(
+            "for _ in range(5):\n"
+            "    training.step()\n"
+            "training.session.complete()\n"
+            "ticks = set()\n"  # two ticks that see the completed training while this cell works
+            "def completed_seen():\n"
+            "    s = handle.watchdog.last_sample\n"
+            "    if s is not None and s.trainer.status is not None and "
+            "s.trainer.status.state == 'completed':\n"
+            "        ticks.add(handle.watchdog.ticks)\n"
+            "    return len(ticks) >= 2\n"
+            "wait_for(completed_seen)\n"
+            "seen, busy_end = handle.watchdog.last_sample, handle.watchdog.end\n")
+        assert result.success, result.error_in_exec
+        seen = shell.user_ns["seen"]
+        assert (seen.trainer.status.state, seen.trainer.alive, seen.notebook_idle_s) == \
+            ("completed", False, 0.0)
+        assert shell.user_ns["busy_end"] is None and calls == []
+        assert wait_for(lambda: handle.watchdog.end is not None)
+        assert handle.watchdog.wait_end(120) == "ended" and calls
+
+
 class TestCancel:
     def test_cancel_stops_a_pending_end_in_this_kernel(self, cfg, tmp_path):
         """sw.cancel() during the grace period: the end transaction is cancelled, nothing is ended."""
