@@ -443,9 +443,20 @@ class EndTransaction:
         if self.dry_run:
             self._step("end_dry_run", message=f"dry run: would now run {self.description}")
             return "dry-run"
+        # A cancel (or a stop of the watchdog) that came during the last check still counts.
+        if self._cancel_requested(started_wall):
+            self._step("end_cancelled", by=self.cancelled_by,
+                       message=f"cancelled ({self.cancelled_by}); the runtime stays")
+            return "cancelled"
         if settled != "not-on-drive":
             # the last moment to push Drive's cache (flush_and_unmount where google.colab is there)
             self._step("end_flush", result=self.flush(paths, unmount=True))
+            if self._cancel_requested(started_wall):
+                self._step("end_cancelled", by=self.cancelled_by,
+                           message=f"cancelled ({self.cancelled_by}) after Drive was flushed "
+                                   "and unmounted; the runtime stays: mount Drive again "
+                                   "(drive.mount) before saving to it")
+                return "cancelled"
         result = self.action()
         self._step("end_action", message=self.description, result=result)
         # 7. confirm: still alive well after the action -> say so and try once more

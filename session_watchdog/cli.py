@@ -598,7 +598,7 @@ def doctor_checks(config: Config, nvml: Any = None) -> List[Dict[str, Any]]:
                 "runtime is never ended for idling (training-complete ends still work)")
         else:
             add("idle end", True, f"after {format_duration(resolved.idle_end_after)} of idle "
-                "GPUs with no trainer")
+                "GPUs with no trainer, command or notebook cell running")
 
     host = probes.read_host()
     add("memory", None, f"{host.ram_available_bytes / 2**30:.1f} GiB available of "

@@ -213,8 +213,11 @@ class Watchdog:
                 self.config = dataclasses.replace(
                     self.config, max_session=self.config.max_session + self.budget_extension_s)
             # The interval that spans the restart (and the up to PROGRESS_SAVE_EVERY_S the saved
-            # progress may lag) is not a step interval: not learned from, as after a save.
-            return dataclasses.replace(PolicyState.from_json(obj["policy"]), progress_skip=True)
+            # progress may lag) is not a step interval: not learned from, as after a save. Nor
+            # is it idle time: nobody watched the GPUs and the cells meanwhile, so the idle
+            # clocks start again with this daemon (an idle end never comes from a gap).
+            return dataclasses.replace(PolicyState.from_json(obj["policy"]), progress_skip=True,
+                                       gpu_idle_since=None, unused_since=None)
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = self.run_dir.quarantine(channel.STATE_FILE)
             log.warning("state_quarantined", path=str(path), moved_to=str(moved), error=str(err),

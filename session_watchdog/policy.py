@@ -676,9 +676,15 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         return
     if t.state.failed and not config.end_on_failure:
         return
-    # Work after the training (an evaluation, an upload in the next cell) is waited for.
+    if outcome == "completed" and config.end_when_done and not trainer.alive \
+            and not trainer.saving and running_work(sample):
+        # Work after the training (an evaluation, an upload in the next cell) is waited for.
+        t.say_once("info", "end_waits_for_work", TRAINING_COMPLETE,
+                   "training completed; the runtime is ended once the running notebook cell or "
+                   "command has finished")
+        return
     if (outcome == "completed" and config.end_when_done and not trainer.alive
-            and not trainer.saving and not running_work(sample)):
+            and not trainer.saving):
         ckpt = status.last_checkpoint if status is not None else None
         t.decisions.append(Decision(
             "end", TRAINING_COMPLETE,
@@ -691,7 +697,10 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
     # known and idle.
     if (config.idle_end_after and not trainer.alive and not running_work(sample) and all_idle
             and t.state.gpu_idle_since is not None and t.state.unused_since is not None):
-        idle_s = sample.elapsed_s - max(t.state.gpu_idle_since, t.state.unused_since)
+        last_use = max(t.state.gpu_idle_since, t.state.unused_since)
+        if sample.notebook_idle_s is not None:  # a cell that ran between two ticks counts too
+            last_use = max(last_use, sample.elapsed_s - sample.notebook_idle_s)
+        idle_s = sample.elapsed_s - last_use
         if idle_s >= config.idle_end_after:
             t.decisions.append(Decision(
                 "end", IDLE_END, f"no trainer and every GPU idle for {format_duration(idle_s)}",

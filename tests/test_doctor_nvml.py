@@ -90,7 +90,8 @@ class TestDoctorUnderNvmlFaults:
         seen = checks_by_name(doctor_checks(config(tmp_path, idle_end_after="30m"),
                                             nvml=Nvml(module=FakeNvmlModule(three_gpus()))))
         assert seen["idle end"] == {"name": "idle end", "ok": True, "fix": "",
-                                    "detail": "after 30m00s of idle GPUs with no trainer"}
+                                    "detail": "after 30m00s of idle GPUs with no trainer, "
+                                              "command or notebook cell running"}
 
     def test_summary_lists_gpus_with_unknown_utilisation(self) -> None:
         """The summary names the GPUs whose utilisation cannot be read."""

@@ -165,14 +165,30 @@ class TestEndDecisions:
     def test_a_cell_still_running_after_the_training_delays_its_end(self, state, kw, reason):
         """A notebook Session completed (or failed, with end_on_failure) while a cell still runs
         (an evaluation, an upload): no end until a tick sees no cell running."""
-        ends = []
+        ends, said = [], []
         state_, done = PolicyState(), done_status(None, state)
         for elapsed, notebook_idle in [(10.0, 0.0), (600.0, 0.0), (605.0, 3.0)]:
             s = sample(now=NOW + elapsed, elapsed=elapsed, alive=False, trainer_status=done,
                        notebook_idle_s=notebook_idle)
             state_, decisions = decide(cfg(**kw), state_, s)
             ends += [(elapsed, d.reason) for d in decisions if d.kind == "end"]
+            said += [(elapsed, d.message) for d in decisions if d.kind == "info"]
         assert ends == [(605.0, reason)]
+        assert said == ([(10.0, "training completed; the runtime is ended once the running "
+                                "notebook cell or command has finished")]
+                        if state == "completed" else [])
+
+    def test_a_short_cell_between_two_ticks_restarts_the_idle_clock(self):
+        """Cells shorter than a tick (never seen running): the idle end counts from the end of
+        the last one, as the notebook's idle time tells it."""
+        state, ends = PolicyState(), []
+        for elapsed, notebook_idle in [(0.0, 10.0), (1800.0, 60.0), (3539.0, 1799.0),
+                                       (3540.0, 1800.0)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=False, gpus=[gpu(0, 0.0)],
+                       notebook_idle_s=notebook_idle)
+            state, decisions = decide(cfg(), state, s)
+            ends += [(elapsed, d.data["idle_s"]) for d in decisions if d.kind == "end"]
+        assert ends == [(3540.0, 1800.0)]
 
     def test_an_idle_end_counts_from_when_the_trainer_left(self):
         """A live trainer with idle GPUs for 3000 s, then gone after a planned stop: the idle
@@ -695,6 +711,39 @@ class TestEndReviewRegressions:
         assert calls == ["unmount"]
         assert [e["step"] for e in events][-2:] == ["end_flush", "end_action"]
 
+    def test_a_cancel_during_the_last_check_or_the_drive_flush_still_counts(
+            self, tmp_path, monkeypatch):
+        """A cancel that arrives while the last check runs stops the end before Drive is touched;
+        one that arrives while Drive flushes stops it before the end action and says how to get
+        Drive back."""
+        import session_watchdog.actions as actions
+
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(tmp_path / "drive"))
+        ckpt = write_checkpoint(tmp_path / "drive" / "ckpt")
+        unmounted, rec = [], Recorder()
+
+        def cancel_then_ok():
+            tx.cancel("a stop of the watchdog")
+            return None
+        tx = transaction(tmp_path, ckpt=ckpt, action=rec, grace_s=0.0, safe_now=cancel_then_ok,
+                         flush=lambda paths, unmount=True: unmounted.append(unmount) or "flushed")
+        assert tx.run() == "cancelled" and rec.calls == []
+        assert unmounted == [False]  # the upload wait of step 3 only, never the unmount
+        unmounted.clear()
+
+        def flush_while_cancelled(paths, unmount=True):
+            unmounted.append(unmount)
+            if unmount:  # the final flush, after the last check
+                tx2.cancel("a stop of the watchdog")
+            return "flushed"
+        tx2 = transaction(tmp_path, ckpt=ckpt, action=rec, grace_s=0.0, flush=flush_while_cancelled)
+        with structlog.testing.capture_logs() as events:
+            assert tx2.run() == "cancelled"
+        assert unmounted == [False, True] and rec.calls == []
+        assert events[-1]["message"] == (
+            "cancelled (a stop of the watchdog) after Drive was flushed and unmounted; the "
+            "runtime stays: mount Drive again (drive.mount) before saving to it")
+
     def test_an_aborted_idle_end_is_tried_again_after_a_new_idle_spell(self, tmp_path):
         """A GPU job during the grace aborts the idle end; a new full idle period ends it later."""
         idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
@@ -755,6 +804,39 @@ class TestEndReviewRegressions:
             if child.poll() is None:
                 child.kill()
             child.wait(60)
+
+    def test_a_restarted_daemon_does_not_count_the_gap_as_idle(self, tmp_path):
+        """A daemon that stopped after 5 idle minutes and starts again 40 min later (same
+        session): nobody watched the runtime meanwhile, so its idle end comes 10 min
+        (idle_end_after) after its own first tick, not at once."""
+        probe = ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])])
+        clock = FakeClock(NOW)
+        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
+                              platform="colab", idle_end_after="10m", grace="1ms", dry_run=True)
+
+        def daemon() -> Watchdog:
+            return Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
+                            session_start=NOW, probe=probe, end_action=("recorder", Recorder()),
+                            confirm_after_s=0.0)
+        first = daemon()
+        first.acquire()
+        for _ in range(6):
+            first.tick()
+            clock.advance(60.0)
+        first.release()
+        assert first.state.gpu_idle_since == 0.0
+        clock.advance(2400.0)
+        again, ends = daemon(), []
+        again.acquire()
+        try:
+            for minute in range(0, 11):
+                again.tick()
+                ends += [minute for d in again.last_decisions if d.kind == "end"]
+                clock.advance(60.0)
+            assert ends == [10]
+            assert again.wait_end(120) == "dry-run"
+        finally:
+            again.release()
 
     def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
         """A command that starts after the idle end was decided (a notebook launch in the grace

@@ -595,7 +595,6 @@ class TestTrainingInTheSameKernel:
         wait_for(lambda: handle.watchdog.state.outstanding is None)
 
 
-class TestEndAfterTraining:
     def test_a_cell_that_goes_on_after_the_training_is_not_cut_off(self, shell, cfg, tmp_path):
         """A Session completes in a cell that then goes on working (an evaluation, an upload):
         ticks that see the completed training while the cell runs end nothing; once the cell
@@ -627,6 +626,54 @@ class TestEndAfterTraining:
         assert wait_for(lambda: handle.watchdog.end is not None)
         assert handle.watchdog.wait_end(120) == "ended" and calls
 
+
+class TestStartInsideACell:
+    def test_the_cell_that_starts_the_watchdog_counts_as_running(self, shell, cfg):
+        """start() at the top of a cell (the README's pattern): that cell counts as running
+        until it finishes (its pre_run_cell came before the hooks), then idle counts from its
+        end; a start() outside any cell (an extension loaded at start-up) counts nothing."""
+        shell.user_ns.update(sw=sw, cfg=cfg)
+        result = shell.run_cell("handle = sw.start(**cfg)\n"
+                                "inside = (handle.tracker.executing, handle.tracker.idle_s())\n")
+        assert result.success, result.error_in_exec
+        handle = shell.user_ns["handle"]
+        assert shell.user_ns["inside"] == (True, 0.0)
+        assert handle.tracker.executing is False
+        sw.stop()
+        handle = sw.start(**cfg)
+        assert handle.tracker.executing is False
+
+
+class TestEndAfterTraining:
+    def test_work_after_complete_in_the_cell_that_started_the_watchdog_is_kept(
+            self, shell, cfg, tmp_path):
+        """start(), training, complete() and an upload in one cell: no end while it runs."""
+        shell.user_ns.update(sw=sw, cfg=cfg, tmp_path=tmp_path, TinyTraining=TinyTraining,
+                             wait_for=wait_for)
+        result = shell.run_cell(
+            "handle = sw.start(**cfg, grace='0.1s', end_when_done=True, "
+            "end_command='/bin/false')\n"
+            "calls = []\n"
+            "handle.watchdog.end_action = ('recorder', lambda: calls.append(1) or 'ok')\n"
+            "handle.watchdog.confirm_after_s = 0.0\n"
+            "training = TinyTraining(tmp_path, cfg['run_dir'])\n"
+            "for _ in range(5):\n"
+            "    training.step()\n"
+            "training.session.complete()\n"
+            "ticks = set()\n"
+            "def completed_seen():\n"
+            "    s = handle.watchdog.last_sample\n"
+            "    if s is not None and s.trainer.status is not None and "
+            "s.trainer.status.state == 'completed':\n"
+            "        ticks.add(handle.watchdog.ticks)\n"
+            "    return len(ticks) >= 2\n"
+            "wait_for(completed_seen)\n"
+            "busy_end, calls_then = handle.watchdog.end, list(calls)\n")
+        assert result.success, result.error_in_exec
+        handle = shell.user_ns["handle"]
+        assert shell.user_ns["busy_end"] is None and shell.user_ns["calls_then"] == []
+        assert wait_for(lambda: handle.watchdog.end is not None)
+        assert handle.watchdog.wait_end(120) == "ended" and shell.user_ns["calls"]
 
 class TestCancel:
     def test_cancel_stops_a_pending_end_in_this_kernel(self, cfg, tmp_path):

@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 from session_watchdog import channel, log, platforms
@@ -35,6 +36,21 @@ class ConfigMismatchWarning(UserWarning):
 
 # --------------------------------------------------------------------------------------------
 # The handle of the running watchdog
+
+
+_CELL_METHODS = frozenset({"run_cell", "run_cell_async", "_run_cell", "run_code",
+                           "run_ast_nodes"})
+
+
+def _inside_cell(shell: Any) -> bool:
+    """Whether this call comes from a cell that ``shell`` is executing: a frame of one of its
+    cell-running methods is on this thread's stack (an extension loaded at start-up is not)."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _CELL_METHODS and frame.f_locals.get("self") is shell:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class WatchdogHandle:
@@ -138,6 +154,10 @@ class WatchdogHandle:
         shell.events.register("post_run_cell", post)
         self._shell = shell
         self.tracker.attached = True
+        if _inside_cell(shell):
+            # This cell's pre_run_cell came before the hook: it runs (`start()` at the top of a
+            # training cell). Its post_run_cell, registered now, ends it.
+            self.tracker.pre_run_cell()
 
     def detach(self) -> None:
         """Unregister the cell hooks (idempotent)."""
