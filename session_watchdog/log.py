@@ -306,7 +306,7 @@ class _Encoded(Dict[str, Any]):
 
 
 def _encode(event: Mapping[str, Any]) -> str:
-    return json.dumps(event, default=_json_default, separators=(",", ":"))
+    return _ENCODER.encode(event)
 
 
 class Redactor:
@@ -444,6 +444,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
+
+
+# json.dumps(event, default=_json_default, separators=(",", ":")), without a new encoder object
+# for every event (json.dumps builds one whenever it is given options; issue 17)
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"))
 
 
 class StdlibBridge(logging.Handler):
