@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import operator
 import os
 import re
 import stat
@@ -63,7 +64,7 @@ class _Logger:
         # The cache holds the configuration's objects, so none of them can be freed and another
         # take its place unnoticed; `is`, not ==, since a new processor list may be equal.
         if bound is None or len(bound[0]) != len(config) or any(
-                a is not b for a, b in zip(bound[0], config)):
+                map(operator.is_not, bound[0], config)):
             logger = structlog.get_logger(self._name)
             if self._context:
                 logger = logger.bind(**self._context)
@@ -433,9 +434,9 @@ class Sink:
                     print(line, file=self.console, flush=True)
                 except (OSError, ValueError):  # a closed terminal must not stop the watchdog
                     pass
-        import structlog
-
-        raise structlog.DropEvent
+        # The event ends here: an empty message for the ReturnLogger, which returns it. (Raising
+        # structlog.DropEvent instead cost an exception on every event, issue 17.)
+        return ""
 
 
 def _json_default(value: Any) -> Any:
@@ -569,7 +570,8 @@ def close() -> None:
 
 def sample_event(sample: Any, remaining_s: Optional[float], budget_s: Optional[float]) -> Dict[str, Any]:
     """Flatten a probes.Sample into the ``sample`` event's fields (schema 1)."""
-    from session_watchdog.probes import rank_by_pid, ranks_on_gpus
+    # the module, not the package: `from package import` runs importlib Python code every call
+    from session_watchdog.probes.nvml import rank_by_pid, ranks_on_gpus
 
     host = sample.host
     trainer = sample.trainer
