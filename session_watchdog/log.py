@@ -246,7 +246,7 @@ class RotatingJsonl:
         with self._lock:
             if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
-            fh = self._open()
+            fh = self._fh or self._open()
             fh.write(data)
             fh.flush()
             self._size += len(data.encode("utf-8")) if not data.isascii() else len(data)
@@ -416,7 +416,7 @@ class Sink:
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if self.jsonl is not None:
             try:
-                self.jsonl.write(event.json if isinstance(event, _Encoded) else _encode(event))
+                self.jsonl.write(event.json if isinstance(event, _Encoded) else _ENCODER.encode(event))
             except (OSError, ValueError) as err:
                 # A full disk must not stop the watchdog from acting (it matters most then):
                 # count the lost lines, say so once on the console.
