@@ -633,6 +633,32 @@ class TrainerStatus:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> TrainerStatus:
+        """The status in ``obj``; raises ChannelError naming the first bad field."""
+        # The common case - every field of its plain type and in range - in one pass, without a
+        # validator call per field: trainer.json is parsed on every tick, with caches gone cold
+        # in between (issue 17). Anything else goes through the checks, which say what is wrong
+        # (tests/test_channel.py checks that both ways agree).
+        get = obj.get
+        pid, step, epoch, acked = get("pid"), get("step"), get("epoch"), get("acked_seq")
+        start, beat, step_time = get("start_time"), get("heartbeat"), get("step_time_s")
+        state, extra, rid = get("state"), get("extra"), get("acked_rid")
+        if (type(pid) is int and type(step) is int and type(epoch) is int and type(acked) is int
+                and -MAX_INT <= min(pid, step, epoch, acked)
+                and max(pid, step, epoch, acked) <= MAX_INT
+                and type(start) is float and start - start == 0.0  # finite: not inf, not NaN
+                and type(beat) is float and beat - beat == 0.0
+                and (step_time is None or type(step_time) is float and step_time - step_time == 0.0)
+                and type(state) is str and state in TRAINER_STATES
+                and (extra is None or type(extra) is dict)
+                and (rid is None or type(rid) is str and (rid == "" or _RID.fullmatch(rid)))):
+            return cls(pid=pid, start_time=start or 0.0, state=state, step=step, epoch=epoch,
+                       step_time_s=step_time, acked_seq=acked,
+                       last_checkpoint=CheckpointInfo.from_json(get("last_checkpoint")),
+                       heartbeat=beat or 0.0, extra=extra or {}, acked_rid=rid)
+        return cls._checked(obj)
+
+    @classmethod
+    def _checked(cls, obj: Mapping[str, Any]) -> TrainerStatus:
         state = _str(obj, "state")
         if state not in TRAINER_STATES:
             raise ChannelError(f"trainer state {state!r} is not one of {TRAINER_STATES}")

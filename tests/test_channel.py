@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -507,6 +507,17 @@ class TestRequest:
             run_dir.read_request()
 
 
+_STATUS_KEYS = ("pid", "start_time", "state", "step", "epoch", "step_time_s", "acked_seq",
+                "last_checkpoint", "heartbeat", "extra", "acked_rid")
+# plain values, edge values and wrong types, for every field
+_EDGE_VALUES = [None, True, False, 0, 7, -1, 2**53, 2**53 + 1, -(2**53), -(2**53) - 1, 0.0, -0.0,
+                2.5, 1.8e9, float("inf"), float("-inf"), float("nan"), "", "ab12.3", "x" * 65,
+                "a b", *channel.TRAINER_STATES, {}, {"k": 1}, [], [1],
+                {"path": "/c.pt", "step": 3, "at": 1.0, "duration_s": 2.0, "bytes": 9,
+                 "sha256": "ab"}, {"path": 3}]
+_REMOVED = object()  # the field is left out
+
+
 class TestTrainerStatus:
     def test_round_trip_with_checkpoint_and_extra(self, run_dir: RunDir) -> None:
         """A status with a checkpoint and extra fields reads back equal."""
@@ -529,6 +540,26 @@ class TestTrainerStatus:
         del obj["extra"]
         status = TrainerStatus.from_json(obj)
         assert (status.step_time_s, status.last_checkpoint, status.extra) == (None, None, {})
+
+    def test_quick_path_agrees_with_the_checks_for_every_single_field_change(self) -> None:
+        """Each field set to each edge value (or removed), and each pair of such changes: from_json
+        returns or refuses exactly as the field-by-field checks do."""
+        changes: List[Dict[str, Any]] = [{key: value} for key in _STATUS_KEYS
+                                         for value in [*_EDGE_VALUES, _REMOVED]]
+        seconds = [{key: value} for key in _STATUS_KEYS
+                   for value in (None, -0.0, 2**53 + 1, float("nan"), "x" * 65, _REMOVED)]
+        for one in changes:
+            for two in [{}, *seconds]:
+                obj: Dict[str, Any] = {**_status_obj(), **one, **two}
+                obj = {k: v for k, v in obj.items() if v is not _REMOVED}
+                try:
+                    expected: Any = TrainerStatus._checked(obj)
+                except ChannelError as err:
+                    with pytest.raises(ChannelError) as info:
+                        TrainerStatus.from_json(obj)
+                    assert str(info.value) == str(err), obj
+                else:
+                    assert repr(TrainerStatus.from_json(obj)) == repr(expected), obj
 
     @pytest.mark.parametrize("state", channel.TRAINER_STATES)
     def test_every_known_state_parses(self, state: str) -> None:
