@@ -23,6 +23,9 @@ run, the way nvidia-smi pollers read the same fields, and the naive poller spawn
 nvidia-smi; the GPUs' persistence mode is printed as found (it is left as it is).
 
 Figures alternate in blocks, ``--repeat`` times, with the 1-minute load average beside each.
+
+``--against TREE`` compares only the real daemon's CPU with that of another checkout (e.g. a
+``git worktree`` of an earlier commit), both running at the same time, each with a trainer.
 """
 
 from __future__ import annotations
@@ -235,6 +238,48 @@ def _watch(seconds: float, scratch: Path, trainer: bool, live: bool, env: Dict[s
             "load": max(load0, load())}
 
 
+def side_by_side(against: Path, seconds: float, repeat: int) -> List[Tuple[float, float, float]]:
+    """The real daemon of this tree and of ``against`` (another checkout: PYTHONPATH=against), run
+    at the same time, each with its own heartbeat trainer and run dir, the order of their starts
+    alternating between repeats: (ours, theirs) CPU in % of a core over ``seconds`` after a 15 s
+    warm-up, and the load, per repeat."""
+    ours = Path(__file__).resolve().parent.parent
+    out = []
+    for index in range(repeat):
+        started: List[subprocess.Popen[bytes]] = []
+        try:
+            daemons, logs = {}, {}
+            for tree in (ours, against) if index % 2 == 0 else (against, ours):
+                scratch = Path(tempfile.mkdtemp(prefix="bench-daemon-side-"))
+                env = dict(os.environ, PYTHONPATH=str(tree),
+                           SESSION_WATCHDOG_RUN_DIR=str(scratch / "run"))
+                for argv in ([PYTHON, "-c", HEARTBEAT_TRAINER, str(scratch / "run")],
+                             [*CLI, "run", "--log-file", str(scratch / "log.jsonl"),
+                              "--watch-paths", str(scratch), "--max-session", "12h"]):
+                    started.append(subprocess.Popen(argv, env=env, start_new_session=True,
+                                                    stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL))
+                daemons[tree] = started[-1].pid
+                logs[tree] = scratch / "log.jsonl"
+            time.sleep(15.0)
+            cpu0, t0, load0 = {t: cpu_seconds(p) for t, p in daemons.items()}, time.monotonic(), load()
+            time.sleep(seconds)
+            cpu1, t1 = {t: cpu_seconds(p) for t, p in daemons.items()}, time.monotonic()
+            for tree, log in logs.items():  # each daemon read its trainer's status to the end
+                last = [json.loads(line) for line in log.read_text().splitlines()
+                        if '"event":"sample"' in line][-1]["trainer"]
+                if not last["alive"] or last["state"] != "running" or last["error"] is not None:
+                    raise RuntimeError(f"the daemon of {tree} did not read its trainer: {last}")
+            pct = {t: 100.0 * (cpu1[t] - cpu0[t]) / (t1 - t0) for t in daemons}
+            out.append((pct[ours], pct[against], max(load0, load())))
+        finally:
+            for p in started:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Start-up
 
@@ -404,7 +449,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--nvml", choices=("auto", "live", "stand-in"), default="auto",
                         help="live NVML and the real nvidia-smi where a driver answers (auto), "
                              "always (live) or never (stand-in)")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="only compare the real daemon's CPU (a trainer attached) with the one "
+                             "of another checkout TREE, side by side, --repeat times")
     args = parser.parse_args(argv)
+    if args.against is not None:
+        if not (args.against / "session_watchdog" / "daemon.py").is_file():
+            print(f"error: --against {args.against}: not a session-watchdog checkout; pass the "
+                  "directory that holds session_watchdog/", file=sys.stderr)
+            return 2
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        for ours, theirs, ld in side_by_side(args.against.resolve(), args.watch_s, args.repeat):
+            print(f"`run` CPU vs {args.against}  {ours:.4f} % vs {theirs:.4f} %  "
+                  f"{ours / theirs if theirs else float('nan'):8.3f}  load {ld:.1f}")
+        return 0
     found = live_nvml() if args.nvml != "stand-in" else None
     smi = shutil.which("nvidia-smi")
     if args.nvml == "live" and (found is None or smi is None):

@@ -353,11 +353,13 @@ def _read_fd(fd: int, limit: int, first: int) -> bytes:
     ask = max(1, min(first, limit))
     while limit > 0:
         chunk = os.read(fd, ask)
-        ask = min(limit - len(chunk), 4096)  # then: EOF (or what was written since) in small reads
         if not chunk:
             break
         chunks.append(chunk)
         limit -= len(chunk)
+        if len(chunk) < ask:  # a short read of a regular file is its end: no read for the EOF
+            break
+        ask = min(limit, 4096)  # then: what was written since, in small reads
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -397,7 +399,7 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
     if json_depth_exceeds(raw):
         raise ChannelError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        obj = json.loads(raw)
+        obj = _loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ChannelError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(obj, dict):
@@ -406,6 +408,24 @@ def read_json(path: Path, max_bytes: int = MAX_FILE_BYTES,
     if type(version) is not int or version != SCHEMA_VERSION:
         raise ChannelError(f"{path} has schema version {version!r}, expected {SCHEMA_VERSION}")
     return obj
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw)``: our files (UTF-8, one value, nothing around it) straight through
+    the decoder, which parsed trainer.json on every tick in two thirds of json.loads's cold CPU
+    (issue 17); anything else - an error, whitespace around the value, another encoding, a
+    BOM - goes through json.loads itself, so what is accepted and refused is unchanged."""
+    try:
+        text = raw.decode()
+        obj, end = _DECODER.raw_decode(text)
+        if end == len(text):
+            return obj
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        pass
+    return json.loads(raw)
 
 
 def quarantine(path: Path, dir_fd: Optional[int] = None) -> Optional[Path]:
@@ -613,6 +633,32 @@ class TrainerStatus:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> TrainerStatus:
+        """The status in ``obj``; raises ChannelError naming the first bad field."""
+        # The common case - every field of its plain type and in range - in one pass, without a
+        # validator call per field: trainer.json is parsed on every tick, with caches gone cold
+        # in between (issue 17). Anything else goes through the checks, which say what is wrong
+        # (tests/test_channel.py checks that both ways agree).
+        get = obj.get
+        pid, step, epoch, acked = get("pid"), get("step"), get("epoch"), get("acked_seq")
+        start, beat, step_time = get("start_time"), get("heartbeat"), get("step_time_s")
+        state, extra, rid = get("state"), get("extra"), get("acked_rid")
+        if (type(pid) is int and type(step) is int and type(epoch) is int and type(acked) is int
+                and -MAX_INT <= min(pid, step, epoch, acked)
+                and max(pid, step, epoch, acked) <= MAX_INT
+                and type(start) is float and start - start == 0.0  # finite: not inf, not NaN
+                and type(beat) is float and beat - beat == 0.0
+                and (step_time is None or type(step_time) is float and step_time - step_time == 0.0)
+                and type(state) is str and state in TRAINER_STATES
+                and (extra is None or type(extra) is dict)
+                and (rid is None or type(rid) is str and (rid == "" or _RID.fullmatch(rid)))):
+            return cls(pid=pid, start_time=start or 0.0, state=state, step=step, epoch=epoch,
+                       step_time_s=step_time, acked_seq=acked,
+                       last_checkpoint=CheckpointInfo.from_json(get("last_checkpoint")),
+                       heartbeat=beat or 0.0, extra=extra or {}, acked_rid=rid)
+        return cls._checked(obj)
+
+    @classmethod
+    def _checked(cls, obj: Mapping[str, Any]) -> TrainerStatus:
         state = _str(obj, "state")
         if state not in TRAINER_STATES:
             raise ChannelError(f"trainer state {state!r} is not one of {TRAINER_STATES}")
@@ -726,7 +772,8 @@ class RunDir:
         return lock
 
     def lock_held(self, name: str) -> bool:
-        return lock_held(self.file(name), dir_fd=self.fd)
+        path = self.file(name)
+        return _lock_held(name if self.fd is not None else path, self.fd, path)
 
     # requests
     def write_request(self, request: Request) -> None:
@@ -835,34 +882,44 @@ class FileLock:
         self.release()
 
 
-def _access_nofollow_works() -> bool:
-    """Whether ``os.access(..., follow_symlinks=False)`` answers here: a C library without the
-    faccessat2 fallback (musl on a kernel before 5.8) fails every such call with EINVAL, which
-    os.access reports as False - every lock would look free."""
-    try:
-        return os.access("/", os.F_OK, follow_symlinks=False)
-    except (NotImplementedError, OSError):
-        return False
-
-
-_ACCESS_NOFOLLOW = _access_nofollow_works()
-
-
 def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
     """Whether another open file description holds any flock on ``path`` (non-blocking probe)."""
-    # faccessat, not lstat: a missing lock file (no trainer, or not saving: every tick) answers
-    # False instead of raising; a symlink still counts as there, and the open below refuses it.
-    name = os.path.basename(path) if dir_fd is not None else path
+    return _lock_held(os.path.basename(path) if dir_fd is not None else path, dir_fd, path)
+
+
+_PROBE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _lock_held(name: Any, dir_fd: Optional[int], path: Path) -> bool:
+    """:func:`lock_held` of ``name`` (in ``dir_fd`` when given; ``path`` for messages).
+
+    What ``FileLock(path).acquire(blocking=False)`` and ``release()`` do, less a lock object and
+    less a separate existence test: the daemon probes two locks on every tick, and with caches
+    gone cold between ticks each Python call and system call costs several times its warm
+    price (issue 17).
+    """
+    # Opened without O_CREAT: a missing lock file (no trainer, or not saving) is not held, and
+    # the probe leaves none behind. O_NOFOLLOW refuses a symlink, a dangling one included.
     try:
-        if _ACCESS_NOFOLLOW:
-            if not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
-                return False
-        else:
-            os.lstat(name, dir_fd=dir_fd)
-    except (OSError, ValueError):  # missing (lstat), or a NUL in the name
+        fd = os.open(name, _PROBE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
         return False
-    probe = FileLock(path, dir_fd=dir_fd)
-    if probe.acquire(blocking=False):
-        probe.release()
+    except ValueError:  # a NUL in the name: no such lock
         return False
-    return True
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ChannelError(f"{path} is a symlink; refusing to lock it") from err
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        # unlocked before the close: a child forked meanwhile (its copy of the descriptor
+        # lives until its exec) must not keep the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

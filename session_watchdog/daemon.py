@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import signal
 import stat
@@ -812,9 +813,15 @@ PROGRESS_SAVE_EVERY_S = 60.0
 _PROGRESS_FIELDS = ("progress_step", "progress_since", "progress_skip", "step_intervals")
 
 
+# PolicyState's other fields as one tuple: read by one C call, not a dataclasses.replace() (a
+# new state, every field read in Python) on every tick while training (issue 17)
+_OTHER_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(PolicyState)
+                                      if f.name not in _PROGRESS_FIELDS))
+
+
 def _only_progress_changed(old: PolicyState, new: PolicyState) -> bool:
     """Whether ``new`` differs from ``old`` in the hang detector's progress fields alone."""
-    return dataclasses.replace(old, **{f: getattr(new, f) for f in _PROGRESS_FIELDS}) == new
+    return bool(_OTHER_FIELDS(old) == _OTHER_FIELDS(new))
 
 LOCK_PROBE_WAIT_S = 1.0  # how long another process's lock_held() probe may hold daemon.lock
 

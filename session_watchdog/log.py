@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import operator
 import os
 import re
 import stat
@@ -63,7 +64,7 @@ class _Logger:
         # The cache holds the configuration's objects, so none of them can be freed and another
         # take its place unnoticed; `is`, not ==, since a new processor list may be equal.
         if bound is None or len(bound[0]) != len(config) or any(
-                a is not b for a, b in zip(bound[0], config)):
+                map(operator.is_not, bound[0], config)):
             logger = structlog.get_logger(self._name)
             if self._context:
                 logger = logger.bind(**self._context)
@@ -245,7 +246,7 @@ class RotatingJsonl:
         with self._lock:
             if self._regular and self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
-            fh = self._open()
+            fh = self._fh or self._open()
             fh.write(data)
             fh.flush()
             self._size += len(data.encode("utf-8")) if not data.isascii() else len(data)
@@ -306,7 +307,7 @@ class _Encoded(Dict[str, Any]):
 
 
 def _encode(event: Mapping[str, Any]) -> str:
-    return json.dumps(event, default=_json_default, separators=(",", ":"))
+    return _ENCODER.encode(event)
 
 
 class Redactor:
@@ -415,7 +416,7 @@ class Sink:
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         if self.jsonl is not None:
             try:
-                self.jsonl.write(event.json if isinstance(event, _Encoded) else _encode(event))
+                self.jsonl.write(event.json if isinstance(event, _Encoded) else _ENCODER.encode(event))
             except (OSError, ValueError) as err:
                 # A full disk must not stop the watchdog from acting (it matters most then):
                 # count the lost lines, say so once on the console.
@@ -433,9 +434,9 @@ class Sink:
                     print(line, file=self.console, flush=True)
                 except (OSError, ValueError):  # a closed terminal must not stop the watchdog
                     pass
-        import structlog
-
-        raise structlog.DropEvent
+        # The event ends here: an empty message for the ReturnLogger, which returns it. (Raising
+        # structlog.DropEvent instead cost an exception on every event, issue 17.)
+        return ""
 
 
 def _json_default(value: Any) -> Any:
@@ -444,6 +445,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
+
+
+# json.dumps(event, default=_json_default, separators=(",", ":")), without a new encoder object
+# for every event (json.dumps builds one whenever it is given options; issue 17)
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"))
 
 
 class StdlibBridge(logging.Handler):
@@ -564,7 +570,8 @@ def close() -> None:
 
 def sample_event(sample: Any, remaining_s: Optional[float], budget_s: Optional[float]) -> Dict[str, Any]:
     """Flatten a probes.Sample into the ``sample`` event's fields (schema 1)."""
-    from session_watchdog.probes import rank_by_pid, ranks_on_gpus
+    # the module, not the package: `from package import` runs importlib Python code every call
+    from session_watchdog.probes.nvml import rank_by_pid, ranks_on_gpus
 
     host = sample.host
     trainer = sample.trainer

@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -353,6 +353,26 @@ class TestReadJson:
         assert str(info.value).startswith(f"{path} ")
         assert message in str(info.value)
 
+    @pytest.mark.parametrize("content", [
+        b'{"v":1,"seq":2}', b' {"v": 1}\n', b'{"v":1}\n\n', b'\xef\xbb\xbf{"v": 1}',
+        '{"v": 1, "s": "\u00e9"}'.encode("utf-16"), '{"v": 1}'.encode("utf-32-le"),
+        b'{"v":1} {"v":1}', b'{"v":1}x', b'{"v":1,"x":NaN}', b'{"v":1,"s":"\x01"}', b"\t",
+        b'{"v":1,"k":1,"k":2}', b'{"v":1,"s":"\xc3"}', b'{"v":1}\x00'])
+    def test_accepts_and_refuses_what_json_loads_does(self, tmp_path: Path,
+                                                      content: bytes) -> None:
+        """The file is parsed exactly as json.loads parses its bytes (encodings, whitespace,
+        a BOM, trailing data): the same object, or an error where json.loads raises."""
+        path = tmp_path / "x.json"
+        path.write_bytes(content)
+        try:
+            expected = json.loads(content)
+        except ValueError:
+            with pytest.raises(ChannelError, match="is not valid JSON"):
+                channel.read_json(path)
+        else:
+            obj = channel.read_json(path)
+            assert json.dumps(obj) == json.dumps(expected)  # NaN != NaN: compare the text
+
     def test_oversized_file_raises(self, tmp_path: Path) -> None:
         """A file over MAX_FILE_BYTES raises with its size and the limit, even when valid JSON."""
         path = tmp_path / "trainer.json"
@@ -487,6 +507,17 @@ class TestRequest:
             run_dir.read_request()
 
 
+_STATUS_KEYS = ("pid", "start_time", "state", "step", "epoch", "step_time_s", "acked_seq",
+                "last_checkpoint", "heartbeat", "extra", "acked_rid")
+# plain values, edge values and wrong types, for every field
+_EDGE_VALUES = [None, True, False, 0, 7, -1, 2**53, 2**53 + 1, -(2**53), -(2**53) - 1, 0.0, -0.0,
+                2.5, 1.8e9, float("inf"), float("-inf"), float("nan"), "", "ab12.3", "x" * 65,
+                "a b", *channel.TRAINER_STATES, {}, {"k": 1}, [], [1],
+                {"path": "/c.pt", "step": 3, "at": 1.0, "duration_s": 2.0, "bytes": 9,
+                 "sha256": "ab"}, {"path": 3}]
+_REMOVED = object()  # the field is left out
+
+
 class TestTrainerStatus:
     def test_round_trip_with_checkpoint_and_extra(self, run_dir: RunDir) -> None:
         """A status with a checkpoint and extra fields reads back equal."""
@@ -509,6 +540,26 @@ class TestTrainerStatus:
         del obj["extra"]
         status = TrainerStatus.from_json(obj)
         assert (status.step_time_s, status.last_checkpoint, status.extra) == (None, None, {})
+
+    def test_quick_path_agrees_with_the_checks_for_every_single_field_change(self) -> None:
+        """Each field set to each edge value (or removed), and each pair of such changes: from_json
+        returns or refuses exactly as the field-by-field checks do."""
+        changes: List[Dict[str, Any]] = [{key: value} for key in _STATUS_KEYS
+                                         for value in [*_EDGE_VALUES, _REMOVED]]
+        seconds = [{key: value} for key in _STATUS_KEYS
+                   for value in (None, -0.0, 2**53 + 1, float("nan"), "x" * 65, _REMOVED)]
+        for one in changes:
+            for two in [{}, *seconds]:
+                obj: Dict[str, Any] = {**_status_obj(), **one, **two}
+                obj = {k: v for k, v in obj.items() if v is not _REMOVED}
+                try:
+                    expected: Any = TrainerStatus._checked(obj)
+                except ChannelError as err:
+                    with pytest.raises(ChannelError) as info:
+                        TrainerStatus.from_json(obj)
+                    assert str(info.value) == str(err), obj
+                else:
+                    assert repr(TrainerStatus.from_json(obj)) == repr(expected), obj
 
     @pytest.mark.parametrize("state", channel.TRAINER_STATES)
     def test_every_known_state_parses(self, state: str) -> None:
@@ -581,14 +632,12 @@ class TestLockHeld:
         assert not target.exists()
 
 
-    @pytest.mark.parametrize("access_nofollow", [True, False])
-    def test_same_answers_with_and_without_faccessat_nofollow(
-            self, tmp_path: Path, run_dir: RunDir, holders: Holders,
-            monkeypatch: pytest.MonkeyPatch, access_nofollow: bool) -> None:
-        """Where os.access(follow_symlinks=False) cannot answer (musl before Linux 5.8), lstat
-        decides whether the lock file is there: missing, free, held and planted answer alike."""
-        monkeypatch.setattr(channel, "_ACCESS_NOFOLLOW", access_nofollow)
+    def test_missing_free_held_and_planted_lock_files(
+            self, tmp_path: Path, run_dir: RunDir, holders: Holders) -> None:
+        """A missing lock file is free and stays missing; a free one is free, a held one held,
+        and a planted symlink is refused without creating its target."""
         assert run_dir.trainer_saving() is False  # no save.lock yet
+        assert not run_dir.file(channel.SAVE_LOCK).exists()  # the probe created none
         run_dir.file(channel.SAVE_LOCK).touch()
         assert run_dir.trainer_saving() is False  # there, nobody holds it
         child = holders.spawn(run_dir.file(channel.RUN_LOCK), "shared")

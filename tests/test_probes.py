@@ -174,6 +174,16 @@ def rss_anon_bytes() -> int:
     raise AssertionError("no RssAnon in /proc/self/status")
 
 
+class CountingInitNvml(FakeNvmlModule):
+    """Counts every nvmlInit call, the failing ones included."""
+
+    attempts = 0
+
+    def nvmlInit(self) -> None:
+        self.attempts += 1
+        super().nvmlInit()
+
+
 class TestTrimHeap:
     def test_freed_heap_pages_go_back_to_the_kernel(self) -> None:
         """64 MiB of small blocks freed below one still in use stay resident (the heap cannot
@@ -275,6 +285,54 @@ class TestNvml:
             pynvml.NVML_ERROR_DRIVER_NOT_LOADED)))
         assert nvml.start() is False
         assert nvml.state == "unavailable: Driver Not Loaded"
+
+    def test_missing_library_is_looked_for_again_less_and_less_often(self) -> None:
+        """With no NVML library, a tick every 5 s tries to load it at 0, 1, 3, 7, 15 and 31 min,
+        then every 30 min (the wait doubles from RETRY_S up to RETRY_MAX_S)."""
+        fake = CountingInitNvml([], init_error=nvml_error(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+        clock = [1000.0]
+        nvml = Nvml(module=fake, monotonic=lambda: clock[0])
+        tried_at = []
+        for tick in range(2 * 3600 // 5 + 1):  # two hours of ticks
+            clock[0] = 1000.0 + 5 * tick
+            before = fake.attempts
+            assert nvml.start() is False
+            if fake.attempts > before:
+                tried_at.append(5 * tick)
+        assert tried_at == [0, 60, 180, 420, 900, 1860, 3660, 5460]
+        assert nvml.state == f"unavailable: {NO_DRIVER}"
+
+    def test_failing_driver_is_tried_again_every_retry_interval(self) -> None:
+        """A driver that is there but fails (Driver Not Loaded) is tried every RETRY_S, no backoff."""
+        fake = CountingInitNvml([], init_error=nvml_error(pynvml.NVML_ERROR_DRIVER_NOT_LOADED))
+        clock = [0.0]
+        nvml = Nvml(module=fake, monotonic=lambda: clock[0])
+        for tick in range(600 // 5 + 1):  # ten minutes of ticks
+            clock[0] = 5.0 * tick
+            nvml.start()
+        assert fake.attempts == 11  # at 0, 60, ..., 600 s
+
+    def test_library_found_after_a_backoff_starts_and_a_later_failure_waits_retry_s(self) -> None:
+        """Once the library loads, NVML is ready; a later failure starts over at RETRY_S."""
+        fake = CountingInitNvml([FakeGpu()], init_error=nvml_error(
+            pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+        clock = [0.0]
+        nvml = Nvml(module=fake, monotonic=lambda: clock[0])
+        for at in (0.0, 60.0, 180.0):
+            clock[0] = at
+            assert nvml.start() is False
+        fake.init_error = None  # the driver was installed
+        clock[0] = 180.0 + 239.0
+        assert nvml.start() is False  # still inside the 240 s wait
+        clock[0] = 180.0 + 240.0
+        assert nvml.start() is True
+        nvml.shutdown()
+        fake.init_error = nvml_error(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        clock[0] = 1000.0
+        assert nvml.start() is False
+        clock[0] = 1000.0 + Nvml.RETRY_S
+        assert nvml.start() is False
+        assert fake.attempts == 6
 
     def test_start_initialises_once(self) -> None:
         """A successful start is not repeated: nvmlInit runs once however often start() is called."""

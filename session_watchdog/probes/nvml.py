@@ -44,13 +44,19 @@ class Nvml:
     same few functions.
     """
 
-    RETRY_S = 60.0  # a missing driver is not looked for again on every tick
+    RETRY_S = 60.0  # a failing driver is not looked for again on every tick
+    # No NVML library at all (no NVIDIA driver installed, or no nvidia-ml-py): a driver rarely
+    # appears later, and each try searches the library path again (~2 % of an idle daemon's CPU
+    # at one try a minute, issue 17), so the wait doubles after each such failure, up to this.
+    RETRY_MAX_S = 1800.0
 
     def __init__(self, module: Any = None, on_unsupported: Optional[Callable[[str], None]] = None,
                  monotonic: Callable[[], float] = time.monotonic):
         self._module = module
         self._ready = False
         self._failed_at: Optional[float] = None
+        self._library_missing = False  # the last failure was a missing library (or nvidia-ml-py)
+        self._retry_s = self.RETRY_S  # the wait after the last failure
         self._monotonic = monotonic
         self.state = "not started"
         self._unsupported: Set[str] = set()
@@ -66,14 +72,18 @@ class Nvml:
     def retry_due(self) -> bool:
         """Whether start() would call nvmlInit now (never tried, or the last failure is old)."""
         return not self._ready and (
-            self._failed_at is None or self._monotonic() - self._failed_at >= self.RETRY_S)
+            self._failed_at is None or self._monotonic() - self._failed_at >= self._retry_s)
 
     def start(self) -> bool:
         if self._ready:
             return True
         if not self.retry_due():
             return False
+        # the first failure waits RETRY_S; a missing library again and again waits longer
+        missing_before = self._failed_at is not None and self._library_missing
         self._failed_at = self._monotonic()
+        self._library_missing = True
+        self._retry_s = min(self.RETRY_MAX_S, 2 * self._retry_s) if missing_before else self.RETRY_S
         if self._module is None:
             try:
                 import pynvml  # nvidia-ml-py; never the deprecated 'pynvml' shim package
@@ -86,9 +96,13 @@ class Nvml:
             self._module.nvmlInit()
         except Exception as err:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             self.state = f"unavailable: {_nvml_error_text(err)}"
+            if not _library_not_found(err):  # a driver that fails: tried again every RETRY_S
+                self._library_missing = False
+                self._retry_s = self.RETRY_S
             return False
         self._ready = True
         self._failed_at = None
+        self._retry_s = self.RETRY_S
         self.state = "ok"
         # Importing nvidia-ml-py and nvmlInit leave ~10 MiB freed but still held by the C heap
         # (measured on an H200 machine: 50 -> 40 MiB): give it back once, not on every tick.
@@ -169,11 +183,14 @@ def _text(value: Any) -> Optional[str]:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _library_not_found(err: BaseException) -> bool:
+    return "LibraryNotFound" in type(err).__name__ or "NVML Shared Library Not Found" in str(err)
+
+
 def _nvml_error_text(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    if "LibraryNotFound" in type(err).__name__ or "NVML Shared Library Not Found" in text:
+    if _library_not_found(err):
         return "NVML library not found (no NVIDIA driver on this machine)"
-    return text
+    return str(err) or type(err).__name__
 
 
 # Exposed for the doctor command.

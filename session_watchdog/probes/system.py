@@ -193,12 +193,18 @@ class SystemProbe:
         host = read_host(cgroup_files=self._cgroup_files, locate=False, read=self._kernel_files,
                          cpu=self._cpu)
         trainer = read_trainer(self.run_dir)
-        nvml_live = self.nvml.ready or self.nvml.retry_due()
-        gpu_job = self._submit("gpu", self._read_gpus) if nvml_live else None
+        nvml = self.nvml
+        gpu_job = self._submit("gpu", self._read_gpus) if nvml.ready or nvml.retry_due() else None
         disk_job = self._submit("disk", self._read_disks) if self._remote else None
-        nvml_state, gpus = self._result(gpu_job, self._read_gpus, lambda: ("timeout", ()))
-        disks = self._result(disk_job, self._read_disks, lambda: tuple(
-            DiskReading(str(p), None, None, "timeout") for p in self.watch_paths))
+        if gpu_job is None:  # no NVML, and not yet time to look for it again: _read_gpus's answer
+            nvml_state, gpus = nvml.state, ()
+        else:
+            nvml_state, gpus = self._result(gpu_job, self._read_gpus, lambda: ("timeout", ()))
+        if disk_job is None:
+            disks = read_disks(self.watch_paths)
+        else:
+            disks = self._result(disk_job, self._read_disks, lambda: tuple(
+                DiskReading(str(p), None, None, "timeout") for p in self.watch_paths))
         return Sample(
             now=times.now,
             elapsed_s=times.elapsed_s,
