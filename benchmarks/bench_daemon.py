@@ -140,9 +140,12 @@ def live_nvml() -> Optional[str]:
 
 
 # A trainer as the daemon sees one (what the trainer side does through its Session, without torch):
-# it holds run.lock for its life and rewrites trainer.json every 5 s (the default heartbeat).
+# it holds run.lock for its life and rewrites trainer.json about every 5 s (the default
+# heartbeat). The period is drawn from 4-6 s: a fixed 5 s locked the trainer's wake-ups to a
+# constant phase against the daemon's ticks, and how warm the shared interpreter code was at a
+# tick moved the daemon's CPU by up to +-30 % between otherwise identical runs.
 HEARTBEAT_TRAINER = r"""
-import os, sys, time
+import os, random, sys, time
 from pathlib import Path
 from session_watchdog import channel
 run_dir = channel.RunDir(Path(sys.argv[1]), create=True)
@@ -155,7 +158,7 @@ while True:
     run_dir.write_status(channel.TrainerStatus(
         pid=os.getpid(), start_time=start, state="running", step=step, epoch=0, step_time_s=0.41,
         acked_seq=0, heartbeat=now, extra={}, last_checkpoint=None))
-    time.sleep(5.0)
+    time.sleep(random.uniform(4.0, 6.0))
 """
 
 
