@@ -451,12 +451,16 @@ class EndTransaction:
         if settled != "not-on-drive":
             # the last moment to push Drive's cache (flush_and_unmount where google.colab is there)
             self._step("end_flush", result=self.flush(paths, unmount=True))
+            again = "mount Drive again (drive.mount) before saving to it"
             if self._cancel_requested(started_wall):
                 self._step("end_cancelled", by=self.cancelled_by,
                            message=f"cancelled ({self.cancelled_by}) after Drive was flushed "
-                                   "and unmounted; the runtime stays: mount Drive again "
-                                   "(drive.mount) before saving to it")
+                                   f"and unmounted; the runtime stays: {again}")
                 return "cancelled"
+            # The flush can take minutes (uploads): look once more at what it may have missed.
+            problem = self.safe_now() if self.safe_now is not None else None
+            if problem is not None:
+                raise EndAborted(f"{problem}; Drive was flushed and unmounted: {again}")
         result = self.action()
         self._step("end_action", message=self.description, result=result)
         # 7. confirm: still alive well after the action -> say so and try once more

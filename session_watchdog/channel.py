@@ -890,6 +890,14 @@ def lock_held(path: Path, dir_fd: Optional[int] = None) -> bool:
 _PROBE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
+def _exists(name: Any, dir_fd: Optional[int]) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _lock_held(name: Any, dir_fd: Optional[int], path: Path) -> bool:
     """:func:`lock_held` of ``name`` (in ``dir_fd`` when given; ``path`` for messages).
 
@@ -909,6 +917,9 @@ def _lock_held(name: Any, dir_fd: Optional[int], path: Path) -> bool:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise ChannelError(f"{path} is a symlink; refusing to lock it") from err
+        if err.errno in (errno.ENOTDIR, errno.ENAMETOOLONG) or (
+                err.errno == errno.EACCES and not _exists(name, dir_fd)):
+            return False  # no such lock file (a parent that is not a directory or not ours)
         raise
     try:
         try:

@@ -650,6 +650,13 @@ class TestLockHeld:
         assert not (tmp_path / "elsewhere.lock").exists()
 
 
+    def test_a_lock_under_a_file_is_not_held(self, tmp_path: Path) -> None:
+        """A run dir path that runs through a regular file (`status --run-dir` given a file):
+        no lock can be there, so none is held, as before the probe opened it directly."""
+        (tmp_path / "a-file").write_text("x")
+        assert channel.lock_held(tmp_path / "a-file" / channel.RUN_LOCK) is False
+
+
 class TestFileLock:
     def test_shared_locks_in_two_processes_both_succeed(self, run_dir: RunDir,
                                                         holders: Holders) -> None:

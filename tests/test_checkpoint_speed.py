@@ -112,6 +112,8 @@ class TestAsyncSnapshot:
         state = odd_state()
         manager = CheckpointManager(tmp_path, keep=2)
         manager.prepare_async(state)
+        assert manager._prepare_thread is not None
+        assert manager._prepare_thread.daemon  # CPU buffers: nothing for the exit to wait for
         manager._join_prepare()
         prepared = buffer_addresses(manager)
         assert threads == ["sw-checkpoint-prepare"] * 10 and len(prepared) == 10

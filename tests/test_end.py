@@ -744,6 +744,28 @@ class TestEndReviewRegressions:
             "cancelled (a stop of the watchdog) after Drive was flushed and unmounted; the "
             "runtime stays: mount Drive again (drive.mount) before saving to it")
 
+    def test_work_that_started_during_the_drive_flush_stops_the_end(self, tmp_path, monkeypatch):
+        """The final Drive flush can take minutes: a cell started meanwhile is seen by one more
+        check after it, and the end is aborted with how to get Drive back."""
+        import session_watchdog.actions as actions
+
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(tmp_path / "drive"))
+        ckpt = write_checkpoint(tmp_path / "drive" / "ckpt")
+        checks, rec = [], Recorder()
+
+        def safe_now():
+            checks.append(1)
+            return None if len(checks) == 1 else "a watched command or a notebook cell is " \
+                "running; not ending the runtime"
+        tx = transaction(tmp_path, ckpt=ckpt, action=rec, grace_s=0.0, safe_now=safe_now,
+                         flush=lambda paths, unmount=True: "flushed")
+        with structlog.testing.capture_logs() as events:
+            assert tx.run() == "aborted"
+        assert rec.calls == [] and len(checks) == 2
+        assert events[-1]["message"] == (
+            "a watched command or a notebook cell is running; not ending the runtime; Drive was "
+            "flushed and unmounted: mount Drive again (drive.mount) before saving to it")
+
     def test_an_aborted_idle_end_is_tried_again_after_a_new_idle_spell(self, tmp_path):
         """A GPU job during the grace aborts the idle end; a new full idle period ends it later."""
         idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])

@@ -66,6 +66,17 @@ class TestConfigure:
         assert second == {"event": "disk_low", "path": "/content", "free_bytes": 1024,
                           "schema": 1, "level": "warning"}
 
+    def test_a_log_call_returns_none(self, tmp_path: Path) -> None:
+        """While configured, structlog's configuration is the process's: a log call, ours or the
+        user's own, writes its line and returns None (a notebook shows any other value)."""
+        import structlog
+
+        path = tmp_path / "run.jsonl"
+        log.configure(path, console=None, env={})
+        assert log.get_logger().info("daemon_started") is None
+        assert structlog.get_logger().info("epoch_done", epoch=3) is None
+        assert [e["event"] for e in read_events(path)] == ["daemon_started", "epoch_done"]
+
     def test_given_ts_is_kept(self, tmp_path: Path) -> None:
         """An event that carries its own ts (the sample's clock) keeps it."""
         path = tmp_path / "run.jsonl"

@@ -642,6 +642,10 @@ class TestStartInsideACell:
         sw.stop()
         handle = sw.start(**cfg)
         assert handle.tracker.executing is False
+        sw.stop()
+        # a silent execution (a front end's start-up commands) reports no end: not counted
+        shell.run_cell("handle = sw.start(**cfg)", silent=True)
+        assert shell.user_ns["handle"].tracker.executing is False
 
 
 class TestEndAfterTraining:

@@ -44,13 +44,17 @@ _CELL_METHODS = frozenset({"run_cell", "run_cell_async", "_run_cell", "run_code"
 
 def _inside_cell(shell: Any) -> bool:
     """Whether this call comes from a cell that ``shell`` is executing: a frame of one of its
-    cell-running methods is on this thread's stack (an extension loaded at start-up is not)."""
+    cell-running methods is on this thread's stack (an extension loaded at start-up is not, nor a
+    silent execution, whose end no post_run_cell reports)."""
+    found = False
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name in _CELL_METHODS and frame.f_locals.get("self") is shell:
-            return True
+            if frame.f_locals.get("silent", False):
+                return False  # a silent execution (a front end's start-up commands): no end event
+            found = True
         frame = frame.f_back
-    return False
+    return found
 
 
 class WatchdogHandle:
