@@ -72,6 +72,28 @@ def transaction(tmp_path: Path, *, ckpt=None, action=None, **kw) -> EndTransacti
                           status=done_status(ckpt), end_action=("recorder", action), **kw)
 
 
+def idle_colab_watchdog(tmp_path: Path, probe: ScriptedProbe, clock: FakeClock,
+                        action: Optional[Recorder] = None, grace: str = "1ms",
+                        dry_run: bool = False, **kw) -> Watchdog:
+    """A Colab watchdog whose idle end comes after 10 min, with a recorded end action."""
+    config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
+                          platform="colab", idle_end_after="10m", grace=grace, dry_run=dry_run)
+    return Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
+                    session_start=NOW, probe=probe,
+                    end_action=("recorder", action if action is not None else Recorder()),
+                    confirm_after_s=0.0, **kw)
+
+
+def tick_minutes(dog: Watchdog, clock: FakeClock, minutes: range) -> List[int]:
+    """Tick once a minute; the minutes whose tick decided an end."""
+    ends = []
+    for minute in minutes:
+        dog.tick()
+        ends += [minute for d in dog.last_decisions if d.kind == "end"]
+        clock.advance(60.0)
+    return ends
+
+
 class TestEndDecisions:
     @pytest.mark.parametrize("alive, saving, state, child_exit, kw, expected", [
         (False, False, "completed", None, {}, [("end", "training_complete")]),
@@ -772,24 +794,14 @@ class TestEndReviewRegressions:
         probe = ScriptedProbe([idle])
         clock = FakeClock(NOW)
         rec = Recorder()
-        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"), platform="colab",
-                              idle_end_after="10m", grace="1s")
-        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock, session_start=NOW,
-                       probe=probe, end_action=("recorder", rec), confirm_after_s=0.0)
-        ends = []
-        for minute in range(0, 11):
-            dog.tick()
-            ends += [minute for d in dog.last_decisions if d.kind == "end"]
-            clock.advance(60.0)
+        dog = idle_colab_watchdog(tmp_path, probe, clock, rec, grace="1s")
+        ends = tick_minutes(dog, clock, range(0, 11))
         assert ends == [10]
         probe.script = [busy]  # a GPU job starts during the grace period
         dog.tick()
         assert dog.wait_end(10) == "aborted" and rec.calls == []
         probe.script = [idle]
-        for minute in range(11, 23):
-            dog.tick()
-            ends += [minute for d in dog.last_decisions if d.kind == "end"]
-            clock.advance(60.0)
+        ends += tick_minutes(dog, clock, range(11, 23))
         assert ends == [10, 21]
         assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
 
@@ -799,26 +811,14 @@ class TestEndReviewRegressions:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                                  start_new_session=True)
         try:
-            probe = ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])])
-            clock = FakeClock(NOW)
-            rec = Recorder()
-            config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
-                                  platform="colab", idle_end_after="10m", grace="1ms")
-            dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
-                           session_start=NOW, probe=probe, end_action=("recorder", rec),
-                           confirm_after_s=0.0, child_running=lambda: child.poll() is None)
-            ends = []
-            for minute in range(0, 15):
-                dog.tick()
-                ends += [minute for d in dog.last_decisions if d.kind == "end"]
-                clock.advance(60.0)
+            clock, rec = FakeClock(NOW), Recorder()
+            dog = idle_colab_watchdog(tmp_path, ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])]),
+                                      clock, rec, child_running=lambda: child.poll() is None)
+            ends = tick_minutes(dog, clock, range(0, 15))
             assert ends == [] and dog.last_sample.child_running
             child.kill()
             child.wait(60)
-            for minute in range(15, 27):
-                dog.tick()
-                ends += [minute for d in dog.last_decisions if d.kind == "end"]
-                clock.advance(60.0)
+            ends += tick_minutes(dog, clock, range(15, 27))
             assert ends == [25]
             # the action, and its one retry: the fake end action leaves this process alive
             assert dog.wait_end(120) == "ended" and len(rec.calls) == 2
@@ -833,13 +833,9 @@ class TestEndReviewRegressions:
         (idle_end_after) after its own first tick, not at once."""
         probe = ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])])
         clock = FakeClock(NOW)
-        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
-                              platform="colab", idle_end_after="10m", grace="1ms", dry_run=True)
 
         def daemon() -> Watchdog:
-            return Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
-                            session_start=NOW, probe=probe, end_action=("recorder", Recorder()),
-                            confirm_after_s=0.0)
+            return idle_colab_watchdog(tmp_path, probe, clock, dry_run=True)
         first = daemon()
         first.acquire()
         for _ in range(6):
@@ -848,14 +844,10 @@ class TestEndReviewRegressions:
         first.release()
         assert first.state.gpu_idle_since == 0.0
         clock.advance(2400.0)
-        again, ends = daemon(), []
+        again = daemon()
         again.acquire()
         try:
-            for minute in range(0, 11):
-                again.tick()
-                ends += [minute for d in again.last_decisions if d.kind == "end"]
-                clock.advance(60.0)
-            assert ends == [10]
+            assert tick_minutes(again, clock, range(0, 11)) == [10]
             assert again.wait_end(120) == "dry-run"
         finally:
             again.release()
@@ -871,17 +863,8 @@ class TestEndReviewRegressions:
         def running() -> bool:  # not running for the 11 ticks, running from the last check on
             asked.append(1)
             return len(asked) > 11
-        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
-                              platform="colab", idle_end_after="10m", grace="1ms")
-        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
-                       session_start=NOW, probe=probe, end_action=("recorder", rec),
-                       confirm_after_s=0.0, child_running=running)
-        ends = []
-        for minute in range(0, 11):
-            dog.tick()
-            ends += [minute for d in dog.last_decisions if d.kind == "end"]
-            clock.advance(60.0)
-        assert ends == [10]
+        dog = idle_colab_watchdog(tmp_path, probe, clock, rec, child_running=running)
+        assert tick_minutes(dog, clock, range(0, 11)) == [10]
         assert dog.wait_end(120) == "aborted" and rec.calls == []
 
     def test_an_aborted_end_on_a_full_disk_is_still_reported(self, tmp_path, monkeypatch):
@@ -892,11 +875,7 @@ class TestEndReviewRegressions:
         probe = ScriptedProbe([idle] * 11 + [busy])
         clock = FakeClock(NOW)
         rec, outcomes = Recorder(), []
-        config = Config.build(run_dir=str(tmp_path / "run"), log_file=str(tmp_path / "l"),
-                              platform="colab", idle_end_after="10m", grace="1ms")
-        dog = Watchdog(config, platform=platforms.Platform("colab", ("t",)), clock=clock,
-                       session_start=NOW, probe=probe, end_action=("recorder", rec),
-                       confirm_after_s=0.0, on_end=outcomes.append)
+        dog = idle_colab_watchdog(tmp_path, probe, clock, rec, on_end=outcomes.append)
         write = dog.run_dir.write
 
         def disk_full(name, obj):

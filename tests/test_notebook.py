@@ -115,6 +115,22 @@ class TrainerThread(threading.Thread):
 # --------------------------------------------------------------------------------------------
 
 
+# A cell's code: train 5 steps, complete() the Session, then go on working (an evaluation, an
+# upload) until two ticks of the watchdog have seen the completed training.
+TRAIN_COMPLETE_THEN_WATCH_TWO_TICKS = (
+    "for _ in range(5):\n"
+    "    training.step()\n"
+    "training.session.complete()\n"
+    "ticks = set()\n"
+    "def completed_seen():\n"
+    "    s = handle.watchdog.last_sample\n"
+    "    if s is not None and s.trainer.status is not None and "
+    "s.trainer.status.state == 'completed':\n"
+    "        ticks.add(handle.watchdog.ticks)\n"
+    "    return len(ticks) >= 2\n"
+    "wait_for(completed_seen)\n")
+
+
 class TestActivityTracker:
     def test_idle_counts_from_the_end_of_the_last_cell(self, clock):
         """While a cell runs idle is 0.0; after it ends idle grows with the clock."""
@@ -595,38 +611,6 @@ class TestTrainingInTheSameKernel:
         wait_for(lambda: handle.watchdog.state.outstanding is None)
 
 
-    def test_a_cell_that_goes_on_after_the_training_is_not_cut_off(self, shell, cfg, tmp_path):
-        """A Session completes in a cell that then goes on working (an evaluation, an upload):
-        ticks that see the completed training while the cell runs end nothing; once the cell
-        has finished, the end runs."""
-        handle = sw.start(**cfg, grace="0.1s", end_when_done=True, end_command="/bin/false")
-        calls: List[int] = []
-        handle.watchdog.end_action = ("recorder", lambda: calls.append(1) or "ok")
-        handle.watchdog.confirm_after_s = 0.0
-        shell.user_ns.update(training=TinyTraining(tmp_path, cfg["run_dir"]), handle=handle,
-                             wait_for=wait_for)
-        result = shell.run_cell(
-            "for _ in range(5):\n"
-            "    training.step()\n"
-            "training.session.complete()\n"
-            "ticks = set()\n"  # two ticks that see the completed training while this cell works
-            "def completed_seen():\n"
-            "    s = handle.watchdog.last_sample\n"
-            "    if s is not None and s.trainer.status is not None and "
-            "s.trainer.status.state == 'completed':\n"
-            "        ticks.add(handle.watchdog.ticks)\n"
-            "    return len(ticks) >= 2\n"
-            "wait_for(completed_seen)\n"
-            "seen, busy_end = handle.watchdog.last_sample, handle.watchdog.end\n")
-        assert result.success, result.error_in_exec
-        seen = shell.user_ns["seen"]
-        assert (seen.trainer.status.state, seen.trainer.alive, seen.notebook_idle_s) == \
-            ("completed", False, 0.0)
-        assert shell.user_ns["busy_end"] is None and calls == []
-        assert wait_for(lambda: handle.watchdog.end is not None)
-        assert handle.watchdog.wait_end(120) == "ended" and calls
-
-
 class TestStartInsideACell:
     def test_the_cell_that_starts_the_watchdog_counts_as_running(self, shell, cfg):
         """start() at the top of a cell (the README's pattern): that cell counts as running
@@ -661,23 +645,35 @@ class TestEndAfterTraining:
             "handle.watchdog.end_action = ('recorder', lambda: calls.append(1) or 'ok')\n"
             "handle.watchdog.confirm_after_s = 0.0\n"
             "training = TinyTraining(tmp_path, cfg['run_dir'])\n"
-            "for _ in range(5):\n"
-            "    training.step()\n"
-            "training.session.complete()\n"
-            "ticks = set()\n"
-            "def completed_seen():\n"
-            "    s = handle.watchdog.last_sample\n"
-            "    if s is not None and s.trainer.status is not None and "
-            "s.trainer.status.state == 'completed':\n"
-            "        ticks.add(handle.watchdog.ticks)\n"
-            "    return len(ticks) >= 2\n"
-            "wait_for(completed_seen)\n"
+            + TRAIN_COMPLETE_THEN_WATCH_TWO_TICKS +
             "busy_end, calls_then = handle.watchdog.end, list(calls)\n")
         assert result.success, result.error_in_exec
         handle = shell.user_ns["handle"]
         assert shell.user_ns["busy_end"] is None and shell.user_ns["calls_then"] == []
         assert wait_for(lambda: handle.watchdog.end is not None)
         assert handle.watchdog.wait_end(120) == "ended" and shell.user_ns["calls"]
+
+    def test_a_cell_that_goes_on_after_the_training_is_not_cut_off(self, shell, cfg, tmp_path):
+        """A Session completes in a cell that then goes on working (an evaluation, an upload):
+        ticks that see the completed training while the cell runs end nothing; once the cell
+        has finished, the end runs."""
+        handle = sw.start(**cfg, grace="0.1s", end_when_done=True, end_command="/bin/false")
+        calls: List[int] = []
+        handle.watchdog.end_action = ("recorder", lambda: calls.append(1) or "ok")
+        handle.watchdog.confirm_after_s = 0.0
+        shell.user_ns.update(training=TinyTraining(tmp_path, cfg["run_dir"]), handle=handle,
+                             wait_for=wait_for)
+        result = shell.run_cell(
+            TRAIN_COMPLETE_THEN_WATCH_TWO_TICKS +
+            "seen, busy_end = handle.watchdog.last_sample, handle.watchdog.end\n")
+        assert result.success, result.error_in_exec
+        seen = shell.user_ns["seen"]
+        assert (seen.trainer.status.state, seen.trainer.alive, seen.notebook_idle_s) == \
+            ("completed", False, 0.0)
+        assert shell.user_ns["busy_end"] is None and calls == []
+        assert wait_for(lambda: handle.watchdog.end is not None)
+        assert handle.watchdog.wait_end(120) == "ended" and calls
+
 
 class TestCancel:
     def test_cancel_stops_a_pending_end_in_this_kernel(self, cfg, tmp_path):
