@@ -671,6 +671,9 @@ class TestEndAfterTraining:
         assert (seen.trainer.status.state, seen.trainer.alive, seen.notebook_idle_s) == \
             ("completed", False, 0.0)
         assert shell.user_ns["busy_end"] is None and calls == []
+        said = [n.text().split("] ", 1)[1] for n in handle.notices() if n.kind == "info"]
+        assert said == ["note (training_complete): training completed; the runtime is ended "
+                        "once the running notebook cell or command has finished"]
         assert wait_for(lambda: handle.watchdog.end is not None)
         assert handle.watchdog.wait_end(120) == "ended" and calls
 

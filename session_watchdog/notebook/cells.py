@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
-_NOTICE_KINDS = ("warn", "request", "resend", "end")  # decisions worth showing to the user
+_NOTICE_KINDS = ("warn", "request", "resend", "end", "info")  # decisions worth showing the user
 _MAX_NOTICES = 100
 
 
@@ -103,7 +103,7 @@ class Notice:
     """One decision shown to the user. ``at`` is wall-clock epoch seconds (the sample's ``now``)."""
 
     at: float
-    kind: str  # warn | request | resend | end
+    kind: str  # warn | request | resend | end | info
     reason: str
     message: str
     action: Optional[str] = None
@@ -116,6 +116,8 @@ class Notice:
             what = f"{self.action} requested"
         elif self.kind == "end":
             what = "ending the runtime"
+        elif self.kind == "info":
+            what = "note"
         else:
             what = f"{self.action} request sent again"
         return f"[session-watchdog {clock}] {what} ({self.reason}): {self.message}"
