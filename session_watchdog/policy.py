@@ -109,8 +109,8 @@ class PolicyState:
     step_intervals: Tuple[float, ...] = ()
     idle_requested_elapsed: Optional[float] = None  # elapsed of the last idle-reclaim request
     # Elapsed when the runtime was last seen fall out of use (no live trainer, no save, no
-    # running_work: a watched command or a notebook cell); None while in use. The idle end counts from the later of this
-    # and gpu_idle_since: a command's CPU-only stage is not a forgotten runtime.
+    # running_work: a watched command or a notebook cell); None while in use. The idle end
+    # counts from the later of this and gpu_idle_since: a CPU-only stage is not forgotten.
     unused_since: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
