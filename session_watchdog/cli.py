@@ -704,6 +704,12 @@ def cmd_notify(args: argparse.Namespace) -> int:
     if not config.notify:
         raise UserError("no notification channel is configured; pass --notify URL or set "
                         "SESSION_WATCHDOG_NOTIFY")
+    # The sender's events (notify_sent, notify_failed) are said by the lines below; without a
+    # configuration of our own, structlog's default printed each one raw onto stdout. Not into
+    # the log file either: a running watchdog may be writing (and rotating) that one.
+    from session_watchdog import log
+
+    log.configure(None, console=None)
     results = notify.send_test_messages(config)
     for shown, ok, error in results:
         print(f"[{'ok  ' if ok else 'FAIL'}] {shown}" + ("" if ok else f"  {error}"))

@@ -562,6 +562,22 @@ class TestCommandLine:
         assert out[1].startswith(f"[FAIL] json://127.0.0.1:{bad.port}/***  ")
         assert good.titles() == ["session-watchdog: test message"]
 
+    def test_notify_test_prints_only_its_result_lines_in_a_fresh_process(self, servers, tmp_path):
+        """The real command in a process of its own (nothing configured structlog before it):
+        stdout holds the result line and nothing else, exit 0."""
+        import os
+        import subprocess
+        import sys
+
+        good = servers()
+        done = subprocess.run(
+            [sys.executable, "-m", "session_watchdog", "notify", "--test", "--notify",
+             f"json://127.0.0.1:{good.port}/a", "--run-dir", str(tmp_path / "run")],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            env={**os.environ, "SESSION_WATCHDOG_LOG_FILE": str(tmp_path / "log.jsonl")})
+        assert (done.returncode, done.stdout) == (0, f"[ok  ] json://127.0.0.1:{good.port}/***\n")
+        assert good.titles() == ["session-watchdog: test message"]
+
     def test_notify_without_channels_is_a_usage_error(self, capsys):
         """`notify --test` with nothing configured is one line naming the fix, exit 2."""
         assert cli.main(["notify", "--test"]) == 2
