@@ -330,6 +330,11 @@ class EndTransaction:
     def _step(self, step: str, **fields: Any) -> None:
         log.info("action", step=step, reason=self.reason, **fields)
 
+    def _cancelled(self, after: str = "; the runtime stays") -> str:
+        self._step("end_cancelled", by=self.cancelled_by,
+                   message=f"cancelled ({self.cancelled_by}){after}")
+        return "cancelled"
+
     def _cancel_requested(self, since: float) -> bool:
         if self.cancelled.is_set():
             return True
@@ -419,9 +424,7 @@ class EndTransaction:
         deadline = self.monotonic() + self.grace_s
         while True:
             if self._cancel_requested(started_wall):
-                self._step("end_cancelled", by=self.cancelled_by,
-                           message=f"cancelled ({self.cancelled_by}); the runtime stays")
-                return "cancelled"
+                return self._cancelled()
             left = deadline - self.monotonic()
             if left <= 0:
                 break
@@ -445,18 +448,14 @@ class EndTransaction:
             return "dry-run"
         # A cancel (or a stop of the watchdog) that came during the last check still counts.
         if self._cancel_requested(started_wall):
-            self._step("end_cancelled", by=self.cancelled_by,
-                       message=f"cancelled ({self.cancelled_by}); the runtime stays")
-            return "cancelled"
+            return self._cancelled()
         if settled != "not-on-drive":
             # the last moment to push Drive's cache (flush_and_unmount where google.colab is there)
             self._step("end_flush", result=self.flush(paths, unmount=True))
             again = "mount Drive again (drive.mount) before saving to it"
             if self._cancel_requested(started_wall):
-                self._step("end_cancelled", by=self.cancelled_by,
-                           message=f"cancelled ({self.cancelled_by}) after Drive was flushed "
-                                   f"and unmounted; the runtime stays: {again}")
-                return "cancelled"
+                return self._cancelled(f" after Drive was flushed and unmounted; the runtime "
+                                       f"stays: {again}")
             # The flush can take minutes (uploads): look once more at what it may have missed.
             problem = self.safe_now() if self.safe_now is not None else None
             if problem is not None:

@@ -633,9 +633,7 @@ class Watchdog:
         # tick that hangs (its thread is a daemon thread that the exit leaves behind).
         if self._state_unsaved and self._lock.held and self._tick_lock.acquire(timeout=5.0):
             try:
-                self._save_state()
-            except (channel.ChannelError, OSError) as err:
-                log.warning("state_not_saved", error=str(err))
+                self._save_state_or_say()
             finally:
                 self._tick_lock.release()
         if self.notify is not None:
