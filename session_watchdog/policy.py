@@ -530,8 +530,10 @@ def _hang_rule(config: Config, t: _Tick, sample: Sample, active: bool) -> bool:
     if status.step > last:
         if not t.state.progress_skip and TRAINER_HUNG not in t.state.episodes:
             learned = (t.state.step_intervals + (round(elapsed - since, 3),))[-HANG_WINDOW:]
-            t.update(step_intervals=learned)
-        t.update(progress_step=status.step, progress_since=elapsed, progress_skip=False)
+            t.update(step_intervals=learned, progress_step=status.step, progress_since=elapsed,
+                     progress_skip=False)
+        else:
+            t.update(progress_step=status.step, progress_since=elapsed, progress_skip=False)
         return False
     timeout = hang_timeout(config, t.state.step_intervals)
     stuck = elapsed - since

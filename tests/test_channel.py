@@ -432,6 +432,36 @@ class TestReadJson:
             run.read_request()
         assert str(info.value) == f"{run.file(channel.REQUEST_FILE)} is a symlink; refusing to read it"
 
+    def test_reading_leaves_the_access_time_alone(self, run_dir: RunDir) -> None:
+        """The daemon's read of a fresh trainer.json does not write its access time back (relatime
+        would: the access time is older than the change)."""
+        run_dir.write(channel.TRAINER_FILE, _status_obj())
+        path = run_dir.file(channel.TRAINER_FILE)
+        os.utime(path, ns=(1_000_000_000, path.stat().st_mtime_ns))
+        assert run_dir.read_status() is not None
+        assert path.stat().st_atime_ns == 1_000_000_000
+
+    def test_a_file_of_another_owner_is_read_without_noatime(
+            self, run_dir: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where the kernel refuses O_NOATIME (EPERM: not the file's owner) the file is still
+        read, and later reads stop asking for it."""
+        run_dir.write(channel.TRAINER_FILE, _status_obj())
+        expected = TrainerStatus.from_json(_status_obj())
+        asked: List[bool] = []
+        real_open = os.open
+
+        def open_as_non_owner(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            asked.append(bool(flags & os.O_NOATIME))
+            if flags & os.O_NOATIME:
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+            return real_open(name, flags, *args, **kwargs)
+
+        monkeypatch.setattr(channel, "_noatime_refused", False)
+        monkeypatch.setattr(os, "open", open_as_non_owner)
+        assert run_dir.read_status() == expected
+        assert run_dir.read_status() == expected
+        assert asked == [True, False, False]
+
 
 class TestQuarantine:
     def test_moves_file_to_bad(self, tmp_path: Path) -> None:
