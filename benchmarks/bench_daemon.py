@@ -222,7 +222,8 @@ def _watch(seconds: float, scratch: Path, trainer: bool, live: bool, env: Dict[s
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (log.exists() and b'"sample"' in log.read_bytes()):
         if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited: {proc.stderr.read().decode()[-2000:]}")
+            err = proc.stderr.read().decode() if proc.stderr is not None else ""
+            raise RuntimeError(f"the daemon exited: {err[-2000:]}")
         time.sleep(0.2)
     cpu0, t0, load0 = cpu_seconds(proc.pid), time.monotonic(), load()
     naive0 = naive_seconds()
@@ -387,11 +388,12 @@ def tick_vs_true(ticks: int, scratch: Path, gpus: int = 8, trainer: bool = False
                        max_session="12h", watch_paths=str(scratch))
     log.configure(cfg.log_file, console=None)
     nvml = probes.Nvml() if live else probes.Nvml(module=StandInNvml(gpu_state(gpus)))
-    probe = probes.SystemProbe(channel.RunDir(Path(cfg.run_dir)), cfg.watch_paths, nvml=nvml)
+    assert cfg.run_dir is not None  # given above
+    probe = probes.SystemProbe(channel.RunDir(cfg.run_dir), cfg.watch_paths, nvml=nvml)
     dog = Watchdog(cfg, platform=platforms.Platform("generic", ("bench",)), probe=probe)
     held = None
     if trainer:
-        run_dir = channel.RunDir(Path(cfg.run_dir))
+        run_dir = channel.RunDir(cfg.run_dir)
         held = run_dir.lock(channel.RUN_LOCK)
         held.acquire()
         now = time.time()
