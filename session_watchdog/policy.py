@@ -91,6 +91,9 @@ class PolicyState:
     done: FrozenSet[str] = frozenset()  # one-shot rules already carried out (per trainer)
     episodes: FrozenSet[str] = frozenset()  # conditions active now (warn once per episode)
     trainer_pid: Optional[int] = None
+    # With trainer_pid, which trainer that is (trainer_identity): every Session in one notebook
+    # kernel reports the kernel's pid. None: not known yet (or a state saved before it was kept).
+    trainer_started: Optional[float] = None
     last_checkpoint_elapsed: Optional[float] = None
     periodic_base_elapsed: Optional[float] = None
     gpu_idle_since: Optional[float] = None
@@ -139,6 +142,7 @@ class PolicyState:
             done=frozenset(str(x) for x in obj.get("done", [])),
             episodes=frozenset(str(x) for x in obj.get("episodes", [])),
             trainer_pid=None if obj.get("trainer_pid") is None else int(obj["trainer_pid"]),
+            trainer_started=_opt_float(obj.get("trainer_started")),
             last_checkpoint_elapsed=_opt_float(obj.get("last_checkpoint_elapsed")),
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
@@ -161,6 +165,16 @@ def _rid_prefix(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 32 or not value.isalnum() or not value.isascii():
         raise ValueError("rid_prefix is not 1-32 ASCII letters and digits")
     return value
+
+
+def trainer_identity(status: TrainerStatus) -> float:
+    """When the trainer's Session started: with its pid, which trainer this is.
+
+    The Session's own start (``extra["session_started"]``), not the process's: a notebook
+    kernel runs one Session after another in the same process. A trainer that does not report
+    it is known by its process's create time.
+    """
+    return _positive(status.extra.get("session_started")) or status.start_time
 
 
 def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:
@@ -280,15 +294,21 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     status = trainer.status
     lead = lead_time(config, sample)
 
-    # A new trainer process is a new audience: one-shot requests apply to it again (the
-    # session warnings were for the user, not the trainer, and stay said).
-    if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
-        if t.state.trainer_pid is None:
-            # The first trainer we know by pid: the requests so far were addressed to it (it held
+    # A new trainer - a new process, or a new Session in the same notebook kernel - is a new
+    # audience: one-shot requests apply to it again (the session warnings were for the user,
+    # not the trainer, and stay said), and an earlier run's failure is not its own.
+    started = trainer_identity(status) if status is not None else None
+    if status is not None and trainer.alive and (
+            status.pid != t.state.trainer_pid or started != t.state.trainer_started):
+        if t.state.trainer_pid is None or (status.pid == t.state.trainer_pid
+                                           and t.state.trainer_started is None):
+            # The first trainer we know (or know by pid only: a state saved before
+            # trainer_started was kept): the requests so far were addressed to it (it held
             # run.lock before its first trainer.json), so keep them.
-            t.update(trainer_pid=status.pid)
+            t.update(trainer_pid=status.pid, trainer_started=started)
         else:
-            t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
+            t.update(trainer_pid=status.pid, trainer_started=started, outstanding=None,
+                     periodic_base_elapsed=elapsed,
                      failed=False, done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED),
                      progress_step=None, progress_since=None, progress_skip=True)
 
