@@ -631,7 +631,9 @@ def running_work(sample: Sample) -> bool:
                                     and sample.notebook_idle_s <= 0.0)
 
 
-def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Optional[str]:
+def end_blocker(config: Config, reason: str, sample: Optional[Sample],
+                decided: Optional[Sample] = None,
+                state: Optional[PolicyState] = None) -> Optional[str]:
     """Why an end decided earlier must not happen now (the last check before the end action).
 
     The end transaction asks this with a sample taken after the grace period, right before the
@@ -640,6 +642,11 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
     command started during the grace period). The idle path needs a known, idle reading of
     every GPU; a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
     stop it here: the transaction holds both locks.)
+
+    On the idle path, with ``decided`` (the sample the end was decided on) and the daemon's
+    ``state`` now, use since the decision stops it too, even when it is over: a cell that ran
+    and finished during the grace period, a command that exited since, or a tick that saw the
+    runtime in use (``unused_since`` moved past the decision).
     """
     if sample is None:
         return "no fresh reading after the grace period; not ending the runtime"
@@ -651,6 +658,21 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
     if running_work(sample):
         return "a watched command or a notebook cell is running; not ending the runtime"
+    if reason == IDLE_END and decided is not None:
+        return _used_since(decided, sample, state)
+    return None
+
+
+def _used_since(decided: Sample, sample: Sample, state: Optional[PolicyState]) -> Optional[str]:
+    """Why the runtime is not idle any more: it was used after the idle end was decided."""
+    if sample.notebook_idle_s is not None \
+            and sample.elapsed_s - sample.notebook_idle_s > decided.elapsed_s:
+        return "a notebook cell ran during the grace period; not ending an idle runtime"
+    if sample.child_exit != decided.child_exit:
+        return "a watched command ran during the grace period; not ending an idle runtime"
+    if state is not None and (state.unused_since is None or state.unused_since > decided.elapsed_s):
+        return ("a trainer, a command or a notebook cell ran during the grace period; not ending "
+                "an idle runtime")
     return None
 
 
