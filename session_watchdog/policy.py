@@ -693,12 +693,25 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
     if outcome == "failed" and not t.state.failed:
         t.update(failed=True)
     if outcome == "failed":
-        if config.end_when_done and config.end_on_failure and not trainer.alive:
-            if "end" not in t.state.done and not running_work(sample):
-                t.decisions.append(Decision(
-                    "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
-                    data={"child_exit": sample.child_exit, **_traceback(sample)}))
-                t.mark_done("end")
+        ending = config.end_when_done and config.end_on_failure
+        if ending and "end" in t.state.done:
+            return  # decided already (or cancelled by the user): nothing more to say
+        if ending and trainer.alive:
+            t.warn_once("training_failed", TRAINING_FAILED,
+                        "training failed: the runtime is ended (end_on_failure) once the trainer "
+                        "has exited", child_exit=sample.child_exit, **_traceback(sample))
+        elif ending and running_work(sample):
+            # Said when the failure is seen, as the completion path says it: the end itself
+            # may come much later (an upload cell).
+            t.say_once("info", "end_waits_for_work", TRAINING_FAILED,
+                       "training failed; the runtime is ended (end_on_failure) once the running "
+                       "notebook cell or command has finished",
+                       child_exit=sample.child_exit, **_traceback(sample))
+        elif ending:
+            t.decisions.append(Decision(
+                "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
+                data={"child_exit": sample.child_exit, **_traceback(sample)}))
+            t.mark_done("end")
         else:
             t.warn_once("training_failed", TRAINING_FAILED,
                         "training failed: the runtime is left running"

@@ -186,7 +186,8 @@ class TestEndDecisions:
         ("failed", {"end_on_failure": True}, "training_failed")])
     def test_a_cell_still_running_after_the_training_delays_its_end(self, state, kw, reason):
         """A notebook Session completed (or failed, with end_on_failure) while a cell still runs
-        (an evaluation, an upload): no end until a tick sees no cell running."""
+        (an evaluation, an upload): no end until a tick sees no cell running; the wait is said
+        once, when the outcome is seen."""
         ends, said = [], []
         state_, done = PolicyState(), done_status(None, state)
         for elapsed, notebook_idle in [(10.0, 0.0), (600.0, 0.0), (605.0, 3.0)]:
@@ -198,7 +199,22 @@ class TestEndDecisions:
         assert ends == [(605.0, reason)]
         assert said == ([(10.0, "training completed; the runtime is ended once the running "
                                 "notebook cell or command has finished")]
-                        if state == "completed" else [])
+                        if state == "completed" else
+                        [(10.0, "training failed; the runtime is ended (end_on_failure) once the "
+                                "running notebook cell or command has finished")])
+
+    def test_a_failed_trainer_still_alive_is_not_told_to_set_end_on_failure(self):
+        """A failed Session that still holds run.lock, with end_on_failure set: the failure is
+        warned at once, saying the end waits for the trainer, and the end follows its exit."""
+        failed = done_status(None, "failed")
+        state, said = PolicyState(), []
+        for elapsed, alive in [(10.0, True), (20.0, True), (30.0, False)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=alive, trainer_status=failed)
+            state, decisions = decide(cfg(end_on_failure=True), state, s)
+            said += [(elapsed, d.kind, d.message) for d in decisions if d.reason == "training_failed"]
+        assert said == [(10.0, "warn", "training failed: the runtime is ended (end_on_failure) "
+                                       "once the trainer has exited"),
+                        (30.0, "end", "training failed; ending the runtime (end_on_failure)")]
 
     def test_a_short_cell_between_two_ticks_restarts_the_idle_clock(self):
         """Cells shorter than a tick (never seen running): the idle end counts from the end of
