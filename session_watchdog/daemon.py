@@ -351,7 +351,9 @@ class Watchdog:
         def safe_now() -> Optional[str]:
             # A reading taken now, after the grace period: the last tick's may be older than a
             # GPU that turned unknown or busy since (issue 18).
-            return end_blocker(self.config, decision.reason, self._fresh_sample())
+            # with what the end was decided on and the state now: use since the decision
+            return end_blocker(self.config, decision.reason, self._fresh_sample(), sample,
+                               self.state)
 
         self.end = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,

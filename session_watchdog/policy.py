@@ -91,6 +91,9 @@ class PolicyState:
     done: FrozenSet[str] = frozenset()  # one-shot rules already carried out (per trainer)
     episodes: FrozenSet[str] = frozenset()  # conditions active now (warn once per episode)
     trainer_pid: Optional[int] = None
+    # With trainer_pid, which trainer that is (trainer_identity): every Session in one notebook
+    # kernel reports the kernel's pid. None: not known yet (or a state saved before it was kept).
+    trainer_started: Optional[float] = None
     last_checkpoint_elapsed: Optional[float] = None
     periodic_base_elapsed: Optional[float] = None
     gpu_idle_since: Optional[float] = None
@@ -139,6 +142,7 @@ class PolicyState:
             done=frozenset(str(x) for x in obj.get("done", [])),
             episodes=frozenset(str(x) for x in obj.get("episodes", [])),
             trainer_pid=None if obj.get("trainer_pid") is None else int(obj["trainer_pid"]),
+            trainer_started=_opt_float(obj.get("trainer_started")),
             last_checkpoint_elapsed=_opt_float(obj.get("last_checkpoint_elapsed")),
             periodic_base_elapsed=_opt_float(obj.get("periodic_base_elapsed")),
             gpu_idle_since=_opt_float(obj.get("gpu_idle_since")),
@@ -161,6 +165,16 @@ def _rid_prefix(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 32 or not value.isalnum() or not value.isascii():
         raise ValueError("rid_prefix is not 1-32 ASCII letters and digits")
     return value
+
+
+def trainer_identity(status: TrainerStatus) -> float:
+    """When the trainer's Session started: with its pid, which trainer this is.
+
+    The Session's own start (``extra["session_started"]``), not the process's: a notebook
+    kernel runs one Session after another in the same process. A trainer that does not report
+    it is known by its process's create time.
+    """
+    return _positive(status.extra.get("session_started")) or status.start_time
 
 
 def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:
@@ -280,15 +294,21 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     status = trainer.status
     lead = lead_time(config, sample)
 
-    # A new trainer process is a new audience: one-shot requests apply to it again (the
-    # session warnings were for the user, not the trainer, and stay said).
-    if status is not None and status.pid != t.state.trainer_pid and trainer.alive:
-        if t.state.trainer_pid is None:
-            # The first trainer we know by pid: the requests so far were addressed to it (it held
+    # A new trainer - a new process, or a new Session in the same notebook kernel - is a new
+    # audience: one-shot requests apply to it again (the session warnings were for the user,
+    # not the trainer, and stay said), and an earlier run's failure is not its own.
+    started = trainer_identity(status) if status is not None else None
+    if status is not None and trainer.alive and (
+            status.pid != t.state.trainer_pid or started != t.state.trainer_started):
+        if t.state.trainer_pid is None or (status.pid == t.state.trainer_pid
+                                           and t.state.trainer_started is None):
+            # The first trainer we know (or know by pid only: a state saved before
+            # trainer_started was kept): the requests so far were addressed to it (it held
             # run.lock before its first trainer.json), so keep them.
-            t.update(trainer_pid=status.pid)
+            t.update(trainer_pid=status.pid, trainer_started=started)
         else:
-            t.update(trainer_pid=status.pid, outstanding=None, periodic_base_elapsed=elapsed,
+            t.update(trainer_pid=status.pid, trainer_started=started, outstanding=None,
+                     periodic_base_elapsed=elapsed,
                      failed=False, done=frozenset(k for k in t.state.done if k not in TRAINER_SCOPED),
                      progress_step=None, progress_since=None, progress_skip=True)
 
@@ -611,7 +631,9 @@ def running_work(sample: Sample) -> bool:
                                     and sample.notebook_idle_s <= 0.0)
 
 
-def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Optional[str]:
+def end_blocker(config: Config, reason: str, sample: Optional[Sample],
+                decided: Optional[Sample] = None,
+                state: Optional[PolicyState] = None) -> Optional[str]:
     """Why an end decided earlier must not happen now (the last check before the end action).
 
     The end transaction asks this with a sample taken after the grace period, right before the
@@ -620,6 +642,11 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
     command started during the grace period). The idle path needs a known, idle reading of
     every GPU; a training-complete end makes no claim about GPUs. (A live trainer or a running save cannot
     stop it here: the transaction holds both locks.)
+
+    On the idle path, with ``decided`` (the sample the end was decided on) and the daemon's
+    ``state`` now, use since the decision stops it too, even when it is over: a cell that ran
+    and finished during the grace period, a command that exited since, or a tick that saw the
+    runtime in use (``unused_since`` moved past the decision).
     """
     if sample is None:
         return "no fresh reading after the grace period; not ending the runtime"
@@ -631,6 +658,21 @@ def end_blocker(config: Config, reason: str, sample: Optional[Sample]) -> Option
         return "a GPU is busy or its reading is unknown; not ending an idle runtime"
     if running_work(sample):
         return "a watched command or a notebook cell is running; not ending the runtime"
+    if reason == IDLE_END and decided is not None:
+        return _used_since(decided, sample, state)
+    return None
+
+
+def _used_since(decided: Sample, sample: Sample, state: Optional[PolicyState]) -> Optional[str]:
+    """Why the runtime is not idle any more: it was used after the idle end was decided."""
+    if sample.notebook_idle_s is not None \
+            and sample.elapsed_s - sample.notebook_idle_s > decided.elapsed_s:
+        return "a notebook cell ran during the grace period; not ending an idle runtime"
+    if sample.child_exit != decided.child_exit:
+        return "a watched command ran during the grace period; not ending an idle runtime"
+    if state is not None and (state.unused_since is None or state.unused_since > decided.elapsed_s):
+        return ("a trainer, a command or a notebook cell ran during the grace period; not ending "
+                "an idle runtime")
     return None
 
 
@@ -651,12 +693,25 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
     if outcome == "failed" and not t.state.failed:
         t.update(failed=True)
     if outcome == "failed":
-        if config.end_when_done and config.end_on_failure and not trainer.alive:
-            if "end" not in t.state.done and not running_work(sample):
-                t.decisions.append(Decision(
-                    "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
-                    data={"child_exit": sample.child_exit, **_traceback(sample)}))
-                t.mark_done("end")
+        ending = config.end_when_done and config.end_on_failure
+        if ending and "end" in t.state.done:
+            return  # decided already (or cancelled by the user): nothing more to say
+        if ending and trainer.alive:
+            t.warn_once("training_failed", TRAINING_FAILED,
+                        "training failed: the runtime is ended (end_on_failure) once the trainer "
+                        "has exited", child_exit=sample.child_exit, **_traceback(sample))
+        elif ending and running_work(sample):
+            # Said when the failure is seen, as the completion path says it: the end itself
+            # may come much later (an upload cell).
+            t.say_once("info", "end_waits_for_work", TRAINING_FAILED,
+                       "training failed; the runtime is ended (end_on_failure) once the running "
+                       "notebook cell or command has finished",
+                       child_exit=sample.child_exit, **_traceback(sample))
+        elif ending:
+            t.decisions.append(Decision(
+                "end", TRAINING_FAILED, "training failed; ending the runtime (end_on_failure)",
+                data={"child_exit": sample.child_exit, **_traceback(sample)}))
+            t.mark_done("end")
         else:
             t.warn_once("training_failed", TRAINING_FAILED,
                         "training failed: the runtime is left running"

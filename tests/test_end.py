@@ -186,7 +186,8 @@ class TestEndDecisions:
         ("failed", {"end_on_failure": True}, "training_failed")])
     def test_a_cell_still_running_after_the_training_delays_its_end(self, state, kw, reason):
         """A notebook Session completed (or failed, with end_on_failure) while a cell still runs
-        (an evaluation, an upload): no end until a tick sees no cell running."""
+        (an evaluation, an upload): no end until a tick sees no cell running; the wait is said
+        once, when the outcome is seen."""
         ends, said = [], []
         state_, done = PolicyState(), done_status(None, state)
         for elapsed, notebook_idle in [(10.0, 0.0), (600.0, 0.0), (605.0, 3.0)]:
@@ -198,7 +199,22 @@ class TestEndDecisions:
         assert ends == [(605.0, reason)]
         assert said == ([(10.0, "training completed; the runtime is ended once the running "
                                 "notebook cell or command has finished")]
-                        if state == "completed" else [])
+                        if state == "completed" else
+                        [(10.0, "training failed; the runtime is ended (end_on_failure) once the "
+                                "running notebook cell or command has finished")])
+
+    def test_a_failed_trainer_still_alive_is_not_told_to_set_end_on_failure(self):
+        """A failed Session that still holds run.lock, with end_on_failure set: the failure is
+        warned at once, saying the end waits for the trainer, and the end follows its exit."""
+        failed = done_status(None, "failed")
+        state, said = PolicyState(), []
+        for elapsed, alive in [(10.0, True), (20.0, True), (30.0, False)]:
+            s = sample(now=NOW + elapsed, elapsed=elapsed, alive=alive, trainer_status=failed)
+            state, decisions = decide(cfg(end_on_failure=True), state, s)
+            said += [(elapsed, d.kind, d.message) for d in decisions if d.reason == "training_failed"]
+        assert said == [(10.0, "warn", "training failed: the runtime is ended (end_on_failure) "
+                                       "once the trainer has exited"),
+                        (30.0, "end", "training failed; ending the runtime (end_on_failure)")]
 
     def test_a_short_cell_between_two_ticks_restarts_the_idle_clock(self):
         """Cells shorter than a tick (never seen running): the idle end counts from the end of
@@ -262,6 +278,30 @@ class TestEndBlocker:
         assert end_blocker(cfg(), reason, cell) == refused
         idle_kernel = dataclasses.replace(cell, notebook_idle_s=30.0)
         assert end_blocker(cfg(), reason, idle_kernel) is None
+
+    USED = "during the grace period; not ending an idle runtime"
+
+    @pytest.mark.parametrize("reason, fresh_kw, unused_since, expected", [
+        ("idle_end", {"notebook_idle_s": 720.0}, 0.0, None),                  # no cell since 0
+        ("idle_end", {"notebook_idle_s": 5.0}, 0.0, "a notebook cell ran " + USED),
+        ("idle_end", {"notebook_idle_s": 720.0, "child_exit": 0}, 0.0,
+         "a watched command ran " + USED),                                     # ran and exited
+        ("idle_end", {"notebook_idle_s": 720.0}, None,                         # a tick saw use
+         "a trainer, a command or a notebook cell ran " + USED),
+        ("idle_end", {"notebook_idle_s": 720.0}, 700.0,
+         "a trainer, a command or a notebook cell ran " + USED),
+        ("training_complete", {"notebook_idle_s": 5.0}, None, None),           # makes no idle claim
+    ])
+    def test_use_since_the_idle_end_was_decided_stops_it(self, reason, fresh_kw, unused_since,
+                                                          expected):
+        """Decided at 600 s with no cell since 0 s, checked at 720 s: a cell that ran and
+        finished in the grace period, a command that exited since, or a tick that saw the
+        runtime in use stops the idle end, though nothing runs at the check."""
+        decided = sample(now=NOW, elapsed=600.0, alive=False, gpus=[gpu(0, 0.0)],
+                         notebook_idle_s=600.0)
+        fresh = sample(now=NOW + 120, elapsed=720.0, alive=False, gpus=[gpu(0, 0.0)], **fresh_kw)
+        state = PolicyState(unused_since=unused_since, gpu_idle_since=0.0)
+        assert end_blocker(cfg(), reason, fresh, decided, state) == expected
 
 
 class TestTransaction:
@@ -866,6 +906,37 @@ class TestEndReviewRegressions:
         dog = idle_colab_watchdog(tmp_path, probe, clock, rec, child_running=running)
         assert tick_minutes(dog, clock, range(0, 11)) == [10]
         assert dog.wait_end(120) == "aborted" and rec.calls == []
+
+    @pytest.mark.parametrize("cell_ago, outcome", [(None, "ended"), (5.0, "aborted")])
+    def test_a_cell_that_ran_during_the_grace_aborts_the_idle_end(self, tmp_path, cell_ago,
+                                                                   outcome):
+        """A notebook cell that started and finished in the grace period (never seen running)
+        is seen by the last check: the idle end is aborted; without it the end goes ahead."""
+        class GraceProbe:
+            """Idle GPUs, no cell since the session began; the 12th reading (the end's last
+            check) comes 120 s after the decision (the fake clock stands still while the end
+            thread waits)."""
+
+            calls = 0
+
+            def sample(self, times):
+                self.calls += 1
+                grace = 120.0 if self.calls > 11 else 0.0
+                elapsed = times.elapsed_s + grace
+                idle = elapsed + 30.0 if cell_ago is None or not grace else cell_ago
+                return dataclasses.replace(
+                    sample(alive=False, gpus=[gpu(0, 0.0)], notebook_idle_s=idle),
+                    now=times.now + grace, elapsed_s=elapsed)
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = idle_colab_watchdog(tmp_path, GraceProbe(), clock, rec)  # type: ignore[arg-type]
+        ends = []
+        for minute in range(11):  # the end thread's reading comes after the 11th tick's
+            dog.tick()
+            ends += [minute for d in dog.last_decisions if d.kind == "end"]
+            if minute < 10:
+                clock.advance(60.0)
+        assert ends == [10]
+        assert dog.wait_end(120) == outcome and bool(rec.calls) == (outcome == "ended")
 
     def test_an_aborted_end_on_a_full_disk_is_still_reported(self, tmp_path, monkeypatch):
         """The idle end aborts (a GPU woke up in the grace period) while state.json cannot be

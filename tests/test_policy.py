@@ -181,6 +181,41 @@ class TestAcknowledgements:
         assert kinds(decisions) == [("request", "session_limit", "checkpoint")]
         assert decisions[0].seq == 2
 
+    def test_a_new_session_in_the_same_process_is_asked_again(self):
+        """A second Session in the same notebook kernel (same pid, a later session_started) is
+        a new trainer: the session rules apply to it again; a pid-only state adopts it."""
+        state = PolicyState(done=frozenset({"session_warn_3600", "session_warn_900"}))
+        first = status(heartbeat=NOW + 3260, extra={"session_started": NOW + 10.0})
+        state, _ = run(cfg(), [at(3260.0, trainer_status=first)], state)
+        assert (state.trainer_pid, state.trainer_started) == (4242, NOW + 10.0)
+        second = status(heartbeat=NOW + 3300, extra={"session_started": NOW + 3290.0})
+        again, (decisions,) = run(cfg(), [at(3300.0, trainer_status=second)], state)
+        assert kinds(decisions) == [("request", "session_limit", "checkpoint")]
+        assert decisions[0].seq == 2 and again.trainer_started == NOW + 3290.0
+        older = {k: v for k, v in state.to_json().items() if k != "trainer_started"}
+        adopted, (quiet,) = run(cfg(), [at(3265.0, trainer_status=first)],
+                                PolicyState.from_json(older))
+        assert quiet == [] and adopted.trainer_started == NOW + 10.0
+
+    def test_a_fixed_rerun_in_the_same_kernel_ends_the_runtime(self):
+        """A failed Session, then a fixed re-run in the same kernel that completes: the failure
+        was the first run's, so the completed run ends the runtime."""
+        config = cfg(max_session=OFF, end_when_done=True, end_on_failure=False)
+        ends = []
+        state = PolicyState()
+        for elapsed, alive, state_, started in [(0.0, True, "running", NOW - 5.0),
+                                                (600.0, False, "failed", NOW - 5.0),
+                                                (1200.0, True, "running", NOW + 1190.0),
+                                                (4800.0, False, "completed", NOW + 1190.0)]:
+            trainer = status(pid=777, state=state_, heartbeat=NOW + elapsed,
+                             extra={"session_started": started})
+            state, decisions = decide(config, state, at(elapsed, alive=alive, trainer_status=trainer,
+                                                        notebook_idle_s=5.0))
+            ends += [(elapsed, d.kind, d.reason) for d in decisions
+                     if d.reason.startswith("training_")]
+        assert ends == [(600.0, "warn", "training_failed"), (4800.0, "end", "training_complete")]
+        assert not state.failed
+
 
 class TestRamPressure:
     def test_low_available_ram_requests_a_checkpoint_once_per_episode(self):

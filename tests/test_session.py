@@ -218,6 +218,20 @@ class TestConstruction:
         assert status.start_time == psutil.Process().create_time()
         assert status.last_checkpoint is None
 
+    def test_a_second_session_in_the_process_is_a_new_trainer(
+            self, make_session: Callable[..., Session], run_dir: Path) -> None:
+        """Two Sessions in one process (a notebook kernel's re-run) report the same pid and
+        create time but their own session_started, so the daemon tells them apart."""
+        from session_watchdog.policy import trainer_identity
+
+        make_session().close()
+        first = status_of(run_dir)
+        make_session()
+        second = status_of(run_dir)
+        assert (second.pid, second.start_time) == (first.pid, first.start_time)
+        assert second.extra["session_started"] > first.extra["session_started"]
+        assert trainer_identity(second) == second.extra["session_started"] != trainer_identity(first)
+
 
 class TestStep:
     def test_step_does_no_protocol_io_in_the_training_thread(

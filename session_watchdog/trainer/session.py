@@ -299,7 +299,9 @@ class Session(_ResumingMixin):
         self._rids: Dict[int, Optional[str]] = {}  # seq -> rid of the requests read
         self._failed: Tuple[int, float] = (0, 0.0)  # (seq, monotonic) of a failed requested save
         self._last_checkpoint: Optional[CheckpointInfo] = None
-        self._extra: Dict[str, Any] = {}
+        # When this Session started: the daemon tells trainers apart by pid and this, since
+        # every Session in one notebook kernel has the kernel's pid (policy.trainer_identity).
+        self._extra: Dict[str, Any] = {"session_started": time.time()}
         self._step_time_s: Optional[float] = None
         self._elapsed_base = 0.0
         self._mono_start = time.monotonic()
