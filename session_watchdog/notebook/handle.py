@@ -38,23 +38,20 @@ class ConfigMismatchWarning(UserWarning):
 # The handle of the running watchdog
 
 
-_CELL_METHODS = frozenset({"run_cell", "run_cell_async", "_run_cell", "run_code",
-                           "run_ast_nodes"})
-
-
 def _inside_cell(shell: Any) -> bool:
-    """Whether this call comes from a cell that ``shell`` is executing: a frame of one of its
-    cell-running methods is on this thread's stack (an extension loaded at start-up is not, nor a
-    silent execution, whose end no post_run_cell reports)."""
-    found = False
+    """Whether this call comes from a cell that ``shell`` is executing and whose end a
+    post_run_cell will report: a frame of a non-silent ``run_cell_async`` of ``shell`` (the
+    method that fires pre_run_cell) is on this thread's stack. An extension loaded at start-up is
+    in no cell, nor a silent execution (a front end's start-up commands) alone; but the silent
+    cells that ``%run train.ipy`` / ``%run train.ipynb`` execute run inside the user's own cell,
+    which still runs."""
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name in _CELL_METHODS and frame.f_locals.get("self") is shell:
-            if frame.f_locals.get("silent", False):
-                return False  # a silent execution (a front end's start-up commands): no end event
-            found = True
+        if (frame.f_code.co_name == "run_cell_async" and frame.f_locals.get("self") is shell
+                and not frame.f_locals.get("silent", False)):
+            return True
         frame = frame.f_back
-    return found
+    return False
 
 
 class WatchdogHandle:
