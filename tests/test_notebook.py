@@ -317,6 +317,33 @@ class TestActivityHooks:
         clock.advance(7)
         assert handle.tracker.idle_s() == 7.0
 
+    def test_a_cell_run_from_inside_a_cell_leaves_the_outer_cell_running(
+            self, shell, cfg, clock):
+        """A nested ``get_ipython().run_cell()`` fires its own pre/post_run_cell: the outer
+        cell still counts as running after the inner one ended, and idle counts from the end
+        of the outer cell."""
+        handle = sw.start(**cfg, _clock=clock)
+        shell.user_ns.update(clock=clock, tracker=handle.tracker)
+        clock.advance(600)
+        result = shell.run_cell("get_ipython().run_cell('y = 1')\n"
+                                "clock.advance(5)\n"
+                                "after_inner = (tracker.executing, tracker.idle_s(), "
+                                "tracker.idle_before_cell_s())\n")
+        assert result.success, result.error_in_exec
+        assert shell.user_ns["after_inner"] == (True, 0.0, 600.0)
+        clock.advance(7)
+        assert (handle.tracker.executing, handle.tracker.idle_s()) == (False, 7.0)
+
+    def test_start_in_a_cell_run_from_inside_a_cell_counts_both_cells(self, shell, cfg):
+        """start() inside a nested non-silent run_cell(): the outer cell still runs after the
+        inner one (with start() in it) ended."""
+        shell.user_ns.update(sw=sw, cfg=cfg)
+        result = shell.run_cell("get_ipython().run_cell('handle = sw.start(**cfg)')\n"
+                                "after_inner = handle.tracker.executing\n")
+        assert result.success, result.error_in_exec
+        assert shell.user_ns["after_inner"] is True
+        assert shell.user_ns["handle"].tracker.executing is False
+
     def test_the_idle_warning_names_wait_and_prints_in_the_next_cell(
             self, shell, cfg, clock, capsys):
         """31 min without a cell: an idle_reclaim warning, logged, printed once by the next cell."""

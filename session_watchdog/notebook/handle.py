@@ -38,20 +38,21 @@ class ConfigMismatchWarning(UserWarning):
 # The handle of the running watchdog
 
 
-def _inside_cell(shell: Any) -> bool:
-    """Whether this call comes from a cell that ``shell`` is executing and whose end a
-    post_run_cell will report: a frame of a non-silent ``run_cell_async`` of ``shell`` (the
-    method that fires pre_run_cell) is on this thread's stack. An extension loaded at start-up is
+def _cells_around(shell: Any) -> int:
+    """How many cells that ``shell`` is executing this call comes from, each with a
+    post_run_cell still to come: the frames of non-silent ``run_cell_async`` calls of ``shell``
+    (the method that fires pre_run_cell) on this thread's stack. An extension loaded at start-up is
     in no cell, nor a silent execution (a front end's start-up commands) alone; but the silent
     cells that ``%run train.ipy`` / ``%run train.ipynb`` execute run inside the user's own cell,
-    which still runs."""
+    which still runs, and a cell may run another (``get_ipython().run_cell()``)."""
+    cells = 0
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         if (frame.f_code.co_name == "run_cell_async" and frame.f_locals.get("self") is shell
                 and not frame.f_locals.get("silent", False)):
-            return True
+            cells += 1
         frame = frame.f_back
-    return False
+    return cells
 
 
 class WatchdogHandle:
@@ -155,7 +156,7 @@ class WatchdogHandle:
         shell.events.register("post_run_cell", post)
         self._shell = shell
         self.tracker.attached = True
-        if _inside_cell(shell):
+        for _ in range(_cells_around(shell)):
             # This cell's pre_run_cell came before the hook: it runs (`start()` at the top of a
             # training cell). Its post_run_cell, registered now, ends it.
             self.tracker.pre_run_cell()
