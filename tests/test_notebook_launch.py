@@ -193,6 +193,23 @@ class TestLaunch:
         (tmp_path / "finish").touch()
         assert sw.wait(poll=0.05, view="text", file=io.StringIO()).reason == "completed"
 
+    def test_a_fixed_launch_after_a_failed_one_is_judged_afresh(self, shell, cfg, reap):
+        """A launched command fails (exit 1), then the fixed one exits 0: the new run is judged
+        on its own, as a new command under ``run`` is, so end_when_done ends the runtime."""
+        handle = sw.start(**cfg, grace="0.1s", end_when_done=True, end_command="/bin/false")
+        calls: List[int] = []
+        handle.watchdog.end_action = ("recorder", lambda: calls.append(1) or "ok")
+        handle.watchdog.confirm_after_s = 0.0
+        first = sw.launch([sys.executable, "-c", "raise SystemExit(1)"])
+        reap.append(first.pid)
+        wait_for(lambda: handle.watchdog.state.failed, "the failure", timeout=DEADLINE_S)
+        assert handle.watchdog.end is None
+        second = sw.launch([sys.executable, "-c", "print('trained')"])
+        reap.append(second.pid)
+        wait_for(lambda: handle.watchdog.end is not None, "the end", timeout=DEADLINE_S)
+        assert handle.watchdog.wait_end(DEADLINE_S) == "ended" and calls
+        assert second.exit_code() == 0 and handle.watchdog.state.failed is False
+
     @pytest.mark.parametrize("argv", ["python train.py", []])
     def test_a_command_that_is_not_a_list_is_refused(self, shell, cfg, argv):
         """A string or an empty list raises ValueError naming the expected form."""

@@ -216,11 +216,17 @@ class WatchdogHandle:
 
     def _track(self, launched: Launched) -> None:
         """Watch ``launched`` like ``run`` watches its child: the end of the runtime waits for it,
-        its exit code counts, and a command that never builds a Session is named."""
-        self.launched = launched
-        self.watchdog.child_running = lambda: launched.running
-        if hasattr(self.watchdog.probe, "child_exit"):
-            self.watchdog.probe.child_exit = launched.exit_code
+        its exit code counts, and a command that never builds a Session is named. A new
+        command is a new run to judge, as under ``run``: an earlier launch's failure does not
+        keep the runtime."""
+        wd = self.watchdog
+        with wd._tick_lock:  # no tick between the new child and its fresh state
+            self.launched = launched
+            wd.child_running = lambda: launched.running
+            if hasattr(wd.probe, "child_exit"):
+                wd.probe.child_exit = launched.exit_code
+            wd._judge_new_child()
+            wd._save_state_or_say()
 
     def status(self) -> Status:
         """See :func:`status`."""
