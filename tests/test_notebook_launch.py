@@ -224,8 +224,10 @@ class TestLaunch:
         assert handle.watchdog.end is None
         second = sw.launch([sys.executable, "-c", "print('trained')"])
         reap.append(second.pid)
-        wait_for(lambda: handle.watchdog.end is not None, "the end", timeout=DEADLINE_S)
-        assert handle.watchdog.wait_end(DEADLINE_S) == "ended" and calls
+        # the outcome, not wait_end(): self.end is set before the end thread is started
+        wait_for(lambda: handle.watchdog.end is not None and handle.watchdog.end.outcome == "ended",
+                 "the end", timeout=DEADLINE_S)
+        assert calls
         assert second.exit_code() == 0 and handle.watchdog.state.failed is False
 
     @pytest.mark.parametrize("argv", ["python train.py", []])
