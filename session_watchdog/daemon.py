@@ -175,9 +175,7 @@ class Watchdog:
         if not self.state.rid_prefix:  # request ids unique to this daemon state (#18)
             self.state = dataclasses.replace(self.state, rid_prefix=channel.new_rid_prefix())
         if child_exit is not None:  # a new wrapped/attached process: a new run to judge
-            self.state = dataclasses.replace(
-                self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
-                child_since=None)
+            self._judge_new_child()
         self.last_sample: Optional[Sample] = None
         self.last_decisions: List[Decision] = []
         self.ticks = 0
@@ -192,6 +190,14 @@ class Watchdog:
         self._stop_check: Optional[Callable[[], None]] = None  # run()'s stop_when/run_for test
 
     # ---- state ------------------------------------------------------------------------------
+
+    def _judge_new_child(self) -> None:
+        """A new wrapped/attached process (``run``, a notebook's ``launch()``): a new run to
+        judge, not failed, its one-shot decisions due again. The caller holds ``_tick_lock``
+        (or is ``__init__``)."""
+        self.state = dataclasses.replace(
+            self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
+            child_since=None)
 
     def _load_state(self) -> PolicyState:
         path = self.run_dir.file(channel.STATE_FILE)

@@ -317,6 +317,33 @@ class TestActivityHooks:
         clock.advance(7)
         assert handle.tracker.idle_s() == 7.0
 
+    def test_a_cell_run_from_inside_a_cell_leaves_the_outer_cell_running(
+            self, shell, cfg, clock):
+        """A nested ``get_ipython().run_cell()`` fires its own pre/post_run_cell: the outer
+        cell still counts as running after the inner one ended, and idle counts from the end
+        of the outer cell."""
+        handle = sw.start(**cfg, _clock=clock)
+        shell.user_ns.update(clock=clock, tracker=handle.tracker)
+        clock.advance(600)
+        result = shell.run_cell("get_ipython().run_cell('y = 1')\n"
+                                "clock.advance(5)\n"
+                                "after_inner = (tracker.executing, tracker.idle_s(), "
+                                "tracker.idle_before_cell_s())\n")
+        assert result.success, result.error_in_exec
+        assert shell.user_ns["after_inner"] == (True, 0.0, 600.0)
+        clock.advance(7)
+        assert (handle.tracker.executing, handle.tracker.idle_s()) == (False, 7.0)
+
+    def test_start_in_a_cell_run_from_inside_a_cell_counts_both_cells(self, shell, cfg):
+        """start() inside a nested non-silent run_cell(): the outer cell still runs after the
+        inner one (with start() in it) ended."""
+        shell.user_ns.update(sw=sw, cfg=cfg)
+        result = shell.run_cell("get_ipython().run_cell('handle = sw.start(**cfg)')\n"
+                                "after_inner = handle.tracker.executing\n")
+        assert result.success, result.error_in_exec
+        assert shell.user_ns["after_inner"] is True
+        assert shell.user_ns["handle"].tracker.executing is False
+
     def test_the_idle_warning_names_wait_and_prints_in_the_next_cell(
             self, shell, cfg, clock, capsys):
         """31 min without a cell: an idle_reclaim warning, logged, printed once by the next cell."""
@@ -631,22 +658,40 @@ class TestStartInsideACell:
         shell.run_cell("handle = sw.start(**cfg)", silent=True)
         assert shell.user_ns["handle"].tracker.executing is False
 
+    def test_start_in_a_file_run_with_percent_run_counts_the_users_cell_as_running(
+            self, shell, cfg, tmp_path):
+        """``%run train.ipy`` executes the file as silent cells inside the user's cell: start()
+        there counts that cell as running until it finishes."""
+        script = tmp_path / "train.ipy"
+        script.write_text("handle = sw.start(**cfg)\n"
+                          "inside = (handle.tracker.executing, handle.tracker.idle_s())\n")
+        shell.user_ns.update(sw=sw, cfg=cfg)
+        result = shell.run_cell(f"%run {script}\n")
+        assert result.success, result.error_in_exec
+        assert shell.user_ns["inside"] == (True, 0.0)
+        assert shell.user_ns["handle"].tracker.executing is False
+
 
 class TestEndAfterTraining:
+    @pytest.mark.parametrize("via", ["cell", "%run train.ipy"])
     def test_work_after_complete_in_the_cell_that_started_the_watchdog_is_kept(
-            self, shell, cfg, tmp_path):
-        """start(), training, complete() and an upload in one cell: no end while it runs."""
+            self, shell, cfg, tmp_path, via):
+        """start(), training, complete() and an upload in one cell, typed in or run from a file
+        with ``%run train.ipy`` (silent cells inside the user's cell): no end while it runs."""
         shell.user_ns.update(sw=sw, cfg=cfg, tmp_path=tmp_path, TinyTraining=TinyTraining,
                              wait_for=wait_for)
-        result = shell.run_cell(
-            "handle = sw.start(**cfg, grace='0.1s', end_when_done=True, "
-            "end_command='/bin/false')\n"
-            "calls = []\n"
-            "handle.watchdog.end_action = ('recorder', lambda: calls.append(1) or 'ok')\n"
-            "handle.watchdog.confirm_after_s = 0.0\n"
-            "training = TinyTraining(tmp_path, cfg['run_dir'])\n"
-            + TRAIN_COMPLETE_THEN_WATCH_TWO_TICKS +
-            "busy_end, calls_then = handle.watchdog.end, list(calls)\n")
+        code = ("handle = sw.start(**cfg, grace='0.1s', end_when_done=True, "
+                "end_command='/bin/false')\n"
+                "calls = []\n"
+                "handle.watchdog.end_action = ('recorder', lambda: calls.append(1) or 'ok')\n"
+                "handle.watchdog.confirm_after_s = 0.0\n"
+                "training = TinyTraining(tmp_path, cfg['run_dir'])\n"
+                + TRAIN_COMPLETE_THEN_WATCH_TWO_TICKS +
+                "busy_end, calls_then = handle.watchdog.end, list(calls)\n")
+        if via != "cell":
+            (tmp_path / "train.ipy").write_text(code)
+            code = f"%run {tmp_path / 'train.ipy'}\n"
+        result = shell.run_cell(code)
         assert result.success, result.error_in_exec
         handle = shell.user_ns["handle"]
         assert shell.user_ns["busy_end"] is None and shell.user_ns["calls_then"] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
+import psutil
 import pytest
 from fakes import FakeClock
 from fakes import status as fake_status
@@ -64,6 +66,19 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def killed_trainer_status(step: int, heartbeat: float) -> channel.TrainerStatus:
+    """The last trainer.json of a trainer killed with SIGKILL (OOM): it says running, and names a
+    real process, with its real create time, that is gone now."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        created = psutil.Process(proc.pid).create_time()
+    finally:
+        proc.kill()
+        proc.wait(DEADLINE_S)
+    return fake_status(state="running", step=step, pid=proc.pid, start_time=created,
+                       heartbeat=heartbeat)
 
 
 @pytest.fixture
@@ -130,14 +145,17 @@ class TestLaunch:
         result = sw.wait(poll=0.05, view="text", file=io.StringIO())
         assert (result.reason, result.state, result.step) == ("completed", "completed", 30)
 
+    @pytest.mark.parametrize("last", ["completed", "killed"])
     def test_wait_waits_for_a_new_trainer_started_without_launch(
-            self, shell, cfg, tmp_path, trainer_script, reap, monkeypatch):
-        """A trainer started with Popen right before wait(): the old final state is not it."""
+            self, shell, cfg, tmp_path, trainer_script, reap, monkeypatch, last):
+        """A trainer started with Popen right before wait(): the old final state is not it, nor
+        the "running" left by a trainer killed before wait() was called."""
         monkeypatch.setenv("PYTHONPATH", str(ROOT))
         sw.start(**cfg)
         run_dir = channel.RunDir(Path(cfg["run_dir"]))
         run_dir.write_status(fake_status(state="completed", step=999, pid=1,
-                                         heartbeat=time.time() - 600))
+                                         heartbeat=time.time() - 600) if last == "completed"
+                             else killed_trainer_status(999, time.time() - 600))
         (tmp_path / "finish").touch()
         env = dict(os.environ, SESSION_WATCHDOG_RUN_DIR=cfg["run_dir"])
         proc = subprocess.Popen(trainer_argv(trainer_script, tmp_path, 30), env=env,
@@ -193,6 +211,25 @@ class TestLaunch:
         (tmp_path / "finish").touch()
         assert sw.wait(poll=0.05, view="text", file=io.StringIO()).reason == "completed"
 
+    def test_a_fixed_launch_after_a_failed_one_is_judged_afresh(self, shell, cfg, reap):
+        """A launched command fails (exit 1), then the fixed one exits 0: the new run is judged
+        on its own, as a new command under ``run`` is, so end_when_done ends the runtime."""
+        handle = sw.start(**cfg, grace="0.1s", end_when_done=True, end_command="/bin/false")
+        calls: List[int] = []
+        handle.watchdog.end_action = ("recorder", lambda: calls.append(1) or "ok")
+        handle.watchdog.confirm_after_s = 0.0
+        first = sw.launch([sys.executable, "-c", "raise SystemExit(1)"])
+        reap.append(first.pid)
+        wait_for(lambda: handle.watchdog.state.failed, "the failure", timeout=DEADLINE_S)
+        assert handle.watchdog.end is None
+        second = sw.launch([sys.executable, "-c", "print('trained')"])
+        reap.append(second.pid)
+        # the outcome, not wait_end(): self.end is set before the end thread is started
+        wait_for(lambda: handle.watchdog.end is not None and handle.watchdog.end.outcome == "ended",
+                 "the end", timeout=DEADLINE_S)
+        assert calls
+        assert second.exit_code() == 0 and handle.watchdog.state.failed is False
+
     @pytest.mark.parametrize("argv", ["python train.py", []])
     def test_a_command_that_is_not_a_list_is_refused(self, shell, cfg, argv):
         """A string or an empty list raises ValueError naming the expected form."""
@@ -229,6 +266,38 @@ class TestWaitClaims:
         sw.wait(poll=0.05, view="text", file=out, timeout=0.3)
         assert "no live trainer (last report: running, step 7)" in out.getvalue()
         assert "| running, step 7" not in out.getvalue()
+
+    def test_a_trainer_killed_before_wait_is_reported_gone_once_no_new_one_starts(
+            self, shell, cfg):
+        """trainer.json says running, written a minute before wait() by a process killed since,
+        run.lock free: wait() gives a new trainer start_timeout to appear, then says the last
+        one is gone (it does not block forever, keeping the kernel busy)."""
+        sw.start(**cfg)
+        channel.RunDir(Path(cfg["run_dir"])).write_status(
+            killed_trainer_status(1234, time.time() - 60))
+        out = io.StringIO()
+        result = sw.wait(poll=0.05, view="text", file=out, start_timeout=1.0, timeout=60)
+        assert (result.reason, result.state, result.step) == ("trainer_gone", "running", 1234)
+        last = out.getvalue().splitlines()[-1]
+        assert re.fullmatch(r"session-watchdog: no new trainer started in 1s; the last one "
+                            r"\(pid \d+\) is gone without reporting completion \(killed\? out of "
+                            r"memory\?\), last at step 1234, 1m\d\ds before wait\(\) was called",
+                            last), last
+
+    def test_a_trainer_that_died_before_wait_saw_it_alive_is_gone_at_once(self, shell, cfg):
+        """A trainer that wrote trainer.json after wait() began and died before wait() saw it
+        alive (between two polls) is reported gone without waiting for another one."""
+        handle = sw.start(**cfg)
+        run_dir = channel.RunDir(Path(cfg["run_dir"]))
+
+        def trainer_came_and_died() -> bool:
+            if run_dir.read_status() is None and handle.tracker.waiting:
+                run_dir.write_status(killed_trainer_status(42, time.time()))
+            return False
+
+        result = sw.wait(poll=0.05, until=trainer_came_and_died, view="text", file=io.StringIO(),
+                         start_timeout=DEADLINE_S, timeout=60)
+        assert (result.reason, result.state, result.step) == ("trainer_gone", "running", 42)
 
 
 class TestStopAndRestart:

@@ -24,6 +24,8 @@ class ActivityTracker:
 
     IPython calls :meth:`pre_run_cell` / :meth:`post_run_cell` around every cell; ``wait()``
     holds :meth:`busy`. While either runs, ``idle_s()`` is 0.0; afterwards it counts from the end.
+    Cells nest (a cell that calls ``get_ipython().run_cell()``): the outer one runs until its own
+    post_run_cell, so the running cells are counted, not flagged.
 
     Args:
         monotonic: the clock (tests inject a fake one).
@@ -35,7 +37,7 @@ class ActivityTracker:
                  attached: bool = True) -> None:
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self._cell_running = False
+        self._cells = 0  # cells running: pre_run_cell seen, post_run_cell not yet
         self._waits = 0
         self._last_activity = monotonic()
         self._idle_before_cell = 0.0
@@ -45,14 +47,15 @@ class ActivityTracker:
         """IPython ``pre_run_cell``: a cell starts executing."""
         with self._lock:
             now = self._monotonic()
-            self._idle_before_cell = max(0.0, now - self._last_activity)
-            self._cell_running = True
+            if not self._cells:  # a nested cell: the idle time before the outer one stays
+                self._idle_before_cell = max(0.0, now - self._last_activity)
+            self._cells += 1
             self._last_activity = now
 
     def post_run_cell(self, result: Any = None) -> None:
         """IPython ``post_run_cell``: the cell finished (successfully or not)."""
         with self._lock:
-            self._cell_running = False
+            self._cells = max(0, self._cells - 1)  # an end without a start (hooks moved): none
             self._last_activity = self._monotonic()
 
     @contextlib.contextmanager
@@ -71,7 +74,7 @@ class ActivityTracker:
     def executing(self) -> bool:
         """True while a cell or ``wait()`` runs."""
         with self._lock:
-            return self._cell_running or self._waits > 0
+            return self._cells > 0 or self._waits > 0
 
     @property
     def waiting(self) -> bool:
@@ -82,14 +85,14 @@ class ActivityTracker:
     def idle_before_cell_s(self) -> Optional[float]:
         """While a cell runs: how long nothing ran before it started; else None."""
         with self._lock:
-            return self._idle_before_cell if self._cell_running else None
+            return self._idle_before_cell if self._cells else None
 
     def idle_s(self) -> Optional[float]:
         """Seconds with nothing executing (0.0 while something does); None when detached."""
         if not self.attached:
             return None
         with self._lock:
-            if self._cell_running or self._waits > 0:
+            if self._cells or self._waits > 0:
                 return 0.0
             return max(0.0, self._monotonic() - self._last_activity)
 

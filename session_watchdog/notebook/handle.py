@@ -38,23 +38,21 @@ class ConfigMismatchWarning(UserWarning):
 # The handle of the running watchdog
 
 
-_CELL_METHODS = frozenset({"run_cell", "run_cell_async", "_run_cell", "run_code",
-                           "run_ast_nodes"})
-
-
-def _inside_cell(shell: Any) -> bool:
-    """Whether this call comes from a cell that ``shell`` is executing: a frame of one of its
-    cell-running methods is on this thread's stack (an extension loaded at start-up is not, nor a
-    silent execution, whose end no post_run_cell reports)."""
-    found = False
+def _cells_around(shell: Any) -> int:
+    """How many cells that ``shell`` is executing this call comes from, each with a
+    post_run_cell still to come: the frames of non-silent ``run_cell_async`` calls of ``shell``
+    (the method that fires pre_run_cell) on this thread's stack. An extension loaded at start-up is
+    in no cell, nor a silent execution (a front end's start-up commands) alone; but the silent
+    cells that ``%run train.ipy`` / ``%run train.ipynb`` execute run inside the user's own cell,
+    which still runs, and a cell may run another (``get_ipython().run_cell()``)."""
+    cells = 0
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name in _CELL_METHODS and frame.f_locals.get("self") is shell:
-            if frame.f_locals.get("silent", False):
-                return False  # a silent execution (a front end's start-up commands): no end event
-            found = True
+        if (frame.f_code.co_name == "run_cell_async" and frame.f_locals.get("self") is shell
+                and not frame.f_locals.get("silent", False)):
+            cells += 1
         frame = frame.f_back
-    return found
+    return cells
 
 
 class WatchdogHandle:
@@ -158,7 +156,7 @@ class WatchdogHandle:
         shell.events.register("post_run_cell", post)
         self._shell = shell
         self.tracker.attached = True
-        if _inside_cell(shell):
+        for _ in range(_cells_around(shell)):
             # This cell's pre_run_cell came before the hook: it runs (`start()` at the top of a
             # training cell). Its post_run_cell, registered now, ends it.
             self.tracker.pre_run_cell()
@@ -218,11 +216,17 @@ class WatchdogHandle:
 
     def _track(self, launched: Launched) -> None:
         """Watch ``launched`` like ``run`` watches its child: the end of the runtime waits for it,
-        its exit code counts, and a command that never builds a Session is named."""
-        self.launched = launched
-        self.watchdog.child_running = lambda: launched.running
-        if hasattr(self.watchdog.probe, "child_exit"):
-            self.watchdog.probe.child_exit = launched.exit_code
+        its exit code counts, and a command that never builds a Session is named. A new
+        command is a new run to judge, as under ``run``: an earlier launch's failure does not
+        keep the runtime."""
+        wd = self.watchdog
+        with wd._tick_lock:  # no tick between the new child and its fresh state
+            self.launched = launched
+            wd.child_running = lambda: launched.running
+            if hasattr(wd.probe, "child_exit"):
+                wd.probe.child_exit = launched.exit_code
+            wd._judge_new_child()
+            wd._save_state_or_say()
 
     def status(self) -> Status:
         """See :func:`status`."""

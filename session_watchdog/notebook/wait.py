@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Tuple
 from session_watchdog import channel
 from session_watchdog.config import format_duration
 from session_watchdog.notebook.kernel import _ACTIVE_STATES, _TERMINAL_STATES, _running_handle
+from session_watchdog.probes import process_create_time
 
 if TYPE_CHECKING:
     from session_watchdog.notebook.handle import WatchdogHandle
@@ -126,6 +127,13 @@ def _progress_line(status: Optional[channel.TrainerStatus], left: Optional[float
 START_TIMEOUT_S = 30.0  # wait() gives a new trainer this long to appear after an ended one
 
 
+def _process_gone(status: channel.TrainerStatus) -> bool:
+    """Whether the process that wrote ``status`` is gone: its pid runs nothing, or another
+    process (a reused pid has another create time; an unknown start time proves nothing)."""
+    created = process_create_time(status.pid)
+    return created is None or (status.start_time > 0 and abs(created - status.start_time) > 0.05)
+
+
 def wait(poll: float = 1.0, until: Optional[Callable[[], bool]] = None, *,
          timeout: Optional[float] = None, view: str = "auto",
          file: Optional[IO[str]] = None, start_timeout: float = START_TIMEOUT_S) -> WaitResult:
@@ -140,7 +148,11 @@ def wait(poll: float = 1.0, until: Optional[Callable[[], bool]] = None, *,
     Which trainer: the one :func:`launch` started, when there is one (a ``trainer.json`` older
     than the launch is an earlier run's). Otherwise, a final ``trainer.json`` written before
     ``wait()`` was called is an earlier run's: ``wait()`` gives a new trainer ``start_timeout``
-    seconds to appear before it reports that one.
+    seconds to appear before it reports that one. So does a ``trainer.json`` that says training
+    runs, written before ``wait()`` was called by a process that is gone (killed, out of memory)
+    and holds no ``run.lock``: then ``wait()`` reports that trainer gone. Written since, it is
+    this wait's trainer, gone at once. With no ``trainer.json`` at all, ``wait()`` waits for the
+    trainer to write one.
 
     Args:
         poll: seconds between looks at the run directory.
@@ -230,12 +242,22 @@ def _wait(handle: WatchdogHandle, *, poll: float, until: Optional[Callable[[], b
                                   f"exited with code {code}{where} without reporting "
                                   f"completion; its output: {launched.output}")
                 active = status is not None and status.state in _ACTIVE_STATES
-                # A launched trainer's end is its process's exit (its code says more).
-                gone_polls = gone_polls + 1 if seen_alive and not alive and active \
-                    and launched is None else 0
+                # A launched trainer's end is its process's exit (its code says more). One that
+                # died before this wait() saw it alive is gone too once its process is.
+                gone = (active and not alive and launched is None and status is not None
+                        and (seen_alive or _process_gone(status)))
+                gone_polls = gone_polls + 1 if gone else 0
                 if gone_polls >= 2 and status is not None:
-                    return finish("trainer_gone", f"the trainer ended at step {status.step} "
-                                  "without reporting completion (crashed or closed?)")
+                    if seen_alive or status.heartbeat >= begun_wall - 1.0:
+                        return finish("trainer_gone", f"the trainer ended at step {status.step} "
+                                      "without reporting completion (crashed or closed?)")
+                    if time.monotonic() - begun >= start_timeout:  # a new one may be starting
+                        return finish("trainer_gone", f"no new trainer started in "
+                                      f"{format_duration(start_timeout)}; the last one (pid "
+                                      f"{status.pid}) is gone without reporting completion "
+                                      f"(killed? out of memory?), last at step {status.step}, "
+                                      f"{format_duration(begun_wall - status.heartbeat)} before "
+                                      "wait() was called")
                 if status is None and earlier is not None and launched is None and not alive \
                         and time.monotonic() - begun >= start_timeout:
                     return finish(earlier.state, f"no new trainer started in "
