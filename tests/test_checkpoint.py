@@ -486,6 +486,54 @@ class TestSaveAsync:
             manager.save_async({"fn": lambda: 0}, step=1)
         assert manager.wait() is None and names(tmp_path) == []
 
+    def test_a_save_interrupted_while_prepared_buffers_page_in_leaves_no_zeros_behind(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ctrl-C in a save waiting for prepare_async's page-in: the next save holds no zeros."""
+        from session_watchdog.trainer import checkpoint_async
+
+        caught_up = threading.Event()  # set once the next save has copied its snapshot
+        interrupted: List[bool] = []
+        real_page_in = checkpoint_async.page_in
+
+        class InterruptedWork:
+            def __init__(self, bufs: Any) -> None:
+                self._work = real_page_in(bufs)
+
+            def run(self) -> int:
+                if threading.current_thread().name != "sw-checkpoint-prepare" and not interrupted:
+                    interrupted.append(True)
+                    raise KeyboardInterrupt  # Ctrl-C lands while the save helps with the page-in
+                # The prepare thread zero-fills late: after the next save copied, unless that
+                # save waits for it (bounded, so a correct manager only costs this wait).
+                caught_up.wait(3.0)
+                return self._work.run()
+
+        monkeypatch.setattr(checkpoint_async, "page_in", InterruptedWork)
+        release = threading.Event()
+        real_open = checkpoint.open_exclusive
+
+        def held_open(path: Path) -> int:  # the write waits until the zero fill could have run
+            assert release.wait(60)
+            return real_open(path)
+
+        state = {f"w{i}": torch.full((1 << 16,), float(i + 1)) for i in range(4)}
+        manager = CheckpointManager(tmp_path)
+        manager.prepare_async(state)
+        preparing = manager._prepare_thread
+        assert preparing is not None
+        with pytest.raises(KeyboardInterrupt):
+            manager.save_async(state, step=1)
+        monkeypatch.setattr(checkpoint, "open_exclusive", held_open)
+        manager.save_async(state, step=2)
+        caught_up.set()
+        preparing.join(60)
+        release.set()
+        saved = manager.wait()
+        assert saved is not None and saved.step == 2
+        loaded = manager.load(saved)
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value), key
+
 
 def _eio(fd: int) -> None:
     raise OSError(5, os.strerror(5))

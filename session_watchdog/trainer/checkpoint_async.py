@@ -176,15 +176,28 @@ class _AsyncSaveMixin(_DirectoryMixin):
                                   daemon=not pinning)
         self._spare = spare  # read by _snapshot only after _join_prepare
         self._prepare = prepare
-        worker.start()
-        self._prepare_thread = worker  # only once started: _join_prepare joins it
+        # Known before it starts: a Ctrl-C inside start() (waiting for the new thread to run)
+        # must not leave a thread that writes into self._spare unknown to _join_prepare.
+        self._prepare_thread = worker
+        try:
+            worker.start()
+        except RuntimeError:  # "can't start new thread": the save allocates, as without this
+            self._prepare_thread = None
+            self._spare = {}
+            raise
 
     def _join_prepare(self) -> None:
-        worker, self._prepare_thread = self._prepare_thread, None
-        if worker is not None:
+        worker = self._prepare_thread
+        if worker is None:
+            return
+        try:
             self._prepare.allocated.wait()
             self._prepare.work.run()  # a save that comes early pages in the rest alongside it
-            worker.join()  # its memset must not race our copy into the same buffers
+        finally:
+            # Even when interrupted (Ctrl-C in the wait): its memset must not race a later copy
+            # into the same buffers, which then committed zeros that verify() passes.
+            worker.join()
+            self._prepare_thread = None  # only once joined: an interrupted join runs again
 
     def _snapshot(
         self, state: Dict[str, Any]
