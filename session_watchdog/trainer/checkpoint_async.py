@@ -167,13 +167,11 @@ class _AsyncSaveMixin(_DirectoryMixin):
                 wanted.append((path, data.shape, data.dtype, data.is_cuda))
         spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # filled by the thread
         prepare = _Prepare(wanted, spare)
-        # With pinned buffers to allocate, not a daemon thread: the interpreter waits for it at
-        # exit (~1 s per GiB at most), so a script that ends soon after its first step never
-        # tears CUDA down while this thread is inside a pinned allocation. CPU buffers only:
-        # nothing to wait for at exit.
-        pinning = any(pin for _, _, _, pin in wanted)
-        worker = threading.Thread(target=prepare.run, name="sw-checkpoint-prepare",
-                                  daemon=not pinning)
+        # Not a daemon thread: the interpreter waits for it at exit (~1 s per GiB at most), so a
+        # script that ends soon after its first step never shuts down while this thread is
+        # inside torch.empty (CPU buffers too: that aborted the process, SIGABRT, rc 134) or
+        # tears CUDA down while it is inside a pinned allocation.
+        worker = threading.Thread(target=prepare.run, name="sw-checkpoint-prepare")
         self._spare = spare  # read by _snapshot only after _join_prepare
         self._prepare = prepare
         # Known before it starts: a Ctrl-C inside start() (waiting for the new thread to run)
