@@ -534,6 +534,26 @@ class TestSaveAsync:
         for key, value in state.items():
             assert torch.equal(loaded[key], value), key
 
+    def test_prepared_buffers_no_save_uses_are_freed(self, tmp_path: Path) -> None:
+        """A buffer prepare_async made for a tensor the state no longer holds, or now holds in
+        another shape or dtype, is freed once a save has not used it."""
+        import gc
+        import weakref
+
+        manager = CheckpointManager(tmp_path)
+        state = {"w": torch.ones(1 << 10), "gone": torch.ones(1 << 12),
+                 "reshaped": torch.ones(64), "recast": torch.ones(64)}
+        manager.prepare_async(state)
+        manager._join_prepare()
+        prepared = {key[0]: weakref.ref(buf) for key, buf in manager._spare.items()}
+        assert sorted(prepared) == sorted(state)
+        later = {"w": state["w"], "reshaped": torch.ones(8, 8), "recast": torch.ones(64).double()}
+        for step in (1, 2):
+            manager.save_async(later, step=step).result(timeout=120)
+        gc.collect()
+        assert {key: ref() is not None for key, ref in prepared.items()} == {
+            "w": True, "gone": False, "reshaped": False, "recast": False}
+
 
 def _eio(fd: int) -> None:
     raise OSError(5, os.strerror(5))

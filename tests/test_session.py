@@ -902,6 +902,24 @@ class TestForgottenResume:
         assert (fields["count"], fields["newest_step"], fields["newest_path"], fields["step"]) == (
             1, 12, str(earlier), 1)
 
+    def test_close_drops_the_async_snapshot_buffers(
+            self, make_session: Callable[..., Session]) -> None:
+        """A closed session's manager keeps no copy of the state's tensors for a next save."""
+        import gc
+        import weakref
+
+        session = make_session(async_save=True)
+        train_step(session)  # the first step prepares the snapshot buffers
+        session.run_dir.write_request(request(1))
+        step_until(session, lambda: session.acked_seq >= 1)
+        manager = session.manager
+        held = [weakref.ref(buf) for buf in
+                [*manager._spare.values(), *manager._prepare._buffers.values()]]
+        assert held
+        session.close()
+        gc.collect()
+        assert [ref for ref in held if ref() is not None] == []
+
     def test_kept_with_async_saves_too(self, make_session: Callable[..., Session]) -> None:
         """Background (async) saves of a run that did not resume keep the later checkpoint too."""
         # The earlier run is far ahead (2000 steps): on a loaded machine the poller may take many

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 import threading
+from concurrent import futures
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -196,6 +197,19 @@ class _AsyncSaveMixin(_DirectoryMixin):
             # into the same buffers, which then committed zeros that verify() passes.
             worker.join()
             self._prepare_thread = None  # only once joined: an interrupted join runs again
+            # Its buffers are self._spare's now: the next save keeps those it uses, no more.
+            self._prepare = _Prepare([], {})
+
+    def release_buffers(self) -> None:
+        """Drop the snapshot buffers kept for the next async save (a copy of every tensor of
+        the state); the next async save allocates again. Waits for :meth:`prepare_async`'s
+        thread and for the async save in flight (its buffers come back when it is done); its
+        failure, if any, is still raised by the next :meth:`wait` or save."""
+        self._join_prepare()
+        pending = self._pending
+        if pending is not None:
+            futures.wait([pending._future])
+        self._spare = {}
 
     def _snapshot(
         self, state: Dict[str, Any]
