@@ -103,7 +103,8 @@ def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
                 if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
                     buf = torch.empty(data.shape, dtype=data.dtype, device="cpu",
                                       pin_memory=data.is_cuda)
-                if data.device.type == "cpu" and data.is_contiguous():
+                if data.device.type == "cpu" and data.is_contiguous() \
+                        and not (data.is_conj() or data.is_neg()):  # lazy views: copy_ resolves
                     # One plain memcpy: copy_ splits a large CPU copy over OpenMP threads, which
                     # on a busy 2-core runtime took 40x longer than the copy itself (measured:
                     # 64 MiB, 16 ms single-threaded vs 660 ms; benchmarks/bench_supervise.py).
