@@ -441,6 +441,25 @@ class TestSaveAsync:
         loaded = manager.load()
         assert loaded["a"].data_ptr() == loaded["b"].data_ptr()
 
+    def test_state_dict_metadata_and_tied_views_come_back_as_from_a_sync_save(
+            self, tmp_path: Path) -> None:
+        """state_dict()'s _metadata (versions for load_state_dict) is kept, and tied weights
+        (two tensor objects, one view) load still tied, as after a sync save."""
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        tied = torch.nn.Module()
+        tied.a = tied.b = torch.nn.Linear(4, 4)
+        state = {"model": model.state_dict(), "tied": tied.state_dict()}
+        assert state["tied"]["a.weight"] is not state["tied"]["b.weight"]
+        manager = CheckpointManager(tmp_path, keep=3)
+        synced = manager.load(manager.save(state, step=1))
+        for step in (2, 3):  # fresh buffers, then reused ones
+            loaded = manager.load(manager.save_async(state, step=step).result(timeout=120))
+            assert loaded["model"]._metadata == synced["model"]._metadata \
+                == state["model"]._metadata, step
+            assert loaded["tied"]._metadata == state["tied"]._metadata, step
+            a, b = loaded["tied"]["a.weight"], loaded["tied"]["b.weight"]
+            assert a.data_ptr() == b.data_ptr() and torch.equal(a, state["tied"]["a.weight"])
+
     def test_background_failure_surfaces_from_wait_once(self, tmp_path: Path, monkeypatch):
         """A failed background write raises CheckpointWriteError from wait(), leaving no temp."""
         manager = CheckpointManager(tmp_path)

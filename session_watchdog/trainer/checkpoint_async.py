@@ -157,12 +157,13 @@ class _AsyncSaveMixin(_DirectoryMixin):
         if self._spare:
             return
         wanted: List[Tuple[Tuple[Any, ...], torch.Size, torch.dtype, bool]] = []
-        seen: Set[int] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
+        seen: Set[Any] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
         for path, tensor in _tensor_leaves(state, ()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
             data = tensor.detach()
+            key = _view_key(data) or id(tensor)
+            if key in seen:
+                continue
+            seen.add(key)
             if data.layout == torch.strided and not data.is_quantized:
                 # what _new_buffer reads, not the tensor: the thread must not keep the state alive
                 wanted.append((path, data.shape, data.dtype, data.is_cuda))
@@ -219,6 +220,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         spare, self._spare = self._spare, {}
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         memo: Dict[int, torch.Tensor] = {}  # the same tensor twice (tied weights) stays shared
+        views: Dict[Tuple[Any, ...], torch.Tensor] = {}  # two tensors, one view: so does that
         cuda_devices: Set[torch.device] = set()
         # Plain memmoves, copied after the walk: into fresh buffers on several threads (their
         # page faults are most of a first save's stall), into reused ones on this thread alone
@@ -230,7 +232,10 @@ class _AsyncSaveMixin(_DirectoryMixin):
             if id(src) in memo:
                 return memo[id(src)]
             data = src.detach()
-            if data.layout != torch.strided or data.is_quantized:
+            view = _view_key(data)
+            if view is not None and view in views:
+                out = views[view]  # tied weights as state_dict() gives them: written once
+            elif data.layout != torch.strided or data.is_quantized:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
                 buf = spare.get(path)
@@ -246,6 +251,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
                     cuda_devices.add(data.device)
                 used[path] = buf
                 out = buf
+                if view is not None:
+                    views[view] = buf
             if type(src) is torch.nn.Parameter:
                 out = torch.nn.Parameter(out, requires_grad=src.requires_grad)
             memo[id(src)] = out
@@ -258,7 +265,10 @@ class _AsyncSaveMixin(_DirectoryMixin):
                 items = [(key, walk(value, (*path, key))) for key, value in obj.items()]
                 if type(obj) is collections.Counter:
                     return collections.Counter(dict(items))
-                return type(obj)(items)
+                copied: Any = type(obj)(items)
+                if hasattr(obj, "_metadata"):  # state_dict()'s versions, read by load_state_dict
+                    copied._metadata = copy.deepcopy(obj._metadata)
+                return copied
             if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
                 return type(obj)(walk(value, (*path, i)) for i, value in enumerate(obj))
             return copy.deepcopy(obj)
@@ -269,6 +279,17 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used
+
+
+def _view_key(data: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+    """What makes two tensor objects the same view of the same memory (``state_dict()`` gives
+    tied weights as two), so a snapshot shares one copy as a sync save does; None for a tensor
+    with no memory of its own to compare (empty, exotic layouts)."""
+    if data.layout != torch.strided or data.is_quantized or data.numel() == 0 \
+            or data.device.type == "meta":
+        return None
+    return (data.data_ptr(), data.dtype, data.shape, data.stride(), data.device,
+            data.is_conj(), data.is_neg())
 
 
 class _Prepare:
