@@ -460,6 +460,18 @@ class TestSaveAsync:
             a, b = loaded["tied"]["a.weight"], loaded["tied"]["b.weight"]
             assert a.data_ptr() == b.data_ptr() and torch.equal(a, state["tied"]["a.weight"])
 
+    def test_a_meta_tensor_is_saved_as_a_sync_save_saves_it(self, tmp_path: Path) -> None:
+        """A meta tensor (no data) in the state: save_async succeeds, first and later, and it
+        loads as after a sync save, a meta tensor of its shape."""
+        state = {"w": torch.ones(3), "lazy": torch.empty(2, 5, device="meta")}
+        manager = CheckpointManager(tmp_path, keep=3)
+        synced = manager.load(manager.save(state, step=1))
+        for step in (2, 3):
+            loaded = manager.load(manager.save_async(state, step=step).result(timeout=120))
+            for got in (synced["lazy"], loaded["lazy"]):
+                assert (got.device.type, got.shape) == ("meta", torch.Size([2, 5]))
+            assert torch.equal(loaded["w"], state["w"])
+
     def test_background_failure_surfaces_from_wait_once(self, tmp_path: Path, monkeypatch):
         """A failed background write raises CheckpointWriteError from wait(), leaving no temp."""
         manager = CheckpointManager(tmp_path)

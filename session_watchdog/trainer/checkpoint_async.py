@@ -164,7 +164,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
             if key in seen:
                 continue
             seen.add(key)
-            if data.layout == torch.strided and not data.is_quantized:
+            if data.layout == torch.strided and not data.is_quantized \
+                    and data.device.type != "meta":
                 # what _new_buffer reads, not the tensor: the thread must not keep the state alive
                 wanted.append((path, data.shape, data.dtype, data.is_cuda))
         spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # filled by the thread
@@ -235,6 +236,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
             view = _view_key(data)
             if view is not None and view in views:
                 out = views[view]  # tied weights as state_dict() gives them: written once
+            elif data.device.type == "meta":
+                out = data.clone()  # no data to copy: saved as a sync save saves it, a meta tensor
             elif data.layout != torch.strided or data.is_quantized:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
