@@ -472,6 +472,31 @@ class TestSaveAsync:
                 assert (got.device.type, got.shape) == ("meta", torch.Size([2, 5]))
             assert torch.equal(loaded["w"], state["w"])
 
+    def test_a_save_interrupted_before_its_thread_started_does_not_block_later_saves(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ctrl-C in save_async before its writer thread started: the next save goes through."""
+        real_start = threading.Thread.start
+        interrupted: List[str] = []
+
+        def interrupted_start(thread: threading.Thread) -> None:
+            if thread.name.startswith("sw-checkpoint-save-") and not interrupted:
+                interrupted.append(thread.name)
+                raise KeyboardInterrupt
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+        manager = CheckpointManager(tmp_path)
+        with pytest.raises(KeyboardInterrupt):
+            manager.save_async(stamped(1), step=1)
+        assert interrupted == ["sw-checkpoint-save-1"]
+        saved: List[SavedCheckpoint] = []
+        later = threading.Thread(target=lambda: saved.append(manager.save(stamped(2), step=2)),
+                                 daemon=True)  # a hang must not hold up the test run's exit
+        later.start()
+        later.join(60)
+        assert not later.is_alive(), "the save after the interrupted one is blocked"
+        assert [s.step for s in saved] == [2] and manager.latest() == saved[0]
+
     def test_background_failure_surfaces_from_wait_once(self, tmp_path: Path, monkeypatch):
         """A failed background write raises CheckpointWriteError from wait(), leaving no temp."""
         manager = CheckpointManager(tmp_path)

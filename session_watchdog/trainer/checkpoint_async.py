@@ -64,7 +64,6 @@ class _AsyncSaveMixin(_DirectoryMixin):
         payload = check_state(state)
         snapshot, buffers = self._snapshot(state)
         pending = PendingSave(step)
-        self._pending = pending
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
         worker = threading.Thread(
@@ -78,6 +77,9 @@ class _AsyncSaveMixin(_DirectoryMixin):
             self._pending = None
             self._spare = buffers
             raise CheckpointWriteError(self.directory, err) from err
+        # Published only once its thread runs: one that never started (Ctrl-C before it did)
+        # would leave a result nobody fills, which every later save waited for forever.
+        self._pending = pending
         _hurry_at_exit(pending)
         return pending
 
