@@ -167,6 +167,23 @@ class TestManagerSnapshot:
         assert len(addresses[0]) == 4
         assert addresses[0] == addresses[1] == addresses[2]
 
+    def test_lazy_conj_and_neg_views_are_saved_as_their_values(self, tmp_path: Path) -> None:
+        """A ``.conj()`` view and a neg view (bytes that are not their values) are saved, by the
+        first and a later async save and by a shared-memory snapshot, as their resolved values."""
+        from session_watchdog.trainer.snapshot import _copy_state
+
+        state = {"z": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+                 "n": torch._neg_view(torch.tensor([1.0, 2.0]))}
+        expected = {"z": [1 - 2j, 3 + 4j], "n": [-1.0, -2.0]}
+        manager = CheckpointManager(tmp_path, keep=2)
+        for step in (1, 2):  # into fresh buffers, then into reused ones
+            loaded = manager.load(manager.save_async(state, step=step).result(timeout=120))
+            assert {key: value.resolve_conj().resolve_neg().tolist()
+                    for key, value in loaded.items()} == expected, step
+        copied = _copy_state(state, {}, {})
+        assert {key: value.resolve_conj().resolve_neg().tolist()
+                for key, value in copied.items()} == expected
+
     def test_a_save_right_after_prepare_async_uses_the_prepared_buffers(
             self, tmp_path: Path, parallel_copy: None, monkeypatch: pytest.MonkeyPatch):
         """A save_async that comes while prepare_async may still be paging in copies into the

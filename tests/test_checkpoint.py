@@ -441,6 +441,62 @@ class TestSaveAsync:
         loaded = manager.load()
         assert loaded["a"].data_ptr() == loaded["b"].data_ptr()
 
+    def test_state_dict_metadata_and_tied_views_come_back_as_from_a_sync_save(
+            self, tmp_path: Path) -> None:
+        """state_dict()'s _metadata (versions for load_state_dict) is kept, and tied weights
+        (two tensor objects, one view) load still tied, as after a sync save."""
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        tied = torch.nn.Module()
+        tied.a = tied.b = torch.nn.Linear(4, 4)
+        state = {"model": model.state_dict(), "tied": tied.state_dict()}
+        assert state["tied"]["a.weight"] is not state["tied"]["b.weight"]
+        manager = CheckpointManager(tmp_path, keep=3)
+        synced = manager.load(manager.save(state, step=1))
+        for step in (2, 3):  # fresh buffers, then reused ones
+            loaded = manager.load(manager.save_async(state, step=step).result(timeout=120))
+            assert loaded["model"]._metadata == synced["model"]._metadata \
+                == state["model"]._metadata, step
+            assert loaded["tied"]._metadata == state["tied"]._metadata, step
+            a, b = loaded["tied"]["a.weight"], loaded["tied"]["b.weight"]
+            assert a.data_ptr() == b.data_ptr() and torch.equal(a, state["tied"]["a.weight"])
+
+    def test_a_meta_tensor_is_saved_as_a_sync_save_saves_it(self, tmp_path: Path) -> None:
+        """A meta tensor (no data) in the state: save_async succeeds, first and later, and it
+        loads as after a sync save, a meta tensor of its shape."""
+        state = {"w": torch.ones(3), "lazy": torch.empty(2, 5, device="meta")}
+        manager = CheckpointManager(tmp_path, keep=3)
+        synced = manager.load(manager.save(state, step=1))
+        for step in (2, 3):
+            loaded = manager.load(manager.save_async(state, step=step).result(timeout=120))
+            for got in (synced["lazy"], loaded["lazy"]):
+                assert (got.device.type, got.shape) == ("meta", torch.Size([2, 5]))
+            assert torch.equal(loaded["w"], state["w"])
+
+    def test_a_save_interrupted_before_its_thread_started_does_not_block_later_saves(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ctrl-C in save_async before its writer thread started: the next save goes through."""
+        real_start = threading.Thread.start
+        interrupted: List[str] = []
+
+        def interrupted_start(thread: threading.Thread) -> None:
+            if thread.name.startswith("sw-checkpoint-save-") and not interrupted:
+                interrupted.append(thread.name)
+                raise KeyboardInterrupt
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+        manager = CheckpointManager(tmp_path)
+        with pytest.raises(KeyboardInterrupt):
+            manager.save_async(stamped(1), step=1)
+        assert interrupted == ["sw-checkpoint-save-1"]
+        saved: List[SavedCheckpoint] = []
+        later = threading.Thread(target=lambda: saved.append(manager.save(stamped(2), step=2)),
+                                 daemon=True)  # a hang must not hold up the test run's exit
+        later.start()
+        later.join(60)
+        assert not later.is_alive(), "the save after the interrupted one is blocked"
+        assert [s.step for s in saved] == [2] and manager.latest() == saved[0]
+
     def test_background_failure_surfaces_from_wait_once(self, tmp_path: Path, monkeypatch):
         """A failed background write raises CheckpointWriteError from wait(), leaving no temp."""
         manager = CheckpointManager(tmp_path)
@@ -485,6 +541,74 @@ class TestSaveAsync:
         with pytest.raises(CheckpointStateError):
             manager.save_async({"fn": lambda: 0}, step=1)
         assert manager.wait() is None and names(tmp_path) == []
+
+    def test_a_save_interrupted_while_prepared_buffers_page_in_leaves_no_zeros_behind(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ctrl-C in a save waiting for prepare_async's page-in: the next save holds no zeros."""
+        from session_watchdog.trainer import checkpoint_async
+
+        caught_up = threading.Event()  # set once the next save has copied its snapshot
+        interrupted: List[bool] = []
+        real_page_in = checkpoint_async.page_in
+
+        class InterruptedWork:
+            def __init__(self, bufs: Any) -> None:
+                self._work = real_page_in(bufs)
+
+            def run(self) -> int:
+                if threading.current_thread().name != "sw-checkpoint-prepare" and not interrupted:
+                    interrupted.append(True)
+                    raise KeyboardInterrupt  # Ctrl-C lands while the save helps with the page-in
+                # The prepare thread zero-fills late: after the next save copied, unless that
+                # save waits for it (bounded, so a correct manager only costs this wait).
+                caught_up.wait(3.0)
+                return self._work.run()
+
+        monkeypatch.setattr(checkpoint_async, "page_in", InterruptedWork)
+        release = threading.Event()
+        real_open = checkpoint.open_exclusive
+
+        def held_open(path: Path) -> int:  # the write waits until the zero fill could have run
+            assert release.wait(60)
+            return real_open(path)
+
+        state = {f"w{i}": torch.full((1 << 16,), float(i + 1)) for i in range(4)}
+        manager = CheckpointManager(tmp_path)
+        manager.prepare_async(state)
+        preparing = manager._prepare_thread
+        assert preparing is not None
+        with pytest.raises(KeyboardInterrupt):
+            manager.save_async(state, step=1)
+        monkeypatch.setattr(checkpoint, "open_exclusive", held_open)
+        manager.save_async(state, step=2)
+        caught_up.set()
+        preparing.join(60)
+        release.set()
+        saved = manager.wait()
+        assert saved is not None and saved.step == 2
+        loaded = manager.load(saved)
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value), key
+
+    def test_prepared_buffers_no_save_uses_are_freed(self, tmp_path: Path) -> None:
+        """A buffer prepare_async made for a tensor the state no longer holds, or now holds in
+        another shape or dtype, is freed once a save has not used it."""
+        import gc
+        import weakref
+
+        manager = CheckpointManager(tmp_path)
+        state = {"w": torch.ones(1 << 10), "gone": torch.ones(1 << 12),
+                 "reshaped": torch.ones(64), "recast": torch.ones(64)}
+        manager.prepare_async(state)
+        manager._join_prepare()
+        prepared = {key[0]: weakref.ref(buf) for key, buf in manager._spare.items()}
+        assert sorted(prepared) == sorted(state)
+        later = {"w": state["w"], "reshaped": torch.ones(8, 8), "recast": torch.ones(64).double()}
+        for step in (1, 2):
+            manager.save_async(later, step=step).result(timeout=120)
+        gc.collect()
+        assert {key: ref() is not None for key, ref in prepared.items()} == {
+            "w": True, "gone": False, "reshaped": False, "recast": False}
 
 
 def _eio(fd: int) -> None:

@@ -113,7 +113,7 @@ class TestAsyncSnapshot:
         manager = CheckpointManager(tmp_path, keep=2)
         manager.prepare_async(state)
         assert manager._prepare_thread is not None
-        assert manager._prepare_thread.daemon  # CPU buffers: nothing for the exit to wait for
+        assert not manager._prepare_thread.daemon  # the exit waits: one inside torch.empty aborted
         manager._join_prepare()
         prepared = buffer_addresses(manager)
         assert threads == ["sw-checkpoint-prepare"] * 10 and len(prepared) == 10

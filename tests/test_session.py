@@ -159,6 +159,28 @@ class TestPackage:
                              check=True, timeout=60)
         assert out.stdout.split() == ["False", "75"]
 
+    def test_a_script_ending_right_after_its_first_async_step_exits_with_its_own_code(
+            self, tmp_path: Path) -> None:
+        """A script that ends just after its first step with async_save=True exits with its code,
+        not SIGABRT from prepare_async's thread being inside an allocation at shutdown."""
+        code = (
+            "import sys, torch\n"
+            "from session_watchdog.trainer import Session\n"
+            "model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(256)])\n"
+            "opt = torch.optim.Adam(model.parameters())\n"
+            "with Session(sys.argv[1] + '/ckpt', model=model, optimizer=opt,\n"
+            "             run_dir=sys.argv[1] + '/run', async_save=True, checkpoint_every=None,\n"
+            "             handle_signals=False) as session:\n"
+            "    model(torch.randn(2, 16)).sum().backward()\n"
+            "    opt.step()\n"
+            "    session.step()\n"
+            "sys.exit(7)\n")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        for attempt in range(3):  # the abort needed the thread inside torch.empty at exit
+            out = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(attempt))],
+                                 capture_output=True, text=True, timeout=240, env=env)
+            assert out.returncode == 7, (attempt, out.returncode, out.stderr[-2000:])
+
     def test_exit_stopped_is_ex_tempfail(self) -> None:
         """The stop exit code is 75 (sysexits EX_TEMPFAIL: try again later)."""
         assert EXIT_STOPPED == 75
@@ -893,6 +915,24 @@ class TestForgottenResume:
         fields = getattr(kept[0], "fields")
         assert (fields["count"], fields["newest_step"], fields["newest_path"], fields["step"]) == (
             1, 12, str(earlier), 1)
+
+    def test_close_drops_the_async_snapshot_buffers(
+            self, make_session: Callable[..., Session]) -> None:
+        """A closed session's manager keeps no copy of the state's tensors for a next save."""
+        import gc
+        import weakref
+
+        session = make_session(async_save=True)
+        train_step(session)  # the first step prepares the snapshot buffers
+        session.run_dir.write_request(request(1))
+        step_until(session, lambda: session.acked_seq >= 1)
+        manager = session.manager
+        held = [weakref.ref(buf) for buf in
+                [*manager._spare.values(), *manager._prepare._buffers.values()]]
+        assert held
+        session.close()
+        gc.collect()
+        assert [ref for ref in held if ref() is not None] == []
 
     def test_kept_with_async_saves_too(self, make_session: Callable[..., Session]) -> None:
         """Background (async) saves of a run that did not resume keep the later checkpoint too."""

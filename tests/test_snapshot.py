@@ -154,6 +154,72 @@ class TestSessionSnapshots:
             session.complete()
         assert not snapshot_slots.snapshot_dir(tmp_path / "run").exists()
 
+    def test_a_script_raising_right_after_a_snapshot_exits_with_it_written(self, tmp_path):
+        """A script that raises (no close) while its step-3 snapshot is being written exits
+        with its own code 1, and the slot holds step 3 for the daemon: the exit waits for the
+        write instead of aborting the process inside torch.save."""
+        code = textwrap.dedent("""
+            import sys, torch
+            from session_watchdog.trainer import Session
+            model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(96)])
+            opt = torch.optim.Adam(model.parameters())
+            session = Session(sys.argv[1] + "/ckpt", model=model, optimizer=opt,
+                              run_dir=sys.argv[1] + "/run", checkpoint_every=None,
+                              snapshot_every=1, handle_signals=False)
+            for step in range(1, 4):
+                model(torch.randn(2, 256)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                session.step()
+            raise RuntimeError("a bug in the evaluation after step 3")
+        """)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        for attempt in range(2):
+            run_dir = tmp_path / str(attempt) / "run"
+            try:
+                out = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(attempt))],
+                                     capture_output=True, text=True, timeout=240, env=env)
+                assert out.returncode == 1, (attempt, out.returncode, out.stderr[-2000:])
+                snap = snapshot_slots.newest(snapshot_slots.snapshot_dir(run_dir))
+                assert snap is not None and snap.step == 3, attempt
+            finally:
+                import shutil
+
+                shutil.rmtree(snapshot_slots.snapshot_dir(run_dir), ignore_errors=True)
+
+    def test_a_write_outlasting_the_wait_is_said_and_still_completes(self, tmp_path, caplog,
+                                                                     monkeypatch):
+        """A snapshot write longer than the wait (Session.close waits 10 s) is logged as still
+        writing, keeps going, and its slot completes: the snapshot is not lost silently."""
+        import logging
+        import threading
+
+        import torch
+
+        from session_watchdog.trainer import snapshot
+        from session_watchdog.trainer.snapshot import Snapshotter
+
+        release = threading.Event()
+        real_write_slot = snapshot.fmt.write_slot
+
+        def slow_write_slot(*args, **kwargs):  # a large snapshot, still being written
+            assert release.wait(60)
+            return real_write_slot(*args, **kwargs)
+
+        monkeypatch.setattr(snapshot.fmt, "write_slot", slow_write_slot)
+        shm = tmp_path / "shm"
+        shm.mkdir()
+        snap = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", 1, None, lambda r: None,
+                           shm_root=shm)
+        snap.take({"w": torch.arange(8.0)}, step=4, epoch=0)
+        with caplog.at_level(logging.INFO, logger="session_watchdog.trainer"):
+            snap.wait(0.01)
+        said = [r for r in caplog.records if getattr(r, "event", None) == "snapshot_still_writing"]
+        assert len(said) == 1 and said[0].fields["exit_waits_s"] == snapshot.EXIT_WAIT_S
+        release.set()
+        snap.wait(60)
+        assert snapshot_slots.newest(snap.directory).step == 4
+
     @pytest.mark.parametrize("bad", [0, -3, "12", "soon"])
     def test_bad_snapshot_every_is_refused(self, tmp_path, bad):
         """0 steps, negative steps, a number string without a unit: ValueError naming it."""

@@ -82,10 +82,11 @@ def copy_threads() -> int:
 
 def is_plain(buf: torch.Tensor, data: torch.Tensor) -> bool:
     """Whether ``data`` copies into ``buf`` as one ``memmove``: both contiguous in CPU memory,
-    same dtype and element count."""
+    same dtype and element count, and ``data`` no lazy conj or neg view (its bytes are not its
+    values: ``copy_`` resolves them)."""
     return (data.device.type == "cpu" and buf.device.type == "cpu" and data.is_contiguous()
             and buf.is_contiguous() and data.dtype == buf.dtype
-            and data.numel() == buf.numel())
+            and data.numel() == buf.numel() and not (data.is_conj() or data.is_neg()))
 
 
 def _chunks(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
@@ -217,8 +218,7 @@ def _copy_into(buf: torch.Tensor, data: torch.Tensor) -> None:
     busy machine (the training loop, DataLoader workers) that made a 256 MiB copy take 0.3-1.5 s
     instead of 20 ms (benchmarks/bench_checkpoint.py, issue 17).
     """
-    if data.device.type == "cpu" and data.is_contiguous() and buf.is_contiguous() \
-            and data.dtype == buf.dtype and data.numel() == buf.numel():
+    if is_plain(buf, data):
         nbytes = data.numel() * data.element_size()
         if nbytes:
             ctypes.memmove(buf.data_ptr(), data.data_ptr(), nbytes)

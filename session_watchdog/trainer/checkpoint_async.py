@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 import threading
+from concurrent import futures
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -63,7 +64,6 @@ class _AsyncSaveMixin(_DirectoryMixin):
         payload = check_state(state)
         snapshot, buffers = self._snapshot(state)
         pending = PendingSave(step)
-        self._pending = pending
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
         worker = threading.Thread(
@@ -77,6 +77,9 @@ class _AsyncSaveMixin(_DirectoryMixin):
             self._pending = None
             self._spare = buffers
             raise CheckpointWriteError(self.directory, err) from err
+        # Published only once its thread runs: one that never started (Ctrl-C before it did)
+        # would leave a result nobody fills, which every later save waited for forever.
+        self._pending = pending
         _hurry_at_exit(pending)
         return pending
 
@@ -156,35 +159,61 @@ class _AsyncSaveMixin(_DirectoryMixin):
         if self._spare:
             return
         wanted: List[Tuple[Tuple[Any, ...], torch.Size, torch.dtype, bool]] = []
-        seen: Set[int] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
+        seen: Set[Any] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
         for path, tensor in _tensor_leaves(state, ()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
             data = tensor.detach()
-            if data.layout == torch.strided and not data.is_quantized:
+            key = _view_key(data) or id(tensor)
+            if key in seen:
+                continue
+            seen.add(key)
+            if data.layout == torch.strided and not data.is_quantized \
+                    and data.device.type != "meta":
                 # what _new_buffer reads, not the tensor: the thread must not keep the state alive
                 wanted.append((path, data.shape, data.dtype, data.is_cuda))
         spare: Dict[Tuple[Any, ...], torch.Tensor] = {}  # filled by the thread
         prepare = _Prepare(wanted, spare)
-        # With pinned buffers to allocate, not a daemon thread: the interpreter waits for it at
-        # exit (~1 s per GiB at most), so a script that ends soon after its first step never
-        # tears CUDA down while this thread is inside a pinned allocation. CPU buffers only:
-        # nothing to wait for at exit.
-        pinning = any(pin for _, _, _, pin in wanted)
-        worker = threading.Thread(target=prepare.run, name="sw-checkpoint-prepare",
-                                  daemon=not pinning)
+        # Not a daemon thread: the interpreter waits for it at exit (~1 s per GiB at most), so a
+        # script that ends soon after its first step never shuts down while this thread is
+        # inside torch.empty (CPU buffers too: that aborted the process, SIGABRT, rc 134) or
+        # tears CUDA down while it is inside a pinned allocation.
+        worker = threading.Thread(target=prepare.run, name="sw-checkpoint-prepare")
         self._spare = spare  # read by _snapshot only after _join_prepare
         self._prepare = prepare
-        worker.start()
-        self._prepare_thread = worker  # only once started: _join_prepare joins it
+        # Known before it starts: a Ctrl-C inside start() (waiting for the new thread to run)
+        # must not leave a thread that writes into self._spare unknown to _join_prepare.
+        self._prepare_thread = worker
+        try:
+            worker.start()
+        except RuntimeError:  # "can't start new thread": the save allocates, as without this
+            self._prepare_thread = None
+            self._spare = {}
+            raise
 
     def _join_prepare(self) -> None:
-        worker, self._prepare_thread = self._prepare_thread, None
-        if worker is not None:
+        worker = self._prepare_thread
+        if worker is None:
+            return
+        try:
             self._prepare.allocated.wait()
             self._prepare.work.run()  # a save that comes early pages in the rest alongside it
-            worker.join()  # its memset must not race our copy into the same buffers
+        finally:
+            # Even when interrupted (Ctrl-C in the wait): its memset must not race a later copy
+            # into the same buffers, which then committed zeros that verify() passes.
+            worker.join()
+            self._prepare_thread = None  # only once joined: an interrupted join runs again
+            # Its buffers are self._spare's now: the next save keeps those it uses, no more.
+            self._prepare = _Prepare([], {})
+
+    def release_buffers(self) -> None:
+        """Drop the snapshot buffers kept for the next async save (a copy of every tensor of
+        the state); the next async save allocates again. Waits for :meth:`prepare_async`'s
+        thread and for the async save in flight (its buffers come back when it is done); its
+        failure, if any, is still raised by the next :meth:`wait` or save."""
+        self._join_prepare()
+        pending = self._pending
+        if pending is not None:
+            futures.wait([pending._future])
+        self._spare = {}
 
     def _snapshot(
         self, state: Dict[str, Any]
@@ -194,6 +223,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         spare, self._spare = self._spare, {}
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
         memo: Dict[int, torch.Tensor] = {}  # the same tensor twice (tied weights) stays shared
+        views: Dict[Tuple[Any, ...], torch.Tensor] = {}  # two tensors, one view: so does that
         cuda_devices: Set[torch.device] = set()
         # Plain memmoves, copied after the walk: into fresh buffers on several threads (their
         # page faults are most of a first save's stall), into reused ones on this thread alone
@@ -205,7 +235,12 @@ class _AsyncSaveMixin(_DirectoryMixin):
             if id(src) in memo:
                 return memo[id(src)]
             data = src.detach()
-            if data.layout != torch.strided or data.is_quantized:
+            view = _view_key(data)
+            if view is not None and view in views:
+                out = views[view]  # tied weights as state_dict() gives them: written once
+            elif data.device.type == "meta":
+                out = data.clone()  # no data to copy: saved as a sync save saves it, a meta tensor
+            elif data.layout != torch.strided or data.is_quantized:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
                 buf = spare.get(path)
@@ -221,6 +256,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
                     cuda_devices.add(data.device)
                 used[path] = buf
                 out = buf
+                if view is not None:
+                    views[view] = buf
             if type(src) is torch.nn.Parameter:
                 out = torch.nn.Parameter(out, requires_grad=src.requires_grad)
             memo[id(src)] = out
@@ -233,7 +270,10 @@ class _AsyncSaveMixin(_DirectoryMixin):
                 items = [(key, walk(value, (*path, key))) for key, value in obj.items()]
                 if type(obj) is collections.Counter:
                     return collections.Counter(dict(items))
-                return type(obj)(items)
+                copied: Any = type(obj)(items)
+                if hasattr(obj, "_metadata"):  # state_dict()'s versions, read by load_state_dict
+                    copied._metadata = copy.deepcopy(obj._metadata)
+                return copied
             if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
                 return type(obj)(walk(value, (*path, i)) for i, value in enumerate(obj))
             return copy.deepcopy(obj)
@@ -244,6 +284,17 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used
+
+
+def _view_key(data: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+    """What makes two tensor objects the same view of the same memory (``state_dict()`` gives
+    tied weights as two), so a snapshot shares one copy as a sync save does; None for a tensor
+    with no memory of its own to compare (empty, exotic layouts)."""
+    if data.layout != torch.strided or data.is_quantized or data.numel() == 0 \
+            or data.device.type == "meta":
+        return None
+    return (data.data_ptr(), data.dtype, data.shape, data.stride(), data.device,
+            data.is_conj(), data.is_neg())
 
 
 class _Prepare:

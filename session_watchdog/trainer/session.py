@@ -552,6 +552,7 @@ class Session(_ResumingMixin):
         self._closed = True
         self._pending = False
         self._join_async()
+        self.manager.release_buffers()  # a copy of the state's tensors: not kept after the end
         if self._mirror is not None:
             self._mirror.close()  # what is queued is still copied; no more retries
         self._wake()

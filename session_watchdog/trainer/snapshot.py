@@ -30,6 +30,7 @@ so the daemon's RAM rule sees them.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import ctypes
 import hashlib
@@ -42,7 +43,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -55,6 +56,34 @@ def _event(level: int, event: str, **fields: Any) -> None:
     if _log.isEnabledFor(level):
         text = " ".join(f"{key}={value}" for key, value in fields.items())
         _log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+EXIT_WAIT_S = 120.0
+"""How long the interpreter's exit waits for a snapshot write still in progress (all of them
+together). The write goes to ``/dev/shm`` (memory): torch.save, sha256 and a copy, a few seconds
+per GiB; the bound only keeps a stuck writer from holding the exit forever."""
+
+_writers: Set[threading.Thread] = set()  # snapshot writes in progress, any Snapshotter
+_writers_lock = threading.Lock()
+_exit_hook = False  # _finish_writes_at_exit registered
+
+
+def _finish_writes_at_exit() -> None:
+    """At exit, wait up to :data:`EXIT_WAIT_S` for the snapshot writes in progress.
+
+    The writer is a daemon thread (a stuck write must not hold the exit forever), but one the
+    interpreter tears down inside torch.save aborted the process (SIGABRT, rc 134) and lost the
+    snapshot of a script that raised right after taking it: the one a crash needs most. atexit
+    runs this once the non-daemon threads are joined, before the interpreter finalizes.
+    """
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with _writers_lock:
+        writers = list(_writers)
+    for writer in writers:
+        writer.join(max(0.0, deadline - time.monotonic()))
+        if writer.is_alive():
+            _event(logging.WARNING, "snapshot_unfinished_at_exit", thread=writer.name,
+                   waited_s=EXIT_WAIT_S)
 
 
 def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
@@ -74,7 +103,8 @@ def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
                 if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
                     buf = torch.empty(data.shape, dtype=data.dtype, device="cpu",
                                       pin_memory=data.is_cuda)
-                if data.device.type == "cpu" and data.is_contiguous():
+                if data.device.type == "cpu" and data.is_contiguous() \
+                        and not (data.is_conj() or data.is_neg()):  # lazy views: copy_ resolves
                     # One plain memcpy: copy_ splits a large CPU copy over OpenMP threads, which
                     # on a busy 2-core runtime took 40x longer than the copy itself (measured:
                     # 64 MiB, 16 ms single-threaded vs 660 ms; benchmarks/bench_supervise.py).
@@ -180,10 +210,23 @@ class Snapshotter:
         stall = time.perf_counter() - started
         self.last_stall_s = stall
         self._gen += 1
-        self._thread = threading.Thread(target=self._write,
-                                        args=(copied, used, self._gen, step, epoch, header or {}),
-                                        name=f"sw-snapshot-{step}", daemon=True)
-        self._thread.start()
+        global _exit_hook
+        # A daemon thread that the exit waits for, boundedly: _finish_writes_at_exit.
+        writer = threading.Thread(target=self._write_once,
+                                  args=(copied, used, self._gen, step, epoch, header or {}),
+                                  name=f"sw-snapshot-{step}", daemon=True)
+        with _writers_lock:
+            if not _exit_hook:
+                atexit.register(_finish_writes_at_exit)
+                _exit_hook = True
+            _writers.add(writer)
+        self._thread = writer
+        try:
+            writer.start()
+        except BaseException:
+            with _writers_lock:
+                _writers.discard(writer)
+            raise
         return stall
 
     def disable(self, reason: str, step: int) -> None:
@@ -230,6 +273,13 @@ class Snapshotter:
                     "push the host into OOM; snapshots are off")
         return None
 
+    def _write_once(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        finally:
+            with _writers_lock:
+                _writers.discard(threading.current_thread())
+
     def _write(self, copied: Dict[str, Any], used: Dict[Tuple[Any, ...], torch.Tensor],
                gen: int, step: int, epoch: int, header: Dict[str, Any]) -> None:
         started = time.perf_counter()
@@ -270,8 +320,13 @@ class Snapshotter:
         self._on_report(report)
 
     def wait(self, timeout: Optional[float] = 60.0) -> None:
+        """Wait up to ``timeout`` s for the write in progress; one that is not done by then goes
+        on (said in the log): the process exit still waits for it (:data:`EXIT_WAIT_S`)."""
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                _event(logging.INFO, "snapshot_still_writing", thread=self._thread.name,
+                       waited_s=timeout, exit_waits_s=EXIT_WAIT_S)
 
     def remove(self) -> None:
         """Training ended with its own checkpoint: the slots are no longer needed (RAM back)."""
