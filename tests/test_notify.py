@@ -132,6 +132,31 @@ class TestGoldenSession:
                                                  "the runtime is left running\n"
                                                  "colab · session 0s · step 77")
 
+    def test_a_failure_that_ends_the_runtime_says_so(self, tmp_path, servers):
+        """With end_on_failure the failure message says the runtime will be ended, not that it is
+        left running."""
+        server = servers()
+        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed",
+                                     extra={"error": "ValueError: loss is nan"})
+        script = [sample(trainer_status=status(step=70, heartbeat=NOW)),
+                  sample(alive=False, trainer_status=failed, child_exit=1)]
+        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
+                       end_when_done="on", end_on_failure="on", grace="1h",
+                       notify=f"json://127.0.0.1:{server.port}/hook")
+        dog.acquire()
+        try:
+            for _ in range(2):
+                dog.tick()
+        finally:
+            dog.cancel_end()
+            dog.release()
+        assert server.titles()[0] == "training failed (exit code 1)"
+        assert server.posts[0][1]["message"] == (
+            "error: ValueError: loss is nan\n"
+            "no checkpoint was reported\n"
+            "the runtime will be ended (end_on_failure) once nothing runs on it\n"
+            "colab · session 0s · step 77")
+
     def test_a_failed_trainer_sends_the_last_lines_of_its_traceback(self, tmp_path, servers):
         """The traceback tail the trainer reported (trainer.json extra.traceback) is in the
         failure message, after the error line."""

@@ -155,7 +155,10 @@ class Hub:
         wd = self.watchdog
         sample = wd.last_sample
         fields: Dict[str, Any] = {"platform": wd.platform.name, "budget_s": wd.config.max_session or None,
-                                  "remote": self.remote is not None}
+                                  "remote": self.remote is not None,
+                                  "ends_on_failure": bool(wd.config.end_when_done
+                                                          and wd.config.end_on_failure
+                                                          and not wd.config.dry_run)}
         if sample is not None:
             status = sample.trainer.status
             fields.update(elapsed_s=sample.elapsed_s, now=sample.now, child_exit=sample.child_exit)

@@ -51,6 +51,7 @@ class Context:
     traceback: Optional[str] = None  # the last lines of its traceback, when it reported one
     child_exit: Optional[int] = None
     remote: bool = False  # remote commands are configured: say how to answer
+    ends_on_failure: bool = False  # end_when_done and end_on_failure: a failed run ends the runtime
 
     def line(self) -> str:
         parts = [self.platform]
@@ -102,7 +103,9 @@ def outcome_message(outcome: str, ctx: Context) -> Message:
     return _msg("failed", f"failed:{who}", f"training failed ({code}{killed})", ctx,
                 f"error: {ctx.error}" if ctx.error else "",
                 f"traceback (last lines):\n{ctx.traceback}" if ctx.traceback else "",
-                _checkpoint(ctx), "the runtime is left running")
+                _checkpoint(ctx),
+                "the runtime will be ended (end_on_failure) once nothing runs on it"
+                if ctx.ends_on_failure else "the runtime is left running")
 
 
 def compose(event: Mapping[str, Any], ctx: Context) -> List[Message]:
