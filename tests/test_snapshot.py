@@ -230,6 +230,40 @@ class TestSessionSnapshots:
                     handle_signals=False)
 
 
+class TestSnapshotContent:
+    def test_metadata_tied_views_and_meta_tensors_come_back_as_torch_save_keeps_them(self, tmp_path):
+        """A snapshot keeps state_dict()'s _metadata, writes tied weights (two tensor objects,
+        one view) once so they load tied, and takes a meta tensor as a meta tensor; twice, the
+        second time into reused buffers."""
+        import io
+
+        import torch
+
+        from session_watchdog.trainer.snapshot import Snapshotter
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        tied = torch.nn.Module()
+        tied.a = tied.b = torch.nn.Linear(4, 4)
+        state = {"model": model.state_dict(), "tied": tied.state_dict(),
+                 "lazy": torch.empty(2, 5, device="meta")}
+        (tmp_path / "shm").mkdir()
+        snapper = Snapshotter(tmp_path / "run", tmp_path / "ckpt", "ckpt", every_steps=1,
+                              every_s=None, on_report=lambda report: None,
+                              shm_root=tmp_path / "shm")
+        for step in (1, 2):
+            assert snapper.take(state, step=step, epoch=0) is not None
+            snapper._thread.join(120)
+            snap = snapshot_slots.newest(snapper.directory)
+            assert (snap.gen, snap.step) == (step, step)
+            loaded = torch.load(io.BytesIO(snap.payload), weights_only=False)
+            assert loaded["model"]._metadata == state["model"]._metadata
+            assert loaded["tied"]._metadata == state["tied"]._metadata
+            a, b = loaded["tied"]["a.weight"], loaded["tied"]["b.weight"]
+            assert a.data_ptr() == b.data_ptr() and torch.equal(a, state["tied"]["a.weight"])
+            assert (loaded["lazy"].device.type, loaded["lazy"].shape) == ("meta", (2, 5))
+            assert torch.equal(loaded["model"]["0.weight"], state["model"]["0.weight"])
+
+
 class TestDaemonSideIsTorchFree:
     def test_supervise_modules_load_no_torch(self):
         """The daemon's supervise modules, the slot format and the checkpoint names import no torch."""

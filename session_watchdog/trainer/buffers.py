@@ -80,6 +80,17 @@ def copy_threads() -> int:
     return max(1, min(cpus, torch.get_num_threads(), _MAX_THREADS))
 
 
+def view_key(data: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+    """What makes two tensor objects the same view of the same memory (``state_dict()`` gives
+    tied weights as two), so a snapshot shares one copy as a sync save does; None for a tensor
+    with no memory of its own to compare (empty, exotic layouts)."""
+    if data.layout != torch.strided or data.is_quantized or data.numel() == 0 \
+            or data.device.type == "meta":
+        return None
+    return (data.data_ptr(), data.dtype, data.shape, data.stride(), data.device,
+            data.is_conj(), data.is_neg())
+
+
 def is_plain(buf: torch.Tensor, data: torch.Tensor) -> bool:
     """Whether ``data`` copies into ``buf`` as one ``memmove``: both contiguous in CPU memory,
     same dtype and element count, and ``data`` no lazy conj or neg view (its bytes are not its

@@ -24,6 +24,7 @@ from session_watchdog.trainer.buffers import (
     copy_all,
     is_plain,
     page_in,
+    view_key,
 )
 from session_watchdog.trainer.checkpoint_dir import _DirectoryMixin
 from session_watchdog.trainer.checkpoint_types import (
@@ -162,7 +163,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         seen: Set[Any] = set()  # a tensor twice (tied weights) gets one buffer, as in _snapshot
         for path, tensor in _tensor_leaves(state, ()):
             data = tensor.detach()
-            key = _view_key(data) or id(tensor)
+            key = view_key(data) or id(tensor)
             if key in seen:
                 continue
             seen.add(key)
@@ -235,7 +236,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
             if id(src) in memo:
                 return memo[id(src)]
             data = src.detach()
-            view = _view_key(data)
+            view = view_key(data)
             if view is not None and view in views:
                 out = views[view]  # tied weights as state_dict() gives them: written once
             elif data.device.type == "meta":
@@ -284,17 +285,6 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used
-
-
-def _view_key(data: torch.Tensor) -> Optional[Tuple[Any, ...]]:
-    """What makes two tensor objects the same view of the same memory (``state_dict()`` gives
-    tied weights as two), so a snapshot shares one copy as a sync save does; None for a tensor
-    with no memory of its own to compare (empty, exotic layouts)."""
-    if data.layout != torch.strided or data.is_quantized or data.numel() == 0 \
-            or data.device.type == "meta":
-        return None
-    return (data.data_ptr(), data.dtype, data.shape, data.stride(), data.device,
-            data.is_conj(), data.is_neg())
 
 
 class _Prepare:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 import torch
 
 from session_watchdog import snapshot_slots as fmt
+from session_watchdog.trainer.buffers import view_key
 
 _log = logging.getLogger("session_watchdog.trainer")
 
@@ -90,6 +91,7 @@ def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
                 used: Dict[Tuple[Any, ...], torch.Tensor]) -> Any:
     """``state`` with every tensor copied into a CPU buffer (reused from ``spare``)."""
     memo: Dict[int, torch.Tensor] = {}
+    views: Dict[Tuple[Any, ...], torch.Tensor] = {}  # tied weights as state_dict() gives them
 
     def walk(obj: Any, path: Tuple[Any, ...]) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -97,7 +99,12 @@ def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
                 return memo[id(obj)]
             data = obj.detach()
             buf = spare.get(path)
-            if data.layout != torch.strided or data.is_quantized:
+            view = view_key(data)
+            if view is not None and view in views:
+                out = views[view]  # one copy, saved once, loaded tied: as torch.save does
+            elif data.device.type == "meta":
+                out = data.clone()  # no data to copy: saved as torch.save saves it
+            elif data.layout != torch.strided or data.is_quantized:
                 out = data.to("cpu", copy=True)
             else:
                 if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
@@ -113,10 +120,15 @@ def _copy_state(state: Any, spare: Dict[Tuple[Any, ...], torch.Tensor],
                     buf.copy_(data)
                 used[path] = buf
                 out = buf
+                if view is not None:
+                    views[view] = buf
             memo[id(obj)] = out
             return out
         if isinstance(obj, dict):
-            return type(obj)((key, walk(value, (*path, key))) for key, value in obj.items())
+            copied: Any = type(obj)((key, walk(value, (*path, key))) for key, value in obj.items())
+            if hasattr(obj, "_metadata"):  # state_dict()'s versions, read by load_state_dict
+                copied._metadata = copy.deepcopy(obj._metadata)
+            return copied
         if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
             return type(obj)(walk(value, (*path, i)) for i, value in enumerate(obj))
         return copy.deepcopy(obj)
