@@ -317,11 +317,25 @@ class EndTransaction:
         self.cancel_since = cancel_since
         self.outcome: Optional[str] = None
         self._locks = [run_dir.lock(channel.RUN_LOCK), run_dir.lock(channel.SAVE_LOCK)]
+        # Set (under _cancel_lock) right before the end action: from then on a cancel cannot
+        # stop it, only its retry; cancel() says so.
+        self.acted = False
+        self._cancel_lock = threading.Lock()
 
-    def cancel(self, by: str = "the user") -> None:
-        if not self.cancelled.is_set():  # the first cancel says who
-            self.cancelled_by = by
-        self.cancelled.set()
+    def cancel(self, by: str = "the user") -> bool:
+        """Cancel the end; True when that keeps the runtime, False when the end action already
+        ran (the cancel then only stops its retry)."""
+        with self._cancel_lock:
+            if not self.cancelled.is_set():  # the first cancel says who
+                self.cancelled_by = by
+            self.cancelled.set()
+            return not self.acted
+
+    def _point_of_no_return(self) -> bool:
+        """Mark the end action as started, unless a cancel came first (False then)."""
+        with self._cancel_lock:
+            self.acted = not self.cancelled.is_set()
+            return self.acted
 
     def holds_locks(self) -> bool:
         """Whether this transaction holds run.lock (and so nobody else does)."""
@@ -460,11 +474,19 @@ class EndTransaction:
             problem = self.safe_now() if self.safe_now is not None else None
             if problem is not None:
                 raise EndAborted(f"{problem}; Drive was flushed and unmounted: {again}")
+        if not self._point_of_no_return():  # a cancel that came during the last check
+            return self._cancelled() if settled == "not-on-drive" else self._cancelled(
+                " after Drive was flushed and unmounted; the runtime stays: mount Drive again "
+                "(drive.mount) before saving to it")
         result = self.action()
         self._step("end_action", message=self.description, result=result)
         # 7. confirm: still alive well after the action -> say so and try once more
         self.sleep(self.confirm_after_s)
         if self.alive():
+            # A cancel during the wait could not stop the action that ran; it stops its retry.
+            if self._cancel_requested(started_wall):
+                return self._cancelled(f" after the end action ran ({result}); it is not tried "
+                                       "again and the runtime stays while it still runs")
             self._step("end_action_unconfirmed", message=f"still running {self.confirm_after_s:g}s "
                        "after the end action; trying once more")
             if self.safe_now is not None:  # the retry is an end action too: check it afresh

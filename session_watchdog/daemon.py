@@ -442,11 +442,18 @@ class Watchdog:
         return self._end_thread is not None and self._end_thread.is_alive()
 
     def cancel_end(self, by: str = "the user") -> bool:
-        """Cancel a running end transaction in this process; True when one was running."""
+        """Cancel a running end transaction in this process; True when that keeps the runtime.
+
+        False when none runs, and when its end action already ran (:meth:`end_acted`): the
+        cancel then only stops the action's retry.
+        """
         if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
-            self.end.cancel(by)
-            return True
+            return self.end.cancel(by)
         return False
+
+    def end_acted(self) -> bool:
+        """Whether a running end transaction has already run its end action (too late to cancel)."""
+        return self.end_running() and self.end is not None and self.end.acted
 
     def extend_budget(self, seconds: float) -> Optional[float]:
         """Move the session budget by ``seconds`` (remote ``extend 2h``); the new budget, None without one.

@@ -353,6 +353,26 @@ class TestTransaction:
         assert len(rec.calls) == 2
         assert [e["step"] for e in events][-2:] == ["end_action_unconfirmed", "end_action"]
 
+    def test_a_cancel_after_the_end_action_stops_its_retry_and_says_it_came_too_late(self, tmp_path):
+        """A cancel during the confirm wait cannot undo the end action that ran: it answers
+        False (too late) and the action is not tried again; one during the grace answers True."""
+        rec, answers = Recorder(), []
+
+        def sleep(seconds):
+            if seconds == 60.0:  # the confirm wait after the end action
+                answers.append(tx.cancel("the user"))
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                         sleep=sleep, confirm_after_s=60.0, alive=lambda: True)
+        with structlog.testing.capture_logs() as events:
+            assert tx.run() == "cancelled"
+        assert answers == [False] and len(rec.calls) == 1 and tx.acted
+        assert [e["step"] for e in events][-2:] == ["end_action", "end_cancelled"]
+        assert events[-1]["message"] == ("cancelled (the user) after the end action ran (recorded); "
+                                         "it is not tried again and the runtime stays while it still runs")
+        early = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                            grace_s=5.0, sleep=lambda s: answers.append(early.cancel("the user")))
+        assert early.run() == "cancelled" and answers == [False, True] and len(rec.calls) == 1
+
     def test_save_starting_during_grace_waits_and_stays_whole(self, tmp_path):
         """A save that starts during the grace period waits for save.lock; it is written whole after."""
         order: List[str] = []
@@ -675,6 +695,28 @@ class TestDaemonEnd:
         assert [e["kind"] for e in events if e["event"] == "decision"] == ["end"]
         # the process is still alive after the (recorded) end action: one confirm retry, no more
         assert len(rec.calls) == 2
+
+
+    def test_a_cancel_once_the_end_action_runs_is_answered_too_late(self, tmp_path):
+        """Watchdog.cancel_end() during the end action answers False (end_acted: too late, so
+        the notebook and the remote reply say so) and the action is not retried."""
+        started, go, calls = threading.Event(), threading.Event(), []
+
+        def action() -> str:
+            calls.append(1)
+            started.set()
+            assert go.wait(120)
+            return "recorded"
+        clock = FakeClock(NOW)
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])]),
+                                  clock, action=action)
+        assert tick_minutes(dog, clock, range(0, 11)) == [10]
+        try:
+            assert started.wait(120)
+            assert dog.cancel_end() is False and dog.end_acted()
+        finally:
+            go.set()
+        assert dog.wait_end(120) == "cancelled" and calls == [1] and not dog.end_acted()
 
 
 class TestEndReviewRegressions:

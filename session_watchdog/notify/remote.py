@@ -248,6 +248,8 @@ class Remote:
         if command.name == "cancel":
             if wd.cancel_end():
                 return "cancelled: the runtime stays"
+            if wd.end_acted():
+                return "too late: the end action already ran (it is not tried again)"
             return "nothing to cancel: no end of the runtime is pending"
         if command.name == "extend":
             assert command.seconds is not None  # parse_command sets it for extend
