@@ -18,7 +18,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, cancel_requested, end_action_for
@@ -163,6 +163,9 @@ class Watchdog:
         self._keep_logged = False
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
+        # (path, checksum) of checkpoint files an end transaction verified, flushed to Drive and
+        # unmounted: a later try trusts them (EndTransaction._flushed_earlier); in the state file
+        self._drive_flushed: Set[Tuple[str, str]] = set()
         self.state = self._load_state()
         # state.json is rewritten (two fsyncs) when the state changes; a change of the hang
         # detector's progress fields alone - every tick while training - waits until
@@ -213,6 +216,10 @@ class Watchdog:
                 self.budget_extension_s = float(extension)
                 self.config = dataclasses.replace(
                     self.config, max_session=self.config.max_session + self.budget_extension_s)
+            flushed = obj.get("drive_flushed")
+            self._drive_flushed = {(pair[0], pair[1]) for pair in flushed if isinstance(pair, list)
+                                   and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+                                   } if isinstance(flushed, list) else set()
             # The interval that spans the restart (and the up to PROGRESS_SAVE_EVERY_S the saved
             # progress may lag) is not a step interval: not learned from, as after a save. Nor
             # is it idle time: nobody watched the GPUs and the cells meanwhile, so the idle
@@ -238,7 +245,9 @@ class Watchdog:
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json(),
                             **({"budget_extension_s": self.budget_extension_s}
-                               if self.budget_extension_s else {})})
+                               if self.budget_extension_s else {}),
+                            **({"drive_flushed": sorted(map(list, self._drive_flushed))}
+                               if self._drive_flushed else {})})
         self._state_saved_at = self.clock.monotonic()
         self._state_unsaved = self._state_urgent = False
         self._state_write_failed = False
@@ -357,11 +366,15 @@ class Watchdog:
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
             check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s,
-            cancel_since=self.started_wall)
+            cancel_since=self.started_wall, drive_flushed=self._drive_flushed)
         transaction = self.end
 
         def run() -> None:
             outcome = transaction.run()
+            if transaction.flushed:
+                with self._tick_lock:
+                    self._drive_flushed |= transaction.flushed
+                    self._save_state_or_say()
             self._after_end(decision.reason, outcome)
             if self.on_end is not None:
                 self.on_end(outcome)

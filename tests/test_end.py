@@ -830,6 +830,47 @@ class TestEndReviewRegressions:
             "a watched command or a notebook cell is running; not ending the runtime; Drive was "
             "flushed and unmounted: mount Drive again (drive.mount) before saving to it")
 
+    def test_a_retry_after_our_own_drive_unmount_trusts_the_flushed_checkpoint(self, tmp_path, monkeypatch):
+        """A cell that starts during the final Drive flush aborts the end after the unmount; the
+        next try trusts the checkpoint it verified and flushed (it is on Drive, unmounted) and
+        ends, while a checkpoint it never flushed still aborts."""
+        import shutil
+
+        import session_watchdog.actions as actions
+
+        drive = tmp_path / "drive"
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(drive))
+        ckpt = write_checkpoint(drive / "MyDrive" / "ckpt")
+
+        def flush(paths, unmount=True):
+            if unmount and drive.exists():  # flush_and_unmount: the files leave the local view
+                shutil.move(str(drive), str(tmp_path / "unmounted"))
+            return "flushed" if unmount else "stable"
+        checks = iter([None, "a watched command or a notebook cell is running; not ending the runtime"])
+        first = transaction(tmp_path, ckpt=ckpt, action=Recorder(), flush=flush,
+                            safe_now=lambda: next(checks))
+        assert first.run() == "aborted" and not drive.exists()
+        assert first.flushed == {(ckpt.path, ckpt.checksum)}
+        rec = Recorder()
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush,
+                               drive_flushed=first.flushed).run() == "ended"
+        assert len(rec.calls) == 1
+        assert [(e["ok"], e["message"]) for e in events if e.get("step") == "end_verify"] == [
+            (True, "verified and flushed to Drive by an earlier try, which unmounted Drive")]
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush).run() == "aborted"
+        assert "cannot be read" in events[-1]["message"] and len(rec.calls) == 1
+
+    def test_the_flushed_checkpoints_are_kept_in_the_state_file(self, tmp_path):
+        """A restarted watchdog of the session still knows which files it flushed and unmounted."""
+        def dog() -> Watchdog:
+            return idle_colab_watchdog(tmp_path, ScriptedProbe([sample()]), FakeClock(NOW))
+        first = dog()
+        first._drive_flushed.add(("/content/drive/MyDrive/ckpt-1.pt", "sha256:ab"))
+        first._save_state()
+        assert dog()._drive_flushed == {("/content/drive/MyDrive/ckpt-1.pt", "sha256:ab")}
+
     def test_an_aborted_idle_end_is_tried_again_after_a_new_idle_spell(self, tmp_path):
         """A GPU job during the grace aborts the idle end; a new full idle period ends it later."""
         idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
