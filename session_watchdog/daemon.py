@@ -26,6 +26,7 @@ from session_watchdog.channel import DaemonBusyError  # defined there: the CLI c
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
+    END_KEPT,
     EXIT_STOPPED,
     IDLE_END,
     TRAINER_SCOPED,
@@ -224,7 +225,15 @@ class Watchdog:
             # progress may lag) is not a step interval: not learned from, as after a save. Nor
             # is it idle time: nobody watched the GPUs and the cells meanwhile, so the idle
             # clocks start again with this daemon (an idle end never comes from a gap).
-            return dataclasses.replace(PolicyState.from_json(obj["policy"]), progress_skip=True,
+            state = PolicyState.from_json(obj["policy"])
+            if "end" in state.done and END_KEPT not in state.done:
+                # An end that did not happen (aborted, or cut off by the stop of the daemon)
+                # and that the user did not refuse: its retry was in the old daemon's memory,
+                # so try it again from here (a kept runtime stays kept: END_KEPT).
+                state = dataclasses.replace(state, done=state.done - {"end"})
+                log.info("end_rearmed", reason="restart",
+                         message="the end of the runtime decided before the restart is tried again")
+            return dataclasses.replace(state, progress_skip=True,
                                        gpu_idle_since=None, unused_since=None)
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = self.run_dir.quarantine(channel.STATE_FILE)
@@ -289,8 +298,8 @@ class Watchdog:
                 _say_if_idle_end_is_blind(self.config, sample)
             self.actions.apply(decisions, sample)
             for decision in decisions:
-                if decision.kind == "end":
-                    self._start_end(decision, sample)
+                if decision.kind == "end" and self._start_end(decision, sample):
+                    state = dataclasses.replace(state, done=state.done | {END_KEPT})
             if state != self.state:
                 self._state_urgent |= not _only_progress_changed(self.state, state)
                 self._state_unsaved = True
@@ -344,17 +353,20 @@ class Watchdog:
 
     # ---- ending the runtime ---------------------------------------------------------------
 
-    def _start_end(self, decision: Decision, sample: Sample) -> None:
-        """Run the end transaction on its own thread (its grace period must not block ticks)."""
+    def _start_end(self, decision: Decision, sample: Sample) -> bool:
+        """Run the end transaction on its own thread (its grace period must not block ticks).
+
+        True when the user kept the runtime (no transaction; the caller records END_KEPT).
+        """
         if self._end_thread is not None and self._end_thread.is_alive():
-            return
+            return False
         kept_by = self.kept_by()
         if kept_by is not None:
             if not self._keep_logged:  # once: the policy marked the end done, so it stays quiet
                 self._keep_logged = True
                 log.info("action", step="end_cancelled", reason=decision.reason, by=kept_by,
                          message=f"not ending the runtime: kept ({kept_by}); a new run undoes this")
-            return
+            return True
         idle_path = decision.reason == IDLE_END
 
         def safe_now() -> Optional[str]:
@@ -381,6 +393,7 @@ class Watchdog:
 
         self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
         self._end_thread.start()
+        return False
 
     def _fresh_sample(self) -> Optional[Sample]:
         """Probe now, judged as a tick would; None when the probe fails (the end then stops)."""
@@ -402,7 +415,13 @@ class Watchdog:
         """
         if outcome not in ("aborted", "cancelled", "failed"):
             return
-        if outcome == "cancelled" and (reason != IDLE_END or self.kept_by() is not None):
+        if outcome == "cancelled" and self.kept_by() is not None:
+            # the user chose to keep this runtime, also for a restarted daemon of this session
+            with self._tick_lock:
+                self.state = dataclasses.replace(self.state, done=self.state.done | {END_KEPT})
+                self._save_state_or_say()
+            return
+        if outcome == "cancelled" and reason != IDLE_END:
             return  # the user chose to keep this runtime after this training run
         if outcome in ("aborted", "failed"):
             # The same problem would abort the next try too (a vanished checkpoint aborted every

@@ -50,8 +50,11 @@ MIRROR_FAILING = "mirror_failing"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
 MAX_RESENDS = 5
+# In ``done`` beside "end": the user kept the runtime when that end came (daemon.py), so a
+# restarted daemon does not try it again.
+END_KEPT = "end_kept"
 TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop",
-                            "trainer_connected", "no_trainer"})
+                            "trainer_connected", "no_trainer", END_KEPT})
 # The trainer's "stopped after a durable checkpoint, run again to resume" exit status: the same
 # value as session_watchdog.trainer.session.EXIT_STOPPED (that module imports torch).
 EXIT_STOPPED = 75

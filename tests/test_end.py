@@ -935,6 +935,47 @@ class TestEndReviewRegressions:
         finally:
             again.release()
 
+    def test_an_end_aborted_before_a_restart_is_tried_again_by_the_next_daemon(self, tmp_path):
+        """An idle end aborted in its last check (a GPU woke up), then a restart of the watchdog
+        (its retry was in memory): the next daemon of the session ends the runtime after a new
+        full idle period."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe, clock, rec = ScriptedProbe([idle] * 11 + [busy]), FakeClock(NOW), Recorder()
+        first = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        first.acquire()
+        assert tick_minutes(first, clock, range(0, 11)) == [10]
+        assert first.wait_end(120) == "aborted"
+        first.stop()
+        assert "end" in channel.read_json(first.run_dir.file(channel.STATE_FILE))["policy"]["done"]
+        probe.script = [idle]
+        again = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        again.acquire()
+        try:
+            assert tick_minutes(again, clock, range(0, 11)) == [10]
+            assert again.wait_end(120) == "ended" and len(rec.calls) == 2  # the action and its retry
+        finally:
+            again.stop()
+
+    def test_a_runtime_kept_by_the_user_stays_kept_after_a_restart(self, tmp_path):
+        """`session-watchdog cancel` keeps the runtime when training completes; a restarted
+        watchdog of the session (which removes cancel.json) does not end it either."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        probe, clock, rec = ScriptedProbe([done]), FakeClock(NOW), Recorder()
+        first = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        first.acquire()
+        # what `session-watchdog cancel` writes, at this test's (fake) wall time
+        channel.write_json(first.run_dir.file(channel.CANCEL_FILE), {"v": 1, "at": clock.wall()})
+        assert tick_minutes(first, clock, range(0, 2)) == [0] and not first.end_running()
+        first.stop()
+        again = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        again.acquire()
+        try:
+            assert not os.path.exists(again.run_dir.file(channel.CANCEL_FILE))
+            assert tick_minutes(again, clock, range(0, 60)) == [] and rec.calls == []
+        finally:
+            again.stop()
+
     def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
         """A command that starts after the idle end was decided (a notebook launch in the grace
         period) is seen by the last check: the end is aborted and no action runs."""
