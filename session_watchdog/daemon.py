@@ -26,6 +26,7 @@ from session_watchdog.channel import DaemonBusyError  # defined there: the CLI c
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
+    END_CANCELLED,
     END_KEPT,
     EXIT_STOPPED,
     IDLE_END,
@@ -387,7 +388,7 @@ class Watchdog:
                 with self._tick_lock:
                     self._drive_flushed |= transaction.flushed
                     self._save_state_or_say()
-            self._after_end(decision.reason, outcome)
+            self._after_end(decision.reason, outcome, transaction.cancelled_by)
             if self.on_end is not None:
                 self.on_end(outcome)
 
@@ -408,10 +409,15 @@ class Watchdog:
                 sample.trainer, alive=False, saving=False))
         return sample
 
-    def _after_end(self, reason: str, outcome: str) -> None:
+    def _after_end(self, reason: str, outcome: str, cancelled_by: str = "the user") -> None:
         """An aborted end may be tried again later; a cancelled one only after a new idle spell.
 
         Either way the idle-GPU timer starts over, so the next try needs a full new idle period.
+        A runtime the user kept (``session-watchdog cancel``, ``cancel()``, a stop signal) is
+        never ended by this watchdog, nor by a restarted one of the session (END_KEPT). A cancel
+        of a training's end alone (the remote ``cancel``) leaves the idle end (END_CANCELLED):
+        a runtime then left unused is still released. A stop of the watchdog cancels without
+        refusing: the next watchdog tries again.
         """
         if outcome not in ("aborted", "cancelled", "failed"):
             return
@@ -421,8 +427,18 @@ class Watchdog:
                 self.state = dataclasses.replace(self.state, done=self.state.done | {END_KEPT})
                 self._save_state_or_say()
             return
+        if outcome == "cancelled" and cancelled_by == STOPPING:
+            return  # "end" is dropped when the next daemon loads the state: it tries again
         if outcome == "cancelled" and reason != IDLE_END:
-            return  # the user chose to keep this runtime after this training run
+            with self._tick_lock:
+                self.state = dataclasses.replace(
+                    self.state, done=(self.state.done - {"end"}) | {END_CANCELLED},
+                    gpu_idle_since=None)
+                self._save_state_or_say()
+            log.info("end_rearmed", reason=reason, outcome=outcome, idle_end_only=True,
+                     message="this run's end was cancelled; the runtime is still ended once it "
+                             "is left unused for idle_end_after")
+            return
         if outcome in ("aborted", "failed"):
             # The same problem would abort the next try too (a vanished checkpoint aborted every
             # tick, ~200 log lines a minute): try again when what the end checks has changed, or
@@ -458,11 +474,12 @@ class Watchdog:
         self.state = dataclasses.replace(self.state, done=frozenset(self.state.done - {"end"}))
         self._save_state_or_say()
 
-    def keep_runtime(self, by: str) -> None:
-        """Never end the runtime from now on in this watchdog (a stop signal); cancel a pending end."""
+    def keep_runtime(self, by: str) -> bool:
+        """Never end the runtime from now on in this watchdog (a stop signal, the notebook's
+        cancel()); cancel a pending end: :meth:`cancel_end`'s answer."""
         if self._kept_by is None:
             self._kept_by = by
-        self.cancel_end(by)
+        return self.cancel_end(by)
 
     def kept_by(self) -> Optional[str]:
         """Who asked to keep this runtime (a signal, or `session-watchdog cancel` since we started)."""
@@ -813,7 +830,7 @@ class Watchdog:
             if self.end_running():
                 # Leaving during the grace period: the end is cancelled (and says so), never
                 # cut off silently with the process.
-                self.cancel_end("the watchdog is stopping")
+                self.cancel_end(STOPPING)
                 if self._end_thread is not None:
                     self._end_thread.join(10)
             self.release()
@@ -834,7 +851,7 @@ class Watchdog:
         return self._scheduler is not None and bool(self._scheduler.running)
 
     def stop(self) -> None:
-        self.cancel_end()
+        self.cancel_end(STOPPING)
         if self._end_thread is not None:
             self._end_thread.join(10)
         scheduler, self._scheduler = self._scheduler, None
@@ -862,6 +879,8 @@ def _only_progress_changed(old: PolicyState, new: PolicyState) -> bool:
 
 LOCK_PROBE_WAIT_S = 1.0  # how long another process's lock_held() probe may hold daemon.lock
 
+# Who cancels an end when the watchdog stops: not a refusal, the next watchdog tries again.
+STOPPING = "the watchdog is stopping"
 END_RETRY_FIRST_S = 60.0
 END_RETRY_MAX_S = 900.0
 

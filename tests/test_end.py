@@ -976,6 +976,62 @@ class TestEndReviewRegressions:
         finally:
             again.stop()
 
+    def _cancelled_completion_end(self, tmp_path, clock: FakeClock, rec: Recorder, *,
+                                  keep: bool) -> Watchdog:
+        """A watchdog whose training-complete end was cancelled in its grace period: by the
+        remote `cancel` (cancel_end), or kept by `session-watchdog cancel` (keep)."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        training = sample(alive=True, gpus=[gpu(0, 90.0)], trainer_status=done_status(ckpt, "running"))
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([training, done]), clock, rec, grace="10m")
+        dog.acquire()
+        dog.tick()  # this session's trainer (its trainer.json is never taken for an earlier run's)
+        dog.tick()
+        assert [d.reason for d in dog.last_decisions if d.kind == "end"] == ["training_complete"]
+        if keep:  # what `session-watchdog cancel` writes, at this test's (fake) wall time
+            channel.write_json(dog.run_dir.file(channel.CANCEL_FILE), {"v": 1, "at": clock.wall()})
+        else:
+            assert dog.cancel_end("the user") is True
+        assert dog.wait_end(120) == "cancelled" and rec.calls == []
+        dog.config = dataclasses.replace(dog.config, grace=0.001)
+        return dog
+
+    def test_after_a_remote_cancel_of_the_training_end_a_forgotten_runtime_is_still_ended(self, tmp_path):
+        """The remote `cancel` of a training-complete end cancels that end only: the runtime left
+        unused afterwards is released by the idle end after idle_end_after (10 min)."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=False)
+        try:
+            assert tick_minutes(dog, clock, range(0, 11)) == [10] and dog.end.reason == "idle_end"
+            assert dog.wait_end(120) == "ended" and len(rec.calls) == 2  # the action and its retry
+        finally:
+            dog.stop()
+
+    def test_a_remote_cancel_of_the_training_end_holds_across_a_restart(self, tmp_path):
+        """A restarted watchdog does not bring back the training end that was cancelled; only the
+        idle end, a full idle period after its start."""
+        clock, rec = FakeClock(NOW), Recorder()
+        first = self._cancelled_completion_end(tmp_path, clock, rec, keep=False)
+        assert tick_minutes(first, clock, range(0, 5)) == []
+        first.stop()
+        again = idle_colab_watchdog(tmp_path, first.probe, clock, rec)
+        again.acquire()
+        try:
+            assert tick_minutes(again, clock, range(0, 11)) == [10] and again.end.reason == "idle_end"
+            assert again.wait_end(120) == "ended"
+        finally:
+            again.stop()
+
+    def test_a_runtime_kept_in_the_grace_is_never_ended_by_the_idle_end(self, tmp_path):
+        """`session-watchdog cancel` (or the notebook's cancel()) in the grace keeps the runtime:
+        no idle end comes later, however long every GPU idles."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=True)
+        try:
+            assert tick_minutes(dog, clock, range(0, 120)) == [] and rec.calls == []
+        finally:
+            dog.stop()
+
     def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
         """A command that starts after the idle end was decided (a notebook launch in the grace
         period) is seen by the last check: the end is aborted and no action runs."""

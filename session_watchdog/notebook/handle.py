@@ -369,7 +369,8 @@ def cancel(run_dir: Optional[str] = None) -> bool:
     from session_watchdog.actions import request_cancel
 
     handle = _state().get("handle")
-    cancelled = bool(handle is not None and handle.watchdog.cancel_end())
+    # a keep, not only a cancel of this end: the idle end does not come later either
+    cancelled = bool(handle is not None and handle.watchdog.keep_runtime("the user"))
     target = Path(run_dir) if run_dir else (handle.run_dir if handle is not None else None)
     if target is None:
         target = channel.default_run_dir()
