@@ -419,6 +419,10 @@ class Watchdog:
         a runtime then left unused is still released. A stop of the watchdog cancels without
         refusing: the next watchdog tries again.
         """
+        if outcome not in ("aborted", "failed"):
+            # The retry of an earlier abort is spent: left armed, it brought the end back at
+            # every tick after one that ended (a dry run, an end action that left us running).
+            self._end_retry = None
         if outcome not in ("aborted", "cancelled", "failed"):
             return
         if outcome == "cancelled" and self.kept_by() is not None:

@@ -888,6 +888,18 @@ class TestEndReviewRegressions:
         assert ends == [10, 21]
         assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
 
+    def test_an_end_that_ran_after_an_aborted_try_is_not_decided_again(self, tmp_path):
+        """The retry of an aborted end is spent once an end ran: the runtime still idle after it
+        (here: a recorded end action) gets no end decision at every later tick."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe, clock, rec = ScriptedProbe([idle] * 11 + [busy, idle]), FakeClock(NOW), Recorder()
+        dog = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        ends = tick_minutes(dog, clock, range(0, 11))
+        assert dog.wait_end(120) == "aborted"
+        ends += tick_minutes(dog, clock, range(11, 23))
+        assert ends == [10, 21] and dog.wait_end(120) == "ended"
+        assert tick_minutes(dog, clock, range(23, 60)) == [] and len(rec.calls) == 2
+
     def test_a_wrapped_command_on_the_cpu_keeps_its_idle_runtime(self, tmp_path):
         """A real command running with every GPU idle for 15 min keeps the runtime; once it has
         exited, the idle end comes 10 min (idle_end_after) later and the end action runs."""
