@@ -1044,6 +1044,29 @@ class TestEndReviewRegressions:
         finally:
             dog.stop()
 
+    def test_keep_from_the_phone_keeps_the_runtime_from_every_later_end(self, tmp_path):
+        """The remote `keep` in the grace of a training end cancels it, and no idle end comes
+        later, as with `session-watchdog cancel` on the machine."""
+        from session_watchdog.notify.remote import Command, Remote, parse_command
+
+        clock, rec = FakeClock(NOW), Recorder()
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([done]), clock, rec, grace="10m")
+        dog.acquire()
+        try:
+            assert tick_minutes(dog, clock, range(0, 1)) == [0] and dog.end_running()
+            assert parse_command("tok keep", "tok") == Command("keep")
+            remote = Remote(dog, source=None, token="tok", poll_every_s=60.0, started=NOW)
+            assert remote.execute(Command("keep")) == (
+                "kept: the pending end is cancelled and this runtime is not ended later")
+            assert dog.wait_end(120) == "cancelled"
+            dog.config = dataclasses.replace(dog.config, grace=0.001)
+            assert tick_minutes(dog, clock, range(1, 120)) == [] and rec.calls == []
+            assert channel.read_json(dog.run_dir.file(channel.CANCEL_FILE))["v"] == 1  # `status` shows it
+        finally:
+            dog.stop()
+
     def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
         """A command that starts after the idle end was decided (a notebook launch in the grace
         period) is seen by the last check: the end is aborted and no action runs."""
