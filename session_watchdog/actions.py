@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Collection, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psutil
 
@@ -295,7 +295,8 @@ class EndTransaction:
                  monotonic: Callable[[], float] = time.monotonic,
                  flush: Callable[..., str] = flush_drive,
                  confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True,
-                 cancel_since: Optional[float] = None) -> None:
+                 cancel_since: Optional[float] = None,
+                 drive_flushed: Collection[Tuple[str, str]] = ()) -> None:
         self.run_dir = run_dir
         self.reason = reason
         self.status = status
@@ -315,13 +316,32 @@ class EndTransaction:
         # A `session-watchdog cancel` at or after this wall time counts (the daemon's start: a
         # cancel before the grace keeps the runtime); None: only one during this transaction.
         self.cancel_since = cancel_since
+        # (path, checksum) of checkpoint files that an earlier try verified, flushed to Drive
+        # and unmounted (see _flushed_earlier); this try adds its own to ``flushed``.
+        self.drive_flushed = frozenset(drive_flushed)
+        self.flushed: Set[Tuple[str, str]] = set()
+        self._verified: List[Tuple[str, str]] = []  # (path, checksum) verified by this try
         self.outcome: Optional[str] = None
         self._locks = [run_dir.lock(channel.RUN_LOCK), run_dir.lock(channel.SAVE_LOCK)]
+        # Set (under _cancel_lock) right before the end action: from then on a cancel cannot
+        # stop it, only its retry; cancel() says so.
+        self.acted = False
+        self._cancel_lock = threading.Lock()
 
-    def cancel(self, by: str = "the user") -> None:
-        if not self.cancelled.is_set():  # the first cancel says who
-            self.cancelled_by = by
-        self.cancelled.set()
+    def cancel(self, by: str = "the user") -> bool:
+        """Cancel the end; True when that keeps the runtime, False when the end action already
+        ran (the cancel then only stops its retry)."""
+        with self._cancel_lock:
+            if not self.cancelled.is_set():  # the first cancel says who
+                self.cancelled_by = by
+            self.cancelled.set()
+            return not self.acted
+
+    def _point_of_no_return(self) -> bool:
+        """Mark the end action as started, unless a cancel came first (False then)."""
+        with self._cancel_lock:
+            self.acted = not self.cancelled.is_set()
+            return self.acted
 
     def holds_locks(self) -> bool:
         """Whether this transaction holds run.lock (and so nobody else does)."""
@@ -334,6 +354,19 @@ class EndTransaction:
         self._step("end_cancelled", by=self.cancelled_by,
                    message=f"cancelled ({self.cancelled_by}){after}")
         return "cancelled"
+
+    def _flushed_earlier(self, path: str, checksum: str) -> bool:
+        """Whether ``path`` is missing because an earlier try of this end unmounted Drive.
+
+        That try verified the file, flushed it to Drive and unmounted Drive
+        (``flush_and_unmount``), then stopped (a cell started during the flush, say). Drive holds
+        that copy and nothing on this runtime can change it while Drive is unmounted, so it still
+        counts as verified: reading it again would need ``drive.mount()``, which asks the user to
+        authorise in the notebook's browser tab and cannot be done from the watchdog. Without
+        this, every later try failed on our own unmount and the runtime was never released. A
+        file that is there again (Drive mounted again) is verified as usual.
+        """
+        return (path, checksum) in self.drive_flushed and not os.path.lexists(path)
 
     def _cancel_requested(self, since: float) -> bool:
         if self.cancelled.is_set():
@@ -372,12 +405,13 @@ class EndTransaction:
         if mirror.last_checksum != ckpt.checksum or mirror.last_step != ckpt.step \
                 or mirror.last_path is None:
             raise EndAborted(_mirror_not_verified(ckpt, mirror))
-        if mirror.local:
+        if mirror.local and not self._flushed_earlier(mirror.last_path, ckpt.checksum):
             problem = verify_checkpoint(mirror.last_path, ckpt.checksum, ckpt.bytes)
             if problem is None and os.path.basename(mirror.last_path) == DIR_MARKER:
                 problem = _verify_dir_files(mirror.last_path)  # a committed directory's files
             if problem is not None:
                 raise EndAborted(f"on the mirror: {problem}")
+            self._verified.append((mirror.last_path, ckpt.checksum))
         self._step("end_mirror", ok=True, path=mirror.last_path, checkpoint_step=ckpt.step,
                    rehashed=mirror.local)
         return _checkpoint_files(mirror.last_path) if mirror.local else []
@@ -390,12 +424,17 @@ class EndTransaction:
         if self.check_checkpoint:
             if ckpt is None:
                 self._step("end_verify", ok=None, message="no checkpoint was reported (plain command)")
+            elif self._flushed_earlier(ckpt.path, ckpt.checksum):
+                self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes, trusted=True,
+                           message="verified and flushed to Drive by an earlier try, which "
+                                   "unmounted Drive")
             else:
                 read_back = ckpt.mtime_ns if ckpt.verified_at else None
                 problem = verify_checkpoint(ckpt.path, ckpt.checksum, ckpt.bytes, read_back)
                 if problem is not None:
                     raise EndAborted(problem)
                 verified = _identity(ckpt.path)
+                self._verified.append((ckpt.path, ckpt.checksum))
                 # trusted: the trainer's read-back stands (file unchanged), so no re-read here
                 self._step("end_verify", ok=True, path=ckpt.path, bytes=ckpt.bytes,
                            trusted=read_back is not None and verified is not None
@@ -451,7 +490,10 @@ class EndTransaction:
             return self._cancelled()
         if settled != "not-on-drive":
             # the last moment to push Drive's cache (flush_and_unmount where google.colab is there)
-            self._step("end_flush", result=self.flush(paths, unmount=True))
+            flushed = self.flush(paths, unmount=True)
+            self._step("end_flush", result=flushed)
+            if flushed == "flushed":  # Drive is unmounted now: a later try trusts these files
+                self.flushed.update(f for f in self._verified if _on_drive([f[0]]))
             again = "mount Drive again (drive.mount) before saving to it"
             if self._cancel_requested(started_wall):
                 return self._cancelled(f" after Drive was flushed and unmounted; the runtime "
@@ -460,11 +502,19 @@ class EndTransaction:
             problem = self.safe_now() if self.safe_now is not None else None
             if problem is not None:
                 raise EndAborted(f"{problem}; Drive was flushed and unmounted: {again}")
+        if not self._point_of_no_return():  # a cancel that came during the last check
+            return self._cancelled() if settled == "not-on-drive" else self._cancelled(
+                " after Drive was flushed and unmounted; the runtime stays: mount Drive again "
+                "(drive.mount) before saving to it")
         result = self.action()
         self._step("end_action", message=self.description, result=result)
         # 7. confirm: still alive well after the action -> say so and try once more
         self.sleep(self.confirm_after_s)
         if self.alive():
+            # A cancel during the wait could not stop the action that ran; it stops its retry.
+            if self._cancel_requested(started_wall):
+                return self._cancelled(f" after the end action ran ({result}); it is not tried "
+                                       "again and the runtime stays while it still runs")
             self._step("end_action_unconfirmed", message=f"still running {self.confirm_after_s:g}s "
                        "after the end action; trying once more")
             if self.safe_now is not None:  # the retry is an end action too: check it afresh

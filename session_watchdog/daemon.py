@@ -18,7 +18,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from session_watchdog import channel, platforms, sdnotify
 from session_watchdog.actions import Actions, EndTransaction, cancel_requested, end_action_for
@@ -26,6 +26,8 @@ from session_watchdog.channel import DaemonBusyError  # defined there: the CLI c
 from session_watchdog.config import Config, format_duration
 from session_watchdog.log import get_logger, sample_event
 from session_watchdog.policy import (
+    END_CANCELLED,
+    END_KEPT,
     EXIT_STOPPED,
     IDLE_END,
     TRAINER_SCOPED,
@@ -163,6 +165,9 @@ class Watchdog:
         self._keep_logged = False
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
+        # (path, checksum) of checkpoint files an end transaction verified, flushed to Drive and
+        # unmounted: a later try trusts them (EndTransaction._flushed_earlier); in the state file
+        self._drive_flushed: Set[Tuple[str, str]] = set()
         self.state = self._load_state()
         # state.json is rewritten (two fsyncs) when the state changes; a change of the hang
         # detector's progress fields alone - every tick while training - waits until
@@ -219,11 +224,23 @@ class Watchdog:
                 self.budget_extension_s = float(extension)
                 self.config = dataclasses.replace(
                     self.config, max_session=self.config.max_session + self.budget_extension_s)
+            flushed = obj.get("drive_flushed")
+            self._drive_flushed = {(pair[0], pair[1]) for pair in flushed if isinstance(pair, list)
+                                   and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+                                   } if isinstance(flushed, list) else set()
             # The interval that spans the restart (and the up to PROGRESS_SAVE_EVERY_S the saved
             # progress may lag) is not a step interval: not learned from, as after a save. Nor
             # is it idle time: nobody watched the GPUs and the cells meanwhile, so the idle
             # clocks start again with this daemon (an idle end never comes from a gap).
-            return dataclasses.replace(PolicyState.from_json(obj["policy"]), progress_skip=True,
+            state = PolicyState.from_json(obj["policy"])
+            if "end" in state.done and END_KEPT not in state.done:
+                # An end that did not happen (aborted, or cut off by the stop of the daemon)
+                # and that the user did not refuse: its retry was in the old daemon's memory,
+                # so try it again from here (a kept runtime stays kept: END_KEPT).
+                state = dataclasses.replace(state, done=state.done - {"end"})
+                log.info("end_rearmed", reason="restart",
+                         message="the end of the runtime decided before the restart is tried again")
+            return dataclasses.replace(state, progress_skip=True,
                                        gpu_idle_since=None, unused_since=None)
         except (channel.ChannelError, KeyError, TypeError, ValueError) as err:
             moved = self.run_dir.quarantine(channel.STATE_FILE)
@@ -244,7 +261,9 @@ class Watchdog:
                            {"v": channel.SCHEMA_VERSION, "session_start": self.session.start_wall,
                             "policy": self.state.to_json(),
                             **({"budget_extension_s": self.budget_extension_s}
-                               if self.budget_extension_s else {})})
+                               if self.budget_extension_s else {}),
+                            **({"drive_flushed": sorted(map(list, self._drive_flushed))}
+                               if self._drive_flushed else {})})
         self._state_saved_at = self.clock.monotonic()
         self._state_unsaved = self._state_urgent = False
         self._state_write_failed = False
@@ -286,8 +305,8 @@ class Watchdog:
                 _say_if_idle_end_is_blind(self.config, sample)
             self.actions.apply(decisions, sample)
             for decision in decisions:
-                if decision.kind == "end":
-                    self._start_end(decision, sample)
+                if decision.kind == "end" and self._start_end(decision, sample):
+                    state = dataclasses.replace(state, done=state.done | {END_KEPT})
             if state != self.state:
                 self._state_urgent |= not _only_progress_changed(self.state, state)
                 self._state_unsaved = True
@@ -341,17 +360,20 @@ class Watchdog:
 
     # ---- ending the runtime ---------------------------------------------------------------
 
-    def _start_end(self, decision: Decision, sample: Sample) -> None:
-        """Run the end transaction on its own thread (its grace period must not block ticks)."""
+    def _start_end(self, decision: Decision, sample: Sample) -> bool:
+        """Run the end transaction on its own thread (its grace period must not block ticks).
+
+        True when the user kept the runtime (no transaction; the caller records END_KEPT).
+        """
         if self._end_thread is not None and self._end_thread.is_alive():
-            return
+            return False
         kept_by = self.kept_by()
         if kept_by is not None:
             if not self._keep_logged:  # once: the policy marked the end done, so it stays quiet
                 self._keep_logged = True
                 log.info("action", step="end_cancelled", reason=decision.reason, by=kept_by,
                          message=f"not ending the runtime: kept ({kept_by}); a new run undoes this")
-            return
+            return True
         idle_path = decision.reason == IDLE_END
 
         def safe_now() -> Optional[str]:
@@ -365,17 +387,22 @@ class Watchdog:
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
             check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s,
-            cancel_since=self.started_wall)
+            cancel_since=self.started_wall, drive_flushed=self._drive_flushed)
         transaction = self.end
 
         def run() -> None:
             outcome = transaction.run()
-            self._after_end(decision.reason, outcome)
+            if transaction.flushed:
+                with self._tick_lock:
+                    self._drive_flushed |= transaction.flushed
+                    self._save_state_or_say()
+            self._after_end(decision.reason, outcome, transaction.cancelled_by)
             if self.on_end is not None:
                 self.on_end(outcome)
 
         self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
         self._end_thread.start()
+        return False
 
     def _fresh_sample(self) -> Optional[Sample]:
         """Probe now, judged as a tick would; None when the probe fails (the end then stops)."""
@@ -390,15 +417,40 @@ class Watchdog:
                 sample.trainer, alive=False, saving=False))
         return sample
 
-    def _after_end(self, reason: str, outcome: str) -> None:
+    def _after_end(self, reason: str, outcome: str, cancelled_by: str = "the user") -> None:
         """An aborted end may be tried again later; a cancelled one only after a new idle spell.
 
         Either way the idle-GPU timer starts over, so the next try needs a full new idle period.
+        A runtime the user kept (``session-watchdog cancel``, ``cancel()``, a stop signal) is
+        never ended by this watchdog, nor by a restarted one of the session (END_KEPT). A cancel
+        of a training's end alone (the remote ``cancel``) leaves the idle end (END_CANCELLED):
+        a runtime then left unused is still released. A stop of the watchdog cancels without
+        refusing: the next watchdog tries again.
         """
+        if outcome not in ("aborted", "failed"):
+            # The retry of an earlier abort is spent: left armed, it brought the end back at
+            # every tick after one that ended (a dry run, an end action that left us running).
+            self._end_retry = None
         if outcome not in ("aborted", "cancelled", "failed"):
             return
-        if outcome == "cancelled" and (reason != IDLE_END or self.kept_by() is not None):
-            return  # the user chose to keep this runtime after this training run
+        if outcome == "cancelled" and self.kept_by() is not None:
+            # the user chose to keep this runtime, also for a restarted daemon of this session
+            with self._tick_lock:
+                self.state = dataclasses.replace(self.state, done=self.state.done | {END_KEPT})
+                self._save_state_or_say()
+            return
+        if outcome == "cancelled" and cancelled_by == STOPPING:
+            return  # "end" is dropped when the next daemon loads the state: it tries again
+        if outcome == "cancelled" and reason != IDLE_END:
+            with self._tick_lock:
+                self.state = dataclasses.replace(
+                    self.state, done=(self.state.done - {"end"}) | {END_CANCELLED},
+                    gpu_idle_since=None)
+                self._save_state_or_say()
+            log.info("end_rearmed", reason=reason, outcome=outcome, idle_end_only=True,
+                     message="this run's end was cancelled; the runtime is still ended once it "
+                             "is left unused for idle_end_after")
+            return
         if outcome in ("aborted", "failed"):
             # The same problem would abort the next try too (a vanished checkpoint aborted every
             # tick, ~200 log lines a minute): try again when what the end checks has changed, or
@@ -434,11 +486,12 @@ class Watchdog:
         self.state = dataclasses.replace(self.state, done=frozenset(self.state.done - {"end"}))
         self._save_state_or_say()
 
-    def keep_runtime(self, by: str) -> None:
-        """Never end the runtime from now on in this watchdog (a stop signal); cancel a pending end."""
+    def keep_runtime(self, by: str) -> bool:
+        """Never end the runtime from now on in this watchdog (a stop signal, the notebook's
+        cancel()); cancel a pending end: :meth:`cancel_end`'s answer."""
         if self._kept_by is None:
             self._kept_by = by
-        self.cancel_end(by)
+        return self.cancel_end(by)
 
     def kept_by(self) -> Optional[str]:
         """Who asked to keep this runtime (a signal, or `session-watchdog cancel` since we started)."""
@@ -450,11 +503,18 @@ class Watchdog:
         return self._end_thread is not None and self._end_thread.is_alive()
 
     def cancel_end(self, by: str = "the user") -> bool:
-        """Cancel a running end transaction in this process; True when one was running."""
+        """Cancel a running end transaction in this process; True when that keeps the runtime.
+
+        False when none runs, and when its end action already ran (:meth:`end_acted`): the
+        cancel then only stops the action's retry.
+        """
         if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
-            self.end.cancel(by)
-            return True
+            return self.end.cancel(by)
         return False
+
+    def end_acted(self) -> bool:
+        """Whether a running end transaction has already run its end action (too late to cancel)."""
+        return self.end_running() and self.end is not None and self.end.acted
 
     def extend_budget(self, seconds: float) -> Optional[float]:
         """Move the session budget by ``seconds`` (remote ``extend 2h``); the new budget, None without one.
@@ -782,7 +842,7 @@ class Watchdog:
             if self.end_running():
                 # Leaving during the grace period: the end is cancelled (and says so), never
                 # cut off silently with the process.
-                self.cancel_end("the watchdog is stopping")
+                self.cancel_end(STOPPING)
                 if self._end_thread is not None:
                     self._end_thread.join(10)
             self.release()
@@ -803,7 +863,7 @@ class Watchdog:
         return self._scheduler is not None and bool(self._scheduler.running)
 
     def stop(self) -> None:
-        self.cancel_end()
+        self.cancel_end(STOPPING)
         if self._end_thread is not None:
             self._end_thread.join(10)
         scheduler, self._scheduler = self._scheduler, None
@@ -831,6 +891,8 @@ def _only_progress_changed(old: PolicyState, new: PolicyState) -> bool:
 
 LOCK_PROBE_WAIT_S = 1.0  # how long another process's lock_held() probe may hold daemon.lock
 
+# Who cancels an end when the watchdog stops: not a refusal, the next watchdog tries again.
+STOPPING = "the watchdog is stopping"
 END_RETRY_FIRST_S = 60.0
 END_RETRY_MAX_S = 900.0
 

@@ -50,8 +50,14 @@ MIRROR_FAILING = "mirror_failing"
 
 ACTIVE_STATES = ("starting", "running", "saving", "stopping")
 MAX_RESENDS = 5
+# In ``done`` beside "end": the user kept the runtime when that end came (daemon.py), so a
+# restarted daemon does not try it again.
+END_KEPT = "end_kept"
+# In ``done`` instead of "end": the user cancelled the end that this run's outcome brought (a
+# remote `cancel`), not the runtime's: only the idle end (a forgotten runtime) is left.
+END_CANCELLED = "end_cancelled"
 TRAINER_SCOPED = frozenset({"session_checkpoint", "session_stop", "end", "preemption_stop",
-                            "trainer_connected", "no_trainer"})
+                            "trainer_connected", "no_trainer", END_KEPT, END_CANCELLED})
 # The trainer's "stopped after a durable checkpoint, run again to resume" exit status: the same
 # value as session_watchdog.trainer.session.EXIT_STOPPED (that module imports torch).
 EXIT_STOPPED = 75
@@ -694,7 +700,7 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         t.update(failed=True)
     if outcome == "failed":
         ending = config.end_when_done and config.end_on_failure
-        if ending and "end" in t.state.done:
+        if ending and ("end" in t.state.done or END_CANCELLED in t.state.done):
             return  # decided already (or cancelled by the user): nothing more to say
         if ending and trainer.alive:
             t.warn_once("training_failed", TRAINING_FAILED,
@@ -733,6 +739,8 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         return
     if t.state.failed and not config.end_on_failure:
         return
+    if END_CANCELLED in t.state.done:
+        outcome = None  # the user cancelled this run's end: only the idle end below is left
     if outcome == "completed" and config.end_when_done and not trainer.alive \
             and not trainer.saving and running_work(sample):
         # Work after the training (an evaluation, an upload in the next cell) is waited for.

@@ -393,6 +393,26 @@ class TestTransaction:
         assert len(rec.calls) == 2
         assert [e["step"] for e in events][-2:] == ["end_action_unconfirmed", "end_action"]
 
+    def test_a_cancel_after_the_end_action_stops_its_retry_and_says_it_came_too_late(self, tmp_path):
+        """A cancel during the confirm wait cannot undo the end action that ran: it answers
+        False (too late) and the action is not tried again; one during the grace answers True."""
+        rec, answers = Recorder(), []
+
+        def sleep(seconds):
+            if seconds == 60.0:  # the confirm wait after the end action
+                answers.append(tx.cancel("the user"))
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                         sleep=sleep, confirm_after_s=60.0, alive=lambda: True)
+        with structlog.testing.capture_logs() as events:
+            assert tx.run() == "cancelled"
+        assert answers == [False] and len(rec.calls) == 1 and tx.acted
+        assert [e["step"] for e in events][-2:] == ["end_action", "end_cancelled"]
+        assert events[-1]["message"] == ("cancelled (the user) after the end action ran (recorded); "
+                                         "it is not tried again and the runtime stays while it still runs")
+        early = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                            grace_s=5.0, sleep=lambda s: answers.append(early.cancel("the user")))
+        assert early.run() == "cancelled" and answers == [False, True] and len(rec.calls) == 1
+
     def test_save_starting_during_grace_waits_and_stays_whole(self, tmp_path):
         """A save that starts during the grace period waits for save.lock; it is written whole after."""
         order: List[str] = []
@@ -717,6 +737,28 @@ class TestDaemonEnd:
         assert len(rec.calls) == 2
 
 
+    def test_a_cancel_once_the_end_action_runs_is_answered_too_late(self, tmp_path):
+        """Watchdog.cancel_end() during the end action answers False (end_acted: too late, so
+        the notebook and the remote reply say so) and the action is not retried."""
+        started, go, calls = threading.Event(), threading.Event(), []
+
+        def action() -> str:
+            calls.append(1)
+            started.set()
+            assert go.wait(120)
+            return "recorded"
+        clock = FakeClock(NOW)
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])]),
+                                  clock, action=action)
+        assert tick_minutes(dog, clock, range(0, 11)) == [10]
+        try:
+            assert started.wait(120)
+            assert dog.cancel_end() is False and dog.end_acted()
+        finally:
+            go.set()
+        assert dog.wait_end(120) == "cancelled" and calls == [1] and not dog.end_acted()
+
+
 class TestEndReviewRegressions:
     def test_a_stale_completed_status_never_ends_while_the_wrapped_command_runs(self, tmp_path):
         """A completed trainer.json from an earlier run in a shared run dir: while the new wrapped
@@ -828,6 +870,47 @@ class TestEndReviewRegressions:
             "a watched command or a notebook cell is running; not ending the runtime; Drive was "
             "flushed and unmounted: mount Drive again (drive.mount) before saving to it")
 
+    def test_a_retry_after_our_own_drive_unmount_trusts_the_flushed_checkpoint(self, tmp_path, monkeypatch):
+        """A cell that starts during the final Drive flush aborts the end after the unmount; the
+        next try trusts the checkpoint it verified and flushed (it is on Drive, unmounted) and
+        ends, while a checkpoint it never flushed still aborts."""
+        import shutil
+
+        import session_watchdog.actions as actions
+
+        drive = tmp_path / "drive"
+        monkeypatch.setattr(actions, "DRIVE_ROOT", str(drive))
+        ckpt = write_checkpoint(drive / "MyDrive" / "ckpt")
+
+        def flush(paths, unmount=True):
+            if unmount and drive.exists():  # flush_and_unmount: the files leave the local view
+                shutil.move(str(drive), str(tmp_path / "unmounted"))
+            return "flushed" if unmount else "stable"
+        checks = iter([None, "a watched command or a notebook cell is running; not ending the runtime"])
+        first = transaction(tmp_path, ckpt=ckpt, action=Recorder(), flush=flush,
+                            safe_now=lambda: next(checks))
+        assert first.run() == "aborted" and not drive.exists()
+        assert first.flushed == {(ckpt.path, ckpt.checksum)}
+        rec = Recorder()
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush,
+                               drive_flushed=first.flushed).run() == "ended"
+        assert len(rec.calls) == 1
+        assert [(e["ok"], e["message"]) for e in events if e.get("step") == "end_verify"] == [
+            (True, "verified and flushed to Drive by an earlier try, which unmounted Drive")]
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush).run() == "aborted"
+        assert "cannot be read" in events[-1]["message"] and len(rec.calls) == 1
+
+    def test_the_flushed_checkpoints_are_kept_in_the_state_file(self, tmp_path):
+        """A restarted watchdog of the session still knows which files it flushed and unmounted."""
+        def dog() -> Watchdog:
+            return idle_colab_watchdog(tmp_path, ScriptedProbe([sample()]), FakeClock(NOW))
+        first = dog()
+        first._drive_flushed.add(("/content/drive/MyDrive/ckpt-1.pt", "sha256:ab"))
+        first._save_state()
+        assert dog()._drive_flushed == {("/content/drive/MyDrive/ckpt-1.pt", "sha256:ab")}
+
     def test_an_aborted_idle_end_is_tried_again_after_a_new_idle_spell(self, tmp_path):
         """A GPU job during the grace aborts the idle end; a new full idle period ends it later."""
         idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
@@ -844,6 +927,18 @@ class TestEndReviewRegressions:
         ends += tick_minutes(dog, clock, range(11, 23))
         assert ends == [10, 21]
         assert dog.wait_end(120) == "ended"  # inside the test: no end thread outlives it
+
+    def test_an_end_that_ran_after_an_aborted_try_is_not_decided_again(self, tmp_path):
+        """The retry of an aborted end is spent once an end ran: the runtime still idle after it
+        (here: a recorded end action) gets no end decision at every later tick."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe, clock, rec = ScriptedProbe([idle] * 11 + [busy, idle]), FakeClock(NOW), Recorder()
+        dog = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        ends = tick_minutes(dog, clock, range(0, 11))
+        assert dog.wait_end(120) == "aborted"
+        ends += tick_minutes(dog, clock, range(11, 23))
+        assert ends == [10, 21] and dog.wait_end(120) == "ended"
+        assert tick_minutes(dog, clock, range(23, 60)) == [] and len(rec.calls) == 2
 
     def test_a_wrapped_command_on_the_cpu_keeps_its_idle_runtime(self, tmp_path):
         """A real command running with every GPU idle for 15 min keeps the runtime; once it has
@@ -891,6 +986,126 @@ class TestEndReviewRegressions:
             assert again.wait_end(120) == "dry-run"
         finally:
             again.release()
+
+    def test_an_end_aborted_before_a_restart_is_tried_again_by_the_next_daemon(self, tmp_path):
+        """An idle end aborted in its last check (a GPU woke up), then a restart of the watchdog
+        (its retry was in memory): the next daemon of the session ends the runtime after a new
+        full idle period."""
+        idle, busy = sample(alive=False, gpus=[gpu(0, 0.0)]), sample(alive=False, gpus=[gpu(0, 90.0)])
+        probe, clock, rec = ScriptedProbe([idle] * 11 + [busy]), FakeClock(NOW), Recorder()
+        first = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        first.acquire()
+        assert tick_minutes(first, clock, range(0, 11)) == [10]
+        assert first.wait_end(120) == "aborted"
+        first.stop()
+        assert "end" in channel.read_json(first.run_dir.file(channel.STATE_FILE))["policy"]["done"]
+        probe.script = [idle]
+        again = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        again.acquire()
+        try:
+            assert tick_minutes(again, clock, range(0, 11)) == [10]
+            assert again.wait_end(120) == "ended" and len(rec.calls) == 2  # the action and its retry
+        finally:
+            again.stop()
+
+    def test_a_runtime_kept_by_the_user_stays_kept_after_a_restart(self, tmp_path):
+        """`session-watchdog cancel` keeps the runtime when training completes; a restarted
+        watchdog of the session (which removes cancel.json) does not end it either."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        probe, clock, rec = ScriptedProbe([done]), FakeClock(NOW), Recorder()
+        first = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        first.acquire()
+        # what `session-watchdog cancel` writes, at this test's (fake) wall time
+        channel.write_json(first.run_dir.file(channel.CANCEL_FILE), {"v": 1, "at": clock.wall()})
+        assert tick_minutes(first, clock, range(0, 2)) == [0] and not first.end_running()
+        first.stop()
+        again = idle_colab_watchdog(tmp_path, probe, clock, rec)
+        again.acquire()
+        try:
+            assert not os.path.exists(again.run_dir.file(channel.CANCEL_FILE))
+            assert tick_minutes(again, clock, range(0, 60)) == [] and rec.calls == []
+        finally:
+            again.stop()
+
+    def _cancelled_completion_end(self, tmp_path, clock: FakeClock, rec: Recorder, *,
+                                  keep: bool) -> Watchdog:
+        """A watchdog whose training-complete end was cancelled in its grace period: by the
+        remote `cancel` (cancel_end), or kept by `session-watchdog cancel` (keep)."""
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        training = sample(alive=True, gpus=[gpu(0, 90.0)], trainer_status=done_status(ckpt, "running"))
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([training, done]), clock, rec, grace="10m")
+        dog.acquire()
+        dog.tick()  # this session's trainer (its trainer.json is never taken for an earlier run's)
+        dog.tick()
+        assert [d.reason for d in dog.last_decisions if d.kind == "end"] == ["training_complete"]
+        if keep:  # what `session-watchdog cancel` writes, at this test's (fake) wall time
+            channel.write_json(dog.run_dir.file(channel.CANCEL_FILE), {"v": 1, "at": clock.wall()})
+        else:
+            assert dog.cancel_end("the user") is True
+        assert dog.wait_end(120) == "cancelled" and rec.calls == []
+        dog.config = dataclasses.replace(dog.config, grace=0.001)
+        return dog
+
+    def test_after_a_remote_cancel_of_the_training_end_a_forgotten_runtime_is_still_ended(self, tmp_path):
+        """The remote `cancel` of a training-complete end cancels that end only: the runtime left
+        unused afterwards is released by the idle end after idle_end_after (10 min)."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=False)
+        try:
+            assert tick_minutes(dog, clock, range(0, 11)) == [10] and dog.end.reason == "idle_end"
+            assert dog.wait_end(120) == "ended" and len(rec.calls) == 2  # the action and its retry
+        finally:
+            dog.stop()
+
+    def test_a_remote_cancel_of_the_training_end_holds_across_a_restart(self, tmp_path):
+        """A restarted watchdog does not bring back the training end that was cancelled; only the
+        idle end, a full idle period after its start."""
+        clock, rec = FakeClock(NOW), Recorder()
+        first = self._cancelled_completion_end(tmp_path, clock, rec, keep=False)
+        assert tick_minutes(first, clock, range(0, 5)) == []
+        first.stop()
+        again = idle_colab_watchdog(tmp_path, first.probe, clock, rec)
+        again.acquire()
+        try:
+            assert tick_minutes(again, clock, range(0, 11)) == [10] and again.end.reason == "idle_end"
+            assert again.wait_end(120) == "ended"
+        finally:
+            again.stop()
+
+    def test_a_runtime_kept_in_the_grace_is_never_ended_by_the_idle_end(self, tmp_path):
+        """`session-watchdog cancel` (or the notebook's cancel()) in the grace keeps the runtime:
+        no idle end comes later, however long every GPU idles."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=True)
+        try:
+            assert tick_minutes(dog, clock, range(0, 120)) == [] and rec.calls == []
+        finally:
+            dog.stop()
+
+    def test_keep_from_the_phone_keeps_the_runtime_from_every_later_end(self, tmp_path):
+        """The remote `keep` in the grace of a training end cancels it, and no idle end comes
+        later, as with `session-watchdog cancel` on the machine."""
+        from session_watchdog.notify.remote import Command, Remote, parse_command
+
+        clock, rec = FakeClock(NOW), Recorder()
+        ckpt = write_checkpoint(tmp_path / "ckpt")
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([done]), clock, rec, grace="10m")
+        dog.acquire()
+        try:
+            assert tick_minutes(dog, clock, range(0, 1)) == [0] and dog.end_running()
+            assert parse_command("tok keep", "tok") == Command("keep")
+            remote = Remote(dog, source=None, token="tok", poll_every_s=60.0, started=NOW)
+            assert remote.execute(Command("keep")) == (
+                "kept: the pending end is cancelled and this runtime is not ended later")
+            assert dog.wait_end(120) == "cancelled"
+            dog.config = dataclasses.replace(dog.config, grace=0.001)
+            assert tick_minutes(dog, clock, range(1, 120)) == [] and rec.calls == []
+            assert channel.read_json(dog.run_dir.file(channel.CANCEL_FILE))["v"] == 1  # `status` shows it
+        finally:
+            dog.stop()
 
     def test_a_command_launched_during_the_grace_aborts_the_idle_end(self, tmp_path):
         """A command that starts after the idle end was decided (a notebook launch in the grace

@@ -367,20 +367,26 @@ def cancel(run_dir: Optional[str] = None) -> bool:
     Cancels the end transaction of this kernel's watchdog, and also asks any watchdog process
     watching the same run directory (``session-watchdog cancel`` does the same from a shell).
     A cancel before the grace period keeps the runtime too; the next watchdog started on the
-    run directory undoes it. Returns True when this kernel's watchdog had an end under way.
+    run directory undoes it. Returns True when this kernel's watchdog had an end under way
+    whose end action had not run yet.
     """
     from session_watchdog.actions import request_cancel
 
     handle = _state().get("handle")
-    cancelled = bool(handle is not None and handle.watchdog.cancel_end())
+    # a keep, not only a cancel of this end: the idle end does not come later either
+    cancelled = bool(handle is not None and handle.watchdog.keep_runtime("the user"))
     target = Path(run_dir) if run_dir else (handle.run_dir if handle is not None else None)
     if target is None:
         target = channel.default_run_dir()
     if target.is_dir():
         request_cancel(channel.RunDir(target))
-    print("session-watchdog: the runtime will not be ended" if cancelled
-          else "session-watchdog: no end of the runtime was under way in this kernel; "
-               f"asked any watchdog of {target} to keep this runtime")
+    if cancelled:
+        print("session-watchdog: the runtime will not be ended")
+    elif handle is not None and handle.watchdog.end_acted():
+        print("session-watchdog: too late: the end action already ran (it is not tried again)")
+    else:
+        print("session-watchdog: no end of the runtime was under way in this kernel; "
+              f"asked any watchdog of {target} to keep this runtime")
     return cancelled
 
 

@@ -4,7 +4,7 @@ Colab and AutoDL accept no inbound connection, so the watchdog asks: ``GET
 <server>/<topic>/json?poll=1&since=<id>`` (ntfy) or ``<api>/bot<token>/getUpdates`` (Telegram),
 every ``remote_poll_every``, on its own thread. A command is obeyed only when it comes from the
 configured topic or chat AND carries the configured ``remote_token`` as one of its words:
-``<token> status`` / ``cancel`` / ``extend 2h`` / ``checkpoint`` / ``stop``. Anything else is
+``<token> status`` / ``cancel`` / ``keep`` / ``extend 2h`` / ``checkpoint`` / ``stop``. Anything else is
 logged (``remote_ignored``, without its text) and ignored. Messages sent before the watchdog
 started are never obeyed (a stale ``stop`` from yesterday must not end today's run).
 """
@@ -24,12 +24,12 @@ from session_watchdog.config import ConfigError, format_duration, parse_duration
 from session_watchdog.log import get_logger
 
 log = get_logger()
-COMMANDS = ("status", "cancel", "extend", "checkpoint", "stop")
+COMMANDS = ("status", "cancel", "keep", "extend", "checkpoint", "stop")
 HTTP_TIMEOUT_S = 10.0
 # Our own notifications and replies on an ntfy topic come back when we poll it: they all carry a
 # title, a command typed into the ntfy app or `curl -d` has none, so a titled message is not a command.
 OWN_TITLE = "session-watchdog"
-HELP = "commands: status, cancel, extend 2h, checkpoint, stop (each with your token)"
+HELP = "commands: status, cancel, keep, extend 2h, checkpoint, stop (each with your token)"
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,20 @@ class Remote:
         if command.name == "cancel":
             if wd.cancel_end():
                 return "cancelled: the runtime stays"
+            if wd.end_acted():
+                return "too late: the end action already ran (it is not tried again)"
             return "nothing to cancel: no end of the runtime is pending"
+        if command.name == "keep":
+            # what `session-watchdog cancel` does on the machine: no end, now or later (a
+            # `cancel` stops the pending end only; the idle end may still come)
+            from session_watchdog.actions import request_cancel
+
+            request_cancel(wd.run_dir)
+            if wd.keep_runtime("remote keep"):
+                return "kept: the pending end is cancelled and this runtime is not ended later"
+            if wd.end_acted():
+                return "too late: the end action already ran (it is not tried again)"
+            return "kept: this runtime is not ended later (a new run undoes this)"
         if command.name == "extend":
             assert command.seconds is not None  # parse_command sets it for extend
             budget = wd.extend_budget(command.seconds)
