@@ -161,6 +161,7 @@ class Watchdog:
         self.started_wall = self.clock.wall()
         self.end: Optional[EndTransaction] = None
         self._end_thread: Optional[threading.Thread] = None
+        self._end_lock = threading.Lock()  # self.end and self._end_thread change together
         self._kept_by: Optional[str] = None  # keep this runtime: a stop signal (or cancel) said so
         self._keep_logged = False
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
@@ -383,12 +384,11 @@ class Watchdog:
             return end_blocker(self.config, decision.reason, self._fresh_sample(), sample,
                                self.state)
 
-        self.end = EndTransaction(
+        transaction = EndTransaction(
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
             check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s,
             cancel_since=self.started_wall, drive_flushed=self._drive_flushed)
-        transaction = self.end
 
         def run() -> None:
             outcome = transaction.run()
@@ -400,8 +400,10 @@ class Watchdog:
             if self.on_end is not None:
                 self.on_end(outcome)
 
-        self._end_thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
-        self._end_thread.start()
+        thread = threading.Thread(target=run, name="session-watchdog-end", daemon=True)
+        with self._end_lock:  # published started: wait_end() and cancel_end() never see it unstarted
+            self.end, self._end_thread = transaction, thread
+            thread.start()
         return False
 
     def _fresh_sample(self) -> Optional[Sample]:
@@ -508,8 +510,10 @@ class Watchdog:
         False when none runs, and when its end action already ran (:meth:`end_acted`): the
         cancel then only stops the action's retry.
         """
-        if self.end is not None and self._end_thread is not None and self._end_thread.is_alive():
-            return self.end.cancel(by)
+        with self._end_lock:
+            end, thread = self.end, self._end_thread
+        if end is not None and thread is not None and thread.is_alive():
+            return end.cancel(by)
         return False
 
     def end_acted(self) -> bool:
@@ -554,9 +558,11 @@ class Watchdog:
 
     def wait_end(self, timeout: Optional[float] = None) -> Optional[str]:
         """Wait for a running end transaction; its outcome (None when none ran)."""
-        if self._end_thread is not None:
-            self._end_thread.join(timeout)
-        return None if self.end is None else self.end.outcome
+        with self._end_lock:
+            end, thread = self.end, self._end_thread
+        if thread is not None:
+            thread.join(timeout)
+        return None if end is None else end.outcome
 
     def safe_tick(self) -> None:
         """The scheduled job: a failing tick is logged, never fatal."""

@@ -759,6 +759,48 @@ class TestDaemonEnd:
         assert dog.wait_end(120) == "cancelled" and calls == [1] and not dog.end_acted()
 
 
+    def test_wait_end_as_the_end_starts_waits_for_it(self, tmp_path, monkeypatch):
+        """wait_end() called while the end's thread is being started (from another thread, as a
+        notebook's wait does) waits for that end and returns its outcome, never raising that the
+        thread is not started yet."""
+        import session_watchdog.daemon as daemon_module
+
+        starting, may_start = threading.Event(), threading.Event()
+
+        class SlowToStart(threading.Thread):
+            def start(self) -> None:
+                if self.name == "session-watchdog-end":
+                    starting.set()
+                    assert may_start.wait(120)
+                super().start()
+
+        monkeypatch.setattr(daemon_module.threading, "Thread", SlowToStart)
+        clock = FakeClock(NOW)
+        dog = idle_colab_watchdog(tmp_path, ScriptedProbe([sample(alive=False, gpus=[gpu(0, 0.0)])]),
+                                  clock)
+        ticking = threading.Thread(target=tick_minutes, args=(dog, clock, range(0, 11)))
+        ticking.start()
+        outcome: List[object] = []
+        try:
+            assert starting.wait(120)
+            waiter = threading.Thread(target=lambda: outcome.append(_outcome_or_error(dog)))
+            waiter.start()
+            waiter.join(0.5)  # it must be waiting for the start, not done
+            assert outcome == []
+        finally:
+            may_start.set()
+            ticking.join(120)
+        waiter.join(120)
+        assert outcome == ["ended"]
+
+
+def _outcome_or_error(dog: Watchdog) -> object:
+    try:
+        return dog.wait_end(120)
+    except RuntimeError as err:
+        return err
+
+
 class TestEndReviewRegressions:
     def test_a_stale_completed_status_never_ends_while_the_wrapped_command_runs(self, tmp_path):
         """A completed trainer.json from an earlier run in a shared run dir: while the new wrapped
