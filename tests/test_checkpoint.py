@@ -497,6 +497,48 @@ class TestSaveAsync:
         assert not later.is_alive(), "the save after the interrupted one is blocked"
         assert [s.step for s in saved] == [2] and manager.latest() == saved[0]
 
+    @pytest.mark.parametrize("thread_ran", [False, True])
+    def test_a_ctrl_c_inside_a_thread_start_never_hangs_or_tears_the_next_save(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_ran: bool) -> None:
+        """Ctrl-C inside start() of prepare_async's thread and of the writer's, before the new
+        thread ran or once it did: the next save neither waits forever for a thread that never
+        runs nor copies into buffers a running one still uses; every checkpoint holds its
+        own values."""
+        real_start = threading.Thread.start
+        interrupted: List[str] = []
+
+        def interrupted_start(thread: threading.Thread) -> None:
+            if thread.name in ("sw-checkpoint-prepare", "sw-checkpoint-save-2") \
+                    and thread.name not in interrupted:
+                interrupted.append(thread.name)
+                if thread_ran:
+                    real_start(thread)
+                raise KeyboardInterrupt
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+        manager = CheckpointManager(tmp_path, keep=5)
+        with pytest.raises(KeyboardInterrupt):
+            manager.prepare_async(stamped(0))
+        with pytest.raises(KeyboardInterrupt):
+            manager.save_async(stamped(2), step=2)
+        assert interrupted == ["sw-checkpoint-prepare", "sw-checkpoint-save-2"]
+        saved: List[SavedCheckpoint] = []
+
+        def later_saves() -> None:
+            saved.append(manager.save_async(stamped(3), step=3).result(timeout=120))
+            saved.append(manager.save_async(stamped(4), step=4).result(timeout=120))
+            manager.release_buffers()
+        later = threading.Thread(target=later_saves, daemon=True)  # a hang must not hold the run
+        later.start()
+        later.join(120)
+        assert not later.is_alive(), "a save after the interrupted start is blocked"
+        assert [s.step for s in saved] == [3, 4]
+        for value, checkpoint in ((3, saved[0]), (4, saved[1])):
+            assert torch.equal(manager.load(checkpoint)["w"], stamped(value)["w"])
+        steps = [c.step for c in manager.list()]
+        assert steps == ([2, 3, 4] if thread_ran else [3, 4])
+
     def test_background_failure_surfaces_from_wait_once(self, tmp_path: Path, monkeypatch):
         """A failed background write raises CheckpointWriteError from wait(), leaving no temp."""
         manager = CheckpointManager(tmp_path)

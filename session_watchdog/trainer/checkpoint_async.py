@@ -67,20 +67,25 @@ class _AsyncSaveMixin(_DirectoryMixin):
         pending = PendingSave(step)
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
-        worker = threading.Thread(
-            target=self._write_in_background,
-            args=(snapshot, buffers, step, epoch, payload, pending),
-            name=f"sw-checkpoint-save-{step}",
-        )
+        gate = _Gate()
+
+        def write() -> None:
+            if gate.enter():
+                self._write_in_background(snapshot, buffers, step, epoch, payload, pending)
+        worker = threading.Thread(target=write, name=f"sw-checkpoint-save-{step}")
+        # Published before its thread starts, so that wait() and the next save always know a
+        # write that runs; taken back when start() fails (a Ctrl-C inside it included) before
+        # the thread ran: a result nobody fills made every later save wait forever.
+        self._pending = pending
         try:
             worker.start()
-        except RuntimeError as err:  # "can't start new thread": nothing is in flight then
-            self._pending = None
-            self._spare = buffers
-            raise CheckpointWriteError(self.directory, err) from err
-        # Published only once its thread runs: one that never started (Ctrl-C before it did)
-        # would leave a result nobody fills, which every later save waited for forever.
-        self._pending = pending
+        except BaseException as err:
+            if gate.give_up():  # it never ran, and now never will: nothing is in flight
+                self._pending = None
+                self._spare = buffers
+            if isinstance(err, RuntimeError):  # "can't start new thread"
+                raise CheckpointWriteError(self.directory, err) from err
+            raise
         _hurry_at_exit(pending)
         return pending
 
@@ -185,9 +190,14 @@ class _AsyncSaveMixin(_DirectoryMixin):
         self._prepare_thread = worker
         try:
             worker.start()
-        except RuntimeError:  # "can't start new thread": the save allocates, as without this
-            self._prepare_thread = None
-            self._spare = {}
+        except BaseException:
+            # "can't start new thread", or a Ctrl-C inside start(): a thread that never ran is
+            # forgotten (the save allocates, as without this; waiting for it hung every later
+            # save and the Session's close), one that runs is joined by the next save.
+            if prepare.gate.give_up():
+                self._prepare_thread = None
+                self._spare = {}
+                self._prepare = _Prepare([], {})
             raise
 
     def _join_prepare(self) -> None:
@@ -287,6 +297,30 @@ class _AsyncSaveMixin(_DirectoryMixin):
         return snapshot, used
 
 
+class _Gate:
+    """Lets a thread's work begin unless it was given up on first: a ``start()`` cut short (a
+    Ctrl-C while it waits for the new thread, or "can't start new thread") leaves a thread that
+    may never run, or may be just about to. After :meth:`give_up` answered True the work never
+    begins; after it answered False it has begun and must be waited for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._began = False
+        self._dropped = False
+
+    def enter(self) -> bool:
+        """In the thread, first: whether to do the work."""
+        with self._lock:
+            self._began = not self._dropped
+            return self._began
+
+    def give_up(self) -> bool:
+        """Whether the work had not begun (it never will now)."""
+        with self._lock:
+            self._dropped = not self._began
+            return self._dropped
+
+
 class _Prepare:
     """``prepare_async``'s background work: allocate the buffers, then page in the pageable ones.
 
@@ -301,8 +335,12 @@ class _Prepare:
         self._buffers = into
         self.allocated = threading.Event()
         self.work: Work = page_in([])
+        self.gate = _Gate()
 
     def run(self) -> None:
+        if not self.gate.enter():
+            self.allocated.set()
+            return
         try:
             for path, shape, dtype, pin in self._wanted:
                 self._buffers[path] = buffers._allocate(shape, dtype, pin)
