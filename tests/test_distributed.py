@@ -357,15 +357,37 @@ class TestShardedCheckpointer:
         ckpt.load(loaded)
         assert torch.equal(loaded["w"], torch.arange(6.0))
 
-    def test_a_committed_directory_is_never_overwritten(self, tmp_path: Path) -> None:
-        """Saving the same step again returns the committed checkpoint and writes nothing."""
+    def test_saving_a_committed_step_again_writes_the_new_state(self, tmp_path: Path) -> None:
+        """Saving step 5 again with other tensors commits them in step-5 (another run's state
+        there is never handed back as this save); nothing of the old directory is left."""
         ckpt = ShardedCheckpointer(tmp_path / "ckpt")
         first = ckpt.save({"w": torch.ones(3)}, step=5)
         again = ckpt.save({"w": torch.zeros(3)}, step=5)
-        assert again == first
-        loaded = {"w": torch.zeros(3)}
+        assert again.directory == first.directory and again.sha256 != first.sha256
+        assert ckpt.latest() == again
+        loaded = {"w": torch.ones(3)}
         ckpt.load(loaded)
-        assert torch.equal(loaded["w"], torch.ones(3))
+        assert torch.equal(loaded["w"], torch.zeros(3))
+        assert os.listdir(tmp_path / "ckpt") == ["step-0000000005"]
+
+    @pytest.mark.parametrize("new_in_place", [False, True])
+    def test_a_replacement_cut_short_is_settled_at_start(self, tmp_path: Path,
+                                                         new_in_place: bool) -> None:
+        """A save of step 3 that died between renaming the old step-3 aside and renaming its
+        own in leaves the old one back in place; one that died after leaves the new one."""
+        directory = tmp_path / "ckpt"
+        ckpt = ShardedCheckpointer(directory)
+        old = ckpt.save({"w": torch.ones(2)}, step=3)
+        aside = directory / "step-0000000003.old-deadbeef"
+        os.rename(old.directory, aside)
+        new = ShardedCheckpointer(tmp_path / "other").save({"w": torch.zeros(2)}, step=3)
+        temp = directory / ("step-0000000003" if new_in_place else "step-0000000003.tmp-cafe")
+        os.rename(new.directory, temp)
+        checker = ShardedCheckpointer(directory)
+        assert os.listdir(directory) == ["step-0000000003"]
+        loaded = {"w": torch.full((2,), 5.0)}
+        checker.load(loaded)
+        assert torch.equal(loaded["w"], torch.zeros(2) if new_in_place else torch.ones(2))
 
     def test_only_the_newest_keep_are_kept(self, tmp_path: Path) -> None:
         """With keep=2, three saves leave the two newest step directories."""

@@ -957,3 +957,26 @@ class TestForgottenResume:
             train_step(session)
             session.checkpoint()
         assert [saved.step for saved in session.manager.list()] == [13, 14]
+
+    def test_a_sharded_save_of_a_step_the_earlier_run_saved_writes_this_runs_state(
+            self, make_session: Callable[..., Session]) -> None:
+        """sharded=True without resume(): checkpoint() at a step the run before committed saves
+        this run's weights there (never the earlier run's directory reported as this save)."""
+        earlier = make_session(sharded=True)
+        for _ in range(4):
+            train_step(earlier)
+        first = earlier.checkpoint()
+        earlier.close()
+        session = make_session(sharded=True)
+        for _ in range(4):
+            train_step(session)
+        with torch.no_grad():
+            for param in session.model.parameters():
+                param.fill_(7.0)
+        saved = session.checkpoint()
+        assert saved.step == first.step == 4 and saved.sha256 != first.sha256
+        session.close()
+        fresh = make_session(sharded=True, model=torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2)))
+        assert fresh.resume().step == 4
+        assert all(bool((param == 7.0).all()) for param in fresh.model.parameters())
