@@ -396,6 +396,20 @@ class TestShardedCheckpointer:
             ckpt.save({"w": torch.full((2,), float(step))}, step=step)
         assert sorted(os.listdir(tmp_path / "ckpt")) == ["step-0000000002", "step-0000000003"]
 
+    def test_keep_ahead_of_exempts_later_steps_until_a_save_replaces_them(
+            self, tmp_path: Path) -> None:
+        """With keep=1, steps beyond keep_ahead_of's step survive saves of earlier steps; once a
+        save replaces such a step it is pruned like any other."""
+        ckpt = ShardedCheckpointer(tmp_path / "ckpt", keep=1)
+        ckpt.save({"w": torch.ones(2)}, step=100)
+        assert [saved.step for saved in ckpt.keep_ahead_of(0)] == [100]
+        for step in (1, 2):
+            ckpt.save({"w": torch.zeros(2)}, step=step)
+        assert committed_names(tmp_path / "ckpt") == ["step-0000000002", "step-0000000100"]
+        ckpt.save({"w": torch.zeros(2)}, step=100)
+        ckpt.save({"w": torch.zeros(2)}, step=101)
+        assert committed_names(tmp_path / "ckpt") == ["step-0000000101"]
+
     @pytest.mark.parametrize("damage", ["no marker", "shard removed", "shard truncated",
                                         "metadata changed", "marker garbage"])
     def test_latest_skips_a_directory_that_is_not_complete(self, tmp_path: Path,

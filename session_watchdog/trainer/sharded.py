@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
 from session_watchdog import channel
 from session_watchdog.channel import fsync_dir
@@ -200,8 +200,8 @@ class ShardedCheckpointer:
     4. rank 0 renames the directory to ``step-<step:010d>`` (a committed one of that step is
        first renamed to ``step-<step:010d>.old-<random>``, removed once the new one is in
        place) and fsyncs the parent, then removes committed directories beyond the newest
-       ``keep`` (renamed to ``*.tmp-*`` first, so a
-       removal cut short is swept, never mistaken for a checkpoint);
+       ``keep``, never those :meth:`keep_ahead_of` exempted (renamed to ``*.tmp-*`` first, so
+       a removal cut short is swept, never mistaken for a checkpoint);
     5. rank 0 broadcasts the outcome: every rank returns the same checkpoint or raises.
 
     A rank killed anywhere in 1-3 leaves a ``.tmp-`` directory (no marker, or a marker in a
@@ -224,6 +224,7 @@ class ShardedCheckpointer:
         self.directory = Path(os.path.abspath(directory))
         self.keep = keep
         self.process_group = process_group
+        self._kept_ahead: Set[int] = set()  # steps exempt from pruning (keep_ahead_of)
         self._distributed = is_initialized()
         self._rank = self._world_size = 0
         if self._distributed:
@@ -311,6 +312,7 @@ class ShardedCheckpointer:
             raise ShardedCheckpointError(outcome[1])
         saved = outcome[1]
         if self._rank == 0:
+            self._kept_ahead.discard(step)  # replaced by this save: ours now, pruned as usual
             self._prune(saved)
         return saved  # type: ignore[no-any-return]
 
@@ -363,7 +365,8 @@ class ShardedCheckpointer:
         return saved
 
     def _prune(self, newest: ShardedCheckpoint) -> None:
-        committed = [c for c in self.list() if c.directory != newest.directory]
+        committed = [c for c in self.list()
+                     if c.directory != newest.directory and c.step not in self._kept_ahead]
         excess = len(committed) + 1 - self.keep
         for old in committed[:max(0, excess)]:
             doomed = old.directory.with_name(
@@ -374,6 +377,20 @@ class ShardedCheckpointer:
                 continue
             fsync_dir(self.directory)
             shutil.rmtree(doomed, ignore_errors=True)
+
+    def keep_ahead_of(self, step: int) -> List[ShardedCheckpoint]:
+        """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
+
+        Directories are named by step, so keep-last-K would delete the step-100 checkpoint of
+        the run before at the first save of a run that did not resume (issue 11, as
+        ``CheckpointManager.keep_ahead_of``). They stay until this checkpointer is gone, or until
+        a save of their step replaces them. Rank 0 prunes, so only rank 0 looks: others get [].
+        """
+        if self._rank != 0:
+            return []
+        ahead = [saved for saved in self.list() if saved.step > step]
+        self._kept_ahead.update(saved.step for saved in ahead)
+        return ahead
 
     def _sweep(self) -> int:
         """Remove ``step-*.tmp-*`` directories a save or a pruning that died left behind.
