@@ -277,6 +277,45 @@ SHARDED_SESSION = _PRELUDE + """
                       "final_step": final.step, "final": str(final.path)}))
 """
 
+ACK_THROUGH_PEER = _PRELUDE + """
+    from session_watchdog.channel import Request, RunDir
+    from session_watchdog.trainer import Session
+    run = base / "run"  # one run dir for both ranks: rank 0 is its reporter
+    model = torch.nn.Linear(4, 2)
+    # Rank 0's poller never wakes on its own here: only rank 1 reads request.json.
+    poll = 1000.0 if rank == 0 else 0.02
+    session = Session(base / "ckpt", model=model, run_dir=run, poll_interval=poll,
+                      heartbeat_interval=poll, checkpoint_every=None, handle_signals=False,
+                      sync_every=5, sync_interval_s=None, keep=10)
+    dist.barrier()
+    if rank == 0:
+        RunDir(run).write_request(Request(seq=7, action="checkpoint", reason="peer",
+                                          deadline=None, issued=time.time(), rid="abcd.7"))
+    dist.barrier()
+    seen = True
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while session._request is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = session._request is not None
+    dist.barrier()
+    for _ in range(5):  # the agreement at step 5 carries rank 1's request
+        session.step()
+    first_ack = None
+    if rank == 0:  # the reporter wrote its ack before it left the save
+        first = RunDir(run).read_status()
+        first_ack = [first.acked_seq, first.acked_rid]
+        session._poll_once()  # rank 0's poller reads the request at last: answered already?
+    for _ in range(5):  # the next agreement, at step 10
+        session.step()
+    session.close()
+    leave()
+    status = RunDir(run).read_status()
+    saves = sorted(p.name for p in (base / "ckpt").iterdir() if p.name.endswith(".pt"))
+    print(json.dumps({"rank": rank, "seen": seen, "saves": saves, "first_ack": first_ack,
+                      "acked_seq": status.acked_seq, "acked_rid": status.acked_rid}))
+"""
+
 SAVE_FOREVER = _PRELUDE + """
     from session_watchdog.trainer.sharded import ShardedCheckpointer
     ckpt = ShardedCheckpointer(base / "ckpt", keep=1000)
@@ -475,6 +514,19 @@ class TestAgreementCadence:
         assert [r["rank"] for r in reports] == [0, 1]
         for report in reports:
             assert report["refused"] is not None and "sync_every" in report["refused"]
+
+
+class TestRequestReadByAnotherRank:
+    def test_a_request_read_only_by_another_rank_is_acked_with_its_rid_once(
+            self, tmp_path: Path) -> None:
+        """A checkpoint request that only rank 1 read reaches the agreement as a seq: rank 0,
+        the reporter, acks it with the request's rid and never saves for it a second time."""
+        reports = results(spawn_ranks(ACK_THROUGH_PEER, str(tmp_path)))
+        assert reports[1]["seen"]
+        assert reports[0]["first_ack"] == [7, "abcd.7"]  # the daemon matches acks by rid
+        for report in reports:
+            assert (report["acked_seq"], report["acked_rid"]) == (7, "abcd.7")
+            assert report["saves"] == ["ckpt-00000001-step5.pt"]
 
 
 class TestDdpUnderTorchrun:
