@@ -277,6 +277,45 @@ SHARDED_SESSION = _PRELUDE + """
                       "final_step": final.step, "final": str(final.path)}))
 """
 
+ACK_THROUGH_PEER = _PRELUDE + """
+    from session_watchdog.channel import Request, RunDir
+    from session_watchdog.trainer import Session
+    run = base / "run"  # one run dir for both ranks: rank 0 is its reporter
+    model = torch.nn.Linear(4, 2)
+    # Rank 0's poller never wakes on its own here: only rank 1 reads request.json.
+    poll = 1000.0 if rank == 0 else 0.02
+    session = Session(base / "ckpt", model=model, run_dir=run, poll_interval=poll,
+                      heartbeat_interval=poll, checkpoint_every=None, handle_signals=False,
+                      sync_every=5, sync_interval_s=None, keep=10)
+    dist.barrier()
+    if rank == 0:
+        RunDir(run).write_request(Request(seq=7, action="checkpoint", reason="peer",
+                                          deadline=None, issued=time.time(), rid="abcd.7"))
+    dist.barrier()
+    seen = True
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while session._request is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = session._request is not None
+    dist.barrier()
+    for _ in range(5):  # the agreement at step 5 carries rank 1's request
+        session.step()
+    first_ack = None
+    if rank == 0:  # the reporter wrote its ack before it left the save
+        first = RunDir(run).read_status()
+        first_ack = [first.acked_seq, first.acked_rid]
+        session._poll_once()  # rank 0's poller reads the request at last: answered already?
+    for _ in range(5):  # the next agreement, at step 10
+        session.step()
+    session.close()
+    leave()
+    status = RunDir(run).read_status()
+    saves = sorted(p.name for p in (base / "ckpt").iterdir() if p.name.endswith(".pt"))
+    print(json.dumps({"rank": rank, "seen": seen, "saves": saves, "first_ack": first_ack,
+                      "acked_seq": status.acked_seq, "acked_rid": status.acked_rid}))
+"""
+
 SAVE_FOREVER = _PRELUDE + """
     from session_watchdog.trainer.sharded import ShardedCheckpointer
     ckpt = ShardedCheckpointer(base / "ckpt", keep=1000)
@@ -357,15 +396,37 @@ class TestShardedCheckpointer:
         ckpt.load(loaded)
         assert torch.equal(loaded["w"], torch.arange(6.0))
 
-    def test_a_committed_directory_is_never_overwritten(self, tmp_path: Path) -> None:
-        """Saving the same step again returns the committed checkpoint and writes nothing."""
+    def test_saving_a_committed_step_again_writes_the_new_state(self, tmp_path: Path) -> None:
+        """Saving step 5 again with other tensors commits them in step-5 (another run's state
+        there is never handed back as this save); nothing of the old directory is left."""
         ckpt = ShardedCheckpointer(tmp_path / "ckpt")
         first = ckpt.save({"w": torch.ones(3)}, step=5)
         again = ckpt.save({"w": torch.zeros(3)}, step=5)
-        assert again == first
-        loaded = {"w": torch.zeros(3)}
+        assert again.directory == first.directory and again.sha256 != first.sha256
+        assert ckpt.latest() == again
+        loaded = {"w": torch.ones(3)}
         ckpt.load(loaded)
-        assert torch.equal(loaded["w"], torch.ones(3))
+        assert torch.equal(loaded["w"], torch.zeros(3))
+        assert os.listdir(tmp_path / "ckpt") == ["step-0000000005"]
+
+    @pytest.mark.parametrize("new_in_place", [False, True])
+    def test_a_replacement_cut_short_is_settled_at_start(self, tmp_path: Path,
+                                                         new_in_place: bool) -> None:
+        """A save of step 3 that died between renaming the old step-3 aside and renaming its
+        own in leaves the old one back in place; one that died after leaves the new one."""
+        directory = tmp_path / "ckpt"
+        ckpt = ShardedCheckpointer(directory)
+        old = ckpt.save({"w": torch.ones(2)}, step=3)
+        aside = directory / "step-0000000003.old-deadbeef"
+        os.rename(old.directory, aside)
+        new = ShardedCheckpointer(tmp_path / "other").save({"w": torch.zeros(2)}, step=3)
+        temp = directory / ("step-0000000003" if new_in_place else "step-0000000003.tmp-cafe")
+        os.rename(new.directory, temp)
+        checker = ShardedCheckpointer(directory)
+        assert os.listdir(directory) == ["step-0000000003"]
+        loaded = {"w": torch.full((2,), 5.0)}
+        checker.load(loaded)
+        assert torch.equal(loaded["w"], torch.zeros(2) if new_in_place else torch.ones(2))
 
     def test_only_the_newest_keep_are_kept(self, tmp_path: Path) -> None:
         """With keep=2, three saves leave the two newest step directories."""
@@ -373,6 +434,20 @@ class TestShardedCheckpointer:
         for step in (1, 2, 3):
             ckpt.save({"w": torch.full((2,), float(step))}, step=step)
         assert sorted(os.listdir(tmp_path / "ckpt")) == ["step-0000000002", "step-0000000003"]
+
+    def test_keep_ahead_of_exempts_later_steps_until_a_save_replaces_them(
+            self, tmp_path: Path) -> None:
+        """With keep=1, steps beyond keep_ahead_of's step survive saves of earlier steps; once a
+        save replaces such a step it is pruned like any other."""
+        ckpt = ShardedCheckpointer(tmp_path / "ckpt", keep=1)
+        ckpt.save({"w": torch.ones(2)}, step=100)
+        assert [saved.step for saved in ckpt.keep_ahead_of(0)] == [100]
+        for step in (1, 2):
+            ckpt.save({"w": torch.zeros(2)}, step=step)
+        assert committed_names(tmp_path / "ckpt") == ["step-0000000002", "step-0000000100"]
+        ckpt.save({"w": torch.zeros(2)}, step=100)
+        ckpt.save({"w": torch.zeros(2)}, step=101)
+        assert committed_names(tmp_path / "ckpt") == ["step-0000000101"]
 
     @pytest.mark.parametrize("damage", ["no marker", "shard removed", "shard truncated",
                                         "metadata changed", "marker garbage"])
@@ -439,6 +514,19 @@ class TestAgreementCadence:
         assert [r["rank"] for r in reports] == [0, 1]
         for report in reports:
             assert report["refused"] is not None and "sync_every" in report["refused"]
+
+
+class TestRequestReadByAnotherRank:
+    def test_a_request_read_only_by_another_rank_is_acked_with_its_rid_once(
+            self, tmp_path: Path) -> None:
+        """A checkpoint request that only rank 1 read reaches the agreement as a seq: rank 0,
+        the reporter, acks it with the request's rid and never saves for it a second time."""
+        reports = results(spawn_ranks(ACK_THROUGH_PEER, str(tmp_path)))
+        assert reports[1]["seen"]
+        assert reports[0]["first_ack"] == [7, "abcd.7"]  # the daemon matches acks by rid
+        for report in reports:
+            assert (report["acked_seq"], report["acked_rid"]) == (7, "abcd.7")
+            assert report["saves"] == ["ckpt-00000001-step5.pt"]
 
 
 class TestDdpUnderTorchrun:

@@ -957,3 +957,49 @@ class TestForgottenResume:
             train_step(session)
             session.checkpoint()
         assert [saved.step for saved in session.manager.list()] == [13, 14]
+
+    def test_a_sharded_save_of_a_step_the_earlier_run_saved_writes_this_runs_state(
+            self, make_session: Callable[..., Session]) -> None:
+        """sharded=True without resume(): checkpoint() at a step the run before committed saves
+        this run's weights there (never the earlier run's directory reported as this save)."""
+        earlier = make_session(sharded=True)
+        for _ in range(4):
+            train_step(earlier)
+        first = earlier.checkpoint()
+        earlier.close()
+        session = make_session(sharded=True)
+        for _ in range(4):
+            train_step(session)
+        with torch.no_grad():
+            for param in session.model.parameters():
+                param.fill_(7.0)
+        saved = session.checkpoint()
+        assert saved.step == first.step == 4 and saved.sha256 != first.sha256
+        session.close()
+        fresh = make_session(sharded=True, model=torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2)))
+        assert fresh.resume().step == 4
+        assert all(bool((param == 7.0).all()) for param in fresh.model.parameters())
+
+    def test_sharded_saves_keep_later_step_directories_with_one_warning(
+            self, make_session: Callable[..., Session],
+            caplog: pytest.LogCaptureFixture) -> None:
+        """sharded=True, keep=1, no resume(): saves at steps 1-3 keep the earlier run's step-12
+        directory (loadable), prune only their own older ones, and warn once."""
+        earlier = make_session(sharded=True, keep=1)
+        for _ in range(12):
+            train_step(earlier)
+        kept_dir = Path(earlier.checkpoint().path).parent
+        earlier.close()
+        session = make_session(sharded=True, keep=1)
+        with caplog.at_level(logging.WARNING, logger="session_watchdog.trainer.session"):
+            for _ in range(3):
+                train_step(session)
+                session.checkpoint()
+        assert sorted(os.listdir(kept_dir.parent)) == ["step-0000000003", "step-0000000012"]
+        assert session._sharded_ckpt is not None
+        assert session._sharded_ckpt.verify(kept_dir) is not None
+        kept = [r for r in caplog.records if getattr(r, "event", None) == "checkpoints_ahead_kept"]
+        assert len(kept) == 1
+        fields = getattr(kept[0], "fields")
+        assert (fields["count"], fields["newest_step"], fields["step"]) == (1, 12, 1)

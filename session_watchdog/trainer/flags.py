@@ -127,7 +127,15 @@ class _FlagsMixin(_SavingMixin):
             reason = flags.reason
         else:
             reason = f"{dm.CODE_NAMES[agreed.code]} from rank {agreed.source_rank}"
-        return _Flags(save=True, stop=agreed.code >= dm.REQUEST_STOP, request=flags.request,
+        request = flags.request
+        if agreed.seq and self._reporter and agreed.seq not in self._rids:
+            # Another rank of this run dir read the request first; the agreement carries its
+            # seq, not its rid (numbers only). The ack must echo the rid (the daemon matches by
+            # it), so the reporter reads request.json now rather than ack the seq alone.
+            found = self._poll_request()
+            if found is not None and found.seq == agreed.seq:
+                request = found
+        return _Flags(save=True, stop=agreed.code >= dm.REQUEST_STOP, request=request,
                       reason=reason, code=agreed.code, ack_seq=agreed.seq or None)
 
     def _schedule_sync(self) -> None:

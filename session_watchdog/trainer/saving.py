@@ -65,6 +65,7 @@ class _SavingMixin(_StatusMixin):
                 scaler=self.scaler, rank=self._rank, rng=self._rng_state(),
                 meta={"epoch": self._epoch, "step": self._step, "elapsed_s": self.elapsed_s,
                       "extras": self._extras_to_save()})
+            self._keep_checkpoints_ahead()
             return self._sharded_ckpt.save(state, step=self._step, epoch=self._epoch)
         agreement = self._dist
         if agreement is None:
@@ -140,7 +141,10 @@ class _SavingMixin(_StatusMixin):
         if self._resume_called or self._ahead_checked:
             return
         self._ahead_checked = True
-        ahead = self.manager.keep_ahead_of(self._step)
+        # Sharded: step directories (rank 0's list; the other ranks get [] and say nothing).
+        saver = self._sharded_ckpt if self._sharded_ckpt is not None else self.manager
+        ahead: List[Union[SavedCheckpoint, ShardedCheckpoint]] = []
+        ahead.extend(saver.keep_ahead_of(self._step))
         if ahead:
             newest = max(ahead, key=lambda saved: saved.step)
             _event(logging.WARNING, "checkpoints_ahead_kept", count=len(ahead),

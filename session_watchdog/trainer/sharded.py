@@ -2,8 +2,9 @@
 
 :class:`ShardedCheckpointer`: DCP saves into a fresh ``step-<step:010d>.tmp-<random>``
 directory, rank 0 writes the ``COMMITTED`` marker last and renames the directory to
-``step-<step:010d>``; a committed directory is never overwritten, and
-:meth:`ShardedCheckpointer.latest` returns the newest committed *and complete* one. It works
+``step-<step:010d>``; a new save of a step that has a committed directory replaces it (the old
+one stays until the new one is committed), and :meth:`ShardedCheckpointer.latest` returns the
+newest committed *and complete* one. It works
 inside a process group (every method a collective) and in a single process alike.
 
 The ranks' agreement on *when* to save is distributed.py's; the dict a Session saves and loads
@@ -26,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
 from session_watchdog import channel
 from session_watchdog.channel import fsync_dir
@@ -43,6 +44,7 @@ COMMIT_MARKER = "COMMITTED"
 _STEP_DIR_RE = re.compile(r"^step-(\d{10,})$")
 _TMP_INFIX = ".tmp-"
 _BROKEN_SUFFIX = ".broken"
+_REPLACED_INFIX = ".old-"  # a committed directory being replaced by a new save of its step
 _MARKER_MAX_BYTES = 8 << 20  # one line per shard file: large jobs have thousands
 
 # The logger these events have always used (distributed.py): a logging config may name it.
@@ -195,16 +197,20 @@ class ShardedCheckpointer:
     3. rank 0 fsyncs ``.metadata`` and the directory, then writes ``COMMITTED`` (JSON: step,
        epoch, world size, every file with its size, sha256 of ``.metadata``) with
        ``channel.write_json`` (temp -> fsync -> rename -> fsync dir): the commit, written last;
-    4. rank 0 renames the directory to ``step-<step:010d>`` and fsyncs the parent, then removes
-       committed directories beyond the newest ``keep`` (renamed to ``*.tmp-*`` first, so a
-       removal cut short is swept, never mistaken for a checkpoint);
+    4. rank 0 renames the directory to ``step-<step:010d>`` (a committed one of that step is
+       first renamed to ``step-<step:010d>.old-<random>``, removed once the new one is in
+       place) and fsyncs the parent, then removes committed directories beyond the newest
+       ``keep``, never those :meth:`keep_ahead_of` exempted (renamed to ``*.tmp-*`` first, so
+       a removal cut short is swept, never mistaken for a checkpoint);
     5. rank 0 broadcasts the outcome: every rank returns the same checkpoint or raises.
 
     A rank killed anywhere in 1-3 leaves a ``.tmp-`` directory (no marker, or a marker in a
     directory that was never renamed): never committed, swept by rank 0 when the next
     checkpointer starts. A directory counts only with a valid marker whose files all exist with
-    their recorded sizes and whose ``.metadata`` matches its sha256. An existing committed
-    ``step-N`` is never overwritten: saving step N again returns it unchanged.
+    their recorded sizes and whose ``.metadata`` matches its sha256. Saving step N again
+    writes and commits a new ``step-N`` (the state may differ: a run that did not resume, or
+    restarted from scratch in the same directory); a crash between the two renames of step 4
+    leaves the old one as ``step-N.old-*``, renamed back when the next checkpointer starts.
 
     Single process (no process group): the same protocol without collectives.
 
@@ -218,6 +224,7 @@ class ShardedCheckpointer:
         self.directory = Path(os.path.abspath(directory))
         self.keep = keep
         self.process_group = process_group
+        self._kept_ahead: Set[int] = set()  # steps exempt from pruning (keep_ahead_of)
         self._distributed = is_initialized()
         self._rank = self._world_size = 0
         if self._distributed:
@@ -274,20 +281,16 @@ class ShardedCheckpointer:
         final = self.directory / f"step-{step:010d}"
         plan: Any = None
         if self._rank == 0:
+            # Always a new directory, even when step N is committed already: that one may hold
+            # another run's state (no resume(), or a restart from scratch), and returning it
+            # reported a checkpoint of this run that was never written.
             try:
-                existing = self.verify(final)
-                if existing is not None:
-                    plan = ("exists", existing)
-                else:
-                    tmp = final.with_name(f"{final.name}{_TMP_INFIX}{secrets.token_hex(4)}")
-                    os.mkdir(tmp, 0o700)
-                    plan = ("write", str(tmp))
+                tmp = final.with_name(f"{final.name}{_TMP_INFIX}{secrets.token_hex(4)}")
+                os.mkdir(tmp, 0o700)
+                plan = ("write", str(tmp))
             except OSError as err:
                 plan = ("error", f"cannot create a directory in {self.directory}: {err}")
         plan = self._broadcast(plan)
-        if plan[0] == "exists":
-            _event(logging.INFO, "sharded_checkpoint_exists", step=step, path=str(final))
-            return plan[1]  # type: ignore[no-any-return]
         if plan[0] == "error":
             raise ShardedCheckpointError(plan[1])
         tmp = Path(plan[1])
@@ -309,6 +312,7 @@ class ShardedCheckpointer:
             raise ShardedCheckpointError(outcome[1])
         saved = outcome[1]
         if self._rank == 0:
+            self._kept_ahead.discard(step)  # replaced by this save: ours now, pruned as usual
             self._prune(saved)
         return saved  # type: ignore[no-any-return]
 
@@ -334,16 +338,25 @@ class ShardedCheckpointer:
             "total_bytes": sum(files.values()),
         }
         channel.write_json(tmp / COMMIT_MARKER, marker)  # the commit: written last
+        replaced: Optional[Path] = None
         if os.path.lexists(final):
-            # Never overwrite a committed directory (save() returns it before writing). One that
-            # fails verification was damaged from outside: keep it aside for a post-mortem.
-            if self.verify(final) is not None:  # pragma: no cover - save() checked just before
-                raise ShardedCheckpointError(f"{final} is already committed")
-            aside = final.with_name(final.name + _BROKEN_SUFFIX)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(final, aside)
+            if self.verify(final) is not None:
+                # A committed directory of this step: the new one replaces it. Renamed, not
+                # removed, until the new one is in place (_sweep renames it back after a crash
+                # in between); not a .tmp- name, so no sweep removes it first.
+                replaced = final.with_name(
+                    f"{final.name}{_REPLACED_INFIX}{secrets.token_hex(4)}")
+                os.rename(final, replaced)
+            else:
+                # Damaged from outside: keep it aside for a post-mortem.
+                aside = final.with_name(final.name + _BROKEN_SUFFIX)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
         os.rename(tmp, final)
         fsync_dir(self.directory)
+        if replaced is not None:
+            _event(logging.INFO, "sharded_checkpoint_replaced", step=step, path=str(final))
+            shutil.rmtree(replaced, ignore_errors=True)
         saved = self.verify(final)
         if saved is None:
             raise ShardedCheckpointError(f"{final} does not verify right after its commit")
@@ -352,7 +365,8 @@ class ShardedCheckpointer:
         return saved
 
     def _prune(self, newest: ShardedCheckpoint) -> None:
-        committed = [c for c in self.list() if c.directory != newest.directory]
+        committed = [c for c in self.list()
+                     if c.directory != newest.directory and c.step not in self._kept_ahead]
         excess = len(committed) + 1 - self.keep
         for old in committed[:max(0, excess)]:
             doomed = old.directory.with_name(
@@ -364,9 +378,39 @@ class ShardedCheckpointer:
             fsync_dir(self.directory)
             shutil.rmtree(doomed, ignore_errors=True)
 
+    def keep_ahead_of(self, step: int) -> List[ShardedCheckpoint]:
+        """Exempt committed checkpoints of a step beyond ``step`` from pruning; return them.
+
+        Directories are named by step, so keep-last-K would delete the step-100 checkpoint of
+        the run before at the first save of a run that did not resume (issue 11, as
+        ``CheckpointManager.keep_ahead_of``). They stay until this checkpointer is gone, or until
+        a save of their step replaces them. Rank 0 prunes, so only rank 0 looks: others get [].
+        """
+        if self._rank != 0:
+            return []
+        ahead = [saved for saved in self.list() if saved.step > step]
+        self._kept_ahead.update(saved.step for saved in ahead)
+        return ahead
+
     def _sweep(self) -> int:
-        """Remove ``step-*.tmp-*`` directories a save or a pruning that died left behind."""
+        """Remove ``step-*.tmp-*`` directories a save or a pruning that died left behind.
+
+        A ``step-N.old-*`` directory is a committed one a save of step N was replacing: removed
+        when ``step-N`` is there, else renamed back (the save died between its two renames and
+        was never reported).
+        """
         removed = 0
+        for name in self._names():
+            if name.startswith("step-") and _REPLACED_INFIX in name:
+                final = self.directory / name.split(_REPLACED_INFIX, 1)[0]
+                if os.path.lexists(final):
+                    shutil.rmtree(self.directory / name, ignore_errors=True)
+                    removed += 1
+                else:
+                    os.rename(self.directory / name, final)
+                    fsync_dir(self.directory)
+                    _event(logging.WARNING, "sharded_checkpoint_restored", path=str(final),
+                           why="a save replacing it did not finish")
         for name in self._names():
             if name.startswith("step-") and _TMP_INFIX in name:
                 shutil.rmtree(self.directory / name, ignore_errors=True)
