@@ -53,6 +53,15 @@ def plain_loader(data: Indexed, workers: int = 2) -> DataLoader[Any]:
                       generator=torch.Generator().manual_seed(7))
 
 
+def workerless(kind: str, data: Indexed) -> Any:
+    """A shuffled loader without workers: a plain DataLoader or torchdata's StatefulDataLoader."""
+    if kind == "plain":
+        return plain_loader(data, workers=0)
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    return stateful.StatefulDataLoader(data, batch_size=BATCH, shuffle=True, num_workers=0,
+                                       generator=torch.Generator().manual_seed(7))
+
+
 def train(tmp: Path, make_loader: LoaderFactory, stop_at: Optional[int]) -> Tuple[
         torch.nn.Module, List[int], bool]:
     """Run (or resume) training; leave after step ``stop_at`` with a checkpoint (a kill after it)."""
@@ -152,6 +161,43 @@ class TestExactResume:
         assert (len(first), len(rest), start_epoch) == (steps * BATCH, 2 * steps * BATCH, 1)
         if kind == "plain":
             assert first + rest == everything
+            assert_same(resumed.state_dict(), whole.state_dict(), "weights")
+
+    @pytest.mark.parametrize("kind", ["plain", "stateful"])
+    def test_a_checkpoint_at_an_epoch_start_resumes_that_epoch(self, tmp_path: Path,
+                                                              kind: str) -> None:
+        """A checkpoint saved as epochs() began epoch 1 (before its loop; the loader had finished
+        epoch 0), then a crash inside epoch 1: resume() starts at epoch 1, batch 0, and trains
+        it whole; a plain loader also sees the uninterrupted order and ends with its weights."""
+        def run(tmp: Path, crash_in: Optional[int]) -> Tuple[torch.nn.Module, List[int], int]:
+            model, opt = build(seed=0)
+            session = Session(tmp / "ckpt", model=model, optimizer=opt, run_dir=tmp / "run",
+                              checkpoint_every=None, handle_signals=False, keep=1)
+            seen: List[int] = []
+            with session:
+                loader = session.track(workerless(kind, Indexed()))
+                start = session.resume()
+                for epoch in session.epochs(EPOCHS):
+                    session.checkpoint("epoch start")
+                    for x, y, index in loader:
+                        seen.extend(int(i) for i in index)
+                        loss = torch.nn.functional.mse_loss(model(x), y)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                        session.step()
+                        if epoch == crash_in:
+                            return model, seen, start.epoch  # a crash: no save after this step
+            return model, seen, start.epoch
+
+        per_epoch = SAMPLES
+        _, crashed, _ = run(tmp_path / "a", crash_in=1)
+        resumed, rest, start_epoch = run(tmp_path / "a", crash_in=None)
+        whole, everything, _ = run(tmp_path / "b", crash_in=None)
+        assert (len(crashed), start_epoch) == (per_epoch + BATCH, 1)
+        assert len(rest) == (EPOCHS - 1) * per_epoch  # epochs 1 and 2, none skipped
+        if kind == "plain":
+            assert crashed[:per_epoch] + rest == everything
             assert_same(resumed.state_dict(), whole.state_dict(), "weights")
 
     def test_skipped_batches_are_never_loaded(self, tmp_path: Path) -> None:

@@ -91,9 +91,11 @@ class _ResumingMixin(_FlagsMixin):
             from session_watchdog.trainer import data
 
             data.load_states(self._tracked, self._own_loader_states(ours))
-            if data.between_epochs(self._tracked):
+            if step > self._epoch_start_step and data.between_epochs(self._tracked):
                 # Saved after the epoch's loop ended: that epoch is done, resume at the next one
-                # (else epochs() would run the saved epoch a second time).
+                # (else epochs() would run the saved epoch a second time). A loader reads as
+                # finished before its epoch's loop too: saved when epochs() had just set the
+                # epoch, no step counted in it yet, that epoch is still to run.
                 epoch += 1
                 self._epoch = epoch
                 self._epoch_start_step = step
