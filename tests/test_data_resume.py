@@ -120,6 +120,23 @@ class TestExactResume:
         assert seen == expected
         assert_same(model.state_dict(), reference.state_dict(), "weights")
 
+    @pytest.mark.parametrize("workers", [0, 2])
+    def test_a_stateful_loader_without_generator_keeps_the_global_rng_stream(
+            self, tmp_path: Path, workers: int) -> None:
+        """A StatefulDataLoader drawing its seeds from torch's global RNG, interrupted mid-epoch
+        and at an epoch's end: the resumed runs draw the same dropout masks as an uninterrupted
+        run (same batches, same weights): the restored iterator takes no extra global draw."""
+        stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+        def make_loader(data: Indexed) -> Any:
+            return stateful.StatefulDataLoader(data, batch_size=BATCH, shuffle=True,
+                                               num_workers=workers)
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+
     @pytest.mark.parametrize("kind", ["plain", "stateful"])
     def test_a_checkpoint_after_an_epoch_resumes_at_the_next_epoch(self, tmp_path: Path,
                                                                   kind: str) -> None:

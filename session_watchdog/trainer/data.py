@@ -15,7 +15,9 @@ Two kinds of loader:
 
 - torchdata's ``StatefulDataLoader`` (``pip install session-watchdog[data]``; the maintained
   PyTorch answer to mid-epoch resume): its own ``state_dict()`` / ``load_state_dict()``. It
-  restores worker and sampler state too, so per-sample randomness in the workers resumes exactly.
+  restores worker and sampler state too, so per-sample randomness in the workers resumes exactly;
+  the restored iterator draws nothing from torch's global RNG (an uninterrupted run drew its seed
+  before the checkpoint), so later ``torch.rand`` and dropout draws match too.
 - a plain ``torch.utils.data.DataLoader`` over a map-style dataset: at each epoch start the tracked
   loader records the random states that decide the epoch's order (the loader's and the sampler's
   generators, and torch's global RNG, which a sampler without a generator draws from); a
@@ -34,6 +36,7 @@ Everything here is plain data for ``torch.load(weights_only=True)``: tensors, in
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -234,6 +237,38 @@ class _StatefulEntry:
         self.loader.load_state_dict(state["state"])
         inner = state["state"]
         self._finished = isinstance(inner, dict) and inner.get("_iterator_finished") is True
+        _keep_global_rng_at_next_iterator(self.loader)
+
+
+def _keep_global_rng_at_next_iterator(loader: Any) -> None:
+    """Make the loader's next iterator, the restored one, draw nothing from torch's global RNG.
+
+    torchdata's ``iter()`` builds the restored iterator through torch's
+    ``_BaseDataLoaderIter.__init__``, which draws the workers' base seed again (from the global
+    RNG when the loader has no generator); the interrupted run drew it before the checkpoint,
+    whose global RNG state ``resume()`` restored, and the loaded state then overrides the new
+    draw. Left alone, every later ``torch.rand`` and dropout mask would differ from an
+    uninterrupted run's. ``StatefulDataLoader.__iter__`` calls ``self._get_iterator()``: an
+    attribute of the instance, used once, wraps that one call. A later iterator (the next
+    epoch's, when the saved one had finished) draws as it always does.
+    """
+    torchdata = any(cls.__module__.startswith("torchdata.") for cls in type(loader).__mro__)
+    if not torchdata or "_get_iterator" in vars(loader) \
+            or not callable(getattr(type(loader), "_get_iterator", None)):
+        return  # another kind of loader, or already waiting for its next iterator
+    ref = weakref.ref(loader)  # no cycle: a freed loader stops its workers at once
+
+    def restored_iterator() -> Any:
+        owner = ref()
+        assert owner is not None  # called as the owner's method
+        del owner._get_iterator  # once: back to the class's method
+        global_state = torch.get_rng_state()
+        try:
+            return type(owner)._get_iterator(owner)
+        finally:
+            torch.set_rng_state(global_state)
+
+    loader._get_iterator = restored_iterator
 
 
 Tracked = Any  # TrackedLoader or _StatefulEntry
