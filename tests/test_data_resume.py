@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import random
 import weakref
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch_helpers import assert_same
 
 from session_watchdog.trainer import Session
@@ -36,6 +39,59 @@ class Indexed(Dataset[Tuple[torch.Tensor, torch.Tensor, int]]):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         self.loaded.append(index)
         return self.x[index], self.y[index], index
+
+
+class GlobalShuffle:
+    """Index batches shuffled with Python's or NumPy's global RNG at each epoch's start."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self.source == "numpy":
+            order = [int(i) for i in np.random.permutation(SAMPLES)]
+        else:
+            order = list(range(SAMPLES))
+            random.shuffle(order)
+        return iter([order[i:i + BATCH] for i in range(0, SAMPLES, BATCH)])
+
+    def __len__(self) -> int:
+        return SAMPLES // BATCH
+
+
+class OwnRandomShuffle:
+    """Index batches shuffled with a random.Random of its own (no checkpoint holds it)."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(11)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = list(range(SAMPLES))
+        self.rng.shuffle(order)
+        return iter([order[i:i + BATCH] for i in range(0, SAMPLES, BATCH)])
+
+    def __len__(self) -> int:
+        return SAMPLES // BATCH
+
+
+@contextlib.contextmanager
+def capture_events() -> Iterator[List[logging.LogRecord]]:
+    """The session's log records (``record.event``, ``record.fields``) while the block runs."""
+    records: List[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("session_watchdog.trainer.session")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def build(seed: int) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -216,6 +272,51 @@ class TestExactResume:
         if kind == "plain":
             assert crashed[:per_epoch] + rest == everything
             assert_same(resumed.state_dict(), whole.state_dict(), "weights")
+
+    def test_a_generator_inside_a_users_batch_sampler_is_replayed(self, tmp_path: Path) -> None:
+        """batch_sampler=BatchSampler(RandomSampler(generator=g)): a run interrupted mid-epoch
+        and at an epoch's end sees the uninterrupted order and ends with its weights."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(5))
+            return DataLoader(data, batch_sampler=BatchSampler(sampler, BATCH, drop_last=False))
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+
+    @pytest.mark.parametrize("source", ["python", "numpy"])
+    def test_a_sampler_shuffling_with_a_global_rng_is_replayed(self, tmp_path: Path,
+                                                             source: str) -> None:
+        """A batch sampler shuffling with random.shuffle or np.random.permutation at each epoch:
+        a run interrupted mid-epoch and at an epoch's end sees every sample once per epoch, in
+        the uninterrupted order, and ends with its weights; nothing is reported."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            random.seed(3)
+            np.random.seed(3)
+            return DataLoader(data, batch_sampler=GlobalShuffle(source))
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        with capture_events() as events:
+            model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert sorted(seen[:SAMPLES]) == list(range(SAMPLES))
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+        assert not [e for e in events if getattr(e, "event", None) == "data_replay_inexact"]
+
+    def test_a_sampler_with_a_random_source_not_saved_is_reported_once(self,
+                                                                       tmp_path: Path) -> None:
+        """A batch sampler shuffling with its own random.Random cannot be replayed: resume()
+        logs data_replay_inexact once, naming the sampler."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            return DataLoader(data, batch_sampler=OwnRandomShuffle())
+
+        train(tmp_path, make_loader, 5)
+        with capture_events() as events:
+            train(tmp_path, make_loader, None)
+        found = [e.fields for e in events  # type: ignore[attr-defined]
+                 if getattr(e, "event", None) == "data_replay_inexact"]
+        assert len(found) == 1 and found[0]["sampler"] == "OwnRandomShuffle"
 
     def test_skipped_batches_are_never_loaded(self, tmp_path: Path) -> None:
         """Resuming at batch 7 of an epoch loads only the samples of batches 7 onwards."""
