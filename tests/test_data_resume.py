@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import random
 import weakref
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch_helpers import assert_same
 
 from session_watchdog.trainer import Session
@@ -38,6 +41,59 @@ class Indexed(Dataset[Tuple[torch.Tensor, torch.Tensor, int]]):
         return self.x[index], self.y[index], index
 
 
+class GlobalShuffle:
+    """Index batches shuffled with Python's or NumPy's global RNG at each epoch's start."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self.source == "numpy":
+            order = [int(i) for i in np.random.permutation(SAMPLES)]
+        else:
+            order = list(range(SAMPLES))
+            random.shuffle(order)
+        return iter([order[i:i + BATCH] for i in range(0, SAMPLES, BATCH)])
+
+    def __len__(self) -> int:
+        return SAMPLES // BATCH
+
+
+class OwnRandomShuffle:
+    """Index batches shuffled with a random.Random of its own (no checkpoint holds it)."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(11)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = list(range(SAMPLES))
+        self.rng.shuffle(order)
+        return iter([order[i:i + BATCH] for i in range(0, SAMPLES, BATCH)])
+
+    def __len__(self) -> int:
+        return SAMPLES // BATCH
+
+
+@contextlib.contextmanager
+def capture_events() -> Iterator[List[logging.LogRecord]]:
+    """The session's log records (``record.event``, ``record.fields``) while the block runs."""
+    records: List[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("session_watchdog.trainer.session")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def build(seed: int) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2),
@@ -51,6 +107,15 @@ LoaderFactory = Callable[[Indexed], Any]
 def plain_loader(data: Indexed, workers: int = 2) -> DataLoader[Any]:
     return DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=workers,
                       generator=torch.Generator().manual_seed(7))
+
+
+def workerless(kind: str, data: Indexed) -> Any:
+    """A shuffled loader without workers: a plain DataLoader or torchdata's StatefulDataLoader."""
+    if kind == "plain":
+        return plain_loader(data, workers=0)
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    return stateful.StatefulDataLoader(data, batch_size=BATCH, shuffle=True, num_workers=0,
+                                       generator=torch.Generator().manual_seed(7))
 
 
 def train(tmp: Path, make_loader: LoaderFactory, stop_at: Optional[int]) -> Tuple[
@@ -111,6 +176,23 @@ class TestExactResume:
         assert seen == expected
         assert_same(model.state_dict(), reference.state_dict(), "weights")
 
+    @pytest.mark.parametrize("workers", [0, 2])
+    def test_a_stateful_loader_without_generator_keeps_the_global_rng_stream(
+            self, tmp_path: Path, workers: int) -> None:
+        """A StatefulDataLoader drawing its seeds from torch's global RNG, interrupted mid-epoch
+        and at an epoch's end: the resumed runs draw the same dropout masks as an uninterrupted
+        run (same batches, same weights): the restored iterator takes no extra global draw."""
+        stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+        def make_loader(data: Indexed) -> Any:
+            return stateful.StatefulDataLoader(data, batch_size=BATCH, shuffle=True,
+                                               num_workers=workers)
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+
     @pytest.mark.parametrize("kind", ["plain", "stateful"])
     def test_a_checkpoint_after_an_epoch_resumes_at_the_next_epoch(self, tmp_path: Path,
                                                                   kind: str) -> None:
@@ -153,6 +235,88 @@ class TestExactResume:
         if kind == "plain":
             assert first + rest == everything
             assert_same(resumed.state_dict(), whole.state_dict(), "weights")
+
+    @pytest.mark.parametrize("kind", ["plain", "stateful"])
+    def test_a_checkpoint_at_an_epoch_start_resumes_that_epoch(self, tmp_path: Path,
+                                                              kind: str) -> None:
+        """A checkpoint saved as epochs() began epoch 1 (before its loop; the loader had finished
+        epoch 0), then a crash inside epoch 1: resume() starts at epoch 1, batch 0, and trains
+        it whole; a plain loader also sees the uninterrupted order and ends with its weights."""
+        def run(tmp: Path, crash_in: Optional[int]) -> Tuple[torch.nn.Module, List[int], int]:
+            model, opt = build(seed=0)
+            session = Session(tmp / "ckpt", model=model, optimizer=opt, run_dir=tmp / "run",
+                              checkpoint_every=None, handle_signals=False, keep=1)
+            seen: List[int] = []
+            with session:
+                loader = session.track(workerless(kind, Indexed()))
+                start = session.resume()
+                for epoch in session.epochs(EPOCHS):
+                    session.checkpoint("epoch start")
+                    for x, y, index in loader:
+                        seen.extend(int(i) for i in index)
+                        loss = torch.nn.functional.mse_loss(model(x), y)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                        session.step()
+                        if epoch == crash_in:
+                            return model, seen, start.epoch  # a crash: no save after this step
+            return model, seen, start.epoch
+
+        per_epoch = SAMPLES
+        _, crashed, _ = run(tmp_path / "a", crash_in=1)
+        resumed, rest, start_epoch = run(tmp_path / "a", crash_in=None)
+        whole, everything, _ = run(tmp_path / "b", crash_in=None)
+        assert (len(crashed), start_epoch) == (per_epoch + BATCH, 1)
+        assert len(rest) == (EPOCHS - 1) * per_epoch  # epochs 1 and 2, none skipped
+        if kind == "plain":
+            assert crashed[:per_epoch] + rest == everything
+            assert_same(resumed.state_dict(), whole.state_dict(), "weights")
+
+    def test_a_generator_inside_a_users_batch_sampler_is_replayed(self, tmp_path: Path) -> None:
+        """batch_sampler=BatchSampler(RandomSampler(generator=g)): a run interrupted mid-epoch
+        and at an epoch's end sees the uninterrupted order and ends with its weights."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(5))
+            return DataLoader(data, batch_sampler=BatchSampler(sampler, BATCH, drop_last=False))
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+
+    @pytest.mark.parametrize("source", ["python", "numpy"])
+    def test_a_sampler_shuffling_with_a_global_rng_is_replayed(self, tmp_path: Path,
+                                                             source: str) -> None:
+        """A batch sampler shuffling with random.shuffle or np.random.permutation at each epoch:
+        a run interrupted mid-epoch and at an epoch's end sees every sample once per epoch, in
+        the uninterrupted order, and ends with its weights; nothing is reported."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            random.seed(3)
+            np.random.seed(3)
+            return DataLoader(data, batch_sampler=GlobalShuffle(source))
+
+        reference, expected = train(tmp_path / "a", make_loader, None)[:2]
+        with capture_events() as events:
+            model, seen = interrupted_run(tmp_path / "b", make_loader, [5, 12, 20])
+        assert seen == expected
+        assert sorted(seen[:SAMPLES]) == list(range(SAMPLES))
+        assert_same(model.state_dict(), reference.state_dict(), "weights")
+        assert not [e for e in events if getattr(e, "event", None) == "data_replay_inexact"]
+
+    def test_a_sampler_with_a_random_source_not_saved_is_reported_once(self,
+                                                                       tmp_path: Path) -> None:
+        """A batch sampler shuffling with its own random.Random cannot be replayed: resume()
+        logs data_replay_inexact once, naming the sampler."""
+        def make_loader(data: Indexed) -> DataLoader[Any]:
+            return DataLoader(data, batch_sampler=OwnRandomShuffle())
+
+        train(tmp_path, make_loader, 5)
+        with capture_events() as events:
+            train(tmp_path, make_loader, None)
+        found = [e.fields for e in events  # type: ignore[attr-defined]
+                 if getattr(e, "event", None) == "data_replay_inexact"]
+        assert len(found) == 1 and found[0]["sampler"] == "OwnRandomShuffle"
 
     def test_skipped_batches_are_never_loaded(self, tmp_path: Path) -> None:
         """Resuming at batch 7 of an epoch loads only the samples of batches 7 onwards."""

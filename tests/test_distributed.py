@@ -316,6 +316,37 @@ ACK_THROUGH_PEER = _PRELUDE + """
                       "acked_seq": status.acked_seq, "acked_rid": status.acked_rid}))
 """
 
+PER_RANK_DATA = _PRELUDE + """
+    from torch.utils.data import DataLoader
+    from session_watchdog.trainer import Session
+
+    def train(ckpt, sharded, stop_at):
+        torch.manual_seed(1000 + rank)  # per-rank seeds: each rank shuffles differently
+        session = Session(base / ckpt, model=torch.nn.Linear(1, 1), run_dir=base / f"run{rank}",
+                          sharded=sharded, sync_every=1000, sync_interval_s=None,
+                          checkpoint_every=None, handle_signals=False)
+        loader = session.track(DataLoader(list(range(40)), batch_size=4, shuffle=True))
+        session.resume()
+        seen = []
+        for _epoch in session.epochs(2):
+            for batch in loader:
+                seen.append(batch.tolist())
+                session.step()
+                if session.global_step == stop_at:
+                    session.checkpoint("test")
+                    session.close()
+                    return seen
+        session.close()
+        return seen
+
+    report = {"rank": rank, "reference": train("ref", False, None)}
+    for sharded in (False, True):
+        name = "sharded" if sharded else "ddp"
+        report[name] = train(name, sharded, 13) + train(name, sharded, None)
+    leave()
+    print(json.dumps(report))
+"""
+
 SAVE_FOREVER = _PRELUDE + """
     from session_watchdog.trainer.sharded import ShardedCheckpointer
     ckpt = ShardedCheckpointer(base / "ckpt", keep=1000)
@@ -527,6 +558,19 @@ class TestRequestReadByAnotherRank:
         for report in reports:
             assert (report["acked_seq"], report["acked_rid"]) == (7, "abcd.7")
             assert report["saves"] == ["ckpt-00000001-step5.pt"]
+
+
+class TestPerRankDataResume:
+    def test_each_rank_resumes_its_own_shuffle_from_a_ddp_and_a_sharded_checkpoint(
+            self, tmp_path: Path) -> None:
+        """Ranks seeded differently, interrupted mid-epoch at step 13: after resume() each rank
+        sees its own uninterrupted order, from a DDP (rank 0's file) and a sharded checkpoint."""
+        r0, r1 = results(spawn_ranks(PER_RANK_DATA, str(tmp_path)))
+        assert r0["reference"] != r1["reference"]  # the ranks' orders differ: a real check
+        for report in (r0, r1):
+            assert len(report["reference"]) == 20
+            assert report["ddp"] == report["reference"]
+            assert report["sharded"] == report["reference"]
 
 
 class TestDdpUnderTorchrun:

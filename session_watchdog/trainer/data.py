@@ -15,29 +15,40 @@ Two kinds of loader:
 
 - torchdata's ``StatefulDataLoader`` (``pip install session-watchdog[data]``; the maintained
   PyTorch answer to mid-epoch resume): its own ``state_dict()`` / ``load_state_dict()``. It
-  restores worker and sampler state too, so per-sample randomness in the workers resumes exactly.
+  restores worker and sampler state too, so per-sample randomness in the workers resumes exactly;
+  the restored iterator draws nothing from torch's global RNG (an uninterrupted run drew its seed
+  before the checkpoint), so later ``torch.rand`` and dropout draws match too.
 - a plain ``torch.utils.data.DataLoader`` over a map-style dataset: at each epoch start the tracked
-  loader records the random states that decide the epoch's order (the loader's and the sampler's
-  generators, and torch's global RNG, which a sampler without a generator draws from); a
-  checkpoint stores them with the number of batches handed out. On resume the order is drawn again
-  from those states - indices only, no sample is loaded for a skipped batch - and the epoch goes
+  loader records the random states that decide the epoch's order (the generators of the loader,
+  its sampler, its batch sampler and the batch sampler's inner sampler; torch's global RNG, which
+  a sampler without a generator draws from; Python's and, when the program imported it, NumPy's
+  global RNG, which samplers shuffling with ``random`` or ``np.random`` use); a checkpoint
+  stores them with the number of batches handed out. On resume the order is drawn again from
+  those states - indices only, no sample is loaded for a skipped batch - and the epoch goes
   on with the next batch, through a one-epoch DataLoader over the remaining index batches with
   the original's settings. The generators end the epoch where the uninterrupted run's did (all
-  of the epoch's draws done) and the global RNG is the checkpoint's. Limit: worker processes
-  see the remaining batches in a new round-robin order, so randomness drawn *inside* workers
-  (random augmentation) is not reproduced; use a StatefulDataLoader, or derive it from the
-  sample index, for that.
+  of the epoch's draws done) and the global RNGs are the checkpoint's. The order is drawn twice:
+  a sampler drawing from a source none of these is (its own ``random.Random``) gives two orders,
+  and the resume logs ``data_replay_inexact`` rather than going on silently in another order.
+  Limit: worker processes see the remaining batches in a new round-robin order, so randomness
+  drawn *inside* workers (random augmentation) is not reproduced; use a StatefulDataLoader, or
+  derive it from the sample index, for that.
 
 Everything here is plain data for ``torch.load(weights_only=True)``: tensors, ints, dicts.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Dict, Iterator, List, Optional
+import logging
+import random
+import sys
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+from session_watchdog.trainer.session_types import _event
 
 __all__ = ["DataTrackError", "TrackedLoader", "is_stateful", "load_states", "track"]
 
@@ -56,6 +67,34 @@ def is_stateful(loader: Any) -> bool:
 
 def _generator_state(gen: Optional[torch.Generator]) -> Optional[torch.Tensor]:
     return None if gen is None else gen.get_state()
+
+
+def _python_numpy_states() -> Dict[str, Any]:
+    """Python's global RNG state and NumPy's (only when the program imported NumPy: never
+    imported here), as tensors (``weights_only`` loading refuses NumPy arrays)."""
+    version, internal, gauss = random.getstate()
+    states: Dict[str, Any] = {"python": {"version": version, "gauss": gauss,
+                                         "state": torch.tensor(internal, dtype=torch.int64)}}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        states["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                           "pos": int(pos), "has_gauss": int(has_gauss),
+                           "cached_gaussian": float(cached)}
+    return states
+
+
+def _set_python_numpy_states(states: Dict[str, Any]) -> None:
+    """Set what :func:`_python_numpy_states` recorded (a state saved without them: nothing)."""
+    python = states.get("python")
+    if python is not None:
+        random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy_state = states.get("numpy")
+    np = sys.modules.get("numpy")
+    if numpy_state is not None and np is not None:
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                             numpy_state["pos"], numpy_state["has_gauss"],
+                             numpy_state["cached_gaussian"]))
 
 
 class TrackedLoader:
@@ -80,6 +119,7 @@ class TrackedLoader:
         self._batch = 0  # batches handed out in the current epoch
         self._finished = True  # the current epoch ran out (or none started)
         self._resume: Optional[Dict[str, Any]] = None  # a saved position, used by the next iter
+        self._inexact_logged = False  # the replay found a sampler it cannot replay (logged once)
 
     # ---- the training loop's side ---------------------------------------------------------
 
@@ -87,7 +127,7 @@ class TrackedLoader:
         resume, self._resume = self._resume, None
         if resume is not None and not resume["finished"] and resume["epoch_start"] is not None:
             return self._count(self._replay(resume), resume["epoch_start"], resume["batch"])
-        states = self._states()  # before iter(): the iterator draws from them at once
+        states = self._epoch_start_states()  # before iter(): the iterator draws at once
         return self._count(iter(self.loader), states, 0)
 
     def __len__(self) -> int:
@@ -108,18 +148,39 @@ class TrackedLoader:
 
     # ---- saving and restoring -------------------------------------------------------------
 
-    def _generators(self) -> List[Optional[torch.Generator]]:
-        """The loader's generator and, when it is another object, the sampler's."""
-        gen = self.loader.generator
-        sampler_gen = getattr(self.loader.sampler, "generator", None)
-        if sampler_gen is gen or not isinstance(sampler_gen, torch.Generator):
-            sampler_gen = None
-        return [gen, sampler_gen]
+    def _generators(self) -> Dict[str, Optional[torch.Generator]]:
+        """The torch generators that can decide the order, each object once: the loader's, its
+        sampler's, its batch sampler's own and the batch sampler's inner sampler's (a user's
+        ``BatchSampler(RandomSampler(generator=g))``)."""
+        loader = self.loader
+        batch_sampler = loader.batch_sampler
+        found: Dict[str, Optional[torch.Generator]] = {}
+        for key, owner in (("loader", loader), ("sampler", loader.sampler),
+                           ("batch_sampler", batch_sampler),
+                           ("inner_sampler", getattr(batch_sampler, "sampler", None))):
+            gen = getattr(owner, "generator", None)
+            seen = any(gen is other for other in found.values())
+            found[key] = gen if isinstance(gen, torch.Generator) and not seen else None
+        return found
+
+    def _set_generators(self, states: Dict[str, Any]) -> None:
+        for key, gen in self._generators().items():
+            saved = states.get(key)  # absent: a position saved before this generator was
+            if gen is not None and saved is not None:
+                gen.set_state(saved)
 
     def _states(self) -> Dict[str, Any]:
-        gen, sampler_gen = self._generators()
-        return {"global": torch.get_rng_state(), "loader": _generator_state(gen),
-                "sampler": _generator_state(sampler_gen)}
+        states: Dict[str, Any] = {"global": torch.get_rng_state()}
+        states.update((key, _generator_state(gen)) for key, gen in self._generators().items())
+        return states
+
+    def _epoch_start_states(self) -> Dict[str, Any]:
+        """The states an epoch's order is drawn from: the generators and the global RNGs
+        (torch's, Python's and, when the program imported it, NumPy's: samplers shuffle with
+        ``random.shuffle`` or ``np.random.permutation`` too)."""
+        states = self._states()
+        states.update(_python_numpy_states())
+        return states
 
     def state_dict(self) -> Dict[str, Any]:
         """The position: RNG states at the epoch's start, batches handed out, current states."""
@@ -132,10 +193,7 @@ class TrackedLoader:
             raise DataTrackError("the checkpoint's data position was not saved for a plain "
                                  f"DataLoader (kind {state.get('kind')!r}); track the same kind "
                                  "of loader you trained with")
-        gen, sampler_gen = self._generators()
-        for target, saved in ((gen, state["now"]["loader"]), (sampler_gen, state["now"]["sampler"])):
-            if target is not None and saved is not None:
-                target.set_state(saved)
+        self._set_generators(state["now"])
         self._resume = state
         self._epoch_start = state["epoch_start"]
         self._batch = int(state["batch"])
@@ -148,39 +206,51 @@ class TrackedLoader:
     def _replay(self, state: Dict[str, Any]) -> Iterator[Any]:
         """An iterator over the rest of the saved epoch: the order drawn again, nothing loaded."""
         start, done = state["epoch_start"], int(state["batch"])
-        gen, sampler_gen = self._generators()
-        global_now = torch.get_rng_state()  # resume() restored it: the checkpoint's state
+        now = {"global": torch.get_rng_state(), **_python_numpy_states()}  # resume() restored
         try:
-            torch.set_rng_state(start["global"])
-            for target, saved in ((gen, start["loader"]), (sampler_gen, start["sampler"])):
-                if target is not None and saved is not None:
-                    target.set_state(saved)
-            # Draw in torch's own order: the iterator draws the workers' base seed
-            # (torch/utils/data/dataloader.py, _BaseDataLoaderIter.__init__), then the sampler
-            # draws its permutation at the first batch.
-            seed_state = gen.get_state() if gen is not None else torch.get_rng_state()
-            torch.empty((), dtype=torch.int64).random_(generator=gen)
-            batches = iter(self.loader.batch_sampler)  # type: ignore[arg-type]
-            for _ in itertools.islice(batches, done):  # indices only: no sample is loaded
-                pass
-            # The rest, now: a sampler draws lazily (RandomSampler draws once more when it runs
-            # out), and every draw must come from the replayed states, none from the current.
-            remaining = list(batches)
+            batches, seed_state = self._draw_epoch(start)
+            # Drawn twice from the same states: an order that differs draws from a source not
+            # saved (a sampler's own random.Random, a NumPy Generator): say so, once.
+            again = self._draw_epoch(start)[0]
+            if again != batches and not self._inexact_logged:
+                self._inexact_logged = True
+                _event(logging.WARNING, "data_replay_inexact",
+                       sampler=type(self.loader.batch_sampler).__name__,
+                       reason="the sampler draws from a random source the checkpoint does not "
+                              "hold; the rest of this epoch is not the interrupted order (use "
+                              "a torch.Generator, or a StatefulDataLoader with a stateful "
+                              "sampler)")
+            del again
         except BaseException:
-            now = state["now"]
-            for target, saved in ((gen, now["loader"]), (sampler_gen, now["sampler"])):
-                if target is not None and saved is not None:
-                    target.set_state(saved)
+            self._set_generators(state["now"])
             raise
         finally:
             # The generators stay where the whole epoch's draws leave them, as in an
-            # uninterrupted run; the global RNG goes back to the checkpoint's state.
-            torch.set_rng_state(global_now)
+            # uninterrupted run; the global RNGs go back to the checkpoint's states.
+            torch.set_rng_state(now["global"])
+            _set_python_numpy_states(now)
+        del batches[:done]  # handed out before the checkpoint
         # The same worker seeds as the interrupted epoch: a generator in the state the original
         # drew its base seed from (the user's generators stay where they are).
         seed_gen = torch.Generator()
         seed_gen.set_state(seed_state)
-        return iter(self._remaining_loader(remaining, seed_gen))
+        return iter(self._remaining_loader(batches, seed_gen))
+
+    def _draw_epoch(self, start: Dict[str, Any]) -> Tuple[List[Any], torch.Tensor]:
+        """The epoch's index batches drawn from its start states, and the base seed's state."""
+        torch.set_rng_state(start["global"])
+        _set_python_numpy_states(start)
+        self._set_generators(start)
+        gen = self.loader.generator
+        # Draw in torch's own order: the iterator draws the workers' base seed
+        # (torch/utils/data/dataloader.py, _BaseDataLoaderIter.__init__), then the sampler
+        # draws its permutation at the first batch.
+        seed_state = gen.get_state() if gen is not None else torch.get_rng_state()
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
+        # All of it, now: a sampler draws lazily (RandomSampler draws once more when it runs
+        # out), and every draw must come from the replayed states, none from the current.
+        # Indices only: no sample is loaded.
+        return list(self.loader.batch_sampler), seed_state  # type: ignore[arg-type]
 
     def _remaining_loader(self, batches: List[List[int]],
                           seed_gen: torch.Generator) -> DataLoader[Any]:
@@ -234,6 +304,38 @@ class _StatefulEntry:
         self.loader.load_state_dict(state["state"])
         inner = state["state"]
         self._finished = isinstance(inner, dict) and inner.get("_iterator_finished") is True
+        _keep_global_rng_at_next_iterator(self.loader)
+
+
+def _keep_global_rng_at_next_iterator(loader: Any) -> None:
+    """Make the loader's next iterator, the restored one, draw nothing from torch's global RNG.
+
+    torchdata's ``iter()`` builds the restored iterator through torch's
+    ``_BaseDataLoaderIter.__init__``, which draws the workers' base seed again (from the global
+    RNG when the loader has no generator); the interrupted run drew it before the checkpoint,
+    whose global RNG state ``resume()`` restored, and the loaded state then overrides the new
+    draw. Left alone, every later ``torch.rand`` and dropout mask would differ from an
+    uninterrupted run's. ``StatefulDataLoader.__iter__`` calls ``self._get_iterator()``: an
+    attribute of the instance, used once, wraps that one call. A later iterator (the next
+    epoch's, when the saved one had finished) draws as it always does.
+    """
+    torchdata = any(cls.__module__.startswith("torchdata.") for cls in type(loader).__mro__)
+    if not torchdata or "_get_iterator" in vars(loader) \
+            or not callable(getattr(type(loader), "_get_iterator", None)):
+        return  # another kind of loader, or already waiting for its next iterator
+    ref = weakref.ref(loader)  # no cycle: a freed loader stops its workers at once
+
+    def restored_iterator() -> Any:
+        owner = ref()
+        assert owner is not None  # called as the owner's method
+        del owner._get_iterator  # once: back to the class's method
+        global_state = torch.get_rng_state()
+        try:
+            return type(owner)._get_iterator(owner)
+        finally:
+            torch.set_rng_state(global_state)
+
+    loader._get_iterator = restored_iterator
 
 
 Tracked = Any  # TrackedLoader or _StatefulEntry

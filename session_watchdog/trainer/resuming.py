@@ -90,10 +90,12 @@ class _ResumingMixin(_FlagsMixin):
         if self._tracked:
             from session_watchdog.trainer import data
 
-            data.load_states(self._tracked, ours.get("loaders"))
-            if data.between_epochs(self._tracked):
+            data.load_states(self._tracked, self._own_loader_states(ours))
+            if step > self._epoch_start_step and data.between_epochs(self._tracked):
                 # Saved after the epoch's loop ended: that epoch is done, resume at the next one
-                # (else epochs() would run the saved epoch a second time).
+                # (else epochs() would run the saved epoch a second time). A loader reads as
+                # finished before its epoch's loop too: saved when epochs() had just set the
+                # epoch, no step counted in it yet, that epoch is still to run.
                 epoch += 1
                 self._epoch = epoch
                 self._epoch_start_step = step
@@ -163,6 +165,18 @@ class _ResumingMixin(_FlagsMixin):
             _event(logging.WARNING, "rng_not_restored", rank=rank,
                    reason="no RNG states for this rank in the checkpoint (other world size)")
         return saved, meta
+
+    def _own_loader_states(self, ours: Dict[str, Any]) -> Any:
+        """This rank's saved loader positions: its own under DDP or sharded saves (ranks seeded
+        differently shuffle differently), else the single list a process saved."""
+        per_rank = ours.get("rank_loaders")
+        if self._dist is None or per_rank is None:
+            return ours.get("loaders")
+        if isinstance(per_rank, list) and len(per_rank) == self._dist.world_size:
+            return per_rank[self._dist.rank]
+        _event(logging.WARNING, "loaders_not_restored", rank=self._dist.rank,
+               reason="checkpoint from another world size: rank 0's loader positions are used")
+        return ours.get("loaders")
 
     def _restore_rng(self, rng: Dict[str, Any]) -> None:
         self._ckpt.restore_state({"format": self._ckpt.STATE_FORMAT, "rng": rng, "epoch": 0,

@@ -34,24 +34,33 @@ class _SavingMixin(_StatusMixin):
     # ------------------------------------------------------------------------------------------
     # Saving
 
-    def _capture(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    def _capture(self, rank_rng: Optional[List[Dict[str, Any]]] = None,
+                 rank_loaders: Optional[List[Any]] = None) -> Dict[str, Any]:
         state: Dict[str, Any] = self._ckpt.capture_state(
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.scaler, epoch=self._epoch, step=self._step, elapsed_s=self.elapsed_s,
-            extras=self._extras_to_save(rank_rng))
+            extras=self._extras_to_save(rank_rng, rank_loaders))
         return state
 
-    def _extras_to_save(self, rank_rng: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    def _extras_to_save(self, rank_rng: Optional[List[Dict[str, Any]]] = None,
+                        rank_loaders: Optional[List[Any]] = None) -> Dict[str, Any]:
         extras = dict(self.extras)
         ours: Dict[str, Any] = {"epoch_start_step": self._epoch_start_step}
         if self._tracked:
-            ours["loaders"] = [entry.state_dict() for entry in self._tracked]
+            ours["loaders"] = self._loader_states()
         if rank_rng is not None:
             # DDP: rank 0 writes the file; every rank gets its own RNG states back on resume
             # (ranks seeded differently - per-rank augmentation - resume bit for bit too).
             ours["rank_rng"] = rank_rng
+        if rank_loaders is not None and any(states is not None for states in rank_loaders):
+            # Likewise every rank's own loader positions: per-rank seeds shuffle differently.
+            ours["rank_loaders"] = rank_loaders
         extras[_SESSION_EXTRAS_KEY] = ours
         return extras
+
+    def _loader_states(self) -> Optional[List[Dict[str, Any]]]:
+        """This process's tracked loaders' positions (data.py), or None: none tracked."""
+        return [entry.state_dict() for entry in self._tracked] if self._tracked else None
 
     def _rng_state(self) -> Dict[str, Any]:
         rng: Dict[str, Any] = self._ckpt.capture_state(epoch=0, step=0, elapsed_s=0.0)["rng"]
@@ -60,25 +69,29 @@ class _SavingMixin(_StatusMixin):
     def _write(self, *, final: bool) -> Union[SavedCheckpoint, ShardedCheckpoint]:
         """Write one checkpoint: this process alone, rank 0 for all (DDP), or sharded (DCP)."""
         if self._sharded_ckpt is not None:
+            # Rank 0's meta is the one stored: it carries every rank's loader positions.
+            rank_loaders = (None if self._dist is None
+                            else self._dist.all_gather(self._loader_states()))
             state = self._distmod.session_state(
                 model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, rank=self._rank, rng=self._rng_state(),
                 meta={"epoch": self._epoch, "step": self._step, "elapsed_s": self.elapsed_s,
-                      "extras": self._extras_to_save()})
+                      "extras": self._extras_to_save(rank_loaders=rank_loaders)})
             self._keep_checkpoints_ahead()
             return self._sharded_ckpt.save(state, step=self._step, epoch=self._epoch)
         agreement = self._dist
         if agreement is None:
             self._keep_checkpoints_ahead()
             return self.manager.save(self._capture(), step=self._step, epoch=self._epoch)
-        rngs = agreement.all_gather(self._rng_state())
+        gathered = agreement.all_gather((self._rng_state(), self._loader_states()))
         outcome: Any = None
         error: Optional[BaseException] = None
         if agreement.rank == 0:
             try:
                 self._keep_checkpoints_ahead()
-                saved = self.manager.save(self._capture(rank_rng=rngs), step=self._step,
-                                          epoch=self._epoch)
+                saved = self.manager.save(self._capture(rank_rng=[g[0] for g in gathered],
+                                                        rank_loaders=[g[1] for g in gathered]),
+                                          step=self._step, epoch=self._epoch)
                 if final and not self.manager.verify(saved.path):
                     raise self._ckpt.CheckpointError(
                         f"final checkpoint {saved.path} failed verification (size or checksum)")
@@ -365,20 +378,24 @@ class _SavingMixin(_StatusMixin):
         snapshots.wait(None)
         state: Dict[str, Any] = {}
         rng: Optional[Dict[str, Any]] = None
+        loaders: Optional[List[Dict[str, Any]]] = None
         try:  # never raise before the gather: the other ranks would wait in it forever
             rng = self._rng_state()
+            loaders = self._loader_states()
             state = self._capture() if rank == 0 else {"rank": rank, "rng": rng}
             problem = snapshots.check_room(state)
         except Exception as err:
             problem = f"{type(err).__name__}: {err}"
-        gathered = agreement.all_gather((rng, problem, snapshots.token if rank == 0 else None))
-        problems = [(r, why) for r, (_, why, _) in enumerate(gathered) if why is not None]
+        gathered = agreement.all_gather((rng, problem, snapshots.token if rank == 0 else None,
+                                         loaders))
+        problems = [(r, why) for r, (_, why, _, _) in enumerate(gathered) if why is not None]
         if problems:
             self._snap_at = _NEVER  # on every rank alike: no more snapshot collectives
             snapshots.disable(f"rank {problems[0][0]}: {problems[0][1]}", self._step)
             return
         if rank == 0:
-            state["extras"] = self._extras_to_save(rank_rng=[g[0] for g in gathered])
+            state["extras"] = self._extras_to_save(rank_rng=[g[0] for g in gathered],
+                                                   rank_loaders=[g[3] for g in gathered])
         else:
             state.update(step=self._step, epoch=self._epoch)
         try:
