@@ -181,6 +181,43 @@ class TestPackage:
                                  capture_output=True, text=True, timeout=240, env=env)
             assert out.returncode == 7, (attempt, out.returncode, out.stderr[-2000:])
 
+    def test_a_ctrl_c_while_close_waits_still_releases_run_lock(self, tmp_path: Path) -> None:
+        """Ctrl-C while close() waits for prepare_async's thread: close() still releases run.lock
+        (a second close() returns at once), so the daemon does not see a live trainer forever."""
+        code = (
+            "import os, signal, sys, threading, time, torch\n"
+            "from session_watchdog import channel\n"
+            "from session_watchdog.trainer import Session, checkpoint_async\n"
+            "closing = threading.Event()\n"
+            "real_run = checkpoint_async._Prepare.run\n"
+            "def slow_run(self):\n"
+            "    closing.wait(120)\n"
+            "    time.sleep(2.0)  # close() is waiting for this thread now\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(1.0)\n"
+            "    real_run(self)\n"
+            "checkpoint_async._Prepare.run = slow_run\n"
+            "model = torch.nn.Linear(4, 4)\n"
+            "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+            "s = Session(sys.argv[1] + '/ckpt', model=model, optimizer=opt,\n"
+            "            run_dir=sys.argv[1] + '/run', async_save=True, handle_signals=False,\n"
+            "            checkpoint_every=None)\n"
+            "s.step(); s.step()\n"
+            "closing.set()\n"
+            "try:\n"
+            "    s.close()\n"
+            "    print('close returned')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted')\n"
+            "s.close()\n"
+            "run = channel.RunDir(channel.Path(sys.argv[1] + '/run'))\n"
+            "print('held', channel.lock_held(run.file(channel.RUN_LOCK)))\n")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                             text=True, timeout=240, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split("\n")[:2] == ["interrupted", "held False"], out.stdout
+
     def test_exit_stopped_is_ex_tempfail(self) -> None:
         """The stop exit code is 75 (sysexits EX_TEMPFAIL: try again later)."""
         assert EXIT_STOPPED == 75

@@ -551,23 +551,30 @@ class Session(_ResumingMixin):
             return
         self._closed = True
         self._pending = False
-        self._join_async()
-        self.manager.release_buffers()  # a copy of the state's tensors: not kept after the end
-        if self._mirror is not None:
-            self._mirror.close()  # what is queued is still copied; no more retries
-        self._wake()
-        if self._poller.is_alive() and self._poller is not threading.current_thread():
-            self._poller.join(timeout=max(5.0, 2 * self.poll_interval))
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if self._snapshots is not None:
-            if self._state in ("completed", "stopped"):
-                self._snapshots.remove()  # a durable checkpoint of the end: give the RAM back
-            else:
-                self._snapshots.wait(10.0)  # a crash: the newest snapshot completes for the daemon
+        try:
+            self._join_async()
+            self.manager.release_buffers()  # a copy of the state's tensors: not kept after the end
+            if self._mirror is not None:
+                self._mirror.close()  # what is queued is still copied; no more retries
+            self._wake()
+            if self._poller.is_alive() and self._poller is not threading.current_thread():
+                self._poller.join(timeout=max(5.0, 2 * self.poll_interval))
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if self._snapshots is not None:
+                if self._state in ("completed", "stopped"):
+                    self._snapshots.remove()  # a durable checkpoint of the end: give the RAM back
+                else:
+                    self._snapshots.wait(10.0)  # a crash: the newest snapshot completes for the daemon
+        finally:
+            # Also after a Ctrl-C in one of the waits above (a second close() returns at once):
+            # a run.lock left held made the daemon see a live trainer for the kernel's life.
+            self._release_at_close()
+
+    def _release_at_close(self) -> None:
         self._restore_signal_handlers()
         # The loaders are the caller's: a closed session keeps none, so a StatefulDataLoader (which
         # holds its live iterator and worker processes) shuts down as soon as the caller drops it,
@@ -576,7 +583,9 @@ class Session(_ResumingMixin):
         if self._stacks is not None:
             self._stacks.unregister()
             self._extra.pop("stacks", None)
-        self._save_lock.release()
+        writing = self._async_thread
+        if writing is None or not writing.is_alive():
+            self._save_lock.release()  # else its waiter releases it once the write is durable
         if self._keep_run_lock:  # the kernel releases it when this process exits
             _HELD_UNTIL_EXIT.append(self._run_lock)
         else:
