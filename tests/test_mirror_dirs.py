@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 import pytest
 import torch
@@ -405,3 +405,81 @@ def test_ranks_restoring_into_one_shared_directory_at_once_all_get_the_same_chec
     assert reports == [[(COMMITTED, 20)]] * 4
     assert os.listdir(fresh) == ["checkpoint-20"] and _load_dir(fresh / "checkpoint-20") == 20
     assert tree(fresh / "checkpoint-20") == tree(mirror_dir / "checkpoint-20")
+
+
+# --------------------------------------------------------------------------------------------
+# A copy verified before is never deleted on a re-check that failed
+
+
+class FlakyReads(LocalTarget):
+    """Reads from the mirror numbered in ``fail`` (counted from 1) fail: a connection reset."""
+
+    fail: Set[int] = set()
+    reads = 0
+
+    def read_chunks(self, name: str) -> Any:
+        FlakyReads.reads += 1
+        if FlakyReads.reads in FlakyReads.fail:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read_chunks(name)
+
+
+def test_finish_does_not_send_the_verified_final_checkpoint_again_to_a_flaky_mirror(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """finish() with a checkpoint that verified on the mirror already reads nothing more there:
+    its copy stays committed, as trainer.json's last_mirrored says, though reads fail now."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from session_watchdog.integrations.accelerate import AcceleratorSession
+
+    FlakyReads.fail, FlakyReads.reads = set(), 0
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    mirror = DirMirror(FlakyReads(mirror_dir), allow_same_filesystem=not other_fs)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 1))
+    session = AcceleratorSession(accelerator, local, run_dir=tmp_path / "run",
+                                 checkpoint_every=None, poll_interval=0.05, mirror=mirror)
+    session.resume()
+    session.step()
+    saved = session.checkpoint()
+    assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    reads = FlakyReads.reads
+    FlakyReads.fail = set(range(reads + 1, reads + 100))  # every read from now on fails
+    session.finish(saved)
+    assert mirror._thread is not None
+    mirror._thread.join(WAIT_S)
+    assert FlakyReads.reads == reads
+    assert marked(mirror_dir) == ["checkpoint-1"]
+    assert tree(mirror_dir / "checkpoint-1") == tree(local / "checkpoint-1")
+    assert mirrored_step(tmp_path / "run") == 1
+    del model
+
+
+@pytest.mark.parametrize("failed_read", [1, 2])  # the marker's, a file's
+def test_a_failed_read_back_of_a_commit_there_already_keeps_it_and_reports(
+        tmp_path: Path, shm: Path, other_fs: bool, failed_read: int) -> None:
+    """The same commit submitted again while one read from the mirror fails (the marker's or a
+    file's): its copy there stays committed, untouched (same inodes), the failure is reported
+    and the retry verifies it."""
+    FlakyReads.fail, FlakyReads.reads = set(), 0
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    mirror = DirMirror(FlakyReads(mirror_dir), allow_same_filesystem=not other_fs)
+    problems: List[str] = []
+    mirror.attach_dir(local, keep=2, on_change=lambda report: problems.append(
+        str(report.get("problem"))))
+    try:
+        saved = commit_dir(_save_dir(local, 5), step=5)
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+        inodes = {p: os.stat(p).st_ino for p in (mirror_dir / "checkpoint-5").rglob("*")}
+        FlakyReads.fail = {FlakyReads.reads + failed_read}
+        mirror.submit(saved)  # type: ignore[arg-type]
+        wait_for(lambda: "unreachable" in problems, "the failed read reported")
+        assert (mirror_dir / "checkpoint-5" / COMMIT_MARKER).exists()
+        wait_for(lambda: mirror.report()["state"] == "ok", "the retry")
+    finally:
+        mirror.close()
+    assert marked(mirror_dir) == ["checkpoint-5"]
+    assert {p: os.stat(p).st_ino for p in (mirror_dir / "checkpoint-5").rglob("*")} == inodes
+    assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")

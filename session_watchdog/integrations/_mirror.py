@@ -128,16 +128,18 @@ class DirMirror(Mirror):
         return _Unit(name, files, self._marker_of(name), raw, self._marker_of(name),
                      saved.sha256, int(saved.bytes))
 
+    def _checksum_of(self, saved: Any) -> str:
+        return str(saved.sha256)
+
     def _before_copy(self, unit: _Unit) -> bool:
         """This very commit already there (the same marker bytes): True, it is only read back.
         Else a directory of that name on the mirror goes first, its marker before its files:
         what a copy cut short left, or another save of that step."""
         if self.target.exists(unit.marker_name):
-            try:
-                if b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes:
-                    return True
-            except Exception:
-                pass
+            # A marker that cannot be read (a transient error) raises: that copy may be the
+            # only one, verified before; it is never deleted on a failed read.
+            if b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes:
+                return True
             self.target.delete(unit.marker_name)
         self.target.delete_tree(unit.name)
         return False

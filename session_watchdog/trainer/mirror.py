@@ -180,6 +180,7 @@ class Mirror:
         self._cond = threading.Condition()
         self._next: Optional[Tuple[SavedCheckpoint, float]] = None  # (checkpoint, committed mono)
         self._busy: Optional[int] = None  # step being copied
+        self._busy_key: Optional[Tuple[int, str]] = None  # and its _key
         self._last: Optional[MirroredCheckpoint] = None
         self._reported: Optional[MirroredCheckpoint] = None  # _last, once in trainer.json
         self._problem: Optional[str] = None
@@ -264,6 +265,21 @@ class Mirror:
         last = self._last
         if seq > self._top_seq and (last is None or last.seq < seq):
             self.submit(saved)
+
+    def has(self, saved: SavedCheckpoint) -> bool:
+        """Whether this very commit of ``saved`` is queued, being copied or verified on the mirror
+        already (in this process): submitting it again would only re-read it, maybe after
+        ``close()`` with no retry left."""
+        with self._cond:
+            key = self._key(saved)
+            last = self._reported
+            queued = self._next is not None and self._key(self._next[0]) == key
+            return queued or self._busy_key == key or \
+                (last is not None and (last.seq, last.checksum) == key)
+
+    def _key(self, saved: SavedCheckpoint) -> Tuple[int, str]:
+        """What tells one commit from another: its sequence number and checksum."""
+        return self._seq_of(saved), checksum.normalize(self._checksum_of(saved))
 
     def wait(self, saved: SavedCheckpoint, timeout: float) -> Optional[MirroredCheckpoint]:
         """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror."""
@@ -411,12 +427,14 @@ class Mirror:
                 self._next = None
                 self._retrying = False
                 self._busy = saved.step
+                self._busy_key = self._key(saved)
             self._report()
             try:
                 result = self._copy(saved, committed)
             except Exception as err:
                 with self._cond:
                     self._busy = None
+                    self._busy_key = None
                     if self._next is None and not self._closing:
                         self._next = (saved, committed)  # retry it unless a newer one came
                         self._retrying = True
@@ -427,6 +445,7 @@ class Mirror:
                 continue
             with self._cond:
                 self._busy = None
+                self._busy_key = None
                 self._last = result
                 recovered = self._problem
                 self._problem = self._error = None
@@ -483,8 +502,11 @@ class Mirror:
                                       f"that do not match {unit.name}'s marker: {HINTS[MISMATCH]}")
             if not present:
                 target.write_marker(unit.marker_name, unit.marker_bytes)
-        except BaseException:
-            if present:  # that commit is there but does not verify: uncommit it, copy again
+        except BaseException as err:
+            damaged = isinstance(err, MirrorError) and err.problem == MISMATCH
+            if present and damaged:  # that commit is there, read back whole, and differs:
+                # uncommit it, copy again. A read that failed (a transient error) proves
+                # nothing: the copy, verified before, stays committed and the error is reported.
                 try:
                     target.delete(unit.marker_name)
                 except Exception:
@@ -525,6 +547,10 @@ class Mirror:
             raise MirrorError(ERROR, f"{marker_path} records no checksum (changed locally)")
         return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), recorded)],
                      name + MARKER_SUFFIX, data, name, saved.checksum, saved.bytes)
+
+    def _checksum_of(self, saved: SavedCheckpoint) -> str:
+        """The checksum ``saved``'s unit is reported with (``_Unit.checksum``)."""
+        return saved.checksum
 
     def _before_copy(self, unit: _Unit) -> bool:
         """Make room on the target for ``unit``; True: that very commit is there already (then
