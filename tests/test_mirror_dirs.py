@@ -483,3 +483,28 @@ def test_a_failed_read_back_of_a_commit_there_already_keeps_it_and_reports(
     assert marked(mirror_dir) == ["checkpoint-5"]
     assert {p: os.stat(p).st_ino for p in (mirror_dir / "checkpoint-5").rglob("*")} == inodes
     assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")
+
+
+def test_higher_numbered_directories_on_the_mirror_never_get_the_new_copies_pruned(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A mirror holding checkpoint-900 and -1000 of an earlier run: a new run's checkpoint-100,
+    -200, -300 (keep=2) each stay committed there after wait() reported them; the new run's own
+    prune keeps the newest two of its steps (100 goes) and leaves 900 and 1000 alone."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    for step in (900, 1000):
+        commit_dir(_save_dir(mirror_dir, step), step=step)
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        for step in (100, 200, 300):
+            saved = commit_dir(_save_dir(local, step), step=step)
+            mirror.submit(saved)  # type: ignore[arg-type]
+            assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+            assert f"checkpoint-{step}" in marked(mirror_dir)
+            assert tree(mirror_dir / f"checkpoint-{step}") == tree(local / f"checkpoint-{step}")
+    finally:
+        mirror.close()
+    assert marked(mirror_dir) == ["checkpoint-200", "checkpoint-300", "checkpoint-900",
+                                  "checkpoint-1000"]
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-1000", "checkpoint-200",
+                                              "checkpoint-300", "checkpoint-900"]

@@ -601,12 +601,17 @@ class Mirror:
         return found
 
     def _prune(self, newest_seq: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints; remove older ones and litter."""
+        """Keep the newest ``keep`` committed checkpoints up to ``newest_seq`` (the one just
+        made); remove older ones and litter; never touch those numbered above it."""
         assert self._manager is not None and self.keep is not None
         try:
             names = set(self.target.names())
             marked = self._marked(names)
-            committed = sorted((self._parse(n) or (0, 0))[0] for n in marked)
+            # As the local rule (checkpoint_dir._prune): copies numbered above the one just made
+            # (a rollback, another run's in a used mirror path) are not ours to judge, and never
+            # count against ``keep``: they would get the copy just made deleted.
+            committed = sorted(seq for seq in ((self._parse(n) or (0, 0))[0] for n in marked)
+                               if seq <= newest_seq)
             keep_from = committed[-self.keep] if len(committed) >= self.keep else 0
             doomed = []
             for name in names:
