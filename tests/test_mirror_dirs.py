@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Set
@@ -508,3 +509,87 @@ def test_higher_numbered_directories_on_the_mirror_never_get_the_new_copies_prun
                                   "checkpoint-1000"]
     assert sorted(os.listdir(mirror_dir)) == ["checkpoint-1000", "checkpoint-200",
                                               "checkpoint-300", "checkpoint-900"]
+
+
+class GatedWrites(LocalTarget):
+    """Writes wait for ``gate`` once ``closed`` (a copy held in the middle)."""
+
+    gate = threading.Event()
+    closed = False
+    waiting = threading.Event()
+
+    def write_chunk(self, fd: int, data: memoryview) -> int:
+        if GatedWrites.closed:
+            GatedWrites.waiting.set()
+            assert GatedWrites.gate.wait(WAIT_S)
+        return super().write_chunk(fd, data)
+
+
+def test_the_same_step_saved_again_is_waited_for_by_checksum_and_replaces_the_old_copy_last(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """checkpoint-8 committed again with other bytes (keep=1): while it copies, the first copy
+    stays committed there and wait() does not return; then wait() returns the new commit and
+    the mirror holds exactly its files."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    GatedWrites.gate.clear()
+    GatedWrites.waiting.clear()
+    GatedWrites.closed = False
+    mirror = DirMirror(GatedWrites(mirror_dir), keep=1, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        first = commit_dir(_save_dir(local, 8), step=8)
+        mirror.submit(first)  # type: ignore[arg-type]
+        assert mirror.wait(first, WAIT_S) is not None  # type: ignore[arg-type]
+        first_tree = tree(mirror_dir / "checkpoint-8")
+        GatedWrites.closed = True
+        shutil.rmtree(local / "checkpoint-8")
+        torch.save({"w": torch.full((300_000,), 9.0)}, _save_dir(local, 8) / "weights.pt")
+        second = commit_dir(local / "checkpoint-8", step=8)
+        assert second.sha256 != first.sha256
+        mirror.submit(second)  # type: ignore[arg-type]
+        assert GatedWrites.waiting.wait(WAIT_S)
+        assert mirror.wait(second, 0.5) is None  # type: ignore[arg-type]
+        assert marked(mirror_dir) == ["checkpoint-8"]
+        assert tree(mirror_dir / "checkpoint-8") == first_tree
+        GatedWrites.gate.set()
+        done = mirror.wait(second, WAIT_S)  # type: ignore[arg-type]
+        assert done is not None and done.sha256 == second.sha256
+        assert done.location == str(mirror_dir / "checkpoint-8" / COMMIT_MARKER)
+    finally:
+        GatedWrites.gate.set()
+        mirror.close()
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-8"]
+    assert tree(mirror_dir / "checkpoint-8") == tree(local / "checkpoint-8")
+    found = restore_dir(str(mirror_dir), tmp_path / "fresh")
+    assert found is not None and found.sha256 == second.sha256
+
+
+@pytest.mark.heavy
+def test_the_same_step_saved_again_replaces_its_objects_on_s3(
+        tmp_path: Path, s3: Any) -> None:  # noqa: F811
+    """On S3 (keep=1), checkpoint-8 committed again: wait() returns the new commit, the objects
+    are exactly its files and marker (no staging objects left) and a fresh directory gets it."""
+    import s3fs
+
+    _server, options, _stopped, url = s3
+    local = tmp_path / "ckpt"
+    mirror = DirMirror(url, storage_options=options, keep=1)
+    mirror.attach_dir(local, keep=2)
+    try:
+        first = commit_dir(_save_dir(local, 8), step=8)
+        mirror.submit(first)  # type: ignore[arg-type]
+        assert mirror.wait(first, WAIT_S) is not None  # type: ignore[arg-type]
+        (local / "checkpoint-8" / "sub" / "state.json").write_text('{"step": 8, "again": 1}')
+        second = commit_dir(local / "checkpoint-8", step=8)
+        mirror.submit(second)  # type: ignore[arg-type]
+        done = mirror.wait(second, WAIT_S)  # type: ignore[arg-type]
+        assert done is not None and done.sha256 == second.sha256
+    finally:
+        mirror.close()
+    fs = s3fs.S3FileSystem(**options)
+    root = url[len("s3://"):]
+    objects = {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+    assert objects == {f"checkpoint-8/{rel}": data
+                       for rel, data in tree(local / "checkpoint-8").items()}
+    found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh")
+    assert found is not None and found.sha256 == second.sha256

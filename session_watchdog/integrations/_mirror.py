@@ -37,7 +37,15 @@ from session_watchdog.integrations._core import (
     newest_committed,
     verify_dir,
 )
-from session_watchdog.trainer.mirror import Mirror, MirrorError, Target, _Candidate, _File, _Unit
+from session_watchdog.trainer.mirror import (
+    Mirror,
+    MirroredCheckpoint,
+    MirrorError,
+    Target,
+    _Candidate,
+    _File,
+    _Unit,
+)
 from session_watchdog.trainer.mirror_targets import MISMATCH
 from session_watchdog.trainer.session import _event
 
@@ -46,6 +54,7 @@ __all__ = ["CHECKPOINT_PATTERN", "DirMirror", "restore_dir"]
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)$"
 _MARKER_MAX_BYTES = 8 << 20
 _RESTORE_INFIX = ".restore-"
+_STAGE_PREFIX = ".staging-"  # on the mirror: never a checkpoint name (CHECKPOINT_PATTERN)
 
 
 @dataclass
@@ -72,6 +81,7 @@ class DirMirror(Mirror):
         super().__init__(target, keep=keep, storage_options=storage_options,
                          allow_same_filesystem=allow_same_filesystem)
         self._regex = re.compile(pattern)
+        self._staging: Optional[str] = None  # where _copy puts a directory that replaces one
 
     def attach_dir(self, directory: Union[str, os.PathLike[str]], keep: int,
                    on_change: Any = None) -> None:
@@ -111,6 +121,28 @@ class DirMirror(Mirror):
                 return False
         return True
 
+    def _copy(self, saved: Any, committed: float) -> MirroredCheckpoint:
+        """Another commit of this step, committed on the mirror (the step saved again), stays
+        there until the new one verified: the new one is copied and read back under a staging
+        name first, then takes its place (its marker written last, as always)."""
+        unit = self._unit(saved)
+        marker = unit.marker_name
+        if not self.target.exists(marker) \
+                or b"".join(self.target.read_chunks(marker)) == unit.marker_bytes:
+            return super()._copy(saved, committed)  # a failed read raises: retried, kept
+        self._staging = _STAGE_PREFIX + unit.name
+        try:
+            result = super()._copy(saved, committed)
+        finally:
+            self._staging = None
+        stage = _STAGE_PREFIX + unit.name
+        self.target.delete(self._marker_of(stage))
+        self.target.delete(marker)  # the other commit: uncommitted first, then gone
+        self.target.delete_tree(unit.name)
+        self.target.rename_tree(stage, unit.name)
+        self.target.write_marker(marker, unit.marker_bytes)
+        return result
+
     def _unit(self, saved: Any) -> _Unit:
         directory: Path = saved.directory
         name = directory.name
@@ -123,9 +155,10 @@ class DirMirror(Mirror):
         obj = _loads(raw)
         if not self._valid_marker(obj, name, int(saved.step)):
             raise MirrorError(MISMATCH, f"{marker_path} is not a valid commit marker")
-        files = [_File(f"{name}/{rel}", directory / rel, int(entry["bytes"]), str(entry["sha256"]))
+        where = self._staging or name  # copied under the staging name, reported under its own
+        files = [_File(f"{where}/{rel}", directory / rel, int(entry["bytes"]), str(entry["sha256"]))
                  for rel, entry in sorted(obj["files"].items())]
-        return _Unit(name, files, self._marker_of(name), raw, self._marker_of(name),
+        return _Unit(where, files, self._marker_of(where), raw, self._marker_of(name),
                      saved.sha256, int(saved.bytes))
 
     def _checksum_of(self, saved: Any) -> str:
@@ -134,7 +167,10 @@ class DirMirror(Mirror):
     def _before_copy(self, unit: _Unit) -> bool:
         """This very commit already there (the same marker bytes): True, it is only read back.
         Else a directory of that name on the mirror goes first, its marker before its files:
-        what a copy cut short left, or another save of that step."""
+        what a copy cut short left (another save of that step is staged: ``_copy``)."""
+        if unit.name.startswith(_STAGE_PREFIX):  # what an earlier staging cut short left
+            self.target.delete_tree(unit.name)
+            return False
         if self.target.exists(unit.marker_name):
             # A marker that cannot be read (a transient error) raises: that copy may be the
             # only one, verified before; it is never deleted on a failed read.

@@ -282,13 +282,16 @@ class Mirror:
         return self._seq_of(saved), checksum.normalize(self._checksum_of(saved))
 
     def wait(self, saved: SavedCheckpoint, timeout: float) -> Optional[MirroredCheckpoint]:
-        """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror."""
-        seq = self._seq_of(saved)
+        """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror.
+
+        Another commit of the same step (saved again) is not ``saved``: told by its checksum."""
+        seq, recorded = self._key(saved)
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
             while True:
                 last = self._reported
-                if last is not None and last.seq >= seq:
+                if last is not None and (last.seq > seq or
+                                         (last.seq == seq and last.checksum == recorded)):
                     return last
                 left = deadline - time.monotonic()
                 if left <= 0 or self._refused or self._thread is None:

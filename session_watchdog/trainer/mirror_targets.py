@@ -137,6 +137,10 @@ class Target:
         """Remove the directory (prefix) ``name`` and everything under it."""
         raise NotImplementedError
 
+    def rename_tree(self, name: str, new: str) -> None:
+        """Move the directory (prefix) ``name`` and everything under it to ``new`` (absent)."""
+        raise NotImplementedError
+
     def sweep(self) -> None:
         """Remove what killed copies left behind (temp files of dead writers)."""
 
@@ -298,6 +302,10 @@ class LocalTarget(Target):
         except FileNotFoundError:
             pass
 
+    def rename_tree(self, name: str, new: str) -> None:
+        os.rename(self.path / name, self.path / new)
+        _fsync_dir_if_supported(self.path)
+
     def sweep(self) -> None:
         channel.sweep_temps(self.path)
 
@@ -390,6 +398,13 @@ class FsspecTarget(Target):
             self.fs.rm(self._key(name), recursive=True)
         except FileNotFoundError:
             pass
+
+    def rename_tree(self, name: str, new: str) -> None:
+        source, dest = self._key(name), self._key(new)
+        self.fs.invalidate_cache(self.root)  # listings are cached: deletes just made
+        for path in self.fs.find(source):  # server-side copies, then the source goes
+            self.fs.copy(path, dest + str(path)[len(source.rstrip("/")):])
+        self.delete_tree(name)
 
 
 def _fsync_if_supported(fd: int) -> None:
