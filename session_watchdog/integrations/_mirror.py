@@ -46,7 +46,7 @@ from session_watchdog.trainer.mirror import (
     _File,
     _Unit,
 )
-from session_watchdog.trainer.mirror_targets import MISMATCH
+from session_watchdog.trainer.mirror_targets import MISMATCH, redact
 from session_watchdog.trainer.session import _event
 
 __all__ = ["CHECKPOINT_PATTERN", "DirMirror", "restore_dir"]
@@ -307,7 +307,7 @@ def _as_dir_mirror(mirror: Union[str, os.PathLike[str], Mirror],
                              allow_same_filesystem=mirror.allow_same_filesystem)
         return DirMirror(mirror, pattern=pattern)
     except MirrorError as err:
-        _event(logging.WARNING, "mirror_failed", target=where, problem=err.problem,
+        _event(logging.WARNING, "mirror_failed", target=redact(where), problem=err.problem,
                error=str(err), training="continues")
         return None
 

@@ -54,6 +54,7 @@ from session_watchdog.trainer.mirror_targets import (
     Target,
     classify,
     make_target,
+    redact,
 )
 
 if TYPE_CHECKING:
@@ -696,7 +697,7 @@ def open_mirror(
         try:
             mirror = Mirror(where)
         except MirrorError as err:
-            _event(logging.WARNING, "mirror_failed", target=where,
+            _event(logging.WARNING, "mirror_failed", target=redact(where),
                    problem=err.problem, error=str(err), training="continues")
             return None
     mirror.attach(manager, on_change)

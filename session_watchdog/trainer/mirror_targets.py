@@ -25,6 +25,7 @@ __all__ = [
     "Target",
     "classify",
     "make_target",
+    "redact",
 ]
 
 CHUNK = 8 << 20
@@ -319,20 +320,22 @@ class FsspecTarget(Target):
     """
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
+        shown = redact(url)  # what logs, trainer.json and notifications show: no password
         try:
             import fsspec
         except ImportError as err:
-            raise MirrorError(ERROR, f"mirror {url} needs fsspec and the filesystem's package: "
+            raise MirrorError(ERROR, f"mirror {shown} needs fsspec and the filesystem's package: "
                               "pip install 'session-watchdog[mirror]' (s3fs for s3://: "
                               "'session-watchdog[s3]')") from err
         try:
             fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except ImportError as err:
-            raise MirrorError(ERROR, f"mirror {url}: {err} (s3:// needs "
-                              "pip install 'session-watchdog[s3]')") from err
+            hint = ("pip install 'session-watchdog[s3]'" if url.startswith("s3://")
+                    else "install the package named here")
+            raise MirrorError(ERROR, f"mirror {shown}: {err} ({hint})") from err
         self.fs = fs
         self.root = root.rstrip("/")
-        self.location = url.rstrip("/")
+        self.location = shown.rstrip("/")
 
     def prepare(self, local_dir: Path, *, allow_same_filesystem: bool) -> None:
         try:
@@ -428,6 +431,18 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def redact(location: str) -> str:
+    """``location`` as shown anywhere (log, trainer.json, notifier): a URL's user and password
+    (``sftp://user:password@host/...``) replaced by ``***``."""
+    scheme, sep, rest = location.partition("://")
+    if not sep:
+        return location
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return location
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def make_target(target: Union[str, os.PathLike[str], Target],
