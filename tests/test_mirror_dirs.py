@@ -593,3 +593,27 @@ def test_the_same_step_saved_again_replaces_its_objects_on_s3(
                        for rel, data in tree(local / "checkpoint-8").items()}
     found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh")
     assert found is not None and found.sha256 == second.sha256
+
+
+def test_a_directory_of_700_files_with_a_marker_over_64_kib_is_restored_from_the_mirror(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A sharded state of 700 files (its marker ~78 KiB) verifies on the mirror and a fresh
+    directory is restored from it, byte for byte."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    directory = local / "checkpoint-7"
+    (directory / "shards").mkdir(parents=True)
+    for i in range(700):
+        (directory / "shards" / f"__{i}_0.distcp").write_bytes(b"%d" % i)
+    saved = commit_dir(directory, step=7)
+    assert saved.bytes > 64 * 1024
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    found = restore_dir(str(mirror_dir), tmp_path / "fresh")
+    assert found is not None and found.directory == tmp_path / "fresh" / "checkpoint-7"
+    assert found.sha256 == saved.sha256
+    assert tree(found.directory) == tree(directory)

@@ -75,6 +75,8 @@ class DirMirror(Mirror):
         pattern: the directories' names, the step in group 1 (``checkpoint-N``).
     """
 
+    _marker_max_bytes = _MARKER_MAX_BYTES  # commit_dir's markers list every file
+
     def __init__(self, target: Union[str, os.PathLike[str], Target], *,
                  keep: Optional[int] = None, storage_options: Optional[Mapping[str, Any]] = None,
                  allow_same_filesystem: bool = False, pattern: str = CHECKPOINT_PATTERN) -> None:

@@ -46,6 +46,7 @@ from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for
 from session_watchdog.trainer.mirror_targets import (
     ERROR,
     HINTS,
+    MAX_MARKER_BYTES,
     MISMATCH,
     SAME_FILESYSTEM,
     FsspecTarget,
@@ -162,6 +163,8 @@ class Mirror:
         allow_same_filesystem: for tests only: accept a mirror on the checkpoint directory's
             filesystem (it is no second copy).
     """
+
+    _marker_max_bytes = MAX_MARKER_BYTES  # what the markers' writer allows
 
     def __init__(
         self,
@@ -594,7 +597,8 @@ class Mirror:
             parsed = self._parse(name)
             assert parsed is not None
             try:
-                obj = json.loads(self.target.read_small(self._marker_of(name)))
+                obj = json.loads(self.target.read_small(self._marker_of(name),
+                                                        self._marker_max_bytes))
             except (ValueError, OSError, MirrorError, channel.ChannelError):
                 continue  # unreadable, not ours, or not JSON: never a resume candidate
             if not isinstance(obj, dict) or obj.get("v") != channel.SCHEMA_VERSION:

@@ -122,7 +122,8 @@ class Target:
     def read_chunks(self, name: str) -> Iterator[bytes]:
         raise NotImplementedError
 
-    def read_small(self, name: str) -> bytes:
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
+        """A marker's bytes; larger than ``max_bytes``: an error (hostile, never a marker)."""
         raise NotImplementedError
 
     def write_marker(self, name: str, data: bytes) -> None:
@@ -282,8 +283,8 @@ class LocalTarget(Target):
                     return
                 yield block
 
-    def read_small(self, name: str) -> bytes:
-        obj = channel.read_json(self.path / name)
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
+        obj = channel.read_json(self.path / name, max_bytes)
         if obj is None:
             raise FileNotFoundError(errno.ENOENT, "no such marker", str(self.path / name))
         return json.dumps(obj).encode()
@@ -377,9 +378,9 @@ class FsspecTarget(Target):
                     return
                 yield block
 
-    def read_small(self, name: str) -> bytes:
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
         data: bytes = self.fs.cat_file(self._key(name))
-        if len(data) > MAX_MARKER_BYTES:
+        if len(data) > max_bytes:
             raise MirrorError(MISMATCH, f"{self.join(name)} is too large for a marker")
         return data
 
