@@ -617,3 +617,22 @@ def test_a_directory_of_700_files_with_a_marker_over_64_kib_is_restored_from_the
     assert found is not None and found.directory == tmp_path / "fresh" / "checkpoint-7"
     assert found.sha256 == saved.sha256
     assert tree(found.directory) == tree(directory)
+
+
+def test_a_staging_directory_a_killed_copy_left_is_swept_at_the_next_prune(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A .staging-checkpoint-8 left on the mirror (a copy killed while it replaced
+    checkpoint-8) is gone once the next checkpoint verified; the committed ones stay."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    commit_dir(_save_dir(mirror_dir, 8), step=8)
+    shutil.copytree(mirror_dir / "checkpoint-8", mirror_dir / ".staging-checkpoint-8")
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        saved = commit_dir(_save_dir(local, 9), step=9)
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-8", "checkpoint-9"]
+    assert marked(mirror_dir) == ["checkpoint-8", "checkpoint-9"]

@@ -185,6 +185,15 @@ class DirMirror(Mirror):
     def _delete_unit(self, name: str) -> None:
         self.target.delete_tree(name)
 
+    def _prune(self, newest_seq: int) -> None:
+        super()._prune(newest_seq)
+        try:  # staging directories a killed copy left (never the one being staged now)
+            for name in self.target.names():
+                if name.startswith(_STAGE_PREFIX) and name != self._staging:
+                    self.target.delete_tree(name)
+        except Exception as err:  # retried at the next prune
+            _event(logging.WARNING, "mirror_prune_failed", target=self.location, error=str(err))
+
     # ---- resume ---------------------------------------------------------------------------
 
     def _local_top(self, manager: Any) -> int:
