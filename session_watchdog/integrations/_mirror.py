@@ -8,7 +8,9 @@ marker itself, byte for byte, is written last (on an object store the marker obj
 commit). Everything else is the file mirror's: one copy at a time, skip to the newest, keep-last-K
 on the mirror (markers deleted first; the newest verified copy is never deleted before a newer one
 verified), failures as warnings with a retry, ``trainer.json``'s ``last_mirrored`` (the marker on
-the mirror: the daemon re-hashes it before ending the runtime).
+the mirror: the daemon re-hashes it before ending the runtime). A step saved again (another
+commit of ``checkpoint-N``) is copied and read back under ``.staging-checkpoint-N`` first and only
+then replaces the committed directory of that name.
 
 :func:`restore_dir` is the resume side: when the mirror's newest committed directory is newer than
 every committed one in the local directory, it is copied down into a temp directory, checked with
