@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
@@ -13,6 +16,8 @@ import pytest
 pytest.importorskip("accelerate")
 import torch  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
+from conftest import TORCHRUN  # noqa: E402
+from integration_helpers import SCRIPTS, finish, free_port, reap, spawn  # noqa: E402
 from torch_helpers import assert_same  # noqa: E402
 
 from session_watchdog.channel import RunDir  # noqa: E402
@@ -86,3 +91,33 @@ class TestAcceleratorSession:
         assert final is not None and (final.state, final.step) == ("completed", EPOCHS * SAMPLES // BATCH)
         assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()
                       if p.name.startswith("checkpoint-")) == ["checkpoint-11", "checkpoint-24"]
+
+
+@TORCHRUN
+def test_ddp_both_ranks_resume_the_step_rank0_restored_from_the_mirror(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """torchrun, 2 ranks, mirror=: with the checkpoint directory gone, rank 0 restores
+    checkpoint-5 from the mirror and rank 1 resumes that same step with the same weights."""
+    if not other_fs:
+        pytest.skip("needs /dev/shm on another filesystem than the temp dir")
+
+    def torchrun(steps: int) -> str:
+        proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                      "--max-restarts=0", str(SCRIPTS / "accelerate_mirror_train.py"),
+                      str(tmp_path), str(shm / "m"), "--steps", str(steps)])
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 0, stdout[-3000:] + stderr[-6000:]
+        return stdout
+
+    first = torchrun(5)
+    done = sorted(re.findall(r"rank (\d): completed step=(\d+) weights=(\S+)", first))
+    assert [d[:2] for d in done] == [("0", "5"), ("1", "5")] and done[0][2] == done[1][2], first
+    assert verify_dir(shm / "m" / "checkpoint-5") is not None
+    shutil.rmtree(tmp_path / "ckpt")
+    second = torchrun(0)
+    resumed = sorted(re.findall(r"rank (\d): resumed=(\w+) step=(\d+) weights=(\S+)", second))
+    assert resumed == [("0", "True", "5", done[0][2]), ("1", "True", "5", done[0][2])], second

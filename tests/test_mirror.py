@@ -11,6 +11,7 @@ Faults are injected at our own boundary (``LocalTarget.write_chunk``) or by the 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -609,3 +610,31 @@ def test_ddp_rank0_mirrors_and_both_ranks_resume_from_the_mirror_alone(tmp_path,
     assert committed(shm / "m")[-1] == "ckpt-00000002-step20.pt"
     assert (shm / "m" / "ckpt-00000002-step20.pt").read_bytes() == \
         (tmp_path / "ckpt" / "ckpt-00000002-step20.pt").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials in a mirror URL
+
+
+def test_a_password_in_the_mirror_url_is_never_logged_nor_reported(make_session, tmp_path, caplog):
+    """memory://alice:hunter2@host/run mirrors and reports as memory://***@host/run (events,
+    trainer.json); an sftp URL that cannot be used says so without the password or an s3 hint."""
+    from session_watchdog.integrations._mirror import open_dir_mirror
+
+    caplog.set_level(logging.INFO)
+    session = make_session("memory://alice:hunter2@host/run")
+    train(session, 2)
+    assert session._mirror.wait(session.checkpoint(), WAIT_S) is not None
+    session.close()
+    started = events(caplog, "mirror_started")
+    assert [e["target"] for e in started] == ["memory://***@host/run"]
+    status = (tmp_path / "run" / "trainer.json").read_text()
+    assert json.loads(status)["extra"]["mirror"]["target"] == "memory://***@host/run"
+    assert json.loads(status)["extra"]["last_mirrored"]["path"].startswith("memory://***@host/run/")
+    if importlib.util.find_spec("paramiko") is None:  # sftp's package missing: refused
+        assert open_dir_mirror("sftp://alice:hunter2@127.0.0.1:1/ckpt", tmp_path / "d", 2,
+                               None) is None
+        failed = events(caplog, "mirror_failed")[-1]
+        assert failed["target"] == "sftp://***@127.0.0.1:1/ckpt"
+        assert "sftp://***@127.0.0.1:1/ckpt" in failed["error"] and "s3" not in failed["error"]
+    assert "hunter2" not in status and not any("hunter2" in r.getMessage() for r in caplog.records)

@@ -16,9 +16,10 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 import pytest
 import torch
@@ -405,3 +406,233 @@ def test_ranks_restoring_into_one_shared_directory_at_once_all_get_the_same_chec
     assert reports == [[(COMMITTED, 20)]] * 4
     assert os.listdir(fresh) == ["checkpoint-20"] and _load_dir(fresh / "checkpoint-20") == 20
     assert tree(fresh / "checkpoint-20") == tree(mirror_dir / "checkpoint-20")
+
+
+# --------------------------------------------------------------------------------------------
+# A copy verified before is never deleted on a re-check that failed
+
+
+class FlakyReads(LocalTarget):
+    """Reads from the mirror numbered in ``fail`` (counted from 1) fail: a connection reset."""
+
+    fail: Set[int] = set()
+    reads = 0
+
+    def read_chunks(self, name: str) -> Any:
+        FlakyReads.reads += 1
+        if FlakyReads.reads in FlakyReads.fail:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read_chunks(name)
+
+
+def test_finish_does_not_send_the_verified_final_checkpoint_again_to_a_flaky_mirror(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """finish() with a checkpoint that verified on the mirror already reads nothing more there:
+    its copy stays committed, as trainer.json's last_mirrored says, though reads fail now."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from session_watchdog.integrations.accelerate import AcceleratorSession
+
+    FlakyReads.fail, FlakyReads.reads = set(), 0
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    mirror = DirMirror(FlakyReads(mirror_dir), allow_same_filesystem=not other_fs)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(4, 1))
+    session = AcceleratorSession(accelerator, local, run_dir=tmp_path / "run",
+                                 checkpoint_every=None, poll_interval=0.05, mirror=mirror)
+    session.resume()
+    session.step()
+    saved = session.checkpoint()
+    assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    reads = FlakyReads.reads
+    FlakyReads.fail = set(range(reads + 1, reads + 100))  # every read from now on fails
+    session.finish(saved)
+    assert mirror._thread is not None
+    mirror._thread.join(WAIT_S)
+    assert FlakyReads.reads == reads
+    assert marked(mirror_dir) == ["checkpoint-1"]
+    assert tree(mirror_dir / "checkpoint-1") == tree(local / "checkpoint-1")
+    assert mirrored_step(tmp_path / "run") == 1
+    del model
+
+
+@pytest.mark.parametrize("failed_read", [1, 2])  # the marker's, a file's
+def test_a_failed_read_back_of_a_commit_there_already_keeps_it_and_reports(
+        tmp_path: Path, shm: Path, other_fs: bool, failed_read: int) -> None:
+    """The same commit submitted again while one read from the mirror fails (the marker's or a
+    file's): its copy there stays committed, untouched (same inodes), the failure is reported
+    and the retry verifies it."""
+    FlakyReads.fail, FlakyReads.reads = set(), 0
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    mirror = DirMirror(FlakyReads(mirror_dir), allow_same_filesystem=not other_fs)
+    problems: List[str] = []
+    mirror.attach_dir(local, keep=2, on_change=lambda report: problems.append(
+        str(report.get("problem"))))
+    try:
+        saved = commit_dir(_save_dir(local, 5), step=5)
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+        inodes = {p: os.stat(p).st_ino for p in (mirror_dir / "checkpoint-5").rglob("*")}
+        FlakyReads.fail = {FlakyReads.reads + failed_read}
+        mirror.submit(saved)  # type: ignore[arg-type]
+        wait_for(lambda: "unreachable" in problems, "the failed read reported")
+        assert (mirror_dir / "checkpoint-5" / COMMIT_MARKER).exists()
+        wait_for(lambda: mirror.report()["state"] == "ok", "the retry")
+    finally:
+        mirror.close()
+    assert marked(mirror_dir) == ["checkpoint-5"]
+    assert {p: os.stat(p).st_ino for p in (mirror_dir / "checkpoint-5").rglob("*")} == inodes
+    assert tree(mirror_dir / "checkpoint-5") == tree(local / "checkpoint-5")
+
+
+def test_higher_numbered_directories_on_the_mirror_never_get_the_new_copies_pruned(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A mirror holding checkpoint-900 and -1000 of an earlier run: a new run's checkpoint-100,
+    -200, -300 (keep=2) each stay committed there after wait() reported them; the new run's own
+    prune keeps the newest two of its steps (100 goes) and leaves 900 and 1000 alone."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    for step in (900, 1000):
+        commit_dir(_save_dir(mirror_dir, step), step=step)
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        for step in (100, 200, 300):
+            saved = commit_dir(_save_dir(local, step), step=step)
+            mirror.submit(saved)  # type: ignore[arg-type]
+            assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+            assert f"checkpoint-{step}" in marked(mirror_dir)
+            assert tree(mirror_dir / f"checkpoint-{step}") == tree(local / f"checkpoint-{step}")
+    finally:
+        mirror.close()
+    assert marked(mirror_dir) == ["checkpoint-200", "checkpoint-300", "checkpoint-900",
+                                  "checkpoint-1000"]
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-1000", "checkpoint-200",
+                                              "checkpoint-300", "checkpoint-900"]
+
+
+class GatedWrites(LocalTarget):
+    """Writes wait for ``gate`` once ``closed`` (a copy held in the middle)."""
+
+    gate = threading.Event()
+    closed = False
+    waiting = threading.Event()
+
+    def write_chunk(self, fd: int, data: memoryview) -> int:
+        if GatedWrites.closed:
+            GatedWrites.waiting.set()
+            assert GatedWrites.gate.wait(WAIT_S)
+        return super().write_chunk(fd, data)
+
+
+def test_the_same_step_saved_again_is_waited_for_by_checksum_and_replaces_the_old_copy_last(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """checkpoint-8 committed again with other bytes (keep=1): while it copies, the first copy
+    stays committed there and wait() does not return; then wait() returns the new commit and
+    the mirror holds exactly its files."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    GatedWrites.gate.clear()
+    GatedWrites.waiting.clear()
+    GatedWrites.closed = False
+    mirror = DirMirror(GatedWrites(mirror_dir), keep=1, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        first = commit_dir(_save_dir(local, 8), step=8)
+        mirror.submit(first)  # type: ignore[arg-type]
+        assert mirror.wait(first, WAIT_S) is not None  # type: ignore[arg-type]
+        first_tree = tree(mirror_dir / "checkpoint-8")
+        GatedWrites.closed = True
+        shutil.rmtree(local / "checkpoint-8")
+        torch.save({"w": torch.full((300_000,), 9.0)}, _save_dir(local, 8) / "weights.pt")
+        second = commit_dir(local / "checkpoint-8", step=8)
+        assert second.sha256 != first.sha256
+        mirror.submit(second)  # type: ignore[arg-type]
+        assert GatedWrites.waiting.wait(WAIT_S)
+        assert mirror.wait(second, 0.5) is None  # type: ignore[arg-type]
+        assert marked(mirror_dir) == ["checkpoint-8"]
+        assert tree(mirror_dir / "checkpoint-8") == first_tree
+        GatedWrites.gate.set()
+        done = mirror.wait(second, WAIT_S)  # type: ignore[arg-type]
+        assert done is not None and done.sha256 == second.sha256
+        assert done.location == str(mirror_dir / "checkpoint-8" / COMMIT_MARKER)
+    finally:
+        GatedWrites.gate.set()
+        mirror.close()
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-8"]
+    assert tree(mirror_dir / "checkpoint-8") == tree(local / "checkpoint-8")
+    found = restore_dir(str(mirror_dir), tmp_path / "fresh")
+    assert found is not None and found.sha256 == second.sha256
+
+
+@pytest.mark.heavy
+def test_the_same_step_saved_again_replaces_its_objects_on_s3(
+        tmp_path: Path, s3: Any) -> None:  # noqa: F811
+    """On S3 (keep=1), checkpoint-8 committed again: wait() returns the new commit, the objects
+    are exactly its files and marker (no staging objects left) and a fresh directory gets it."""
+    import s3fs
+
+    _server, options, _stopped, url = s3
+    local = tmp_path / "ckpt"
+    mirror = DirMirror(url, storage_options=options, keep=1)
+    mirror.attach_dir(local, keep=2)
+    try:
+        first = commit_dir(_save_dir(local, 8), step=8)
+        mirror.submit(first)  # type: ignore[arg-type]
+        assert mirror.wait(first, WAIT_S) is not None  # type: ignore[arg-type]
+        (local / "checkpoint-8" / "sub" / "state.json").write_text('{"step": 8, "again": 1}')
+        second = commit_dir(local / "checkpoint-8", step=8)
+        mirror.submit(second)  # type: ignore[arg-type]
+        done = mirror.wait(second, WAIT_S)  # type: ignore[arg-type]
+        assert done is not None and done.sha256 == second.sha256
+    finally:
+        mirror.close()
+    fs = s3fs.S3FileSystem(**options)
+    root = url[len("s3://"):]
+    objects = {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+    assert objects == {f"checkpoint-8/{rel}": data
+                       for rel, data in tree(local / "checkpoint-8").items()}
+    found = restore_dir(DirMirror(url, storage_options=options), tmp_path / "fresh")
+    assert found is not None and found.sha256 == second.sha256
+
+
+def test_a_directory_of_700_files_with_a_marker_over_64_kib_is_restored_from_the_mirror(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A sharded state of 700 files (its marker ~78 KiB) verifies on the mirror and a fresh
+    directory is restored from it, byte for byte."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    directory = local / "checkpoint-7"
+    (directory / "shards").mkdir(parents=True)
+    for i in range(700):
+        (directory / "shards" / f"__{i}_0.distcp").write_bytes(b"%d" % i)
+    saved = commit_dir(directory, step=7)
+    assert saved.bytes > 64 * 1024
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    found = restore_dir(str(mirror_dir), tmp_path / "fresh")
+    assert found is not None and found.directory == tmp_path / "fresh" / "checkpoint-7"
+    assert found.sha256 == saved.sha256
+    assert tree(found.directory) == tree(directory)
+
+
+def test_a_staging_directory_a_killed_copy_left_is_swept_at_the_next_prune(
+        tmp_path: Path, shm: Path, other_fs: bool) -> None:
+    """A .staging-checkpoint-8 left on the mirror (a copy killed while it replaced
+    checkpoint-8) is gone once the next checkpoint verified; the committed ones stay."""
+    local, mirror_dir = tmp_path / "ckpt", shm / "m"
+    commit_dir(_save_dir(mirror_dir, 8), step=8)
+    shutil.copytree(mirror_dir / "checkpoint-8", mirror_dir / ".staging-checkpoint-8")
+    mirror = DirMirror(LocalTarget(mirror_dir), keep=2, allow_same_filesystem=not other_fs)
+    mirror.attach_dir(local, keep=2)
+    try:
+        saved = commit_dir(_save_dir(local, 9), step=9)
+        mirror.submit(saved)  # type: ignore[arg-type]
+        assert mirror.wait(saved, WAIT_S) is not None  # type: ignore[arg-type]
+    finally:
+        mirror.close()
+    assert sorted(os.listdir(mirror_dir)) == ["checkpoint-8", "checkpoint-9"]
+    assert marked(mirror_dir) == ["checkpoint-8", "checkpoint-9"]

@@ -8,7 +8,9 @@ marker itself, byte for byte, is written last (on an object store the marker obj
 commit). Everything else is the file mirror's: one copy at a time, skip to the newest, keep-last-K
 on the mirror (markers deleted first; the newest verified copy is never deleted before a newer one
 verified), failures as warnings with a retry, ``trainer.json``'s ``last_mirrored`` (the marker on
-the mirror: the daemon re-hashes it before ending the runtime).
+the mirror: the daemon re-hashes it before ending the runtime). A step saved again (another
+commit of ``checkpoint-N``) is copied and read back under ``.staging-checkpoint-N`` first and only
+then replaces the committed directory of that name.
 
 :func:`restore_dir` is the resume side: when the mirror's newest committed directory is newer than
 every committed one in the local directory, it is copied down into a temp directory, checked with
@@ -37,8 +39,16 @@ from session_watchdog.integrations._core import (
     newest_committed,
     verify_dir,
 )
-from session_watchdog.trainer.mirror import Mirror, MirrorError, Target, _Candidate, _File, _Unit
-from session_watchdog.trainer.mirror_targets import MISMATCH
+from session_watchdog.trainer.mirror import (
+    Mirror,
+    MirroredCheckpoint,
+    MirrorError,
+    Target,
+    _Candidate,
+    _File,
+    _Unit,
+)
+from session_watchdog.trainer.mirror_targets import MISMATCH, redact
 from session_watchdog.trainer.session import _event
 
 __all__ = ["CHECKPOINT_PATTERN", "DirMirror", "restore_dir"]
@@ -46,6 +56,7 @@ __all__ = ["CHECKPOINT_PATTERN", "DirMirror", "restore_dir"]
 CHECKPOINT_PATTERN = r"^checkpoint-(\d+)$"
 _MARKER_MAX_BYTES = 8 << 20
 _RESTORE_INFIX = ".restore-"
+_STAGE_PREFIX = ".staging-"  # on the mirror: never a checkpoint name (CHECKPOINT_PATTERN)
 
 
 @dataclass
@@ -66,12 +77,15 @@ class DirMirror(Mirror):
         pattern: the directories' names, the step in group 1 (``checkpoint-N``).
     """
 
+    _marker_max_bytes = _MARKER_MAX_BYTES  # commit_dir's markers list every file
+
     def __init__(self, target: Union[str, os.PathLike[str], Target], *,
                  keep: Optional[int] = None, storage_options: Optional[Mapping[str, Any]] = None,
                  allow_same_filesystem: bool = False, pattern: str = CHECKPOINT_PATTERN) -> None:
         super().__init__(target, keep=keep, storage_options=storage_options,
                          allow_same_filesystem=allow_same_filesystem)
         self._regex = re.compile(pattern)
+        self._staging: Optional[str] = None  # where _copy puts a directory that replaces one
 
     def attach_dir(self, directory: Union[str, os.PathLike[str]], keep: int,
                    on_change: Any = None) -> None:
@@ -111,6 +125,28 @@ class DirMirror(Mirror):
                 return False
         return True
 
+    def _copy(self, saved: Any, committed: float) -> MirroredCheckpoint:
+        """Another commit of this step, committed on the mirror (the step saved again), stays
+        there until the new one verified: the new one is copied and read back under a staging
+        name first, then takes its place (its marker written last, as always)."""
+        unit = self._unit(saved)
+        marker = unit.marker_name
+        if not self.target.exists(marker) \
+                or b"".join(self.target.read_chunks(marker)) == unit.marker_bytes:
+            return super()._copy(saved, committed)  # a failed read raises: retried, kept
+        self._staging = _STAGE_PREFIX + unit.name
+        try:
+            result = super()._copy(saved, committed)
+        finally:
+            self._staging = None
+        stage = _STAGE_PREFIX + unit.name
+        self.target.delete(self._marker_of(stage))
+        self.target.delete(marker)  # the other commit: uncommitted first, then gone
+        self.target.delete_tree(unit.name)
+        self.target.rename_tree(stage, unit.name)
+        self.target.write_marker(marker, unit.marker_bytes)
+        return result
+
     def _unit(self, saved: Any) -> _Unit:
         directory: Path = saved.directory
         name = directory.name
@@ -123,27 +159,42 @@ class DirMirror(Mirror):
         obj = _loads(raw)
         if not self._valid_marker(obj, name, int(saved.step)):
             raise MirrorError(MISMATCH, f"{marker_path} is not a valid commit marker")
-        files = [_File(f"{name}/{rel}", directory / rel, int(entry["bytes"]), str(entry["sha256"]))
+        where = self._staging or name  # copied under the staging name, reported under its own
+        files = [_File(f"{where}/{rel}", directory / rel, int(entry["bytes"]), str(entry["sha256"]))
                  for rel, entry in sorted(obj["files"].items())]
-        return _Unit(name, files, self._marker_of(name), raw, self._marker_of(name),
+        return _Unit(where, files, self._marker_of(where), raw, self._marker_of(name),
                      saved.sha256, int(saved.bytes))
+
+    def _checksum_of(self, saved: Any) -> str:
+        return str(saved.sha256)
 
     def _before_copy(self, unit: _Unit) -> bool:
         """This very commit already there (the same marker bytes): True, it is only read back.
         Else a directory of that name on the mirror goes first, its marker before its files:
-        what a copy cut short left, or another save of that step."""
+        what a copy cut short left (another save of that step is staged: ``_copy``)."""
+        if unit.name.startswith(_STAGE_PREFIX):  # what an earlier staging cut short left
+            self.target.delete_tree(unit.name)
+            return False
         if self.target.exists(unit.marker_name):
-            try:
-                if b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes:
-                    return True
-            except Exception:
-                pass
+            # A marker that cannot be read (a transient error) raises: that copy may be the
+            # only one, verified before; it is never deleted on a failed read.
+            if b"".join(self.target.read_chunks(unit.marker_name)) == unit.marker_bytes:
+                return True
             self.target.delete(unit.marker_name)
         self.target.delete_tree(unit.name)
         return False
 
     def _delete_unit(self, name: str) -> None:
         self.target.delete_tree(name)
+
+    def _prune(self, newest_seq: int) -> None:
+        super()._prune(newest_seq)
+        try:  # staging directories a killed copy left (never the one being staged now)
+            for name in self.target.names():
+                if name.startswith(_STAGE_PREFIX) and name != self._staging:
+                    self.target.delete_tree(name)
+        except Exception as err:  # retried at the next prune
+            _event(logging.WARNING, "mirror_prune_failed", target=self.location, error=str(err))
 
     # ---- resume ---------------------------------------------------------------------------
 
@@ -269,7 +320,7 @@ def _as_dir_mirror(mirror: Union[str, os.PathLike[str], Mirror],
                              allow_same_filesystem=mirror.allow_same_filesystem)
         return DirMirror(mirror, pattern=pattern)
     except MirrorError as err:
-        _event(logging.WARNING, "mirror_failed", target=where, problem=err.problem,
+        _event(logging.WARNING, "mirror_failed", target=redact(where), problem=err.problem,
                error=str(err), training="continues")
         return None
 

@@ -83,8 +83,7 @@ class AcceleratorSession(FrameworkSession):
 
     def resume(self, map_location: Any = "cpu") -> Start:
         """Load the newest committed directory with ``accelerator.load_state``, or start fresh."""
-        # With mirror=: a newer committed directory there comes down first (a new runtime).
-        found = restore_dir(self._mirror, self.checkpoint_dir, CHECKPOINT_PATTERN)
+        found = self._choose()
         if found is None:
             self.begin(self._step)
             _event(logging.INFO, "fresh_start", checkpoint_dir=str(self.checkpoint_dir))
@@ -104,6 +103,35 @@ class AcceleratorSession(FrameworkSession):
         _event(logging.INFO, "resumed", path=str(found.directory), epoch=start.epoch,
                step=start.step, batch=start.batch)
         return start
+
+    def _choose(self) -> Optional[CommittedDir]:
+        """The committed directory every rank loads. With mirror=: a newer committed directory
+        there comes down first (a new runtime). Under torch.distributed rank 0 (the only one
+        with the mirror) chooses, the others take that one from the directory they share:
+        ranks never resume different steps."""
+        agreement = self._dist
+        if agreement is None:
+            return restore_dir(self._mirror, self.checkpoint_dir, CHECKPOINT_PATTERN)
+        chosen: Optional[CommittedDir] = None
+        outcome: Any = None
+        if agreement.rank == 0:
+            try:
+                chosen = restore_dir(self._mirror, self.checkpoint_dir, CHECKPOINT_PATTERN)
+                outcome = ("ok", None if chosen is None else chosen.directory.name)
+            except Exception as err:  # every rank must hear of it
+                outcome = ("error", f"{type(err).__name__}: {err}")
+        outcome = agreement.broadcast(outcome)
+        if outcome[0] == "error":
+            raise OSError(f"rank 0 could not choose a checkpoint to resume from: {outcome[1]}")
+        name = outcome[1]
+        if name is None:
+            return None
+        found = chosen if agreement.rank == 0 else verify_dir(self.checkpoint_dir / name)
+        if not agreement.all_ok(found is not None):
+            raise OSError(f"a rank could not read the committed {self.checkpoint_dir / name} "
+                          "rank 0 resumes from; every rank must see the checkpoint directory "
+                          "(a filesystem all ranks share)")
+        return found
 
     def checkpoint(self, reason: str = "manual") -> CommittedDir:  # type: ignore[override]
         """Save a committed checkpoint now (every process calls it)."""

@@ -46,6 +46,7 @@ from session_watchdog.channel import fsync_dir, open_exclusive, temp_path_for
 from session_watchdog.trainer.mirror_targets import (
     ERROR,
     HINTS,
+    MAX_MARKER_BYTES,
     MISMATCH,
     SAME_FILESYSTEM,
     FsspecTarget,
@@ -54,6 +55,7 @@ from session_watchdog.trainer.mirror_targets import (
     Target,
     classify,
     make_target,
+    redact,
 )
 
 if TYPE_CHECKING:
@@ -162,6 +164,8 @@ class Mirror:
             filesystem (it is no second copy).
     """
 
+    _marker_max_bytes = MAX_MARKER_BYTES  # what the markers' writer allows
+
     def __init__(
         self,
         target: Union[str, os.PathLike[str], Target],
@@ -180,6 +184,7 @@ class Mirror:
         self._cond = threading.Condition()
         self._next: Optional[Tuple[SavedCheckpoint, float]] = None  # (checkpoint, committed mono)
         self._busy: Optional[int] = None  # step being copied
+        self._busy_key: Optional[Tuple[int, str]] = None  # and its _key
         self._last: Optional[MirroredCheckpoint] = None
         self._reported: Optional[MirroredCheckpoint] = None  # _last, once in trainer.json
         self._problem: Optional[str] = None
@@ -265,14 +270,32 @@ class Mirror:
         if seq > self._top_seq and (last is None or last.seq < seq):
             self.submit(saved)
 
+    def has(self, saved: SavedCheckpoint) -> bool:
+        """Whether this very commit of ``saved`` is queued, being copied or verified on the mirror
+        already (in this process): submitting it again would only re-read it, maybe after
+        ``close()`` with no retry left."""
+        with self._cond:
+            key = self._key(saved)
+            last = self._reported
+            queued = self._next is not None and self._key(self._next[0]) == key
+            return queued or self._busy_key == key or \
+                (last is not None and (last.seq, last.checksum) == key)
+
+    def _key(self, saved: SavedCheckpoint) -> Tuple[int, str]:
+        """What tells one commit from another: its sequence number and checksum."""
+        return self._seq_of(saved), checksum.normalize(self._checksum_of(saved))
+
     def wait(self, saved: SavedCheckpoint, timeout: float) -> Optional[MirroredCheckpoint]:
-        """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror."""
-        seq = self._seq_of(saved)
+        """Wait up to ``timeout`` s until ``saved`` (or a newer one) verified on the mirror.
+
+        Another commit of the same step (saved again) is not ``saved``: told by its checksum."""
+        seq, recorded = self._key(saved)
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
             while True:
                 last = self._reported
-                if last is not None and last.seq >= seq:
+                if last is not None and (last.seq > seq or
+                                         (last.seq == seq and last.checksum == recorded)):
                     return last
                 left = deadline - time.monotonic()
                 if left <= 0 or self._refused or self._thread is None:
@@ -411,12 +434,14 @@ class Mirror:
                 self._next = None
                 self._retrying = False
                 self._busy = saved.step
+                self._busy_key = self._key(saved)
             self._report()
             try:
                 result = self._copy(saved, committed)
             except Exception as err:
                 with self._cond:
                     self._busy = None
+                    self._busy_key = None
                     if self._next is None and not self._closing:
                         self._next = (saved, committed)  # retry it unless a newer one came
                         self._retrying = True
@@ -427,6 +452,7 @@ class Mirror:
                 continue
             with self._cond:
                 self._busy = None
+                self._busy_key = None
                 self._last = result
                 recovered = self._problem
                 self._problem = self._error = None
@@ -483,8 +509,11 @@ class Mirror:
                                       f"that do not match {unit.name}'s marker: {HINTS[MISMATCH]}")
             if not present:
                 target.write_marker(unit.marker_name, unit.marker_bytes)
-        except BaseException:
-            if present:  # that commit is there but does not verify: uncommit it, copy again
+        except BaseException as err:
+            damaged = isinstance(err, MirrorError) and err.problem == MISMATCH
+            if present and damaged:  # that commit is there, read back whole, and differs:
+                # uncommit it, copy again. A read that failed (a transient error) proves
+                # nothing: the copy, verified before, stays committed and the error is reported.
                 try:
                     target.delete(unit.marker_name)
                 except Exception:
@@ -526,6 +555,10 @@ class Mirror:
         return _Unit(name, [_File(name, saved.path, int(marker["bytes"]), recorded)],
                      name + MARKER_SUFFIX, data, name, saved.checksum, saved.bytes)
 
+    def _checksum_of(self, saved: SavedCheckpoint) -> str:
+        """The checksum ``saved``'s unit is reported with (``_Unit.checksum``)."""
+        return saved.checksum
+
     def _before_copy(self, unit: _Unit) -> bool:
         """Make room on the target for ``unit``; True: that very commit is there already (then
         it is only read back). A file is replaced by its rename: nothing to do."""
@@ -564,7 +597,8 @@ class Mirror:
             parsed = self._parse(name)
             assert parsed is not None
             try:
-                obj = json.loads(self.target.read_small(self._marker_of(name)))
+                obj = json.loads(self.target.read_small(self._marker_of(name),
+                                                        self._marker_max_bytes))
             except (ValueError, OSError, MirrorError, channel.ChannelError):
                 continue  # unreadable, not ours, or not JSON: never a resume candidate
             if not isinstance(obj, dict) or obj.get("v") != channel.SCHEMA_VERSION:
@@ -575,12 +609,17 @@ class Mirror:
         return found
 
     def _prune(self, newest_seq: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints; remove older ones and litter."""
+        """Keep the newest ``keep`` committed checkpoints up to ``newest_seq`` (the one just
+        made); remove older ones and litter; never touch those numbered above it."""
         assert self._manager is not None and self.keep is not None
         try:
             names = set(self.target.names())
             marked = self._marked(names)
-            committed = sorted((self._parse(n) or (0, 0))[0] for n in marked)
+            # As the local rule (checkpoint_dir._prune): copies numbered above the one just made
+            # (a rollback, another run's in a used mirror path) are not ours to judge, and never
+            # count against ``keep``: they would get the copy just made deleted.
+            committed = sorted(seq for seq in ((self._parse(n) or (0, 0))[0] for n in marked)
+                               if seq <= newest_seq)
             keep_from = committed[-self.keep] if len(committed) >= self.keep else 0
             doomed = []
             for name in names:
@@ -662,7 +701,7 @@ def open_mirror(
         try:
             mirror = Mirror(where)
         except MirrorError as err:
-            _event(logging.WARNING, "mirror_failed", target=where,
+            _event(logging.WARNING, "mirror_failed", target=redact(where),
                    problem=err.problem, error=str(err), training="continues")
             return None
     mirror.attach(manager, on_change)

@@ -25,6 +25,7 @@ __all__ = [
     "Target",
     "classify",
     "make_target",
+    "redact",
 ]
 
 CHUNK = 8 << 20
@@ -121,7 +122,8 @@ class Target:
     def read_chunks(self, name: str) -> Iterator[bytes]:
         raise NotImplementedError
 
-    def read_small(self, name: str) -> bytes:
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
+        """A marker's bytes; larger than ``max_bytes``: an error (hostile, never a marker)."""
         raise NotImplementedError
 
     def write_marker(self, name: str, data: bytes) -> None:
@@ -135,6 +137,10 @@ class Target:
 
     def delete_tree(self, name: str) -> None:
         """Remove the directory (prefix) ``name`` and everything under it."""
+        raise NotImplementedError
+
+    def rename_tree(self, name: str, new: str) -> None:
+        """Move the directory (prefix) ``name`` and everything under it to ``new`` (absent)."""
         raise NotImplementedError
 
     def sweep(self) -> None:
@@ -277,8 +283,8 @@ class LocalTarget(Target):
                     return
                 yield block
 
-    def read_small(self, name: str) -> bytes:
-        obj = channel.read_json(self.path / name)
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
+        obj = channel.read_json(self.path / name, max_bytes)
         if obj is None:
             raise FileNotFoundError(errno.ENOENT, "no such marker", str(self.path / name))
         return json.dumps(obj).encode()
@@ -298,6 +304,10 @@ class LocalTarget(Target):
         except FileNotFoundError:
             pass
 
+    def rename_tree(self, name: str, new: str) -> None:
+        os.rename(self.path / name, self.path / new)
+        _fsync_dir_if_supported(self.path)
+
     def sweep(self) -> None:
         channel.sweep_temps(self.path)
 
@@ -311,20 +321,22 @@ class FsspecTarget(Target):
     """
 
     def __init__(self, url: str, storage_options: Optional[Mapping[str, Any]] = None) -> None:
+        shown = redact(url)  # what logs, trainer.json and notifications show: no password
         try:
             import fsspec
         except ImportError as err:
-            raise MirrorError(ERROR, f"mirror {url} needs fsspec and the filesystem's package: "
+            raise MirrorError(ERROR, f"mirror {shown} needs fsspec and the filesystem's package: "
                               "pip install 'session-watchdog[mirror]' (s3fs for s3://: "
                               "'session-watchdog[s3]')") from err
         try:
             fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except ImportError as err:
-            raise MirrorError(ERROR, f"mirror {url}: {err} (s3:// needs "
-                              "pip install 'session-watchdog[s3]')") from err
+            hint = ("pip install 'session-watchdog[s3]'" if url.startswith("s3://")
+                    else "install the package named here")
+            raise MirrorError(ERROR, f"mirror {shown}: {err} ({hint})") from err
         self.fs = fs
         self.root = root.rstrip("/")
-        self.location = url.rstrip("/")
+        self.location = shown.rstrip("/")
 
     def prepare(self, local_dir: Path, *, allow_same_filesystem: bool) -> None:
         try:
@@ -366,9 +378,9 @@ class FsspecTarget(Target):
                     return
                 yield block
 
-    def read_small(self, name: str) -> bytes:
+    def read_small(self, name: str, max_bytes: int = MAX_MARKER_BYTES) -> bytes:
         data: bytes = self.fs.cat_file(self._key(name))
-        if len(data) > MAX_MARKER_BYTES:
+        if len(data) > max_bytes:
             raise MirrorError(MISMATCH, f"{self.join(name)} is too large for a marker")
         return data
 
@@ -390,6 +402,13 @@ class FsspecTarget(Target):
             self.fs.rm(self._key(name), recursive=True)
         except FileNotFoundError:
             pass
+
+    def rename_tree(self, name: str, new: str) -> None:
+        source, dest = self._key(name), self._key(new)
+        self.fs.invalidate_cache(self.root)  # listings are cached: deletes just made
+        for path in self.fs.find(source):  # server-side copies, then the source goes
+            self.fs.copy(path, dest + str(path)[len(source.rstrip("/")):])
+        self.delete_tree(name)
 
 
 def _fsync_if_supported(fd: int) -> None:
@@ -413,6 +432,18 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def redact(location: str) -> str:
+    """``location`` as shown anywhere (log, trainer.json, notifier): a URL's user and password
+    (``sftp://user:password@host/...``) replaced by ``***``."""
+    scheme, sep, rest = location.partition("://")
+    if not sep:
+        return location
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return location
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def make_target(target: Union[str, os.PathLike[str], Target],

@@ -256,7 +256,8 @@ class _SavingMixin(_StatusMixin):
             if state is not None:
                 self._state = state
         self._write_status()
-        if self._mirror is not None and self._mirror.accepts(saved):
+        if self._mirror is not None and self._mirror.accepts(saved) \
+                and not self._mirror.has(saved):  # finish() records the final one again
             self._mirror.submit(saved)
 
     def _open_mirror(self, mirror: Union[str, os.PathLike[str], Mirror]) -> Optional[Mirror]:
