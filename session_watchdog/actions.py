@@ -337,8 +337,10 @@ class EndTransaction:
             self.cancelled.set()
             return not self.acted
 
-    def _point_of_no_return(self) -> bool:
-        """Mark the end action as started, unless a cancel came first (False then)."""
+    def _point_of_no_return(self, since: float) -> bool:
+        """Mark the end action as started, unless a cancel came first (False then): this
+        process's, or a ``session-watchdog cancel`` (cancel.json) written since ``since``."""
+        self._cancel_requested(since)  # the file, read just before: it cancels through cancel()
         with self._cancel_lock:
             self.acted = not self.cancelled.is_set()
             return self.acted
@@ -502,7 +504,7 @@ class EndTransaction:
             problem = self.safe_now() if self.safe_now is not None else None
             if problem is not None:
                 raise EndAborted(f"{problem}; Drive was flushed and unmounted: {again}")
-        if not self._point_of_no_return():  # a cancel that came during the last check
+        if not self._point_of_no_return(started_wall):  # a cancel during the last check
             return self._cancelled() if settled == "not-on-drive" else self._cancelled(
                 " after Drive was flushed and unmounted; the runtime stays: mount Drive again "
                 "(drive.mount) before saving to it")

@@ -413,6 +413,22 @@ class TestTransaction:
                             grace_s=5.0, sleep=lambda s: answers.append(early.cancel("the user")))
         assert early.run() == "cancelled" and answers == [False, True] and len(rec.calls) == 1
 
+    def test_a_cli_cancel_during_the_check_after_the_drive_flush_stops_the_end(self, tmp_path):
+        """A `session-watchdog cancel` (cancel.json) written while the last check after the
+        Drive flush runs keeps the runtime: the end action never runs."""
+        rec, looks = Recorder(), []
+
+        def safe_now():
+            looks.append(1)
+            if len(looks) == 2:  # the look after the final Drive flush
+                request_cancel(tx.run_dir)
+            return None
+        tx = transaction(tmp_path, ckpt=write_checkpoint(tmp_path / "ckpt"), action=rec,
+                         safe_now=safe_now, extra_paths=["/content/drive/MyDrive/out"],
+                         flush=lambda paths, unmount=True: "flushed" if unmount else "stable")
+        assert tx.run() == "cancelled"
+        assert len(looks) == 2 and rec.calls == [] and not tx.acted
+
     def test_save_starting_during_grace_waits_and_stays_whole(self, tmp_path):
         """A save that starts during the grace period waits for save.lock; it is written whole after."""
         order: List[str] = []
