@@ -700,9 +700,11 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
         t.update(failed=True)
     if outcome == "failed":
         ending = config.end_when_done and config.end_on_failure
-        if ending and ("end" in t.state.done or END_CANCELLED in t.state.done):
-            return  # decided already (or cancelled by the user): nothing more to say
-        if ending and trainer.alive:
+        if ending and "end" in t.state.done:
+            return  # decided already: nothing more to say
+        if ending and END_CANCELLED in t.state.done:
+            pass  # this run's end was cancelled (remote cancel): the idle end below is left
+        elif ending and trainer.alive:
             t.warn_once("training_failed", TRAINING_FAILED,
                         "training failed: the runtime is ended (end_on_failure) once the trainer "
                         "has exited", child_exit=sample.child_exit, **_traceback(sample))
@@ -723,7 +725,8 @@ def _end_rules(config: Config, t: _Tick, sample: Sample, all_idle: Optional[bool
                         "training failed: the runtime is left running"
                         + ("" if not config.end_when_done else " (set end_on_failure to end it anyway)"),
                         child_exit=sample.child_exit, **_traceback(sample))
-        return
+        if not (ending and END_CANCELLED in t.state.done):
+            return
     if outcome == "stopped" and status is not None:
         # Said once, so that a planned stop never reads as a failure; the rules below still
         # apply (a forgotten runtime is ended after idle_end_after as before).

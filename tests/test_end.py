@@ -1087,17 +1087,20 @@ class TestEndReviewRegressions:
             again.stop()
 
     def _cancelled_completion_end(self, tmp_path, clock: FakeClock, rec: Recorder, *,
-                                  keep: bool) -> Watchdog:
-        """A watchdog whose training-complete end was cancelled in its grace period: by the
-        remote `cancel` (cancel_end), or kept by `session-watchdog cancel` (keep)."""
+                                  keep: bool, outcome: str = "completed") -> Watchdog:
+        """A watchdog whose training-complete end (``outcome="failed"``: its end_on_failure end)
+        was cancelled in its grace period: by the remote `cancel` (cancel_end), or kept by
+        `session-watchdog cancel` (keep)."""
         ckpt = write_checkpoint(tmp_path / "ckpt")
         training = sample(alive=True, gpus=[gpu(0, 90.0)], trainer_status=done_status(ckpt, "running"))
-        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt))
+        done = sample(alive=False, gpus=[gpu(0, 0.0)], trainer_status=done_status(ckpt, outcome))
         dog = idle_colab_watchdog(tmp_path, ScriptedProbe([training, done]), clock, rec, grace="10m")
+        dog.config = dataclasses.replace(dog.config, end_on_failure=True)
         dog.acquire()
         dog.tick()  # this session's trainer (its trainer.json is never taken for an earlier run's)
         dog.tick()
-        assert [d.reason for d in dog.last_decisions if d.kind == "end"] == ["training_complete"]
+        assert [d.reason for d in dog.last_decisions if d.kind == "end"] == [
+            "training_complete" if outcome == "completed" else "training_failed"]
         if keep:  # what `session-watchdog cancel` writes, at this test's (fake) wall time
             channel.write_json(dog.run_dir.file(channel.CANCEL_FILE), {"v": 1, "at": clock.wall()})
         else:
@@ -1114,6 +1117,18 @@ class TestEndReviewRegressions:
         try:
             assert tick_minutes(dog, clock, range(0, 11)) == [10] and dog.end.reason == "idle_end"
             assert dog.wait_end(120) == "ended" and len(rec.calls) == 2  # the action and its retry
+        finally:
+            dog.stop()
+
+    def test_after_a_remote_cancel_of_a_failed_runs_end_a_forgotten_runtime_is_still_ended(
+            self, tmp_path):
+        """With end_on_failure, the remote `cancel` of a failed run's end cancels that end only,
+        as after a completed run: the runtime left unused is released by the idle end."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=False, outcome="failed")
+        try:
+            assert tick_minutes(dog, clock, range(0, 11)) == [10] and dog.end.reason == "idle_end"
+            assert dog.wait_end(120) == "ended"
         finally:
             dog.stop()
 
