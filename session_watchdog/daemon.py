@@ -37,6 +37,7 @@ from session_watchdog.policy import (
     decide,
     end_blocker,
     remaining_s,
+    trainer_change,
 )
 from session_watchdog.preemption import PreemptionWatch, build_pollers
 from session_watchdog.probes import Sample, SystemProbe, Times, gpus_all_idle, process_create_time
@@ -164,6 +165,10 @@ class Watchdog:
         self._end_lock = threading.Lock()  # self.end and self._end_thread change together
         self._kept_by: Optional[str] = None  # keep this runtime: a stop signal (or cancel) said so
         self._keep_logged = False
+        # A `session-watchdog cancel` (cancel.json) at or after this wall time keeps the runtime:
+        # the daemon's start, then the start of each new run (a keep is for the run it was
+        # given in: README, "a new run or trainer undoes it")
+        self._keep_since = self.started_wall
         self._end_retry: Optional[EndRetry] = None  # an aborted end waits for this (issue 18)
         self.budget_extension_s = 0.0  # remote `extend` (issue 15), kept in the state file
         # (path, checksum) of checkpoint files an end transaction verified, flushed to Drive and
@@ -204,6 +209,17 @@ class Watchdog:
         self.state = dataclasses.replace(
             self.state, failed=False, done=frozenset(self.state.done - TRAINER_SCOPED),
             child_since=None)
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """A new trainer or command: a keep given during an earlier run no longer holds."""
+        if self._kept_by is not None or self.kept_by() is not None:
+            log.info("keep_undone", by=self.kept_by(),
+                     message="a new run: its end of the runtime is decided afresh (the earlier "
+                             "run's keep no longer applies)")
+        self._kept_by = None
+        self._keep_logged = False
+        self._keep_since = self.clock.wall()
 
     def _load_state(self) -> PolicyState:
         path = self.run_dir.file(channel.STATE_FILE)
@@ -299,6 +315,8 @@ class Watchdog:
                     sample, notice_deadline=notice.deadline if notice.deadline is not None else sample.now,
                     notice_source=notice.source)
             self._maybe_rearm_end(sample)
+            if trainer_change(self.state, sample) == "new":
+                self._new_run()
             state, decisions = decide(self.config, self.state, sample)
             log.info("sample", **sample_event(sample, remaining_s(self.config, sample),
                                               self.config.max_session))
@@ -388,7 +406,7 @@ class Watchdog:
             run_dir=self.run_dir, reason=decision.reason, status=sample.trainer.status,
             grace_s=self.config.grace or 0.0, dry_run=self.config.dry_run, end_action=self.end_action,
             check_checkpoint=not idle_path, safe_now=safe_now, confirm_after_s=self.confirm_after_s,
-            cancel_since=self.started_wall, drive_flushed=self._drive_flushed)
+            cancel_since=self._keep_since, drive_flushed=self._drive_flushed)
 
         def run() -> None:
             outcome = transaction.run()
@@ -499,7 +517,7 @@ class Watchdog:
         """Who asked to keep this runtime (a signal, or `session-watchdog cancel` since we started)."""
         if self._kept_by is not None:
             return self._kept_by
-        return "session-watchdog cancel" if cancel_requested(self.run_dir, self.started_wall) else None
+        return "session-watchdog cancel" if cancel_requested(self.run_dir, self._keep_since) else None
 
     def end_running(self) -> bool:
         return self._end_thread is not None and self._end_thread.is_alive()

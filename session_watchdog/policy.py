@@ -183,6 +183,22 @@ def trainer_identity(status: TrainerStatus) -> float:
     return _positive(status.extra.get("session_started")) or status.start_time
 
 
+def trainer_change(state: PolicyState, sample: Sample) -> Optional[str]:
+    """Whether the sample's live trainer is another than the state's: ``"new"`` (a new run:
+    :func:`decide` judges it afresh), ``"known"`` (the first trainer the state learns, or one it
+    knew by pid only), or None (the same trainer, or none alive)."""
+    status = sample.trainer.status
+    if status is None or not sample.trainer.alive:
+        return None
+    started = trainer_identity(status)
+    if status.pid == state.trainer_pid and started == state.trainer_started:
+        return None
+    if state.trainer_pid is None or (status.pid == state.trainer_pid
+                                     and state.trainer_started is None):
+        return "known"
+    return "new"
+
+
 def acknowledges(status: TrainerStatus, out: Outstanding) -> bool:
     """Whether the trainer's status acknowledges the outstanding request.
 
@@ -303,11 +319,11 @@ def decide(config: Config, state: PolicyState, sample: Sample) -> Tuple[PolicySt
     # A new trainer - a new process, or a new Session in the same notebook kernel - is a new
     # audience: one-shot requests apply to it again (the session warnings were for the user,
     # not the trainer, and stay said), and an earlier run's failure is not its own.
-    started = trainer_identity(status) if status is not None else None
-    if status is not None and trainer.alive and (
-            status.pid != t.state.trainer_pid or started != t.state.trainer_started):
-        if t.state.trainer_pid is None or (status.pid == t.state.trainer_pid
-                                           and t.state.trainer_started is None):
+    change = trainer_change(state, sample)
+    if change is not None:
+        assert status is not None  # trainer_change says None without one
+        started = trainer_identity(status)
+        if change == "known":
             # The first trainer we know (or know by pid only: a state saved before
             # trainer_started was kept): the requests so far were addressed to it (it held
             # run.lock before its first trainer.json), so keep them.

@@ -1147,6 +1147,29 @@ class TestEndReviewRegressions:
         finally:
             again.stop()
 
+    @pytest.mark.parametrize("how", ["cancel.json", "keep_runtime"])
+    def test_a_keep_is_undone_by_a_new_trainer_whose_completion_ends_the_runtime(self, tmp_path, how):
+        """A keep (`session-watchdog cancel`, or the notebook's cancel() / the remote keep) holds
+        for the run it was given in: a new trainer that then completes ends the runtime."""
+        clock, rec = FakeClock(NOW), Recorder()
+        dog = self._cancelled_completion_end(tmp_path, clock, rec, keep=how == "cancel.json")
+        if how == "keep_runtime":
+            dog.keep_runtime("remote keep")
+        clock.advance(60.0)
+        ckpt = write_checkpoint(tmp_path / "ckpt2")
+        second = dataclasses.replace(done_status(ckpt, "running"), pid=5555, start_time=NOW + 30)
+        running = sample(alive=True, gpus=[gpu(0, 90.0)], trainer_status=second)
+        completed = sample(alive=False, gpus=[gpu(0, 0.0)],
+                           trainer_status=dataclasses.replace(second, state="completed"))
+        dog.probe.script, dog.probe.calls = [running, completed], 0
+        try:
+            assert dog.kept_by() is not None
+            assert tick_minutes(dog, clock, range(0, 3)) == [1]
+            assert dog.kept_by() is None and dog.end.reason == "training_complete"
+            assert dog.wait_end(120) == "ended" and len(rec.calls) == 2
+        finally:
+            dog.stop()
+
     def test_a_runtime_kept_in_the_grace_is_never_ended_by_the_idle_end(self, tmp_path):
         """`session-watchdog cancel` (or the notebook's cancel()) in the grace keeps the runtime:
         no idle end comes later, however long every GPU idles."""
