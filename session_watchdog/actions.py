@@ -296,7 +296,8 @@ class EndTransaction:
                  flush: Callable[..., str] = flush_drive,
                  confirm_after_s: float = 60.0, alive: Callable[[], bool] = lambda: True,
                  cancel_since: Optional[float] = None,
-                 drive_flushed: Collection[Tuple[str, str]] = ()) -> None:
+                 drive_flushed: Collection[Tuple[str, str]] = (),
+                 drive_mounted: Callable[[], bool] = lambda: os.path.ismount(DRIVE_ROOT)) -> None:
         self.run_dir = run_dir
         self.reason = reason
         self.status = status
@@ -319,6 +320,7 @@ class EndTransaction:
         # (path, checksum) of checkpoint files that an earlier try verified, flushed to Drive
         # and unmounted (see _flushed_earlier); this try adds its own to ``flushed``.
         self.drive_flushed = frozenset(drive_flushed)
+        self.drive_mounted = drive_mounted
         self.flushed: Set[Tuple[str, str]] = set()
         self._verified: List[Tuple[str, str]] = []  # (path, checksum) verified by this try
         self.outcome: Optional[str] = None
@@ -366,9 +368,11 @@ class EndTransaction:
         counts as verified: reading it again would need ``drive.mount()``, which asks the user to
         authorise in the notebook's browser tab and cannot be done from the watchdog. Without
         this, every later try failed on our own unmount and the runtime was never released. A
-        file that is there again (Drive mounted again) is verified as usual.
+        file that is there again, or missing while Drive is mounted again (deleted or moved
+        since), is verified as usual.
         """
-        return (path, checksum) in self.drive_flushed and not os.path.lexists(path)
+        return ((path, checksum) in self.drive_flushed and not os.path.lexists(path)
+                and not self.drive_mounted())
 
     def _cancel_requested(self, since: float) -> bool:
         if self.cancelled.is_set():

@@ -959,6 +959,12 @@ class TestEndReviewRegressions:
         with structlog.testing.capture_logs() as events:
             assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush).run() == "aborted"
         assert "cannot be read" in events[-1]["message"] and len(rec.calls) == 1
+        # Drive mounted again and the file gone from it (deleted, moved): not trusted any more
+        with structlog.testing.capture_logs() as events:
+            assert transaction(tmp_path, ckpt=ckpt, action=rec, flush=flush,
+                               drive_flushed=first.flushed,
+                               drive_mounted=lambda: True).run() == "aborted"
+        assert "cannot be read" in events[-1]["message"] and len(rec.calls) == 1
 
     def test_the_flushed_checkpoints_are_kept_in_the_state_file(self, tmp_path):
         """A restarted watchdog of the session still knows which files it flushed and unmounted."""
