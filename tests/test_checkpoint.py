@@ -534,8 +534,8 @@ class TestSaveAsync:
         later.join(120)
         assert not later.is_alive(), "a save after the interrupted start is blocked"
         assert [s.step for s in saved] == [3, 4]
-        for value, checkpoint in ((3, saved[0]), (4, saved[1])):
-            assert torch.equal(manager.load(checkpoint)["w"], stamped(value)["w"])
+        for value, done in ((3, saved[0]), (4, saved[1])):
+            assert torch.equal(manager.load(done)["w"], stamped(value)["w"])
         steps = [c.step for c in manager.list()]
         assert steps == ([2, 3, 4] if thread_ran else [3, 4])
 
