@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.log import get_logger
@@ -54,6 +55,59 @@ def persist_after_death(run_dir: channel.RunDir) -> Optional[int]:
             return None
         return persist_ranks(Path(info["ranks_dir"]), ranks, world_size)
     return persist_newest(Path(info["dir"]))
+
+
+class PersistOnExit:
+    """``run`` without ``--restarts``: the command's exit code as the daemon sees it, reported
+    only once a failed command's snapshot is persisted.
+
+    The exit is what lets the daemon end the runtime (``--end-on-failure``); a real end kills
+    this process and empties /dev/shm, so the snapshot must be a checkpoint before the end can
+    start, not after the daemon's loop (the supervisor of ``--restarts`` does the same). Like it,
+    it waits (at most ``linger_s``) for run.lock to be free: forked DataLoader workers share the
+    trainer's lock for a moment after it died.
+    """
+
+    def __init__(self, run_dir: channel.RunDir, exit_status: Callable[[], Optional[int]], *,
+                 linger_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.run_dir = run_dir
+        self._exit_status = exit_status
+        self._linger_s = linger_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()  # the tick and the end's fresh sample both ask
+        self._code: Optional[int] = None
+        self._seen: Optional[float] = None  # monotonic: the exit was first seen
+
+    def __call__(self) -> Optional[int]:
+        """The exit code once the command ended and its snapshot (if any) is persisted."""
+        with self._lock:
+            if self._code is not None:
+                return self._code
+            code = self._exit_status()
+            if code is None:
+                return None
+            if code not in (0, 75):  # 0: completed, 75: stopped after a durable checkpoint
+                now = self._monotonic()
+                if self._seen is None:
+                    self._seen = now
+                try:
+                    alive = self.run_dir.trainer_alive()
+                except (channel.ChannelError, OSError):
+                    alive = False
+                if alive and now - self._seen < self._linger_s:
+                    return None
+                persist_after_death(self.run_dir)
+            self._code = code
+            return code
+
+    def wait(self) -> int:
+        """The exit code of a command that has ended, once its snapshot is persisted."""
+        while True:
+            code = self()
+            if code is not None:
+                return code
+            time.sleep(0.1)
 
 
 class AfterDeath:
