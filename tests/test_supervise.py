@@ -375,3 +375,70 @@ class TestBadInput:
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0] and expect in lines[0], proc.stderr
+
+
+# ---- the final exit under --restarts: real child processes -----------------------------------
+
+IGNORES_SIGTERM = ("import signal, time\n"
+                   "signal.signal(signal.SIGTERM, lambda s, f: None)  # a save slower than kill_after\n"
+                   "time.sleep(600)\n")
+
+
+def real_supervisor(tmp_path: Path, source: str, **config):
+    """A Supervisor over ``python -c source`` (wrap.Child), persisting into a recording list."""
+    from session_watchdog import wrap
+
+    persisted: List[str] = []
+    base = dict(platform="generic", restarts=3, restart_backoff=1.0, kill_after=1.0)
+    base.update(config)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sup = Supervisor([sys.executable, "-c", source], run_dir, Config(**base), start=wrap.Child,
+                     persist_snapshot=lambda: persisted.append("persist") or 20)
+    return sup, persisted
+
+
+def finish_supervised(sup: Supervisor, deadline_s: float = 120.0) -> Optional[int]:
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            code = sup.exit_status()
+            if code is not None:
+                return code
+            time.sleep(0.1)
+        return None
+    finally:
+        try:
+            os.killpg(sup.child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        sup.child.proc.wait(timeout=30)
+
+
+class TestFinalExit:
+    def test_a_user_stop_killed_after_kill_after_persists_the_snapshot(self, tmp_path):
+        """SIGTERM from the user to a command whose stop outlasts kill_after: it is SIGKILLed
+        (137), not restarted, and its snapshot is persisted as without --restarts."""
+        import time
+
+        sup, persisted = real_supervisor(tmp_path, IGNORES_SIGTERM)
+        deadline = time.monotonic() + 120
+        while not _sigterm_caught(sup.child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its handler is not installed yet
+        sup.forward(signal.SIGTERM)
+        assert finish_supervised(sup) == 128 + signal.SIGKILL
+        assert persisted == ["persist"] and sup.restarts == 0
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """Whether ``pid`` has a handler for SIGTERM (/proc's SigCgt mask)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False

@@ -282,6 +282,10 @@ class Supervisor:
         rose = oom_now is not None and self._oom_at_start is not None and oom_now > self._oom_at_start
         cause = classify(code, hung=self._hung, oom_kills_rose=rose)
         if cause is None or self.user_stopped:
+            if code not in (0, EXIT_STOPPED):
+                # a stop whose save outlasted kill_after (SIGKILL), a crash during it: its
+                # snapshot is kept as without --restarts (cmd_run persists nothing after us)
+                self._persist_snapshot()
             self._finish(code)
             return
         persisted = self._persist_snapshot()
