@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from conftest import heavy_n
+from conftest import TORCHRUN, heavy_n
 from integration_helpers import reap
 
 from session_watchdog.config import Config
-from session_watchdog.supervise.restarts import EXIT_GAVE_UP, Supervisor, backoff_s, classify
+from session_watchdog.supervise.restarts import (
+    EXIT_GAVE_UP,
+    EXIT_STOPPED,
+    Supervisor,
+    backoff_s,
+    classify,
+)
 
 CLI = [sys.executable, "-m", "session_watchdog"]
 TRAINER = str(Path(__file__).parent / "supervise_trainer.py")
@@ -100,14 +106,36 @@ class TestRestartRules:
         assert persisted == [1003.0] and sup.failures[0].newest_step == 15
 
 
-    @pytest.mark.parametrize("code, hung, oom, cause", [
-        (0, False, False, None), (75, False, False, None), (1, False, False, "crash"),
-        (137, False, False, "killed"), (137, False, True, "oom"), (143, True, False, "hang"),
-        (75, True, False, None),
+    @pytest.mark.parametrize("code, hung, oom, stopped, cause", [
+        (0, False, False, False, None), (75, False, False, False, None),
+        (1, False, False, False, "crash"), (137, False, False, False, "killed"),
+        (137, False, True, False, "oom"), (143, True, False, False, "hang"),
+        (75, True, False, False, None), (0, True, False, False, None),
+        (1, False, False, True, None),
     ])
-    def test_classify(self, code, hung, oom, cause):
-        """0 and 75 are never restarted; a hang we ended, an OOM kill and a crash are."""
-        assert classify(code, hung=hung, oom_kills_rose=oom) == cause
+    def test_classify(self, code, hung, oom, stopped, cause):
+        """0, 75 and a reported stop are never restarted; a hang we ended, an OOM kill and a
+        crash are."""
+        assert classify(code, hung=hung, oom_kills_rose=oom, stopped=stopped) == cause
+
+    def test_a_stopped_status_older_than_the_attempt_is_a_crash(self, tmp_path):
+        """trainer.json saying "stopped" from before this attempt started (an earlier run's):
+        the command's exit 1 is a crash, restarted (--restarts 1), and its code the result."""
+        import time
+        import types
+
+        from session_watchdog import channel
+        from session_watchdog.supervise.restarts import supervisor_for
+
+        run = channel.RunDir(tmp_path / "run")
+        run.write_status(channel.TrainerStatus(
+            pid=1, start_time=time.time() - 20, state="stopped", step=40, epoch=0,
+            step_time_s=0.1, acked_seq=0, last_checkpoint=None, heartbeat=time.time() - 10))
+        watchdog = types.SimpleNamespace(run_dir=run, last_sample=None, config=Config(
+            platform="generic", restarts=1, restart_backoff=0.1, kill_after=1.0))
+        sup = supervisor_for([sys.executable, "-c", "raise SystemExit(1)"], watchdog)
+        assert finish_supervised(sup) == 1
+        assert [f.cause for f in sup.failures] == ["crash", "crash"] and sup.restarts == 1
 
     def test_backoff_doubles_up_to_the_maximum(self):
         """10 s, 20 s, 40 s ... capped at restart_backoff_max."""
@@ -442,3 +470,42 @@ def _sigterm_caught(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
+
+
+# torchrun's worker: reports "stopped" (as a Session does once the stop's checkpoint is durable)
+# and exits 75; torchrun itself then exits 1.
+STOPPED_WORKER = r'''
+import os, sys, time
+from pathlib import Path
+import psutil
+from session_watchdog import channel
+run_dir = channel.RunDir(Path(os.environ[channel.ENV_RUN_DIR]))
+run_dir.write_status(channel.TrainerStatus(
+    pid=os.getpid(), start_time=psutil.Process().create_time(), state="stopped", step=40,
+    epoch=0, step_time_s=0.1, acked_seq=0, last_checkpoint=None, heartbeat=time.time()))
+sys.exit(75)
+'''
+
+
+@TORCHRUN
+class TestTorchrunStop:
+    def test_a_planned_stop_under_torchrun_is_not_restarted(self, tmp_path):
+        """run --restarts -- torchrun: the worker reports stopped and exits 75, torchrun exits 1:
+        a planned stop, not restarted; the run exits 75."""
+        worker = tmp_path / "worker.py"
+        worker.write_text(STOPPED_WORKER)
+        argv = [*CLI, "run", "--interval", "0.3s", "--run-dir", str(tmp_path / "run"),
+                "--platform", "generic", "--log-file", str(tmp_path / "log.jsonl"),
+                "--restarts", "2", "--restart-backoff", "0.1s", "--", sys.executable, "-m",
+                "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=0",
+                str(worker)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env(), start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=600)
+        finally:
+            reap(proc)
+        log = events(tmp_path / "log.jsonl")
+        assert proc.returncode == EXIT_STOPPED, err[-3000:]
+        assert [e["exit_code"] for e in log if e["event"] == "child_stopped"] == [1]
+        assert [e for e in log if e["event"] in ("child_failed", "child_restarted")] == []
