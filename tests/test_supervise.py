@@ -110,12 +110,12 @@ class TestRestartRules:
         (0, False, False, False, None), (75, False, False, False, None),
         (1, False, False, False, "crash"), (137, False, False, False, "killed"),
         (137, False, True, False, "oom"), (143, True, False, False, "hang"),
-        (75, True, False, False, None), (0, True, False, False, None),
-        (1, False, False, True, None),
+        (75, True, False, False, "hang"), (0, True, False, False, None),
+        (1, False, False, True, None), (1, True, False, True, "hang"),
     ])
     def test_classify(self, code, hung, oom, stopped, cause):
-        """0, 75 and a reported stop are never restarted; a hang we ended, an OOM kill and a
-        crash are."""
+        """0, 75 and a reported stop are never restarted; a hang we ended (even one that then
+        saved and exited 75), an OOM kill and a crash are."""
         assert classify(code, hung=hung, oom_kills_rose=oom, stopped=stopped) == cause
 
     def test_a_stopped_status_older_than_the_attempt_is_a_crash(self, tmp_path):
@@ -470,6 +470,32 @@ def _sigterm_caught(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
+
+
+STOPS_ON_SIGTERM = ("import signal, sys, time\n"
+                    "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(75))  # saved, stopped\n"
+                    "time.sleep(600)\n")
+
+
+class TestHangThenStop:
+    def test_a_command_ended_for_hanging_that_saves_and_exits_75_is_restarted(self, tmp_path):
+        """A trainer we ended for hanging answers the SIGTERM with a checkpoint and exit 75: the
+        stop was ours and its training did not complete, so it is restarted as a hang."""
+        import time
+
+        sup, _ = real_supervisor(tmp_path, STOPS_ON_SIGTERM, kill_after=60.0)
+        try:
+            first = sup.child.pid
+            deadline = time.monotonic() + 120
+            while not _sigterm_caught(first) and time.monotonic() < deadline:
+                time.sleep(0.05)  # its handler is not installed yet
+            sup.end_hung("the step has not moved for 30m")
+            while sup.restarts == 0 and sup.exit_status() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sup.exit_status() is None and sup.restarts == 1 and sup.child.pid != first
+            assert [(f.exit_code, f.cause) for f in sup.failures] == [(75, "hang")]
+        finally:
+            finish_supervised(sup, deadline_s=0)
 
 
 # torchrun's worker: reports "stopped" (as a Session does once the stop's checkpoint is durable)

@@ -11,7 +11,8 @@ methods), and restarts the command behind it:
   wait). The trainer resumes from its newest verified checkpoint as usual;
 - exit 0 (done), exit 75 (a stop we asked for), a trainer of this attempt that reported
   ``stopped`` (torchrun exits 1 when its workers exit 75; the run then exits 75) and a stop by
-  the user are never restarted;
+  the user are never restarted; a command we ended for hanging is, even when it saved and
+  exited 75 (the training did not complete);
 - the no-progress guard gives up with :data:`EXIT_GAVE_UP` when the newest checkpoint step has
   not advanced across ``restart_no_progress`` restarts, or when ``restart_storm`` restarts came
   within ``restart_storm_window``: never a loop that burns GPU hours.
@@ -75,10 +76,14 @@ def classify(exit_code: int, *, hung: bool, oom_kills_rose: bool,
     checkpoint is durable), a planned stop whatever the code: torchrun exits 1 when its workers
     exit 75.
     """
-    if exit_code in (0, EXIT_STOPPED) or stopped:
+    if exit_code == 0:
         return None
     if hung:
+        # We ended it for hanging: a trainer that then saved and stopped (75) was not hung after
+        # all, but its training did not complete, and the stop was ours: it is restarted.
         return "hang"
+    if exit_code == EXIT_STOPPED or stopped:
+        return None
     if oom_kills_rose:
         return "oom"
     if exit_code == SIGKILL_EXIT:
