@@ -20,6 +20,7 @@ from conftest import TORCHRUN
 from integration_helpers import wait_for
 
 from session_watchdog import channel, ckptfile, snapshot_slots
+from session_watchdog.actions import verify_checkpoint
 from session_watchdog.supervise.snapshots import persist_after_death, persist_ranks
 
 CLI = [sys.executable, "-m", "session_watchdog"]
@@ -460,3 +461,11 @@ class TestRunEndsOnlyAfterPersisting:
                 "ckpt", 1, 10)).name, step20, ckptfile.marker_path(ckpt / step20).name])
         log = events(tmp_path / "log.jsonl")
         assert [e["step"] for e in log if e["event"] == "snapshot_persisted"] == [20]
+        # the end verified the persisted checkpoint: trainer.json names it now
+        assert [e["path"] for e in log if e["event"] == "action"
+                and e["step"] == "end_verify"] == [str(ckpt / step20)]
+        status = channel.RunDir(tmp_path / "run", create=False).read_status()
+        assert status is not None and status.last_checkpoint is not None
+        assert (status.last_checkpoint.step, status.last_checkpoint.path) == (20, str(ckpt / step20))
+        assert verify_checkpoint(str(ckpt / step20), status.last_checkpoint.checksum,
+                                 status.last_checkpoint.bytes) is None

@@ -419,7 +419,7 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
         return None if sample is None or sample.host is None else sample.host.oom_kills
 
     def persist() -> Optional[int]:
-        return snapshots.persist_after_death(watchdog.run_dir)
+        return snapshots.persist_after_death(watchdog.run_dir, record=True)
 
     def trainer_alive() -> bool:
         try:
