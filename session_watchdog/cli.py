@@ -156,7 +156,20 @@ def _prepare(args: argparse.Namespace) -> Tuple[Config, Any, Optional[float]]:
             raise UserError(f"--for {args.run_for!r} is invalid: {err}") from None
     platform = platforms.forced(config.platform, platforms.detect())
     resolved = platforms.resolve(config, platform)
+    _refuse_unmounted(resolved)
     return resolved, platform, run_for
+
+
+def _refuse_unmounted(config: Config) -> None:
+    """A run dir or log under Drive (or AutoDL storage) that is not mounted: files created there
+    are local, die with the runtime, and make the next drive.mount() fail."""
+    from session_watchdog import mounts
+
+    for key, path in (("run_dir", config.run_dir), ("log_file", config.log_file)):
+        root = mounts.unmounted_root(path) if path is not None else None
+        if root is not None:
+            raise UserError(f"{key} {path} is on {root.what}, but {root.path} is not mounted; "
+                            f"{root.fix}, or choose another {key}")
 
 
 def _detach(args: argparse.Namespace, config: Config) -> int:
