@@ -156,7 +156,20 @@ def _prepare(args: argparse.Namespace) -> Tuple[Config, Any, Optional[float]]:
             raise UserError(f"--for {args.run_for!r} is invalid: {err}") from None
     platform = platforms.forced(config.platform, platforms.detect())
     resolved = platforms.resolve(config, platform)
+    _refuse_unmounted(resolved)
     return resolved, platform, run_for
+
+
+def _refuse_unmounted(config: Config) -> None:
+    """A run dir or log under Drive (or AutoDL storage) that is not mounted: files created there
+    are local, die with the runtime, and make the next drive.mount() fail."""
+    from session_watchdog import mounts
+
+    for key, path in (("run_dir", config.run_dir), ("log_file", config.log_file)):
+        root = mounts.unmounted_root(path) if path is not None else None
+        if root is not None:
+            raise UserError(f"{key} {path} is on {root.what}, but {root.path} is not mounted; "
+                            f"{root.fix}, or choose another {key}")
 
 
 def _detach(args: argparse.Namespace, config: Config) -> int:
@@ -251,11 +264,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     late_signals: List[str] = []  # stop signals that came after the command ended
     child_gone_at: Dict[str, float] = {}
 
+    # the exit as the daemon sees it: under --restarts the supervisor's; else reported once a
+    # failed command's snapshot is persisted (an end of the runtime must not come first)
+    settled_exit: Any = None  # supervise.snapshots.PersistOnExit without --restarts
+
     def child_exit() -> Optional[int]:
-        return child.exit_status() if child is not None else None
+        return settled_exit() if settled_exit is not None else None
 
     def child_running() -> bool:
-        return child is not None and child.exit_status() is None
+        return settled_exit is not None and settled_exit() is None
 
     try:
         watchdog = daemon.Watchdog(config, platform=platform, pollers=_pollers(config, platform, notice),
@@ -279,6 +296,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 child = wrap.Child(command, watchdog.run_dir.path, kill_after_s=config.kill_after,
                                    capture_stderr=True)
             watchdog.child_stderr_tail = child.stderr_tail  # its traceback, for the failure message
+            if config.restarts:
+                settled_exit = child.exit_status
+            else:
+                from session_watchdog.supervise.snapshots import PersistOnExit
+
+                # died without saving: its newest snapshot becomes a checkpoint (issue 13)
+                settled_exit = PersistOnExit(watchdog.run_dir, child.exit_status,
+                                             linger_s=LOCK_LINGER_S)
 
             def on_late_signal(signum: int) -> None:
                 # The command has ended: Ctrl-C (or SIGTERM) is for us, and cancels a pending end.
@@ -321,11 +346,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
             child.wait_group()  # never leave part of a stopped command behind
-            if not config.restarts and code not in (0, 75):
-                # died without saving: its newest snapshot becomes a checkpoint (issue 13)
-                from session_watchdog.supervise.snapshots import persist_after_death
-
-                persist_after_death(watchdog.run_dir)
+            if not config.restarts:
+                settled_exit.wait()  # its snapshot persisted, if the loop ended before that
             if getattr(child, "gave_up", None):
                 print(f"session-watchdog: gave up restarting (exit {code}): {child.gave_up}",
                       file=sys.stderr)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
+from session_watchdog import mounts
+
 SCHEMA_VERSION = 1
 # scheduler_log: APScheduler's own records ("... skipped: maximum number of running instances
 # reached", common on a busy machine) are kept in the JSONL log; the console shows our own
@@ -114,13 +116,17 @@ def import_structlog_without_rich(keep_ssl: bool = False) -> None:
 
 
 def default_log_file(run_name: str, persistent_dirs: Iterable[Path] = (),
-                     env: Optional[Mapping[str, str]] = None) -> Path:
+                     env: Optional[Mapping[str, str]] = None,
+                     mount_roots: Sequence[mounts.MountRoot] = mounts.MOUNT_ROOTS) -> Path:
     """Persistent storage when there is some (Drive, /root/autodl-tmp), else the user state dir."""
     env = os.environ if env is None else env
     for base in persistent_dirs:
         # On Drive only inside MyDrive: /content/drive itself is the bare mountpoint (after an
-        # unmount, files there are local and would make the next drive.mount() fail).
+        # unmount, files there are local and would make the next drive.mount() fail). And only
+        # while it is mounted: an unmounted Drive's MyDrive is a plain local directory.
         target = base / "MyDrive" if base.name == "drive" else base
+        if mounts.unmounted_root(target, mount_roots) is not None:
+            continue
         if target.is_dir() and os.access(target, os.W_OK):
             return target / "session-watchdog" / f"{run_name}.jsonl"
     state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -138,8 +144,10 @@ class RotatingJsonl:
     """
 
     def __init__(self, path: Path, max_bytes: int = 20 * 2**20, backups: int = 5,
-                 compress: bool = False) -> None:
+                 compress: bool = False,
+                 mount_roots: Sequence[mounts.MountRoot] = mounts.MOUNT_ROOTS) -> None:
         self.path = Path(path)
+        self.mount_roots = mount_roots
         self.max_bytes = max_bytes
         self.backups = backups
         self.compress = compress
@@ -151,6 +159,11 @@ class RotatingJsonl:
 
     def _open(self) -> IO[str]:
         if self._fh is None:
+            # Never create it under Drive after our own flush_and_unmount (a reopen, a rotation):
+            # local files in the mount point make the next drive.mount() fail.
+            root = mounts.unmounted_root(self.path, self.mount_roots)
+            if root is not None:
+                raise OSError(errno.ENOENT, f"{root.path} is not mounted", str(self.path))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # O_NONBLOCK: a FIFO that nobody reads fails at once (ENXIO) instead of blocking the
             # start for ever (issue 18); writes block as usual once it is open.

@@ -4,6 +4,7 @@ with one line before anything is created (issue 11)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,53 @@ class TestCheckpointDir:
         assert proc.returncode == 2
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.startswith("error: cannot create /sys/session-watchdog-test/ckpt: ")
+
+
+class TestWatchdogFiles:
+    def test_the_default_log_skips_an_unmounted_drive(self, tmp_path: Path) -> None:
+        """A writable MyDrive in a Drive root that is not mounted is a local directory: the
+        default log goes to the user state dir instead."""
+        from session_watchdog.log import default_log_file
+
+        drive = fake_root(tmp_path / "drive")
+        (drive.path / "MyDrive").mkdir(parents=True)
+        state = tmp_path / "state"
+        assert default_log_file("r1", [drive.path], env={"XDG_STATE_HOME": str(state)},
+                                mount_roots=[drive]) == state / "session-watchdog" / "r1.jsonl"
+
+    def test_the_log_is_never_created_under_an_unmounted_root(self, tmp_path: Path) -> None:
+        """A log reopened after Drive was unmounted (our own flush_and_unmount): the write fails
+        and nothing is created in the mount point."""
+        from session_watchdog.log import RotatingJsonl
+
+        drive = fake_root(tmp_path / "drive")
+        drive.path.mkdir()
+        jsonl = RotatingJsonl(drive.path / "MyDrive" / "session-watchdog" / "r1.jsonl",
+                              mount_roots=[drive])
+        with pytest.raises(OSError, match="not mounted"):
+            jsonl.write("{}")
+        assert list(drive.path.iterdir()) == []
+
+    @needs_unmounted_drive
+    @pytest.mark.parametrize("flag", ["--log-file", "--run-dir"])
+    def test_run_refuses_a_log_or_run_dir_on_unmounted_drive(self, tmp_path: Path,
+                                                             flag: str) -> None:
+        """run --log-file/--run-dir under /content/drive while Drive is not mounted: one line
+        naming the fix, exit 2, the command never started."""
+        paths = {"--log-file": str(tmp_path / "log.jsonl"), "--run-dir": str(tmp_path / "run")}
+        paths[flag] = "/content/drive/MyDrive/session-watchdog/x"
+        marker = tmp_path / "started"
+        content_existed = Path("/content").exists()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "session_watchdog", "run", "--platform", "generic",
+                 "--log-file", paths["--log-file"], "--run-dir", paths["--run-dir"], "--",
+                 sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+                capture_output=True, text=True, timeout=120)
+        finally:
+            if not content_existed:  # what a failed refusal created on this machine
+                shutil.rmtree("/content", ignore_errors=True)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert "/content/drive is not mounted" in proc.stderr and "drive.mount(" in proc.stderr
+        assert not marker.exists()

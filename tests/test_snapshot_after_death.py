@@ -20,6 +20,7 @@ from conftest import TORCHRUN
 from integration_helpers import wait_for
 
 from session_watchdog import channel, ckptfile, snapshot_slots
+from session_watchdog.actions import verify_checkpoint
 from session_watchdog.supervise.snapshots import persist_after_death, persist_ranks
 
 CLI = [sys.executable, "-m", "session_watchdog"]
@@ -389,3 +390,82 @@ def test_persist_after_death_reads_the_ranks_from_trainer_json(tmp_path):
             "world_size": 2, "rank": 0}}))
     assert persist_after_death(run_dir) == 4
     assert committed(ckpt)[1] == 4
+
+
+# ---- run: the snapshot is a checkpoint before any end of the runtime ------------------------
+
+# A trainer that checkpointed step 10, snapshotted step 20 and then crashed (exit 1), without
+# torch: the files are written in the trainer's formats. argv: ckpt dir, snapshot dir.
+CRASHING_TRAINER = r'''
+import hashlib, os, sys, time
+from pathlib import Path
+import psutil
+from session_watchdog import channel, ckptfile, snapshot_slots
+ckpt, shm = Path(sys.argv[1]), Path(sys.argv[2])
+payload = b"x" * 1000
+name = ckptfile.final_name("ckpt", 1, 10)
+(ckpt / name).write_bytes(payload)
+digest = hashlib.sha256(payload).hexdigest()
+channel.write_json(ckptfile.marker_path(ckpt / name), ckptfile.marker_json(
+    file=name, sha256=digest, size=len(payload), step=10, epoch=0, at=time.time(), duration_s=0.1))
+snap = b"y" * 2000
+snapshot_slots.write_slot(shm / snapshot_slots.SLOTS[0], snap, {
+    "gen": 1, "step": 20, "epoch": 0, "sha256": hashlib.sha256(snap).hexdigest(),
+    "checkpoint_dir": str(ckpt), "prefix": "ckpt"})
+run_dir = channel.RunDir(Path(os.environ[channel.ENV_RUN_DIR]))
+info = channel.CheckpointInfo(path=str(ckpt / name), seq=None, step=10, at=time.time(),
+                              duration_s=0.1, bytes=len(payload), sha256=digest)
+run_dir.write_status(channel.TrainerStatus(
+    pid=os.getpid(), start_time=psutil.Process().create_time(), state="running", step=25,
+    epoch=0, step_time_s=1.0, acked_seq=0, last_checkpoint=info, heartbeat=time.time(),
+    extra={"snapshot": {"dir": str(shm)}}))
+time.sleep(2)
+raise SystemExit(1)
+'''
+
+# The end action: note what the checkpoint dir holds, then end this runtime as a real end does
+# (the watchdog is killed at once). argv: the file to write, the ckpt dir.
+KILLING_END = 'ls "$2" > "$1.tmp" && mv "$1.tmp" "$1"; kill -KILL $PPID'
+
+
+class TestRunEndsOnlyAfterPersisting:
+    def test_end_on_failure_starts_only_once_the_snapshot_is_a_checkpoint(self, tmp_path):
+        """run --end-on-failure over a trainer that crashed with a snapshot (step 20) newer than
+        its checkpoint (step 10): the snapshot is committed before the end action runs, which
+        kills the watchdog like a real end."""
+        ckpt, shm = tmp_path / "ckpt", tmp_path / "shm"
+        ckpt.mkdir()
+        shm.mkdir()
+        (tmp_path / "trainer.py").write_text(CRASHING_TRAINER)
+        (tmp_path / "end.sh").write_text(KILLING_END)
+        at_end = tmp_path / "at_end.txt"
+        end = json.dumps(["/bin/sh", str(tmp_path / "end.sh"), str(at_end), str(ckpt)])
+        watched = subprocess.Popen(
+            [*CLI, "run", "--interval", "0.3s", "--platform", "generic", "--run-dir",
+             str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl"), "--end-when-done",
+             "--end-on-failure", "--grace", "1s", "--end-command", end, "--",
+             sys.executable, str(tmp_path / "trainer.py"), str(ckpt), str(shm)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+            start_new_session=True)
+        try:
+            code, _, err = finish(watched)
+        finally:
+            try:
+                os.killpg(watched.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert code == -signal.SIGKILL, err[-3000:]  # the end action ran and killed us
+        step20 = ckptfile.final_name("ckpt", 2, 20)
+        assert at_end.read_text().split() == sorted([
+            ckptfile.final_name("ckpt", 1, 10), ckptfile.marker_path(ckpt / ckptfile.final_name(
+                "ckpt", 1, 10)).name, step20, ckptfile.marker_path(ckpt / step20).name])
+        log = events(tmp_path / "log.jsonl")
+        assert [e["step"] for e in log if e["event"] == "snapshot_persisted"] == [20]
+        # the end verified the persisted checkpoint: trainer.json names it now
+        assert [e["path"] for e in log if e["event"] == "action"
+                and e["step"] == "end_verify"] == [str(ckpt / step20)]
+        status = channel.RunDir(tmp_path / "run", create=False).read_status()
+        assert status is not None and status.last_checkpoint is not None
+        assert (status.last_checkpoint.step, status.last_checkpoint.path) == (20, str(ckpt / step20))
+        assert verify_checkpoint(str(ckpt / step20), status.last_checkpoint.checksum,
+                                 status.last_checkpoint.bytes) is None

@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from conftest import heavy_n
+from conftest import TORCHRUN, heavy_n
 from integration_helpers import reap
 
 from session_watchdog.config import Config
-from session_watchdog.supervise.restarts import EXIT_GAVE_UP, Supervisor, backoff_s, classify
+from session_watchdog.supervise.restarts import (
+    EXIT_GAVE_UP,
+    EXIT_STOPPED,
+    Supervisor,
+    backoff_s,
+    classify,
+)
 
 CLI = [sys.executable, "-m", "session_watchdog"]
 TRAINER = str(Path(__file__).parent / "supervise_trainer.py")
@@ -100,14 +106,36 @@ class TestRestartRules:
         assert persisted == [1003.0] and sup.failures[0].newest_step == 15
 
 
-    @pytest.mark.parametrize("code, hung, oom, cause", [
-        (0, False, False, None), (75, False, False, None), (1, False, False, "crash"),
-        (137, False, False, "killed"), (137, False, True, "oom"), (143, True, False, "hang"),
-        (75, True, False, None),
+    @pytest.mark.parametrize("code, hung, oom, stopped, cause", [
+        (0, False, False, False, None), (75, False, False, False, None),
+        (1, False, False, False, "crash"), (137, False, False, False, "killed"),
+        (137, False, True, False, "oom"), (143, True, False, False, "hang"),
+        (75, True, False, False, "hang"), (0, True, False, False, None),
+        (1, False, False, True, None), (1, True, False, True, "hang"),
     ])
-    def test_classify(self, code, hung, oom, cause):
-        """0 and 75 are never restarted; a hang we ended, an OOM kill and a crash are."""
-        assert classify(code, hung=hung, oom_kills_rose=oom) == cause
+    def test_classify(self, code, hung, oom, stopped, cause):
+        """0, 75 and a reported stop are never restarted; a hang we ended (even one that then
+        saved and exited 75), an OOM kill and a crash are."""
+        assert classify(code, hung=hung, oom_kills_rose=oom, stopped=stopped) == cause
+
+    def test_a_stopped_status_older_than_the_attempt_is_a_crash(self, tmp_path):
+        """trainer.json saying "stopped" from before this attempt started (an earlier run's):
+        the command's exit 1 is a crash, restarted (--restarts 1), and its code the result."""
+        import time
+        import types
+
+        from session_watchdog import channel
+        from session_watchdog.supervise.restarts import supervisor_for
+
+        run = channel.RunDir(tmp_path / "run")
+        run.write_status(channel.TrainerStatus(
+            pid=1, start_time=time.time() - 20, state="stopped", step=40, epoch=0,
+            step_time_s=0.1, acked_seq=0, last_checkpoint=None, heartbeat=time.time() - 10))
+        watchdog = types.SimpleNamespace(run_dir=run, last_sample=None, config=Config(
+            platform="generic", restarts=1, restart_backoff=0.1, kill_after=1.0))
+        sup = supervisor_for([sys.executable, "-c", "raise SystemExit(1)"], watchdog)
+        assert finish_supervised(sup) == 1
+        assert [f.cause for f in sup.failures] == ["crash", "crash"] and sup.restarts == 1
 
     def test_backoff_doubles_up_to_the_maximum(self):
         """10 s, 20 s, 40 s ... capped at restart_backoff_max."""
@@ -375,3 +403,135 @@ class TestBadInput:
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0] and expect in lines[0], proc.stderr
+
+
+# ---- the final exit under --restarts: real child processes -----------------------------------
+
+IGNORES_SIGTERM = ("import signal, time\n"
+                   "signal.signal(signal.SIGTERM, lambda s, f: None)  # a save slower than kill_after\n"
+                   "time.sleep(600)\n")
+
+
+def real_supervisor(tmp_path: Path, source: str, **config):
+    """A Supervisor over ``python -c source`` (wrap.Child), persisting into a recording list."""
+    from session_watchdog import wrap
+
+    persisted: List[str] = []
+    base = dict(platform="generic", restarts=3, restart_backoff=1.0, kill_after=1.0)
+    base.update(config)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sup = Supervisor([sys.executable, "-c", source], run_dir, Config(**base), start=wrap.Child,
+                     persist_snapshot=lambda: persisted.append("persist") or 20)
+    return sup, persisted
+
+
+def finish_supervised(sup: Supervisor, deadline_s: float = 120.0) -> Optional[int]:
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            code = sup.exit_status()
+            if code is not None:
+                return code
+            time.sleep(0.1)
+        return None
+    finally:
+        try:
+            os.killpg(sup.child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        sup.child.proc.wait(timeout=30)
+
+
+class TestFinalExit:
+    def test_a_user_stop_killed_after_kill_after_persists_the_snapshot(self, tmp_path):
+        """SIGTERM from the user to a command whose stop outlasts kill_after: it is SIGKILLed
+        (137), not restarted, and its snapshot is persisted as without --restarts."""
+        import time
+
+        sup, persisted = real_supervisor(tmp_path, IGNORES_SIGTERM)
+        deadline = time.monotonic() + 120
+        while not _sigterm_caught(sup.child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its handler is not installed yet
+        sup.forward(signal.SIGTERM)
+        assert finish_supervised(sup) == 128 + signal.SIGKILL
+        assert persisted == ["persist"] and sup.restarts == 0
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """Whether ``pid`` has a handler for SIGTERM (/proc's SigCgt mask)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+STOPS_ON_SIGTERM = ("import signal, sys, time\n"
+                    "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(75))  # saved, stopped\n"
+                    "time.sleep(600)\n")
+
+
+class TestHangThenStop:
+    def test_a_command_ended_for_hanging_that_saves_and_exits_75_is_restarted(self, tmp_path):
+        """A trainer we ended for hanging answers the SIGTERM with a checkpoint and exit 75: the
+        stop was ours and its training did not complete, so it is restarted as a hang."""
+        import time
+
+        sup, _ = real_supervisor(tmp_path, STOPS_ON_SIGTERM, kill_after=60.0)
+        try:
+            first = sup.child.pid
+            deadline = time.monotonic() + 120
+            while not _sigterm_caught(first) and time.monotonic() < deadline:
+                time.sleep(0.05)  # its handler is not installed yet
+            sup.end_hung("the step has not moved for 30m")
+            while sup.restarts == 0 and sup.exit_status() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sup.exit_status() is None and sup.restarts == 1 and sup.child.pid != first
+            assert [(f.exit_code, f.cause) for f in sup.failures] == [(75, "hang")]
+        finally:
+            finish_supervised(sup, deadline_s=0)
+
+
+# torchrun's worker: reports "stopped" (as a Session does once the stop's checkpoint is durable)
+# and exits 75; torchrun itself then exits 1.
+STOPPED_WORKER = r'''
+import os, sys, time
+from pathlib import Path
+import psutil
+from session_watchdog import channel
+run_dir = channel.RunDir(Path(os.environ[channel.ENV_RUN_DIR]))
+run_dir.write_status(channel.TrainerStatus(
+    pid=os.getpid(), start_time=psutil.Process().create_time(), state="stopped", step=40,
+    epoch=0, step_time_s=0.1, acked_seq=0, last_checkpoint=None, heartbeat=time.time()))
+sys.exit(75)
+'''
+
+
+@TORCHRUN
+class TestTorchrunStop:
+    def test_a_planned_stop_under_torchrun_is_not_restarted(self, tmp_path):
+        """run --restarts -- torchrun: the worker reports stopped and exits 75, torchrun exits 1:
+        a planned stop, not restarted; the run exits 75."""
+        worker = tmp_path / "worker.py"
+        worker.write_text(STOPPED_WORKER)
+        argv = [*CLI, "run", "--interval", "0.3s", "--run-dir", str(tmp_path / "run"),
+                "--platform", "generic", "--log-file", str(tmp_path / "log.jsonl"),
+                "--restarts", "2", "--restart-backoff", "0.1s", "--", sys.executable, "-m",
+                "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=0",
+                str(worker)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env(), start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=600)
+        finally:
+            reap(proc)
+        log = events(tmp_path / "log.jsonl")
+        assert proc.returncode == EXIT_STOPPED, err[-3000:]
+        assert [e["exit_code"] for e in log if e["event"] == "child_stopped"] == [1]
+        assert [e for e in log if e["event"] in ("child_failed", "child_restarted")] == []

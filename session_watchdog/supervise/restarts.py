@@ -9,7 +9,10 @@ methods), and restarts the command behind it:
   ``oom_kill`` counter moved) is restarted after an exponential backoff, once the dead command's
   GPU memory is released (NVML's process list, bounded by ``restart_gpu_wait``; without NVML no
   wait). The trainer resumes from its newest verified checkpoint as usual;
-- exit 0 (done), exit 75 (a stop we asked for) and a stop by the user are never restarted;
+- exit 0 (done), exit 75 (a stop we asked for), a trainer of this attempt that reported
+  ``stopped`` (torchrun exits 1 when its workers exit 75; the run then exits 75) and a stop by
+  the user are never restarted; a command we ended for hanging is, even when it saved and
+  exited 75 (the training did not complete);
 - the no-progress guard gives up with :data:`EXIT_GAVE_UP` when the newest checkpoint step has
   not advanced across ``restart_no_progress`` restarts, or when ``restart_storm`` restarts came
   within ``restart_storm_window``: never a loop that burns GPU hours.
@@ -65,12 +68,22 @@ class _Pending:
     pids: Set[int]
 
 
-def classify(exit_code: int, *, hung: bool, oom_kills_rose: bool) -> Optional[str]:
-    """The cause of an ending worth a restart, or None (0 = done, 75 = a stop we asked for)."""
-    if exit_code in (0, EXIT_STOPPED):
+def classify(exit_code: int, *, hung: bool, oom_kills_rose: bool,
+             stopped: bool = False) -> Optional[str]:
+    """The cause of an ending worth a restart, or None (0 = done, 75 = a stop we asked for).
+
+    ``stopped``: the trainer of this attempt reported ``stopped`` (written only once the stop's
+    checkpoint is durable), a planned stop whatever the code: torchrun exits 1 when its workers
+    exit 75.
+    """
+    if exit_code == 0:
         return None
     if hung:
+        # We ended it for hanging: a trainer that then saved and stopped (75) was not hung after
+        # all, but its training did not complete, and the stop was ours: it is restarted.
         return "hang"
+    if exit_code == EXIT_STOPPED or stopped:
+        return None
     if oom_kills_rose:
         return "oom"
     if exit_code == SIGKILL_EXIT:
@@ -120,6 +133,7 @@ class Supervisor:
                  oom_kills: Callable[[], Optional[int]] = lambda: None,
                  persist_snapshot: Callable[[], Optional[int]] = lambda: None,
                  trainer_alive: Callable[[], bool] = lambda: False,
+                 trainer_stopped: Callable[[float], bool] = lambda since: False,
                  read_gpu_pids: Optional[Callable[[], Optional[Set[int]]]] = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  start: Callable[..., wrap.Child] = wrap.Child) -> None:
@@ -130,6 +144,8 @@ class Supervisor:
         self._oom_kills = oom_kills
         self._persist_snapshot = persist_snapshot
         self._trainer_alive = trainer_alive
+        self._trainer_stopped = trainer_stopped  # (wall time of the launch) -> a planned stop?
+        self._launched_wall = 0.0
         self._exit_seen: Optional[float] = None  # monotonic: the command's exit was first seen
         self._read_gpu_pids = read_gpu_pids
         self._monotonic = monotonic
@@ -242,6 +258,7 @@ class Supervisor:
     # ---- the state machine -------------------------------------------------------------------
 
     def _launch(self) -> wrap.Child:
+        self._launched_wall = time.time()
         child = self._start(self.argv, self.run_dir, kill_after_s=self.config.kill_after)
         self._oom_at_start = self._oom_kills()
         self._hung = False
@@ -280,8 +297,19 @@ class Supervisor:
             return
         oom_now = self._oom_kills()
         rose = oom_now is not None and self._oom_at_start is not None and oom_now > self._oom_at_start
-        cause = classify(code, hung=self._hung, oom_kills_rose=rose)
+        stopped = code not in (0, EXIT_STOPPED) and self._trainer_stopped(self._launched_wall)
+        cause = classify(code, hung=self._hung, oom_kills_rose=rose, stopped=stopped)
+        if stopped and cause is None:
+            log.info("child_stopped", pid=self.child.pid, exit_code=code,
+                     message=f"the trainer stopped after a durable checkpoint (its command "
+                             f"exited {code}); a planned stop is not restarted")
+            self._finish(EXIT_STOPPED)
+            return
         if cause is None or self.user_stopped:
+            if code not in (0, EXIT_STOPPED):
+                # a stop whose save outlasted kill_after (SIGKILL), a crash during it: its
+                # snapshot is kept as without --restarts (cmd_run persists nothing after us)
+                self._persist_snapshot()
             self._finish(code)
             return
         persisted = self._persist_snapshot()
@@ -391,7 +419,7 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
         return None if sample is None or sample.host is None else sample.host.oom_kills
 
     def persist() -> Optional[int]:
-        return snapshots.persist_after_death(watchdog.run_dir)
+        return snapshots.persist_after_death(watchdog.run_dir, record=True)
 
     def trainer_alive() -> bool:
         try:
@@ -399,7 +427,17 @@ def supervisor_for(argv: Sequence[str], watchdog: Any) -> Supervisor:
         except (channel.ChannelError, OSError):
             return False
 
+    def trainer_stopped(since: float) -> bool:
+        # trainer.json written during this attempt (an earlier attempt's final status predates
+        # its launch) by a trainer started in it
+        try:
+            status = watchdog.run_dir.read_status()
+        except (channel.ChannelError, OSError):
+            return False
+        return (status is not None and status.state == "stopped" and status.heartbeat >= since
+                and status.start_time >= since - 1.0)  # create_time: clock ticks, not exact
+
     return Supervisor(argv, watchdog.run_dir.path, watchdog.config, newest_step=newest_step,
                       oom_kills=oom_kills, persist_snapshot=persist, read_gpu_pids=nvml_gpu_pids(),
-                      trainer_alive=trainer_alive,
+                      trainer_alive=trainer_alive, trainer_stopped=trainer_stopped,
                       start=functools.partial(wrap.Child, capture_stderr=True))

@@ -18,11 +18,14 @@ steps, never a slot an earlier run left behind (another job token), or nothing a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from session_watchdog import channel, ckptfile, snapshot_slots
 from session_watchdog.log import get_logger
@@ -33,8 +36,14 @@ if TYPE_CHECKING:
 log = get_logger()
 
 
-def persist_after_death(run_dir: channel.RunDir) -> Optional[int]:
-    """The step of the snapshot committed as a checkpoint now, or None (nothing newer to keep)."""
+def persist_after_death(run_dir: channel.RunDir, *, record: bool = False) -> Optional[int]:
+    """The step of the snapshot committed as a checkpoint now, or None (nothing newer to keep).
+
+    ``record``: trainer.json's ``last_checkpoint`` then names the committed checkpoint, so an end
+    of the runtime verifies (and flushes to Drive) that one, the newest. Only for a trainer that
+    no other will replace meanwhile (``run``'s own command), never one with a mirror: the end
+    checks the final checkpoint on the mirror, and this one is not there.
+    """
     try:
         status = run_dir.read_status()
         alive = run_dir.trainer_alive()
@@ -46,14 +55,85 @@ def persist_after_death(run_dir: channel.RunDir) -> Optional[int]:
     if alive:
         log.info("snapshot_not_persisted", reason="a trainer holds run.lock (it may be writing)")
         return None
+    on_commit: Optional[Callable[[channel.CheckpointInfo], None]] = None
+    if record and status is not None and channel.MirrorStatus.from_status(status) is None:
+        on_commit = functools.partial(_record, run_dir, status)
     ranks = info.get("ranks")
     if isinstance(ranks, list) and isinstance(info.get("ranks_dir"), str):
         world_size = info.get("world_size")
         if not all(isinstance(r, int) for r in ranks) or not isinstance(world_size, int):
             log.warning("snapshot_not_persisted", reason="trainer.json names no valid ranks")
             return None
-        return persist_ranks(Path(info["ranks_dir"]), ranks, world_size)
-    return persist_newest(Path(info["dir"]))
+        return persist_ranks(Path(info["ranks_dir"]), ranks, world_size,
+                             on_commit=on_commit)
+    return persist_newest(Path(info["dir"]), on_commit=on_commit)
+
+
+def _record(run_dir: channel.RunDir, dead: channel.TrainerStatus,
+            ckpt: channel.CheckpointInfo) -> None:
+    """trainer.json of the dead trainer ``dead``, its last checkpoint now ``ckpt``."""
+    try:
+        status = run_dir.read_status()
+        if status is None or (status.pid, status.start_time) != (dead.pid, dead.start_time) \
+                or run_dir.trainer_alive():
+            return  # another trainer's by now: its own report stands
+        run_dir.write_status(dataclasses.replace(status, last_checkpoint=ckpt))
+    except (channel.ChannelError, OSError) as err:
+        log.warning("snapshot_not_recorded", error=str(err), path=ckpt.path,
+                    message="trainer.json still names the older checkpoint")
+
+
+class PersistOnExit:
+    """``run`` without ``--restarts``: the command's exit code as the daemon sees it, reported
+    only once a failed command's snapshot is persisted.
+
+    The exit is what lets the daemon end the runtime (``--end-on-failure``); a real end kills
+    this process and empties /dev/shm, so the snapshot must be a checkpoint before the end can
+    start, not after the daemon's loop (the supervisor of ``--restarts`` does the same). Like it,
+    it waits (at most ``linger_s``) for run.lock to be free: forked DataLoader workers share the
+    trainer's lock for a moment after it died.
+    """
+
+    def __init__(self, run_dir: channel.RunDir, exit_status: Callable[[], Optional[int]], *,
+                 linger_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.run_dir = run_dir
+        self._exit_status = exit_status
+        self._linger_s = linger_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()  # the tick and the end's fresh sample both ask
+        self._code: Optional[int] = None
+        self._seen: Optional[float] = None  # monotonic: the exit was first seen
+
+    def __call__(self) -> Optional[int]:
+        """The exit code once the command ended and its snapshot (if any) is persisted."""
+        with self._lock:
+            if self._code is not None:
+                return self._code
+            code = self._exit_status()
+            if code is None:
+                return None
+            if code not in (0, 75):  # 0: completed, 75: stopped after a durable checkpoint
+                now = self._monotonic()
+                if self._seen is None:
+                    self._seen = now
+                try:
+                    alive = self.run_dir.trainer_alive()
+                except (channel.ChannelError, OSError):
+                    alive = False
+                if alive and now - self._seen < self._linger_s:
+                    return None
+                persist_after_death(self.run_dir, record=True)
+            self._code = code
+            return code
+
+    def wait(self) -> int:
+        """The exit code of a command that has ended, once its snapshot is persisted."""
+        while True:
+            code = self()
+            if code is not None:
+                return code
+            time.sleep(0.1)
 
 
 class AfterDeath:
@@ -88,20 +168,25 @@ class AfterDeath:
             self.persisted.append(step)
 
 
-def persist_newest(directory: Path) -> Optional[int]:
-    """Commit the newest complete snapshot in ``directory`` as a checkpoint; its step or None."""
+def persist_newest(directory: Path, *, on_commit: Optional[Callable[[channel.CheckpointInfo], None]]
+                   = None) -> Optional[int]:
+    """Commit the newest complete snapshot in ``directory`` as a checkpoint; its step or None.
+
+    ``on_commit`` is called with the committed checkpoint (the one of persist_ranks too)."""
     started = time.monotonic()
     snap = snapshot_slots.newest(directory)
     if snap is None:
         log.info("snapshot_not_persisted", reason="no complete snapshot", dir=str(directory))
         return None
-    return _persist(snap, directory, started)
+    return _persist(snap, directory, started, on_commit)
 
 
 _Key = Tuple[Any, int, int]  # (job token, generation, step): one snapshot of the whole job
 
 
-def persist_ranks(root: Path, ranks: List[int], world_size: int) -> Optional[int]:
+def persist_ranks(root: Path, ranks: List[int], world_size: int, *,
+                  on_commit: Optional[Callable[[channel.CheckpointInfo], None]] = None
+                  ) -> Optional[int]:
     """Commit rank 0's snapshot of the newest generation complete on every rank in ``ranks``.
 
     Headers are read first (small); only the candidate generation's payloads are read and
@@ -134,7 +219,7 @@ def persist_ranks(root: Path, ranks: List[int], world_size: int) -> Optional[int
                     log.info("snapshot_generation_chosen", step=key[2], gen=key[1],
                              newest_per_rank={str(r): s for r, s in sorted(newest.items())},
                              reason="the newest generation every rank has complete")
-                return _persist(snap, snapshot_slots.rank_dir(root, 0), started)
+                return _persist(snap, snapshot_slots.rank_dir(root, 0), started, on_commit)
     log.warning("snapshot_not_persisted", reason="no generation is complete on every rank",
                 newest_per_rank={str(r): s for r, s in sorted(newest.items())}, dir=str(root))
     return None
@@ -147,7 +232,9 @@ def _verified(path: Path, key: _Key) -> Optional[snapshot_slots.Snapshot]:
     return snap
 
 
-def _persist(snap: snapshot_slots.Snapshot, directory: Path, started: float) -> Optional[int]:
+def _persist(snap: snapshot_slots.Snapshot, directory: Path, started: float,
+             on_commit: Optional[Callable[[channel.CheckpointInfo], None]] = None
+             ) -> Optional[int]:
     ckpt_dir = Path(str(snap.header.get("checkpoint_dir", "")))
     prefix = str(snap.header.get("prefix", "ckpt"))
     if not ckpt_dir.is_absolute() or not ckptfile.PREFIX_RE.match(prefix):
@@ -171,6 +258,11 @@ def _persist(snap: snapshot_slots.Snapshot, directory: Path, started: float) -> 
                 previous_checkpoint_step=None if newest is None else newest[1],
                 message=f"the trainer died without saving; its snapshot of step {snap.step} is "
                         f"now the checkpoint {path.name}")
+    if on_commit is not None:
+        on_commit(channel.CheckpointInfo(
+            path=str(path), seq=None, step=snap.step, at=time.time(),
+            duration_s=round(time.monotonic() - started, 3), bytes=len(snap.payload),
+            sha256=hashlib.sha256(snap.payload).hexdigest()))
     return snap.step
 
 
