@@ -115,14 +115,15 @@ class WatchdogCallback(TrainerCallback):
         self.session: Optional[FrameworkSession] = None
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None
-        self._final = False  # the save of the last step is under way
         self._final_saved: Optional[CommittedDir] = None
+        self._stopping = False  # the watchdog asked this run to stop
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
         self.stopped = False
-        self._final = False
         self._final_saved = None
+        self._stopping = False
+        self.last_checkpoint = None
         if self.session is not None:
             self.session.close()
         # Every rank builds it (under torchrun: collectively), after the process group exists.
@@ -143,16 +144,40 @@ class WatchdogCallback(TrainerCallback):
             if session._closed:
                 return control
         flags = session.at_step_end(state.global_step)
-        last = control.should_training_stop or state.global_step >= state.max_steps
         if flags is not None:
             control.should_save = True
             if flags.stop:
                 control.should_training_stop = True
-        if last:
-            control.should_save = True  # the final checkpoint that completes the run
-            self._final = True
+                self._stopping = True
         if control.should_save:
             session.saving(flags)
+        # The last step's save is made sure of in on_epoch_end: HF calls it after the loop
+        # breaks, and it may save there itself (save_strategy="epoch"), evaluate and log.
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        # Runs after DefaultFlowCallback, before the Trainer's last log/evaluate/save of the
+        # epoch (Trainer._maybe_log_save_evaluate), also when a stop or max_steps broke the loop.
+        saved = self.last_checkpoint
+        if saved is not None and saved.step == state.global_step:
+            # Committed at this step already (a stop, the final save, or a request): a second
+            # save would rewrite the acknowledged directory in place (trainer_state.json changes
+            # with an epoch's log or eval) and it would no longer verify.
+            control.should_save = False
+            if args.save_strategy == "best":
+                control.should_evaluate = False  # its new best would set should_save again
+            return control
+        session = self.session
+        if session is None or session._closed or not control.should_training_stop:
+            return control
+        # Training ends here without a checkpoint at this step yet: the stop's save (the
+        # Trainer declined it at the step end: save_strategy="best" with no new best) or the
+        # final save that completes the run (also when EarlyStoppingCallback ended it).
+        control.should_save = True
+        if args.save_strategy == "best" and self._stopping:
+            control.should_evaluate = False  # a partial epoch's eval would override the save
+        session.saving(None)
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -161,7 +186,11 @@ class WatchdogCallback(TrainerCallback):
         if session is None or session._closed:
             return
         directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        final = self._final
+        # Training ends after this save (max_steps, another callback such as
+        # EarlyStoppingCallback, set before the save): it is the final checkpoint, unless the
+        # watchdog asked for the stop before the last step.
+        final = control.should_training_stop and (not self._stopping
+                                                  or state.global_step >= state.max_steps)
         saved = session.commit(directory, step=state.global_step, epoch=int(state.epoch or 0),
                                final=final)
         if saved is None:
