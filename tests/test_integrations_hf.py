@@ -161,6 +161,18 @@ class TestTheTrainersOwnSchedule:
             20, "completed", 20), result
         assert result["committed"] == ["checkpoint-10", "checkpoint-20"], result
 
+    def test_save_total_limit_1_with_a_best_model_is_refused_before_training(
+            self, tmp_path: Path) -> None:
+        """save_total_limit=1 with metric_for_best_model (the Trainer would delete the stop's
+        checkpoint when training ends) raises a one-line ValueError at on_train_begin, before
+        any step."""
+        code, result, stderr = run_case(tmp_path, "stl1", "--sigterm-at", "12")
+        assert code == 1 and result == {}, stderr[-3000:]
+        assert ("ValueError: save_total_limit=1 with metric_for_best_model (or "
+                "load_best_model_at_end): the Trainer deletes the watchdog's stop checkpoint "
+                "when training ends; set save_total_limit=2 or more") in stderr
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("checkpoint-*"))
+
 
 @TORCHRUN
 class TestHuggingFaceUnderTorchrun:

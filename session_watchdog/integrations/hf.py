@@ -33,12 +33,15 @@ What happens:
   mirror's newest down when the local disk has nothing newer (a new runtime).
 
 Keep ``save_total_limit`` at 2 or more (or None): the Trainer deletes old checkpoints *before* the
-new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint.
+new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint
+(a warning says so); with ``metric_for_best_model`` as well, the Trainer deletes the stop's
+checkpoint when training ends, and the callback refuses to start (``ValueError``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional, Union
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -120,6 +123,16 @@ class WatchdogCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
+        if args.save_total_limit == 1 and args.metric_for_best_model is not None:
+            # Trainer._finalize_training deletes every checkpoint but the best one when
+            # training ends: the checkpoint a stop acknowledged would be gone.
+            raise ValueError("save_total_limit=1 with metric_for_best_model (or "
+                             "load_best_model_at_end): the Trainer deletes the watchdog's stop "
+                             "checkpoint when training ends; set save_total_limit=2 or more")
+        if args.save_total_limit == 1:
+            warnings.warn("save_total_limit=1: the Trainer deletes the previous committed "
+                          "checkpoint before the new one is committed (a kill in between leaves "
+                          "none); set save_total_limit=2 or more", stacklevel=2)
         self.stopped = False
         self._final_saved = None
         self._stopping = False
