@@ -93,6 +93,14 @@ def watchdog_resume(dirpath: Optional[PathLike],
     return str(found.directory / CHECKPOINT_FILE)
 
 
+def _raised_in_lightnings_broadcast(exception: BaseException) -> bool:
+    """Whether Lightning raised ``exception`` after its SIGTERM broadcast and barrier."""
+    tb = exception.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_broadcast_sigterm_tensor"
+
+
 class WatchdogCallback(Callback):
     """A Lightning ``Callback`` that checkpoints and stops ``fit()`` as the watchdog asks.
 
@@ -184,10 +192,18 @@ class WatchdogCallback(Callback):
         if session is None:
             return
         if isinstance(exception, SystemExit) and type(exception).__name__ == "SIGTERMException":
-            # Lightning's own SIGTERM handling ends fit() at the epoch's end; our handler saw
-            # the signal too: checkpoint now if no step end did, and exit as "resumable".
+            # Lightning's own SIGTERM handling ends fit() at the next batch, on every rank
+            # (rank 0's signal is broadcast): checkpoint now if no step end did, and exit as
+            # "resumable".
             if not session._closed:
-                flags = session._decide()
+                if session._dist is not None and not _raised_in_lightnings_broadcast(exception):
+                    # Rank 0 (the signalled rank) raises at its batch end; the others raise at
+                    # the next batch start after Lightning's barrier there
+                    # (training_epoch_loop._broadcast_sigterm_tensor): meet them in it first.
+                    import torch.distributed
+
+                    torch.distributed.barrier()
+                flags = session.stop_for_sigterm()
                 if flags is not None and flags.stop:
                     self._save(trainer, flags)
             if session.stopped:
