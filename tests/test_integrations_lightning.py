@@ -114,6 +114,37 @@ class TestKilledDuringLightningsOwnSave:
         assert watchdog_resume(out) == str(Path(ckpt.path).parent / CHECKPOINT_FILE)
 
 
+class TestDirectoryCheckpoints:
+    def test_a_checkpoint_written_as_a_directory_is_resumed(self, tmp_path: Path) -> None:
+        """A CheckpointIO that writes model.ckpt as a directory (as FSDP sharded and DeepSpeed
+        do): the stop at step 9 commits it, watchdog_resume returns it and fit() resumes from
+        step 9 and completes."""
+        out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
+        argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
+                "--directory-checkpoints"]
+        proc = spawn([*argv, "--sigterm-at", "9"], **run_env)
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 75, stderr[-3000:]
+        ckpt = out / "checkpoint-9" / CHECKPOINT_FILE
+        assert ckpt.is_dir() and verify_dir(ckpt.parent) is not None
+        marker = json.loads((ckpt.parent / COMMIT_MARKER).read_text())
+        assert {"model.ckpt/weights.pt", "model.ckpt/state.pt"} <= set(marker["files"])
+        assert watchdog_resume(out) == str(ckpt)
+
+        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
+        try:
+            code, stdout, stderr = finish(resumed)
+        finally:
+            reap(resumed)
+        assert code == 0, stderr[-3000:]
+        assert f"ckpt_path={ckpt}" in stdout and "started at step 9" in stdout, stdout
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.step) == ("completed", 40)
+
+
 @TORCHRUN
 class TestLightningUnderTorchrun:
     def test_sigterm_to_rank_0_commits_a_checkpoint_and_every_rank_exits_75(

@@ -83,12 +83,17 @@ def watchdog_resume(dirpath: Optional[PathLike],
                     mirror: Union[None, PathLike, Mirror] = None) -> Optional[str]:
     """The ``model.ckpt`` of the newest committed ``checkpoint-N`` in ``dirpath``, or None.
 
+    ``model.ckpt`` is a file, or a directory when the strategy writes one (FSDP sharded,
+    DeepSpeed): the marker covers every file under it either way.
+
     With ``mirror`` (the callback's): a newer committed checkpoint there is copied down into
     ``dirpath`` first, verified. Pass it to ``trainer.fit(..., ckpt_path=...)``; None starts
     from scratch.
     """
     found = restore_dir(mirror, dirpath, CHECKPOINT_PATTERN)
-    if found is None or not (found.directory / CHECKPOINT_FILE).is_file():
+    # A file, or a directory: what FSDP (state_dict_type="sharded"), DeepSpeed or a CheckpointIO
+    # plugin writes for one checkpoint path; ckpt_path takes either.
+    if found is None or not (found.directory / CHECKPOINT_FILE).exists():
         return None
     return str(found.directory / CHECKPOINT_FILE)
 

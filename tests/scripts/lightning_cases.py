@@ -12,8 +12,9 @@ import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from session_watchdog.integrations.lightning import WatchdogCallback
+from session_watchdog.integrations.lightning import WatchdogCallback, watchdog_resume
 
 
 class Linear(L.LightningModule):
@@ -39,11 +40,54 @@ class SigtermRank0At(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class StartStep(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        print(f"started at step {trainer.global_step}", flush=True)
+
+
+class DirectoryCheckpointIO(TorchCheckpointIO):
+    """A checkpoint path that is a directory of files, as FSDP sharded and DeepSpeed write."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        os.makedirs(path, exist_ok=True)
+        weights = checkpoint.pop("state_dict")
+        torch.save(weights, os.path.join(path, "weights.pt"))
+        torch.save(checkpoint, os.path.join(path, "state.pt"))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        checkpoint = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        checkpoint["state_dict"] = torch.load(os.path.join(path, "weights.pt"))
+        return checkpoint
+
+
+def directory_checkpoints(opts: argparse.Namespace) -> int:
+    """Single process; stops at --stop-at (SIGTERM), or resumes and completes."""
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(400, 4)),
+                                       batch_size=4)
+    watchdog = WatchdogCallback(opts.out, checkpoint_every=None, poll_interval=0.05)
+    callbacks: list = [StartStep(), watchdog]
+    if opts.sigterm_at:
+        callbacks.insert(0, SigtermRank0At(opts.sigterm_at))
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, plugins=[DirectoryCheckpointIO()],
+                        callbacks=callbacks)
+    resume = watchdog_resume(opts.out)
+    print(f"ckpt_path={resume}", flush=True)
+    trainer.fit(Linear(), data, ckpt_path=resume)
+    print(f"completed at step {trainer.global_step}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--sigterm-at", type=int, default=7)
+    parser.add_argument("--directory-checkpoints", action="store_true")
     opts = parser.parse_args()
+    if opts.directory_checkpoints:
+        return directory_checkpoints(opts)
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(400, 4)),
                                        batch_size=4)
