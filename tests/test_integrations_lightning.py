@@ -145,6 +145,32 @@ class TestDirectoryCheckpoints:
         assert status is not None and (status.state, status.step) == ("completed", 40)
 
 
+class TestStopAtAnEpochsLastBatch:
+    def test_the_resumed_run_trains_every_remaining_epoch(self, tmp_path: Path) -> None:
+        """A StatefulDataLoader of 10 batches, 3 epochs: a stop at step 10 (the first epoch's
+        last batch) is saved at the epoch's end, and the resumed run trains epochs 2 and 3 to
+        step 30 (saved at the batch end, Lightning skipped an epoch and ended at 20)."""
+        out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
+        argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
+                "--stateful-loader-epochs"]
+        proc = spawn([*argv, "--sigterm-at", "10"], **run_env)
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 75, stderr[-3000:]
+        assert watchdog_resume(out) == str(out / "checkpoint-10" / CHECKPOINT_FILE)
+        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
+        try:
+            code, stdout, stderr = finish(resumed)
+        finally:
+            reap(resumed)
+        assert code == 0, stderr[-3000:]
+        assert "started at step 10" in stdout and "completed at step 30" in stdout, stdout
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.step) == ("completed", 30)
+
+
 @TORCHRUN
 class TestLightningUnderTorchrun:
     def test_sigterm_to_rank_0_commits_a_checkpoint_and_every_rank_exits_75(

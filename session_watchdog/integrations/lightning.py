@@ -29,6 +29,8 @@ What happens:
 For an exact mid-epoch resume, give Lightning a loader that saves its position: torchdata's
 ``StatefulDataLoader`` (``pip install 'session-watchdog[data]'``); Lightning stores its state in
 the checkpoint. With a plain ``DataLoader`` Lightning cannot continue an epoch where it stopped.
+A save decided at an epoch's last batch is made at that epoch's end (single process): from a
+save at that batch's end Lightning would skip the next epoch (see ``on_train_batch_end``).
 
 The callback is built on ``lightning.pytorch.Callback``; when only the older ``pytorch_lightning``
 package is installed (or it was imported and ``lightning`` was not), on that one instead.
@@ -151,6 +153,7 @@ class WatchdogCallback(Callback):
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None
         self._last_step = -1
+        self._deferred: Optional[_Flags] = None  # decided at an epoch's last batch
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -160,6 +163,7 @@ class WatchdogCallback(Callback):
         if self.session is not None:
             self.session.close()
         self.stopped = False
+        self._deferred = None
         # Every rank builds it, inside the process group Lightning set up (collective).
         self.session = FrameworkSession(self.dirpath, **self._options)
 
@@ -180,9 +184,22 @@ class WatchdogCallback(Callback):
         flags = session.at_step_end(step)
         if flags is None:
             return
-        self._save(trainer, flags)
         if flags.stop:
             trainer.should_stop = True
+        if session._dist is None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Saved here, at an epoch's last batch, Lightning resumes the checkpoint as a
+            # finished epoch while a StatefulDataLoader resumes its exhausted position: the next
+            # epoch would be skipped (its own save_checkpoint here does the same). Saved at the
+            # epoch's end (where ModelCheckpoint saves), it resumes exactly. Not under
+            # torch.distributed: Lightning's SIGTERM may end rank 0 before the epoch's end.
+            self._deferred = flags
+            return
+        self._save(trainer, flags)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        flags, self._deferred = self._deferred, None
+        if flags is not None and self.session is not None and not self.session._closed:
+            self._save(trainer, flags)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         session = self.session
@@ -200,7 +217,10 @@ class WatchdogCallback(Callback):
             # Lightning's own SIGTERM handling ends fit() at the next batch, on every rank
             # (rank 0's signal is broadcast): checkpoint now if no step end did, and exit as
             # "resumable".
-            if not session._closed:
+            deferred, self._deferred = self._deferred, None
+            if not session._closed and deferred is not None:
+                self._save(trainer, deferred)  # decided at this epoch's last batch
+            elif not session._closed:
                 if session._dist is not None and not _raised_in_lightnings_broadcast(exception):
                     # Rank 0 (the signalled rank) raises at its batch end; the others raise at
                     # the next batch start after Lightning's barrier there

@@ -32,12 +32,12 @@ class Linear(L.LightningModule):
 class SigtermRank0At(L.Callback):
     """SIGTERM to rank 0 alone at one step (as a platform or the daemon signals one pid)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step and trainer.global_rank == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 class StartStep(L.Callback):
@@ -80,12 +80,38 @@ def directory_checkpoints(opts: argparse.Namespace) -> int:
     return 0
 
 
+def stateful_loader_epochs(opts: argparse.Namespace) -> int:
+    """Single process, 3 epochs of 10 batches from a StatefulDataLoader; SIGUSR1 at --sigterm-at
+    (with no daemon: a stop that Lightning leaves alone), or resume and complete."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    torch.manual_seed(0)
+    data = StatefulDataLoader(torch.utils.data.TensorDataset(torch.randn(40, 4)), batch_size=4)
+    watchdog = WatchdogCallback(opts.out, checkpoint_every=None, poll_interval=0.05)
+    callbacks: list = [StartStep(), watchdog]
+    if opts.sigterm_at:
+        callbacks.insert(0, SigtermRank0At(opts.sigterm_at, signal.SIGUSR1))
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    resume = watchdog_resume(opts.out)
+    print(f"ckpt_path={resume}", flush=True)
+    trainer.fit(Linear(), data, ckpt_path=resume)
+    if watchdog.stopped:
+        return 75
+    print(f"completed at step {trainer.global_step}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--sigterm-at", type=int, default=7)
     parser.add_argument("--directory-checkpoints", action="store_true")
+    parser.add_argument("--stateful-loader-epochs", action="store_true")
     opts = parser.parse_args()
+    if opts.stateful_loader_epochs:
+        return stateful_loader_epochs(opts)
     if opts.directory_checkpoints:
         return directory_checkpoints(opts)
     torch.manual_seed(0)
