@@ -161,6 +161,16 @@ class TestTheTrainersOwnSchedule:
             20, "completed", 20), result
         assert result["committed"] == ["checkpoint-10", "checkpoint-20"], result
 
+    def test_save_strategy_best_completes_when_the_last_eval_is_no_new_best(
+            self, tmp_path: Path) -> None:
+        """save_strategy="best", evaluated each epoch, the best eval the first: the Trainer
+        declines the final save, and the run is completed on its best committed checkpoint."""
+        code, result, stderr = run_case(tmp_path, "best_epoch")
+        assert code == 0, stderr[-3000:]
+        assert (result["global_step"], result["state"], result["status_step"]) == (
+            96, "completed", 96), result
+        assert result["committed"] == ["checkpoint-32"] == result["checkpoints"], result
+
     def test_save_total_limit_1_with_a_best_model_is_refused_before_training(
             self, tmp_path: Path) -> None:
         """save_total_limit=1 with metric_for_best_model (the Trainer would delete the stop's

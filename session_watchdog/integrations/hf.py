@@ -22,8 +22,11 @@ What happens:
   reported by the heartbeat). The Trainer's own scheduled saves are committed the same way;
 - a stop ends ``trainer.train()`` normally, ``watchdog.stopped`` is True and the script exits
   with 75 (``EX_TEMPFAIL``: "try again later");
-- the last step always saves: its committed checkpoint makes the run ``completed`` in
-  ``trainer.json`` (the watchdog may then end the runtime). An exception that ends the script or
+- the last step always saves (once: where the Trainer ends training, at ``on_epoch_end``, also
+  when EarlyStoppingCallback ended it): its committed checkpoint makes the run ``completed`` in
+  ``trainer.json`` (the watchdog may then end the runtime). With ``save_strategy="best"`` the
+  Trainer may decline that save (no new best): the run completes on its newest committed
+  checkpoint. A committed ``checkpoint-N`` is never saved into again. An exception that ends the script or
   the notebook cell reports ``failed``, and the runtime is never ended for it.
 - ``watchdog_resume(output_dir)`` returns the newest *committed* ``checkpoint-N`` (one the process
   was killed in while the Trainer was writing it has no marker and is skipped), or None for a
@@ -220,5 +223,11 @@ class WatchdogCallback(TrainerCallback):
             return
         if self._final_saved is not None:
             session.finish(self._final_saved)
+        elif (args.save_strategy == "best" and self.last_checkpoint is not None
+              and not self._stopping and state.global_step >= state.max_steps):
+            # The Trainer declined the final save (save_strategy="best", the last eval no new
+            # best: it overrides should_save after every callback): the run completed, its
+            # checkpoints are the best ones it chose to keep.
+            session.finish(self.last_checkpoint)
         else:  # training ended without its final checkpoint committed (the save failed)
             session.fail(RuntimeError("training ended without a committed final checkpoint"))

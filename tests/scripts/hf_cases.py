@@ -34,7 +34,8 @@ class SigtermAt(TrainerCallback):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--case", required=True, choices=["epoch", "best", "early_stop", "stl1"])
+    parser.add_argument("--case", required=True, choices=["epoch", "best", "best_epoch", "early_stop",
+                                                          "stl1"])
     parser.add_argument("--sigterm-at", type=int, default=0)
     opts = parser.parse_args()
     common = dict(output_dir=opts.out, per_device_train_batch_size=8, learning_rate=0.05,
@@ -46,6 +47,10 @@ def main() -> int:
         args = TrainingArguments(max_steps=100, eval_strategy="steps", eval_steps=5,
                                  save_strategy="best", metric_for_best_model="loss",
                                  greater_is_better=False, logging_steps=1000, **common)
+    elif opts.case == "best_epoch":  # evaluated each epoch; "best" is the highest loss: epoch 1
+        args = TrainingArguments(num_train_epochs=3, eval_strategy="epoch", save_strategy="best",
+                                 metric_for_best_model="loss", greater_is_better=True,
+                                 logging_steps=1000, **common)
     elif opts.case == "early_stop":  # EarlyStoppingCallback ends the run at its second eval
         args = TrainingArguments(max_steps=100, eval_strategy="steps", eval_steps=10,
                                  save_strategy="steps", save_steps=10, load_best_model_at_end=True,
