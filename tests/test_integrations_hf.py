@@ -117,6 +117,73 @@ class TestKilledDuringTheTrainersOwnSave:
         assert verify_dir(directory) is None and watchdog_resume(tmp_path) is None
 
 
+def run_case(tmp_path: Path, case: str, *extra: str) -> tuple[int, dict, str]:
+    """Run tests/scripts/hf_cases.py; its exit code, its JSON outcome line and its stderr."""
+    proc = spawn([sys.executable, str(SCRIPTS / "hf_cases.py"), "--out", str(tmp_path / "out"),
+                  "--case", case, *extra], SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
+    try:
+        code, stdout, stderr = finish(proc)
+    finally:
+        reap(proc)
+    lines = [line for line in stdout.splitlines() if line.startswith("{\"global_step\"")]
+    return code, (json.loads(lines[-1]) if lines else {}), stderr
+
+
+class TestTheTrainersOwnSchedule:
+    def test_a_stop_with_save_strategy_epoch_keeps_its_checkpoint_committed(
+            self, tmp_path: Path) -> None:
+        """save_strategy="epoch": a stop at step 5 commits checkpoint-5; the Trainer's epoch-end
+        save at the same step is not made, so the acknowledged checkpoint still verifies."""
+        code, result, stderr = run_case(tmp_path, "epoch", "--sigterm-at", "5")
+        assert code == 75, stderr[-3000:]
+        assert result["global_step"] == 5 and result["state"] == "stopped", result
+        assert result["committed"] == ["checkpoint-5"] == result["checkpoints"], result
+        assert result["resume"] == str(tmp_path / "out" / "checkpoint-5")
+
+    def test_a_stop_at_an_eval_step_without_a_new_best_still_checkpoints(
+            self, tmp_path: Path) -> None:
+        """save_strategy="best": the stop at step 10, an eval whose loss is no new best (the
+        Trainer declines the save there), is saved at the epoch's end and acknowledged."""
+        code, result, stderr = run_case(tmp_path, "best", "--sigterm-at", "10")
+        assert code == 75, stderr[-3000:]
+        assert (result["global_step"], result["state"], result["status_step"]) == (
+            10, "stopped", 10), result
+        assert "checkpoint-10" in result["committed"], result
+        assert result["resume"] == str(tmp_path / "out" / "checkpoint-10")
+
+    def test_early_stopping_completes_the_run_on_its_last_checkpoint(
+            self, tmp_path: Path) -> None:
+        """EarlyStoppingCallback ends training at step 20 after the Trainer's save there: that
+        save is the final one and the run is reported completed."""
+        code, result, stderr = run_case(tmp_path, "early_stop")
+        assert code == 0, stderr[-3000:]
+        assert (result["global_step"], result["state"], result["status_step"]) == (
+            20, "completed", 20), result
+        assert result["committed"] == ["checkpoint-10", "checkpoint-20"], result
+
+    def test_save_strategy_best_completes_when_the_last_eval_is_no_new_best(
+            self, tmp_path: Path) -> None:
+        """save_strategy="best", evaluated each epoch, the best eval the first: the Trainer
+        declines the final save, and the run is completed on its best committed checkpoint."""
+        code, result, stderr = run_case(tmp_path, "best_epoch")
+        assert code == 0, stderr[-3000:]
+        assert (result["global_step"], result["state"], result["status_step"]) == (
+            96, "completed", 96), result
+        assert result["committed"] == ["checkpoint-32"] == result["checkpoints"], result
+
+    def test_save_total_limit_1_with_a_best_model_is_refused_before_training(
+            self, tmp_path: Path) -> None:
+        """save_total_limit=1 with metric_for_best_model (the Trainer would delete the stop's
+        checkpoint when training ends) raises a one-line ValueError at on_train_begin, before
+        any step."""
+        code, result, stderr = run_case(tmp_path, "stl1", "--sigterm-at", "12")
+        assert code == 1 and result == {}, stderr[-3000:]
+        assert ("ValueError: save_total_limit=1 with metric_for_best_model (or "
+                "load_best_model_at_end): the Trainer deletes the watchdog's stop checkpoint "
+                "when training ends; set save_total_limit=2 or more") in stderr
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("checkpoint-*"))
+
+
 @TORCHRUN
 class TestHuggingFaceUnderTorchrun:
     def test_both_ranks_stop_at_the_same_step_with_one_committed_checkpoint(

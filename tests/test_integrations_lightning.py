@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TORCHRUN
 
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
@@ -18,6 +19,7 @@ from integration_helpers import (  # noqa: E402
     check_failed_run_is_not_ended,
     check_stop_then_resume,
     finish,
+    free_port,
     reap,
     spawn,
     wait_for_file,
@@ -110,3 +112,86 @@ class TestKilledDuringLightningsOwnSave:
         ckpt = status.last_checkpoint
         assert ckpt is not None and verify_checkpoint(ckpt.path, ckpt.sha256, ckpt.bytes) is None
         assert watchdog_resume(out) == str(Path(ckpt.path).parent / CHECKPOINT_FILE)
+
+
+class TestDirectoryCheckpoints:
+    def test_a_checkpoint_written_as_a_directory_is_resumed(self, tmp_path: Path) -> None:
+        """A CheckpointIO that writes model.ckpt as a directory (as FSDP sharded and DeepSpeed
+        do): the stop at step 9 commits it, watchdog_resume returns it and fit() resumes from
+        step 9 and completes."""
+        out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
+        argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
+                "--directory-checkpoints"]
+        proc = spawn([*argv, "--sigterm-at", "9"], **run_env)
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 75, stderr[-3000:]
+        ckpt = out / "checkpoint-9" / CHECKPOINT_FILE
+        assert ckpt.is_dir() and verify_dir(ckpt.parent) is not None
+        marker = json.loads((ckpt.parent / COMMIT_MARKER).read_text())
+        assert {"model.ckpt/weights.pt", "model.ckpt/state.pt"} <= set(marker["files"])
+        assert watchdog_resume(out) == str(ckpt)
+
+        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
+        try:
+            code, stdout, stderr = finish(resumed)
+        finally:
+            reap(resumed)
+        assert code == 0, stderr[-3000:]
+        assert f"ckpt_path={ckpt}" in stdout and "started at step 9" in stdout, stdout
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.step) == ("completed", 40)
+
+
+class TestStopAtAnEpochsLastBatch:
+    def test_the_resumed_run_trains_every_remaining_epoch(self, tmp_path: Path) -> None:
+        """A StatefulDataLoader of 10 batches, 3 epochs: a stop at step 10 (the first epoch's
+        last batch) is saved at the epoch's end, and the resumed run trains epochs 2 and 3 to
+        step 30 (saved at the batch end, Lightning skipped an epoch and ended at 20)."""
+        out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
+        argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
+                "--stateful-loader-epochs"]
+        proc = spawn([*argv, "--sigterm-at", "10"], **run_env)
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        assert code == 75, stderr[-3000:]
+        assert watchdog_resume(out) == str(out / "checkpoint-10" / CHECKPOINT_FILE)
+        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
+        try:
+            code, stdout, stderr = finish(resumed)
+        finally:
+            reap(resumed)
+        assert code == 0, stderr[-3000:]
+        assert "started at step 10" in stdout and "completed at step 30" in stdout, stdout
+        status = RunDir(tmp_path / "run").read_status()
+        assert status is not None and (status.state, status.step) == ("completed", 30)
+
+
+@TORCHRUN
+class TestLightningUnderTorchrun:
+    def test_sigterm_to_rank_0_commits_a_checkpoint_and_every_rank_exits_75(
+            self, tmp_path: Path) -> None:
+        """DDP (torchrun, 2 ranks): SIGTERM to rank 0 alone at step 7; Lightning raises its
+        SIGTERMException on rank 0 at that batch end and on rank 1 at the next batch start; both
+        ranks agree on the stop, commit checkpoint-7 and exit 75 (state=stopped)."""
+        out, run_dir = tmp_path / "out", tmp_path / "run"
+        proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                      "--max-restarts=0", str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
+                      "--sigterm-at", "7"], SESSION_WATCHDOG_RUN_DIR=str(run_dir))
+        try:
+            code, stdout, stderr = finish(proc)
+        finally:
+            reap(proc)
+        # torchrun reports the first worker's 75 as failed (and ends the other one)
+        assert code != 0 and "exitcode  : 75" in stderr, stdout[-3000:] + stderr[-6000:]
+        assert stderr.count("stopped reason=SIGTERM step=7") == 2, stderr[-6000:]
+        assert "fit() returned" not in stdout
+        status = RunDir(run_dir).read_status()
+        assert status is not None and (status.state, status.step) == ("stopped", 7), status
+        assert status.last_checkpoint is not None and status.last_checkpoint.step == 7
+        assert watchdog_resume(out) == str(out / "checkpoint-7" / CHECKPOINT_FILE)

@@ -226,6 +226,18 @@ class FrameworkSession(Session):
             return self._decide()
         return None
 
+    def stop_for_sigterm(self) -> Optional[_Flags]:
+        """The framework ends training at this step for SIGTERM, on every rank at once.
+
+        Lightning broadcasts rank 0's SIGTERM and raises ``SIGTERMException`` on every rank at
+        the same batch: the stop is decided now (collectively) rather than at the next agreed
+        step, which never comes.
+        """
+        self._sigterm = True
+        if self._dist is not None:
+            self._sync_at = self._step
+        return self._decide()
+
     @property
     def save_pending(self) -> bool:
         """Whether :meth:`saving` announced a save that was neither committed nor failed yet."""

@@ -22,8 +22,11 @@ What happens:
   reported by the heartbeat). The Trainer's own scheduled saves are committed the same way;
 - a stop ends ``trainer.train()`` normally, ``watchdog.stopped`` is True and the script exits
   with 75 (``EX_TEMPFAIL``: "try again later");
-- the last step always saves: its committed checkpoint makes the run ``completed`` in
-  ``trainer.json`` (the watchdog may then end the runtime). An exception that ends the script or
+- the last step always saves (once: where the Trainer ends training, at ``on_epoch_end``, also
+  when EarlyStoppingCallback ended it): its committed checkpoint makes the run ``completed`` in
+  ``trainer.json`` (the watchdog may then end the runtime). With ``save_strategy="best"`` the
+  Trainer may decline that save (no new best): the run completes on its newest committed
+  checkpoint. A committed ``checkpoint-N`` is never saved into again. An exception that ends the script or
   the notebook cell reports ``failed``, and the runtime is never ended for it.
 - ``watchdog_resume(output_dir)`` returns the newest *committed* ``checkpoint-N`` (one the process
   was killed in while the Trainer was writing it has no marker and is skipped), or None for a
@@ -33,12 +36,15 @@ What happens:
   mirror's newest down when the local disk has nothing newer (a new runtime).
 
 Keep ``save_total_limit`` at 2 or more (or None): the Trainer deletes old checkpoints *before* the
-new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint.
+new one is committed, and with a limit of 1 a kill in between would leave no committed checkpoint
+(a warning says so); with ``metric_for_best_model`` as well, the Trainer deletes the stop's
+checkpoint when training ends, and the callback refuses to start (``ValueError``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional, Union
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -115,14 +121,25 @@ class WatchdogCallback(TrainerCallback):
         self.session: Optional[FrameworkSession] = None
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None
-        self._final = False  # the save of the last step is under way
         self._final_saved: Optional[CommittedDir] = None
+        self._stopping = False  # the watchdog asked this run to stop
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
+        if args.save_total_limit == 1 and args.metric_for_best_model is not None:
+            # Trainer._finalize_training deletes every checkpoint but the best one when
+            # training ends: the checkpoint a stop acknowledged would be gone.
+            raise ValueError("save_total_limit=1 with metric_for_best_model (or "
+                             "load_best_model_at_end): the Trainer deletes the watchdog's stop "
+                             "checkpoint when training ends; set save_total_limit=2 or more")
+        if args.save_total_limit == 1:
+            warnings.warn("save_total_limit=1: the Trainer deletes the previous committed "
+                          "checkpoint before the new one is committed (a kill in between leaves "
+                          "none); set save_total_limit=2 or more", stacklevel=2)
         self.stopped = False
-        self._final = False
         self._final_saved = None
+        self._stopping = False
+        self.last_checkpoint = None
         if self.session is not None:
             self.session.close()
         # Every rank builds it (under torchrun: collectively), after the process group exists.
@@ -143,16 +160,40 @@ class WatchdogCallback(TrainerCallback):
             if session._closed:
                 return control
         flags = session.at_step_end(state.global_step)
-        last = control.should_training_stop or state.global_step >= state.max_steps
         if flags is not None:
             control.should_save = True
             if flags.stop:
                 control.should_training_stop = True
-        if last:
-            control.should_save = True  # the final checkpoint that completes the run
-            self._final = True
+                self._stopping = True
         if control.should_save:
             session.saving(flags)
+        # The last step's save is made sure of in on_epoch_end: HF calls it after the loop
+        # breaks, and it may save there itself (save_strategy="epoch"), evaluate and log.
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        # Runs after DefaultFlowCallback, before the Trainer's last log/evaluate/save of the
+        # epoch (Trainer._maybe_log_save_evaluate), also when a stop or max_steps broke the loop.
+        saved = self.last_checkpoint
+        if saved is not None and saved.step == state.global_step:
+            # Committed at this step already (a stop, the final save, or a request): a second
+            # save would rewrite the acknowledged directory in place (trainer_state.json changes
+            # with an epoch's log or eval) and it would no longer verify.
+            control.should_save = False
+            if args.save_strategy == "best":
+                control.should_evaluate = False  # its new best would set should_save again
+            return control
+        session = self.session
+        if session is None or session._closed or not control.should_training_stop:
+            return control
+        # Training ends here without a checkpoint at this step yet: the stop's save (the
+        # Trainer declined it at the step end: save_strategy="best" with no new best) or the
+        # final save that completes the run (also when EarlyStoppingCallback ended it).
+        control.should_save = True
+        if args.save_strategy == "best" and self._stopping:
+            control.should_evaluate = False  # a partial epoch's eval would override the save
+        session.saving(None)
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -161,7 +202,11 @@ class WatchdogCallback(TrainerCallback):
         if session is None or session._closed:
             return
         directory = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        final = self._final
+        # Training ends after this save (max_steps, another callback such as
+        # EarlyStoppingCallback, set before the save): it is the final checkpoint, unless the
+        # watchdog asked for the stop before the last step.
+        final = control.should_training_stop and (not self._stopping
+                                                  or state.global_step >= state.max_steps)
         saved = session.commit(directory, step=state.global_step, epoch=int(state.epoch or 0),
                                final=final)
         if saved is None:
@@ -178,5 +223,11 @@ class WatchdogCallback(TrainerCallback):
             return
         if self._final_saved is not None:
             session.finish(self._final_saved)
+        elif (args.save_strategy == "best" and self.last_checkpoint is not None
+              and not self._stopping and state.global_step >= state.max_steps):
+            # The Trainer declined the final save (save_strategy="best", the last eval no new
+            # best: it overrides should_save after every callback): the run completed, its
+            # checkpoints are the best ones it chose to keep.
+            session.finish(self.last_checkpoint)
         else:  # training ended without its final checkpoint committed (the save failed)
             session.fail(RuntimeError("training ended without a committed final checkpoint"))

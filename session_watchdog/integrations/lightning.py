@@ -29,6 +29,8 @@ What happens:
 For an exact mid-epoch resume, give Lightning a loader that saves its position: torchdata's
 ``StatefulDataLoader`` (``pip install 'session-watchdog[data]'``); Lightning stores its state in
 the checkpoint. With a plain ``DataLoader`` Lightning cannot continue an epoch where it stopped.
+A save decided at an epoch's last batch is made at that epoch's end (single process): from a
+save at that batch's end Lightning would skip the next epoch (see ``on_train_batch_end``).
 
 The callback is built on ``lightning.pytorch.Callback``; when only the older ``pytorch_lightning``
 package is installed (or it was imported and ``lightning`` was not), on that one instead.
@@ -83,14 +85,27 @@ def watchdog_resume(dirpath: Optional[PathLike],
                     mirror: Union[None, PathLike, Mirror] = None) -> Optional[str]:
     """The ``model.ckpt`` of the newest committed ``checkpoint-N`` in ``dirpath``, or None.
 
+    ``model.ckpt`` is a file, or a directory when the strategy writes one (FSDP sharded,
+    DeepSpeed): the marker covers every file under it either way.
+
     With ``mirror`` (the callback's): a newer committed checkpoint there is copied down into
     ``dirpath`` first, verified. Pass it to ``trainer.fit(..., ckpt_path=...)``; None starts
     from scratch.
     """
     found = restore_dir(mirror, dirpath, CHECKPOINT_PATTERN)
-    if found is None or not (found.directory / CHECKPOINT_FILE).is_file():
+    # A file, or a directory: what FSDP (state_dict_type="sharded"), DeepSpeed or a CheckpointIO
+    # plugin writes for one checkpoint path; ckpt_path takes either.
+    if found is None or not (found.directory / CHECKPOINT_FILE).exists():
         return None
     return str(found.directory / CHECKPOINT_FILE)
+
+
+def _raised_in_lightnings_broadcast(exception: BaseException) -> bool:
+    """Whether Lightning raised ``exception`` after its SIGTERM broadcast and barrier."""
+    tb = exception.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_broadcast_sigterm_tensor"
 
 
 class WatchdogCallback(Callback):
@@ -138,6 +153,7 @@ class WatchdogCallback(Callback):
         self.stopped = False
         self.last_checkpoint: Optional[CommittedDir] = None
         self._last_step = -1
+        self._deferred: Optional[_Flags] = None  # decided at an epoch's last batch
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -147,6 +163,7 @@ class WatchdogCallback(Callback):
         if self.session is not None:
             self.session.close()
         self.stopped = False
+        self._deferred = None
         # Every rank builds it, inside the process group Lightning set up (collective).
         self.session = FrameworkSession(self.dirpath, **self._options)
 
@@ -167,9 +184,22 @@ class WatchdogCallback(Callback):
         flags = session.at_step_end(step)
         if flags is None:
             return
-        self._save(trainer, flags)
         if flags.stop:
             trainer.should_stop = True
+        if session._dist is None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Saved here, at an epoch's last batch, Lightning resumes the checkpoint as a
+            # finished epoch while a StatefulDataLoader resumes its exhausted position: the next
+            # epoch would be skipped (its own save_checkpoint here does the same). Saved at the
+            # epoch's end (where ModelCheckpoint saves), it resumes exactly. Not under
+            # torch.distributed: Lightning's SIGTERM may end rank 0 before the epoch's end.
+            self._deferred = flags
+            return
+        self._save(trainer, flags)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        flags, self._deferred = self._deferred, None
+        if flags is not None and self.session is not None and not self.session._closed:
+            self._save(trainer, flags)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         session = self.session
@@ -184,10 +214,21 @@ class WatchdogCallback(Callback):
         if session is None:
             return
         if isinstance(exception, SystemExit) and type(exception).__name__ == "SIGTERMException":
-            # Lightning's own SIGTERM handling ends fit() at the epoch's end; our handler saw
-            # the signal too: checkpoint now if no step end did, and exit as "resumable".
-            if not session._closed:
-                flags = session._decide()
+            # Lightning's own SIGTERM handling ends fit() at the next batch, on every rank
+            # (rank 0's signal is broadcast): checkpoint now if no step end did, and exit as
+            # "resumable".
+            deferred, self._deferred = self._deferred, None
+            if not session._closed and deferred is not None:
+                self._save(trainer, deferred)  # decided at this epoch's last batch
+            elif not session._closed:
+                if session._dist is not None and not _raised_in_lightnings_broadcast(exception):
+                    # Rank 0 (the signalled rank) raises at its batch end; the others raise at
+                    # the next batch start after Lightning's barrier there
+                    # (training_epoch_loop._broadcast_sigterm_tensor): meet them in it first.
+                    import torch.distributed
+
+                    torch.distributed.barrier()
+                flags = session.stop_for_sigterm()
                 if flags is not None and flags.stop:
                     self._save(trainer, flags)
             if session.stopped:
