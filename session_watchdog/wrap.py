@@ -18,6 +18,7 @@ cancels a pending end of the runtime.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ class Child:
             self.output.started()
         self.pid = self.proc.pid
         self._escalation: Optional[threading.Timer] = None
-        self._previous: Dict[int, Any] = {}
+        self._relay: Optional[SignalRelay] = None
         self.interrupted = False  # a second Ctrl-C killed the command
         self.on_late_signal: Optional[Callable[[int], None]] = None
         log.info("child_started", argv=self.argv, pid=self.pid)
@@ -213,23 +214,61 @@ class Child:
 
     def install_forwarding(self, early: Optional[EarlySignals] = None) -> None:
         """Handle SIGINT/SIGTERM (main thread only), and those that came before the child did."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(sig, lambda signum, frame: self.forward(signum))
-            self._previous[sig] = early.previous.get(sig, previous) if early else previous
-        for signum in early.received if early else ():
-            self.forward(signum)
+        if threading.current_thread() is threading.main_thread():
+            self._relay = SignalRelay(self.forward, early)
 
     def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        if self._relay is not None:
+            self._relay.restore()
+            self._relay = None
         if self._escalation is not None:
             self._escalation.cancel()
 
     def wait(self, timeout: Optional[float] = None) -> int:
         return exit_code(self.proc.wait(timeout))
+
+
+class SignalRelay:
+    """SIGINT/SIGTERM handled by ``target(signum)`` in a thread of its own, never in the handler.
+
+    A handler runs in the main thread between two of its bytecodes, perhaps in the middle of a
+    log write that holds the log's lock (or the console's): a handler that logged there waited
+    for ever for a lock its own thread held, and the process then ignored every SIGTERM
+    (STYLE.md #6). The handler only queues the signal (``SimpleQueue.put`` is reentrant); the
+    relay thread forwards it and logs, taking locks as any thread does. Main thread only.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, target: Callable[[int], None], early: Optional[EarlySignals] = None) -> None:
+        self._queue: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._relay, args=(target,), daemon=True,
+                                        name="session-watchdog-signals")
+        self._thread.start()
+        self.previous: Dict[int, Any] = {}
+        for sig in self.SIGNALS:
+            previous = signal.signal(sig, lambda signum, frame: self._queue.put(signum))
+            self.previous[sig] = early.previous.get(sig, previous) if early else previous
+        for signum in early.received if early else ():  # those that came before the child did
+            self._queue.put(signum)
+
+    def _relay(self, target: Callable[[int], None]) -> None:
+        while True:
+            signum = self._queue.get()
+            if signum is None:
+                return
+            try:
+                target(signum)
+            except Exception as err:  # the next signal must still be handled
+                log.error("signal_failed", signal=signal.Signals(signum).name, error=repr(err))
+
+    def restore(self, timeout_s: float = 10.0) -> None:
+        """The previous handlers back; the signals already queued are handled first (bounded)."""
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous.clear()
+        self._queue.put(None)
+        self._thread.join(timeout_s)
 
 
 class EarlySignals:

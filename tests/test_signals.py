@@ -307,6 +307,53 @@ class TestSignalDuringATick:
         assert "tick_failed" not in [e["event"] for e in events(tmp_path / "log.jsonl")]
 
 
+# `run -- CMD` with a stop signal sent to itself while its main thread writes the line of EVENT,
+# holding the log's lock (as a SIGTERM from scancel or systemctl landing at that moment).
+SIGNAL_MID_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from session_watchdog import cli, log
+
+    tmp, event = sys.argv[1], sys.argv[2]
+    write = log.RotatingJsonl.write
+
+    def write_signalled(self, line):
+        if f'"event":"{event}"' in line.replace(" ", "") and not getattr(write_signalled, "done", False):
+            write_signalled.done = True
+            with self._lock:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100_000):  # bytecodes: the handler runs here, the lock held
+                    pass
+        return write(self, line)
+
+    log.RotatingJsonl.write = write_signalled
+    sys.exit(cli.main(["run", "--platform", "generic", "--interval", "0.3s", "--dry-run",
+                       "--run-dir", f"{tmp}/run", "--log-file", f"{tmp}/run.jsonl",
+                       "--", sys.executable, "-c", "raise SystemExit(3)"]))
+""")
+
+
+class TestSignalDuringAMainThreadLogWrite:
+    @pytest.mark.parametrize("event", ["daemon_stopped", "child_exited"])
+    def test_a_stop_signal_landing_in_a_log_write_of_the_main_thread_is_handled(
+            self, tmp_path, procs, event):
+        """A SIGTERM that lands while `run -- CMD`'s main thread writes a log line (holding the
+        log's lock) is handled and logged after it, whole: the process exits with the command's
+        code instead of waiting for ever on the lock its own thread holds."""
+        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_WRITE, str(tmp_path), event],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        procs.append(proc)
+        try:
+            out, err = proc.communicate(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`run` hung after a SIGTERM landed in the write of {event!r}")
+        assert proc.returncode == 3, err[-2000:]
+        lines = (tmp_path / "run.jsonl").read_text().splitlines()
+        names = [json.loads(line)["event"] for line in lines]  # every line whole
+        assert names.count("signal_received") == 1 and names.count(event) == 1, names
+
+
 class TestSecondRun:
     def test_a_second_run_on_a_watched_run_dir_starts_nothing(self, tmp_path, procs):
         """`run -- CMD` on a run dir another watchdog holds: exit 2, one line, CMD never started."""
