@@ -67,6 +67,7 @@ class Child:
         if not argv:
             raise WrapError("no command given: use `session-watchdog run [options] -- python train.py`")
         self.argv = list(argv)
+        self.run_dir = run_dir
         self.kill_after_s = kill_after_s
         # capture_stderr: its stderr passes through us and its tail is kept, so that a failure
         # message can quote the traceback (issue 15; supervise.output)
@@ -115,11 +116,16 @@ class Child:
             self.output.close()
 
     def trainer_pid(self) -> int:
-        """The process that gets the polite stop signal: our direct child, or, when that is a
-        shell (``run -- bash train.sh``) waiting on a single command, that command (followed down
+        """The process that gets the polite stop signal: the trainer that ``trainer.json`` names
+        when the kernel shows it holding ``run.lock`` in our command's process group
+        (:meth:`proven_trainer`); else our direct child, or, when that is a shell
+        (``run -- bash train.sh``) waiting on a single command, that command (followed down
         through nested shells). A shell dies of SIGTERM without passing it on, which would leave
         the trainer running until the group's SIGTERM kills its DataLoader workers first.
         """
+        proven = self.proven_trainer()
+        if proven is not None:
+            return proven
         pid = self.pid
         for _ in range(8):  # a few nested shells at most
             try:
@@ -134,6 +140,30 @@ class Child:
                 return pid
             pid = children[0].pid
         return pid
+
+    def proven_trainer(self) -> Optional[int]:
+        """The pid in ``trainer.json`` when it is our command's trainer, else None.
+
+        Behind ``python train.py | tee log``, ``conda run`` or a launcher our child is not the
+        trainer, and a shell with two children cannot tell which one is. The claim counts only
+        with the kernel's proof (:mod:`session_watchdog.identity`): the process holds
+        ``run.lock`` (never PID 1, ourselves or another uid), is in our command's process group
+        and was created when ``trainer.json`` says (not a reused pid). In DDP that is the
+        reporter rank, which passes the stop to the other ranks.
+        """
+        from session_watchdog import identity
+
+        run_dir = channel.RunDir(self.run_dir, create=False)
+        try:
+            status = run_dir.read_status()
+            if status is None or identity.trainer_pid_proven(run_dir, status.pid) is not None:
+                return None
+            proc = psutil.Process(status.pid)
+            if os.getpgid(status.pid) != self.pid or abs(proc.create_time() - status.start_time) > 0.05:
+                return None
+        except (channel.ChannelError, psutil.Error, OSError):
+            return None
+        return status.pid
 
     def forward(self, sig: int) -> None:
         """The user asked to stop (``sig`` is SIGTERM or SIGINT): stop politely, then escalate.

@@ -65,6 +65,31 @@ TRAINER = textwrap.dedent("""
 """)
 
 
+# A light trainer (no torch): holds run.lock shared and announces itself in trainer.json as a
+# Session does; on SIGTERM it says so and exits 75. Prints "ready <pid>" once it is announced.
+LOCK_HOLDER = textwrap.dedent("""
+    import os, signal, sys, time
+    import psutil
+    from session_watchdog import channel
+
+    run = channel.RunDir(os.environ["SESSION_WATCHDOG_RUN_DIR"])
+    lock = run.lock(channel.RUN_LOCK, shared=True)
+    lock.acquire()
+    run.write_status(channel.TrainerStatus(
+        pid=os.getpid(), start_time=psutil.Process().create_time(), state="running", step=0,
+        epoch=0, step_time_s=None, acked_seq=0, last_checkpoint=None, heartbeat=time.time() + 600))
+
+    def stop(signum, frame):
+        print("trainer got SIGTERM", flush=True)
+        sys.exit(75)
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(0.1)
+""")
+
+
 def events(log_file: Path) -> List[Dict[str, Any]]:
     if not log_file.exists():
         return []
@@ -190,6 +215,24 @@ class TestStopSignals:
         assert "killed by signal" not in stderr
         signalled = [e for e in events(tmp_path / "run.jsonl") if e["event"] == "child_signalled"]
         assert [e["pid"] for e in signalled] == [trainer.pid]
+
+    def test_sigterm_reaches_the_trainer_holding_run_lock_behind_a_pipeline(self, tmp_path, procs):
+        """`run -- bash -c "python train.py | cat"`: the shell has two children, so SIGTERM goes
+        to the trainer that trainer.json names and that holds run.lock in the command's group
+        (the shell would die of it and leave the trainer to the group's SIGTERM at kill_after)."""
+        script = tmp_path / "train.py"
+        script.write_text(LOCK_HOLDER)
+        proc = watchdog(procs, tmp_path, "--kill-after", "600s", "--",
+                        "bash", "-c", f"{sys.executable} {script} | cat")
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 0  # the pipeline's status: cat's
+        assert proc.stdout.read().strip() == "trainer got SIGTERM"
+        names = [e["event"] for e in events(tmp_path / "run.jsonl")]
+        signalled = [e for e in events(tmp_path / "run.jsonl") if e["event"] == "child_signalled"]
+        assert [e["pid"] for e in signalled] == [int(ready[1])]
+        assert "child_escalated" not in names
 
     def test_nothing_of_a_stopped_shell_wrapper_is_left_behind(self, tmp_path, procs):
         """A shell running two commands at once dies of the polite SIGTERM and leaves its

@@ -17,7 +17,7 @@ import pytest
 from fakes import FakeClock, ScriptedProbe, sample, status
 from integration_helpers import wait_for
 
-from session_watchdog import channel, platforms
+from session_watchdog import channel, platforms, wrap
 from session_watchdog.config import Config
 from session_watchdog.daemon import Watchdog
 from session_watchdog.preemption import Notice
@@ -107,6 +107,30 @@ class TestWrap:
         assert bad.returncode == 1
         assert not any(e["event"] == "action" and e.get("step", "").startswith("end_") for e in evs)
         assert [e["reason"] for e in evs if e["event"] == "decision"] == ["training_failed"]
+
+
+class TestStopTarget:
+    def test_a_run_lock_holder_outside_the_commands_group_is_not_the_target(self, tmp_path):
+        """trainer.json naming a process that holds run.lock but is not in the wrapped command's
+        process group (nor any process we started) is not believed: the stop goes to the child."""
+        run = channel.RunDir(tmp_path / "run")
+        holder = subprocess.Popen(["flock", "-s", str(run.file(channel.RUN_LOCK)), "sleep", "600"],
+                                  start_new_session=True)
+        child = None
+        try:
+            assert wait_for(lambda: run.lock_held(channel.RUN_LOCK))
+            flock_pid = holder.pid  # flock keeps the lock open in itself and its child
+            run.write_status(channel.TrainerStatus(
+                pid=flock_pid, start_time=psutil.Process(flock_pid).create_time(), state="running",
+                step=0, epoch=0, step_time_s=None, acked_seq=0, last_checkpoint=None,
+                heartbeat=time.time()))
+            child = wrap.Child(["sleep", "600"], run.path)
+            assert (child.proven_trainer(), child.trainer_pid()) == (None, child.pid)
+        finally:
+            for proc in (holder, child.proc if child is not None else None):
+                if proc is not None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=60)
 
 
 class TestAttach:
