@@ -221,9 +221,24 @@ class Child:
         return True
 
     def wait_group(self) -> None:
-        """After a stop signal: wait until the command's group is gone (the escalation runs)."""
+        """Once the command exited: leave nothing of its process group running.
+
+        After a stop signal the escalation ends the group; wait for it. Otherwise processes it
+        left behind (a shell's background job, a crashed trainer's helpers: still billing, still
+        holding ``run.lock``) get SIGTERM, and SIGKILL ``min(kill_after, 10s)`` later.
+        """
         if self._escalation is not None:
             wait_until(lambda: not self.group_alive(), self.kill_after_s + KILL_GRACE_S + 5.0, 0.1)
+            return
+        if not self.group_alive():
+            return
+        then = min(self.kill_after_s, KILL_GRACE_S)
+        log.warning("child_group_ended", pid=self.pid, message="the command exited and left "
+                    f"processes of its group running; SIGTERM to them, SIGKILL {then:g}s later")
+        self._killpg(signal.SIGTERM)
+        if not wait_until(lambda: not self.group_alive(), then, 0.1):
+            self._kill()
+            wait_until(lambda: not self.group_alive(), KILL_GRACE_S, 0.1)
 
     def _escalate(self) -> None:
         if self.group_alive():

@@ -88,6 +88,35 @@ class TestWrap:
         assert time.monotonic() - sent >= 1.0
         assert [e["event"] for e in events(tmp_path)].count("child_killed") == 1
 
+    def test_processes_the_command_left_behind_are_ended(self, tmp_path):
+        """A command that exits (code 3) leaving a process of its group that ignores SIGTERM:
+        the watchdog says so, SIGTERMs then SIGKILLs the group after kill_after (1 s), and exits 3."""
+        with open(tmp_path / "stderr", "w") as stderr:  # a pipe would stay open in the survivor
+            proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--kill-after", "1s",
+                                     "--run-dir", str(tmp_path / "run"), "--log-file",
+                                     str(tmp_path / "log.jsonl"), "--", "bash", "-c",
+                                     "(trap '' TERM; sleep 600) & exit 3"],
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+        group = None
+        try:
+            assert wait_for(lambda: (tmp_path / "log.jsonl").exists()
+                            and "child_started" in (tmp_path / "log.jsonl").read_text())
+            group = [e["pid"] for e in events(tmp_path) if e["event"] == "child_started"][0]
+            assert proc.wait(timeout=180) == 3, (tmp_path / "stderr").read_text()
+            with pytest.raises(ProcessLookupError):
+                os.killpg(group, 0)
+            names = [e["event"] for e in events(tmp_path)]
+            assert [n for n in names if n in ("child_exited", "child_group_ended", "child_killed")] \
+                == ["child_exited", "child_group_ended", "child_killed"]
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+            if group is not None:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def test_missing_command_is_a_clear_error(self, tmp_path):
         """A command that does not exist: exit 2, one line."""
         proc = cli_run(tmp_path, "--", "/nonexistent/train")
