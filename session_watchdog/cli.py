@@ -34,7 +34,15 @@ class UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and the hint to --help), exit code 2."""
+    """argparse, but a usage error is one line (and the hint to --help), exit code 2.
+
+    No abbreviated long options (``--det`` for ``--detach``): a detached copy is started with
+    ``--detach`` removed by its exact name, so an abbreviation would detach again, for ever.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")

@@ -238,6 +238,20 @@ class TestDetach:
         assert stop.returncode == 0, stop.stderr
         assert wait_for(lambda: not channel.lock_held(run_dir / channel.DAEMON_LOCK))
 
+    @pytest.mark.parametrize("argv, bad", [(["run", "--det", "--", "sleep", "1"], "--det"),
+                                           (["attach", "--pid", "1", "--deta"], "--deta"),
+                                           (["status", "--run-d", "x"], "--run-d x")])
+    def test_an_abbreviated_option_is_refused(self, argv, bad, capsys):
+        """`run --det` is not --detach (the detached copy, started with --detach removed by name,
+        would detach again for ever): no long option is accepted abbreviated; exit 2, one line."""
+        from session_watchdog import cli
+
+        with pytest.raises(SystemExit) as exited:
+            cli.build_parser().parse_args(argv)
+        err = capsys.readouterr().err
+        assert (exited.value.code, len(err.strip().splitlines())) == (2, 1)
+        assert f"unrecognized arguments: {bad} " in err
+
     def test_stop_without_a_watchdog(self, tmp_path):
         """stop when nothing runs says so (exit 2)."""
         (tmp_path / "run").mkdir(mode=0o700)
