@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the watchdog (and wrap a command: run -- python train.py)")
     _add_config_flags(run)
     run.add_argument("--for", dest="run_for", metavar="DURATION",
-                     help="stop the watchdog after this long (e.g. 2m)")
+                     help="stop the watchdog after this long (e.g. 2m); with a command, stop "
+                          "the command then as SIGTERM would (the trainer checkpoints and exits; "
+                          "kill_after applies) and exit with its exit code")
     run.add_argument("--detach", action="store_true",
                      help="keep running after the terminal/SSH session closes (setsid)")
     run.add_argument("--new-session", action="store_true",
@@ -257,6 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     child: Any = None  # wrap.Child, or a supervise.restarts.Supervisor under --restarts
     early = wrap.EarlySignals() if command else None
     late_signals: List[str] = []  # stop signals that came after the command ended
+    time_box: Optional[threading.Timer] = None  # --for with a command
     child_gone_at: Dict[str, float] = {}
 
     def child_exit() -> Optional[int]:
@@ -301,6 +304,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             child.on_late_signal = on_late_signal
             child.install_forwarding(early)
+            if run_for is not None:  # --for with a command: its time box; we watch it stop
+                def time_up() -> None:
+                    if child.exit_status() is None:
+                        log.get_logger().info("run_for_elapsed", run_for_s=run_for,
+                                              message="--for elapsed; stopping the command")
+                        child.forward(signal.SIGTERM)
+
+                time_box = threading.Timer(run_for, time_up)
+                time_box.daemon = True
+                time_box.start()
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 
@@ -324,7 +337,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     return False
             return True
 
-        watchdog.run(stop_when=stop_when, handle_signals=child is None, run_for=run_for)
+        watchdog.run(stop_when=stop_when, handle_signals=child is None,
+                     run_for=None if child is not None else run_for)
         if child is not None:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
@@ -346,6 +360,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             watchdog.release()  # the command did not start: the run dir is free again
         raise UserError(str(err)) from None
     finally:
+        if time_box is not None:
+            time_box.cancel()
         if child is not None:
             child.close_output()  # the rest of its stderr, before we exit
             child.restore()

@@ -117,6 +117,34 @@ class TestWrap:
                 except ProcessLookupError:
                     pass
 
+    def test_for_stops_the_command_as_sigterm_would(self, tmp_path):
+        """`run --for 1s -- CMD`: at 1 s the command is asked to stop (SIGTERM to it, its group
+        only after kill_after), watched while it does, and its exit code (75) is ours."""
+        code = textwrap.dedent("""
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
+            time.sleep(600)
+        """)
+        proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--for", "1s", "--kill-after", "600s",
+                                 "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl"),
+                                 "--", sys.executable, "-c", code],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.wait(timeout=180) == 75, proc.stderr.read() if proc.stderr else ""
+            names = [e["event"] for e in events(tmp_path)]
+            assert [n for n in names if n in ("run_for_elapsed", "child_signalled", "child_exited",
+                                              "daemon_stopped")] \
+                == ["run_for_elapsed", "child_signalled", "daemon_stopped", "child_exited"]
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+            for e in events(tmp_path) if (tmp_path / "log.jsonl").exists() else []:
+                if e["event"] == "child_started":
+                    try:
+                        os.killpg(e["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
     def test_missing_command_is_a_clear_error(self, tmp_path):
         """A command that does not exist: exit 2, one line."""
         proc = cli_run(tmp_path, "--", "/nonexistent/train")
