@@ -252,6 +252,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.child_command)
     if command[:1] == ["--"]:
         command = command[1:]
+        if not command:  # `-- $CMD` with CMD empty: never a watchdog alone, silently
+            raise UserError("no command after '--' (an empty variable?): use `session-watchdog run "
+                            "[options] -- python train.py`, or leave out '--' to watch alone")
     if args.detach:
         return _detach(args, config)
     _configure_log(config)

@@ -145,6 +145,16 @@ class TestWrap:
                     except ProcessLookupError:
                         pass
 
+    @pytest.mark.parametrize("detach", [[], ["--detach"]])
+    def test_nothing_after_the_double_dash_is_a_clear_error(self, tmp_path, detach):
+        """`run -- $CMD` with CMD empty: exit 2 with one line, not a watchdog running alone."""
+        proc = cli_run(tmp_path, "--for", "5s", *detach, "--", timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "session-watchdog: error: no command after '--' (an empty variable?): use "
+            "`session-watchdog run [options] -- python train.py`, or leave out '--' to watch alone"]
+        assert not channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK)
+
     def test_missing_command_is_a_clear_error(self, tmp_path):
         """A command that does not exist: exit 2, one line."""
         proc = cli_run(tmp_path, "--", "/nonexistent/train")
