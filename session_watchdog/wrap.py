@@ -17,6 +17,7 @@ cancels a pending end of the runtime.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
@@ -87,6 +88,12 @@ class Child:
         except PermissionError:
             self.close_output()
             raise WrapError(f"command is not executable: {self.argv[0]!r}") from None
+        except OSError as err:  # ENOEXEC (a script without '#!'), E2BIG, ELOOP, ...
+            self.close_output()
+            hint = ("; a script needs a first line such as #!/bin/bash, or run it through its "
+                    "interpreter (bash script.sh)") if err.errno == errno.ENOEXEC else ""
+            raise WrapError(f"command could not be executed: {self.argv[0]!r}: "
+                            f"{err.strerror or err}{hint}") from None
         if self.output is not None:
             self.output.started()
         self.pid = self.proc.pid

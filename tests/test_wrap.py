@@ -155,6 +155,20 @@ class TestWrap:
             "`session-watchdog run [options] -- python train.py`, or leave out '--' to watch alone"]
         assert not channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK)
 
+    def test_a_script_without_a_shebang_is_a_clear_error(self, tmp_path):
+        """An executable script without '#!': exit 2, one line saying it could not be executed
+        and why, and the watchdog logs its stop."""
+        script = tmp_path / "train.sh"
+        script.write_text("echo hi\n")
+        script.chmod(0o755)
+        proc = cli_run(tmp_path, "--", str(script))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"session-watchdog: error: command could not be executed: {str(script)!r}: Exec format "
+            "error; a script needs a first line such as #!/bin/bash, or run it through its "
+            "interpreter (bash script.sh)")
+        assert [e["event"] for e in events(tmp_path)][-1] == "daemon_stopped"
+
     def test_missing_command_is_a_clear_error(self, tmp_path):
         """A command that does not exist: exit 2, one line."""
         proc = cli_run(tmp_path, "--", "/nonexistent/train")
