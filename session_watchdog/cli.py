@@ -34,7 +34,15 @@ class UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and the hint to --help), exit code 2."""
+    """argparse, but a usage error is one line (and the hint to --help), exit code 2.
+
+    No abbreviated long options (``--det`` for ``--detach``): a detached copy is started with
+    ``--detach`` removed by its exact name, so an abbreviation would detach again, for ever.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -74,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the watchdog (and wrap a command: run -- python train.py)")
     _add_config_flags(run)
     run.add_argument("--for", dest="run_for", metavar="DURATION",
-                     help="stop the watchdog after this long (e.g. 2m)")
+                     help="stop the watchdog after this long (e.g. 2m); with a command, stop "
+                          "the command then as SIGTERM would (the trainer checkpoints and exits; "
+                          "kill_after applies) and exit with its exit code")
     run.add_argument("--detach", action="store_true",
                      help="keep running after the terminal/SSH session closes (setsid)")
     run.add_argument("--new-session", action="store_true",
@@ -255,6 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.child_command)
     if command[:1] == ["--"]:
         command = command[1:]
+        if not command:  # `-- $CMD` with CMD empty: never a watchdog alone, silently
+            raise UserError("no command after '--' (an empty variable?): use `session-watchdog run "
+                            "[options] -- python train.py`, or leave out '--' to watch alone")
     if args.detach:
         return _detach(args, config)
     _configure_log(config)
@@ -262,6 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     child: Any = None  # wrap.Child, or a supervise.restarts.Supervisor under --restarts
     early = wrap.EarlySignals() if command else None
     late_signals: List[str] = []  # stop signals that came after the command ended
+    time_box: Optional[threading.Timer] = None  # --for with a command
     child_gone_at: Dict[str, float] = {}
 
     # the exit as the daemon sees it: under --restarts the supervisor's; else reported once a
@@ -318,6 +332,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             child.on_late_signal = on_late_signal
             child.install_forwarding(early)
+            if run_for is not None:  # --for with a command: its time box; we watch it stop
+                def time_up() -> None:
+                    if child.exit_status() is None:
+                        log.get_logger().info("run_for_elapsed", run_for_s=run_for,
+                                              message="--for elapsed; stopping the command")
+                        child.forward(signal.SIGTERM)
+
+                time_box = threading.Timer(run_for, time_up)
+                time_box.daemon = True
+                time_box.start()
         print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
               f"log {config.log_file}", file=sys.stderr)
 
@@ -341,7 +365,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     return False
             return True
 
-        watchdog.run(stop_when=stop_when, handle_signals=child is None, run_for=run_for)
+        watchdog.run(stop_when=stop_when, handle_signals=child is None,
+                     run_for=None if child is not None else run_for)
         if child is not None:
             code = child.wait()
             log.get_logger().info("child_exited", pid=child.pid, exit_code=code)
@@ -360,6 +385,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             watchdog.release()  # the command did not start: the run dir is free again
         raise UserError(str(err)) from None
     finally:
+        if time_box is not None:
+            time_box.cancel()
         if child is not None:
             child.close_output()  # the rest of its stderr, before we exit
             child.restore()

@@ -17,7 +17,9 @@ cancels a pending end of the runtime.
 
 from __future__ import annotations
 
+import errno
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -66,6 +68,7 @@ class Child:
         if not argv:
             raise WrapError("no command given: use `session-watchdog run [options] -- python train.py`")
         self.argv = list(argv)
+        self.run_dir = run_dir
         self.kill_after_s = kill_after_s
         # capture_stderr: its stderr passes through us and its tail is kept, so that a failure
         # message can quote the traceback (issue 15; supervise.output)
@@ -85,11 +88,17 @@ class Child:
         except PermissionError:
             self.close_output()
             raise WrapError(f"command is not executable: {self.argv[0]!r}") from None
+        except OSError as err:  # ENOEXEC (a script without '#!'), E2BIG, ELOOP, ...
+            self.close_output()
+            hint = ("; a script needs a first line such as #!/bin/bash, or run it through its "
+                    "interpreter (bash script.sh)") if err.errno == errno.ENOEXEC else ""
+            raise WrapError(f"command could not be executed: {self.argv[0]!r}: "
+                            f"{err.strerror or err}{hint}") from None
         if self.output is not None:
             self.output.started()
         self.pid = self.proc.pid
         self._escalation: Optional[threading.Timer] = None
-        self._previous: Dict[int, Any] = {}
+        self._relay: Optional[SignalRelay] = None
         self.interrupted = False  # a second Ctrl-C killed the command
         self.on_late_signal: Optional[Callable[[int], None]] = None
         log.info("child_started", argv=self.argv, pid=self.pid)
@@ -114,11 +123,16 @@ class Child:
             self.output.close()
 
     def trainer_pid(self) -> int:
-        """The process that gets the polite stop signal: our direct child, or, when that is a
-        shell (``run -- bash train.sh``) waiting on a single command, that command (followed down
+        """The process that gets the polite stop signal: the trainer that ``trainer.json`` names
+        when the kernel shows it holding ``run.lock`` in our command's process group
+        (:meth:`proven_trainer`); else our direct child, or, when that is a shell
+        (``run -- bash train.sh``) waiting on a single command, that command (followed down
         through nested shells). A shell dies of SIGTERM without passing it on, which would leave
         the trainer running until the group's SIGTERM kills its DataLoader workers first.
         """
+        proven = self.proven_trainer()
+        if proven is not None:
+            return proven
         pid = self.pid
         for _ in range(8):  # a few nested shells at most
             try:
@@ -133,6 +147,30 @@ class Child:
                 return pid
             pid = children[0].pid
         return pid
+
+    def proven_trainer(self) -> Optional[int]:
+        """The pid in ``trainer.json`` when it is our command's trainer, else None.
+
+        Behind ``python train.py | tee log``, ``conda run`` or a launcher our child is not the
+        trainer, and a shell with two children cannot tell which one is. The claim counts only
+        with the kernel's proof (:mod:`session_watchdog.identity`): the process holds
+        ``run.lock`` (never PID 1, ourselves or another uid), is in our command's process group
+        and was created when ``trainer.json`` says (not a reused pid). In DDP that is the
+        reporter rank, which passes the stop to the other ranks.
+        """
+        from session_watchdog import identity
+
+        run_dir = channel.RunDir(self.run_dir, create=False)
+        try:
+            status = run_dir.read_status()
+            if status is None or identity.trainer_pid_proven(run_dir, status.pid) is not None:
+                return None
+            proc = psutil.Process(status.pid)
+            if os.getpgid(status.pid) != self.pid or abs(proc.create_time() - status.start_time) > 0.05:
+                return None
+        except (channel.ChannelError, psutil.Error, OSError):
+            return None
+        return status.pid
 
     def forward(self, sig: int) -> None:
         """The user asked to stop (``sig`` is SIGTERM or SIGINT): stop politely, then escalate.
@@ -190,9 +228,24 @@ class Child:
         return True
 
     def wait_group(self) -> None:
-        """After a stop signal: wait until the command's group is gone (the escalation runs)."""
+        """Once the command exited: leave nothing of its process group running.
+
+        After a stop signal the escalation ends the group; wait for it. Otherwise processes it
+        left behind (a shell's background job, a crashed trainer's helpers: still billing, still
+        holding ``run.lock``) get SIGTERM, and SIGKILL ``min(kill_after, 10s)`` later.
+        """
         if self._escalation is not None:
             wait_until(lambda: not self.group_alive(), self.kill_after_s + KILL_GRACE_S + 5.0, 0.1)
+            return
+        if not self.group_alive():
+            return
+        then = min(self.kill_after_s, KILL_GRACE_S)
+        log.warning("child_group_ended", pid=self.pid, message="the command exited and left "
+                    f"processes of its group running; SIGTERM to them, SIGKILL {then:g}s later")
+        self._killpg(signal.SIGTERM)
+        if not wait_until(lambda: not self.group_alive(), then, 0.1):
+            self._kill()
+            wait_until(lambda: not self.group_alive(), KILL_GRACE_S, 0.1)
 
     def _escalate(self) -> None:
         if self.group_alive():
@@ -213,23 +266,61 @@ class Child:
 
     def install_forwarding(self, early: Optional[EarlySignals] = None) -> None:
         """Handle SIGINT/SIGTERM (main thread only), and those that came before the child did."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(sig, lambda signum, frame: self.forward(signum))
-            self._previous[sig] = early.previous.get(sig, previous) if early else previous
-        for signum in early.received if early else ():
-            self.forward(signum)
+        if threading.current_thread() is threading.main_thread():
+            self._relay = SignalRelay(self.forward, early)
 
     def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        if self._relay is not None:
+            self._relay.restore()
+            self._relay = None
         if self._escalation is not None:
             self._escalation.cancel()
 
     def wait(self, timeout: Optional[float] = None) -> int:
         return exit_code(self.proc.wait(timeout))
+
+
+class SignalRelay:
+    """SIGINT/SIGTERM handled by ``target(signum)`` in a thread of its own, never in the handler.
+
+    A handler runs in the main thread between two of its bytecodes, perhaps in the middle of a
+    log write that holds the log's lock (or the console's): a handler that logged there waited
+    for ever for a lock its own thread held, and the process then ignored every SIGTERM
+    (STYLE.md #6). The handler only queues the signal (``SimpleQueue.put`` is reentrant); the
+    relay thread forwards it and logs, taking locks as any thread does. Main thread only.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, target: Callable[[int], None], early: Optional[EarlySignals] = None) -> None:
+        self._queue: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._relay, args=(target,), daemon=True,
+                                        name="session-watchdog-signals")
+        self._thread.start()
+        self.previous: Dict[int, Any] = {}
+        for sig in self.SIGNALS:
+            previous = signal.signal(sig, lambda signum, frame: self._queue.put(signum))
+            self.previous[sig] = early.previous.get(sig, previous) if early else previous
+        for signum in early.received if early else ():  # those that came before the child did
+            self._queue.put(signum)
+
+    def _relay(self, target: Callable[[int], None]) -> None:
+        while True:
+            signum = self._queue.get()
+            if signum is None:
+                return
+            try:
+                target(signum)
+            except Exception as err:  # the next signal must still be handled
+                log.error("signal_failed", signal=signal.Signals(signum).name, error=repr(err))
+
+    def restore(self, timeout_s: float = 10.0) -> None:
+        """The previous handlers back; the signals already queued are handled first (bounded)."""
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous.clear()
+        self._queue.put(None)
+        self._thread.join(timeout_s)
 
 
 class EarlySignals:

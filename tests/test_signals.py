@@ -65,6 +65,31 @@ TRAINER = textwrap.dedent("""
 """)
 
 
+# A light trainer (no torch): holds run.lock shared and announces itself in trainer.json as a
+# Session does; on SIGTERM it says so and exits 75. Prints "ready <pid>" once it is announced.
+LOCK_HOLDER = textwrap.dedent("""
+    import os, signal, sys, time
+    import psutil
+    from session_watchdog import channel
+
+    run = channel.RunDir(os.environ["SESSION_WATCHDOG_RUN_DIR"])
+    lock = run.lock(channel.RUN_LOCK, shared=True)
+    lock.acquire()
+    run.write_status(channel.TrainerStatus(
+        pid=os.getpid(), start_time=psutil.Process().create_time(), state="running", step=0,
+        epoch=0, step_time_s=None, acked_seq=0, last_checkpoint=None, heartbeat=time.time() + 600))
+
+    def stop(signum, frame):
+        print("trainer got SIGTERM", flush=True)
+        sys.exit(75)
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(0.1)
+""")
+
+
 def events(log_file: Path) -> List[Dict[str, Any]]:
     if not log_file.exists():
         return []
@@ -191,6 +216,24 @@ class TestStopSignals:
         signalled = [e for e in events(tmp_path / "run.jsonl") if e["event"] == "child_signalled"]
         assert [e["pid"] for e in signalled] == [trainer.pid]
 
+    def test_sigterm_reaches_the_trainer_holding_run_lock_behind_a_pipeline(self, tmp_path, procs):
+        """`run -- bash -c "python train.py | cat"`: the shell has two children, so SIGTERM goes
+        to the trainer that trainer.json names and that holds run.lock in the command's group
+        (the shell would die of it and leave the trainer to the group's SIGTERM at kill_after)."""
+        script = tmp_path / "train.py"
+        script.write_text(LOCK_HOLDER)
+        proc = watchdog(procs, tmp_path, "--kill-after", "600s", "--",
+                        "bash", "-c", f"{sys.executable} {script} | cat")
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 0  # the pipeline's status: cat's
+        assert proc.stdout.read().strip() == "trainer got SIGTERM"
+        names = [e["event"] for e in events(tmp_path / "run.jsonl")]
+        signalled = [e for e in events(tmp_path / "run.jsonl") if e["event"] == "child_signalled"]
+        assert [e["pid"] for e in signalled] == [int(ready[1])]
+        assert "child_escalated" not in names
+
     def test_nothing_of_a_stopped_shell_wrapper_is_left_behind(self, tmp_path, procs):
         """A shell running two commands at once dies of the polite SIGTERM and leaves its
         children in the group: the watchdog escalates to the group after kill_after and exits
@@ -305,6 +348,53 @@ class TestSignalDuringATick:
         proc, out, err = run_mid_tick(procs, tmp_path, "sigint")
         assert (proc.returncode, out.split()) == (0, ["interrupted", "2", "False"]), err[-2000:]
         assert "tick_failed" not in [e["event"] for e in events(tmp_path / "log.jsonl")]
+
+
+# `run -- CMD` with a stop signal sent to itself while its main thread writes the line of EVENT,
+# holding the log's lock (as a SIGTERM from scancel or systemctl landing at that moment).
+SIGNAL_MID_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from session_watchdog import cli, log
+
+    tmp, event = sys.argv[1], sys.argv[2]
+    write = log.RotatingJsonl.write
+
+    def write_signalled(self, line):
+        if f'"event":"{event}"' in line.replace(" ", "") and not getattr(write_signalled, "done", False):
+            write_signalled.done = True
+            with self._lock:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100_000):  # bytecodes: the handler runs here, the lock held
+                    pass
+        return write(self, line)
+
+    log.RotatingJsonl.write = write_signalled
+    sys.exit(cli.main(["run", "--platform", "generic", "--interval", "0.3s", "--dry-run",
+                       "--run-dir", f"{tmp}/run", "--log-file", f"{tmp}/run.jsonl",
+                       "--", sys.executable, "-c", "raise SystemExit(3)"]))
+""")
+
+
+class TestSignalDuringAMainThreadLogWrite:
+    @pytest.mark.parametrize("event", ["daemon_stopped", "child_exited"])
+    def test_a_stop_signal_landing_in_a_log_write_of_the_main_thread_is_handled(
+            self, tmp_path, procs, event):
+        """A SIGTERM that lands while `run -- CMD`'s main thread writes a log line (holding the
+        log's lock) is handled and logged after it, whole: the process exits with the command's
+        code instead of waiting for ever on the lock its own thread holds."""
+        proc = subprocess.Popen([sys.executable, "-c", SIGNAL_MID_WRITE, str(tmp_path), event],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        procs.append(proc)
+        try:
+            out, err = proc.communicate(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`run` hung after a SIGTERM landed in the write of {event!r}")
+        assert proc.returncode == 3, err[-2000:]
+        lines = (tmp_path / "run.jsonl").read_text().splitlines()
+        names = [json.loads(line)["event"] for line in lines]  # every line whole
+        assert names.count("signal_received") == 1 and names.count(event) == 1, names
 
 
 class TestSecondRun:

@@ -17,7 +17,7 @@ import pytest
 from fakes import FakeClock, ScriptedProbe, sample, status
 from integration_helpers import wait_for
 
-from session_watchdog import channel, platforms
+from session_watchdog import channel, platforms, wrap
 from session_watchdog.config import Config
 from session_watchdog.daemon import Watchdog
 from session_watchdog.preemption import Notice
@@ -88,6 +88,87 @@ class TestWrap:
         assert time.monotonic() - sent >= 1.0
         assert [e["event"] for e in events(tmp_path)].count("child_killed") == 1
 
+    def test_processes_the_command_left_behind_are_ended(self, tmp_path):
+        """A command that exits (code 3) leaving a process of its group that ignores SIGTERM:
+        the watchdog says so, SIGTERMs then SIGKILLs the group after kill_after (1 s), and exits 3."""
+        with open(tmp_path / "stderr", "w") as stderr:  # a pipe would stay open in the survivor
+            proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--kill-after", "1s",
+                                     "--run-dir", str(tmp_path / "run"), "--log-file",
+                                     str(tmp_path / "log.jsonl"), "--", "bash", "-c",
+                                     "(trap '' TERM; sleep 600) & exit 3"],
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+        group = None
+        try:
+            assert wait_for(lambda: (tmp_path / "log.jsonl").exists()
+                            and "child_started" in (tmp_path / "log.jsonl").read_text())
+            group = [e["pid"] for e in events(tmp_path) if e["event"] == "child_started"][0]
+            assert proc.wait(timeout=180) == 3, (tmp_path / "stderr").read_text()
+            with pytest.raises(ProcessLookupError):
+                os.killpg(group, 0)
+            names = [e["event"] for e in events(tmp_path)]
+            assert [n for n in names if n in ("child_exited", "child_group_ended", "child_killed")] \
+                == ["child_exited", "child_group_ended", "child_killed"]
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+            if group is not None:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def test_for_stops_the_command_as_sigterm_would(self, tmp_path):
+        """`run --for 1s -- CMD`: at 1 s the command is asked to stop (SIGTERM to it, its group
+        only after kill_after), watched while it does, and its exit code (75) is ours."""
+        code = textwrap.dedent("""
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
+            time.sleep(600)
+        """)
+        proc = subprocess.Popen([*CLI, "run", "--interval", "0.3s", "--for", "1s", "--kill-after", "600s",
+                                 "--run-dir", str(tmp_path / "run"), "--log-file", str(tmp_path / "log.jsonl"),
+                                 "--", sys.executable, "-c", code],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.wait(timeout=180) == 75, proc.stderr.read() if proc.stderr else ""
+            names = [e["event"] for e in events(tmp_path)]
+            assert [n for n in names if n in ("run_for_elapsed", "child_signalled", "child_exited",
+                                              "daemon_stopped")] \
+                == ["run_for_elapsed", "child_signalled", "daemon_stopped", "child_exited"]
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+            for e in events(tmp_path) if (tmp_path / "log.jsonl").exists() else []:
+                if e["event"] == "child_started":
+                    try:
+                        os.killpg(e["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    @pytest.mark.parametrize("detach", [[], ["--detach"]])
+    def test_nothing_after_the_double_dash_is_a_clear_error(self, tmp_path, detach):
+        """`run -- $CMD` with CMD empty: exit 2 with one line, not a watchdog running alone."""
+        proc = cli_run(tmp_path, "--for", "5s", *detach, "--", timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "session-watchdog: error: no command after '--' (an empty variable?): use "
+            "`session-watchdog run [options] -- python train.py`, or leave out '--' to watch alone"]
+        assert not channel.lock_held(tmp_path / "run" / channel.DAEMON_LOCK)
+
+    def test_a_script_without_a_shebang_is_a_clear_error(self, tmp_path):
+        """An executable script without '#!': exit 2, one line saying it could not be executed
+        and why, and the watchdog logs its stop."""
+        script = tmp_path / "train.sh"
+        script.write_text("echo hi\n")
+        script.chmod(0o755)
+        proc = cli_run(tmp_path, "--", str(script))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"session-watchdog: error: command could not be executed: {str(script)!r}: Exec format "
+            "error; a script needs a first line such as #!/bin/bash, or run it through its "
+            "interpreter (bash script.sh)")
+        assert [e["event"] for e in events(tmp_path)][-1] == "daemon_stopped"
+
     def test_missing_command_is_a_clear_error(self, tmp_path):
         """A command that does not exist: exit 2, one line."""
         proc = cli_run(tmp_path, "--", "/nonexistent/train")
@@ -107,6 +188,30 @@ class TestWrap:
         assert bad.returncode == 1
         assert not any(e["event"] == "action" and e.get("step", "").startswith("end_") for e in evs)
         assert [e["reason"] for e in evs if e["event"] == "decision"] == ["training_failed"]
+
+
+class TestStopTarget:
+    def test_a_run_lock_holder_outside_the_commands_group_is_not_the_target(self, tmp_path):
+        """trainer.json naming a process that holds run.lock but is not in the wrapped command's
+        process group (nor any process we started) is not believed: the stop goes to the child."""
+        run = channel.RunDir(tmp_path / "run")
+        holder = subprocess.Popen(["flock", "-s", str(run.file(channel.RUN_LOCK)), "sleep", "600"],
+                                  start_new_session=True)
+        child = None
+        try:
+            assert wait_for(lambda: run.lock_held(channel.RUN_LOCK))
+            flock_pid = holder.pid  # flock keeps the lock open in itself and its child
+            run.write_status(channel.TrainerStatus(
+                pid=flock_pid, start_time=psutil.Process(flock_pid).create_time(), state="running",
+                step=0, epoch=0, step_time_s=None, acked_seq=0, last_checkpoint=None,
+                heartbeat=time.time()))
+            child = wrap.Child(["sleep", "600"], run.path)
+            assert (child.proven_trainer(), child.trainer_pid()) == (None, child.pid)
+        finally:
+            for proc in (holder, child.proc if child is not None else None):
+                if proc is not None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=60)
 
 
 class TestAttach:
@@ -184,6 +289,20 @@ class TestDetach:
         stop = subprocess.run([*CLI, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=180)
         assert stop.returncode == 0, stop.stderr
         assert wait_for(lambda: not channel.lock_held(run_dir / channel.DAEMON_LOCK))
+
+    @pytest.mark.parametrize("argv, bad", [(["run", "--det", "--", "sleep", "1"], "--det"),
+                                           (["attach", "--pid", "1", "--deta"], "--deta"),
+                                           (["status", "--run-d", "x"], "--run-d x")])
+    def test_an_abbreviated_option_is_refused(self, argv, bad, capsys):
+        """`run --det` is not --detach (the detached copy, started with --detach removed by name,
+        would detach again for ever): no long option is accepted abbreviated; exit 2, one line."""
+        from session_watchdog import cli
+
+        with pytest.raises(SystemExit) as exited:
+            cli.build_parser().parse_args(argv)
+        err = capsys.readouterr().err
+        assert (exited.value.code, len(err.strip().splitlines())) == (2, 1)
+        assert f"unrecognized arguments: {bad} " in err
 
     def test_stop_without_a_watchdog(self, tmp_path):
         """stop when nothing runs says so (exit 2)."""

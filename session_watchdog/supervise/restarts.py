@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, List, Optional, Sequence, Set
 
 import psutil
 
@@ -164,6 +164,7 @@ class Supervisor:
         self._hung = False
         self._pids: Set[int] = set()
         self.on_late_signal: Optional[Callable[[int], None]] = None
+        self._relay: Optional[wrap.SignalRelay] = None
         self.child = self._launch()
 
     # ---- wrap.Child's interface -----------------------------------------------------------
@@ -199,18 +200,13 @@ class Supervisor:
 
     def install_forwarding(self, early: Optional[wrap.EarlySignals] = None) -> None:
         """SIGINT/SIGTERM go to :meth:`forward` (the current child, whichever it is)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        self._previous: Dict[int, Any] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(sig, lambda signum, frame: self.forward(signum))
-            self._previous[sig] = early.previous.get(sig, previous) if early else previous
-        for signum in early.received if early else ():
-            self.forward(signum)
+        if threading.current_thread() is threading.main_thread():  # never in the handler itself
+            self._relay = wrap.SignalRelay(self.forward, early)
 
     def restore(self) -> None:
-        for sig, previous in getattr(self, "_previous", {}).items():
-            signal.signal(sig, previous)
+        if self._relay is not None:
+            self._relay.restore()
+            self._relay = None
         self.child.restore()
 
     def wait(self, timeout: Optional[float] = None) -> int:
