@@ -301,6 +301,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 and not watchdog.run_dir.lock_held(channel.DAEMON_LOCK):
             _refuse_beside_orphan(watchdog.run_dir)
         watchdog.acquire()
+        # Before the command starts: printed after, it could land inside the command's own
+        # stderr (a traceback written at once), which we copy through as it comes.
+        print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
+              f"log {config.log_file}", file=sys.stderr)
         if command:
             if config.restarts:
                 from session_watchdog.supervise import restarts
@@ -342,8 +346,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 time_box = threading.Timer(run_for, time_up)
                 time_box.daemon = True
                 time_box.start()
-        print(f"session-watchdog: watching {platform.name} session; run dir {watchdog.run_dir.path}; "
-              f"log {config.log_file}", file=sys.stderr)
 
         def stop_when() -> bool:
             if child is None or child.exit_status() is None:

@@ -186,6 +186,7 @@ class TestPackage:
         (a second close() returns at once), so the daemon does not see a live trainer forever."""
         code = (
             "import os, signal, sys, threading, time, torch\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # also where it is ignored\n"
             "from session_watchdog import channel\n"
             "from session_watchdog.trainer import Session, checkpoint_async\n"
             "closing = threading.Event()\n"

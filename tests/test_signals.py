@@ -296,6 +296,9 @@ SIGNAL_MID_TICK = textwrap.dedent("""
     from session_watchdog.daemon import Watchdog
 
     tmp, how = Path(sys.argv[1]), sys.argv[2]
+    # Python's own Ctrl-C handler, also when this test runs where SIGINT is ignored (a CI job
+    # started in the background inherits SIG_IGN, and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     jsonl = log.configure(tmp / "log.jsonl", console=None)
     lock = jsonl._lock  # RotatingJsonl's own lock, held by whoever writes a line
 

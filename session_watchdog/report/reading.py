@@ -76,7 +76,8 @@ QUIET_EVENTS = frozenset({
     "child_exited", "child_signalled", "child_killed", "child_interrupted", "child_escalated",
     "preemption_notice", "preemption_cleared", "preemption_unavailable", "preemption_poll_failed",
     "preemption_poller_raised", "preemption_poll_recovered", "attached_exited", "end_probe_failed",
-    "idle_end_unavailable", "signal_refused",
+    "idle_end_unavailable", "signal_refused", "signal_failed", "keep_undone", "run_for_elapsed",
+    "child_group_ended", "child_stopped", "snapshot_not_recorded",
     # notifications and remote commands (issue 15)
     "notify_sent", "notify_failed", "notify_suppressed", "notify_dropped", "notify_unsent",
     "remote_started", "remote_command", "remote_ignored", "remote_replied", "remote_reply_failed",
