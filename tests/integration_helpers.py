@@ -66,6 +66,15 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240.0) -> tuple[int, st
     return proc.returncode, out, err
 
 
+def run_to_end(argv: List[str], timeout: float = 240.0, **env: str) -> tuple[int, str, str]:
+    """:func:`spawn` ``argv`` and :func:`finish` it; its process group is reaped either way."""
+    proc = spawn(argv, **env)
+    try:
+        return finish(proc, timeout)
+    finally:
+        reap(proc)
+
+
 def reap(proc: subprocess.Popen[Any]) -> None:
     """Kill the child's whole process group (it was started in a session of its own)."""
     if proc.poll() is None:

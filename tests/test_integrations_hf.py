@@ -21,6 +21,7 @@ from integration_helpers import (  # noqa: E402
     finish,
     free_port,
     reap,
+    run_to_end,
     spawn,
     wait_for_file,
 )
@@ -74,12 +75,8 @@ class TestKilledDuringTheTrainersOwnSave:
         marker = json.loads((out / "checkpoint-10" / COMMIT_MARKER).read_text())
         assert marker["step"] == 10 and "model.safetensors" in marker["files"]
 
-        resumed = spawn([*SCRIPT, "--out", str(out), "--steps", "40", "--save-steps", "10"],
+        code, stdout, stderr = run_to_end([*SCRIPT, "--out", str(out), "--steps", "40", "--save-steps", "10"],
                         **run_env)
-        try:
-            code, stdout, stderr = finish(resumed)
-        finally:
-            reap(resumed)
         assert code == 0, stderr[-3000:]
         assert f"resume_from_checkpoint={out / 'checkpoint-10'}" in stdout
         status = RunDir(tmp_path / "run").read_status()
@@ -89,12 +86,8 @@ class TestKilledDuringTheTrainersOwnSave:
         """checkpoint_every makes the Trainer save and the callback commit every interval, with no
         daemon and no request; the run then completes with its final committed checkpoint."""
         out = tmp_path / "out"
-        proc = spawn([*SCRIPT, "--out", str(out), "--steps", "80", "--step-sleep", "0.05",
+        code, stdout, stderr = run_to_end([*SCRIPT, "--out", str(out), "--steps", "80", "--step-sleep", "0.05",
                       "--checkpoint-every", "0.5"], SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
-        try:
-            code, stdout, stderr = finish(proc)
-        finally:
-            reap(proc)
         assert code == 0, stderr[-3000:]
         committed = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                            if verify_dir(p) is not None)
@@ -119,12 +112,8 @@ class TestKilledDuringTheTrainersOwnSave:
 
 def run_case(tmp_path: Path, case: str, *extra: str) -> tuple[int, dict, str]:
     """Run tests/scripts/hf_cases.py; its exit code, its JSON outcome line and its stderr."""
-    proc = spawn([sys.executable, str(SCRIPTS / "hf_cases.py"), "--out", str(tmp_path / "out"),
+    code, stdout, stderr = run_to_end([sys.executable, str(SCRIPTS / "hf_cases.py"), "--out", str(tmp_path / "out"),
                   "--case", case, *extra], SESSION_WATCHDOG_RUN_DIR=str(tmp_path / "run"))
-    try:
-        code, stdout, stderr = finish(proc)
-    finally:
-        reap(proc)
     lines = [line for line in stdout.splitlines() if line.startswith("{\"global_step\"")]
     return code, (json.loads(lines[-1]) if lines else {}), stderr
 

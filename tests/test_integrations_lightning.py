@@ -21,6 +21,7 @@ from integration_helpers import (  # noqa: E402
     finish,
     free_port,
     reap,
+    run_to_end,
     spawn,
     wait_for_file,
 )
@@ -76,11 +77,7 @@ class TestKilledDuringLightningsOwnSave:
         assert 0 < before < int(torn.name.split("-")[1])
         assert json.loads((Path(committed).parent / COMMIT_MARKER).read_text())["step"] == before
 
-        resumed = spawn([*SCRIPT, "--out", str(out), "--steps", "60"], **run_env)
-        try:
-            code, stdout, stderr = finish(resumed)
-        finally:
-            reap(resumed)
+        code, stdout, stderr = run_to_end([*SCRIPT, "--out", str(out), "--steps", "60"], **run_env)
         assert code == 0, stderr[-3000:]
         assert f"ckpt_path={committed}" in stdout
         status = RunDir(tmp_path / "run").read_status()
@@ -122,11 +119,7 @@ class TestDirectoryCheckpoints:
         out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
         argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
                 "--directory-checkpoints"]
-        proc = spawn([*argv, "--sigterm-at", "9"], **run_env)
-        try:
-            code, stdout, stderr = finish(proc)
-        finally:
-            reap(proc)
+        code, stdout, stderr = run_to_end([*argv, "--sigterm-at", "9"], **run_env)
         assert code == 75, stderr[-3000:]
         ckpt = out / "checkpoint-9" / CHECKPOINT_FILE
         assert ckpt.is_dir() and verify_dir(ckpt.parent) is not None
@@ -134,11 +127,7 @@ class TestDirectoryCheckpoints:
         assert {"model.ckpt/weights.pt", "model.ckpt/state.pt"} <= set(marker["files"])
         assert watchdog_resume(out) == str(ckpt)
 
-        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
-        try:
-            code, stdout, stderr = finish(resumed)
-        finally:
-            reap(resumed)
+        code, stdout, stderr = run_to_end([*argv, "--sigterm-at", "0"], **run_env)
         assert code == 0, stderr[-3000:]
         assert f"ckpt_path={ckpt}" in stdout and "started at step 9" in stdout, stdout
         status = RunDir(tmp_path / "run").read_status()
@@ -153,18 +142,10 @@ class TestStopAtAnEpochsLastBatch:
         out, run_env = tmp_path / "out", {"SESSION_WATCHDOG_RUN_DIR": str(tmp_path / "run")}
         argv = [sys.executable, str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
                 "--stateful-loader-epochs"]
-        proc = spawn([*argv, "--sigterm-at", "10"], **run_env)
-        try:
-            code, stdout, stderr = finish(proc)
-        finally:
-            reap(proc)
+        code, stdout, stderr = run_to_end([*argv, "--sigterm-at", "10"], **run_env)
         assert code == 75, stderr[-3000:]
         assert watchdog_resume(out) == str(out / "checkpoint-10" / CHECKPOINT_FILE)
-        resumed = spawn([*argv, "--sigterm-at", "0"], **run_env)
-        try:
-            code, stdout, stderr = finish(resumed)
-        finally:
-            reap(resumed)
+        code, stdout, stderr = run_to_end([*argv, "--sigterm-at", "0"], **run_env)
         assert code == 0, stderr[-3000:]
         assert "started at step 10" in stdout and "completed at step 30" in stdout, stdout
         status = RunDir(tmp_path / "run").read_status()
@@ -179,14 +160,10 @@ class TestLightningUnderTorchrun:
         SIGTERMException on rank 0 at that batch end and on rank 1 at the next batch start; both
         ranks agree on the stop, commit checkpoint-7 and exit 75 (state=stopped)."""
         out, run_dir = tmp_path / "out", tmp_path / "run"
-        proc = spawn([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        code, stdout, stderr = run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                       "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                       "--max-restarts=0", str(SCRIPTS / "lightning_cases.py"), "--out", str(out),
                       "--sigterm-at", "7"], SESSION_WATCHDOG_RUN_DIR=str(run_dir))
-        try:
-            code, stdout, stderr = finish(proc)
-        finally:
-            reap(proc)
         # torchrun reports the first worker's 75 as failed (and ends the other one)
         assert code != 0 and "exitcode  : 75" in stderr, stdout[-3000:] + stderr[-6000:]
         assert stderr.count("stopped reason=SIGTERM step=7") == 2, stderr[-6000:]

@@ -111,21 +111,27 @@ class TestGoldenSession:
                                              "completed", "end_grace", "end_done"]
         assert {e["channel"] for e in sent} == {f"json://127.0.0.1:{server.port}/***"}
 
-    def test_a_failed_command_reports_its_exit_code_and_error(self, tmp_path, servers):
-        """A run that fails says so once, with the exit code and the trainer's last error."""
-        server = servers()
-        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed",
-                                     extra={"error": "ValueError: loss is nan"})
+    @staticmethod
+    def _failed_run(tmp_path, server, extra, **keys):
+        """A trainer at step 70 that then failed at step 77 (exit code 1, trainer.json ``extra``),
+        ticked through with notifications to ``server``; a pending end is cancelled."""
+        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed", extra=extra)
         script = [sample(trainer_status=status(step=70, heartbeat=NOW)),
                   sample(alive=False, trainer_status=failed, child_exit=1)]
         dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
-                       notify=f"json://127.0.0.1:{server.port}/hook")
+                       notify=f"json://127.0.0.1:{server.port}/hook", **keys)
         dog.acquire()
         try:
             for _ in range(4):
                 dog.tick()
         finally:
+            dog.cancel_end()
             dog.release()
+
+    def test_a_failed_command_reports_its_exit_code_and_error(self, tmp_path, servers):
+        """A run that fails says so once, with the exit code and the trainer's last error."""
+        server = servers()
+        self._failed_run(tmp_path, server, {"error": "ValueError: loss is nan"})
         assert server.titles() == ["training failed (exit code 1)"]
         assert server.posts[0][1]["message"] == ("error: ValueError: loss is nan\n"
                                                  "no checkpoint was reported\n"
@@ -136,20 +142,8 @@ class TestGoldenSession:
         """With end_on_failure the failure message says the runtime will be ended, not that it is
         left running."""
         server = servers()
-        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed",
-                                     extra={"error": "ValueError: loss is nan"})
-        script = [sample(trainer_status=status(step=70, heartbeat=NOW)),
-                  sample(alive=False, trainer_status=failed, child_exit=1)]
-        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
-                       end_when_done="on", end_on_failure="on", grace="1h",
-                       notify=f"json://127.0.0.1:{server.port}/hook")
-        dog.acquire()
-        try:
-            for _ in range(2):
-                dog.tick()
-        finally:
-            dog.cancel_end()
-            dog.release()
+        self._failed_run(tmp_path, server, {"error": "ValueError: loss is nan"},
+                         end_when_done="on", end_on_failure="on", grace="1h")
         assert server.titles()[0] == "training failed (exit code 1)"
         assert server.posts[0][1]["message"] == (
             "error: ValueError: loss is nan\n"
@@ -162,18 +156,7 @@ class TestGoldenSession:
         failure message, after the error line."""
         server = servers()
         tail = 'File "train.py", line 9, in <module>\n    loss.backward()\nValueError: loss is nan'
-        failed = dataclasses.replace(status(step=77, heartbeat=NOW), state="failed",
-                                     extra={"error": "ValueError: loss is nan", "traceback": tail})
-        script = [sample(trainer_status=status(step=70, heartbeat=NOW)),
-                  sample(alive=False, trainer_status=failed, child_exit=1)]
-        dog = watchdog(tmp_path, ScriptedProbe(script), FakeClock(NOW), [], max_session="off",
-                       notify=f"json://127.0.0.1:{server.port}/hook")
-        dog.acquire()
-        try:
-            for _ in range(4):
-                dog.tick()
-        finally:
-            dog.release()
+        self._failed_run(tmp_path, server, {"error": "ValueError: loss is nan", "traceback": tail})
         assert server.posts[0][1]["message"] == ("error: ValueError: loss is nan\n"
                                                  "traceback (last lines):\n" + tail + "\n"
                                                  "no checkpoint was reported\n"
