@@ -30,8 +30,20 @@ Figures:
    also say how long after the loop's last step the write became durable. Goal: async lost <=
    0.2x sync lost.
 
+4. a Session's stall, as a training loop feels it: a real model (Linear layers) + Adam of about
+   ``--size-mb`` MiB of state in about ``--tensors`` tensors, trained on CPU; a checkpoint is
+   requested through the run dir (as the daemon does) and ``session.step()`` takes it. Stall =
+   the save step's ``session.step()`` over the median ``session.step()``, plus the time the next
+   ``optimizer.step()`` waited in the Session's pre-hook for the writer's copy (timed between
+   two hooks of the benchmark's, registered before and after the Session's). Variants: a sync
+   save (the baseline), ``async_save=True`` (as shipped: ``overlap_copy``), and
+   ``async_save=True, overlap_copy=False`` (every tensor copied in the stall); the first save
+   of each Session (its buffers prepared at the first step) and a second one. Also printed:
+   the time lost over the save step and the two after it (their excess over the median step).
+   Goal: stall <= 0.1x the sync save's.
+
 Usage: ``python benchmarks/bench_checkpoint.py [--size-mb 1024] [--tensors 340] [--repeat 3]
-[--dir DIR] [--device cpu|cuda] [--figures save,stall,lost] [--lost-loop 3]``. Exit status is
+[--dir DIR] [--device cpu|cuda] [--figures save,stall,lost,session] [--lost-loop 3]``. Exit status is
 nonzero only when something crashes; missed goals are printed, not failed.
 """
 
@@ -327,6 +339,115 @@ def lost_time(state: Dict[str, Dict[str, torch.Tensor]], directory: Path, repeat
         print(f"  lost: {name} vs sync save {ratio:6.3f}x  {verdict}")
 
 
+SESSION_VARIANTS = (("sync save", False, False), ("async, overlap_copy (as shipped)", True, True),
+                    ("async, overlap_copy=False", True, False))
+
+
+def session_model(size_mb: int, tensors: int) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Linear layers whose parameters with Adam's two moments come to about ``size_mb`` MiB in
+    about ``tensors`` tensors (per layer: weight and bias, their moments and step counters)."""
+    layers = max(1, tensors // 8)
+    width = max(8, int((size_mb * (1 << 20) / 3 / 4 / layers) ** 0.5))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-5)
+
+
+def session_stalls(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
+                   async_save: bool, overlap: bool, saves: int = 2
+                   ) -> List[Tuple[float, float, float]]:
+    """Train under a fresh Session and have it take ``saves`` requested checkpoints; for each,
+    (stall s, time lost over the save step and the two after it s, load)."""
+    from session_watchdog.channel import Request, RunDir
+    from session_watchdog.trainer.session import Session
+
+    width = model[0].in_features
+    hook_times: List[float] = []
+    before = optimizer.register_step_pre_hook(lambda *a: hook_times.append(time.perf_counter()))
+    session = Session(directory / "ckpt", model=model, optimizer=optimizer,
+                      run_dir=directory / "run", keep=1, async_save=async_save,
+                      overlap_copy=overlap, checkpoint_every=None, handle_signals=False,
+                      exit_on_stop=False, poll_interval=0.05, heartbeat_interval=60.0)
+    after = optimizer.register_step_pre_hook(lambda *a: hook_times.append(time.perf_counter()))
+    results: List[Tuple[float, float, float]] = []
+    try:
+        def train_step() -> Tuple[float, float, float]:
+            """(session.step s, the optimizer step's wait in the Session's hook s, step s)"""
+            started = time.perf_counter()
+            optimizer.zero_grad()
+            model(torch.randn(16, width)).pow(2).mean().backward()
+            del hook_times[:]
+            optimizer.step()
+            waited = hook_times[1] - hook_times[0]
+            at = time.perf_counter()
+            session.step()
+            done = time.perf_counter()
+            return done - at, waited, done - started
+
+        rows = [train_step() for _ in range(3)]  # the first boundary prepares async buffers
+        session.manager._join_prepare()  # as after a few minutes of training
+        for seq in range(1, saves + 1):
+            drop_caches()
+            before_load = load()
+            RunDir(directory / "run").write_request(Request(
+                seq=seq, action="checkpoint", reason="bench", deadline=None, issued=time.time()))
+            marker = (session.manager._pending, session.last_checkpoint)
+            deadline = time.monotonic() + 600
+            while (session.manager._pending, session.last_checkpoint) == marker:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the requested checkpoint was never taken")
+                rows.append(train_step())
+            at = len(rows) - 1  # the step whose session.step() took the checkpoint
+            rows.extend(train_step() for _ in range(3))
+            session.manager.wait()
+            others = rows[:at] + rows[at + 3:]
+            med_session = statistics.median(r[0] for r in others)
+            med_step = statistics.median(r[2] for r in others)
+            stall = (rows[at][0] - med_session) + rows[at + 1][1]
+            lost = sum(r[2] for r in rows[at:at + 3]) - 3 * med_step
+            results.append((stall, lost, max(before_load, load())))
+    finally:
+        session.close()
+        before.remove()
+        after.remove()
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
+def session_figures(size_mb: int, tensors: int, directory: Path, repeat: int) -> None:
+    """Figure 4: the stall of a Session's save in a real training loop, sync vs async."""
+    model, optimizer = session_model(size_mb, tensors)
+    rows: Dict[str, List[Tuple[float, float, float]]] = {}
+    runs = iter(range(1 << 30))
+    for r in range(repeat):
+        order = SESSION_VARIANTS[r % 3:] + SESSION_VARIANTS[: r % 3]
+        for name, async_save, overlap in order:
+            first, second = session_stalls(model, optimizer, directory / f"s{next(runs)}",
+                                           async_save, overlap)
+            rows.setdefault(f"{name}, first", []).append(first)
+            rows.setdefault(f"{name}, second", []).append(second)
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors_of(
+        {"model": model.state_dict(), "optimizer": {
+            str(i): v for i, s in enumerate(optimizer.state.values()) for v in s.values()}}))
+    print(f"a Session's stall in a training loop: {len(model)} Linear layers of width "
+          f"{model[0].in_features} + Adam, {state_bytes / (1 << 20):.0f} MiB of tensors, "
+          f"{repeat} repeats, torch threads {torch.get_num_threads()}:")
+    print("  stall = save step's session.step() over the median + the next optimizer.step()'s "
+          "wait in the Session's hook; lost = excess of the save step and the two after it")
+    med: Dict[str, float] = {}
+    for name, values in rows.items():
+        med[name] = statistics.median(v[0] for v in values)
+        each = ", ".join(f"{s:.3f}/{lost:.2f}@{ld:.1f}" for s, lost, ld in values)
+        print(f"  {name:44} stall {med[name]:7.3f} s, lost {statistics.median(v[1] for v in values):6.2f} s "
+              f"(median)   each: stall/lost@load {each}")
+    for which in ("first", "second"):
+        sync_s = med[f"sync save, {which}"]
+        for name, async_save, overlap in SESSION_VARIANTS[1:]:
+            ratio = med[f"{name}, {which}"] / sync_s
+            goal = "goal <= 0.1" + ("" if ratio <= 0.1 else " MISSED") if overlap else "(reference)"
+            print(f"  Session stall, {which} save, {name:34} vs sync save {ratio:6.3f}x  {goal}")
+
+
 def has_safetensors() -> bool:
     try:
         import safetensors.torch  # noqa: F401
@@ -336,7 +457,12 @@ def has_safetensors() -> bool:
 
 
 def run(size_mb: int, tensors: int, repeat: int, directory: Path, device: str,
-        figures_wanted: Sequence[str] = ("save", "stall", "lost"), loop_syncs: float = 3.0) -> None:
+        figures_wanted: Sequence[str] = ("save", "stall", "lost", "session"),
+        loop_syncs: float = 3.0) -> None:
+    if "session" in figures_wanted:
+        session_figures(size_mb, tensors, directory / "session", repeat)
+        if not {"save", "stall", "lost"} & set(figures_wanted):
+            return
     state = build_state(size_mb, tensors)
     if "lost" in figures_wanted:
         lost_time(state, directory, repeat, loop_syncs)
@@ -498,8 +624,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "directory, so it is the disk checkpoints would use, not /tmp)")
     parser.add_argument("--device", default="cpu", help="device of the state for the stall "
                         "figures: cpu (default) or cuda")
-    parser.add_argument("--figures", default="save,stall,lost",
-                        help="which figures, comma-separated: save,stall,lost (all)")
+    parser.add_argument("--figures", default="save,stall,lost,session",
+                        help="which figures, comma-separated: save,stall,lost,session (all)")
     parser.add_argument("--lost-loop", type=float, default=3.0,
                         help="training loop length for the lost-time figure, in sync saves (3)")
     parser.add_argument("--child-first-save", type=Path, default=None, help=argparse.SUPPRESS)

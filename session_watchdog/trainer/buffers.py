@@ -48,7 +48,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["CHUNK_BYTES", "PARALLEL_FROM_BYTES", "Work", "copy_all", "copy_threads", "is_plain",
-           "page_in"]
+           "memory_key", "page_in"]
 
 CHUNK_BYTES = 8 << 20  # a helper that stalls holds up the caller by at most one chunk's copy
 PARALLEL_FROM_BYTES = 64 << 20  # below this, waking helpers costs about what they would save
@@ -68,6 +68,12 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def memory_key(tensor: torch.Tensor) -> Tuple[str, int, int]:
+    """The memory ``tensor`` covers, as (device type, first byte's address, bytes): the same for
+    a parameter and the detached alias of it that ``state_dict()`` returns."""
+    return tensor.device.type, tensor.data_ptr(), tensor.numel() * tensor.element_size()
 
 
 def copy_threads() -> int:

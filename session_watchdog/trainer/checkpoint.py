@@ -86,6 +86,7 @@ from session_watchdog.trainer.checkpoint_types import CheckpointStateError as Ch
 from session_watchdog.trainer.checkpoint_types import CheckpointWriteError as CheckpointWriteError
 from session_watchdog.trainer.checkpoint_types import PendingSave as PendingSave
 from session_watchdog.trainer.checkpoint_types import SavedCheckpoint as SavedCheckpoint
+from session_watchdog.trainer.checkpoint_types import StateChangedError as StateChangedError
 from session_watchdog.trainer.checkpoint_types import _find_oserror
 from session_watchdog.trainer.checkpoint_write import (
     _HashingWriter,
@@ -106,6 +107,7 @@ __all__ = [
     "CheckpointWriteError",
     "PendingSave",
     "SavedCheckpoint",
+    "StateChangedError",
     "capture_state",
     "check_state",
     "restore_state",

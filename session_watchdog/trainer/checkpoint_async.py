@@ -1,5 +1,7 @@
 """Async saves: the snapshot of the state into reusable buffers, the background write, the
 save in flight (wait, hurry, its failure reported once) and the first save's buffers made ahead.
+The tensors a caller leaves unchanged until the copy is over (``copy_later``: a Session's
+optimizer tensors) are copied by the writer thread, before it writes, instead of in the stall.
 
 A part of :class:`~session_watchdog.trainer.checkpoint.CheckpointManager` (checkpoint.py), which
 writes each snapshot with the same save protocol as a sync save. Trainer side: imports torch.
@@ -11,7 +13,7 @@ import collections
 import copy
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -23,6 +25,7 @@ from session_watchdog.trainer.buffers import (
     _tensor_leaves,
     copy_all,
     is_plain,
+    memory_key,
     page_in,
     view_key,
 )
@@ -32,9 +35,15 @@ from session_watchdog.trainer.checkpoint_types import (
     CheckpointWriteError,
     PendingSave,
     SavedCheckpoint,
+    StateChangedError,
 )
 from session_watchdog.trainer.checkpoint_write import _hurry_at_exit
 from session_watchdog.trainer.state_check import _inspect_state, check_state
+
+
+# A tensor save_async leaves to the writer: (buffer, tensor, its version counter then, whether the
+# buffer is fresh, its path in the state).
+_Later = Tuple[torch.Tensor, torch.Tensor, int, bool, Tuple[Any, ...]]
 
 
 class _AsyncSaveMixin(_DirectoryMixin):
@@ -47,7 +56,8 @@ class _AsyncSaveMixin(_DirectoryMixin):
     _prepare: _Prepare  # what that thread does
     _write: Callable[..., SavedCheckpoint]
 
-    def save_async(self, state: Dict[str, Any], *, step: int, epoch: int = 0) -> PendingSave:
+    def save_async(self, state: Dict[str, Any], *, step: int, epoch: int = 0,
+                   copy_later: Iterable[torch.Tensor] = ()) -> PendingSave:
         """Copy ``state``'s tensors to CPU memory now and write them in a background thread.
 
         Training may mutate the model as soon as this returns. The snapshot buffers are kept
@@ -57,20 +67,33 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for the copy itself. Call :meth:`prepare_async` once the state exists (after the first
         optimizer step) to move that cost out of the first save; a ``Session`` does.
 
+        ``copy_later``: CPU tensors of ``state`` that the caller leaves unchanged until
+        :meth:`wait_copied` (or the returned save's ``wait_copied()``) returns - the parameters
+        and optimizer state, which only the next ``optimizer.step()`` changes. The writer thread
+        copies them before it writes, at normal priority, while training runs its next forward
+        and backward pass; this call copies only the rest. A tensor of ``copy_later`` that
+        changes before its copy is over (one whose version counter moved: in-place operations
+        count, writes through ``.data`` or a fused kernel do not) fails the save with a
+        :class:`CheckpointWriteError` caused by :class:`StateChangedError`; nothing is written.
+        A ``Session`` with ``async_save`` passes its optimizer's tensors and waits in a step
+        pre-hook of that optimizer.
+
         Raises:
             CheckpointWriteError: an unreported failure of the previous async save.
             CheckpointStateError: as for :meth:`save`, raised here, before anything is written.
         """
         self._drain_pending()
         payload = check_state(state)
-        snapshot, buffers = self._snapshot(state)
+        snapshot, buffers, later = self._snapshot(state, copy_later)
         pending = PendingSave(step)
+        if not later:
+            pending._copied.set()
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
         gate = _Gate()
 
         def write() -> None:
-            if gate.enter():
+            if gate.enter() and (not later or self._copy_later(later, buffers, pending)):
                 self._write_in_background(snapshot, buffers, step, epoch, payload, pending)
         worker = threading.Thread(target=write, name=f"sw-checkpoint-save-{step}")
         # Published before its thread starts, so that wait() and the next save always know a
@@ -83,11 +106,52 @@ class _AsyncSaveMixin(_DirectoryMixin):
             if gate.give_up():  # it never ran, and now never will: nothing is in flight
                 self._pending = None
                 self._spare = buffers
+                pending._copied.set()  # nothing will copy: no one may wait for it
             if isinstance(err, RuntimeError):  # "can't start new thread"
                 raise CheckpointWriteError(self.directory, err) from err
             raise
         _hurry_at_exit(pending)
         return pending
+
+    def wait_copied(self) -> None:
+        """Return once the async save in flight, if any, has copied every tensor of its state
+        (see ``copy_later`` in :meth:`save_async`); from then on the state may change."""
+        pending = self._pending
+        if pending is not None:
+            pending.wait_copied()
+
+    def _copy_later(self, later: List[_Later], buffers: Dict[Tuple[Any, ...], torch.Tensor],
+                    pending: PendingSave) -> bool:
+        """In the writer thread, before it writes: copy ``save_async``'s ``copy_later`` tensors
+        and check that none changed meanwhile. False when the save failed (reported on
+        ``pending``), True when the write may go on."""
+        changed: List[Tuple[Any, ...]] = []
+        failure: Optional[BaseException] = None
+        try:
+            copy_all([(buf, data) for buf, data, _, fresh, _ in later if not fresh], threads=1)
+            copy_all([(buf, data) for buf, data, _, fresh, _ in later if fresh])
+            # Before _copied is set: a change seen now came before the caller was told it may
+            # change the state, so the copy may hold it (a change after a tensor's copy also
+            # fails the save, needlessly but safely).
+            changed = [path for _, data, version, _, path in later if data._version != version]
+        except BaseException as err:  # the thread's only way out: hand it to the caller
+            failure = err
+        finally:
+            pending._copied.set()
+            later.clear()  # the state's own tensors: not kept alive by this save any longer
+        if failure is None and changed:
+            where = "/".join(str(key) for key in changed[0])
+            failure = StateChangedError(
+                f"{len(changed)} tensor(s) changed while the writer copied them (the first: "
+                f"{where}): the tensors passed as copy_later must stay unchanged until "
+                "wait_copied() returns")
+        if failure is None:
+            return True
+        pending._yielding.finished()
+        self._spare = buffers
+        pending._future.set_exception(
+            CheckpointWriteError(self.directory, failure, errno=getattr(failure, "errno", None)))
+        return False
 
     def hurry(self) -> None:
         """Let the async save in flight, if any, run at normal CPU priority from now on."""
@@ -227,9 +291,13 @@ class _AsyncSaveMixin(_DirectoryMixin):
         self._spare = {}
 
     def _snapshot(
-        self, state: Dict[str, Any]
-    ) -> Tuple[Dict[str, Any], Dict[Tuple[Any, ...], torch.Tensor]]:
-        """Deep-copy ``state`` with every tensor copied into CPU memory (reusing old buffers)."""
+        self, state: Dict[str, Any], copy_later: Iterable[torch.Tensor] = ()
+    ) -> Tuple[Dict[str, Any], Dict[Tuple[Any, ...], torch.Tensor], List[_Later]]:
+        """Deep-copy ``state`` with every tensor copied into CPU memory (reusing old buffers),
+        except the plain CPU tensors of ``copy_later``: those are returned, to be copied by
+        the writer (``_copy_later``)."""
+        later_keys = {memory_key(t) for t in copy_later}
+        later: List[_Later] = []
         self._join_prepare()
         spare, self._spare = self._spare, {}
         used: Dict[Tuple[Any, ...], torch.Tensor] = {}
@@ -260,7 +328,10 @@ class _AsyncSaveMixin(_DirectoryMixin):
                     buf = _new_buffer(data)
                     plain = fresh
                 if is_plain(buf, data):
-                    plain.append((buf, data))
+                    if later_keys and memory_key(data) in later_keys:
+                        later.append((buf, data, data._version, plain is fresh, path))
+                    else:
+                        plain.append((buf, data))
                 else:
                     _copy_into(buf, data)
                 if data.is_cuda:
@@ -294,7 +365,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         copy_all(fresh)
         for device in cuda_devices:
             torch.cuda.synchronize(device)
-        return snapshot, used
+        return snapshot, used, later
 
 
 class _Gate:

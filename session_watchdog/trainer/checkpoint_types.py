@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointWriteError",
     "PendingSave",
     "SavedCheckpoint",
+    "StateChangedError",
 ]
 
 
@@ -40,6 +42,12 @@ class CheckpointStateError(CheckpointError):
 class CheckpointDirError(CheckpointError):
     """The checkpoint directory cannot be used: not creatable or writable, or on storage that is
     not mounted (Drive, AutoDL file storage). The message is one line naming the fix."""
+
+
+class StateChangedError(RuntimeError):
+    """The cause of a failed async save whose tensors, left to the writer to copy
+    (``save_async(..., copy_later=...)``), were changed before that copy was over: what it
+    would have written is no single step's state, so nothing was written."""
 
 
 class CheckpointWriteError(CheckpointError):
@@ -161,6 +169,14 @@ class PendingSave:
         self._future: Future[SavedCheckpoint] = Future()
         self._reported = False  # its error was raised to someone: the next save must not repeat it
         self._yielding = Yielding()  # the writer runs at idle priority until someone waits
+        # Set once the state's tensors are all copied (at once, or by the writer for the
+        # tensors of save_async's copy_later): from then on training may change them.
+        self._copied = threading.Event()
+
+    def wait_copied(self) -> None:
+        """Return once every tensor of the state has been copied (at once for a save without
+        ``copy_later``); the copy runs at normal priority, so this waits for memory copies only."""
+        self._copied.wait()
 
     def hurry(self) -> None:
         """Let the write run at normal priority from now on (someone waits for it)."""

@@ -178,7 +178,8 @@ class _SavingMixin(_StatusMixin):
         self._last_save_mono = time.monotonic()
         try:
             self._keep_checkpoints_ahead()
-            pending = self.manager.save_async(self._capture(), step=self._step, epoch=self._epoch)
+            pending = self.manager.save_async(self._capture(), step=self._step, epoch=self._epoch,
+                                              copy_later=self._copied_later())
         except BaseException as err:
             self._save_lock.release()
             self._save_failed(err, seq, reason, None)
@@ -192,6 +193,25 @@ class _SavingMixin(_StatusMixin):
                                               name="session-watchdog-ack", daemon=True)
         self._async_thread.start()
 
+    def _copied_later(self) -> List[Any]:
+        """The tensors an async save leaves to its writer to copy (``overlap_copy``): those
+        of the optimizer whose step pre-hook waits for that copy, and only while it is on."""
+        if self._copy_hook is None or not self._overlap_copy:
+            return []
+        import torch  # loaded already: the checkpoint module imports it
+
+        optimizer = self.optimizer
+        tensors = [p for group in optimizer.param_groups for p in group["params"]]
+        tensors.extend(value for per_param in optimizer.state.values()
+                       if isinstance(per_param, dict) for value in per_param.values()
+                       if isinstance(value, torch.Tensor))
+        return tensors
+
+    def _wait_for_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The optimizer's step pre-hook (``overlap_copy``): its step changes the tensors an
+        async save's writer may still be copying."""
+        self.manager.wait_copied()
+
     def _await_async(self, pending: PendingSave, seq: Optional[int], reason: str) -> None:
         """Background: wait for the write to be durable, then acknowledge (or report failure).
 
@@ -202,6 +222,13 @@ class _SavingMixin(_StatusMixin):
             # hurry=False: training goes on meanwhile; the write keeps its idle priority
             saved: Optional[SavedCheckpoint] = pending.result(hurry=False)
         except BaseException as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, self._ckpt.StateChangedError):
+                self._overlap_copy = False  # this loop changes them outside optimizer.step()
+                _event(logging.WARNING, "overlap_copy_off", step=pending.step, error=str(cause),
+                       message="the optimizer's tensors changed outside optimizer.step() while "
+                               "an async save copied them: later async saves copy every tensor "
+                               "at once")
             self._save_lock.release()
             self._save_failed(err, seq, reason, None)
             self._inflight_seq = None

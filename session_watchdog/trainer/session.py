@@ -184,6 +184,15 @@ class Session(_ResumingMixin):
             out when the file is durable); stop and final checkpoints are always synchronous.
             The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
             first step boundary, so that even the first save stalls only for a memory copy.
+        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer, the optimizer's CPU
+            tensors (parameters and their state, most of the state's bytes) are copied by the
+            writer while the next forward and backward pass run, and that optimizer's next
+            ``step()`` waits for the copy (a step pre-hook): the save's stall is then what is
+            left of that copy, if anything. Those tensors must change only in
+            ``optimizer.step()`` between ``session.step()`` and the next optimizer step; a
+            change seen there (an in-place operation on one) fails that save, says so in the
+            log (``checkpoint_failed``, ``overlap_copy_off``) and turns this off for the
+            session. A change through ``.data`` is not seen: pass False if the loop does that.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -235,6 +244,7 @@ class Session(_ResumingMixin):
         mirror: Union[None, str, os.PathLike[str], Mirror] = None,
         mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
         snapshot_every: Union[int, str, None] = None,
+        overlap_copy: bool = True,
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -351,6 +361,13 @@ class Session(_ResumingMixin):
         # the first save's stall is a memory copy like every later one (issue 17).
         self._prepare_snapshot = self.async_save
         self._pending = self._pending or self.async_save
+        # overlap_copy: the optimizer's next step waits for the writer's copy of its tensors.
+        self._copy_hook = None
+        self._overlap_copy = True  # off after a save saw those tensors change (_await_async)
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        if self.async_save and overlap_copy and callable(register) \
+                and hasattr(optimizer, "param_groups") and hasattr(optimizer, "state"):
+            self._copy_hook = register(self._wait_for_copy)
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:
             if self.sharded:
@@ -576,6 +593,9 @@ class Session(_ResumingMixin):
 
     def _release_at_close(self) -> None:
         self._restore_signal_handlers()
+        if self._copy_hook is not None:  # the optimizer outlives the session
+            self._copy_hook.remove()
+            self._copy_hook = None
         # The loaders are the caller's: a closed session keeps none, so a StatefulDataLoader (which
         # holds its live iterator and worker processes) shuts down as soon as the caller drops it,
         # not at some later garbage collection (where torchdata waits 5 s per worker to join).

@@ -85,6 +85,8 @@ class _StatusMixin:
     _last_heartbeat_mono: float
     _last_request_error: Optional[str]
     _async_thread: Optional[threading.Thread]
+    _copy_hook: Any  # the optimizer's step pre-hook handle (overlap_copy), or None
+    _overlap_copy: bool
     _inflight_seq: Optional[int]
     _start_step: int
     _status_lock: threading.Lock

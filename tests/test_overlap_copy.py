@@ -1,0 +1,283 @@
+"""Async saves whose writer copies the optimizer's tensors while training runs on (issue 17):
+``save_async(copy_later=...)`` and ``Session(async_save=True)``'s optimizer step pre-hook.
+
+The writer's copy is held back by a gate at our own boundary (``checkpoint_async.copy_all``,
+on the writer thread only), so each test knows whether training ran before or after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+import torch
+
+from integration_helpers import wait_for
+from session_watchdog.channel import RunDir, lock_held
+from session_watchdog.trainer import checkpoint_async
+from session_watchdog.trainer.checkpoint import (
+    CheckpointManager,
+    CheckpointWriteError,
+    StateChangedError,
+)
+from session_watchdog.trainer.session import Session
+
+WAIT_S = 60.0
+
+
+class WriterGate:
+    """Holds the writer thread before it copies anything, until :meth:`open`."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.writer_waiting = threading.Event()
+        self.copied_by_writer: List[int] = []
+
+    def wrap(self, real: Callable[..., int]) -> Callable[..., int]:
+        def copy_all(pairs: Any, threads: int = 0) -> int:
+            if threading.current_thread().name.startswith("sw-checkpoint-save"):
+                self.writer_waiting.set()
+                assert self.opened.wait(WAIT_S), "the test never opened the gate"
+                self.copied_by_writer.extend(data.data_ptr() for _, data in pairs)
+            return real(pairs, threads)
+        return copy_all
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[WriterGate]:
+    held = WriterGate()
+    monkeypatch.setattr(checkpoint_async, "copy_all", held.wrap(checkpoint_async.copy_all))
+    yield held
+    held.open()  # a failed test must not leave a writer waiting
+
+
+def model_and_adam() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.Linear(32, 4))
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def forward_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+
+
+def clone_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": {i: {k: v.clone() for k, v in s.items()}
+                          for i, s in enumerate(optimizer.state.values())}}
+
+
+def assert_saved_equals(loaded: Dict[str, Any], expected: Dict[str, Any]) -> None:
+    for key, value in expected["model"].items():
+        assert torch.equal(loaded["model"][key], value), key
+    for index, per_param in expected["optimizer"].items():
+        for key, value in per_param.items():
+            assert torch.equal(loaded["optimizer"]["state"][index][key], value), (index, key)
+
+
+class TestSaveAsyncCopyLater:
+    def test_the_writer_copies_the_tensors_left_to_it_and_the_rest_is_copied_at_once(
+            self, tmp_path: Path, gate: WriterGate) -> None:
+        """``copy_later`` tensors are copied by the writer, before ``wait_copied`` returns; a
+        tensor not among them is copied during the call (changing it after does not matter)."""
+        later = torch.arange(1000, dtype=torch.float32)
+        now = torch.full((1000,), 7.0)
+        manager = CheckpointManager(tmp_path, keep=1)
+        pending = manager.save_async({"later": later, "now": now}, step=1, copy_later=[later])
+        now.fill_(-1.0)  # copied already: the checkpoint holds 7s
+        assert gate.writer_waiting.wait(WAIT_S)
+        assert not pending._copied.is_set()
+        waiter = threading.Thread(target=manager.wait_copied)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # it waits for the writer's copy
+        gate.open()
+        waiter.join(WAIT_S)
+        assert not waiter.is_alive()
+        later.fill_(-2.0)  # copied now: allowed
+        saved = pending.result()
+        assert gate.copied_by_writer == [later.data_ptr()]
+        loaded = manager.load(saved)
+        assert torch.equal(loaded["later"], torch.arange(1000, dtype=torch.float32))
+        assert torch.equal(loaded["now"], torch.full((1000,), 7.0))
+        assert manager.verify(saved.path)
+
+    def test_a_tensor_changed_before_its_copy_fails_the_save_and_keeps_the_previous(
+            self, tmp_path: Path, gate: WriterGate) -> None:
+        """An in-place change to a ``copy_later`` tensor before the writer copied it: that save
+        fails (StateChangedError naming the tensor), nothing is written, the previous stays."""
+        weight = torch.ones(64)
+        manager = CheckpointManager(tmp_path, keep=2)
+        gate.open()
+        first = manager.save_async({"model": {"weight": weight}}, step=1, copy_later=[weight]).result()
+        gate.opened.clear()
+        gate.writer_waiting.clear()
+        pending = manager.save_async({"model": {"weight": weight}}, step=2, copy_later=[weight])
+        assert gate.writer_waiting.wait(WAIT_S)
+        weight.mul_(3.0)  # the caller broke its promise
+        gate.open()
+        with pytest.raises(CheckpointWriteError) as raised:
+            pending.result()
+        assert isinstance(raised.value.cause, StateChangedError)
+        assert "1 tensor(s) changed while the writer copied them (the first: model/weight)" \
+            in str(raised.value)
+        assert pending._copied.is_set()
+        assert [saved.step for saved in manager.list()] == [1]
+        assert torch.equal(manager.load(first)["model"]["weight"], torch.ones(64))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+        # the next save works, its buffers reused
+        saved = manager.save_async({"model": {"weight": weight}}, step=3).result()
+        assert torch.equal(manager.load(saved)["model"]["weight"], torch.full((64,), 3.0))
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[Callable[..., Session]]:
+    made: List[Session] = []
+
+    def make(model: torch.nn.Module, optimizer: Any, **kwargs: Any) -> Session:
+        session = Session(tmp_path / "ckpt", model=model, optimizer=optimizer,
+                          run_dir=tmp_path / "run", poll_interval=0.02, heartbeat_interval=60.0,
+                          checkpoint_every=None, handle_signals=False, exit_on_stop=False,
+                          async_save=True, **kwargs)
+        made.append(session)
+        return session
+
+    yield make
+    for session in made:
+        session.close()
+
+
+def request_checkpoint(session: Session, seq: int) -> None:
+    from session_watchdog.channel import Request
+
+    RunDir(session.run_dir.path).write_request(Request(seq=seq, action="checkpoint", reason="test",
+                                                       deadline=None, issued=time.time()))
+
+
+def step_until_saving(session: Session, gate: WriterGate) -> Dict[str, Any]:
+    """Train (forward, backward, step, session.step) until the session's async save has its
+    writer at the gate; return the state it snapshotted (the state after that step)."""
+    model, optimizer = session.model, session.optimizer
+    deadline = 2000
+    for _ in range(deadline):
+        forward_backward(model, optimizer)
+        optimizer.step()
+        expected = clone_state(model, optimizer)
+        session.step()
+        if gate.writer_waiting.wait(0.01):
+            return expected
+    raise AssertionError("no async save reached its writer")
+
+
+def train_until(session: Session, done: Callable[[], bool],
+                clamp: bool = False) -> Dict[int, Dict[str, Any]]:
+    """Train until ``done()``; return the state after each step, by step number. ``clamp``:
+    change the first layer's weight in place after each step (outside optimizer.step())."""
+    model, optimizer = session.model, session.optimizer
+    states: Dict[int, Dict[str, Any]] = {}
+    deadline = time.monotonic() + WAIT_S
+    while not done():
+        assert time.monotonic() < deadline, "timed out training until the condition"
+        forward_backward(model, optimizer)
+        optimizer.step()
+        states[session.global_step + 1] = clone_state(model, optimizer)
+        session.step()
+        if clamp:
+            with torch.no_grad():
+                model[0].weight.clamp_(-0.01, 0.01)
+        time.sleep(0.001)
+    return states
+
+
+class TestSessionOverlapsTheCopy:
+    def test_the_next_optimizer_step_waits_for_the_writers_copy(
+            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+        """The forward and backward pass after an async save run while the writer still has
+        to copy; the optimizer's step waits for that copy, and the checkpoint holds exactly
+        the state of the step it was asked at (parameters, Adam's moments, BatchNorm stats)."""
+        model, optimizer = model_and_adam()
+        session = sessions(model, optimizer)
+        request_checkpoint(session, 1)
+        expected = step_until_saving(session, gate)
+        forward_backward(model, optimizer)  # not held up: the writer has copied nothing yet
+        stepped = threading.Event()
+
+        def optimizer_step() -> None:
+            optimizer.step()
+            stepped.set()
+        stepper = threading.Thread(target=optimizer_step)
+        stepper.start()
+        try:
+            assert not stepped.wait(0.3)  # held by the pre-hook while the gate is shut
+            assert torch.equal(model.state_dict()["0.weight"], expected["model"]["0.weight"])
+        finally:
+            gate.open()
+            stepper.join(WAIT_S)
+        assert stepped.is_set()
+        session.step()
+        wait_for(lambda: session.acked_seq == 1, "the ack of the async save")
+        ckpt = session.last_checkpoint
+        assert ckpt is not None
+        loaded = session.manager.load(session.manager.latest())
+        assert_saved_equals(loaded, expected)
+        params = {p.data_ptr() for p in model.parameters()}
+        assert params <= set(gate.copied_by_writer)  # the writer, not session.step(), copied them
+        # BatchNorm's running stats change in forward: copied at once, never left to the writer
+        assert model.state_dict()["1.running_mean"].data_ptr() not in gate.copied_by_writer
+
+    def test_a_loop_that_changes_the_weights_outside_the_step_turns_the_overlap_off(
+            self, sessions: Callable[..., Session], gate: WriterGate,
+            caplog: pytest.LogCaptureFixture) -> None:
+        """A change between session.step() and the optimizer's step fails that save (said in
+        the log), and the next async save copies everything at once and succeeds."""
+        model, optimizer = model_and_adam()
+        session = sessions(model, optimizer)
+        request_checkpoint(session, 1)
+        step_until_saving(session, gate)
+        with torch.no_grad():
+            model[0].weight.clamp_(-0.01, 0.01)  # outside optimizer.step(), in place
+        with caplog.at_level(logging.WARNING, logger="session_watchdog"):
+            gate.open()
+            wait_for(lambda: not lock_held(session.run_dir.path / "save.lock"),
+                     "the failed save to let go of save.lock")
+            forward_backward(model, optimizer)
+            optimizer.step()
+            session.step()
+        assert any("overlap_copy_off" in record.getMessage() for record in caplog.records)
+        assert session.manager.list() == []
+        writer_copies = len(gate.copied_by_writer)
+        request_checkpoint(session, 2)
+        states = train_until(session, lambda: session.acked_seq == 2, clamp=True)
+        assert len(gate.copied_by_writer) == writer_copies  # the writer copied nothing itself
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), states[saved.step])
+
+    def test_overlap_copy_false_copies_everything_in_the_stall(
+            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+        model, optimizer = model_and_adam()
+        session = sessions(model, optimizer, overlap_copy=False)
+        gate.open()
+        request_checkpoint(session, 1)
+        states = train_until(session, lambda: session.acked_seq == 1)
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert gate.copied_by_writer == []
+        assert optimizer._optimizer_step_pre_hooks == {}
+
+    def test_close_removes_the_pre_hook(self, sessions: Callable[..., Session]) -> None:
+        model, optimizer = model_and_adam()
+        session = sessions(model, optimizer)
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        session.close()
+        assert optimizer._optimizer_step_pre_hooks == {}
