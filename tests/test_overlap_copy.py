@@ -8,8 +8,12 @@ on the writer thread only), so each test knows whether training ran before or af
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
@@ -18,7 +22,7 @@ import torch
 
 from integration_helpers import wait_for
 from session_watchdog.channel import RunDir, lock_held
-from session_watchdog.trainer import checkpoint_async
+from session_watchdog.trainer import checkpoint_async, checkpoint_types
 from session_watchdog.trainer.checkpoint import (
     CheckpointManager,
     CheckpointWriteError,
@@ -128,8 +132,8 @@ class TestSaveAsyncCopyLater:
         with pytest.raises(CheckpointWriteError) as raised:
             pending.result()
         assert isinstance(raised.value.cause, StateChangedError)
-        assert "1 tensor(s) changed while the writer copied them (the first: model/weight)" \
-            in str(raised.value)
+        assert "1 tensor(s) changed before the writer's copy of them was over (the first: " \
+            "model/weight)" in str(raised.value)
         assert pending._copied.is_set()
         assert [saved.step for saved in manager.list()] == [1]
         assert torch.equal(manager.load(first)["model"]["weight"], torch.ones(64))
@@ -281,3 +285,193 @@ class TestSessionOverlapsTheCopy:
         assert len(optimizer._optimizer_step_pre_hooks) == 1
         session.close()
         assert optimizer._optimizer_step_pre_hooks == {}
+
+
+class TestChangesSeenLate:
+    """An in-place operation moves a tensor's version counter when it has finished: one that
+    overlapped the writer's copy may not have moved it yet when the writer looks. The verdict
+    comes from the training thread (``wait_copied``) or, failing that, from the writer
+    ``_Settle.SETTLE_S`` after the copy; until then nothing is committed."""
+
+    @staticmethod
+    def change_late(weight: torch.Tensor, gate: WriterGate, pending: Any) -> None:
+        """Change ``weight``'s values before the writer copies them, and move its version
+        counter only once the copy is over: an operation still running at the writer's own
+        look (``.data`` shares the memory, not the counter)."""
+        assert gate.writer_waiting.wait(WAIT_S)
+        weight.data.mul_(3.0)
+        gate.open()
+        assert pending._copied.wait(WAIT_S)
+        weight.add_(0.0)  # the operation ends: its counter moves
+
+    def test_a_change_the_writer_could_not_see_yet_is_seen_on_the_training_thread(
+            self, tmp_path: Path, gate: WriterGate) -> None:
+        weight = torch.ones(64)
+        manager = CheckpointManager(tmp_path, keep=2)
+        pending = manager.save_async({"weight": weight}, step=1, copy_later=[weight])
+        self.change_late(weight, gate, pending)
+        manager.wait_copied()  # the training thread's check
+        with pytest.raises(CheckpointWriteError) as raised:
+            pending.result()
+        assert isinstance(raised.value.cause, StateChangedError)
+        assert "changed before the writer's copy of them was over (the first: weight)" \
+            in str(raised.value)
+        assert manager.list() == []
+        assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+    def test_without_a_word_from_the_training_thread_the_writer_checks_itself_later(
+            self, tmp_path: Path, gate: WriterGate, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(checkpoint_types._Settle, "SETTLE_S", 0.5)
+        weight = torch.ones(64)
+        manager = CheckpointManager(tmp_path, keep=2)
+        pending = manager.save_async({"weight": weight}, step=1, copy_later=[weight])
+        self.change_late(weight, gate, pending)
+        with pytest.raises(CheckpointWriteError) as raised:
+            pending.result()
+        assert isinstance(raised.value.cause, StateChangedError)
+        assert manager.list() == []
+
+    def test_the_commit_waits_for_the_training_threads_word(
+            self, tmp_path: Path, gate: WriterGate, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(checkpoint_types._Settle, "SETTLE_S", 120.0)
+        gate.open()
+        weight = torch.ones(64)
+        manager = CheckpointManager(tmp_path, keep=2)
+        pending = manager.save_async({"weight": weight}, step=1, copy_later=[weight])
+        assert pending._copied.wait(WAIT_S)
+        with pytest.raises(futures.TimeoutError):
+            pending._future.result(timeout=0.3)  # written, not committed
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".json")] == []
+        # another thread's look (a mirror's) is no word from the training loop
+        lister = threading.Thread(target=manager.list)
+        lister.start()
+        with pytest.raises(futures.TimeoutError):
+            pending._future.result(timeout=0.3)
+        manager.wait_copied()
+        lister.join(WAIT_S)
+        saved = pending.result()
+        assert [s.step for s in manager.list()] == [1]
+        assert torch.equal(manager.load(saved)["weight"], torch.ones(64))
+
+
+class OptimizerWrapper(torch.optim.Optimizer):
+    """A wrapper as accelerate's AcceleratedOptimizer and Lookahead-style ones are built: a
+    torch.optim.Optimizer subclass whose __init__ never ran Optimizer.__init__."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+
+    @property
+    def param_groups(self) -> Any:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.inner.state
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.inner.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.inner.state_dict()
+
+
+class TestOptimizersWithoutPreHooks:
+    @pytest.mark.parametrize("wrap", ["ours", "accelerate"])
+    def test_a_wrapper_optimizer_saves_without_the_overlap(
+            self, sessions: Callable[..., Session], gate: WriterGate, wrap: str) -> None:
+        """Its step never runs pre-hooks: the Session registers none and copies everything
+        at once (building it raised AttributeError before)."""
+        model, inner = model_and_adam()
+        if wrap == "accelerate":
+            from accelerate import Accelerator
+
+            model, optimizer = Accelerator(cpu=True).prepare(model, inner)
+            assert type(optimizer).__name__ == "AcceleratedOptimizer"
+        else:
+            optimizer = OptimizerWrapper(inner)
+        session = sessions(model, optimizer)
+        assert session._copy_hook is None
+        gate.open()
+        request_checkpoint(session, 1)
+        states = train_until(session, lambda: session.acked_seq == 1)
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert gate.copied_by_writer == []
+
+    def test_a_sparse_parameter_is_copied_at_once(self, sessions: Callable[..., Session],
+                                                  gate: WriterGate) -> None:
+        """A sparse tensor has no data pointer to match: it is never left to the writer (its
+        save raised RuntimeError out of session.step() before)."""
+        sparse = torch.nn.Parameter(torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,)))
+        dense = torch.nn.Parameter(torch.ones(4))
+        model = torch.nn.Module()
+        model.sparse, model.dense = sparse, dense
+        optimizer = torch.optim.SGD([sparse, dense], lr=0.1)
+        session = sessions(model, optimizer)
+        gate.open()
+        request_checkpoint(session, 1)
+        deadline = time.monotonic() + WAIT_S
+        while session.acked_seq != 1:
+            assert time.monotonic() < deadline
+            optimizer.step()
+            session.step()
+            time.sleep(0.001)
+        saved = session.manager.latest()
+        assert saved is not None
+        loaded = session.manager.load(saved)["model"]
+        assert torch.equal(loaded["sparse"].to_dense(), torch.tensor([1.0, 0.0, 2.0, 0.0]))
+        assert gate.copied_by_writer == [dense.data_ptr()]
+
+    def test_a_session_that_fails_to_start_leaves_no_pre_hook(self, tmp_path: Path) -> None:
+        from session_watchdog.trainer.session import SessionError
+
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700)
+        os.symlink(tmp_path / "elsewhere", run / "save.lock")  # refused: a planted symlink
+        model, optimizer = model_and_adam()
+        with pytest.raises(SessionError):
+            Session(tmp_path / "ckpt", model=model, optimizer=optimizer, run_dir=run,
+                    checkpoint_every=None, handle_signals=False, async_save=True)
+        assert optimizer._optimizer_step_pre_hooks == {}
+
+
+EXIT_RIGHT_AFTER_SAVE = r"""
+import sys, threading, time
+from pathlib import Path
+import torch
+from session_watchdog.trainer import checkpoint_async, checkpoint_types
+from session_watchdog.trainer.checkpoint import CheckpointManager
+
+real = checkpoint_async.copy_all
+
+def late(pairs, threads=0):  # the writer runs only once the interpreter is shutting down
+    if threading.current_thread().name.startswith("sw-checkpoint-save"):
+        while threading.main_thread().is_alive():
+            time.sleep(0.01)
+    return real(pairs, threads)
+
+checkpoint_async.copy_all = late
+weight = torch.arange(20 << 20, dtype=torch.float32)  # 80 MiB: copied on helper threads too
+CheckpointManager(Path(sys.argv[1]), keep=1).save_async({"weight": weight}, step=7,
+                                                        copy_later=[weight])
+"""
+
+
+def test_a_script_that_ends_right_after_an_async_save_still_gets_its_checkpoint(
+        tmp_path: Path) -> None:
+    """The writer copies after the interpreter began to shut down, when no new helper thread
+    may start: it copies alone (the save failed with 'cannot schedule new futures' before)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", EXIT_RIGHT_AFTER_SAVE, str(tmp_path / "ckpt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manager = CheckpointManager(tmp_path / "ckpt", keep=1)
+    saved = manager.latest()
+    assert saved is not None and saved.step == 7
+    assert manager.verify(saved.path)
+    assert torch.equal(manager.load(saved)["weight"], torch.arange(20 << 20, dtype=torch.float32))

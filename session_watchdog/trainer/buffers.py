@@ -187,7 +187,11 @@ def copy_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], threads: int = 
     helpers: List[Future[int]] = []
     if threads > 1 and total >= PARALLEL_FROM_BYTES:
         pool = _helpers()
-        helpers = [pool.submit(work.run) for _ in range(threads - 1)]
+        for _ in range(threads - 1):
+            try:
+                helpers.append(pool.submit(work.run))
+            except RuntimeError:  # the interpreter is shutting down (an async save's writer
+                break             # copies then too): the caller copies the rest alone
     copied: List[int] = []
     try:
         copied.append(work.run())

@@ -47,7 +47,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Dict, Optional, Sequence, Set, Tuple, Union, cast
+from typing import IO, Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union, cast
 
 import torch
 
@@ -190,8 +190,13 @@ class CheckpointManager(_AsyncSaveMixin):
         payload: int,
         stable: Sequence[Tuple[int, int]],
         inline_hash: bool = False,
+        before_commit: Optional[Callable[[], None]] = None,
     ) -> SavedCheckpoint:
-        """The save protocol (module docstring); the caller holds ``self._lock``."""
+        """The save protocol (module docstring); the caller holds ``self._lock``.
+
+        ``before_commit``: called once the temp file is durable, before its rename; an error it
+        raises fails the save (the temp file removed, nothing committed).
+        """
         self._join_pruner()  # the space of the files pruned last time is free before we write
         started = time.monotonic()
         seq = max(self._last_seq, self._max_owned_seq()) + 1  # names are never reused
@@ -257,6 +262,14 @@ class CheckpointManager(_AsyncSaveMixin):
             _close_and_unlink(fd, tmp)
             raise
         os.close(fd)
+        if before_commit is not None:
+            try:
+                before_commit()
+            except BaseException as err:
+                _unlink_quietly(tmp)
+                if isinstance(err, Exception):
+                    raise fail(err) from err
+                raise
 
         try:
             os.replace(tmp, final)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import threading
+import time
 from concurrent import futures
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -36,6 +37,7 @@ from session_watchdog.trainer.checkpoint_types import (
     PendingSave,
     SavedCheckpoint,
     StateChangedError,
+    _Settle,
 )
 from session_watchdog.trainer.checkpoint_write import _hurry_at_exit
 from session_watchdog.trainer.state_check import _inspect_state, check_state
@@ -75,6 +77,9 @@ class _AsyncSaveMixin(_DirectoryMixin):
         changes before its copy is over (one whose version counter moved: in-place operations
         count, writes through ``.data`` or a fused kernel do not) fails the save with a
         :class:`CheckpointWriteError` caused by :class:`StateChangedError`; nothing is written.
+        The counters are compared when ``wait_copied`` is called (call it on the thread that
+        changes the state: an in-place operation moves its counter only once it is over) or,
+        without that call, 5 s after the copy; the write commits only after that comparison.
         A ``Session`` with ``async_save`` passes its optimizer's tensors and waits in a step
         pre-hook of that optimizer.
 
@@ -86,15 +91,28 @@ class _AsyncSaveMixin(_DirectoryMixin):
         payload = check_state(state)
         snapshot, buffers, later = self._snapshot(state, copy_later)
         pending = PendingSave(step)
+        copied_at = [0.0]  # when the writer's copy was over (_copy_later)
+        before_commit: Optional[Callable[[], None]] = None
         if not later:
             pending._copied.set()
+        else:
+            settle = pending._settle = _Settle([(data, version, path)
+                                                for _, data, version, _, path in later])
+
+            def settled() -> None:  # in _write, once the temp file is durable
+                changed = settle.wait(copied_at[0] + settle.SETTLE_S - time.monotonic())
+                if changed:
+                    raise StateChangedError(_changed(changed))
+            before_commit = settled
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
         gate = _Gate()
 
         def write() -> None:
-            if gate.enter() and (not later or self._copy_later(later, buffers, pending)):
-                self._write_in_background(snapshot, buffers, step, epoch, payload, pending)
+            if gate.enter() and (not later or self._copy_later(later, buffers, pending,
+                                                               copied_at)):
+                self._write_in_background(snapshot, buffers, step, epoch, payload, pending,
+                                          before_commit)
         worker = threading.Thread(target=write, name=f"sw-checkpoint-save-{step}")
         # Published before its thread starts, so that wait() and the next save always know a
         # write that runs; taken back when start() fails (a Ctrl-C inside it included) before
@@ -120,31 +138,33 @@ class _AsyncSaveMixin(_DirectoryMixin):
         if pending is not None:
             pending.wait_copied()
 
+    def _settle_own_save(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending._wait_copied_here()  # the word it commits on, when this thread asked for it
+
     def _copy_later(self, later: List[_Later], buffers: Dict[Tuple[Any, ...], torch.Tensor],
-                    pending: PendingSave) -> bool:
-        """In the writer thread, before it writes: copy ``save_async``'s ``copy_later`` tensors
-        and check that none changed meanwhile. False when the save failed (reported on
-        ``pending``), True when the write may go on."""
+                    pending: PendingSave, copied_at: List[float]) -> bool:
+        """In the writer thread, before it writes: copy ``save_async``'s ``copy_later`` tensors.
+        False when the save failed (reported on ``pending``), True when the write may go on;
+        whether the tensors stayed unchanged is settled before the commit (``_Settle``)."""
         changed: List[Tuple[Any, ...]] = []
         failure: Optional[BaseException] = None
         try:
             copy_all([(buf, data) for buf, data, _, fresh, _ in later if not fresh], threads=1)
             copy_all([(buf, data) for buf, data, _, fresh, _ in later if fresh])
-            # Before _copied is set: a change seen now came before the caller was told it may
-            # change the state, so the copy may hold it (a change after a tensor's copy also
-            # fails the save, needlessly but safely).
+            # Before _copied is set, a change seen is one the caller made too early: no need
+            # to write the file (one not seen yet may be an operation still running: the
+            # check before the commit sees it).
             changed = [path for _, data, version, _, path in later if data._version != version]
         except BaseException as err:  # the thread's only way out: hand it to the caller
             failure = err
         finally:
+            copied_at[0] = time.monotonic()
             pending._copied.set()
-            later.clear()  # the state's own tensors: not kept alive by this save any longer
+            later.clear()
         if failure is None and changed:
-            where = "/".join(str(key) for key in changed[0])
-            failure = StateChangedError(
-                f"{len(changed)} tensor(s) changed while the writer copied them (the first: "
-                f"{where}): the tensors passed as copy_later must stay unchanged until "
-                "wait_copied() returns")
+            failure = StateChangedError(_changed(changed))
         if failure is None:
             return True
         pending._yielding.finished()
@@ -168,6 +188,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         pending = self._pending
         if pending is None:
             return None
+        pending._wait_copied_here()
         try:
             return pending.result()
         except CheckpointError:
@@ -179,6 +200,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         if pending is None:
             return
         pending.hurry()  # the caller is blocked on it: let it have the CPU
+        pending._wait_copied_here()
         try:
             pending._future.result()
         except CheckpointError:
@@ -195,13 +217,14 @@ class _AsyncSaveMixin(_DirectoryMixin):
         epoch: int,
         payload: int,
         pending: PendingSave,
+        before_commit: Optional[Callable[[], None]] = None,
     ) -> None:
         pending._yielding.lower()  # training has the CPU first (priority.py)
         try:
             stable = _inspect_state(snapshot)[1]  # the snapshot is ours: its memory stays put
             with self._lock:
                 saved = self._write(snapshot, step=step, epoch=epoch, payload=payload,
-                                    stable=stable, inline_hash=True)
+                                    stable=stable, inline_hash=True, before_commit=before_commit)
         except BaseException as err:  # the thread's only way out: hand everything to the caller
             pending._yielding.finished()
             self._spare = buffers
@@ -287,6 +310,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         self._join_prepare()
         pending = self._pending
         if pending is not None:
+            pending._wait_copied_here()
             futures.wait([pending._future])
         self._spare = {}
 
@@ -296,7 +320,9 @@ class _AsyncSaveMixin(_DirectoryMixin):
         """Deep-copy ``state`` with every tensor copied into CPU memory (reusing old buffers),
         except the plain CPU tensors of ``copy_later``: those are returned, to be copied by
         the writer (``_copy_later``)."""
-        later_keys = {memory_key(t) for t in copy_later}
+        later_keys = {memory_key(t) for t in copy_later  # only those a memmove may copy
+                      if t.layout == torch.strided and t.device.type == "cpu"
+                      and not t.is_quantized}
         later: List[_Later] = []
         self._join_prepare()
         spare, self._spare = self._spare, {}
@@ -366,6 +392,13 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used, later
+
+
+def _changed(paths: List[Tuple[Any, ...]]) -> str:
+    where = "/".join(str(key) for key in paths[0])
+    return (f"{len(paths)} tensor(s) changed before the writer's copy of them was over (the "
+            f"first: {where}): the tensors passed as copy_later must stay unchanged until "
+            "wait_copied() returns")
 
 
 class _Gate:

@@ -115,6 +115,10 @@ class _DirectoryMixin:
             _event(logging.WARNING, "checkpoint_prune_failed", directory=str(self.directory),
                    error=str(err), errno=err.errno)
 
+    def _settle_own_save(self) -> None:
+        """Before waiting for ``_lock``, held by an async save until it commits: the async
+        part (checkpoint_async.py) gives that save the word it waits for, on its thread."""
+
     def _join_pruner(self) -> None:
         worker, self._pruner = self._pruner, None
         if worker is not None:
@@ -142,6 +146,7 @@ class _DirectoryMixin:
         Cheap: it does not hash the files; :meth:`verify` and :meth:`latest` do. Like
         :meth:`latest`, it first waits for this manager's own save in flight, if any.
         """
+        self._settle_own_save()
         with self._lock:
             self._join_pruner()
             found = []
@@ -158,6 +163,7 @@ class _DirectoryMixin:
         ``<name>.broken``; only the most recent ``.broken`` file is kept. Call it at resume
         time: a save running in another process would look unmarked.
         """
+        self._settle_own_save()
         with self._lock:
             self._join_pruner()
             found: Optional[SavedCheckpoint] = None

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Set
+from typing import Any, List, Optional, Set, Tuple
 
 from session_watchdog.trainer.priority import Yielding
 
@@ -161,6 +161,49 @@ class SavedCheckpoint:
             object.__setattr__(self, "checksum", f"sha256:{self.sha256}")
 
 
+class _Settle:
+    """Whether the tensors an async save's writer copied (``copy_later``) stayed unchanged until
+    their copy was over: each one's version counter then against now, checked once.
+
+    An in-place operation moves the counter only when it has finished, so the check is sure only
+    where no such operation can still run on the tensors: on the thread that changes them (the
+    one that asked for the save), once their copy is over (``PendingSave.wait_copied``, which
+    a Session's optimizer pre-hook calls before the step, and the manager's ``wait``, ``list``,
+    ``latest`` and next save on that thread), or at interpreter exit. The writer waits for that check before it
+    commits; when none comes within ``SETTLE_S`` of the copy (a loop that stopped stepping), it
+    checks itself: an operation that overlapped the copy has long finished by then.
+    """
+
+    SETTLE_S = 5.0
+
+    def __init__(self, watched: List[Tuple[Any, int, Tuple[Any, ...]]]) -> None:
+        self._watched = watched  # (tensor, its version counter at the snapshot, its path)
+        self._lock = threading.Lock()
+        self._checked = threading.Event()
+        self._wake = threading.Event()
+        self.changed: List[Tuple[Any, ...]] = []
+
+    def check(self) -> None:
+        """Compare the counters now, unless already done (the first check decides)."""
+        with self._lock:
+            if not self._checked.is_set():
+                self.changed = [path for tensor, version, path in self._watched
+                                if tensor._version != version]
+                self._watched = []  # the state's own tensors: not kept alive any longer
+                self._checked.set()
+        self._wake.set()
+
+    def release(self) -> None:
+        """At interpreter exit: nothing will change the tensors; the writer checks at once."""
+        self._wake.set()
+
+    def wait(self, timeout: float) -> List[Tuple[Any, ...]]:
+        """In the writer, before it commits: the paths of the changed tensors."""
+        self._wake.wait(max(0.0, timeout))
+        self.check()
+        return self.changed
+
+
 class PendingSave:
     """An async save in flight: ``done()`` polls, ``result()`` waits (and raises its error)."""
 
@@ -172,11 +215,29 @@ class PendingSave:
         # Set once the state's tensors are all copied (at once, or by the writer for the
         # tensors of save_async's copy_later): from then on training may change them.
         self._copied = threading.Event()
+        self._settle: Optional[_Settle] = None  # copy_later's check, when there were any
+        self._owner = threading.get_ident()  # the thread that asked for it: the training loop's
 
     def wait_copied(self) -> None:
         """Return once every tensor of the state has been copied (at once for a save without
-        ``copy_later``); the copy runs at normal priority, so this waits for memory copies only."""
+        ``copy_later``); the copy runs at normal priority, so this waits for memory copies only.
+
+        Call it from the thread that changes the state (a Session's optimizer pre-hook does):
+        it also checks, there, that no ``copy_later`` tensor changed before its copy was over,
+        and the writer commits on that word (``_Settle``).
+        """
         self._copied.wait()
+        if self._settle is not None:
+            self._settle.check()
+
+    def _wait_copied_here(self) -> None:
+        """:meth:`wait_copied` for the manager's own waits (``wait``, ``list``, ``latest``, the
+        next save): the check counts only on the thread that asked for the save, not on
+        another one (a mirror's) while the training loop may be mid-operation."""
+        if threading.get_ident() == self._owner:
+            self.wait_copied()
+        else:
+            self._copied.wait()
 
     def hurry(self) -> None:
         """Let the write run at normal priority from now on (someone waits for it)."""

@@ -82,6 +82,8 @@ def _hurry_at_exit(pending: PendingSave) -> None:
 def _hurry_all() -> None:
     for pending in list(_in_flight):
         pending.hurry()
+        if pending._settle is not None:  # the script is over: nothing changes its state now
+            pending._settle.release()
 
 
 def _hasher_thread() -> ThreadPoolExecutor:

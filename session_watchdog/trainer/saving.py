@@ -205,7 +205,9 @@ class _SavingMixin(_StatusMixin):
         tensors.extend(value for per_param in optimizer.state.values()
                        if isinstance(per_param, dict) for value in per_param.values()
                        if isinstance(value, torch.Tensor))
-        return tensors
+        # Only what the writer may copy with a memmove: a sparse one has no data pointer.
+        return [t for t in tensors if t.layout == torch.strided and t.device.type == "cpu"
+                and not t.is_quantized]
 
     def _wait_for_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The optimizer's step pre-hook (``overlap_copy``): its step changes the tensors an
@@ -244,6 +246,9 @@ class _SavingMixin(_StatusMixin):
     def _join_async(self) -> None:
         thread = self._async_thread
         if thread is not None and thread is not threading.current_thread():
+            # The training thread's word that the optimizer's tensors stayed put while the
+            # writer copied them (overlap_copy): the write commits only after it.
+            self.manager.wait_copied()
             self.manager.hurry()  # training waits for the write now: normal CPU priority
             thread.join()
             self._async_thread = None

@@ -190,9 +190,11 @@ class Session(_ResumingMixin):
             ``step()`` waits for the copy (a step pre-hook): the save's stall is then what is
             left of that copy, if anything. Those tensors must change only in
             ``optimizer.step()`` between ``session.step()`` and the next optimizer step; a
-            change seen there (an in-place operation on one) fails that save, says so in the
-            log (``checkpoint_failed``, ``overlap_copy_off``) and turns this off for the
-            session. A change through ``.data`` is not seen: pass False if the loop does that.
+            change seen there (an in-place operation on one, checked in that pre-hook) fails
+            that save, says so in the log (``checkpoint_failed``, ``overlap_copy_off``) and
+            turns this off for the session. A change through ``.data`` is not seen: pass
+            False if the loop does that. Optimizers whose ``step()`` runs no pre-hooks
+            (wrappers such as accelerate's) are saved without the overlap.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -361,13 +363,10 @@ class Session(_ResumingMixin):
         # the first save's stall is a memory copy like every later one (issue 17).
         self._prepare_snapshot = self.async_save
         self._pending = self._pending or self.async_save
-        # overlap_copy: the optimizer's next step waits for the writer's copy of its tensors.
+        # overlap_copy: the optimizer's next step waits for the writer's copy of its tensors
+        # (its pre-hook is registered last, below: a failed construction leaves none behind).
         self._copy_hook = None
         self._overlap_copy = True  # off after a save saw those tensors change (_await_async)
-        register = getattr(optimizer, "register_step_pre_hook", None)
-        if self.async_save and overlap_copy and callable(register) \
-                and hasattr(optimizer, "param_groups") and hasattr(optimizer, "state"):
-            self._copy_hook = register(self._wait_for_copy)
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:
             if self.sharded:
@@ -422,6 +421,8 @@ class Session(_ResumingMixin):
                        "mirrored; use a checkpoint_dir on persistent storage")
         elif mirror is not None:  # last: its reports go to trainer.json (issue 14)
             self._mirror = self._open_mirror(mirror)
+        if self.async_save and overlap_copy and _runs_step_pre_hooks(optimizer):
+            self._copy_hook = optimizer.register_step_pre_hook(self._wait_for_copy)
 
     # ------------------------------------------------------------------------------------------
     # The training loop's side
@@ -688,6 +689,18 @@ class Session(_ResumingMixin):
                 raise SessionError(f"{self._run_lock.path} is held exclusively (the daemon is "
                                    "ending the runtime?)")
             time.sleep(0.1)
+
+
+def _runs_step_pre_hooks(optimizer: Any) -> bool:
+    """Whether ``optimizer.step()`` runs the pre-hooks ``register_step_pre_hook`` adds: a
+    ``torch.optim.Optimizer`` whose ``__init__`` ran (it wraps the class's ``step``). Wrappers
+    that subclass it without that (accelerate's ``AcceleratedOptimizer``, Lookahead-style
+    ones) have neither the hook table nor a step that runs it: no overlap for them."""
+    return (callable(getattr(optimizer, "register_step_pre_hook", None))
+            and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict)
+            and bool(getattr(type(optimizer).step, "hooked", False))
+            and isinstance(getattr(optimizer, "param_groups", None), list)
+            and isinstance(getattr(optimizer, "state", None), dict))
 
 
 def _world_size() -> int:
