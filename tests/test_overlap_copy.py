@@ -148,6 +148,9 @@ def sessions(tmp_path: Path) -> Iterator[Callable[..., Session]]:
     made: List[Session] = []
 
     def make(model: torch.nn.Module, optimizer: Any, **kwargs: Any) -> Session:
+        kwargs.setdefault("overlap_copy", True)  # None: the Session's default
+        if kwargs["overlap_copy"] is None:
+            del kwargs["overlap_copy"]
         session = Session(tmp_path / "ckpt", model=model, optimizer=optimizer,
                           run_dir=tmp_path / "run", poll_interval=0.02, heartbeat_interval=60.0,
                           checkpoint_every=None, handle_signals=False, exit_on_stop=False,
@@ -244,7 +247,7 @@ class TestSessionOverlapsTheCopy:
         """A change between session.step() and the optimizer's step fails that save (said in
         the log), and the next async save copies everything at once and succeeds."""
         model, optimizer = model_and_adam()
-        session = sessions(model, optimizer)
+        session = sessions(model, optimizer, retry_after="10m")
         request_checkpoint(session, 1)
         step_until_saving(session, gate)
         with torch.no_grad():
@@ -255,10 +258,16 @@ class TestSessionOverlapsTheCopy:
                      "the failed save to let go of save.lock")
             forward_backward(model, optimizer)
             optimizer.step()
+            first = {session.global_step + 1: clone_state(model, optimizer)}
+            writer_copies = len(gate.copied_by_writer)
             session.step()
         assert any("overlap_copy_off" in record.getMessage() for record in caplog.records)
-        assert session.manager.list() == []
-        writer_copies = len(gate.copied_by_writer)
+        # the same request is saved again at once (retry_after is 10 minutes), every tensor
+        # copied in the stall
+        states = {**first, **train_until(session, lambda: session.acked_seq == 1)}
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), states[saved.step])
         request_checkpoint(session, 2)
         states = train_until(session, lambda: session.acked_seq == 2, clamp=True)
         assert len(gate.copied_by_writer) == writer_copies  # the writer copied nothing itself
@@ -266,10 +275,14 @@ class TestSessionOverlapsTheCopy:
         assert saved is not None
         assert_saved_equals(session.manager.load(saved), states[saved.step])
 
-    def test_overlap_copy_false_copies_everything_in_the_stall(
-            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+    @pytest.mark.parametrize("overlap", [None, False])
+    def test_without_overlap_copy_everything_is_copied_in_the_stall(
+            self, sessions: Callable[..., Session], gate: WriterGate,
+            overlap: Any) -> None:
+        """Off unless asked for (None: the default; a write through .data would go unseen)."""
         model, optimizer = model_and_adam()
-        session = sessions(model, optimizer, overlap_copy=False)
+        session = sessions(model, optimizer, overlap_copy=overlap)
+        assert session._copy_hook is None
         gate.open()
         request_checkpoint(session, 1)
         states = train_until(session, lambda: session.acked_seq == 1)
@@ -475,3 +488,52 @@ def test_a_script_that_ends_right_after_an_async_save_still_gets_its_checkpoint(
     assert saved is not None and saved.step == 7
     assert manager.verify(saved.path)
     assert torch.equal(manager.load(saved)["weight"], torch.arange(20 << 20, dtype=torch.float32))
+
+
+class TestHookOrderAndWaits:
+    def test_a_pre_hook_registered_before_the_session_runs_after_ours(
+            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+        """A user's pre-hook that changes the weights (a projection run with each step) is part
+        of the step: it must not run while the writer copies (that save failed before)."""
+        model, optimizer = model_and_adam()
+
+        def project(opt: Any, args: Any, kwargs: Any) -> None:
+            with torch.no_grad():
+                model[0].weight.clamp_(-0.5, 0.5)
+        optimizer.register_step_pre_hook(project)
+        session = sessions(model, optimizer)
+        assert next(iter(optimizer._optimizer_step_pre_hooks)) == session._copy_hook.id
+        gate.open()
+        request_checkpoint(session, 1)
+        states = train_until(session, lambda: session.acked_seq == 1)
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert session._overlap_copy
+        assert {p.data_ptr() for p in model.parameters()} <= set(gate.copied_by_writer)
+
+    def test_a_global_pre_hook_leaves_the_overlap_off(
+            self, sessions: Callable[..., Session]) -> None:
+        """Global pre-hooks run before the optimizer's own: ours could not come first."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        handle = register_optimizer_step_pre_hook(lambda *a: None)
+        try:
+            model, optimizer = model_and_adam()
+            session = sessions(model, optimizer)
+            assert session._copy_hook is None
+            assert optimizer._optimizer_step_pre_hooks == {}
+        finally:
+            handle.remove()
+
+    def test_result_on_the_thread_that_saved_gives_the_word_itself(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``pending.result()`` there does not wait for the writer's own look (SETTLE_S)."""
+        monkeypatch.setattr(checkpoint_types._Settle, "SETTLE_S", 600.0)
+        weight = torch.ones(64)
+        manager = CheckpointManager(tmp_path, keep=2)
+        pending = manager.save_async({"weight": weight}, step=1, copy_later=[weight])
+        saved = pending.result(timeout=WAIT_S)
+        assert saved.step == 1 and manager.verify(saved.path)
+        pending = manager.save_async({"weight": weight}, step=2, copy_later=[weight])
+        assert wait_for(pending.done, "done() polled on the saving thread to see it committed")

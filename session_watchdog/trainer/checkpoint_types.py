@@ -230,14 +230,14 @@ class PendingSave:
         if self._settle is not None:
             self._settle.check()
 
-    def _wait_copied_here(self) -> None:
-        """:meth:`wait_copied` for the manager's own waits (``wait``, ``list``, ``latest``, the
-        next save): the check counts only on the thread that asked for the save, not on
-        another one (a mirror's) while the training loop may be mid-operation."""
-        if threading.get_ident() == self._owner:
-            self.wait_copied()
-        else:
-            self._copied.wait()
+    def _wait_copied_here(self, timeout: Optional[float] = None) -> None:
+        """:meth:`wait_copied` for the waits of :meth:`result` and the manager (``wait``,
+        ``list``, ``latest``, the next save): the check counts only on the thread that asked
+        for the save, not on another one (a mirror's, the Session's ack thread) while the
+        training loop may be mid-operation."""
+        if self._copied.wait(timeout) and self._settle is not None \
+                and threading.get_ident() == self._owner:
+            self._settle.check()
 
     def hurry(self) -> None:
         """Let the write run at normal priority from now on (someone waits for it)."""
@@ -245,6 +245,9 @@ class PendingSave:
 
     def done(self) -> bool:
         """Whether the background write has finished (committed or failed)."""
+        if self._settle is not None and self._copied.is_set() \
+                and threading.get_ident() == self._owner:
+            self._settle.check()  # a loop that polls this from the training thread
         return self._future.done()
 
     def result(self, timeout: Optional[float] = None, *, hurry: bool = True) -> SavedCheckpoint:
@@ -259,6 +262,9 @@ class PendingSave:
         """
         if hurry:
             self.hurry()
+        if self._settle is not None:
+            # on the thread that asked for the save: the word its commit waits for
+            self._wait_copied_here(timeout)
         try:
             return self._future.result(timeout)
         except CheckpointError:

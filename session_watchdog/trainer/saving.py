@@ -225,14 +225,17 @@ class _SavingMixin(_StatusMixin):
             saved: Optional[SavedCheckpoint] = pending.result(hurry=False)
         except BaseException as err:
             cause = getattr(err, "cause", None)
-            if isinstance(cause, self._ckpt.StateChangedError):
+            changed = isinstance(cause, self._ckpt.StateChangedError)
+            if changed:
                 self._overlap_copy = False  # this loop changes them outside optimizer.step()
                 _event(logging.WARNING, "overlap_copy_off", step=pending.step, error=str(cause),
                        message="the optimizer's tensors changed outside optimizer.step() while "
                                "an async save copied them: later async saves copy every tensor "
                                "at once")
             self._save_lock.release()
-            self._save_failed(err, seq, reason, None)
+            self._save_failed(err, seq, reason, None, step=pending.step)
+            if changed:
+                self._failed = (0, 0.0)  # no back-off: the next step boundary saves it again
             self._inflight_seq = None
             return
         self._save_lock.release()
@@ -247,19 +250,20 @@ class _SavingMixin(_StatusMixin):
         thread = self._async_thread
         if thread is not None and thread is not threading.current_thread():
             # The training thread's word that the optimizer's tensors stayed put while the
-            # writer copied them (overlap_copy): the write commits only after it.
-            self.manager.wait_copied()
+            # writer copied them (overlap_copy), given only on the thread that asked for the
+            # save: the write commits after it (or 5 s after its copy).
+            self.manager._settle_own_save()
             self.manager.hurry()  # training waits for the write now: normal CPU priority
             thread.join()
             self._async_thread = None
 
     def _save_failed(self, err: BaseException, seq: Optional[int], reason: str,
-                     state: Optional[str]) -> None:
+                     state: Optional[str], step: Optional[int] = None) -> None:
         if seq is not None:
             self._failed = (seq, time.monotonic())
         error = f"{type(err).__name__}: {err}"
-        _event(logging.ERROR, "checkpoint_failed", reason=reason, seq=seq, step=self._step,
-               error=error)
+        _event(logging.ERROR, "checkpoint_failed", reason=reason, seq=seq,
+               step=self._step if step is None else step, error=error)
         with self._status_lock:
             self._extra["last_error"] = error
             if state is not None:

@@ -93,6 +93,7 @@ take the same decision at the same step; see ``session_watchdog.trainer.distribu
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -184,17 +185,20 @@ class Session(_ResumingMixin):
             out when the file is durable); stop and final checkpoints are always synchronous.
             The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
             first step boundary, so that even the first save stalls only for a memory copy.
-        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer, the optimizer's CPU
-            tensors (parameters and their state, most of the state's bytes) are copied by the
-            writer while the next forward and backward pass run, and that optimizer's next
-            ``step()`` waits for the copy (a step pre-hook): the save's stall is then what is
-            left of that copy, if anything. Those tensors must change only in
-            ``optimizer.step()`` between ``session.step()`` and the next optimizer step; a
-            change seen there (an in-place operation on one, checked in that pre-hook) fails
-            that save, says so in the log (``checkpoint_failed``, ``overlap_copy_off``) and
-            turns this off for the session. A change through ``.data`` is not seen: pass
-            False if the loop does that. Optimizers whose ``step()`` runs no pre-hooks
-            (wrappers such as accelerate's) are saved without the overlap.
+        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer (opt-in): the
+            optimizer's CPU tensors (parameters and their state, most of the state's bytes) are
+            copied by the writer while the next forward and backward pass run, and that
+            optimizer's next ``step()`` waits for the copy (a step pre-hook, run before any
+            other): the save's stall is then what is left of that copy, if anything (without
+            it, the stall is a copy of the whole state). Only for loops that change those
+            tensors in ``optimizer.step()`` alone: an EMA evaluation that swaps weights in and
+            out through ``.data`` (torch_ema, diffusers' ``EMAModel``), or any other write
+            through ``.data``, between ``session.step()`` and the next optimizer step would
+            be saved unseen. An in-place change there is seen (checked in the pre-hook): that
+            save fails, says so in the log (``checkpoint_failed``, ``overlap_copy_off``), the
+            overlap is off from then on and the request is retried at the next step.
+            Optimizers whose ``step()`` runs no pre-hooks (wrappers such as accelerate's), or
+            global optimizer pre-hooks, leave it off.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -246,7 +250,7 @@ class Session(_ResumingMixin):
         mirror: Union[None, str, os.PathLike[str], Mirror] = None,
         mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
         snapshot_every: Union[int, str, None] = None,
-        overlap_copy: bool = True,
+        overlap_copy: bool = False,
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -423,6 +427,9 @@ class Session(_ResumingMixin):
             self._mirror = self._open_mirror(mirror)
         if self.async_save and overlap_copy and _runs_step_pre_hooks(optimizer):
             self._copy_hook = optimizer.register_step_pre_hook(self._wait_for_copy)
+            # Before the hooks registered earlier: one that changes the parameters (a projection
+            # run with every step) is part of the step, and must not run while the writer copies.
+            optimizer._optimizer_step_pre_hooks.move_to_end(self._copy_hook.id, last=False)
 
     # ------------------------------------------------------------------------------------------
     # The training loop's side
@@ -695,9 +702,16 @@ def _runs_step_pre_hooks(optimizer: Any) -> bool:
     """Whether ``optimizer.step()`` runs the pre-hooks ``register_step_pre_hook`` adds: a
     ``torch.optim.Optimizer`` whose ``__init__`` ran (it wraps the class's ``step``). Wrappers
     that subclass it without that (accelerate's ``AcceleratedOptimizer``, Lookahead-style
-    ones) have neither the hook table nor a step that runs it: no overlap for them."""
+    ones) have neither the hook table nor a step that runs it: no overlap for them. Nor with
+    global pre-hooks: they run before the optimizer's own, ours included."""
+    from torch.optim import optimizer as optim_module
+
+    # Global pre-hooks (register_optimizer_step_pre_hook) run before any of the optimizer's own.
+    if getattr(optim_module, "_global_optimizer_pre_hooks", None):
+        return False
     return (callable(getattr(optimizer, "register_step_pre_hook", None))
-            and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict)
+            and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None),
+                           collections.OrderedDict)
             and bool(getattr(type(optimizer).step, "hooked", False))
             and isinstance(getattr(optimizer, "param_groups", None), list)
             and isinstance(getattr(optimizer, "state", None), dict))
