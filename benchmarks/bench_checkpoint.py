@@ -446,7 +446,7 @@ def session_figures(size_mb: int, tensors: int, directory: Path, repeat: int) ->
     fastest = min(med["sync save, first"], med["sync save, second"])
     for which in ("first", "second"):
         sync_s = med[f"sync save, {which}"]
-        for name, async_save, overlap in SESSION_VARIANTS[1:]:
+        for name, _, _ in SESSION_VARIANTS[1:]:
             ratio = med[f"{name}, {which}"] / sync_s
             worst = max(ratio, med[f"{name}, {which}"] / fastest)
             goal = "goal <= 0.1" + ("" if worst <= 0.1 else " MISSED")

@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 import torch
-
 from integration_helpers import wait_for
+
 from session_watchdog.channel import RunDir, lock_held
 from session_watchdog.trainer import checkpoint_async, checkpoint_types
 from session_watchdog.trainer.checkpoint import (

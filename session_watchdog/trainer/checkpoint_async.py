@@ -42,7 +42,6 @@ from session_watchdog.trainer.checkpoint_types import (
 from session_watchdog.trainer.checkpoint_write import _hurry_at_exit
 from session_watchdog.trainer.state_check import _inspect_state, check_state
 
-
 # A tensor save_async leaves to the writer: (buffer, tensor, its version counter then, whether the
 # buffer is fresh, its path in the state).
 _Later = Tuple[torch.Tensor, torch.Tensor, int, bool, Tuple[Any, ...]]

@@ -169,9 +169,10 @@ class _Settle:
     where no such operation can still run on the tensors: on the thread that changes them (the
     one that asked for the save), once their copy is over (``PendingSave.wait_copied``, which
     a Session's optimizer pre-hook calls before the step, and the manager's ``wait``, ``list``,
-    ``latest`` and next save on that thread), or at interpreter exit. The writer waits for that check before it
-    commits; when none comes within ``SETTLE_S`` of the copy (a loop that stopped stepping), it
-    checks itself: an operation that overlapped the copy has long finished by then.
+    ``latest`` and next save on that thread), or at interpreter exit. The writer waits for
+    that check before it commits; when none comes within ``SETTLE_S`` of the copy (a loop
+    that stopped stepping), it checks itself: an operation that overlapped the copy has long
+    finished by then.
     """
 
     SETTLE_S = 5.0
