@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import copy
 import threading
-import time
 from concurrent import futures
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -38,6 +37,7 @@ from session_watchdog.trainer.checkpoint_types import (
     SavedCheckpoint,
     StateChangedError,
     _Settle,
+    changed_message,
 )
 from session_watchdog.trainer.checkpoint_write import _hurry_at_exit
 from session_watchdog.trainer.state_check import _inspect_state, check_state
@@ -90,28 +90,17 @@ class _AsyncSaveMixin(_DirectoryMixin):
         payload = check_state(state)
         snapshot, buffers, later = self._snapshot(state, copy_later)
         pending = PendingSave(step)
-        copied_at = [0.0]  # when the writer's copy was over (_copy_later)
-        before_commit: Optional[Callable[[], None]] = None
-        if not later:
-            pending._copied.set()
+        if later:
+            pending._settle = _Settle([(data, version, path) for _, data, version, _, path in later])
         else:
-            settle = pending._settle = _Settle([(data, version, path)
-                                                for _, data, version, _, path in later])
-
-            def settled() -> None:  # in _write, once the temp file is durable
-                changed = settle.wait(copied_at[0] + settle.SETTLE_S - time.monotonic())
-                if changed:
-                    raise StateChangedError(_changed(changed))
-            before_commit = settled
+            pending._copied.set()
         # Not a daemon thread: the interpreter waits for it at exit, so the checkpoint the
         # training loop asked for still lands when the script ends right after asking.
         gate = _Gate()
 
         def write() -> None:
-            if gate.enter() and (not later or self._copy_later(later, buffers, pending,
-                                                               copied_at)):
-                self._write_in_background(snapshot, buffers, step, epoch, payload, pending,
-                                          before_commit)
+            if gate.enter():
+                self._write_in_background(snapshot, buffers, step, epoch, payload, pending, later)
         worker = threading.Thread(target=write, name=f"sw-checkpoint-save-{step}")
         # Published before its thread starts, so that wait() and the next save always know a
         # write that runs; taken back when start() fails (a Ctrl-C inside it included) before
@@ -142,35 +131,24 @@ class _AsyncSaveMixin(_DirectoryMixin):
         if pending is not None:
             pending._wait_copied_here()  # the word it commits on, when this thread asked for it
 
-    def _copy_later(self, later: List[_Later], buffers: Dict[Tuple[Any, ...], torch.Tensor],
-                    pending: PendingSave, copied_at: List[float]) -> bool:
+    @staticmethod
+    def _copy_later(later: List[_Later], pending: PendingSave) -> None:
         """In the writer thread, before it writes: copy ``save_async``'s ``copy_later`` tensors.
-        False when the save failed (reported on ``pending``), True when the write may go on;
-        whether the tensors stayed unchanged is settled before the commit (``_Settle``)."""
-        changed: List[Tuple[Any, ...]] = []
-        failure: Optional[BaseException] = None
+        Whether they stayed unchanged is settled before the commit (``_Settle``); a change
+        seen already (the caller changed one too early) fails the save here, unwritten."""
+        assert pending._settle is not None
         try:
             copy_all([(buf, data) for buf, data, _, fresh, _ in later if not fresh], threads=1)
             copy_all([(buf, data) for buf, data, _, fresh, _ in later if fresh])
-            # Before _copied is set, a change seen is one the caller made too early: no need
-            # to write the file (one not seen yet may be an operation still running: the
-            # check before the commit sees it).
+            # Only a change seen before _copied is set is surely too early (one not seen yet
+            # may be an operation still running: the check before the commit sees it).
             changed = [path for _, data, version, _, path in later if data._version != version]
-        except BaseException as err:  # the thread's only way out: hand it to the caller
-            failure = err
         finally:
-            copied_at[0] = time.monotonic()
+            pending._settle.copied()
             pending._copied.set()
             later.clear()
-        if failure is None and changed:
-            failure = StateChangedError(_changed(changed))
-        if failure is None:
-            return True
-        pending._yielding.finished()
-        self._spare = buffers
-        pending._future.set_exception(
-            CheckpointWriteError(self.directory, failure, errno=getattr(failure, "errno", None)))
-        return False
+        if changed:
+            raise StateChangedError(changed_message(changed))
 
     def hurry(self) -> None:
         """Let the async save in flight, if any, run at normal CPU priority from now on."""
@@ -216,14 +194,18 @@ class _AsyncSaveMixin(_DirectoryMixin):
         epoch: int,
         payload: int,
         pending: PendingSave,
-        before_commit: Optional[Callable[[], None]] = None,
+        later: Optional[List[_Later]] = None,
     ) -> None:
-        pending._yielding.lower()  # training has the CPU first (priority.py)
         try:
+            if later:
+                self._copy_later(later, pending)  # at normal priority: training may wait for it
+            pending._yielding.lower()  # training has the CPU first (priority.py)
             stable = _inspect_state(snapshot)[1]  # the snapshot is ours: its memory stays put
+            settle = pending._settle
             with self._lock:
                 saved = self._write(snapshot, step=step, epoch=epoch, payload=payload,
-                                    stable=stable, inline_hash=True, before_commit=before_commit)
+                                    stable=stable, inline_hash=True,
+                                    before_commit=None if settle is None else settle.before_commit)
         except BaseException as err:  # the thread's only way out: hand everything to the caller
             pending._yielding.finished()
             self._spare = buffers
@@ -391,13 +373,6 @@ class _AsyncSaveMixin(_DirectoryMixin):
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used, later
-
-
-def _changed(paths: List[Tuple[Any, ...]]) -> str:
-    where = "/".join(str(key) for key in paths[0])
-    return (f"{len(paths)} tensor(s) changed before the writer's copy of them was over (the "
-            f"first: {where}): the tensors passed as copy_later must stay unchanged until "
-            "wait_copied() returns")
 
 
 class _Gate:

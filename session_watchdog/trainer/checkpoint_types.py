@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,12 @@ class _Settle:
         self._lock = threading.Lock()
         self._checked = threading.Event()
         self._wake = threading.Event()
+        self._copied_at = 0.0
         self.changed: List[Tuple[Any, ...]] = []
+
+    def copied(self) -> None:
+        """The writer's copy is over (the writer's own check counts from now)."""
+        self._copied_at = time.monotonic()
 
     def check(self) -> None:
         """Compare the counters now, unless already done (the first check decides)."""
@@ -198,11 +204,20 @@ class _Settle:
         """At interpreter exit: nothing will change the tensors; the writer checks at once."""
         self._wake.set()
 
-    def wait(self, timeout: float) -> List[Tuple[Any, ...]]:
-        """In the writer, before it commits: the paths of the changed tensors."""
-        self._wake.wait(max(0.0, timeout))
+    def before_commit(self) -> None:
+        """In the writer, once the temp file is durable: wait for the word (at most until
+        ``SETTLE_S`` after the copy), then raise :class:`StateChangedError` if one changed."""
+        self._wake.wait(max(0.0, self._copied_at + self.SETTLE_S - time.monotonic()))
         self.check()
-        return self.changed
+        if self.changed:
+            raise StateChangedError(changed_message(self.changed))
+
+
+def changed_message(paths: List[Tuple[Any, ...]]) -> str:
+    where = "/".join(str(key) for key in paths[0])
+    return (f"{len(paths)} tensor(s) changed before the writer's copy of them was over (the "
+            f"first: {where}): the tensors passed as copy_later must stay unchanged until "
+            "wait_copied() returns")
 
 
 class PendingSave:
