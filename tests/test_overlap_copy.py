@@ -205,6 +205,16 @@ def train_until(session: Session, done: Callable[[], bool],
     return states
 
 
+def assert_request_saves_its_step(session: Session, seq: int) -> None:
+    """Request checkpoint ``seq``, train until it is acked, and check the checkpoint holds the
+    state of exactly the step it was taken at."""
+    request_checkpoint(session, seq)
+    states = train_until(session, lambda: session.acked_seq == seq)
+    saved = session.manager.latest()
+    assert saved is not None
+    assert_saved_equals(session.manager.load(saved), states[saved.step])
+
+
 class TestSessionOverlapsTheCopy:
     def test_the_next_optimizer_step_waits_for_the_writers_copy(
             self, sessions: Callable[..., Session], gate: WriterGate) -> None:
@@ -284,11 +294,7 @@ class TestSessionOverlapsTheCopy:
         session = sessions(model, optimizer, overlap_copy=overlap)
         assert session._copy_hook is None
         gate.open()
-        request_checkpoint(session, 1)
-        states = train_until(session, lambda: session.acked_seq == 1)
-        saved = session.manager.latest()
-        assert saved is not None
-        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert_request_saves_its_step(session, 1)
         assert gate.copied_by_writer == []
         assert optimizer._optimizer_step_pre_hooks == {}
 
@@ -409,11 +415,7 @@ class TestOptimizersWithoutPreHooks:
         session = sessions(model, optimizer)
         assert session._copy_hook is None
         gate.open()
-        request_checkpoint(session, 1)
-        states = train_until(session, lambda: session.acked_seq == 1)
-        saved = session.manager.latest()
-        assert saved is not None
-        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert_request_saves_its_step(session, 1)
         assert gate.copied_by_writer == []
 
     def test_a_sparse_parameter_is_copied_at_once(self, sessions: Callable[..., Session],
@@ -504,11 +506,7 @@ class TestHookOrderAndWaits:
         session = sessions(model, optimizer)
         assert next(iter(optimizer._optimizer_step_pre_hooks)) == session._copy_hook.id
         gate.open()
-        request_checkpoint(session, 1)
-        states = train_until(session, lambda: session.acked_seq == 1)
-        saved = session.manager.latest()
-        assert saved is not None
-        assert_saved_equals(session.manager.load(saved), states[saved.step])
+        assert_request_saves_its_step(session, 1)
         assert session._overlap_copy
         assert {p.data_ptr() for p in model.parameters()} <= set(gate.copied_by_writer)
 
