@@ -192,6 +192,8 @@ class _Settle:
 
     def check(self) -> None:
         """Compare the counters now, unless already done (the first check decides)."""
+        if self._checked.is_set():  # the optimizer's pre-hook asks at every step
+            return
         with self._lock:
             if not self._checked.is_set():
                 self.changed = [path for tensor, version, path in self._watched
@@ -261,9 +263,7 @@ class PendingSave:
 
     def done(self) -> bool:
         """Whether the background write has finished (committed or failed)."""
-        if self._settle is not None and self._copied.is_set() \
-                and threading.get_ident() == self._owner:
-            self._settle.check()  # a loop that polls this from the training thread
+        self._wait_copied_here(0)  # a loop that polls this from the training thread
         return self._future.done()
 
     def result(self, timeout: Optional[float] = None, *, hurry: bool = True) -> SavedCheckpoint:

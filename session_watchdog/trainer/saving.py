@@ -205,9 +205,7 @@ class _SavingMixin(_StatusMixin):
         tensors.extend(value for per_param in optimizer.state.values()
                        if isinstance(per_param, dict) for value in per_param.values()
                        if isinstance(value, torch.Tensor))
-        # Only what the writer may copy with a memmove: a sparse one has no data pointer.
-        return [t for t in tensors if t.layout == torch.strided and t.device.type == "cpu"
-                and not t.is_quantized]
+        return tensors  # save_async leaves to its writer only those a memmove may copy
 
     def _wait_for_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The optimizer's step pre-hook (``overlap_copy``): its step changes the tensors an
