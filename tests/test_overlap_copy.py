@@ -285,18 +285,57 @@ class TestSessionOverlapsTheCopy:
         assert saved is not None
         assert_saved_equals(session.manager.load(saved), states[saved.step])
 
-    @pytest.mark.parametrize("overlap", [None, False])
-    def test_without_overlap_copy_everything_is_copied_in_the_stall(
-            self, sessions: Callable[..., Session], gate: WriterGate,
-            overlap: Any) -> None:
-        """Off unless asked for (None: the default; a write through .data would go unseen)."""
+    def test_by_default_the_writer_copies_the_optimizer_state_and_the_stall_the_parameters(
+            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+        """The default (``"optimizer_state"``): Adam's moments are left to the writer, the
+        parameters are copied in the stall. An EMA evaluation that swaps the weights through
+        ``.data`` while the writer still copies (no version counter moves) cannot reach the
+        checkpoint: it holds the weights of the step it was asked at."""
         model, optimizer = model_and_adam()
-        session = sessions(model, optimizer, overlap_copy=overlap)
+        session = sessions(model, optimizer, overlap_copy=None)
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        request_checkpoint(session, 1)
+        expected = step_until_saving(session, gate)
+        trained = [p.detach().clone() for p in model.parameters()]
+        for param in model.parameters():  # EMA's copy_to: the shadow weights in, unseen
+            param.data.fill_(0.5)
+        gate.open()
+        session.manager.wait_copied()
+        for param, weights in zip(model.parameters(), trained):  # EMA's restore
+            param.data.copy_(weights)
+        forward_backward(model, optimizer)
+        optimizer.step()
+        session.step()
+        wait_for(lambda: session.acked_seq == 1, "the ack of the async save")
+        saved = session.manager.latest()
+        assert saved is not None
+        assert_saved_equals(session.manager.load(saved), expected)
+        moments = {t.data_ptr() for s in optimizer.state.values() for k, t in s.items()
+                   if k in ("exp_avg", "exp_avg_sq")}
+        assert len(moments) == 12 and moments <= set(gate.copied_by_writer)  # 6 parameters
+        assert not {p.data_ptr() for p in model.parameters()} & set(gate.copied_by_writer)
+
+    def test_without_overlap_copy_everything_is_copied_in_the_stall(
+            self, sessions: Callable[..., Session], gate: WriterGate) -> None:
+        model, optimizer = model_and_adam()
+        session = sessions(model, optimizer, overlap_copy=False)
         assert session._copy_hook is None
         gate.open()
         assert_request_saves_its_step(session, 1)
         assert gate.copied_by_writer == []
         assert optimizer._optimizer_step_pre_hooks == {}
+
+    @pytest.mark.parametrize("value", ["yes", "optimizer", 1, None])
+    def test_an_overlap_copy_value_not_known_is_refused(self, tmp_path: Path,
+                                                       value: Any) -> None:
+        model, optimizer = model_and_adam()
+        with pytest.raises(ValueError) as raised:
+            Session(tmp_path / "ckpt", model=model, optimizer=optimizer, run_dir=tmp_path / "run",
+                    async_save=True, handle_signals=False, overlap_copy=value)
+        assert str(raised.value) == (f"Session(overlap_copy={value!r}): use \"optimizer_state\" "
+                                     "(the default), True (the parameters too) or False (none)")
+        assert optimizer._optimizer_step_pre_hooks == {}
+        assert not (tmp_path / "run").exists()
 
     def test_close_removes_the_pre_hook(self, sessions: Callable[..., Session]) -> None:
         model, optimizer = model_and_adam()

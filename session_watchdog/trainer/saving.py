@@ -194,14 +194,16 @@ class _SavingMixin(_StatusMixin):
         self._async_thread.start()
 
     def _copied_later(self) -> List[Any]:
-        """The tensors an async save leaves to its writer to copy (``overlap_copy``): those
-        of the optimizer whose step pre-hook waits for that copy, and only while it is on."""
+        """The tensors an async save leaves to its writer to copy (``overlap_copy``): the
+        optimizer's state (and with ``overlap_copy=True`` its parameters) of the optimizer
+        whose step pre-hook waits for that copy, and only while it is on."""
         if self._copy_hook is None or not self._overlap_copy:
             return []
         import torch  # loaded already: the checkpoint module imports it
 
         optimizer = self.optimizer
-        tensors = [p for group in optimizer.param_groups for p in group["params"]]
+        tensors = ([p for group in optimizer.param_groups for p in group["params"]]
+                   if self._copy_params_later else [])
         tensors.extend(value for per_param in optimizer.state.values()
                        if isinstance(per_param, dict) for value in per_param.values()
                        if isinstance(value, torch.Tensor))

@@ -185,17 +185,19 @@ class Session(_ResumingMixin):
             out when the file is durable); stop and final checkpoints are always synchronous.
             The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
             first step boundary, so that even the first save stalls only for a memory copy.
-        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer (opt-in): the
-            optimizer's CPU tensors (parameters and their state, most of the state's bytes) are
-            copied by the writer while the next forward and backward pass run, and that
-            optimizer's next ``step()`` waits for the copy (a step pre-hook, run before any
-            other): the save's stall is then what is left of that copy, if anything (without
-            it, the stall is a copy of the whole state). Only for loops that change those
-            tensors in ``optimizer.step()`` alone: an EMA evaluation that swaps weights in and
-            out through ``.data`` (torch_ema, diffusers' ``EMAModel``), or any other write
-            through ``.data``, between ``session.step()`` and the next optimizer step would
-            be saved unseen. An in-place change there is seen (checked in the pre-hook): that
-            save fails, says so in the log (``checkpoint_failed``, ``overlap_copy_off``), the
+        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer, which of the
+            optimizer's CPU tensors the writer copies while the next forward and backward pass
+            run, instead of the save's stall: ``"optimizer_state"`` (the default: Adam's
+            moments, two thirds of a model + Adam state's bytes), ``True`` (the parameters
+            too), ``False`` (none: the stall copies the whole state). The optimizer's next
+            ``step()`` waits for that copy (a step pre-hook, run before any other). Its state
+            changes in ``optimizer.step()`` alone; the parameters do not always: an EMA
+            evaluation that swaps weights in and out through ``.data`` (torch_ema, diffusers'
+            ``EMAModel``), a schedule-free optimizer's ``eval()``/``train()``, or any other
+            write through ``.data`` between ``session.step()`` and the next optimizer step
+            would be saved unseen, so ``True`` is only for loops without them. An in-place
+            change of a tensor left to the writer is seen (checked in the pre-hook): that save
+            fails, says so in the log (``checkpoint_failed``, ``overlap_copy_off``), the
             overlap is off from then on and the request is retried at the next step.
             Optimizers whose ``step()`` runs no pre-hooks (wrappers such as accelerate's), or
             global optimizer pre-hooks, leave it off.
@@ -250,7 +252,7 @@ class Session(_ResumingMixin):
         mirror: Union[None, str, os.PathLike[str], Mirror] = None,
         mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
         snapshot_every: Union[int, str, None] = None,
-        overlap_copy: bool = False,
+        overlap_copy: Union[bool, str] = "optimizer_state",
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -264,6 +266,9 @@ class Session(_ResumingMixin):
         checkpoint_every = _seconds("checkpoint_every", checkpoint_every,
                                     off="turn periodic checkpoints off")
         snap_steps, snap_s = _snapshot_every(snapshot_every)
+        if not (isinstance(overlap_copy, bool) or overlap_copy == "optimizer_state"):
+            raise ValueError(f"Session(overlap_copy={overlap_copy!r}): use \"optimizer_state\" "
+                             "(the default), True (the parameters too) or False (none)")
 
         # Imported here, not at module level: the checkpoint module imports torch, and
         # `import session_watchdog.trainer` must stay cheap until a Session is built.
@@ -370,6 +375,7 @@ class Session(_ResumingMixin):
         # overlap_copy: the optimizer's next step waits for the writer's copy of its tensors
         # (its pre-hook is registered last, below: a failed construction leaves none behind).
         self._copy_hook = None
+        self._copy_params_later = overlap_copy is True  # and the state: "optimizer_state" too
         self._overlap_copy = True  # off after a save saw those tensors change (_await_async)
         self.mirror_wait_s = float(mirror_wait_s)
         if snap_steps is not None or snap_s is not None:

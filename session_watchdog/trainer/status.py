@@ -87,6 +87,7 @@ class _StatusMixin:
     _async_thread: Optional[threading.Thread]
     _copy_hook: Any  # the optimizer's step pre-hook handle (overlap_copy), or None
     _overlap_copy: bool
+    _copy_params_later: bool  # overlap_copy=True: the parameters too, not only the state
     _inflight_seq: Optional[int]
     _start_step: int
     _status_lock: threading.Lock
