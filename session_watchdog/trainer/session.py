@@ -185,22 +185,24 @@ class Session(_ResumingMixin):
             out when the file is durable); stop and final checkpoints are always synchronous.
             The snapshot buffers (a CPU copy of the state) are allocated and paged in at the
             first step boundary, so that even the first save stalls only for a memory copy.
-        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer, which of the
-            optimizer's CPU tensors the writer copies while the next forward and backward pass
-            run, instead of the save's stall: ``"optimizer_state"`` (the default: Adam's
-            moments, two thirds of a model + Adam state's bytes), ``True`` (the parameters
-            too), ``False`` (none: the stall copies the whole state). The optimizer's next
-            ``step()`` waits for that copy (a step pre-hook, run before any other). Its state
-            changes in ``optimizer.step()`` alone; the parameters do not always: an EMA
-            evaluation that swaps weights in and out through ``.data`` (torch_ema, diffusers'
-            ``EMAModel``), a schedule-free optimizer's ``eval()``/``train()``, or any other
-            write through ``.data`` between ``session.step()`` and the next optimizer step
-            would be saved unseen, so ``True`` is only for loops without them. An in-place
-            change of a tensor left to the writer is seen (checked in the pre-hook): that save
-            fails, says so in the log (``checkpoint_failed``, ``overlap_copy_off``), the
-            overlap is off from then on and the request is retried at the next step.
-            Optimizers whose ``step()`` runs no pre-hooks (wrappers such as accelerate's), or
-            global optimizer pre-hooks, leave it off.
+        overlap_copy: with ``async_save`` and a ``torch.optim`` optimizer (opt-in), which of
+            the optimizer's CPU tensors the writer copies while the next forward and backward
+            pass run, instead of the save's stall: ``False`` (the default: none, the stall
+            copies the whole state), ``"optimizer_state"`` (Adam's moments: two thirds of a
+            model + Adam state's bytes) or ``True`` (the parameters too). The optimizer's next
+            ``step()`` waits for that copy (a step pre-hook, run before any other), and the
+            checkpoint commits only after that step, or 5 s after the copy when none comes.
+            Only for loops where nothing but ``optimizer.step()`` writes those tensors between
+            ``session.step()`` and the next optimizer step: a write through ``.data`` there is
+            saved unseen - for the state, pruning code that masks momentum buffers; for the
+            parameters (``True``), also EMA evaluation helpers that swap weights in and out
+            (torch_ema, diffusers' ``EMAModel``) and schedule-free optimizers' ``eval()`` /
+            ``train()``. An in-place change there is seen (checked in the pre-hook; SophiaG's
+            ``update_hessian`` is one): that save fails, says so in the log
+            (``checkpoint_failed``, ``overlap_copy_off``), the overlap is off from then on and
+            the request is retried at the next step. Optimizers whose ``step()`` runs no
+            pre-hooks (wrappers such as accelerate's), or global optimizer pre-hooks, leave it
+            off.
         exit_on_stop: on a stop, raise :class:`SessionExit` (True, scripts) or
             :class:`StopTraining` (False, notebooks).
         handle_signals: install SIGTERM / SIGUSR1 handlers (only possible from the main thread).
@@ -252,7 +254,7 @@ class Session(_ResumingMixin):
         mirror: Union[None, str, os.PathLike[str], Mirror] = None,
         mirror_wait_s: float = DEFAULT_MIRROR_WAIT_S,
         snapshot_every: Union[int, str, None] = None,
-        overlap_copy: Union[bool, str] = "optimizer_state",
+        overlap_copy: Union[bool, str] = False,
     ) -> None:
         # Seconds, or the daemon's duration strings ("30m", "off" where None is allowed).
         poll_interval = _seconds("poll_interval", poll_interval)
@@ -267,8 +269,8 @@ class Session(_ResumingMixin):
                                     off="turn periodic checkpoints off")
         snap_steps, snap_s = _snapshot_every(snapshot_every)
         if not (isinstance(overlap_copy, bool) or overlap_copy == "optimizer_state"):
-            raise ValueError(f"Session(overlap_copy={overlap_copy!r}): use \"optimizer_state\" "
-                             "(the default), True (the parameters too) or False (none)")
+            raise ValueError(f"Session(overlap_copy={overlap_copy!r}): use False (the default), "
+                             "\"optimizer_state\" or True (the parameters too)")
 
         # Imported here, not at module level: the checkpoint module imports torch, and
         # `import session_watchdog.trainer` must stay cheap until a Session is built.
