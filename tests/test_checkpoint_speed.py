@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -15,6 +16,7 @@ import torch
 
 from session_watchdog.trainer import buffers, checkpoint_dir, checkpoint_write
 from session_watchdog.trainer.checkpoint import CheckpointManager
+from session_watchdog.trainer.session import Session
 
 
 def odd_state() -> Dict[str, Any]:
@@ -184,7 +186,6 @@ class TestSessionPreparesAsyncBuffers:
     def test_first_step_pages_in_the_buffers_the_first_async_save_uses(self, tmp_path: Path):
         """With async_save, the Session prepares the snapshot buffers at its first step boundary,
         and its first async checkpoint is written through exactly those buffers."""
-        from session_watchdog.trainer.session import Session
 
         model = torch.nn.Linear(64, 32)
         optimizer = torch.optim.Adam(model.parameters())
@@ -208,7 +209,6 @@ class TestSessionPreparesAsyncBuffers:
 
     def test_a_sync_session_prepares_nothing(self, tmp_path: Path):
         """Without async_save no snapshot buffers are allocated (no second copy of the state)."""
-        from session_watchdog.trainer.session import Session
 
         model = torch.nn.Linear(8, 4)
         session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
@@ -243,6 +243,36 @@ class TestPruneOffTheCallersThread:
         release.set()
         assert manager.list() == [second]
         assert sorted(os.listdir(tmp_path)) == [second.path.name, second.path.name + ".sha256"]
+
+    def test_a_closed_session_has_finished_unlinking(self, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+        """Session.close() returns once the helper thread has unlinked the pruned file: after
+        it nothing of ours changes the checkpoint directory (a copy of it to Drive comes next)."""
+        monkeypatch.setattr(checkpoint_dir, "_UNLINK_AHEAD_BYTES", 1000)
+        real_remove = checkpoint_dir._remove_any
+        unlinking = threading.Event()
+
+        def remove_slowly(path: Path) -> None:
+            if path.suffix == ".pt":
+                unlinking.set()
+                time.sleep(0.5)
+            real_remove(path)
+
+        monkeypatch.setattr(checkpoint_dir, "_remove_any", remove_slowly)
+        model = torch.nn.Linear(100, 100)
+        session = Session(tmp_path / "ckpt", model=model, run_dir=tmp_path / "run", keep=1,
+                          checkpoint_every=None, exit_on_stop=False, handle_signals=False)
+        try:
+            session.step()
+            session.checkpoint()
+            session.step()
+            second = session.checkpoint()
+            assert unlinking.is_set()
+        finally:
+            session.close()
+        assert not [t for t in threading.enumerate() if t.name == "sw-checkpoint-prune"]
+        assert sorted(os.listdir(tmp_path / "ckpt")) == [second.path.name,
+                                                          second.path.name + ".sha256"]
 
     def test_small_pruned_files_are_gone_when_save_returns(self, tmp_path: Path):
         """Below the threshold nothing changes: the pruned checkpoint is gone when save() returns."""

@@ -587,6 +587,9 @@ class Session(_ResumingMixin):
         try:
             self._join_async()
             self.manager.release_buffers()  # a copy of the state's tensors: not kept after the end
+            # Large pruned files are unlinked by a helper thread: done before close() returns,
+            # so that nothing of ours changes the directory after it (a copytree to Drive next).
+            self.manager._join_pruner()
             if self._mirror is not None:
                 self._mirror.close()  # what is queued is still copied; no more retries
             self._wake()
