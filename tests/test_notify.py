@@ -125,8 +125,7 @@ class TestGoldenSession:
             for _ in range(4):
                 dog.tick()
         finally:
-            dog.cancel_end()
-            dog.release()
+            dog.stop()  # cancels the end and waits for its thread: nothing of it outlives the test
 
     def test_a_failed_command_reports_its_exit_code_and_error(self, tmp_path, servers):
         """A run that fails says so once, with the exit code and the trainer's last error."""
