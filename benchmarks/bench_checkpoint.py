@@ -162,8 +162,10 @@ def safetensors_save(path: Path, state: Dict[str, Dict[str, torch.Tensor]]) -> N
 
 
 def timed(fn: Callable[[], object], setup: Callable[[], object] = lambda: None) -> Tuple[float, float]:
-    """(seconds, load average) of one call, ``setup()`` run and caches dropped first."""
+    """(seconds, load average) of one call, ``setup()`` run, garbage collected and caches
+    dropped first (a full collection, ~60 ms here, falls on whichever call comes first)."""
     setup()
+    gc.collect()
     drop_caches()
     before = load()
     started = time.perf_counter()
@@ -391,6 +393,7 @@ def session_stalls(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
         rows = [train_step() for _ in range(3)]  # the first boundary prepares async buffers
         session.manager._join_prepare()  # as after a few minutes of training
         for seq in range(1, saves + 1):
+            gc.collect()
             drop_caches()
             before_load = load()
             RunDir(directory / "run").write_request(Request(
@@ -599,6 +602,7 @@ def stall_figures(state: Dict[str, Dict[str, torch.Tensor]], size_mb: int, tenso
                                    device, prepared)
 
     def steady() -> Tuple[float, float]:
+        gc.collect()  # as before every figure: the child's and timed()'s
         drop_caches()
         before = load()
         started = time.perf_counter()
