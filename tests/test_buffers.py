@@ -6,6 +6,7 @@ time; benchmarks/bench_checkpoint.py measures the stall.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from session_watchdog.trainer import buffers
 from session_watchdog.trainer.checkpoint import CheckpointManager
 
 Pairs = List[Tuple[torch.Tensor, torch.Tensor]]
+WAIT_S = 120.0  # a deadline for the other thread, never a measure of speed
 
 
 @pytest.fixture
@@ -97,6 +99,80 @@ class TestCopyAll:
             release.set()
             for blocker in blockers:
                 blocker.result(timeout=120)
+
+    @pytest.mark.parametrize("lost_future", [False, True], ids=["between-pieces", "in-submit"])
+    def test_an_interrupted_copy_stops_its_helpers_before_it_raises(
+            self, small_chunks: None, monkeypatch: pytest.MonkeyPatch, lost_future: bool):
+        """A Ctrl-C on the caller's thread (between two pieces, or inside submit once the helper
+        is queued, its future lost), then a second one while it waits for the helper to finish
+        the piece it holds: when copy_all raises, no helper is copying any more and the pieces
+        left were never handed out (the caller's buffers may be freed right after)."""
+        main = threading.main_thread()
+        assert threading.current_thread() is main  # signals reach the main thread only
+        real_memmove = buffers.ctypes.memmove
+        real_wait = buffers.Work.wait_helpers
+        lock = threading.Lock()
+        seen = {"active": 0, "pieces": 0, "interrupts": 0}
+        helper_in_piece = threading.Event()
+        caller_waits = threading.Event()
+        interrupted = threading.Event()
+
+        def wait(event: threading.Event) -> None:
+            assert event.wait(WAIT_S), "the other thread never got there"
+
+        def memmove(dst: int, src: int, nbytes: int) -> None:
+            with lock:
+                seen["active"] += 1
+                seen["pieces"] += 1
+            try:
+                real_memmove(dst, src, nbytes)
+                if threading.current_thread() is main:
+                    if seen["pieces"] >= 3:
+                        wait(helper_in_piece)
+                        raise KeyboardInterrupt  # the first Ctrl-C, between two pieces
+                elif not helper_in_piece.is_set():  # the helper's first piece: held until
+                    helper_in_piece.set()           # the caller waits for it, then the
+                    wait(caller_waits)              # second Ctrl-C comes
+                    signal.pthread_kill(main.ident, signal.SIGINT)
+                    wait(interrupted)
+            finally:
+                with lock:
+                    seen["active"] -= 1
+
+        def wait_helpers(work: buffers.Work) -> None:
+            caller_waits.set()
+            real_wait(work)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            seen["interrupts"] += 1
+            interrupted.set()
+            raise KeyboardInterrupt
+
+        class Pool:  # the real pool, whose submit is cut short by a Ctrl-C after queueing
+            def __init__(self, pool: Any) -> None:
+                self.pool = pool
+
+            def submit(self, fn: Any, *args: Any) -> Any:
+                self.pool.submit(fn, *args)  # queued, then the Ctrl-C: its future is lost
+                wait(helper_in_piece)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(buffers.ctypes, "memmove", memmove)
+        monkeypatch.setattr(buffers.Work, "wait_helpers", wait_helpers)
+        if lost_future:
+            real_pool = buffers._helpers()
+            monkeypatch.setattr(buffers, "_helpers", lambda: Pool(real_pool))
+        pairs = fresh_pairs([torch.rand(1 << 20)])  # 4 MiB in 1024 pieces
+        pieces = len(buffers.Work(buffers._chunks(pairs, buffers.CHUNK_BYTES)))
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                buffers.copy_all(pairs, threads=2)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert (seen["active"], seen["interrupts"]) == (0, 1)
+        assert seen["pieces"] < pieces  # the pieces left were never handed out
+        assert int((pairs[0][0] != 0).sum()) <= seen["pieces"] * buffers.CHUNK_BYTES // 4
 
     def test_page_in_zeroes_every_byte_once_across_threads(self, small_chunks: None):
         """Three threads running one page-in work zero every byte and do each piece once."""

@@ -129,27 +129,61 @@ class Work:
         self._pieces = pieces  # (destination, source, bytes); the source is unused to zero
         self._zero = zero
         self._next = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
+        self._helping = 0  # helper threads inside run()
+        self.participants = 0  # threads that did at least one piece
 
     def __len__(self) -> int:
         return len(self._pieces)
 
-    def run(self) -> int:
+    def abandon(self) -> None:
+        """Hand out no more pieces: each thread stops after the piece it holds."""
+        with self._lock:
+            self._next = len(self._pieces)
+
+    def run(self, helper: bool = False) -> int:
         """Do pieces until none is left (ctypes releases the GIL for each); how many this
-        thread did."""
+        thread did. ``helper``: a thread that :meth:`wait_helpers` waits for (not the one
+        that waits: a Ctrl-C on its thread must not leave the count behind)."""
         done = 0
-        while True:
+        if helper:
             with self._lock:
-                index = self._next
-                self._next += 1
-            if index >= len(self._pieces):
-                return done
-            dst, src, nbytes = self._pieces[index]
-            if self._zero:
-                ctypes.memset(dst, 0, nbytes)
-            else:
-                ctypes.memmove(dst, src, nbytes)
-            done += 1
+                self._helping += 1
+        try:
+            while True:
+                with self._lock:
+                    index = self._next
+                    self._next += 1
+                if index >= len(self._pieces):
+                    return done
+                dst, src, nbytes = self._pieces[index]
+                if self._zero:
+                    ctypes.memset(dst, 0, nbytes)
+                else:
+                    ctypes.memmove(dst, src, nbytes)
+                done += 1
+        finally:
+            with self._lock:
+                self.participants += done > 0
+                if helper:
+                    self._helping -= 1
+                    self._lock.notify_all()
+
+    def wait_helpers(self) -> None:
+        """Return once no helper thread is inside :meth:`run` (one that comes later finds no
+        piece left, after the caller's own run or :meth:`abandon`). A KeyboardInterrupt
+        meanwhile is held back and raised after: the memory may be freed once this returns."""
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                with self._lock:
+                    while self._helping:
+                        self._lock.wait()
+                break
+            except KeyboardInterrupt as err:  # a second Ctrl-C: helpers run no signal handler
+                interrupted = err
+        if interrupted is not None:
+            raise interrupted
 
 
 def page_in(bufs: Sequence[torch.Tensor]) -> Work:
@@ -187,22 +221,28 @@ def copy_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], threads: int = 
     total = sum(data.numel() * data.element_size() for _, data in pairs)
     threads = min(threads or copy_threads(), _MAX_THREADS, len(work))
     helpers: List[Future[int]] = []
-    if threads > 1 and total >= PARALLEL_FROM_BYTES:
-        pool = _helpers()
-        for _ in range(threads - 1):
-            try:
-                helpers.append(pool.submit(work.run))
-            except RuntimeError:  # the interpreter is shutting down (an async save's writer
-                break             # copies then too): the caller copies the rest alone
-    copied: List[int] = []
     try:
-        copied.append(work.run())
+        if threads > 1 and total >= PARALLEL_FROM_BYTES:
+            pool = _helpers()
+            for _ in range(threads - 1):
+                try:
+                    helpers.append(pool.submit(work.run, True))
+                except RuntimeError:  # the interpreter is shutting down (an async save's
+                    break             # writer copies then too): the caller copies alone
+        work.run()
+    except BaseException:
+        # Interrupted (a Ctrl-C between two pieces, or inside submit while it starts a
+        # thread, whose future is then lost): the helpers stop after the piece they hold.
+        work.abandon()
+        raise
     finally:
-        # Even when the caller is interrupted (KeyboardInterrupt between two pieces): the
-        # buffers may be freed once this returns, so no helper may still be copying then. One
-        # that has not started is cancelled; one that has finishes its piece and finds none left.
-        copied += [helper.result() for helper in helpers if not helper.cancel()]
-    return sum(1 for count in copied if count)
+        # No helper may still be copying when this returns or raises: the buffers may be
+        # freed then. Waited for through a further Ctrl-C (a terminal's and a launcher's come
+        # milliseconds apart); one not started yet is cancelled (it would find nothing to do).
+        work.wait_helpers()
+        for future in helpers:
+            future.cancel()
+    return work.participants
 
 
 # --------------------------------------------------------------------------------------------
