@@ -314,8 +314,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
         # Plain memmoves, copied after the walk on this thread and helpers (buffers.py): into
         # fresh buffers their page faults are most of a first save's stall; into reused ones a
         # second thread still copies ~15 % faster while the training loop waits.
-        fresh: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        reused: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        plain: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
         def tensor_copy(src: torch.Tensor, path: Tuple[Any, ...]) -> torch.Tensor:
             if id(src) in memo:
@@ -329,14 +328,12 @@ class _AsyncSaveMixin(_DirectoryMixin):
             elif data.layout != torch.strided or data.is_quantized:
                 out = data.to("cpu", copy=True)  # exotic layouts: plain copy, no reuse
             else:
-                buf = spare.get(path)
-                plain = reused
-                if buf is None or buf.shape != data.shape or buf.dtype != data.dtype:
-                    buf = _new_buffer(data)
-                    plain = fresh
+                kept = spare.get(path)
+                fresh = kept is None or kept.shape != data.shape or kept.dtype != data.dtype
+                buf = _new_buffer(data) if kept is None or fresh else kept
                 if is_plain(buf, data):
                     if later_keys and memory_key(data) in later_keys:
-                        later.append((buf, data, data._version, plain is fresh, path))
+                        later.append((buf, data, data._version, fresh, path))
                     else:
                         plain.append((buf, data))
                 else:
@@ -368,7 +365,7 @@ class _AsyncSaveMixin(_DirectoryMixin):
             return copy.deepcopy(obj)
 
         snapshot = walk(state, ())
-        copy_all(reused + fresh)
+        copy_all(plain)
         for device in cuda_devices:
             torch.cuda.synchronize(device)
         return snapshot, used, later
