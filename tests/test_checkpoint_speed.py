@@ -186,7 +186,6 @@ class TestSessionPreparesAsyncBuffers:
     def test_first_step_pages_in_the_buffers_the_first_async_save_uses(self, tmp_path: Path):
         """With async_save, the Session prepares the snapshot buffers at its first step boundary,
         and its first async checkpoint is written through exactly those buffers."""
-
         model = torch.nn.Linear(64, 32)
         optimizer = torch.optim.Adam(model.parameters())
         session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
@@ -209,7 +208,6 @@ class TestSessionPreparesAsyncBuffers:
 
     def test_a_sync_session_prepares_nothing(self, tmp_path: Path):
         """Without async_save no snapshot buffers are allocated (no second copy of the state)."""
-
         model = torch.nn.Linear(8, 4)
         session = Session(checkpoint_dir=tmp_path / "ckpt", run_dir=tmp_path / "run", model=model,
                           exit_on_stop=False, handle_signals=False)
